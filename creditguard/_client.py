@@ -1,0 +1,392 @@
+"""HTTP edge: read the balance with httpx, sync and async, over one shared core.
+
+The request, the response parsing, the error mapping and the retry decisions live in
+:class:`_Reader` and :class:`_Attempts` (no I/O). :class:`BalanceClient` and
+:class:`AsyncBalanceClient` only add the transport calls and the waiting.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+import random
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, NoReturn
+
+import anyio
+import anyio.lowlevel
+import httpx
+
+from ._errors import (
+    AuthenticationError,
+    BalanceUnavailable,
+    CreditGuardError,
+    InvalidResponse,
+    RateLimited,
+)
+from ._models import CreditBalance
+
+__all__ = ["AsyncBalanceClient", "BalanceClient", "RetryPolicy", "parse_retry_after"]
+
+BALANCE_PATH = "/external/credits/balance"
+MAX_BODY_BYTES = 64 * 1024
+_MAX_RETRY_AFTER = 1e9  # seconds; anything larger is "much too long" all the same
+_REDACTED = "Bearer [redacted]"
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How one balance read retries.
+
+    ``attempts`` bounds the number of requests, ``deadline`` the total seconds spent on
+    one read (every request's timeout is capped by what is left of it). 5xx answers and
+    connection errors back off exponentially with full jitter, starting at ``backoff``
+    and capped at ``backoff_max``; a 429 waits what its ``Retry-After`` asks, or fails at
+    once with :class:`RateLimited` when that is longer than what is left of the deadline.
+    401/403 and malformed bodies are never retried.
+    """
+
+    attempts: int = 3
+    deadline: float = 5.0
+    backoff: float = 0.1
+    backoff_max: float = 1.0
+
+    def __post_init__(self) -> None:
+        if type(self.attempts) is not int or self.attempts < 1:
+            raise ValueError(f"attempts must be an int >= 1, got {self.attempts!r}")
+        for name in ("deadline", "backoff", "backoff_max"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date).
+
+    Returns ``None`` when the header is absent or unparseable; never raises for any input.
+    """
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    if text.isascii() and text.isdigit():
+        return min(float(text), _MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:  # pragma: no cover - older Pythons returned None
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    current = now or datetime.now(timezone.utc)
+    try:
+        seconds = (when - current).total_seconds()
+    except OverflowError:  # pragma: no cover - defensive
+        return None
+    return min(max(0.0, seconds), _MAX_RETRY_AFTER)
+
+
+class _Retry(Exception):
+    """Internal: this attempt failed in a way that may succeed if tried again."""
+
+    def __init__(
+        self,
+        error: BalanceUnavailable,
+        retry_after: float | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = retry_after
+        self.cause = cause
+
+
+def _redact(exc: BaseException) -> None:
+    """Scrub the Authorization header from an httpx exception's request (and response)."""
+    if isinstance(exc, (httpx.RequestError, httpx.HTTPStatusError)):
+        try:
+            request = exc.request
+        except RuntimeError:
+            return
+        if "authorization" in request.headers:
+            request.headers["authorization"] = _REDACTED
+
+
+class _Attempts:
+    """Bookkeeping of one read's attempts and time budget (no I/O, no waiting)."""
+
+    __slots__ = ("_deadline", "_made", "_policy")
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self._policy = policy
+        self._deadline = time.monotonic() + policy.deadline
+        self._made = 0
+
+    def timeout(self, configured: httpx.Timeout) -> httpx.Timeout:
+        """The request timeout for the next attempt: capped by what is left of the deadline."""
+        self._made += 1
+        left = max(0.001, self._deadline - time.monotonic())
+        return httpx.Timeout(
+            connect=_cap(configured.connect, left),
+            read=_cap(configured.read, left),
+            write=_cap(configured.write, left),
+            pool=_cap(configured.pool, left),
+        )
+
+    def remaining(self) -> float:
+        return self._deadline - time.monotonic()
+
+    def delay(self, retry: _Retry) -> float:
+        """Seconds to wait before the next attempt, or raise the final error."""
+        left = self.remaining()
+        if retry.retry_after is not None:
+            if retry.retry_after > left or self._made >= self._policy.attempts:
+                raise RateLimited(
+                    f"rate limited by the credits service; retry after {retry.retry_after:g}s",
+                    retry_after=retry.retry_after,
+                ) from retry.cause
+            return retry.retry_after
+        if self._made >= self._policy.attempts or left <= 0:
+            raise retry.error from retry.cause
+        exp = min(self._policy.backoff_max, self._policy.backoff * (2 ** (self._made - 1)))
+        wait = random.uniform(0, exp)
+        if wait >= left:
+            raise retry.error from retry.cause
+        return wait
+
+
+def _cap(value: float | None, left: float) -> float:
+    return left if value is None else min(value, left)
+
+
+class _Reader:
+    """What both clients share: the request, the body limit and the response mapping."""
+
+    __slots__ = ("policy", "timeout", "url")
+
+    def __init__(self, base_url: str, timeout: httpx.Timeout, policy: RetryPolicy) -> None:
+        self.url = base_url.rstrip("/") + BALANCE_PATH
+        self.timeout = timeout
+        self.policy = policy
+
+    @staticmethod
+    def check_status(response: httpx.Response) -> None:
+        status = response.status_code
+        if status == 200:
+            return
+        if status in (401, 403):
+            raise AuthenticationError(
+                f"the credits service rejected the API key ({status})", status_code=status
+            )
+        if status == 429:
+            raise _Retry(
+                RateLimited("rate limited by the credits service (429)"),
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        error = BalanceUnavailable(
+            f"the credits service answered {status} {response.reason_phrase}".rstrip(),
+            status_code=status,
+        )
+        if status >= 500:
+            raise _Retry(error)
+        raise error
+
+    @staticmethod
+    def add_chunk(body: bytearray, chunk: bytes) -> None:
+        body += chunk
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidResponse(f"balance response is larger than {MAX_BODY_BYTES} bytes")
+
+    @staticmethod
+    def parse(body: bytes | bytearray) -> CreditBalance:
+        try:
+            data: Any = json.loads(body)
+        except (ValueError, RecursionError):
+            raise InvalidResponse("balance response is not valid JSON") from None
+        return CreditBalance.from_api(data)
+
+    @staticmethod
+    def transport_error(exc: httpx.HTTPError) -> _Retry:
+        _redact(exc)
+        if isinstance(exc, httpx.TimeoutException):
+            message = f"the credits service did not answer in time ({type(exc).__name__})"
+        else:
+            message = f"could not reach the credits service ({type(exc).__name__})"
+        return _Retry(BalanceUnavailable(message), cause=exc)
+
+
+def _raise_unexpected(exc: BaseException) -> NoReturn:
+    if isinstance(exc, httpx.HTTPError):
+        _redact(exc)
+        raise BalanceUnavailable(f"balance read failed ({type(exc).__name__})") from exc
+    raise exc
+
+
+class BalanceClient:
+    """Sync balance reads over one ``httpx.Client`` (thread-safe, created on first use)."""
+
+    def __init__(
+        self,
+        reader: _Reader,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        verify: bool | str = True,
+        missing: bool = False,
+    ) -> None:
+        self._reader = reader
+        self._transport = transport
+        self._verify = verify
+        self._missing = missing
+        self._client: httpx.Client | None = None
+        self._lock = threading.Lock()
+
+    def _get_client(self) -> httpx.Client:
+        client = self._client
+        if client is None:
+            if self._missing:
+                raise TypeError("the transport given to CreditGuard is async-only; sync calls need one")
+            with self._lock:
+                if self._client is None:
+                    self._client = httpx.Client(
+                        transport=self._transport,
+                        verify=self._verify,
+                        timeout=self._reader.timeout,
+                        follow_redirects=False,
+                        trust_env=False,
+                    )
+                client = self._client
+        return client
+
+    def read(self, headers: dict[str, str]) -> CreditBalance:
+        attempts = _Attempts(self._reader.policy)
+        while True:
+            try:
+                return self._attempt(attempts, headers)
+            except _Retry as retry:
+                wait = attempts.delay(retry)
+            time.sleep(wait)
+
+    def _attempt(self, attempts: _Attempts, headers: dict[str, str]) -> CreditBalance:
+        reader = self._reader
+        client = self._get_client()
+        try:
+            with client.stream(
+                "GET", reader.url, headers=headers, timeout=attempts.timeout(reader.timeout)
+            ) as response:
+                reader.check_status(response)
+                body = bytearray()
+                for chunk in response.iter_bytes():
+                    reader.add_chunk(body, chunk)
+                    if attempts.remaining() <= 0:
+                        raise httpx.ReadTimeout("balance read exceeded its deadline")
+        except httpx.TransportError as exc:
+            raise reader.transport_error(exc) from None
+        except (CreditGuardError, _Retry):
+            raise
+        except httpx.HTTPError as exc:  # pragma: no cover - defensive
+            _raise_unexpected(exc)
+        return reader.parse(body)
+
+    def close(self) -> None:
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+
+class AsyncBalanceClient:
+    """Async balance reads over ``httpx.AsyncClient``, one client per event loop.
+
+    An ``httpx.AsyncClient`` belongs to the loop it first ran on; a guard used from
+    ``anyio.run`` twice, from pytest's per-test loops or from loops in several threads
+    gets a client for each live loop (dropped with the loop).
+    """
+
+    def __init__(
+        self,
+        reader: _Reader,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        verify: bool | str = True,
+        missing: bool = False,
+    ) -> None:
+        self._reader = reader
+        self._transport = transport
+        self._verify = verify
+        self._missing = missing
+        self._clients: weakref.WeakKeyDictionary[object, httpx.AsyncClient] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._lock = threading.Lock()
+
+    def _get_client(self) -> httpx.AsyncClient:
+        loop = anyio.lowlevel.current_token().native_token
+        client = self._clients.get(loop)
+        if client is None:
+            if self._missing:
+                raise TypeError("the transport given to CreditGuard is sync-only; async calls need one")
+            client = httpx.AsyncClient(
+                transport=self._transport,
+                verify=self._verify,
+                timeout=self._reader.timeout,
+                follow_redirects=False,
+                trust_env=False,
+            )
+            with self._lock:
+                client = self._clients.setdefault(loop, client)
+        return client
+
+    async def read(self, headers: dict[str, str]) -> CreditBalance:
+        attempts = _Attempts(self._reader.policy)
+        while True:
+            try:
+                return await self._attempt(attempts, headers)
+            except _Retry as retry:
+                wait = attempts.delay(retry)
+            await anyio.sleep(wait)
+
+    async def _attempt(self, attempts: _Attempts, headers: dict[str, str]) -> CreditBalance:
+        reader = self._reader
+        client = self._get_client()
+        body = bytearray()
+        try:
+            with anyio.fail_after(max(0.001, attempts.remaining())):
+                async with client.stream(
+                    "GET",
+                    reader.url,
+                    headers=headers,
+                    timeout=attempts.timeout(reader.timeout),
+                ) as response:
+                    reader.check_status(response)
+                    async for chunk in response.aiter_bytes():
+                        reader.add_chunk(body, chunk)
+        except TimeoutError:
+            raise reader.transport_error(httpx.ReadTimeout("deadline exceeded")) from None
+        except httpx.TransportError as exc:
+            raise reader.transport_error(exc) from None
+        except (CreditGuardError, _Retry):
+            raise
+        except httpx.HTTPError as exc:  # pragma: no cover - defensive
+            _raise_unexpected(exc)
+        return reader.parse(body)
+
+    async def aclose(self) -> None:
+        """Close the client of the current loop; drop the others (their loops are gone)."""
+        loop = anyio.lowlevel.current_token().native_token
+        with self._lock:
+            client = self._clients.pop(loop, None)
+            self._clients.clear()
+        if client is not None:
+            await client.aclose()
+
+    def drop(self) -> None:
+        """Forget every per-loop client (for sync ``close()``, which cannot await)."""
+        with self._lock:
+            self._clients.clear()

@@ -1,0 +1,77 @@
+"""The exceptions creditguard raises. Every one derives from :class:`CreditGuardError`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ._models import CreditBalance
+
+__all__ = [
+    "AuthenticationError",
+    "BalanceUnavailable",
+    "CreditGuardError",
+    "InsecureTransportError",
+    "InsufficientCredits",
+    "InvalidResponse",
+    "RateLimited",
+]
+
+
+class CreditGuardError(Exception):
+    """Base class of every error raised by creditguard."""
+
+
+class InsufficientCredits(CreditGuardError):
+    """The account cannot pay for the action, so it was not run.
+
+    ``available`` is the balance minus the credits reserved by guarded calls still in
+    flight; ``balance`` is the balance the decision was made on (``None`` when the
+    refusal comes from :meth:`CreditBalance.after_spending`).
+    """
+
+    def __init__(
+        self, required: int, available: int, balance: CreditBalance | None = None
+    ) -> None:
+        self.required = required
+        self.available = available
+        self.balance = balance
+        super().__init__(f"{required} credits required, {available} available")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.required, self.available, self.balance))
+
+
+class AuthenticationError(CreditGuardError):
+    """The credits service rejected the API key (401/403). Never retried, never fail-open."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class BalanceUnavailable(CreditGuardError):
+    """The balance could not be obtained (network error, 5xx, timeout, bad body...)."""
+
+    def __init__(self, message: str, *, status_code: int | None = None) -> None:
+        self.status_code = status_code
+        super().__init__(message)
+
+
+class RateLimited(BalanceUnavailable):
+    """429 Too Many Requests after the bounded retries.
+
+    ``retry_after`` is the wait in seconds the service asked for, when it said.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        self.retry_after = retry_after
+        super().__init__(message, status_code=429)
+
+
+class InvalidResponse(BalanceUnavailable):
+    """The credits service answered with something that is not the documented JSON."""
+
+
+class InsecureTransportError(CreditGuardError, ValueError):
+    """Refused to send the API key in clear text over plain ``http://`` to a remote host."""
