@@ -251,7 +251,9 @@ class BalanceClient:
         client = self._client
         if client is None:
             if self._missing:
-                raise TypeError("the transport given to CreditGuard is async-only; sync calls need one")
+                raise TypeError(
+                    "the transport given to CreditGuard is async-only; sync calls need one"
+                )
             with self._lock:
                 if self._client is None:
                     self._client = httpx.Client(
@@ -331,7 +333,9 @@ class AsyncBalanceClient:
         client = self._clients.get(loop)
         if client is None:
             if self._missing:
-                raise TypeError("the transport given to CreditGuard is sync-only; async calls need one")
+                raise TypeError(
+                    "the transport given to CreditGuard is sync-only; async calls need one"
+                )
             client = httpx.AsyncClient(
                 transport=self._transport,
                 verify=self._verify,

@@ -30,9 +30,7 @@ class InsufficientCredits(CreditGuardError):
     refusal comes from :meth:`CreditBalance.after_spending`).
     """
 
-    def __init__(
-        self, required: int, available: int, balance: CreditBalance | None = None
-    ) -> None:
+    def __init__(self, required: int, available: int, balance: CreditBalance | None = None) -> None:
         self.required = required
         self.available = available
         self.balance = balance

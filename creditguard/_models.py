@@ -78,10 +78,10 @@ class CreditBalance:
             raise InvalidResponse(
                 f"balance response must be a JSON object, got {type(data).__name__}"
             )
-        ints = [_require_int(data, field) for _, field in _INT_FIELDS]
+        ints = {attr: _require_int(data, field) for attr, field in _INT_FIELDS}
         if "resetAt" not in data:
             raise InvalidResponse("balance response lacks 'resetAt'")
-        return cls(*ints, reset_at=_reset_at_from_ms(data["resetAt"]))
+        return cls(**ints, reset_at=_reset_at_from_ms(data["resetAt"]))
 
     def to_api(self) -> dict[str, int | None]:
         """The documented camelCase JSON shape; ``from_api(x).to_api() == x``."""

@@ -25,6 +25,7 @@ credits that are already gone (as long as the guard is the only spender).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import weakref
@@ -77,10 +78,9 @@ class Flight:
             if _get_ident() == me:
                 event.set()
             else:
-                try:
+                # RuntimeError: that loop has closed, so nobody is waiting any more.
+                with contextlib.suppress(RuntimeError):
                     call_soon(event.set)
-                except RuntimeError:  # that loop has closed: nobody is waiting any more
-                    pass
 
         with lock:
             callbacks = self._callbacks

@@ -58,7 +58,9 @@ _REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 429: "Too M
 
 
 def _json(status: int, data: object, headers: dict[str, str] | None = None) -> _Answer:
-    return _Answer(status, json.dumps(data).encode(), {"content-type": "application/json", **(headers or {})})
+    return _Answer(
+        status, json.dumps(data).encode(), {"content-type": "application/json", **(headers or {})}
+    )
 
 
 class FakeLensmor:
@@ -231,7 +233,9 @@ class FakeLensmor:
         if answer.fault == "drop":
             raise _Dropped("sandbox fault: connection dropped before the body")
         if answer.fault in ("stall", "truncated"):
-            await send({"type": "http.response.body", "body": body[: length // 2], "more_body": True})
+            await send(
+                {"type": "http.response.body", "body": body[: length // 2], "more_body": True}
+            )
             if answer.fault == "truncated":
                 raise _Dropped("sandbox fault: connection dropped mid-body")
             with anyio.move_on_after(self.stall_seconds):
@@ -259,7 +263,9 @@ class _FakeTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
             request.headers.get("authorization"),
         )
         if answer.fault == "drop":
-            raise httpx.RemoteProtocolError("Server disconnected without sending a response.", request=request)
+            raise httpx.RemoteProtocolError(
+                "Server disconnected without sending a response.", request=request
+            )
         return answer
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
