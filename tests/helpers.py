@@ -1,0 +1,55 @@
+"""Test doubles: a transport that holds balance reads until the test releases them."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import anyio.to_thread
+import httpx
+
+
+class Gate(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Wraps a transport; each request is answered *as of its arrival* but held until
+    ``open()``; ``arrived`` counts requests and ``wait_arrivals(n)`` waits for them."""
+
+    def __init__(self, inner: httpx.BaseTransport | httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.opened = threading.Event()
+        self.arrived = 0
+        self._cond = threading.Condition()
+
+    def open(self) -> None:
+        self.opened.set()
+
+    def close_gate(self) -> None:
+        self.opened.clear()
+
+    def _arrive(self) -> None:
+        with self._cond:
+            self.arrived += 1
+            self._cond.notify_all()
+
+    def wait_arrivals(self, n: int, timeout: float = 10.0) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.arrived >= n, timeout):
+                raise AssertionError(f"expected {n} requests, got {self.arrived}")
+
+    async def await_arrivals(self, n: int) -> None:
+        await anyio.to_thread.run_sync(self.wait_arrivals, n)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(self.inner, httpx.BaseTransport)
+        response = self.inner.handle_request(request)
+        body = response.read()  # the answer as of now
+        self._arrive()
+        self.opened.wait(10)
+        return httpx.Response(response.status_code, headers=response.headers, content=body)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(self.inner, httpx.AsyncBaseTransport)
+        response = await self.inner.handle_async_request(request)
+        body = await response.aread()
+        self._arrive()
+        await anyio.to_thread.run_sync(self.opened.wait, 10, abandon_on_cancel=True)
+        return httpx.Response(response.status_code, headers=response.headers, content=body)

@@ -1,0 +1,282 @@
+"""Balance reads: error mapping, retries, Retry-After, timeouts; sync and async."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from email.utils import format_datetime
+
+import httpx
+import pytest
+import respx
+
+from creditguard import (
+    AuthenticationError,
+    BalanceUnavailable,
+    CreditGuard,
+    InvalidResponse,
+    RateLimited,
+    RetryPolicy,
+    parse_retry_after,
+)
+
+KEY = "sk-live-0123456789abcdef"
+BODY = {
+    "totalAmount": 100,
+    "totalBalance": 80,
+    "subscriptionAmount": 90,
+    "subscriptionBalance": 70,
+    "giftAmount": 10,
+    "giftBalance": 10,
+    "resetAt": None,
+}
+FAST = RetryPolicy(attempts=3, deadline=5.0, backoff=0.001, backoff_max=0.002)
+
+pytestmark = pytest.mark.anyio
+
+
+class Script:
+    """A MockTransport answering from a list of responses (or exceptions), counting."""
+
+    def __init__(self, *answers: httpx.Response | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    @property
+    def transport(self) -> httpx.MockTransport:
+        return httpx.MockTransport(self)
+
+
+def ok() -> httpx.Response:
+    return httpx.Response(200, json=BODY)
+
+
+def make(script: Script, **kw: object) -> CreditGuard:
+    kw.setdefault("retry", FAST)
+    return CreditGuard(KEY, transport=script.transport, **kw)  # type: ignore[arg-type]
+
+
+async def read(guard: CreditGuard, mode: str) -> object:
+    if mode == "sync":
+        return guard.balance()
+    return await guard.abalance()
+
+
+@pytest.fixture(params=["sync", "async"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def test_request_shape(mode: str) -> None:
+    script = Script(ok())
+    guard = make(script, base_url="https://api.example.test/")
+    balance = await read(guard, mode)
+    assert balance.total_balance == 80  # type: ignore[attr-defined]
+    (req,) = script.requests
+    assert req.method == "GET"
+    assert str(req.url) == "https://api.example.test/external/credits/balance"
+    assert req.headers["authorization"] == f"Bearer {KEY}"
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_auth_errors_fail_at_once(mode: str, status: int) -> None:
+    script = Script(httpx.Response(status, json={"message": "no"}))
+    guard = make(script)
+    with pytest.raises(AuthenticationError) as info:
+        await read(guard, mode)
+    assert info.value.status_code == status
+    assert len(script.requests) == 1
+
+
+@pytest.mark.parametrize("status", [500, 502, 503, 504])
+async def test_5xx_retried_then_ok(mode: str, status: int) -> None:
+    script = Script(httpx.Response(status), httpx.Response(status), ok())
+    guard = make(script)
+    assert (await read(guard, mode)).total_balance == 80  # type: ignore[attr-defined]
+    assert len(script.requests) == 3
+
+
+async def test_5xx_bounded_attempts(mode: str) -> None:
+    script = Script(httpx.Response(503))
+    guard = make(script)
+    with pytest.raises(BalanceUnavailable) as info:
+        await read(guard, mode)
+    assert info.value.status_code == 503
+    assert type(info.value) is BalanceUnavailable
+    assert len(script.requests) == 3
+
+
+async def test_other_4xx_not_retried(mode: str) -> None:
+    script = Script(httpx.Response(404))
+    with pytest.raises(BalanceUnavailable, match="404"):
+        await read(make(script), mode)
+    assert len(script.requests) == 1
+
+
+async def test_connection_errors_retried(mode: str) -> None:
+    script = Script(httpx.ConnectError("refused"), httpx.ReadTimeout("slow"), ok())
+    assert (await read(make(script), mode)).total_balance == 80  # type: ignore[attr-defined]
+    assert len(script.requests) == 3
+
+
+async def test_connection_errors_exhausted(mode: str) -> None:
+    script = Script(httpx.ConnectError("refused"))
+    with pytest.raises(BalanceUnavailable, match="ConnectError") as info:
+        await read(make(script), mode)
+    assert isinstance(info.value.__cause__, httpx.ConnectError)
+    assert len(script.requests) == 3
+
+
+async def test_429_retry_after_seconds_honoured(mode: str) -> None:
+    script = Script(httpx.Response(429, headers={"Retry-After": "0"}), ok())
+    assert (await read(make(script), mode)).total_balance == 80  # type: ignore[attr-defined]
+    assert len(script.requests) == 2
+
+
+async def test_429_retry_after_too_long_fails_at_once(mode: str) -> None:
+    script = Script(httpx.Response(429, headers={"Retry-After": "120"}))
+    start = time.monotonic()
+    with pytest.raises(RateLimited) as info:
+        await read(make(script), mode)
+    assert time.monotonic() - start < 2
+    assert info.value.retry_after == 120
+    assert info.value.status_code == 429
+    assert len(script.requests) == 1
+
+
+async def test_429_http_date(mode: str) -> None:
+    later = datetime.now(timezone.utc) + timedelta(hours=1)
+    script = Script(httpx.Response(429, headers={"Retry-After": format_datetime(later, True)}))
+    with pytest.raises(RateLimited) as info:
+        await read(make(script), mode)
+    assert info.value.retry_after is not None
+    assert 3500 < info.value.retry_after <= 3600
+
+
+async def test_429_without_retry_after_backs_off_then_rate_limited(mode: str) -> None:
+    script = Script(httpx.Response(429))
+    with pytest.raises(RateLimited) as info:
+        await read(make(script), mode)
+    assert info.value.retry_after is None
+    assert len(script.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"<html>oops</html>", b"", b"[]", b'{"totalBalance": "lots"}', b"\xff\xfe", b"null"],
+)
+async def test_garbage_bodies(mode: str, body: bytes) -> None:
+    script = Script(httpx.Response(200, content=body))
+    with pytest.raises(InvalidResponse):
+        await read(make(script), mode)
+    assert len(script.requests) == 1
+
+
+async def test_oversized_body(mode: str) -> None:
+    script = Script(httpx.Response(200, content=b" " * (200 * 1024) + json.dumps(BODY).encode()))
+    with pytest.raises(InvalidResponse, match="larger"):
+        await read(make(script), mode)
+
+
+async def test_total_time_bounded(mode: str) -> None:
+    # Every attempt fails; backoff would exceed the deadline: give up within it.
+    script = Script(httpx.ConnectError("refused"))
+    policy = RetryPolicy(attempts=50, deadline=0.3, backoff=0.05, backoff_max=0.2)
+    start = time.monotonic()
+    with pytest.raises(BalanceUnavailable):
+        await read(make(script, retry=policy), mode)
+    assert time.monotonic() - start < 0.3 + 0.5
+    assert 1 < len(script.requests) < 50
+
+
+async def test_explicit_timeouts_are_passed(mode: str) -> None:
+    script = Script(ok())
+    guard = make(script, timeout=httpx.Timeout(1.5, connect=0.5))
+    await read(guard, mode)
+    timeouts = script.requests[0].extensions["timeout"]
+    assert timeouts["connect"] == 0.5
+    assert timeouts["read"] == 1.5
+
+
+def test_respx_routes_work_too() -> None:
+    with respx.mock(base_url="https://platform.lensmor.com") as router:
+        route = router.get("/external/credits/balance").mock(return_value=ok())
+        guard = CreditGuard(KEY)
+        assert guard.balance().total_balance == 80
+        assert route.call_count == 1
+        guard.close()
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (None, None),
+        ("", None),
+        ("  7 ", 7.0),
+        ("0", 0.0),
+        ("-1", None),
+        ("1.5", None),
+        ("soon", None),
+        ("9" * 400, 1e9),
+    ],
+)
+def test_parse_retry_after(header: str | None, expected: float | None) -> None:
+    assert parse_retry_after(header) == expected
+
+
+def test_parse_retry_after_date() -> None:
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    assert parse_retry_after("Thu, 01 Jan 2026 00:00:30 GMT", now=now) == 30
+    assert parse_retry_after("Wed, 31 Dec 2025 00:00:00 GMT", now=now) == 0
+
+
+def _leaks(exc: BaseException, needle: str) -> list[str]:
+    found = []
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [exc]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        texts = [str(e), repr(e), *map(repr, e.args)]
+        for attr in ("request", "response"):
+            try:
+                obj: Callable[[], object] | object = getattr(e, attr)
+            except (AttributeError, RuntimeError):
+                continue
+            if isinstance(obj, httpx.Request):
+                texts += [repr(obj), str(obj.headers.raw), *obj.headers.values()]
+        found += [t for t in texts if needle in t]
+        stack += [e.__cause__, e.__context__]
+    return found
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        httpx.ConnectError("refused"),
+        httpx.ReadTimeout("slow"),
+        httpx.Response(401),
+        httpx.Response(503),
+        httpx.Response(429, headers={"Retry-After": "999"}),
+        httpx.Response(200, content=b"nope"),
+    ],
+)
+async def test_key_never_in_errors(mode: str, answer: httpx.Response | Exception) -> None:
+    script = Script(answer)
+    guard = make(script)
+    with pytest.raises(Exception) as info:  # noqa: PT011 - the type varies by answer
+        await read(guard, mode)
+    assert _leaks(info.value, KEY) == []
+    assert KEY not in repr(guard)
+    assert KEY not in guard.account

@@ -1,0 +1,519 @@
+"""Concurrency: no overspend, single flight, stale reads, cancellation, threads and loops."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from creditguard import CreditBalance, CreditGuard, InsufficientCredits
+from creditguard._state import Flight
+from creditguard.testing import FakeLensmor
+
+from .helpers import Gate
+
+pytestmark = pytest.mark.anyio
+
+
+def snapshot(guard: CreditGuard) -> tuple[CreditBalance | None, int, int]:
+    return guard._account.snapshot()
+
+
+async def guarded_calls(
+    guard: CreditGuard, fake: FakeLensmor, costs: list[int]
+) -> tuple[list[int], list[int], list[BaseException]]:
+    """Run one guarded call per cost, all at once; return admitted, denied, other errors."""
+    admitted: list[int] = []
+    denied: list[int] = []
+    errors: list[BaseException] = []
+
+    async def call(cost: int) -> None:
+        try:
+            async with guard.spend(cost):
+                await anyio.lowlevel.checkpoint()
+                fake.charge(cost)  # raises if the account cannot pay: an overspend
+                await anyio.lowlevel.checkpoint()
+            admitted.append(cost)
+        except InsufficientCredits:
+            denied.append(cost)
+        except Exception as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for cost in costs:
+            tg.start_soon(call, cost)
+    return admitted, denied, errors
+
+
+async def test_200_concurrent_async_callers_never_overspend() -> None:
+    fake = FakeLensmor(subscription_balance=950, gift_balance=50)
+    fake.latency = 0.002
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    admitted, denied, errors = await guarded_calls(guard, fake, [10] * 200)
+    assert errors == []
+    assert sum(admitted) <= 1000
+    assert len(admitted) == 100 and len(denied) == 100
+    assert fake.balance.total_balance == 0
+    assert snapshot(guard)[1:] == (0, 0)
+    # One cold read shared by all 200 admissions, then a handful of shared refreshes.
+    print(f"\n200 concurrent guarded calls: {fake.balance_requests} upstream balance reads")
+    assert fake.balance_requests <= 10
+
+
+async def test_refreshes_are_shared_between_calls_that_finish_together() -> None:
+    fake = FakeLensmor(subscription_balance=10**6, gift_balance=0)
+    fake.latency = 0.005
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    admitted, _, errors = await guarded_calls(guard, fake, [1] * 1000)
+    assert errors == [] and len(admitted) == 1000
+    assert fake.balance.total_balance == 10**6 - 1000
+    assert guard.balance().total_balance == 10**6 - 1000  # from the cache
+    assert fake.balance_requests <= 10  # not 1,000
+
+
+def test_24_threads_never_overspend() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    fake.latency = 0.001
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    admitted: list[int] = []
+    denied: list[int] = []
+    lock = threading.Lock()
+    start = threading.Barrier(24)
+
+    def worker(i: int) -> None:
+        start.wait()
+        for j in range(10):
+            cost = 3 + (i + j) % 9
+            try:
+                with guard.spend(cost):
+                    fake.charge(cost)
+            except InsufficientCredits:
+                with lock:
+                    denied.append(cost)
+            else:
+                with lock:
+                    admitted.append(cost)
+
+    with ThreadPoolExecutor(24) as pool:
+        list(pool.map(worker, range(24)))  # re-raises any overspend (charge refused)
+    assert sum(admitted) == 1000 - fake.balance.total_balance
+    assert fake.balance.total_balance >= 0
+    assert denied, "the balance was meant to run out"
+    assert fake.balance.total_balance < 3 + 8  # it ran (almost) dry: nothing blocked needlessly
+    assert snapshot(guard)[1:] == (0, 0)
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    balance=st.integers(0, 300),
+    costs=st.lists(st.integers(0, 60), min_size=1, max_size=40),
+    fail_every=st.integers(0, 5),
+)
+def test_no_overspend_property(
+    anyio_backend: str, balance: int, costs: list[int], fail_every: int
+) -> None:
+    fake = FakeLensmor(subscription_balance=balance, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    failures = iter(range(len(costs)))
+
+    async def main() -> tuple[list[int], list[int], list[BaseException]]:
+        admitted: list[int] = []
+        spent: list[int] = []
+        errors: list[BaseException] = []
+
+        async def call(cost: int) -> None:
+            try:
+                async with guard.spend(cost):
+                    await anyio.lowlevel.checkpoint()
+                    n = next(failures)
+                    if fail_every and n % fail_every == 0:
+                        raise ValueError("the paid call failed before charging")
+                    fake.charge(cost)
+                    spent.append(cost)
+                admitted.append(cost)
+            except (InsufficientCredits, ValueError):
+                pass
+            except Exception as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for cost in costs:
+                tg.start_soon(call, cost)
+        return admitted, spent, errors
+
+    admitted, spent, errors = anyio.run(main, backend=anyio_backend)
+    assert errors == []
+    assert sum(spent) <= balance
+    assert fake.balance.total_balance == balance - sum(spent)
+    assert snapshot(guard)[1:] == (0, 0)
+
+
+# -- single flight ----------------------------------------------------------------------
+
+
+async def test_cold_reads_share_one_request_across_tasks(fake: FakeLensmor) -> None:
+    gate = Gate(fake.transport)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    results: list[int] = []
+
+    async def read() -> None:
+        results.append((await guard.abalance()).total_balance)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(100):
+            tg.start_soon(read)
+        await gate.await_arrivals(1)
+        await anyio.wait_all_tasks_blocked()
+        gate.open()
+    assert results == [30050] * 100
+    assert gate.arrived == 1
+
+
+def _count_sync_waiters(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
+    waiting = 0
+    cond = threading.Condition()
+    original = Flight.wait
+
+    def counting_wait(self: Flight) -> None:
+        nonlocal waiting
+        with cond:
+            waiting += 1
+            cond.notify_all()
+        original(self)
+
+    monkeypatch.setattr(Flight, "wait", counting_wait)
+
+    def until(n: int) -> None:
+        with cond:
+            assert cond.wait_for(lambda: waiting >= n, 10), f"{waiting} waiters, wanted {n}"
+
+    return until
+
+
+def test_cold_reads_share_one_request_across_threads(
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    until_waiting = _count_sync_waiters(monkeypatch)
+    gate = Gate(fake.transport)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(guard.balance) for _ in range(16)]
+        gate.wait_arrivals(1)
+        until_waiting(15)
+        gate.open()
+        assert {f.result().total_balance for f in futures} == {30050}
+    assert gate.arrived == 1
+
+
+async def test_threads_and_tasks_share_one_request(
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    until_waiting = _count_sync_waiters(monkeypatch)
+    gate = Gate(fake.transport)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    results: list[int] = []
+
+    async def read() -> None:
+        results.append((await guard.abalance()).total_balance)
+
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(guard.balance) for _ in range(4)]  # a thread leads the read
+        await gate.await_arrivals(1)
+        async with anyio.create_task_group() as tg:
+            for _ in range(20):
+                tg.start_soon(read)  # tasks join the thread's read
+            await anyio.to_thread.run_sync(until_waiting, 3)
+            await anyio.wait_all_tasks_blocked()
+            assert guard._account.flight is not None
+            gate.open()
+        assert [f.result().total_balance for f in futures] == [30050] * 4
+    assert results == [30050] * 20
+    assert gate.arrived == 1
+
+
+def test_task_leader_and_thread_waiters_share_one_request(
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+) -> None:
+    until_waiting = _count_sync_waiters(monkeypatch)
+    gate = Gate(fake.transport)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    results: list[int] = []
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(guard.abalance)
+            await gate.await_arrivals(1)
+            threads = [
+                threading.Thread(target=lambda: results.append(guard.balance().total_balance))
+                for _ in range(8)
+            ]
+            for t in threads:
+                t.start()
+            await anyio.to_thread.run_sync(until_waiting, 8)
+            gate.open()
+        for t in threads:
+            t.join(10)
+
+    anyio.run(main, backend=anyio_backend)
+    assert results == [30050] * 8
+    assert gate.arrived == 1
+
+
+async def test_sync_call_inside_the_loop_does_not_deadlock(fake: FakeLensmor) -> None:
+    fake.latency = 0.05
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(guard.abalance)  # a task of this loop leads a read...
+        await anyio.wait_all_tasks_blocked()
+        assert guard._account.flight is not None
+        # ...and blocking sync code on the same loop must not wait for it forever.
+        assert guard.balance().total_balance == 30050
+    assert (await guard.abalance()).total_balance == 30050
+
+
+# -- stale reads ------------------------------------------------------------------------
+
+
+async def test_read_started_before_invalidation_never_admits() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    gate = Gate(fake.transport)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    seen: list[int] = []
+    outcome: list[BaseException | CreditBalance] = []
+
+    async def reader() -> None:
+        seen.append((await guard.abalance()).total_balance)
+
+    async def spender() -> None:
+        try:
+            async with guard.spend(50) as spend:
+                fake.charge(50)
+            assert spend.balance_before is not None
+            outcome.append(spend.balance_before)
+        except InsufficientCredits as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(reader)
+        await gate.await_arrivals(1)  # the read is answered "100" and held
+        tg.start_soon(spender)  # joins that read
+        await anyio.wait_all_tasks_blocked()
+        fake.charge(100)  # someone else empties the account...
+        guard.invalidate()  # ...and the guard is told
+        gate.open()
+    (result,) = outcome
+    assert isinstance(result, InsufficientCredits), result
+    assert result.available == 0
+    assert fake.balance.total_balance == 0
+    assert gate.arrived == 2  # the stale read was replaced by a fresh one
+    assert guard.balance().total_balance == 0  # and never written to the cache
+
+
+def test_read_started_before_invalidation_never_admits_threads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    until_waiting = _count_sync_waiters(monkeypatch)
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    gate = Gate(fake.transport)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+
+    def spender() -> None:
+        with guard.spend(50):
+            fake.charge(50)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(guard.balance)
+        gate.wait_arrivals(1)
+        second = pool.submit(spender)
+        until_waiting(1)
+        fake.charge(100)
+        guard.invalidate()
+        gate.open()
+        # The reader's own stale read is not returned either: it read again.
+        assert first.result().total_balance == 0
+        with pytest.raises(InsufficientCredits):
+            second.result()
+    assert guard.balance().total_balance == 0
+    assert gate.arrived >= 2
+
+
+async def test_read_straddling_a_spend_cannot_admit_the_spent_credits() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    gate = Gate(fake.transport)
+    gate.open()
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=0)  # every admission reads
+    inside = anyio.Event()
+    finish = anyio.Event()
+    results: dict[str, object] = {}
+
+    async def first() -> None:
+        async with guard.spend(60):
+            inside.set()
+            await finish.wait()
+            fake.charge(60)
+
+    async def second() -> None:
+        try:
+            async with guard.spend(50):
+                fake.charge(50)
+            results["second"] = "admitted"
+        except InsufficientCredits as exc:
+            results["second"] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first)
+        await inside.wait()
+        gate.close_gate()
+        tg.start_soon(guard.abalance)  # a read that starts before the spend lands
+        await gate.await_arrivals(2)
+        finish.set()  # the spend lands while that read is held
+        tg.start_soon(second)
+        await anyio.wait_all_tasks_blocked()
+        gate.open()
+    assert isinstance(results["second"], InsufficientCredits)
+    assert fake.balance.total_balance == 40
+
+
+# -- cancellation ----------------------------------------------------------------------
+
+
+async def test_cancelled_action_releases_and_invalidates(guard: CreditGuard) -> None:
+    inside = anyio.Event()
+    with anyio.CancelScope() as scope:
+
+        @guard.requires_credits(10)
+        async def paid() -> None:
+            inside.set()
+            await anyio.sleep_forever()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(paid)
+            await inside.wait()
+            assert snapshot(guard)[1:] == (10, 1)
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert snapshot(guard) == (None, 0, 0)
+
+
+async def test_cancelled_spend_block(guard: CreditGuard) -> None:
+    spend = guard.spend(10)
+    with anyio.move_on_after(0.01):
+        async with spend:
+            await anyio.sleep_forever()
+    assert spend.balance_before is not None and spend.balance_after is None
+    assert snapshot(guard) == (None, 0, 0)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_asyncio_task_cancel_releases(guard: CreditGuard) -> None:
+    inside = asyncio.Event()
+
+    @guard.requires_credits(10)
+    async def paid() -> None:
+        inside.set()
+        await asyncio.sleep(3600)
+
+    task = asyncio.ensure_future(paid())
+    await inside.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert snapshot(guard) == (None, 0, 0)
+
+
+async def test_cancel_during_post_spend_refresh(fake: FakeLensmor) -> None:
+    gate = Gate(fake.transport)
+    gate.open()
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard.balance()
+    gate.close_gate()
+    spend = guard.spend(10)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                async with spend:
+                    fake.charge(10)
+
+            tg.start_soon(run)
+            await gate.await_arrivals(2)  # the refresh after the spend is held
+            scope.cancel()
+    gate.open()
+    assert spend.balance_after is None
+    assert snapshot(guard) == (None, 0, 0)
+    assert guard.balance().total_balance == 30040
+
+
+async def test_cancelled_waiter_reserves_nothing(fake: FakeLensmor) -> None:
+    gate = Gate(fake.transport)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(guard.abalance)
+        await gate.await_arrivals(1)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            async with guard.spend(10):
+                raise AssertionError("must not run")
+        gate.open()
+    assert snapshot(guard)[1:] == (0, 0)
+
+
+async def test_cancelled_leader_hands_over(fake: FakeLensmor) -> None:
+    gate = Gate(fake.transport)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    results: list[Any] = []
+
+    async def waiter() -> None:
+        results.append((await guard.abalance()).total_balance)
+
+    leader_scope = anyio.CancelScope()
+
+    async def leader() -> None:
+        with leader_scope:
+            await guard.abalance()
+        results.append("leader cancelled")
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(leader)
+        await gate.await_arrivals(1)
+        for _ in range(5):
+            tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        leader_scope.cancel()  # the leader gives up; waiters must neither hang nor die
+        await gate.await_arrivals(2)  # a waiter led a new read
+        gate.open()
+    assert sorted(results, key=str) == [30050] * 5 + ["leader cancelled"]
+    assert gate.arrived == 2
+
+
+async def test_read_failure_is_shared_not_cached(fake: FakeLensmor) -> None:
+    from creditguard import BalanceUnavailable, RetryPolicy
+
+    fake.fail_next(503)
+    fake.latency = 0.02  # the ten reads overlap
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), ttl=60
+    )
+    errors: list[BaseException] = []
+
+    async def read() -> None:
+        try:
+            await guard.abalance()
+        except BalanceUnavailable as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(10):
+            tg.start_soon(read)
+    assert len(errors) == 10 and fake.balance_requests == 1
+    assert (await guard.abalance()).total_balance == 30050  # the error was not cached

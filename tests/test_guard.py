@@ -1,0 +1,487 @@
+"""The guard's contract, one behaviour at a time (sync and async, asyncio and trio)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any
+
+import anyio
+import pytest
+
+import creditguard
+from creditguard import (
+    AuthenticationError,
+    BalanceUnavailable,
+    CreditBalance,
+    CreditGuard,
+    CreditGuardError,
+    GuardEvent,
+    InsecureTransportError,
+    InsufficientCredits,
+    RetryPolicy,
+    Spend,
+    requires_credits,
+)
+from creditguard.testing import FakeLensmor
+
+NO_RETRY = RetryPolicy(attempts=1, deadline=1.0)
+
+
+class Boom(Exception):
+    pass
+
+
+def state(guard: CreditGuard) -> tuple[CreditBalance | None, int, int]:
+    return guard._account.snapshot()
+
+
+# -- construction ------------------------------------------------------------------
+
+
+def test_key_from_environment(monkeypatch: pytest.MonkeyPatch, fake: FakeLensmor) -> None:
+    monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
+    guard = CreditGuard(transport=fake.transport)
+    assert guard.balance().total_balance == 30050
+
+
+def test_no_key_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LENSMOR_API_KEY", raising=False)
+    with pytest.raises(CreditGuardError, match="LENSMOR_API_KEY"):
+        CreditGuard()
+    monkeypatch.setenv("LENSMOR_API_KEY", "")
+    with pytest.raises(CreditGuardError, match="LENSMOR_API_KEY"):
+        CreditGuard()
+
+
+def test_base_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("LENSMOR_BASE_URL", raising=False)
+    assert CreditGuard("k").base_url == "https://platform.lensmor.com"
+    monkeypatch.setenv("LENSMOR_BASE_URL", "https://staging.example.test/")
+    assert CreditGuard("k").base_url == "https://staging.example.test"
+    assert CreditGuard("k", base_url="https://x.test").base_url == "https://x.test"
+
+
+@pytest.mark.parametrize("url", ["http://platform.lensmor.com", "http://10.0.0.5:8080"])
+def test_plain_http_to_remote_host_refused(url: str) -> None:
+    with pytest.raises(InsecureTransportError, match="allow_insecure_http"):
+        CreditGuard("k", base_url=url)
+    CreditGuard("k", base_url=url, allow_insecure_http=True)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8787", "http://localhost:1", "http://[::1]:80"])
+def test_plain_http_to_loopback_allowed(url: str) -> None:
+    CreditGuard("k", base_url=url)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"ttl": -1}, ValueError),
+        ({"ttl": "5"}, ValueError),
+        ({"on_unavailable": "maybe"}, ValueError),
+        ({"transport": object()}, TypeError),
+        ({"base_url": "ftp://x"}, CreditGuardError),
+    ],
+)
+def test_bad_configuration(kwargs: dict[str, Any], error: type[Exception]) -> None:
+    with pytest.raises(error):
+        CreditGuard("k", **kwargs)
+
+
+@pytest.mark.parametrize("key", ["has space", "tab\tkey", "ключ", "line\nbreak"])
+def test_malformed_key_rejected_without_echo(key: str) -> None:
+    with pytest.raises(CreditGuardError) as info:
+        CreditGuard(key)
+    assert key not in str(info.value)
+
+
+def test_public_names() -> None:
+    for name in [
+        "CreditBalance",
+        "CreditGuard",
+        "Spend",
+        "requires_credits",
+        "CreditGuardError",
+        "InsufficientCredits",
+        "AuthenticationError",
+        "BalanceUnavailable",
+        "RateLimited",
+        "InvalidResponse",
+    ]:
+        assert name in creditguard.__all__
+        assert hasattr(creditguard, name)
+    assert issubclass(creditguard.RateLimited, BalanceUnavailable)
+    assert issubclass(creditguard.InvalidResponse, BalanceUnavailable)
+    assert issubclass(AuthenticationError, CreditGuardError)
+    assert not issubclass(AuthenticationError, BalanceUnavailable)
+
+
+# -- the decorator -------------------------------------------------------------------
+
+
+def test_decorator_keeps_identity(guard: CreditGuard) -> None:
+    def unlock(contact_id: str, *, fields: int = 1) -> dict[str, str]:
+        """Unlock one contact."""
+        return {"id": contact_id}
+
+    async def aunlock(event_ids: list[str]) -> list[str]:
+        """Unlock events."""
+        return event_ids
+
+    wrapped = guard.requires_credits(10)(unlock)
+    awrapped = guard.requires_credits(lambda event_ids: len(event_ids))(aunlock)
+    assert wrapped.__name__ == "unlock" and wrapped.__doc__ == "Unlock one contact."
+    assert inspect.signature(wrapped) == inspect.signature(unlock)
+    assert not inspect.iscoroutinefunction(wrapped)
+    assert inspect.iscoroutinefunction(awrapped)
+    assert awrapped.__name__ == "aunlock"
+    assert inspect.signature(awrapped) == inspect.signature(aunlock)
+
+
+@pytest.mark.parametrize("cost", [-1, 1.5, "10", None, True])
+def test_bad_static_cost_fails_at_decoration(cost: Any, fake: FakeLensmor) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    with pytest.raises((TypeError, ValueError)):
+        guard.requires_credits(cost)
+    with pytest.raises((TypeError, ValueError)):
+        guard.spend(cost)
+    assert fake.balance_requests == 0
+
+
+@pytest.mark.parametrize("computed", [-5, 2.0, "3", None, False])
+def test_bad_computed_cost_fails_before_any_request(computed: Any, fake: FakeLensmor) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    ran = []
+
+    @guard.requires_credits(lambda n: computed)
+    def paid(n: int) -> None:
+        ran.append(n)
+
+    with pytest.raises((TypeError, ValueError)):
+        paid(1)
+    assert ran == [] and fake.balance_requests == 0
+
+
+def test_cost_function_error_propagates(fake: FakeLensmor) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+
+    @guard.requires_credits(lambda ids: 5 * len(ids))
+    def paid(ids: Any) -> None:
+        raise AssertionError("must not run")
+
+    with pytest.raises(TypeError):
+        paid(42)  # len(42): the cost cannot be computed, so nothing runs
+    assert fake.balance_requests == 0
+
+
+def test_sync_spend_flow(guard: CreditGuard, fake: FakeLensmor) -> None:
+    @guard.requires_credits(lambda ids: 5 * len(ids))
+    def unlock(ids: list[str]) -> int:
+        fake.charge(5 * len(ids))
+        return len(ids)
+
+    assert unlock(["a", "b"]) == 2
+    assert fake.balance_requests == 2  # admission read + post-spend refresh
+    # The post-spend balance is served from the cache, with no further request.
+    assert guard.balance().total_balance == 30040
+    assert fake.balance_requests == 2
+    assert state(guard)[1:] == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_async_spend_flow(guard: CreditGuard, fake: FakeLensmor) -> None:
+    @guard.requires_credits(10)
+    async def unlock(contact_id: str) -> str:
+        await anyio.sleep(0)
+        fake.charge(10)
+        return contact_id
+
+    assert await unlock("c1") == "c1"
+    assert (await guard.abalance()).total_balance == 30040
+    assert guard.balance().total_balance == 30040
+    assert fake.balance_requests == 2
+
+    async with guard.spend(25) as spend:
+        fake.charge(25)
+    assert spend.cost == 25
+    assert spend.balance_before is not None and spend.balance_before.total_balance == 30040
+    assert spend.balance_after is not None and spend.balance_after.total_balance == 30015
+    assert state(guard)[1:] == (0, 0)
+
+
+def test_spend_sync_block(guard: CreditGuard, fake: FakeLensmor) -> None:
+    with guard.spend(30000) as spend:
+        fake.charge(30000)
+    assert spend.balance_after is not None
+    assert spend.balance_after.subscription_balance == 0
+    assert spend.balance_after.gift_balance == 50
+    with pytest.raises(RuntimeError, match="once"), spend:
+        pass
+
+
+def test_insufficient_credits_does_not_run(fake: FakeLensmor) -> None:
+    fake = FakeLensmor(subscription_balance=5, gift_balance=3)
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    ran = []
+
+    @guard.requires_credits(9)
+    def paid() -> None:
+        ran.append(1)
+
+    with pytest.raises(InsufficientCredits) as info:
+        paid()
+    assert ran == []
+    assert info.value.required == 9
+    assert info.value.available == 8
+    assert info.value.balance is not None and info.value.balance.total_balance == 8
+    assert state(guard)[1:] == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_available_subtracts_in_flight_reservations(fake: FakeLensmor) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    inside = anyio.Event()
+    leave = anyio.Event()
+
+    async def hold() -> None:
+        async with guard.spend(30000):
+            inside.set()
+            await leave.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(hold)
+        await inside.wait()
+        with pytest.raises(InsufficientCredits) as info:
+            async with guard.spend(51):
+                pass
+        assert info.value.available == 50
+        assert info.value.balance is not None and info.value.balance.total_balance == 30050
+        async with guard.spend(50):
+            pass
+        leave.set()
+
+
+def test_zero_cost_is_allowed(guard: CreditGuard) -> None:
+    with guard.spend(0) as spend:
+        pass
+    assert spend.balance_after is not None
+
+
+# -- failures inside the action ----------------------------------------------------------
+
+
+def test_action_exception_propagates_unchanged(guard: CreditGuard, fake: FakeLensmor) -> None:
+    error = Boom("the paid call failed")
+
+    @guard.requires_credits(10)
+    def paid() -> None:
+        raise error
+
+    with pytest.raises(Boom) as info:
+        paid()
+    assert info.value is error
+    cached, reserved, inflight = state(guard)
+    assert cached is None  # invalidated
+    assert (reserved, inflight) == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_async_action_exception_propagates(guard: CreditGuard) -> None:
+    @guard.requires_credits(10)
+    async def paid() -> None:
+        raise Boom
+
+    with pytest.raises(Boom):
+        await paid()
+    assert state(guard) == (None, 0, 0)
+
+
+def test_refresh_failure_keeps_the_result(
+    fake: FakeLensmor, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[GuardEvent] = []
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=NO_RETRY, on_event=events.append
+    )
+
+    @guard.requires_credits(10)
+    def paid() -> str:
+        fake.charge(10)
+        fake.fail_next(503)  # the refresh after the spend fails
+        return "unlocked"
+
+    with caplog.at_level(logging.WARNING, logger="creditguard"):
+        assert paid() == "unlocked"
+    assert "refresh" in caplog.text
+    assert state(guard) == (None, 0, 0)
+    assert [e.kind for e in events] == ["admitted", "refresh_failed"]
+    with guard.spend(0) as spend:
+        fake.fail_next(503)
+    assert spend.balance_after is None
+    assert guard.balance().total_balance == 30040
+
+
+@pytest.mark.anyio
+async def test_async_refresh_failure_keeps_the_result(fake: FakeLensmor) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport, retry=NO_RETRY)
+    async with guard.spend(10) as spend:
+        fake.charge(10)
+        fake.fail_next(500)
+    assert spend.balance_before is not None and spend.balance_after is None
+    assert state(guard) == (None, 0, 0)
+    assert (await guard.abalance()).total_balance == 30040
+
+
+# -- unavailable service -------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_fail_closed_by_default(fake: FakeLensmor) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport, retry=NO_RETRY)
+    fake.fail_next(503, times=2)
+    with pytest.raises(BalanceUnavailable):
+        with guard.spend(1):
+            raise AssertionError("must not run")
+    with pytest.raises(BalanceUnavailable):
+        async with guard.spend(1):
+            raise AssertionError("must not run")
+    assert state(guard)[1:] == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_fail_open_runs_unchecked_and_warns(
+    fake: FakeLensmor, caplog: pytest.LogCaptureFixture
+) -> None:
+    events: list[GuardEvent] = []
+    guard = CreditGuard(
+        fake.api_key,
+        transport=fake.transport,
+        retry=NO_RETRY,
+        on_unavailable="allow",
+        on_event=events.append,
+    )
+    fake.fail_next(503)
+    with caplog.at_level(logging.WARNING, logger="creditguard"):
+        async with guard.spend(5) as spend:
+            fake.charge(5)
+    assert "unchecked" in caplog.text
+    assert spend.balance_before is None
+    assert spend.balance_after is not None and spend.balance_after.total_balance == 30045
+    assert events[0].kind == "unchecked"
+    guard.invalidate()
+    fake.fail_next("not-json")
+    with guard.spend(5) as spend:
+        pass
+    assert spend.balance_before is None
+    assert state(guard)[1:] == (0, 0)
+
+
+@pytest.mark.anyio
+async def test_fail_open_never_covers_a_bad_key(fake: FakeLensmor) -> None:
+    guard = CreditGuard("wrong-key", transport=fake.transport, on_unavailable="allow")
+    with pytest.raises(AuthenticationError):
+        with guard.spend(1):
+            raise AssertionError("must not run")
+    with pytest.raises(AuthenticationError):
+        async with guard.spend(1):
+            raise AssertionError("must not run")
+
+
+# -- events and logging --------------------------------------------------------------
+
+
+def test_events(fake: FakeLensmor) -> None:
+    events: list[GuardEvent] = []
+    fake = FakeLensmor(subscription_balance=10, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=events.append)
+    with guard.spend(4):
+        fake.charge(4)
+    with pytest.raises(InsufficientCredits), guard.spend(7):
+        pass
+    with pytest.raises(Boom), guard.spend(1):
+        raise Boom
+    kinds = [e.kind for e in events]
+    assert kinds == ["admitted", "spent", "denied", "admitted", "failed"]
+    spent = events[1]
+    assert spent.cost == 4 and spent.account == guard.account
+    assert spent.balance_before is not None and spent.balance_before.total_balance == 10
+    assert spent.balance_after is not None and spent.balance_after.total_balance == 6
+    assert events[2].available == 6 and isinstance(events[2].error, InsufficientCredits)
+
+
+def test_broken_event_hook_does_not_break_the_call(
+    fake: FakeLensmor, caplog: pytest.LogCaptureFixture
+) -> None:
+    def hook(event: GuardEvent) -> None:
+        raise RuntimeError("observer bug")
+
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=hook)
+    with caplog.at_level(logging.ERROR, logger="creditguard"), guard.spend(1):
+        pass
+    assert "on_event hook raised" in caplog.text
+
+
+# -- many keys ------------------------------------------------------------------------
+
+
+def test_keys_do_not_share_state() -> None:
+    a = FakeLensmor(subscription_balance=100, gift_balance=0, api_key="key-a")
+    guard = CreditGuard("key-a", transport=a.transport)
+    other = guard.for_key("key-b")
+    assert other.account != guard.account
+    assert guard.balance().total_balance == 100
+    with pytest.raises(AuthenticationError):
+        other.balance()  # key-b is unknown to this fake: its own read, its own answer
+    assert guard.for_key("key-a").account == guard.account
+
+
+def test_same_backend_shares_reservations(fake: FakeLensmor) -> None:
+    backend = creditguard.MemoryBackend()
+    g1 = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
+    g2 = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
+    assert g1._account is g2._account
+    g3 = CreditGuard(fake.api_key, transport=fake.transport)
+    assert g3._account is not g1._account
+
+
+def test_memory_bounded_across_many_keys(fake: FakeLensmor) -> None:
+    backend = creditguard.MemoryBackend(max_accounts=100)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
+    for i in range(1000):
+        guard.for_key(f"key-{i}")
+    assert len(backend) <= 101
+    held = guard.for_key("held")  # an account in use outlives eviction
+    for i in range(1000, 1200):
+        guard.for_key(f"key-{i}")
+    assert guard.for_key("held")._account is held._account
+
+
+# -- the module-level decorator ------------------------------------------------------------
+
+
+def test_module_level_decorator(monkeypatch: pytest.MonkeyPatch, fake: FakeLensmor) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+
+    @requires_credits(3, guard=guard)
+    def paid() -> int:
+        return 1
+
+    assert paid() == 1
+    monkeypatch.setattr("creditguard._guard._default", None)
+    monkeypatch.delenv("LENSMOR_API_KEY", raising=False)
+
+    @requires_credits(3)  # no guard yet, and no key: decoration must still work
+    def later() -> int:
+        return 2
+
+    with pytest.raises(CreditGuardError, match="LENSMOR_API_KEY"):
+        later()
+    monkeypatch.setattr("creditguard._guard._default", guard)
+    assert later() == 2
+
+
+def test_spend_repr_and_types(guard: CreditGuard) -> None:
+    spend = guard.spend(3)
+    assert isinstance(spend, Spend)
+    assert "cost=3" in repr(spend)
