@@ -60,7 +60,8 @@ async def test_200_concurrent_async_callers_never_overspend() -> None:
     admitted, denied, errors = await guarded_calls(guard, fake, [10] * 200)
     assert errors == []
     assert sum(admitted) <= 1000
-    assert len(admitted) == 100 and len(denied) == 100
+    assert len(admitted) == 100
+    assert len(denied) == 100
     assert fake.balance.total_balance == 0
     assert snapshot(guard)[1:] == (0, 0)
     # One cold read shared by all 200 admissions, then a handful of shared refreshes.
@@ -73,7 +74,8 @@ async def test_refreshes_are_shared_between_calls_that_finish_together() -> None
     fake.latency = 0.005
     guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
     admitted, _, errors = await guarded_calls(guard, fake, [1] * 1000)
-    assert errors == [] and len(admitted) == 1000
+    assert errors == []
+    assert len(admitted) == 1000
     assert fake.balance.total_balance == 10**6 - 1000
     assert guard.balance().total_balance == 10**6 - 1000  # from the cache
     assert fake.balance_requests <= 10  # not 1,000
@@ -151,7 +153,7 @@ def test_no_overspend_property(
                 tg.start_soon(call, cost)
         return admitted, spent, errors
 
-    admitted, spent, errors = anyio.run(main, backend=anyio_backend)
+    _admitted, spent, errors = anyio.run(main, backend=anyio_backend)
     assert errors == []
     assert sum(spent) <= balance
     assert fake.balance.total_balance == balance - sum(spent)
@@ -410,7 +412,8 @@ async def test_cancelled_spend_block(guard: CreditGuard) -> None:
     with anyio.move_on_after(0.01):
         async with spend:
             await anyio.sleep_forever()
-    assert spend.balance_before is not None and spend.balance_after is None
+    assert spend.balance_before is not None
+    assert spend.balance_after is None
     assert snapshot(guard) == (None, 0, 0)
 
 
@@ -515,5 +518,6 @@ async def test_read_failure_is_shared_not_cached(fake: FakeLensmor) -> None:
     async with anyio.create_task_group() as tg:
         for _ in range(10):
             tg.start_soon(read)
-    assert len(errors) == 10 and fake.balance_requests == 1
+    assert len(errors) == 10
+    assert fake.balance_requests == 1
     assert (await guard.abalance()).total_balance == 30050  # the error was not cached

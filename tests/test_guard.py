@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import creditguard
@@ -131,7 +132,8 @@ def test_decorator_keeps_identity(guard: CreditGuard) -> None:
 
     wrapped = guard.requires_credits(10)(unlock)
     awrapped = guard.requires_credits(lambda event_ids: len(event_ids))(aunlock)
-    assert wrapped.__name__ == "unlock" and wrapped.__doc__ == "Unlock one contact."
+    assert wrapped.__name__ == "unlock"
+    assert wrapped.__doc__ == "Unlock one contact."
     assert inspect.signature(wrapped) == inspect.signature(unlock)
     assert not inspect.iscoroutinefunction(wrapped)
     assert inspect.iscoroutinefunction(awrapped)
@@ -160,7 +162,8 @@ def test_bad_computed_cost_fails_before_any_request(computed: Any, fake: FakeLen
 
     with pytest.raises((TypeError, ValueError)):
         paid(1)
-    assert ran == [] and fake.balance_requests == 0
+    assert ran == []
+    assert fake.balance_requests == 0
 
 
 def test_cost_function_error_propagates(fake: FakeLensmor) -> None:
@@ -193,7 +196,7 @@ def test_sync_spend_flow(guard: CreditGuard, fake: FakeLensmor) -> None:
 async def test_async_spend_flow(guard: CreditGuard, fake: FakeLensmor) -> None:
     @guard.requires_credits(10)
     async def unlock(contact_id: str) -> str:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         fake.charge(10)
         return contact_id
 
@@ -205,8 +208,10 @@ async def test_async_spend_flow(guard: CreditGuard, fake: FakeLensmor) -> None:
     async with guard.spend(25) as spend:
         fake.charge(25)
     assert spend.cost == 25
-    assert spend.balance_before is not None and spend.balance_before.total_balance == 30040
-    assert spend.balance_after is not None and spend.balance_after.total_balance == 30015
+    assert spend.balance_before is not None
+    assert spend.balance_before.total_balance == 30040
+    assert spend.balance_after is not None
+    assert spend.balance_after.total_balance == 30015
     assert state(guard)[1:] == (0, 0)
 
 
@@ -234,7 +239,8 @@ def test_insufficient_credits_does_not_run(fake: FakeLensmor) -> None:
     assert ran == []
     assert info.value.required == 9
     assert info.value.available == 8
-    assert info.value.balance is not None and info.value.balance.total_balance == 8
+    assert info.value.balance is not None
+    assert info.value.balance.total_balance == 8
     assert state(guard)[1:] == (0, 0)
 
 
@@ -256,7 +262,8 @@ async def test_available_subtracts_in_flight_reservations(fake: FakeLensmor) -> 
             async with guard.spend(51):
                 pass
         assert info.value.available == 50
-        assert info.value.balance is not None and info.value.balance.total_balance == 30050
+        assert info.value.balance is not None
+        assert info.value.balance.total_balance == 30050
         async with guard.spend(50):
             pass
         leave.set()
@@ -328,7 +335,8 @@ async def test_async_refresh_failure_keeps_the_result(fake: FakeLensmor) -> None
     async with guard.spend(10) as spend:
         fake.charge(10)
         fake.fail_next(500)
-    assert spend.balance_before is not None and spend.balance_after is None
+    assert spend.balance_before is not None
+    assert spend.balance_after is None
     assert state(guard) == (None, 0, 0)
     assert (await guard.abalance()).total_balance == 30040
 
@@ -340,9 +348,8 @@ async def test_async_refresh_failure_keeps_the_result(fake: FakeLensmor) -> None
 async def test_fail_closed_by_default(fake: FakeLensmor) -> None:
     guard = CreditGuard(fake.api_key, transport=fake.transport, retry=NO_RETRY)
     fake.fail_next(503, times=2)
-    with pytest.raises(BalanceUnavailable):
-        with guard.spend(1):
-            raise AssertionError("must not run")
+    with pytest.raises(BalanceUnavailable), guard.spend(1):
+        raise AssertionError("must not run")
     with pytest.raises(BalanceUnavailable):
         async with guard.spend(1):
             raise AssertionError("must not run")
@@ -367,7 +374,8 @@ async def test_fail_open_runs_unchecked_and_warns(
             fake.charge(5)
     assert "unchecked" in caplog.text
     assert spend.balance_before is None
-    assert spend.balance_after is not None and spend.balance_after.total_balance == 30045
+    assert spend.balance_after is not None
+    assert spend.balance_after.total_balance == 30045
     assert events[0].kind == "unchecked"
     guard.invalidate()
     fake.fail_next("not-json")
@@ -380,9 +388,8 @@ async def test_fail_open_runs_unchecked_and_warns(
 @pytest.mark.anyio
 async def test_fail_open_never_covers_a_bad_key(fake: FakeLensmor) -> None:
     guard = CreditGuard("wrong-key", transport=fake.transport, on_unavailable="allow")
-    with pytest.raises(AuthenticationError):
-        with guard.spend(1):
-            raise AssertionError("must not run")
+    with pytest.raises(AuthenticationError), guard.spend(1):
+        raise AssertionError("must not run")
     with pytest.raises(AuthenticationError):
         async with guard.spend(1):
             raise AssertionError("must not run")
@@ -404,10 +411,14 @@ def test_events(fake: FakeLensmor) -> None:
     kinds = [e.kind for e in events]
     assert kinds == ["admitted", "spent", "denied", "admitted", "failed"]
     spent = events[1]
-    assert spent.cost == 4 and spent.account == guard.account
-    assert spent.balance_before is not None and spent.balance_before.total_balance == 10
-    assert spent.balance_after is not None and spent.balance_after.total_balance == 6
-    assert events[2].available == 6 and isinstance(events[2].error, InsufficientCredits)
+    assert spent.cost == 4
+    assert spent.account == guard.account
+    assert spent.balance_before is not None
+    assert spent.balance_before.total_balance == 10
+    assert spent.balance_after is not None
+    assert spent.balance_after.total_balance == 6
+    assert events[2].available == 6
+    assert isinstance(events[2].error, InsufficientCredits)
 
 
 def test_broken_event_hook_does_not_break_the_call(

@@ -88,7 +88,8 @@ def test_after_spending_subscription_first_then_gift() -> None:
     assert (c.subscription_balance, c.gift_balance, c.total_balance) == (0, 30, 30)
     d = c.after_spending(30)
     assert (d.subscription_balance, d.gift_balance, d.total_balance) == (0, 0, 0)
-    assert d.total_amount == b.total_amount and d.reset_at == b.reset_at
+    assert d.total_amount == b.total_amount
+    assert d.reset_at == b.reset_at
     assert b.after_spending(0) == b
 
 
