@@ -2,23 +2,52 @@
 
 Check ``totalBalance`` through a short-TTL cache before a paid action, run it, then refresh
 so the balance reported after spending is accurate. Sync and async (asyncio and trio).
+
+Public names load on first use, so ``import creditguard`` (and the pytest plugin it ships)
+costs next to nothing until the guard is actually used.
 """
 
-from ._client import RetryPolicy, parse_retry_after
-from ._errors import (
-    AuthenticationError,
-    BalanceUnavailable,
-    CreditGuardError,
-    InsecureTransportError,
-    InsufficientCredits,
-    InvalidResponse,
-    RateLimited,
-)
-from ._guard import DEFAULT_BASE_URL, CreditGuard, GuardEvent, Spend, requires_credits
-from ._models import CreditBalance
-from ._state import MemoryBackend, StateBackend
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._client import RetryPolicy, parse_retry_after
+    from ._errors import (
+        AuthenticationError,
+        BalanceUnavailable,
+        CreditGuardError,
+        InsecureTransportError,
+        InsufficientCredits,
+        InvalidResponse,
+        RateLimited,
+    )
+    from ._guard import DEFAULT_BASE_URL, CreditGuard, GuardEvent, Spend, requires_credits
+    from ._models import CreditBalance
+    from ._state import MemoryBackend, StateBackend
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "DEFAULT_BASE_URL": "._guard",
+    "AuthenticationError": "._errors",
+    "BalanceUnavailable": "._errors",
+    "CreditBalance": "._models",
+    "CreditGuard": "._guard",
+    "CreditGuardError": "._errors",
+    "GuardEvent": "._guard",
+    "InsecureTransportError": "._errors",
+    "InsufficientCredits": "._errors",
+    "InvalidResponse": "._errors",
+    "MemoryBackend": "._state",
+    "RateLimited": "._errors",
+    "RetryPolicy": "._client",
+    "Spend": "._guard",
+    "StateBackend": "._state",
+    "parse_retry_after": "._client",
+    "requires_credits": "._guard",
+}
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -40,3 +69,16 @@ __all__ = [
     "parse_retry_after",
     "requires_credits",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'creditguard' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,10 +1,31 @@
 """Test helpers for code that uses creditguard: an offline sandbox of the credits service.
 
 ``FakeLensmor`` is also available as the ``fake_lensmor`` pytest fixture (installed with
-creditguard as a pytest plugin).
+creditguard as a pytest plugin). Names load on first use.
 """
 
-from ._fake import FAULTS, FakeLensmor
-from ._server import serve
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._fake import FAULTS, FakeLensmor
+    from ._server import serve
+
+_EXPORTS = {"FAULTS": "._fake", "FakeLensmor": "._fake", "serve": "._server"}
 
 __all__ = ["FAULTS", "FakeLensmor", "serve"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'creditguard.testing' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
