@@ -37,6 +37,7 @@ BALANCE_PATH = "/external/credits/balance"
 MAX_BODY_BYTES = 64 * 1024
 _MAX_RETRY_AFTER = 1e9  # seconds; anything larger is "much too long" all the same
 _REDACTED = "Bearer [redacted]"
+USER_AGENT = "creditguard (python-httpx)"
 
 
 @dataclass(frozen=True)
@@ -109,29 +110,33 @@ class _Retry(Exception):
 
 
 def _redact(exc: BaseException) -> None:
-    """Scrub the Authorization header from an httpx exception's request (and response)."""
-    if isinstance(exc, (httpx.RequestError, httpx.HTTPStatusError)):
+    """Give an httpx exception a copy of its request without the Authorization header.
+
+    (The request itself is shared by later reads, so it is replaced, not edited.)
+    """
+    if isinstance(exc, httpx.RequestError):
         try:
             request = exc.request
         except RuntimeError:
             return
         if "authorization" in request.headers:
-            request.headers["authorization"] = _REDACTED
+            headers = request.headers.copy()
+            headers["authorization"] = _REDACTED
+            exc.request = httpx.Request(request.method, request.url, headers=headers)
 
 
 class _Attempts:
     """Bookkeeping of one read's attempts and time budget (no I/O, no waiting)."""
 
-    __slots__ = ("_deadline", "_made", "_policy")
+    __slots__ = ("_deadline", "_policy", "made")
 
     def __init__(self, policy: RetryPolicy) -> None:
         self._policy = policy
         self._deadline = time.monotonic() + policy.deadline
-        self._made = 0
+        self.made = 0
 
-    def timeout(self, configured: httpx.Timeout) -> httpx.Timeout:
-        """The request timeout for the next attempt: capped by what is left of the deadline."""
-        self._made += 1
+    def capped(self, configured: httpx.Timeout) -> httpx.Timeout:
+        """The configured timeouts, capped by what is left of the deadline."""
         left = max(0.001, self._deadline - time.monotonic())
         return httpx.Timeout(
             connect=_cap(configured.connect, left),
@@ -147,15 +152,15 @@ class _Attempts:
         """Seconds to wait before the next attempt, or raise the final error."""
         left = self.remaining()
         if retry.retry_after is not None:
-            if retry.retry_after > left or self._made >= self._policy.attempts:
+            if retry.retry_after > left or self.made >= self._policy.attempts:
                 raise RateLimited(
                     f"rate limited by the credits service; retry after {retry.retry_after:g}s",
                     retry_after=retry.retry_after,
                 ) from retry.cause
             return retry.retry_after
-        if self._made >= self._policy.attempts or left <= 0:
+        if self.made >= self._policy.attempts or left <= 0:
             raise retry.error from retry.cause
-        exp = min(self._policy.backoff_max, self._policy.backoff * (2 ** (self._made - 1)))
+        exp = min(self._policy.backoff_max, self._policy.backoff * (2 ** (self.made - 1)))
         wait = random.uniform(0, exp)
         if wait >= left:
             raise retry.error from retry.cause
@@ -169,12 +174,40 @@ def _cap(value: float | None, left: float) -> float:
 class _Reader:
     """What both clients share: the request, the body limit and the response mapping."""
 
-    __slots__ = ("policy", "timeout", "url")
+    __slots__ = ("_fits", "policy", "timeout", "url")
 
     def __init__(self, base_url: str, timeout: httpx.Timeout, policy: RetryPolicy) -> None:
-        self.url = base_url.rstrip("/") + BALANCE_PATH
+        self.url = httpx.URL(base_url.rstrip("/") + BALANCE_PATH)
         self.timeout = timeout
         self.policy = policy
+        # When every phase's timeout fits in the retry deadline, a first attempt can use
+        # the configured timeouts as they are (and a request built once per key).
+        limits = [t for t in timeout.as_dict().values() if t is not None]
+        self._fits = len(limits) == 4 and max(limits) <= policy.deadline
+
+    def build(self, api_key: str) -> httpx.Request:
+        """The balance request for one key, built once and sent as often as needed."""
+        return httpx.Request(
+            "GET",
+            self.url,
+            headers={
+                "Authorization": f"Bearer {api_key}",
+                "Accept": "application/json",
+                "User-Agent": USER_AGENT,
+            },
+            extensions={"timeout": self.timeout.as_dict()},
+        )
+
+    def for_attempt(self, request: httpx.Request, attempts: _Attempts) -> httpx.Request:
+        """``request`` itself, or a copy whose timeouts are capped by the time left."""
+        first = attempts.made == 0
+        attempts.made += 1
+        if first and self._fits:
+            return request
+        capped = attempts.capped(self.timeout)
+        return httpx.Request(
+            "GET", request.url, headers=request.headers, extensions={"timeout": capped.as_dict()}
+        )
 
     @staticmethod
     def check_status(response: httpx.Response) -> None:
@@ -222,11 +255,10 @@ class _Reader:
         return _Retry(BalanceUnavailable(message), cause=exc)
 
 
-def _raise_unexpected(exc: BaseException) -> NoReturn:
-    if isinstance(exc, httpx.HTTPError):
-        _redact(exc)
-        raise BalanceUnavailable(f"balance read failed ({type(exc).__name__})") from exc
-    raise exc
+def _raise_unexpected(exc: httpx.HTTPError) -> NoReturn:
+    """Other httpx errors (e.g. a body that fails to decode): not the documented answer."""
+    _redact(exc)
+    raise InvalidResponse(f"balance read failed ({type(exc).__name__})") from exc
 
 
 class BalanceClient:
@@ -266,33 +298,35 @@ class BalanceClient:
                 client = self._client
         return client
 
-    def read(self, headers: dict[str, str]) -> CreditBalance:
+    def read(self, request: httpx.Request) -> CreditBalance:
+        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying."""
         attempts = _Attempts(self._reader.policy)
         while True:
             try:
-                return self._attempt(attempts, headers)
+                return self._attempt(attempts, request)
             except _Retry as retry:
                 wait = attempts.delay(retry)
             time.sleep(wait)
 
-    def _attempt(self, attempts: _Attempts, headers: dict[str, str]) -> CreditBalance:
+    def _attempt(self, attempts: _Attempts, request: httpx.Request) -> CreditBalance:
         reader = self._reader
         client = self._get_client()
+        body = bytearray()
         try:
-            with client.stream(
-                "GET", reader.url, headers=headers, timeout=attempts.timeout(reader.timeout)
-            ) as response:
+            response = client.send(reader.for_attempt(request, attempts), stream=True)
+            try:
                 reader.check_status(response)
-                body = bytearray()
                 for chunk in response.iter_bytes():
                     reader.add_chunk(body, chunk)
                     if attempts.remaining() <= 0:
                         raise httpx.ReadTimeout("balance read exceeded its deadline")
+            finally:
+                response.close()
         except httpx.TransportError as exc:
             raise reader.transport_error(exc) from None
         except (CreditGuardError, _Retry):
             raise
-        except httpx.HTTPError as exc:  # pragma: no cover - defensive
+        except httpx.HTTPError as exc:
             _raise_unexpected(exc)
         return reader.parse(body)
 
@@ -347,37 +381,36 @@ class AsyncBalanceClient:
                 client = self._clients.setdefault(loop, client)
         return client
 
-    async def read(self, headers: dict[str, str]) -> CreditBalance:
+    async def read(self, request: httpx.Request) -> CreditBalance:
+        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying."""
         attempts = _Attempts(self._reader.policy)
         while True:
             try:
-                return await self._attempt(attempts, headers)
+                return await self._attempt(attempts, request)
             except _Retry as retry:
                 wait = attempts.delay(retry)
             await anyio.sleep(wait)
 
-    async def _attempt(self, attempts: _Attempts, headers: dict[str, str]) -> CreditBalance:
+    async def _attempt(self, attempts: _Attempts, request: httpx.Request) -> CreditBalance:
         reader = self._reader
         client = self._get_client()
         body = bytearray()
         try:
             with anyio.fail_after(max(0.001, attempts.remaining())):
-                async with client.stream(
-                    "GET",
-                    reader.url,
-                    headers=headers,
-                    timeout=attempts.timeout(reader.timeout),
-                ) as response:
+                response = await client.send(reader.for_attempt(request, attempts), stream=True)
+                try:
                     reader.check_status(response)
                     async for chunk in response.aiter_bytes():
                         reader.add_chunk(body, chunk)
+                finally:
+                    await response.aclose()
         except TimeoutError:
             raise reader.transport_error(httpx.ReadTimeout("deadline exceeded")) from None
         except httpx.TransportError as exc:
             raise reader.transport_error(exc) from None
         except (CreditGuardError, _Retry):
             raise
-        except httpx.HTTPError as exc:  # pragma: no cover - defensive
+        except httpx.HTTPError as exc:
             _raise_unexpected(exc)
         return reader.parse(body)
 

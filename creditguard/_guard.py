@@ -116,7 +116,16 @@ def _check_key(api_key: str | None) -> str:
 class _Shared:
     """What every view of one guard shares: configuration, HTTP clients, state backend."""
 
-    __slots__ = ("aclient", "backend", "base_url", "client", "on_event", "on_unavailable", "ttl")
+    __slots__ = (
+        "aclient",
+        "backend",
+        "base_url",
+        "client",
+        "on_event",
+        "on_unavailable",
+        "reader",
+        "ttl",
+    )
 
     def __init__(
         self,
@@ -126,10 +135,12 @@ class _Shared:
         on_unavailable: OnUnavailable,
         on_event: Callable[[GuardEvent], None] | None,
         backend: StateBackend,
+        reader: _Reader,
         client: BalanceClient,
         aclient: AsyncBalanceClient,
     ) -> None:
         self.base_url = base_url
+        self.reader = reader
         self.ttl = ttl
         self.on_unavailable = on_unavailable
         self.on_event = on_event
@@ -153,7 +164,7 @@ class CreditGuard:
     and refresh failure.
     """
 
-    __slots__ = ("_account", "_headers", "_owner", "_shared", "_spend_seq")
+    __slots__ = ("_account", "_owner", "_request", "_shared")
 
     def __init__(
         self,
@@ -163,7 +174,7 @@ class CreditGuard:
         ttl: float = 5.0,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         on_unavailable: OnUnavailable = "deny",
-        timeout: float | httpx.Timeout = 5.0,
+        timeout: float | httpx.Timeout = 3.0,
         retry: RetryPolicy | None = None,
         backend: StateBackend | None = None,
         on_event: Callable[[GuardEvent], None] | None = None,
@@ -195,6 +206,7 @@ class CreditGuard:
             on_unavailable=on_unavailable,
             on_event=on_event,
             backend=backend if backend is not None else MemoryBackend(),
+            reader=reader,
             client=BalanceClient(
                 reader,
                 transport=sync_transport,
@@ -213,7 +225,7 @@ class CreditGuard:
 
     def _bind(self, key: str) -> None:
         shared = self._shared
-        self._headers = {"Authorization": f"Bearer {key}"}
+        self._request = shared.reader.build(key)
         self._account: Account = shared.backend.account(_fingerprint(shared.base_url, key))
 
     def for_key(self, api_key: str) -> CreditGuard:
@@ -280,14 +292,14 @@ class CreditGuard:
         """Perform or wait for ``flight``; return the read whose outcome to look at."""
         if not lead:
             if flight.thread != threading.get_ident():
-                flight.wait()
+                flight.wait(self._account.lock)
                 return flight
             # The read is led by a task of the event loop this thread is blocking:
             # waiting would deadlock, so read on our own.
             flight = self._account.private_flight()
         account = self._account
         try:
-            result = self._shared.client.read(self._headers)
+            result = self._shared.client.read(self._request)
         except Exception as exc:
             account.complete(flight, error=exc)
             raise
@@ -303,7 +315,7 @@ class CreditGuard:
             await flight.await_done(account.lock)
             return flight
         try:
-            result = await self._shared.aclient.read(self._headers)
+            result = await self._shared.aclient.read(self._request)
         except Exception as exc:
             account.complete(flight, error=exc)
             raise

@@ -48,20 +48,28 @@ _get_ident = threading.get_ident
 class Flight:
     """One upstream balance read that any number of callers may wait on."""
 
-    __slots__ = ("_callbacks", "abandoned", "done", "error", "result", "start_seq", "thread")
+    __slots__ = ("_callbacks", "_event", "abandoned", "error", "result", "start_seq", "thread")
 
     def __init__(self, start_seq: int) -> None:
         self.start_seq = start_seq
         self.thread = _get_ident()
-        self.done = threading.Event()
         self.result: CreditBalance | None = None
         self.error: BaseException | None = None
         self.abandoned = False
+        # Waiters register here; None once the read has finished.
         self._callbacks: list[Callable[[], None]] | None = []
+        # Made only when a thread waits (most reads have no sync waiter).
+        self._event: threading.Event | None = None
 
-    def wait(self) -> None:
+    def wait(self, lock: threading.Lock) -> None:
         """Block this thread until the read finished (or was abandoned)."""
-        self.done.wait()
+        with lock:
+            if self._callbacks is None:
+                return
+            event = self._event
+            if event is None:
+                event = self._event = threading.Event()
+        event.wait()
 
     async def await_done(self, lock: threading.Lock) -> None:
         """Wait in the current task; the leader may be a thread or a task of another loop."""
@@ -93,6 +101,9 @@ class Flight:
         """Under the account lock: mark finished and hand back the waiters to notify."""
         callbacks = self._callbacks or []
         self._callbacks = None
+        event = self._event
+        if event is not None:
+            callbacks.append(event.set)
         return callbacks
 
 
@@ -189,7 +200,6 @@ class Account:
             else:
                 flight.abandoned = True
             callbacks = flight._finish()
-        flight.done.set()
         for notify in callbacks:
             notify()
 

@@ -186,12 +186,12 @@ def _count_sync_waiters(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None
     cond = threading.Condition()
     original = Flight.wait
 
-    def counting_wait(self: Flight) -> None:
+    def counting_wait(self: Flight, lock: threading.Lock) -> None:
         nonlocal waiting
         with cond:
             waiting += 1
             cond.notify_all()
-        original(self)
+        original(self, lock)
 
     monkeypatch.setattr(Flight, "wait", counting_wait)
 
