@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 
 import anyio
 import anyio.lowlevel
+import cachetools
 import httpx
 
 from ._errors import (
@@ -171,22 +172,54 @@ def _cap(value: float | None, left: float) -> float:
     return left if value is None else min(value, left)
 
 
+class Secret:
+    """An API key that does not show itself: its repr and str are redacted."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("an API key is not pickled")
+
+
 class _Reader:
     """What both clients share: the request, the body limit and the response mapping."""
 
-    __slots__ = ("_fits", "policy", "timeout", "url")
+    __slots__ = ("_fits", "_lock", "_requests", "policy", "timeout", "url")
 
     def __init__(self, base_url: str, timeout: httpx.Timeout, policy: RetryPolicy) -> None:
         self.url = httpx.URL(base_url.rstrip("/") + BALANCE_PATH)
         self.timeout = timeout
         self.policy = policy
+        # Requests are built once per account and reused; a bounded cache keeps memory
+        # flat when a process serves many keys.
+        self._requests: cachetools.LRUCache[str, httpx.Request] = cachetools.LRUCache(1024)
+        self._lock = threading.Lock()
         # When every phase's timeout fits in the retry deadline, a first attempt can use
         # the configured timeouts as they are (and a request built once per key).
         limits = [t for t in timeout.as_dict().values() if t is not None]
         self._fits = len(limits) == 4 and max(limits) <= policy.deadline
 
+    def request(self, account: str, api_key: Secret) -> httpx.Request:
+        """The balance request of ``account``, built on first use and then reused."""
+        with self._lock:
+            request = self._requests.get(account)
+            if request is None:
+                request = self._requests[account] = self.build(api_key.reveal())
+        return request
+
     def build(self, api_key: str) -> httpx.Request:
-        """The balance request for one key, built once and sent as often as needed."""
+        """The balance request for one key."""
         return httpx.Request(
             "GET",
             self.url,

@@ -21,7 +21,7 @@ from typing import Any, Literal, ParamSpec, TypeVar, cast
 
 import httpx
 
-from ._client import AsyncBalanceClient, BalanceClient, RetryPolicy, _Reader
+from ._client import AsyncBalanceClient, BalanceClient, RetryPolicy, Secret, _Reader
 from ._errors import (
     BalanceUnavailable,
     CreditGuardError,
@@ -164,7 +164,7 @@ class CreditGuard:
     and refresh failure.
     """
 
-    __slots__ = ("_account", "_owner", "_request", "_shared")
+    __slots__ = ("_account", "_key", "_owner", "_shared")
 
     def __init__(
         self,
@@ -225,7 +225,7 @@ class CreditGuard:
 
     def _bind(self, key: str) -> None:
         shared = self._shared
-        self._request = shared.reader.build(key)
+        self._key = Secret(key)
         self._account: Account = shared.backend.account(_fingerprint(shared.base_url, key))
 
     def for_key(self, api_key: str) -> CreditGuard:
@@ -288,6 +288,9 @@ class CreditGuard:
 
     # -- the two I/O edges -------------------------------------------------------------
 
+    def _balance_request(self) -> httpx.Request:
+        return self._shared.reader.request(self._account.fingerprint, self._key)
+
     def _io_sync(self, flight: Flight, lead: bool) -> Flight:
         """Perform or wait for ``flight``; return the read whose outcome to look at."""
         if not lead:
@@ -299,7 +302,7 @@ class CreditGuard:
             flight = self._account.private_flight()
         account = self._account
         try:
-            result = self._shared.client.read(self._request)
+            result = self._shared.client.read(self._balance_request())
         except Exception as exc:
             account.complete(flight, error=exc)
             raise
@@ -315,7 +318,7 @@ class CreditGuard:
             await flight.await_done(account.lock)
             return flight
         try:
-            result = await self._shared.aclient.read(self._request)
+            result = await self._shared.aclient.read(self._balance_request())
         except Exception as exc:
             account.complete(flight, error=exc)
             raise
