@@ -310,7 +310,18 @@ class CreditGuard:
             account.complete(flight)
             raise
         account.complete(flight, result=result)
+        self._log_read(result)
         return flight
+
+    def _log_read(self, balance: CreditBalance) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "read the balance of %s: %d total (%d subscription, %d gift)",
+                self._account.fingerprint,
+                balance.total_balance,
+                balance.subscription_balance,
+                balance.gift_balance,
+            )
 
     async def _io_async(self, flight: Flight, lead: bool) -> Flight:
         account = self._account
@@ -326,6 +337,7 @@ class CreditGuard:
             account.complete(flight)  # abandoned: a waiter becomes the next leader
             raise
         account.complete(flight, result=result)
+        self._log_read(result)
         return flight
 
     def _settle_sync(self, after: int) -> CreditBalance:
@@ -461,6 +473,14 @@ class CreditGuard:
 
     def _spent(self, spend: Spend, balance: CreditBalance) -> None:
         spend.balance_after = balance
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "spent %d credits on %s: %s -> %d",
+                spend.cost,
+                self._account.fingerprint,
+                "unchecked" if spend.balance_before is None else spend.balance_before.total_balance,
+                balance.total_balance,
+            )
         if self._shared.on_event is not None:
             self._emit("spent", spend.cost, spend.balance_before, balance)
 

@@ -496,3 +496,22 @@ def test_spend_repr_and_types(guard: CreditGuard) -> None:
     spend = guard.spend(3)
     assert isinstance(spend, Spend)
     assert "cost=3" in repr(spend)
+
+
+def test_debug_logs_name_the_account_never_the_key(caplog: pytest.LogCaptureFixture) -> None:
+    key = "sk-live-very-secret-0001"
+    fake = FakeLensmor(api_key=key)
+    guard = CreditGuard(key, transport=fake.transport)
+    with caplog.at_level(logging.DEBUG, logger="creditguard"):
+        with guard.spend(5):
+            fake.charge(5)
+        with pytest.raises(InsufficientCredits), guard.spend(10**9):
+            pass
+        guard.for_key("another-key-0002").invalidate()
+    assert "read the balance of" in caplog.text
+    assert "spent 5 credits" in caplog.text
+    assert guard.account in caplog.text
+    assert key not in caplog.text
+    assert key not in repr(guard)
+    assert key not in repr(guard._key)
+    assert key not in repr(guard._account)
