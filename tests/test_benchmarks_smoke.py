@@ -1,0 +1,129 @@
+"""Smoke test of the benchmark harness (``benchmarks/run.py --smoke``).
+
+It checks that the harness runs every scenario and writes the documented JSON shape.
+It never looks at how fast anything was: timings are not asserted here or anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+SCENARIOS = {
+    "overhead_sync",
+    "overhead_async",
+    "reads_per_call",
+    "e2e_throughput",
+    "memory_10k_keys",
+}
+GUARDED = ("naive", "cachetools", "creditguard")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--json", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text(encoding="utf-8")), proc.stdout
+
+
+def _load_plot() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench_plot", BENCHMARKS / "plot.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_json_shape(smoke: tuple[dict[str, Any], str]) -> None:
+    data, _ = smoke
+    assert isinstance(data["machine"], dict)
+    assert data["machine"]["python"]
+    assert set(data["scenarios"]) >= SCENARIOS
+    for scenario, variants in data["scenarios"].items():
+        assert variants, scenario
+        for variant, entry in variants.items():
+            where = f"{scenario}/{variant}"
+            for stat in ("median", "min", "max"):
+                assert isinstance(entry[stat], float | int), where
+                assert math.isfinite(entry[stat]), where
+            assert entry["min"] <= entry["median"] <= entry["max"], where
+            assert isinstance(entry["unit"], str), where
+            assert entry["unit"], where
+            assert entry["rounds"] >= 2, where
+
+
+def test_variants_named_as_documented(smoke: tuple[dict[str, Any], str]) -> None:
+    scenarios = smoke[0]["scenarios"]
+    for name in ("overhead_sync", "overhead_async"):
+        expected = {"bare", "naive", "cachetools", "creditguard", "http_read"}
+        assert expected | {"creditguard_logic"} <= set(scenarios[name])
+    reads = scenarios["reads_per_call"]
+    for variant in GUARDED:
+        for level in ("async1", "async10", "async100", "async1000"):
+            assert f"{variant}@{level}" in reads
+        for level in ("threads1", "threads8", "threads32"):
+            assert f"{variant}@{level}" in reads
+    e2e = scenarios["e2e_throughput"]
+    for variant in ("bare", "naive", "creditguard"):
+        assert f"{variant}@async100" in e2e
+        assert any(name.startswith(f"{variant}@threads") for name in e2e)
+    assert "creditguard" in scenarios["memory_10k_keys"]
+
+
+def test_units(smoke: tuple[dict[str, Any], str]) -> None:
+    scenarios = smoke[0]["scenarios"]
+    assert {e["unit"] for e in scenarios["overhead_sync"].values()} == {"us/call"}
+    assert {e["unit"] for e in scenarios["reads_per_call"].values()} == {"reads/call"}
+    assert {e["unit"] for e in scenarios["e2e_throughput"].values()} == {"calls/s"}
+    assert {e["unit"] for e in scenarios["memory_10k_keys"].values()} == {"bytes/key"}
+
+
+def test_the_harness_counts_reads(smoke: tuple[dict[str, Any], str]) -> None:
+    """The hand-written naive guard reads twice per call by construction: a check of the
+    harness's counting, not of anyone's speed."""
+    reads = smoke[0]["scenarios"]["reads_per_call"]
+    naive = {name: e for name, e in reads.items() if name.startswith("naive@")}
+    assert naive
+    for entry in naive.values():
+        assert entry["min"] == entry["max"] == 2.0
+    assert smoke[0]["scenarios"]["overhead_sync"]["naive"]["reads_per_call"] == 2.0
+
+
+def test_table_printed(smoke: tuple[dict[str, Any], str]) -> None:
+    _, stdout = smoke
+    for scenario in SCENARIOS:
+        assert scenario in stdout
+    assert "creditguard@async1000" in stdout
+
+
+def test_plot_reads_the_json(smoke: tuple[dict[str, Any], str]) -> None:
+    """The chart's data extraction (matplotlib itself is only in the ``bench`` extra)."""
+    plot = _load_plot()
+    data = smoke[0]
+    reads = plot.reads_series(data)
+    assert [p[0] for p in reads["creditguard"]["async"]] == [1, 10, 100, 1000]
+    assert [p[0] for p in reads["naive"]["threads"]] == [1, 8, 32]
+    overhead = plot.overhead_series(data)
+    assert [row[0] for row in overhead["overhead_sync"]][:1] == ["bare"]
+    assert "creditguard_logic" in [row[0] for row in overhead["overhead_async"]]
+    assert "async100" in plot.throughput_series(data)
