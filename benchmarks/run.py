@@ -107,7 +107,7 @@ class Settings:
 MODES: dict[str, Settings] = {
     "full": Settings(
         "full",
-        rounds=7,
+        rounds=5,
         overhead_calls=5000,
         rpc_calls=2000,
         rpc_min_per_worker=3,
