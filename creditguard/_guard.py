@@ -15,7 +15,7 @@ import ipaddress
 import logging
 import os
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, TypeVar, cast
 
@@ -35,6 +35,10 @@ __all__ = ["DEFAULT_BASE_URL", "CreditGuard", "GuardEvent", "Spend", "requires_c
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
+
+# An operation on the account state: yields the reads it needs, is sent their flights.
+_Steps = Generator[tuple[Flight, bool], Flight, T]
 
 DEFAULT_BASE_URL = "https://platform.lensmor.com"
 logger = logging.getLogger("creditguard")
@@ -260,33 +264,117 @@ class CreditGuard:
 
     def balance(self, *, refresh: bool = False) -> CreditBalance:
         """The account's balance through the TTL cache (``refresh=True`` reads it anew)."""
-        account = self._account
-        if refresh:
-            return self._settle_sync(account.bump())
-        flight: Flight | None = None
-        while True:
-            step = account.read_step(self._shared.ttl, flight)
-            if isinstance(step, CreditBalance):
-                return step
-            flight = self._io_sync(*step)
+        return self._drive(self._read(refresh))
 
     async def abalance(self, *, refresh: bool = False) -> CreditBalance:
         """Async :meth:`balance`: the same cache, read with ``httpx.AsyncClient``."""
-        account = self._account
-        if refresh:
-            return await self._settle_async(account.bump())
-        flight: Flight | None = None
-        while True:
-            step = account.read_step(self._shared.ttl, flight)
-            if isinstance(step, CreditBalance):
-                return step
-            flight = await self._io_async(*step)
+        return await self._adrive(self._read(refresh))
 
     def invalidate(self) -> None:
         """Forget the cached balance; reads already in flight will not be trusted."""
         self._account.invalidate()
 
+    # -- the logic, once ---------------------------------------------------------------
+    #
+    # Each operation is a generator over the account state. It yields ``(flight, lead)``
+    # when it needs a balance read performed or awaited, and is sent back the flight
+    # whose outcome to look at (or has the read's exception thrown in). ``_drive`` runs
+    # one from sync code, ``_adrive`` from async code: they are the only difference.
+
+    def _read(self, refresh: bool) -> _Steps[CreditBalance]:
+        account = self._account
+        if refresh:
+            return (yield from self._settle(account.bump()))
+        flight: Flight | None = None
+        while True:
+            step = account.read_step(self._shared.ttl, flight)
+            if isinstance(step, CreditBalance):
+                return step
+            flight = yield step
+
+    def _settle(self, after: int) -> _Steps[CreditBalance]:
+        """A balance read that started at or after ``after``."""
+        account = self._account
+        flight: Flight | None = None
+        while True:
+            step = account.settle_step(after, flight)
+            if isinstance(step, CreditBalance):
+                return step
+            flight = yield step
+
+    def _admit(self, spend: Spend) -> _Steps[None]:
+        account = self._account
+        cost = spend.cost
+        ttl = self._shared.ttl
+        try:
+            balance = account.try_admit(cost, ttl)
+            flight: Flight | None = None
+            while balance is None:
+                step = account.admit_step(cost, ttl, flight)
+                if isinstance(step, CreditBalance):
+                    balance = step
+                else:
+                    flight = yield step
+        except InsufficientCredits as exc:
+            self._denied(exc)
+            raise
+        except BalanceUnavailable as exc:
+            self._unavailable(spend, exc)
+            return
+        spend.balance_before = balance
+        if self._shared.on_event is not None:
+            self._emit("admitted", cost, balance)
+
+    def _exit(self, spend: Spend, exc: BaseException | None) -> _Steps[None]:
+        account = self._account
+        if exc is not None:
+            account.release_invalidate(spend.cost)
+            self._failed(spend, exc)
+            return
+        after = account.bump()
+        try:
+            balance = yield from self._settle(after)
+        except Exception as error:
+            account.release_invalidate(spend.cost)
+            self._refresh_failed(spend, error)
+            return
+        except BaseException:
+            account.release_invalidate(spend.cost)
+            raise
+        account.release(spend.cost, after)
+        self._spent(spend, balance)
+
     # -- the two I/O edges -------------------------------------------------------------
+
+    def _drive(self, steps: _Steps[T]) -> T:
+        """Run an operation from sync code: reads with httpx.Client, waits on a thread event."""
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    flight = self._io_sync(*step)
+                except BaseException as exc:
+                    step = steps.throw(exc)
+                else:
+                    step = steps.send(flight)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
+
+    async def _adrive(self, steps: _Steps[T]) -> T:
+        """Run an operation from async code: httpx.AsyncClient, an event of this loop."""
+        try:
+            step = next(steps)
+            while True:
+                try:
+                    flight = await self._io_async(*step)
+                except BaseException as exc:
+                    step = steps.throw(exc)
+                else:
+                    step = steps.send(flight)
+        except StopIteration as stop:
+            result: T = stop.value
+            return result
 
     def _balance_request(self) -> httpx.Request:
         return self._shared.reader.request(self._account.fingerprint, self._key)
@@ -313,16 +401,6 @@ class CreditGuard:
         self._log_read(result)
         return flight
 
-    def _log_read(self, balance: CreditBalance) -> None:
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "read the balance of %s: %d total (%d subscription, %d gift)",
-                self._account.fingerprint,
-                balance.total_balance,
-                balance.subscription_balance,
-                balance.gift_balance,
-            )
-
     async def _io_async(self, flight: Flight, lead: bool) -> Flight:
         account = self._account
         if not lead:
@@ -340,71 +418,17 @@ class CreditGuard:
         self._log_read(result)
         return flight
 
-    def _settle_sync(self, after: int) -> CreditBalance:
-        account = self._account
-        flight: Flight | None = None
-        while True:
-            step = account.settle_step(after, flight)
-            if isinstance(step, CreditBalance):
-                return step
-            flight = self._io_sync(*step)
+    def _log_read(self, balance: CreditBalance) -> None:
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "read the balance of %s: %d total (%d subscription, %d gift)",
+                self._account.fingerprint,
+                balance.total_balance,
+                balance.subscription_balance,
+                balance.gift_balance,
+            )
 
-    async def _settle_async(self, after: int) -> CreditBalance:
-        account = self._account
-        flight: Flight | None = None
-        while True:
-            step = account.settle_step(after, flight)
-            if isinstance(step, CreditBalance):
-                return step
-            flight = await self._io_async(*step)
-
-    # -- admission -----------------------------------------------------------------
-
-    def _admit_sync(self, spend: Spend) -> None:
-        account = self._account
-        cost = spend.cost
-        ttl = self._shared.ttl
-        try:
-            balance = account.try_admit(cost, ttl)
-            flight: Flight | None = None
-            while balance is None:
-                step = account.admit_step(cost, ttl, flight)
-                if isinstance(step, CreditBalance):
-                    balance = step
-                else:
-                    flight = self._io_sync(*step)
-        except InsufficientCredits as exc:
-            self._denied(exc)
-            raise
-        except BalanceUnavailable as exc:
-            self._unavailable(spend, exc)
-            return
-        spend.balance_before = balance
-        if self._shared.on_event is not None:
-            self._emit("admitted", cost, balance)
-
-    async def _admit_async(self, spend: Spend) -> None:
-        account = self._account
-        cost = spend.cost
-        ttl = self._shared.ttl
-        try:
-            balance = account.try_admit(cost, ttl)
-            flight: Flight | None = None
-            while balance is None:
-                step = account.admit_step(cost, ttl, flight)
-                if isinstance(step, CreditBalance):
-                    balance = step
-                else:
-                    flight = await self._io_async(*step)
-        except InsufficientCredits as exc:
-            self._denied(exc)
-            raise
-        except BalanceUnavailable as exc:
-            self._unavailable(spend, exc)
-            return
-        spend.balance_before = balance
-        if self._shared.on_event is not None:
-            self._emit("admitted", cost, balance)
+    # -- outcomes ------------------------------------------------------------------
 
     def _denied(self, exc: InsufficientCredits) -> None:
         logger.info(
@@ -430,46 +454,6 @@ class CreditGuard:
         self._account.reserve_unchecked(spend.cost)
         if self._shared.on_event is not None:
             self._emit("unchecked", spend.cost, error=exc)
-
-    # -- settling ------------------------------------------------------------------
-
-    def _exit_sync(self, spend: Spend, exc: BaseException | None) -> None:
-        account = self._account
-        if exc is not None:
-            account.release_invalidate(spend.cost)
-            self._failed(spend, exc)
-            return
-        after = account.bump()
-        try:
-            balance = self._settle_sync(after)
-        except Exception as error:
-            account.release_invalidate(spend.cost)
-            self._refresh_failed(spend, error)
-            return
-        except BaseException:
-            account.release_invalidate(spend.cost)
-            raise
-        account.release(spend.cost, after)
-        self._spent(spend, balance)
-
-    async def _exit_async(self, spend: Spend, exc: BaseException | None) -> None:
-        account = self._account
-        if exc is not None:
-            account.release_invalidate(spend.cost)
-            self._failed(spend, exc)
-            return
-        after = account.bump()
-        try:
-            balance = await self._settle_async(after)
-        except Exception as error:
-            account.release_invalidate(spend.cost)
-            self._refresh_failed(spend, error)
-            return
-        except BaseException:
-            account.release_invalidate(spend.cost)
-            raise
-        account.release(spend.cost, after)
-        self._spent(spend, balance)
 
     def _spent(self, spend: Spend, balance: CreditBalance) -> None:
         spend.balance_after = balance
@@ -587,7 +571,8 @@ class Spend:
 
     def __enter__(self) -> Spend:
         self._enter()
-        self._guard._admit_sync(self)
+        guard = self._guard
+        guard._drive(guard._admit(self))
         return self
 
     def __exit__(
@@ -596,11 +581,13 @@ class Spend:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self._guard._exit_sync(self, exc)
+        guard = self._guard
+        guard._drive(guard._exit(self, exc))
 
     async def __aenter__(self) -> Spend:
         self._enter()
-        await self._guard._admit_async(self)
+        guard = self._guard
+        await guard._adrive(guard._admit(self))
         return self
 
     async def __aexit__(
@@ -609,7 +596,8 @@ class Spend:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self._guard._exit_async(self, exc)
+        guard = self._guard
+        await guard._adrive(guard._exit(self, exc))
 
 
 def _decorator(
