@@ -46,7 +46,9 @@ class RetryPolicy:
     """How one balance read retries.
 
     ``attempts`` bounds the number of requests, ``deadline`` the total seconds spent on
-    one read (every request's timeout is capped by what is left of it). 5xx answers and
+    one read: every retry's timeouts are capped by what is left of it, and a body still
+    arriving past it is abandoned, so one read takes at most about ``deadline`` plus one
+    read timeout (a stalled body is cut by the read timeout). 5xx answers and
     connection errors back off exponentially with full jitter, starting at ``backoff``
     and capped at ``backoff_max``; a 429 waits what its ``Retry-After`` asks, or fails at
     once with :class:`RateLimited` when that is longer than what is left of the deadline.
@@ -429,16 +431,15 @@ class AsyncBalanceClient:
         client = self._get_client()
         body = bytearray()
         try:
-            with anyio.fail_after(max(0.001, attempts.remaining())):
-                response = await client.send(reader.for_attempt(request, attempts), stream=True)
-                try:
-                    reader.check_status(response)
-                    async for chunk in response.aiter_bytes():
-                        reader.add_chunk(body, chunk)
-                finally:
-                    await response.aclose()
-        except TimeoutError:
-            raise reader.transport_error(httpx.ReadTimeout("deadline exceeded")) from None
+            response = await client.send(reader.for_attempt(request, attempts), stream=True)
+            try:
+                reader.check_status(response)
+                async for chunk in response.aiter_bytes():
+                    reader.add_chunk(body, chunk)
+                    if attempts.remaining() <= 0:
+                        raise httpx.ReadTimeout("balance read exceeded its deadline")
+            finally:
+                await response.aclose()
         except httpx.TransportError as exc:
             raise reader.transport_error(exc) from None
         except (CreditGuardError, _Retry):

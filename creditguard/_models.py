@@ -78,6 +78,25 @@ class CreditBalance:
             raise InvalidResponse(
                 f"balance response must be a JSON object, got {type(data).__name__}"
             )
+        try:  # the common, valid case first: six plain non-negative ints and resetAt
+            ta, tb, sa, sb, ga, gb, reset = (
+                data["totalAmount"],
+                data["totalBalance"],
+                data["subscriptionAmount"],
+                data["subscriptionBalance"],
+                data["giftAmount"],
+                data["giftBalance"],
+                data["resetAt"],
+            )
+        except KeyError:
+            pass
+        else:
+            if (
+                type(ta) is type(tb) is type(sa) is type(sb) is type(ga) is type(gb) is int
+                and min(ta, tb, sa, sb, ga, gb) >= 0
+            ):
+                return cls(ta, tb, sa, sb, ga, gb, _reset_at_from_ms(reset))
+        # Something is off: find the first field at fault and say which.
         ints = {attr: _require_int(data, field) for attr, field in _INT_FIELDS}
         if "resetAt" not in data:
             raise InvalidResponse("balance response lacks 'resetAt'")
