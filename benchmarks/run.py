@@ -1016,13 +1016,13 @@ def _cpu_model() -> str | None:
     return platform.processor() or None
 
 
-def _git_commit() -> str | None:
+def _git(*args: str) -> str | None:
     git = shutil.which("git")
     if git is None:
         return None
     try:
         result = subprocess.run(  # noqa: S603 - fixed arguments, no shell
-            [git, "rev-parse", "--short", "HEAD"],
+            [git, *args],
             capture_output=True,
             text=True,
             timeout=10,
@@ -1031,7 +1031,17 @@ def _git_commit() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None
+    return result.stdout if result.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    return (_git("rev-parse", "--short", "HEAD") or "").strip() or None
+
+
+def _library_changes() -> list[str] | None:
+    """Files of the package changed since the commit (what was measured is not HEAD)."""
+    status = _git("status", "--porcelain", "--", "../creditguard")
+    return None if status is None else [line[3:] for line in status.splitlines()]
 
 
 def machine_info() -> dict[str, Any]:
@@ -1049,6 +1059,7 @@ def machine_info() -> dict[str, Any]:
             for dist in ("creditguard", "httpx", "anyio", "trio", "uvicorn", "cachetools")
         },
         "git_commit": _git_commit(),
+        "uncommitted_library_changes": _library_changes(),
     }
 
 
