@@ -183,7 +183,7 @@ def render(data: dict[str, Any], out: Path) -> None:
 
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=80)
+    fig.savefig(out, dpi=80, pil_kwargs={"optimize": True})
     plt.close(fig)
 
 
