@@ -7,6 +7,7 @@ The request, the response parsing, the error mapping and the retry decisions liv
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import json
 import math
@@ -197,7 +198,7 @@ class Secret:
 class _Reader:
     """What both clients share: the request, the body limit and the response mapping."""
 
-    __slots__ = ("_fits", "_lock", "_requests", "policy", "timeout", "url")
+    __slots__ = ("_fits", "_last", "_lock", "_requests", "policy", "timeout", "url")
 
     def __init__(self, base_url: str, timeout: httpx.Timeout, policy: RetryPolicy) -> None:
         self.url = httpx.URL(base_url.rstrip("/") + BALANCE_PATH)
@@ -207,6 +208,7 @@ class _Reader:
         # flat when a process serves many keys.
         self._requests: cachetools.LRUCache[str, httpx.Request] = cachetools.LRUCache(1024)
         self._lock = threading.Lock()
+        self._last: tuple[str, httpx.Request] | None = None  # one-key processes skip the lock
         # When every phase's timeout fits in the retry deadline, a first attempt can use
         # the configured timeouts as they are (and a request built once per key).
         limits = [t for t in timeout.as_dict().values() if t is not None]
@@ -214,10 +216,14 @@ class _Reader:
 
     def request(self, account: str, api_key: Secret) -> httpx.Request:
         """The balance request of ``account``, built on first use and then reused."""
+        last = self._last
+        if last is not None and last[0] == account:
+            return last[1]
         with self._lock:
             request = self._requests.get(account)
             if request is None:
                 request = self._requests[account] = self.build(api_key.reveal())
+        self._last = (account, request)
         return request
 
     def build(self, api_key: str) -> httpx.Request:
@@ -398,7 +404,8 @@ class AsyncBalanceClient:
         self._lock = threading.Lock()
 
     def _get_client(self) -> httpx.AsyncClient:
-        loop = anyio.lowlevel.current_token().native_token
+        # asyncio's running loop is a cheap C call; anything else asks anyio.
+        loop: object = asyncio._get_running_loop() or anyio.lowlevel.current_token().native_token
         client = self._clients.get(loop)
         if client is None:
             if self._missing:

@@ -284,7 +284,7 @@ class CreditGuard:
     def _read(self, refresh: bool) -> _Steps[CreditBalance]:
         account = self._account
         if refresh:
-            return (yield from self._settle(account.bump()))
+            return (yield from self._settle(*account.bump()))
         flight: Flight | None = None
         while True:
             step = account.read_step(self._shared.ttl, flight)
@@ -292,38 +292,55 @@ class CreditGuard:
                 return step
             flight = yield step
 
-    def _settle(self, after: int) -> _Steps[CreditBalance]:
-        """A balance read that started at or after ``after``."""
+    def _settle(self, after: int, step: tuple[Flight, bool]) -> _Steps[CreditBalance]:
+        """A balance read that started at or after ``after``; ``step`` is the first read
+        to wait on or perform."""
         account = self._account
-        flight: Flight | None = None
         while True:
-            step = account.settle_step(after, flight)
-            if isinstance(step, CreditBalance):
-                return step
             flight = yield step
+            # A finished flight's fields no longer change: no lock needed to look.
+            if flight.result is not None and flight.start_seq >= after:
+                return flight.result
+            next_step = account.settle_step(after, flight)
+            if isinstance(next_step, CreditBalance):
+                return next_step
+            step = next_step
+
+    def _admit_cached(self, spend: Spend) -> bool:
+        """The warm path, no generator: admit on a fresh cached balance if there is one."""
+        try:
+            balance = self._account.try_admit(spend.cost, self._shared.ttl)
+        except InsufficientCredits as exc:
+            self._denied(exc)
+            raise
+        if balance is None:
+            return False
+        self._admitted(spend, balance)
+        return True
 
     def _admit(self, spend: Spend) -> _Steps[None]:
         account = self._account
         cost = spend.cost
         ttl = self._shared.ttl
+        flight: Flight | None = None
         try:
-            balance = account.try_admit(cost, ttl)
-            flight: Flight | None = None
-            while balance is None:
+            while True:
                 step = account.admit_step(cost, ttl, flight)
                 if isinstance(step, CreditBalance):
-                    balance = step
-                else:
-                    flight = yield step
+                    break
+                flight = yield step
         except InsufficientCredits as exc:
             self._denied(exc)
             raise
         except BalanceUnavailable as exc:
             self._unavailable(spend, exc)
             return
+        self._admitted(spend, step)
+
+    def _admitted(self, spend: Spend, balance: CreditBalance) -> None:
         spend.balance_before = balance
         if self._shared.on_event is not None:
-            self._emit("admitted", cost, balance)
+            self._emit("admitted", spend.cost, balance)
 
     def _exit(self, spend: Spend, exc: BaseException | None) -> _Steps[None]:
         account = self._account
@@ -331,9 +348,9 @@ class CreditGuard:
             account.release_invalidate(spend.cost)
             self._failed(spend, exc)
             return
-        after = account.bump()
+        after, step = account.bump()
         try:
-            balance = yield from self._settle(after)
+            balance = yield from self._settle(after, step)
         except Exception as error:
             account.release_invalidate(spend.cost)
             self._refresh_failed(spend, error)
@@ -572,7 +589,8 @@ class Spend:
     def __enter__(self) -> Spend:
         self._enter()
         guard = self._guard
-        guard._drive(guard._admit(self))
+        if not guard._admit_cached(self):
+            guard._drive(guard._admit(self))
         return self
 
     def __exit__(
@@ -587,7 +605,8 @@ class Spend:
     async def __aenter__(self) -> Spend:
         self._enter()
         guard = self._guard
-        await guard._adrive(guard._admit(self))
+        if not guard._admit_cached(self):
+            await guard._adrive(guard._admit(self))
         return self
 
     async def __aexit__(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -42,6 +43,12 @@ def _reset_at_from_ms(value: object) -> datetime | None:
         raise InvalidResponse(
             f"'resetAt' must be an integer (ms) or null, got {type(value).__name__}"
         )
+    return _datetime_from_ms(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _datetime_from_ms(value: int) -> datetime:
+    """resetAt changes once per credit period: the same few values come back on every read."""
     if value < 0:
         raise InvalidResponse(f"'resetAt' must not be negative, got {value}")
     try:

@@ -41,6 +41,10 @@ from ._models import CreditBalance
 
 __all__ = ["Account", "Flight", "MemoryBackend", "StateBackend"]
 
+# Balance reads one account may have in progress at once. Two let a caller that needs a
+# read newer than the one in progress start it at once instead of queueing behind it.
+MAX_FLIGHTS = 2
+
 _monotonic = time.monotonic
 _get_ident = threading.get_ident
 
@@ -116,7 +120,7 @@ class Account:
         "cached_at",
         "cached_seq",
         "fingerprint",
-        "flight",
+        "flights",
         "floor",
         "inflight",
         "lock",
@@ -134,7 +138,8 @@ class Account:
         self.cached_at = 0.0
         self.reserved = 0
         self.inflight = 0
-        self.flight: Flight | None = None
+        # Reads in progress, oldest first (at most MAX_FLIGHTS).
+        self.flights: list[Flight] = []
 
     def __repr__(self) -> str:
         return (
@@ -159,17 +164,24 @@ class Account:
             return flight.result
         return None
 
-    def _join_or_lead(self) -> tuple[Flight, bool]:
+    def _join_or_lead(self, after: int) -> tuple[Flight, bool]:
         """Under the lock: the read to wait on, and whether the caller must perform it.
 
-        Reads are sequential per account: a caller that needs a newer read than the
-        one in flight waits for it to end, then joins or leads the next one, so any
-        number of callers that finish together share one refresh.
+        The caller needs a read that started at ``seq >= after``. It joins the newest
+        read in progress if that one started late enough; otherwise it starts a new one,
+        unless ``MAX_FLIGHTS`` are already in progress, in which case it waits for the
+        oldest to end and looks again. So a caller waits at most about two round trips,
+        and any number of callers that finish together share a handful of reads.
         """
-        flight = self.flight
-        if flight is not None:
-            return flight, False
-        flight = self.flight = Flight(self.seq)
+        flights = self.flights
+        if flights:
+            newest = flights[-1]
+            if newest.start_seq >= after:
+                return newest, False
+            if len(flights) >= MAX_FLIGHTS:
+                return flights[0], False
+        flight = Flight(self.seq)
+        flights.append(flight)
         return flight, True
 
     def private_flight(self) -> Flight:
@@ -186,8 +198,8 @@ class Account:
     ) -> None:
         """Record how a read ended (neither result nor error: abandoned) and wake waiters."""
         with self.lock:
-            if self.flight is flight:
-                self.flight = None
+            if flight in self.flights:
+                self.flights.remove(flight)
             if result is not None:
                 flight.result = result
                 start = flight.start_seq
@@ -209,7 +221,7 @@ class Account:
             balance = self._usable(flight, ttl)
             if balance is not None:
                 return balance
-            return self._join_or_lead()
+            return self._join_or_lead(self.floor)
 
     # -- admission -----------------------------------------------------------------
 
@@ -237,7 +249,7 @@ class Account:
         with self.lock:
             balance = self._usable(flight, ttl)
             if balance is None:
-                return self._join_or_lead()
+                return self._join_or_lead(self.floor)
             self._reserve(cost, balance)
             return balance
 
@@ -256,14 +268,16 @@ class Account:
 
     # -- settling ------------------------------------------------------------------
 
-    def bump(self) -> int:
-        """Note that the balance may have changed upstream; return the new ``seq``.
+    def bump(self) -> tuple[int, tuple[Flight, bool]]:
+        """Note that the balance may have changed upstream (an action finished, or a
+        refresh was asked for): return the new ``seq`` and the read to wait on/perform.
 
-        A read that starts from now on has ``start_seq >= `` the returned value.
+        A read that starts from now on has ``start_seq >=`` the returned ``seq``.
         """
         with self.lock:
             self.seq += 1
-            return self.seq
+            after = self.seq
+            return after, self._join_or_lead(after)
 
     def settle_step(self, after: int, flight: Flight | None) -> CreditBalance | tuple[Flight, bool]:
         """A balance read that started at or after ``after``, or the read to wait on/perform."""
@@ -275,7 +289,7 @@ class Account:
                     raise flight.error
             if self.cached is not None and self.cached_seq >= after:
                 return self.cached
-            return self._join_or_lead()
+            return self._join_or_lead(after)
 
     def release(self, cost: int, settled_seq: int) -> None:
         """A spend's refresh came back: drop its reservation."""

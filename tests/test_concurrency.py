@@ -236,7 +236,7 @@ async def test_threads_and_tasks_share_one_request(
                 tg.start_soon(read)  # tasks join the thread's read
             await anyio.to_thread.run_sync(until_waiting, 3)
             await anyio.wait_all_tasks_blocked()
-            assert guard._account.flight is not None
+            assert guard._account.flights
             gate.open()
         assert [f.result().total_balance for f in futures] == [30050] * 4
     assert results == [30050] * 20
@@ -277,7 +277,7 @@ async def test_sync_call_inside_the_loop_does_not_deadlock(fake: FakeLensmor) ->
     async with anyio.create_task_group() as tg:
         tg.start_soon(guard.abalance)  # a task of this loop leads a read...
         await anyio.wait_all_tasks_blocked()
-        assert guard._account.flight is not None
+        assert guard._account.flights
         # ...and blocking sync code on the same loop must not wait for it forever.
         assert guard.balance().total_balance == 30050
     assert (await guard.abalance()).total_balance == 30050
