@@ -1,0 +1,549 @@
+"""The documentation's examples, run as the reader would run them, so the docs cannot rot.
+
+Conventions the pages under ``docs/`` follow (see ``RUNNABLE_PAGES``):
+
+* every untitled ```` ```python ```` block of a page runs, in page order, in one namespace
+  per page, against the sandbox served over loopback HTTP with ``LENSMOR_BASE_URL`` and
+  ``LENSMOR_API_KEY`` set, exactly as the tutorial tells the reader to do. The sandbox is
+  started with the arguments of the page's ``creditguard sandbox ...`` command, if it shows
+  one. Pages that call ``anyio.run`` run once on asyncio and once on trio;
+* a ```` ```text title="Output" ```` block right after a python block is what that block
+  prints (the sandbox's address is written ``http://127.0.0.1:8787``);
+* ```` ```python title="test_....py" ```` (and ``conftest.py``) blocks are files: they are
+  written to a temporary directory and run with pytest, and every test must pass;
+* a ```` ```console ```` block starting with ``$ creditguard balance`` or ``$ creditguard
+  demo`` is run against the sandbox and its output compared.
+
+The reference page is checked for coverage: every public name, method and parameter is
+documented, with the defaults the code has.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import dataclasses
+import functools
+import inspect
+import io
+import os
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+import creditguard
+import creditguard.testing
+from creditguard import (
+    AuthenticationError,
+    BalanceUnavailable,
+    CreditBalance,
+    CreditGuard,
+    GuardEvent,
+    InsufficientCredits,
+    MemoryBackend,
+    RetryPolicy,
+)
+from creditguard._cli import build_parser, main
+from creditguard.testing import FakeLensmor, serve
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+RUNNABLE_PAGES = (
+    "index.md",
+    "tutorial.md",
+    "howto/sync.md",
+    "howto/async.md",
+    "howto/many-keys.md",
+    "howto/testing.md",
+)
+SHOWN_URL = "http://127.0.0.1:8787"
+
+
+# -- reading the pages -----------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Block:
+    lang: str
+    title: str | None
+    code: str
+    line: int
+
+
+_FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})(?P<info>[^`]*)$")
+_TITLE = re.compile(r'title="(?P<title>[^"]*)"')
+
+
+def blocks(page: str) -> list[Block]:
+    """The fenced code blocks of a page, in order (blocks nested in admonitions or tabs
+    included, dedented)."""
+    path = DOCS / page
+    if not path.exists():  # reported by test_page_examples_run, not at collection
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    found: list[Block] = []
+    i = 0
+    while i < len(lines):
+        match = _FENCE.match(lines[i])
+        if match is None:
+            i += 1
+            continue
+        indent, fence, info = match["indent"], match["fence"], match["info"].strip()
+        start = i + 1
+        body: list[str] = []
+        i += 1
+        while i < len(lines) and lines[i].strip() != fence:
+            body.append(lines[i][len(indent) :] if lines[i].startswith(indent) else lines[i])
+            i += 1
+        i += 1
+        title = _TITLE.search(info)
+        lang = info.split()[0] if info else ""
+        found.append(Block(lang, title["title"] if title else None, "\n".join(body) + "\n", start))
+    return found
+
+
+def sandbox_args(page_blocks: list[Block]) -> Any:
+    """The arguments of the page's ``creditguard sandbox`` command (defaults if none)."""
+    for block in page_blocks:
+        if block.lang not in ("bash", "console", "shell"):
+            continue
+        for line in block.code.splitlines():
+            words = shlex.split(line.removeprefix("$ "), comments=True)
+            if words[:2] == ["creditguard", "sandbox"]:
+                return build_parser().parse_args(words[1:])
+    return build_parser().parse_args(["sandbox"])
+
+
+def _uses_anyio_run(page: str) -> bool:
+    return any("anyio.run(" in b.code for b in blocks(page) if b.lang == "python")
+
+
+def _page_params() -> list[Any]:
+    params = []
+    for page in RUNNABLE_PAGES:
+        backends = ("asyncio", "trio") if _uses_anyio_run(page) else ("asyncio",)
+        params += [pytest.param(page, backend, id=f"{page}-{backend}") for backend in backends]
+    return params
+
+
+def _normalise(text: str, url: str) -> str:
+    text = text.replace(url, SHOWN_URL)
+    return "\n".join(line.rstrip() for line in text.strip("\n").splitlines())
+
+
+@contextlib.contextmanager
+def sandbox_for(page: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[FakeLensmor, str]]:
+    """The page's sandbox, served over loopback HTTP, with the two variables set."""
+    args = sandbox_args(blocks(page))
+    fake = FakeLensmor(
+        subscription_balance=args.subscription,
+        gift_balance=args.gift,
+        api_key=args.api_key,
+        latency=args.latency,
+    )
+    with serve(fake.app) as url:
+        monkeypatch.setenv("LENSMOR_BASE_URL", url)
+        monkeypatch.setenv("LENSMOR_API_KEY", args.api_key)
+        yield fake, url
+
+
+def _patch_anyio_run(monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    original = anyio.run
+
+    @functools.wraps(original)
+    def run(func: Callable[..., Any], *args: Any, backend: str = backend, **kwargs: Any) -> Any:
+        return original(func, *args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(anyio, "run", run)
+
+
+def _close_guards(namespace: dict[str, Any]) -> None:
+    for value in namespace.values():
+        if isinstance(value, CreditGuard):
+            value.close()
+
+
+# -- running the pages -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("page", "backend"), _page_params())
+def test_page_examples_run(page: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert (DOCS / page).exists(), f"docs/{page} is missing"
+    page_blocks = blocks(page)
+    assert any(b.lang == "python" and b.title is None for b in page_blocks), page
+    _patch_anyio_run(monkeypatch, backend)
+    namespace: dict[str, Any] = {"__name__": "__main__"}
+    with sandbox_for(page, monkeypatch) as (_, url):
+        try:
+            for index, block in enumerate(page_blocks):
+                if block.lang != "python" or block.title is not None:
+                    continue
+                where = f"docs/{page}:{block.line}"
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out):
+                    exec(compile(block.code, where, "exec"), namespace)  # noqa: S102
+                following = page_blocks[index + 1] if index + 1 < len(page_blocks) else None
+                if following is not None and following.title == "Output":
+                    expected = _normalise(following.code, url)
+                    assert _normalise(out.getvalue(), url) == expected, where
+        finally:
+            _close_guards(namespace)
+
+
+def _console_params() -> list[Any]:
+    params = []
+    for page in (*RUNNABLE_PAGES, "reference.md"):
+        for block in blocks(page):
+            if block.lang == "console" and re.match(r"\$ creditguard (balance|demo)\b", block.code):
+                params.append(pytest.param(page, block, id=f"{page}:{block.line}"))
+    return params
+
+
+@pytest.mark.parametrize(("page", "block"), _console_params())
+def test_console_examples(page: str, block: Block, monkeypatch: pytest.MonkeyPatch) -> None:
+    command, _, expected = block.code.partition("\n")
+    argv = shlex.split(command.removeprefix("$ "))[1:]
+    with sandbox_for(page, monkeypatch) as (_, url):
+        out = io.StringIO()
+        assert main(argv, out=out) == 0
+        assert _normalise(out.getvalue(), url) == _normalise(expected, url)
+
+
+def _file_pages() -> list[str]:
+    return [p for p in RUNNABLE_PAGES if any(b.title and b.lang == "python" for b in blocks(p))]
+
+
+@pytest.mark.parametrize("page", _file_pages())
+def test_page_test_files_pass(page: str, tmp_path: Path) -> None:
+    files = [b for b in blocks(page) if b.lang == "python" and b.title]
+    for block in files:
+        assert re.fullmatch(r"\w+\.py", block.title or ""), block.title
+        path = tmp_path / str(block.title)
+        assert not path.exists(), f"{block.title} appears twice on {page}"
+        path.write_text(block.code, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LENSMOR_", "PYTEST_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    report = result.stdout + result.stderr
+    assert result.returncode == 0, report
+    assert re.search(r"\b\d+ passed\b", report), report
+    assert not re.search(r"\b\d+ (failed|error|errors|skipped)\b", report), report
+
+
+# -- the reference page covers the public API --------------------------------------------
+
+
+def _reference_sections() -> dict[str, str]:
+    """``### `name` `` heading -> the text of that section."""
+    text = (DOCS / "reference.md").read_text(encoding="utf-8")
+    sections: dict[str, str] = {}
+    for part in re.split(r"^### ", text, flags=re.MULTILINE)[1:]:
+        heading, _, body = part.partition("\n")
+        match = re.match(r"`([\w.]+)`", heading)
+        if match:
+            sections[match.group(1)] = body
+    return sections
+
+
+def _public_names() -> list[str]:
+    names = list(creditguard.__all__)
+    names += [f"creditguard.testing.{name}" for name in creditguard.testing.__all__]
+    return names
+
+
+@pytest.mark.parametrize("name", _public_names())
+def test_reference_documents_every_public_name(name: str) -> None:
+    sections = _reference_sections()
+    short = name.removeprefix("creditguard.testing.")
+    assert short in sections or name in sections, f"reference.md has no ### `{short}` section"
+
+
+def _parameters(obj: Any) -> list[str]:
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return []
+    return [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
+
+
+def _members(cls: type) -> list[str]:
+    return [
+        name
+        for name, value in vars(cls).items()
+        if not name.startswith("_") and (callable(value) or isinstance(value, property))
+    ]
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        CreditGuard,
+        creditguard.Spend,
+        CreditBalance,
+        GuardEvent,
+        RetryPolicy,
+        MemoryBackend,
+        FakeLensmor,
+        creditguard.requires_credits,
+        creditguard.parse_retry_after,
+        serve,
+    ],
+    ids=lambda obj: obj.__name__,
+)
+def test_reference_documents_parameters_and_methods(obj: Any) -> None:
+    section = _reference_sections()[obj.__name__]
+    for parameter in _parameters(obj):
+        assert re.search(rf"\b{parameter}\b", section), f"{obj.__name__}: {parameter} undocumented"
+    if inspect.isclass(obj):
+        for member in _members(obj):
+            assert re.search(rf"\b{member}\b", section), f"{obj.__name__}: {member} undocumented"
+        for field in getattr(obj, "__dataclass_fields__", {}):
+            assert f"`{field}`" in section, f"{obj.__name__}: field {field} undocumented"
+
+
+def _documented_defaults(table_heading: str) -> dict[str, str]:
+    """``| `name` | `default` | ...`` rows of the table under ``table_heading``."""
+    text = (DOCS / "reference.md").read_text(encoding="utf-8")
+    _, _, rest = text.partition(table_heading)
+    rows: dict[str, str] = {}
+    for line in rest.splitlines()[1:]:
+        if rows and not line.startswith("|"):
+            break
+        match = re.match(r"\|\s*`(\w+)`\s*\|\s*`([^`]*)`", line)
+        if match:
+            rows[match.group(1)] = match.group(2)
+    assert rows, f"no table under {table_heading!r}"
+    return rows
+
+
+@pytest.mark.parametrize(
+    ("heading", "obj"),
+    [
+        ("## Configuration", CreditGuard),
+        ("#### `RetryPolicy` fields", RetryPolicy),
+        ("#### `FakeLensmor` parameters", FakeLensmor),
+    ],
+)
+def test_reference_defaults_match_the_code(heading: str, obj: Any) -> None:
+    documented = _documented_defaults(heading)
+    parameters = inspect.signature(obj).parameters
+    for name in parameters:
+        assert name in documented, f"{heading}: {name} missing"
+    for name, shown in documented.items():
+        assert name in parameters, f"{heading}: {name} is not a parameter"
+        try:
+            value = ast.literal_eval(shown)
+        except (ValueError, SyntaxError):
+            continue  # described in words (an environment variable, a constructor...)
+        assert parameters[name].default == value, f"{heading}: {name} default is not {shown}"
+
+
+def test_reference_documents_every_cli_option() -> None:
+    text = (DOCS / "reference.md").read_text(encoding="utf-8")
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    for name, sub in subparsers.choices.items():  # type: ignore[union-attr]
+        assert f"creditguard {name}" in text, name
+        for action in sub._actions:
+            for option in action.option_strings:
+                if option not in ("-h", "--help"):
+                    assert option in text, f"creditguard {name} {option} undocumented"
+
+
+def test_reference_documents_nothing_that_does_not_exist() -> None:
+    public = {name.removeprefix("creditguard.testing.") for name in _public_names()}
+    for name in _reference_sections():
+        assert name in public | {"fake_lensmor"}, f"reference.md documents {name}, not public"
+    text = (DOCS / "reference.md").read_text(encoding="utf-8")
+    _, _, cli = text.partition("## Command line")
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command")
+    options = {
+        option
+        for sub in subparsers.choices.values()  # type: ignore[union-attr]
+        for action in sub._actions
+        for option in action.option_strings
+    }
+    for option in set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", cli)):
+        assert option in options, f"reference.md documents {option}, which does not exist"
+
+
+def test_reference_sandbox_endpoints_exist() -> None:
+    section = _reference_sections()["FakeLensmor"]
+    rows = re.findall(r"^\| `(GET|POST|DELETE) (/[\w/-]+)", section, flags=re.MULTILINE)
+    assert rows
+    fake = FakeLensmor()
+    with httpx.Client(transport=fake.transport, base_url="http://sandbox") as client:
+        for method, path in rows:
+            response = client.request(method, path, headers={"Authorization": "Bearer test-key"})
+            assert response.status_code not in (404, 405), f"{method} {path}"
+
+
+def test_reference_lists_every_fault() -> None:
+    section = _reference_sections()["FakeLensmor"]
+    for fault in creditguard.testing.FAULTS:
+        assert f'`"{fault}"`' in section, fault
+
+
+# -- the outcomes the consistency page promises ------------------------------------------
+
+
+def test_outcome_action_raises() -> None:
+    fake = FakeLensmor()
+    log: list[GuardEvent] = []
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=log.append)
+    spend = guard.spend(10)
+
+    def action() -> None:
+        with spend:
+            fake.charge(10)
+            raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        action()
+    assert spend.balance_after is None
+    assert guard._account.snapshot() == (None, 0, 0)  # released, cache dropped
+    assert [e.kind for e in log] == ["admitted", "failed"]
+    assert guard.balance().total_balance == 30040  # read anew
+
+
+def test_outcome_refresh_fails_but_the_result_is_returned() -> None:
+    fake = FakeLensmor()
+    log: list[GuardEvent] = []
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), on_event=log.append
+    )
+
+    @guard.requires_credits(10)
+    def unlock() -> str:
+        fake.charge(10)
+        fake.fail_next(503)  # the refresh after the action
+        return "unlocked"
+
+    assert unlock() == "unlocked"
+    assert [e.kind for e in log] == ["admitted", "refresh_failed"]
+    assert guard._account.snapshot() == (None, 0, 0)
+    assert guard.balance().total_balance == 30040
+
+
+def test_outcome_fail_closed_and_fail_open() -> None:
+    fake = FakeLensmor()
+    closed = CreditGuard(fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1))
+    fake.fail_next(503)
+    with pytest.raises(BalanceUnavailable), closed.spend(0):
+        pytest.fail("a zero-cost call still needs a balance")
+    opened = CreditGuard(
+        fake.api_key,
+        transport=fake.transport,
+        retry=RetryPolicy(attempts=1),
+        on_unavailable="allow",
+    )
+    fake.fail_next(503)
+    with opened.spend(10) as spend:
+        fake.charge(10)
+    assert spend.balance_before is None
+    assert spend.balance_after is not None
+    assert spend.balance_after.total_balance == 30040
+    wrong = CreditGuard("wrong-key", transport=fake.transport, on_unavailable="allow")
+    with pytest.raises(AuthenticationError), wrong.spend(1):
+        pytest.fail("a rejected key is never fail-open")
+
+
+def test_outcome_refused_calls_reserve_nothing() -> None:
+    fake = FakeLensmor(subscription_balance=10, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    with guard.spend(6):
+        with pytest.raises(InsufficientCredits) as caught, guard.spend(5):
+            pytest.fail("only 4 credits are not reserved")
+        assert (caught.value.required, caught.value.available) == (5, 4)
+        assert caught.value.balance is not None
+        assert caught.value.balance.total_balance == 10
+        fake.charge(6)
+    assert guard._account.snapshot()[1:] == (0, 0)
+
+
+def test_a_read_started_before_invalidate_is_not_stored() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    account = guard._account
+    flight, lead = account.read_step(60, None)  # type: ignore[misc]
+    assert lead
+    guard.invalidate()
+    account.complete(flight, result=fake.balance)
+    assert account.snapshot()[0] is None
+    assert guard.balance() == fake.balance  # a new read
+
+
+@pytest.mark.anyio
+async def test_outcome_cancelled_during_the_action() -> None:
+    fake = FakeLensmor()
+    log: list[GuardEvent] = []
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=log.append)
+    spend = guard.spend(10)
+    with anyio.move_on_after(0.05):
+        async with spend:
+            await anyio.sleep(10)
+    assert spend.balance_after is None
+    assert guard._account.snapshot() == (None, 0, 0)
+    assert [e.kind for e in log] == ["admitted", "cancelled"]
+
+
+@pytest.mark.anyio
+async def test_outcome_cancelled_during_the_refresh() -> None:
+    fake = FakeLensmor(latency=0.2)
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    await guard.abalance()
+    done: list[str] = []
+
+    @guard.requires_credits(10)
+    async def unlock() -> str:
+        fake.charge(10)
+        return "unlocked"
+
+    with anyio.move_on_after(0.1) as scope:
+        done.append(await unlock())
+    assert scope.cancelled_caught
+    assert done == []  # the action ran, its result is lost with the cancellation
+    assert fake.charges == 1
+    assert guard._account.snapshot() == (None, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_no_overspend_and_shared_reads() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0, latency=0.01)
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    outcomes: list[str] = []
+
+    @guard.requires_credits(1)
+    async def buy() -> None:
+        await anyio.sleep(0.01)
+        fake.charge(1)
+
+    async def one() -> None:
+        try:
+            await buy()
+            outcomes.append("ran")
+        except InsufficientCredits:
+            outcomes.append("refused")
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(one)
+    assert outcomes.count("ran") == 100
+    assert fake.balance.total_balance == 0
+    assert fake.balance_requests < 10
