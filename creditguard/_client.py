@@ -12,6 +12,7 @@ import email.utils
 import json
 import math
 import random
+import ssl
 import threading
 import time
 import weakref
@@ -310,7 +311,7 @@ class BalanceClient:
         reader: _Reader,
         *,
         transport: httpx.BaseTransport | None = None,
-        verify: bool | str = True,
+        verify: bool | ssl.SSLContext = True,
         missing: bool = False,
     ) -> None:
         self._reader = reader
@@ -391,7 +392,7 @@ class AsyncBalanceClient:
         reader: _Reader,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
-        verify: bool | str = True,
+        verify: bool | ssl.SSLContext = True,
         missing: bool = False,
     ) -> None:
         self._reader = reader

@@ -14,6 +14,7 @@ import inspect
 import ipaddress
 import logging
 import os
+import ssl
 import threading
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
@@ -23,6 +24,7 @@ import httpx
 
 from ._client import AsyncBalanceClient, BalanceClient, RetryPolicy, Secret, _Reader
 from ._errors import (
+    AuthenticationError,
     BalanceUnavailable,
     CreditGuardError,
     InsecureTransportError,
@@ -51,9 +53,12 @@ OnUnavailable = Literal["deny", "allow"]
 class GuardEvent:
     """What the guard just did, for ``on_event`` observers.
 
-    ``kind`` is one of ``"admitted"``, ``"denied"``, ``"spent"``, ``"failed"`` (the action
-    raised), ``"cancelled"``, ``"refresh_failed"`` and ``"unchecked"`` (admitted without a
-    balance under ``on_unavailable="allow"``). ``account`` is the account's fingerprint,
+    ``kind`` is one of ``"admitted"``, ``"denied"`` (not enough credits), ``"unavailable"``
+    (refused because the balance could not be read, failing closed), ``"rejected"`` (the key
+    was refused), ``"unchecked"`` (admitted without a balance under
+    ``on_unavailable="allow"``), ``"spent"`` (with the balance before and after),
+    ``"failed"`` (the action raised), ``"cancelled"`` (cancelled in the action or in the
+    refresh after it) and ``"refresh_failed"``. ``account`` is the account's fingerprint,
     never the key.
     """
 
@@ -182,7 +187,7 @@ class CreditGuard:
         retry: RetryPolicy | None = None,
         backend: StateBackend | None = None,
         on_event: Callable[[GuardEvent], None] | None = None,
-        verify: bool | str = True,
+        verify: bool | ssl.SSLContext = True,
         allow_insecure_http: bool = False,
     ) -> None:
         key = _check_key(api_key)
@@ -335,6 +340,10 @@ class CreditGuard:
         except BalanceUnavailable as exc:
             self._unavailable(spend, exc)
             return
+        except AuthenticationError as exc:
+            if self._shared.on_event is not None:
+                self._emit("rejected", spend.cost, error=exc)
+            raise
         self._admitted(spend, step)
 
     def _admitted(self, spend: Spend, balance: CreditBalance) -> None:
@@ -355,8 +364,12 @@ class CreditGuard:
             account.release_invalidate(spend.cost)
             self._refresh_failed(spend, error)
             return
-        except BaseException:
+        except BaseException as cancelled:
+            # Cancelled (or interrupted) after the action succeeded, while refreshing:
+            # the spend happened but is not measured. Forget the balance, release, go on
+            # being cancelled.
             account.release_invalidate(spend.cost)
+            self._failed(spend, cancelled)
             raise
         account.release(spend.cost, after)
         self._spent(spend, balance)
@@ -460,6 +473,8 @@ class CreditGuard:
     def _unavailable(self, spend: Spend, exc: BalanceUnavailable) -> None:
         """Fail closed (re-raise) unless the guard was told to fail open."""
         if self._shared.on_unavailable != "allow":
+            if self._shared.on_event is not None:
+                self._emit("unavailable", spend.cost, error=exc)
             raise exc
         logger.warning(
             "balance unavailable for %s (%s); running a %s-credit action unchecked"
@@ -522,7 +537,7 @@ class CreditGuard:
 
     def spend(self, cost: int) -> Spend:
         """Guard a block: ``with guard.spend(25) as s:`` or ``async with guard.spend(25) as s:``."""
-        return Spend(self, _check_cost(cost))
+        return Spend(self, cost)
 
     def requires_credits(self, cost: Cost) -> Callable[[Callable[P, R]], Callable[P, R]]:
         """Decorate a sync or async function so each call is guarded for ``cost`` credits.
@@ -572,7 +587,7 @@ class Spend:
     def __init__(self, guard: CreditGuard, cost: int) -> None:
         self._guard = guard
         self._entered = False
-        self.cost = cost
+        self.cost = _check_cost(cost)
         self.balance_before: CreditBalance | None = None
         self.balance_after: CreditBalance | None = None
 
@@ -619,6 +634,14 @@ class Spend:
         await guard._adrive(guard._exit(self, exc))
 
 
+def _is_async(func: Callable[..., object]) -> bool:
+    """A coroutine function, or a callable object whose ``__call__`` is one."""
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(func, "__call__", None)  # noqa: B004 - the method itself is inspected
+    return not inspect.isfunction(func) and inspect.iscoroutinefunction(call)
+
+
 def _decorator(
     cost: Cost, get_guard: Callable[[], CreditGuard]
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
@@ -631,7 +654,12 @@ def _decorator(
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
         if not callable(func):
             raise TypeError(f"requires_credits decorates a function, got {type(func).__name__}")
-        if inspect.iscoroutinefunction(func):
+        if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
+            raise TypeError(
+                "requires_credits cannot guard a generator: its body runs after the call"
+                " returns; guard the code that spends with `guard.spend()` instead"
+            )
+        if _is_async(func):
             afunc = cast(Callable[P, Awaitable[Any]], func)
 
             @functools.wraps(func)

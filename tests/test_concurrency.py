@@ -437,7 +437,10 @@ async def test_asyncio_task_cancel_releases(guard: CreditGuard) -> None:
 async def test_cancel_during_post_spend_refresh(fake: FakeLensmor) -> None:
     gate = Gate(fake.transport)
     gate.open()
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    kinds: list[str] = []
+    guard = CreditGuard(
+        fake.api_key, transport=gate, ttl=60, on_event=lambda e: kinds.append(e.kind)
+    )
     guard.balance()
     gate.close_gate()
     spend = guard.spend(10)
@@ -454,6 +457,7 @@ async def test_cancel_during_post_spend_refresh(fake: FakeLensmor) -> None:
     gate.open()
     assert spend.balance_after is None
     assert snapshot(guard) == (None, 0, 0)
+    assert kinds == ["admitted", "cancelled"]
     assert guard.balance().total_balance == 30040
 
 

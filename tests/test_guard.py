@@ -515,3 +515,59 @@ def test_debug_logs_name_the_account_never_the_key(caplog: pytest.LogCaptureFixt
     assert key not in repr(guard)
     assert key not in repr(guard._key)
     assert key not in repr(guard._account)
+
+
+def test_spend_validates_its_cost(guard: CreditGuard) -> None:
+    with pytest.raises(ValueError, match=">= 0"):
+        Spend(guard, -5)
+    with pytest.raises(TypeError):
+        Spend(guard, 2.5)  # type: ignore[arg-type]
+
+
+@pytest.mark.anyio
+async def test_async_callable_object_is_guarded_as_async(fake: FakeLensmor) -> None:
+    order: list[str] = []
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, on_event=lambda e: order.append(e.kind)
+    )
+
+    class Unlock:
+        async def __call__(self, n: int) -> int:
+            order.append("body")
+            fake.charge(n)
+            return n
+
+    guarded = guard.requires_credits(lambda n: n)(Unlock())
+    assert inspect.iscoroutinefunction(guarded)
+    assert await guarded(3) == 3
+    assert order == ["admitted", "body", "spent"]
+    assert guard.balance().total_balance == 30047
+
+
+def test_generators_are_refused(guard: CreditGuard) -> None:
+    async def agen() -> Any:
+        yield 1
+
+    def gen() -> Any:
+        yield 1
+
+    with pytest.raises(TypeError, match="generator"):
+        guard.requires_credits(1)(agen)
+    with pytest.raises(TypeError, match="generator"):
+        guard.requires_credits(1)(gen)
+
+
+def test_refusals_without_a_balance_are_observable(fake: FakeLensmor) -> None:
+    events: list[GuardEvent] = []
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=NO_RETRY, on_event=events.append
+    )
+    fake.fail_next(503)
+    with pytest.raises(BalanceUnavailable), guard.spend(1):
+        pass
+    bad = CreditGuard("wrong", transport=fake.transport, on_event=events.append)
+    with pytest.raises(AuthenticationError), bad.spend(1):
+        pass
+    assert [e.kind for e in events] == ["unavailable", "rejected"]
+    assert isinstance(events[0].error, BalanceUnavailable)
+    assert isinstance(events[1].error, AuthenticationError)
