@@ -357,21 +357,21 @@ class CreditGuard:
             account.release_invalidate(spend.cost)
             self._failed(spend, exc)
             return
-        after, step = account.bump()
+        settlement, step = account.begin_settle(spend.cost)
         try:
-            balance = yield from self._settle(after, step)
+            balance = yield from self._settle(settlement.after, step)
         except Exception as error:
-            account.release_invalidate(spend.cost)
+            account.end_settle(settlement, failed=True)
             self._refresh_failed(spend, error)
             return
         except BaseException as cancelled:
             # Cancelled (or interrupted) after the action succeeded, while refreshing:
             # the spend happened but is not measured. Forget the balance, release, go on
             # being cancelled.
-            account.release_invalidate(spend.cost)
+            account.end_settle(settlement, failed=True)
             self._failed(spend, cancelled)
             raise
-        account.release(spend.cost, after)
+        account.end_settle(settlement)
         self._spent(spend, balance)
 
     # -- the two I/O edges -------------------------------------------------------------

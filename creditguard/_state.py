@@ -111,6 +111,17 @@ class Flight:
         return callbacks
 
 
+class Settlement:
+    """A finished spend whose reservation waits for a read that includes it."""
+
+    __slots__ = ("after", "cost", "released")
+
+    def __init__(self, after: int, cost: int) -> None:
+        self.after = after
+        self.cost = cost
+        self.released = False
+
+
 class Account:
     """The guard state of one account (base URL + API key), shared by every caller."""
 
@@ -126,6 +137,7 @@ class Account:
         "lock",
         "reserved",
         "seq",
+        "settling",
     )
 
     def __init__(self, fingerprint: str) -> None:
@@ -140,6 +152,8 @@ class Account:
         self.inflight = 0
         # Reads in progress, oldest first (at most MAX_FLIGHTS).
         self.flights: list[Flight] = []
+        # Spends waiting for a read that includes them (their credits still reserved).
+        self.settling: list[Settlement] = []
 
     def __repr__(self) -> str:
         return (
@@ -207,6 +221,8 @@ class Account:
                     self.cached = result
                     self.cached_seq = start
                     self.cached_at = _monotonic()
+                if self.settling:
+                    self._settle_up_to(start)
             elif error is not None:
                 flight.error = error
             else:
@@ -268,6 +284,44 @@ class Account:
 
     # -- settling ------------------------------------------------------------------
 
+    def _settle_up_to(self, start: int) -> None:
+        """Under the lock: a read that started at ``start`` came back, so every spend that
+        finished before it is in that balance: release their reservations now, not when
+        their callers wake (which would count the spend twice in the meantime)."""
+        waiting = []
+        for settlement in self.settling:
+            if settlement.after <= start:
+                self._release(settlement)
+            else:
+                waiting.append(settlement)
+        self.settling = waiting
+
+    def _release(self, settlement: Settlement) -> None:
+        settlement.released = True
+        self.reserved -= settlement.cost
+        self.inflight -= 1
+        if settlement.after > self.floor:
+            self.floor = settlement.after
+
+    def begin_settle(self, cost: int) -> tuple[Settlement, tuple[Flight, bool]]:
+        """An action that reserved ``cost`` finished: hold the reservation until a read
+        that started after now comes back, and name the read to wait on/perform."""
+        with self.lock:
+            self.seq += 1
+            settlement = Settlement(self.seq, cost)
+            self.settling.append(settlement)
+            return settlement, self._join_or_lead(self.seq)
+
+    def end_settle(self, settlement: Settlement, *, failed: bool = False) -> None:
+        """The caller saw its refresh (or its failure): release if a read has not yet, and
+        on failure distrust every older read."""
+        with self.lock:
+            if not settlement.released:
+                self.settling.remove(settlement)
+                self._release(settlement)
+            if failed:
+                self._invalidate()
+
     def bump(self) -> tuple[int, tuple[Flight, bool]]:
         """Note that the balance may have changed upstream (an action finished, or a
         refresh was asked for): return the new ``seq`` and the read to wait on/perform.
@@ -290,14 +344,6 @@ class Account:
             if self.cached is not None and self.cached_seq >= after:
                 return self.cached
             return self._join_or_lead(after)
-
-    def release(self, cost: int, settled_seq: int) -> None:
-        """A spend's refresh came back: drop its reservation."""
-        with self.lock:
-            self.reserved -= cost
-            self.inflight -= 1
-            if settled_seq > self.floor:
-                self.floor = settled_seq
 
     def release_invalidate(self, cost: int) -> None:
         """Drop a reservation whose spend is unknown upstream; distrust every older read."""
