@@ -123,10 +123,13 @@ def _has_trio() -> bool:
 
 
 def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
-    from .testing import FakeLensmor
+    import contextlib
+    import threading
+
+    from .testing import FAULTS, FakeLensmor, serve
 
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise CreditGuardError(
             "the sandbox server needs uvicorn: pip install 'creditguard[sandbox]'"
@@ -136,18 +139,53 @@ def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
         gift_balance=args.gift,
         api_key=args.api_key,
         latency=args.latency,
+        stall_seconds=args.stall_seconds,
     )
-    host = f"[{args.host}]" if ":" in args.host else args.host
-    print(
-        f"creditguard sandbox on http://{host}:{args.port}  (Ctrl-C to stop)\n"
-        f"  export LENSMOR_BASE_URL=http://{host}:{args.port}\n"
-        f"  GET  /external/credits/balance       (Authorization: Bearer <key>)\n"
-        f"  POST /sandbox/charge?credits=N       (spend credits, subscription first)",
-        file=out,
-        flush=True,
-    )
-    uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning")
+    retry_after = None if args.retry_after is None else {"Retry-After": args.retry_after}
+    for fault, times in args.fail:
+        fake.fail_next(fault, times=times, headers=retry_after if fault == 429 else None)
+    with contextlib.ExitStack() as stack:
+        try:
+            url = stack.enter_context(
+                serve(fake.app, host=args.host, port=args.port, log_level="warning")
+            )
+        except RuntimeError:
+            raise CreditGuardError(
+                f"could not serve the sandbox on {args.host}:{args.port}"
+            ) from None
+        scripted = ", ".join(f"{fault} x{times}" for fault, times in args.fail)
+        print(
+            f"creditguard sandbox on {url}  (Ctrl-C to stop)\n"
+            f"  export LENSMOR_BASE_URL={url}\n"
+            f"  GET  /external/credits/balance       (Authorization: Bearer <key>)\n"
+            f"  POST /sandbox/charge?credits=N       (spend credits, subscription first)\n"
+            f"  POST /sandbox/fail?fault=F&times=N   (script faults: a 4xx/5xx status or"
+            f" {', '.join(FAULTS)}; &retry_after=S)\n"
+            f"  POST /sandbox/latency?seconds=S      (delay every answer)\n"
+            f"  GET  /sandbox/stats                  (requests served, faults pending)\n"
+            f"  latency {args.latency:g}s; scripted faults: {scripted or 'none'}",
+            file=out,
+            flush=True,
+        )
+        with contextlib.suppress(KeyboardInterrupt):
+            threading.Event().wait()
     return 0
+
+
+def _fault_spec(text: str) -> tuple[int | str, int]:
+    from .testing import parse_fault
+
+    try:
+        return parse_fault(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
+    return value
 
 
 def _non_negative(text: str) -> int:
@@ -177,7 +215,29 @@ def build_parser() -> argparse.ArgumentParser:
     p_sandbox.add_argument("--gift", type=_non_negative, default=50)
     p_sandbox.add_argument("--api-key", default="test-key")
     p_sandbox.add_argument(
-        "--latency", type=float, default=0.0, help="seconds added to every answer"
+        "--latency", type=_seconds, default=0.0, help="seconds added to every answer"
+    )
+    p_sandbox.add_argument(
+        "--fail",
+        type=_fault_spec,
+        action="append",
+        default=[],
+        metavar="FAULT[:TIMES]",
+        help="answer the next TIMES (default 1) balance requests with FAULT: an HTTP error"
+        " status (429, 500, 502, 503, 504...) or one of drop, stall, truncated, not-json,"
+        " wrong-types; repeat to queue several",
+    )
+    p_sandbox.add_argument(
+        "--retry-after",
+        default=None,
+        metavar="VALUE",
+        help="the Retry-After header of scripted 429s (delta-seconds or an HTTP date)",
+    )
+    p_sandbox.add_argument(
+        "--stall-seconds",
+        type=_seconds,
+        default=30.0,
+        help="how long a 'stall' fault holds the half-sent body (default 30)",
     )
     p_sandbox.set_defaults(run=_cmd_sandbox)
     return parser

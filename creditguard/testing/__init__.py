@@ -10,12 +10,17 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._fake import FAULTS, FakeLensmor
+    from ._fake import FAULTS, FakeLensmor, parse_fault
     from ._server import serve
 
-_EXPORTS = {"FAULTS": "._fake", "FakeLensmor": "._fake", "serve": "._server"}
+_EXPORTS = {
+    "FAULTS": "._fake",
+    "FakeLensmor": "._fake",
+    "parse_fault": "._fake",
+    "serve": "._server",
+}
 
-__all__ = ["FAULTS", "FakeLensmor", "serve"]
+__all__ = ["FAULTS", "FakeLensmor", "parse_fault", "serve"]
 
 
 def __getattr__(name: str) -> Any:

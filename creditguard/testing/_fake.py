@@ -3,7 +3,16 @@
 It serves ``GET /external/credits/balance`` exactly as documented (Bearer key, 401 for a
 wrong key, the camelCase JSON body) through an httpx transport (sync and async) and through
 an ASGI app for real HTTP, plus a sandbox-only ``POST /sandbox/charge?credits=N`` so an app
-pointed at the served sandbox can spend. Faults can be scripted for the next requests.
+pointed at the served sandbox can spend. Faults can be scripted for the next requests, in
+process (:meth:`FakeLensmor.fail_next`, ``latency``) or over HTTP by a test in another process:
+
+* ``POST /sandbox/fail?fault=503&times=2`` (``fault`` is an HTTP error status or one of
+  :data:`FAULTS`; ``retry_after=S`` adds a ``Retry-After`` header), ``DELETE /sandbox/fail``
+  forgets the faults not yet served;
+* ``POST /sandbox/latency?seconds=0.5`` delays every answer;
+* ``GET /sandbox/stats``: balance requests served, charges made and faults still pending.
+
+Every sandbox endpoint takes the same ``Authorization: Bearer <key>`` as the balance.
 """
 
 from __future__ import annotations
@@ -15,7 +24,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, cast
 from urllib.parse import parse_qs
 
 import anyio
@@ -25,9 +34,12 @@ from .._client import BALANCE_PATH
 from .._errors import InsufficientCredits
 from .._models import CreditBalance
 
-__all__ = ["FAULTS", "FakeLensmor"]
+__all__ = ["FAULTS", "FakeLensmor", "parse_fault"]
 
 CHARGE_PATH = "/sandbox/charge"
+FAIL_PATH = "/sandbox/fail"
+LATENCY_PATH = "/sandbox/latency"
+STATS_PATH = "/sandbox/stats"
 Fault = Literal["drop", "stall", "truncated", "not-json", "wrong-types"]
 FAULTS: tuple[str, ...] = ("drop", "stall", "truncated", "not-json", "wrong-types")
 
@@ -54,7 +66,49 @@ class _Answer:
     fault: str | None = None
 
 
-_REASONS = {401: "Unauthorized", 403: "Forbidden", 404: "Not Found", 429: "Too Many Requests"}
+_REASONS = {
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+
+def _check_fault(status: object) -> int | Fault:
+    if isinstance(status, str):
+        if status not in FAULTS:
+            raise ValueError(f"unknown fault {status!r}; expected one of {FAULTS}")
+        return cast(Fault, status)
+    if type(status) is not int or not 400 <= status <= 599:
+        raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+    return status
+
+
+def parse_fault(spec: str) -> tuple[int | Fault, int]:
+    """``"503"``, ``"429:3"``, ``"drop"``, ``"stall:2"``... as ``(fault, times)``.
+
+    The fault is an HTTP error status (400-599) or one of :data:`FAULTS`; ``times``
+    (default 1) is how many balance requests get it. Raises ``ValueError`` otherwise.
+    """
+    kind, sep, count = spec.strip().partition(":")
+    fault = _check_fault(int(kind) if kind.isdigit() else kind)
+    times = 1
+    if sep:
+        if not count.isdigit() or int(count) < 1:
+            raise ValueError(f"times must be an int >= 1, got {count!r}")
+        times = int(count)
+    return fault, times
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 3600:  # also rejects nan
+        raise ValueError(f"seconds must be between 0 and 3600, got {text!r}")
+    return value
 
 
 def _json(status: int, data: object, headers: dict[str, str] | None = None) -> _Answer:
@@ -136,22 +190,36 @@ class FakeLensmor:
         times: int = 1,
         headers: dict[str, str] | None = None,
     ) -> None:
-        """Answer the next ``times`` balance requests with ``status`` (or a fault)."""
-        if isinstance(status, str):
-            if status not in FAULTS:
-                raise ValueError(f"unknown fault {status!r}; expected one of {FAULTS}")
-        elif type(status) is not int or not 400 <= status <= 599:
-            raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
+        """Answer the next ``times`` balance requests with ``status`` (or a fault).
+
+        Calls queue up: the faults are served in the order they were scripted.
+        """
+        kind = _check_fault(status)
         if type(times) is not int or times < 1:
             raise ValueError(f"times must be an int >= 1, got {times!r}")
         with self._lock:
-            self._plan.append(_Planned(status, times, dict(headers or {})))
+            self._plan.append(_Planned(kind, times, dict(headers or {})))
+
+    def clear_faults(self) -> None:
+        """Forget every scripted fault not served yet."""
+        with self._lock:
+            self._plan.clear()
+
+    @property
+    def pending_faults(self) -> int:
+        """How many balance requests scripted faults will still answer."""
+        with self._lock:
+            return sum(planned.times for planned in self._plan)
 
     # -- request handling (shared by the transport and the ASGI app) -----------------
 
     def _answer(self, method: str, path: str, query: str, authorization: str | None) -> _Answer:
         if path == CHARGE_PATH:
             return self._charge_answer(method, query, authorization)
+        if path in (FAIL_PATH, LATENCY_PATH, STATS_PATH):
+            if authorization != f"Bearer {self.api_key}":
+                return _json(401, {"message": "Unauthorized"})
+            return self._control_answer(method, path, parse_qs(query))
         if path != BALANCE_PATH:
             return _json(404, {"message": "Not Found"})
         if method != "GET":
@@ -183,6 +251,39 @@ class FakeLensmor:
         except InsufficientCredits as exc:
             return _json(402, {"message": str(exc)})
         return _json(200, balance.to_api())
+
+    def _control_answer(self, method: str, path: str, params: dict[str, list[str]]) -> _Answer:
+        """The sandbox's own control endpoints (faults, latency, counters)."""
+        one = {name: values[-1] for name, values in params.items()}
+        try:
+            if path == STATS_PATH:
+                if method != "GET":
+                    return _json(405, {"message": "Method Not Allowed"}, {"allow": "GET"})
+            elif path == LATENCY_PATH:
+                if method != "POST":
+                    return _json(405, {"message": "Method Not Allowed"}, {"allow": "POST"})
+                self.latency = _seconds(one.get("seconds", ""))
+            elif method == "DELETE":
+                self.clear_faults()
+            elif method == "POST":
+                fault, _ = parse_fault(one.get("fault", ""))
+                times = int(one.get("times", "1"))
+                headers = {}
+                if "retry_after" in one:
+                    headers["Retry-After"] = one["retry_after"]
+                self.fail_next(fault, times=times, headers=headers)
+            else:
+                return _json(405, {"message": "Method Not Allowed"}, {"allow": "POST, DELETE"})
+        except ValueError as exc:
+            return _json(400, {"message": str(exc)})
+        with self._lock:
+            stats = {
+                "balanceRequests": self.balance_requests,
+                "charges": self.charges,
+                "pendingFaults": sum(planned.times for planned in self._plan),
+                "latency": self.latency,
+            }
+        return _json(200, stats)
 
     @staticmethod
     def _fault(planned: _Planned, balance: CreditBalance) -> _Answer:

@@ -3,16 +3,43 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from typing import Any
 
+from ._fake import _Dropped
+
+
+class _QuietFaults(logging.Filter):
+    """Drop uvicorn's "Exception in ASGI application" for the sandbox's scripted drops."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, _Dropped)
+
+
+def _quiet_scripted_faults() -> None:
+    log = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _QuietFaults) for f in log.filters):
+        log.addFilter(_QuietFaults())
+
 
 @contextlib.contextmanager
-def serve(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
+def serve(
+    app: Any,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    ssl_certfile: str | None = None,
+    ssl_keyfile: str | None = None,
+    log_level: str = "error",
+) -> Iterator[str]:
     """Run ``app`` under uvicorn in a background thread; yield its base URL.
 
-    ``port=0`` picks a free port. Needs the ``sandbox`` extra (uvicorn).
+    ``port=0`` picks a free port. With ``ssl_certfile`` (and ``ssl_keyfile``) it serves
+    HTTPS and yields an ``https://`` URL. Leaving the block stops the server (requests
+    still running get a second to finish). Needs the ``sandbox`` extra (uvicorn).
     """
     try:
         import uvicorn
@@ -22,8 +49,19 @@ def serve(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         ) from exc
 
     config = uvicorn.Config(
-        app, host=host, port=port, log_level="error", lifespan="on", access_log=False
+        app,
+        host=host,
+        port=port,
+        # A bound method (FakeLensmor.app) is not recognised as ASGI 3 by "auto".
+        interface="asgi3",
+        log_level=log_level,
+        lifespan="on",
+        access_log=False,
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        timeout_graceful_shutdown=1,
     )
+    _quiet_scripted_faults()
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="creditguard-sandbox", daemon=True)
     thread.start()
@@ -35,7 +73,8 @@ def serve(app: Any, *, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
         sock = server.servers[0].sockets[0]
         bound_port = sock.getsockname()[1]
         url_host = f"[{host}]" if ":" in host else host
-        yield f"http://{url_host}:{bound_port}"
+        scheme = "https" if ssl_certfile else "http"
+        yield f"{scheme}://{url_host}:{bound_port}"
     finally:
         server.should_exit = True
         thread.join(10)

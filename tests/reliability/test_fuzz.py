@@ -1,0 +1,210 @@
+"""Fuzzing the parsers that see what the network sends: whatever comes in, only
+``InvalidResponse`` (or a normal result) comes out."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from creditguard import CreditBalance, CreditGuard, InvalidResponse, RetryPolicy, parse_retry_after
+from creditguard._client import _Reader
+
+FIELDS = (
+    "totalAmount",
+    "totalBalance",
+    "subscriptionAmount",
+    "subscriptionBalance",
+    "giftAmount",
+    "giftBalance",
+    "resetAt",
+)
+FUZZ = settings(
+    max_examples=400,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+# Mostly the documented keys, with values of any type: the interesting near misses.
+near_miss = st.dictionaries(
+    st.sampled_from(FIELDS) | st.text(max_size=12), json_values | st.integers(), max_size=9
+)
+valid = st.fixed_dictionaries(
+    {
+        **{name: st.integers(min_value=0, max_value=2**63) for name in FIELDS[:-1]},
+        "resetAt": st.none() | st.integers(min_value=0, max_value=253_402_300_799_999),
+    }
+)
+
+
+def _from_api(data: object) -> CreditBalance | None:
+    try:
+        balance = CreditBalance.from_api(data)
+    except InvalidResponse:
+        return None
+    assert isinstance(balance.total_balance, int)
+    assert balance.total_balance >= 0
+    return balance
+
+
+@FUZZ
+@given(json_values | near_miss)
+def test_from_api_raises_only_invalid_response(data: Any) -> None:
+    _from_api(data)
+
+
+@FUZZ
+@given(valid)
+def test_from_api_accepts_every_documented_body(data: dict[str, int | None]) -> None:
+    balance = CreditBalance.from_api(data)
+    assert balance.to_api() == data
+
+
+@FUZZ
+@given(valid, st.sampled_from(FIELDS), json_values)
+def test_from_api_one_field_wrong(data: dict[str, Any], name: str, value: Any) -> None:
+    data = {**data, name: value}
+    balance = _from_api(data)
+    if balance is not None:  # then the value was a valid one for that field
+        assert balance.to_api() == data
+
+
+@FUZZ
+@given(valid, st.sampled_from(FIELDS))
+def test_from_api_field_missing(data: dict[str, Any], name: str) -> None:
+    del data[name]
+    with pytest.raises(InvalidResponse):
+        CreditBalance.from_api(data)
+
+
+bodies = st.one_of(
+    st.binary(max_size=300),
+    json_values.map(lambda v: json.dumps(v).encode()),
+    near_miss.map(lambda v: json.dumps(v).encode()),
+    valid.map(lambda v: json.dumps(v).encode()),
+    st.integers(min_value=1, max_value=100_000).map(lambda n: b"[" * n + b"]" * n),
+    st.integers(min_value=4000, max_value=6000).map(lambda n: b'{"totalBalance": 1' + b"0" * n),
+    st.text(max_size=100).map(lambda t: t.encode("utf-8", "surrogatepass")),
+)
+
+
+@FUZZ
+@given(bodies)
+@example(b"")
+@example(b"\xff\xfe\x00")
+@example(b'{"totalBalance": NaN}')
+@example(b"[" * 200_000)
+@example(b'{"resetAt": 1' + b"0" * 30 + b"}")
+def test_balance_body_raises_only_invalid_response(body: bytes) -> None:
+    """The whole path a response body takes: bytes -> JSON -> CreditBalance."""
+    try:
+        balance = _Reader.parse(body)
+    except InvalidResponse:
+        return
+    assert isinstance(balance, CreditBalance)
+
+
+@settings(FUZZ, max_examples=60)
+@given(bodies)
+def test_guard_over_http_never_caches_a_bad_body(body: bytes) -> None:
+    """Through a real client: a body that parses is the balance; any other is an
+    ``InvalidResponse`` and nothing is cached."""
+    transport = httpx.MockTransport(lambda r: httpx.Response(200, content=body))
+    guard = CreditGuard("k", transport=transport, retry=RetryPolicy(attempts=1, deadline=2))
+    try:
+        expected = CreditBalance.from_api(json.loads(body))
+    except (ValueError, RecursionError, InvalidResponse):
+        expected = None
+    if expected is None:
+        with pytest.raises(InvalidResponse):
+            guard.balance()
+        assert guard._account.snapshot()[0] is None
+    else:
+        assert guard.balance() == expected
+
+
+# -- Retry-After -------------------------------------------------------------------------
+
+aware_datetimes = st.datetimes(
+    min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30), timezones=st.just(timezone.utc)
+)
+retry_after_values = st.one_of(
+    st.text(),
+    st.text(alphabet="0123456789 .-+eE", max_size=40),
+    st.integers(min_value=0, max_value=10**400).map(str),
+    st.integers().map(str),
+    st.floats().map(str),
+    aware_datetimes.map(lambda d: email.utils.format_datetime(d, usegmt=True)),
+    aware_datetimes.map(lambda d: d.strftime("%a, %d %b %Y %H:%M:%S")),
+    aware_datetimes.map(lambda d: d.isoformat()),
+    st.from_regex(
+        r"\A[A-Za-z]{3}, \d{1,3} [A-Za-z]{3} -?\d{1,6} \d{1,3}:\d{1,3}:\d{1,3} \S{0,6}\Z"
+    ),
+)
+
+
+@FUZZ
+@given(st.none() | retry_after_values, st.none() | aware_datetimes)
+@example("99999999999999999999999999999999999999", None)
+@example("Fri, 31 Dec 9999 23:59:59 GMT", None)
+@example("Mon, 01 Jan 0001 00:00:00 GMT", None)
+@example("Sun, 06 Nov 1994 08:49:37 +9999", None)
+@example("\u0663\u0660", None)  # Arabic-Indic digits: isdigit() but not delta-seconds
+def test_parse_retry_after_never_raises(value: str | None, now: datetime | None) -> None:
+    seconds = parse_retry_after(value, now=now)
+    if seconds is not None:
+        assert isinstance(seconds, float)
+        assert math.isfinite(seconds)
+        assert 0 <= seconds <= 1e9
+
+
+@FUZZ
+@given(st.integers(min_value=0, max_value=10**9))
+def test_parse_retry_after_delta_seconds(n: int) -> None:
+    assert parse_retry_after(str(n)) == float(n)
+    assert parse_retry_after(f"  {n}  ") == float(n)
+
+
+@FUZZ
+@given(st.integers(min_value=0, max_value=10**7))
+def test_parse_retry_after_http_date(seconds: int) -> None:
+    now = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    header = email.utils.format_datetime(now + timedelta(seconds=seconds), usegmt=True)
+    assert parse_retry_after(header, now=now) == float(seconds)
+    past = email.utils.format_datetime(now - timedelta(seconds=seconds), usegmt=True)
+    assert parse_retry_after(past, now=now) == 0.0
+
+
+@FUZZ
+@given(
+    retry_after_values, st.datetimes(min_value=datetime(1, 1, 2), max_value=datetime(9999, 12, 30))
+)
+def test_parse_retry_after_with_a_naive_now_never_raises(value: str, now: datetime) -> None:
+    """``now`` without a timezone (as ``datetime.now()`` gives) is taken as UTC, like a
+    header date without one; it must not raise ``TypeError``."""
+    seconds = parse_retry_after(value, now=now)
+    assert seconds is None or 0 <= seconds <= 1e9

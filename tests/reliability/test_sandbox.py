@@ -1,0 +1,193 @@
+"""The sandbox's fault modes as a user drives them: over HTTP (``/sandbox/fail``,
+``/sandbox/latency``, ``/sandbox/stats``) and from the ``creditguard sandbox`` command."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from creditguard import (
+    BalanceUnavailable,
+    CreditGuard,
+    InvalidResponse,
+    RateLimited,
+    RetryPolicy,
+)
+from creditguard.testing import FAULTS, FakeLensmor, parse_fault
+
+from .conftest import Sandbox
+
+ONE_TRY = RetryPolicy(attempts=1, deadline=5.0)
+
+
+def _auth(fake: FakeLensmor) -> dict[str, str]:
+    return {"Authorization": f"Bearer {fake.api_key}"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "parsed"),
+    [
+        ("503", (503, 1)),
+        ("429:3", (429, 3)),
+        (" drop ", ("drop", 1)),
+        ("stall:2", ("stall", 2)),
+        *((fault, (fault, 1)) for fault in FAULTS),
+    ],
+)
+def test_parse_fault(spec: str, parsed: tuple[int | str, int]) -> None:
+    assert parse_fault(spec) == parsed
+
+
+@pytest.mark.parametrize("spec", ["", "200", "600", "boom", "503:0", "503:x", "drop:-1", "42"])
+def test_parse_fault_rejects(spec: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - the message varies with the mistake
+        parse_fault(spec)
+
+
+def test_fault_endpoint_scripts_faults_over_http(sandbox: Sandbox) -> None:
+    fake, url = sandbox.fake, sandbox.url
+    with httpx.Client(base_url=url, headers=_auth(fake)) as http:
+        response = http.post("/sandbox/fail", params={"fault": "429", "retry_after": "30"})
+        assert response.status_code == 200
+        assert response.json()["pendingFaults"] == 1
+        assert http.post("/sandbox/fail", params={"fault": "not-json", "times": 2}).json() == {
+            "balanceRequests": 0,
+            "charges": 0,
+            "pendingFaults": 3,
+            "latency": 0.0,
+        }
+        with sandbox.guard(retry=ONE_TRY) as guard:
+            with pytest.raises(RateLimited) as limited:
+                guard.balance()
+            assert limited.value.retry_after == 30
+            with pytest.raises(InvalidResponse):
+                guard.balance()
+            http.delete("/sandbox/fail")
+            assert guard.balance() == fake.balance
+        stats = http.get("/sandbox/stats").json()
+        assert stats == {"balanceRequests": 3, "charges": 0, "pendingFaults": 0, "latency": 0.0}
+
+
+def test_latency_endpoint_delays_answers(sandbox: Sandbox) -> None:
+    fake, url = sandbox.fake, sandbox.url
+    with httpx.Client(base_url=url, headers=_auth(fake)) as http:
+        assert http.post("/sandbox/latency", params={"seconds": "0.3"}).json()["latency"] == 0.3
+        with (
+            sandbox.guard(timeout=0.1, retry=ONE_TRY) as guard,
+            pytest.raises(BalanceUnavailable, match="in time"),
+        ):
+            guard.balance()
+        http.post("/sandbox/latency", params={"seconds": "0"})
+    assert fake.latency == 0
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "params", "status"),
+    [
+        ("POST", "/sandbox/fail", {"fault": "bogus"}, 400),
+        ("POST", "/sandbox/fail", {"fault": "503", "times": "0"}, 400),
+        ("POST", "/sandbox/fail", {"fault": "503", "times": "x"}, 400),
+        ("POST", "/sandbox/fail", {}, 400),
+        ("GET", "/sandbox/fail", {}, 405),
+        ("POST", "/sandbox/latency", {"seconds": "-1"}, 400),
+        ("POST", "/sandbox/latency", {"seconds": "nan"}, 400),
+        ("POST", "/sandbox/latency", {}, 400),
+        ("GET", "/sandbox/latency", {}, 405),
+        ("POST", "/sandbox/stats", {}, 405),
+    ],
+)
+def test_control_endpoints_reject_bad_requests(
+    sandbox: Sandbox, method: str, path: str, params: dict[str, str], status: int
+) -> None:
+    fake = sandbox.fake
+    response = httpx.request(method, f"{sandbox.url}{path}", params=params, headers=_auth(fake))
+    assert response.status_code == status
+    assert fake.pending_faults == 0
+    assert fake.latency == 0
+
+
+@pytest.mark.parametrize("path", ["/sandbox/fail", "/sandbox/latency", "/sandbox/stats"])
+def test_control_endpoints_need_the_key(sandbox: Sandbox, path: str) -> None:
+    for headers in ({}, {"Authorization": "Bearer nope"}):
+        response = httpx.post(
+            f"{sandbox.url}{path}", params={"fault": "503", "seconds": "1"}, headers=headers
+        )
+        assert response.status_code == 401
+    assert sandbox.fake.pending_faults == 0
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox_command() -> Iterator[tuple[str, list[str]]]:
+    """``creditguard sandbox`` with scripted faults, as a user would run it."""
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "creditguard", "sandbox", "--port", "0", "--api-key", "sk-cli"),
+            *("--fail", "503:2", "--fail", "drop", "--fail", "429", "--retry-after", "7"),
+            *("--fail", "wrong-types", "--latency", "0.05", "--stall-seconds", "1"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    banner = [process.stdout.readline()]
+    while banner[-1] and "scripted faults" not in banner[-1]:
+        banner.append(process.stdout.readline())
+    try:
+        assert banner[0].startswith("creditguard sandbox on http://127.0.0.1:"), banner
+        yield banner[0].split()[3], banner
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+def test_sandbox_command_serves_scripted_faults(sandbox_command: tuple[str, list[str]]) -> None:
+    url, banner = sandbox_command
+    assert "scripted faults: 503 x2, drop x1, 429 x1, wrong-types x1" in banner[-1]
+    assert "latency 0.05s" in banner[-1]
+    with CreditGuard("sk-cli", base_url=url, retry=ONE_TRY, timeout=5.0) as guard:
+        for _ in range(2):
+            with pytest.raises(BalanceUnavailable) as unavailable:
+                guard.balance()
+            assert unavailable.value.status_code == 503
+        with pytest.raises(BalanceUnavailable, match="RemoteProtocolError"):
+            guard.balance()
+        with pytest.raises(RateLimited) as limited:
+            guard.balance()
+        assert limited.value.retry_after == 7
+        with pytest.raises(InvalidResponse):
+            guard.balance()
+        started = time.monotonic()
+        assert guard.balance().total_balance == 30050
+        assert time.monotonic() - started >= 0.05  # the latency asked for
+        stats = httpx.get(f"{url}/sandbox/stats", headers={"Authorization": "Bearer sk-cli"})
+        assert stats.json()["balanceRequests"] == 6
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--fail", "bogus"],
+        ["--fail", "503:0"],
+        ["--latency", "-1"],
+        ["--stall-seconds", "nan"],
+    ],
+)
+def test_sandbox_command_rejects_bad_flags(argv: list[str]) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "creditguard", "sandbox", "--port", "0", *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert "error: argument" in done.stderr

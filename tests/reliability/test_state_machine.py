@@ -1,0 +1,720 @@
+"""Property-based test of the account state machine, driven through the public guard.
+
+A Hypothesis ``RuleBasedStateMachine`` runs one account through random interleavings of
+guarded spends (sync ones in the test's thread, async ones as tasks of an event loop in a
+blocking portal, asyncio or trio), actions that fail, are interrupted or cancelled (inside
+the block, during the admission read, during the refresh after the action), charges by
+someone else, invalidations, TTL expiry (a patched clock) and upstream faults.
+
+Each rule leaves every call either parked inside its guarded block or finished, so the
+interleavings are deterministic. After every step:
+
+* the guard never admits what the account cannot pay when it is the only spender: every
+  paid call it admitted is accepted by the service, and the calls parked in their blocks
+  can all still be paid;
+* the sum of the costs admitted and in flight never exceeds the last balance read at the
+  current generation (and that balance, while fresh, is the service's);
+* the guard's reservations are exactly the costs in flight, zero when nothing is;
+* a completed spend's ``balance_after`` and the next ``balance()`` reflect it;
+* no balance the service never had is cached.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import threading
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import httpx
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
+
+import creditguard._state as state_module
+from creditguard import (
+    BalanceUnavailable,
+    CreditBalance,
+    CreditGuard,
+    InsufficientCredits,
+    RetryPolicy,
+    Spend,
+)
+from creditguard.testing import FakeLensmor
+
+from .support import reads_in_flight
+
+TTL = 30.0
+MAX_OPEN = 6
+WAIT = 5.0  # seconds; only reached if the guard hangs
+FAULT_KINDS: list[tuple[int | str, dict[str, str]]] = [
+    (500, {}),
+    (503, {}),
+    (429, {"Retry-After": "0"}),
+    (429, {"Retry-After": "3600"}),
+    ("drop", {}),
+    ("stall", {}),
+    ("truncated", {}),
+    ("not-json", {}),
+    ("wrong-types", {}),
+]
+
+
+class ActionFailed(Exception):
+    """The guarded action raised."""
+
+
+class PaidCallRefused(Exception):
+    """The service refused the paid call: the account could not pay for it."""
+
+
+class Interrupted(BaseException):
+    """A BaseException inside a sync block (as KeyboardInterrupt would be)."""
+
+
+class AdmissionCancelled(Exception):
+    """Stands for the cancellation of an async caller before it was admitted."""
+
+
+class Clock:
+    """Replaces the state machine's monotonic clock, so the TTL expires on command."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Gate(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """Forwards to the sandbox. While held, async requests wait *before* reaching it (so a
+    cancelled one never does), or with ``stale=True`` get the service's answer at once but
+    are held before it is delivered (so it is stale by then); ``arrivals`` counts the
+    requests that were held."""
+
+    def __init__(self, inner: FakeLensmor) -> None:
+        self.inner = inner.transport
+        self.held: anyio.Event | None = None
+        self.stale = False
+        self.arrivals = 0
+        self._cond = threading.Condition()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        return self.inner.handle_request(request)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        held = self.held
+        if held is None:
+            return await self.inner.handle_async_request(request)
+        error: httpx.HTTPError | None = None
+        if self.stale:
+            try:
+                answer = await self.inner.handle_async_request(request)
+                body = await answer.aread()
+            except httpx.HTTPError as exc:  # a scripted fault: delivered late as well
+                error = exc
+        with self._cond:
+            self.arrivals += 1
+            self._cond.notify_all()
+        await held.wait()
+        if error is not None:
+            raise error
+        if self.stale:
+            return httpx.Response(answer.status_code, headers=answer.headers, content=body)
+        return await self.inner.handle_async_request(request)
+
+    def hold(self, stale: bool = False) -> None:  # in the event loop
+        self.held = anyio.Event()
+        self.stale = stale
+        self.arrivals = 0
+
+    def release(self) -> None:  # in the event loop
+        held, self.held = self.held, None
+        if held is not None:
+            held.set()
+
+    def wait_arrivals(self, n: int) -> None:
+        with self._cond:
+            assert self._cond.wait_for(lambda: self.arrivals >= n, WAIT), self.arrivals
+
+
+Action = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Open:
+    """A guarded call parked inside its block."""
+
+    cost: int
+    spend: Spend
+    mode: str  # "sync" or "async"
+    box: dict[str, Any] = field(default_factory=dict)  # async: send stream, scope
+    done: concurrent.futures.Future[str] | None = None
+
+
+async def _actor(
+    guard: CreditGuard, cost: int, admitted: concurrent.futures.Future[Spend], box: dict[str, Any]
+) -> str:
+    """An async guarded call: admitted, then parked until the test sends its action."""
+    send, receive = anyio.create_memory_object_stream[Action](1)
+    box["send"] = send
+    try:
+        with anyio.CancelScope() as scope:
+            box["scope"] = scope
+            try:
+                async with guard.spend(cost) as spend:
+                    admitted.set_result(spend)
+                    action = await receive.receive()
+                    await action()
+            except BaseException as exc:
+                if not admitted.done():
+                    admitted.set_exception(
+                        exc if isinstance(exc, Exception) else AdmissionCancelled()
+                    )
+                raise
+        return "cancelled" if scope.cancelled_caught else "done"
+    finally:
+        send.close()
+        receive.close()
+
+
+async def _let_others_run() -> None:
+    for _ in range(3):
+        await anyio.lowlevel.checkpoint()
+
+
+class GuardMachine(RuleBasedStateMachine):
+    backend = "asyncio"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self._saved_clock = state_module._monotonic
+        state_module._monotonic = self.clock
+        self.fake = FakeLensmor(subscription_balance=100, gift_balance=20, api_key="sk-machine")
+        self.gate = Gate(self.fake)
+        self.guard = CreditGuard(
+            self.fake.api_key,
+            transport=self.gate,
+            ttl=TTL,
+            timeout=WAIT,
+            retry=RetryPolicy(attempts=2, deadline=WAIT, backoff=0, backoff_max=0),
+        )
+        self.account = self.guard._account
+        self._portal_cm = anyio.from_thread.start_blocking_portal(self.backend)
+        self.portal = self._portal_cm.__enter__()
+        self.opens: dict[int, Open] = {}
+        self.next_id = 0
+        self.tainted = False  # someone else charged and the guard may not know yet
+        self.overspends = 0
+        self.history: set[CreditBalance] = {self.fake.balance}
+        self.stats: dict[str, int] = {}
+
+    # -- the model ---------------------------------------------------------------------
+
+    def note(self, what: str) -> None:
+        self.stats[what] = self.stats.get(what, 0) + 1
+
+    def paid_call(self, cost: int) -> None:
+        """The action's paid call: the service charges, or refuses when it cannot."""
+        try:
+            self.fake.charge(cost)
+        except InsufficientCredits:
+            if not self.tainted:
+                self.overspends += 1
+            raise PaidCallRefused from None
+        self.history.add(self.fake.balance)
+
+    def untaint_if_idle(self) -> None:
+        """With nothing in flight, a balance the guard reads from now on includes every
+        outside charge, so it is again the only spender as far as it can know."""
+        if not self.opens:
+            self.tainted = False
+
+    def pending_faults(self) -> bool:
+        return self.fake.pending_faults > 0
+
+    def in_block(self) -> int:
+        return sum(o.cost for o in self.opens.values())
+
+    def current_generation(self) -> tuple[CreditBalance | None, bool]:
+        """The cached balance if it was read at the current generation, and its freshness."""
+        account = self.account
+        with account.lock:
+            if account.cached is None or account.cached_seq < account.floor:
+                return None, False
+            return account.cached, self.clock() - account.cached_at < TTL
+
+    def admitted(self, cost: int, mode: str, spend: Spend) -> None:
+        assert spend.balance_before is not None
+        if not self.tainted:
+            # Admitted on the true balance, minus exactly what is in flight.
+            assert spend.balance_before == self.fake.balance
+            assert cost <= self.fake.balance.total_balance - self.in_block()
+        self.opens[self.next_id] = Open(cost, spend, mode)
+        self.next_id += 1
+
+    def refused(self, cost: int, exc: BaseException, faults_before: bool) -> None:
+        if isinstance(exc, InsufficientCredits):
+            self.note("denied")
+            assert exc.required == cost > exc.available >= 0
+            if not self.tainted:
+                # Denied on the true balance minus exactly what is in flight: no more.
+                assert exc.balance == self.fake.balance
+                assert exc.available == max(0, self.fake.balance.total_balance - self.in_block())
+        elif isinstance(exc, BalanceUnavailable):
+            self.note("unavailable")
+            assert faults_before, f"unavailable without a fault: {exc!r}"
+        else:
+            raise exc
+
+    def finished(self, spend: Spend, ok: bool, reads_before: int) -> None:
+        if not ok:
+            self.untaint_if_idle()
+            return
+        if spend.balance_after is None:
+            self.note("refresh failed")
+            self.untaint_if_idle()
+            return
+        self.note("spent")
+        # The refresh started after the paid call: it reflects it (and anything before).
+        assert spend.balance_after == self.fake.balance
+        reads = self.fake.balance_requests
+        assert self.guard.balance() == self.fake.balance
+        assert self.fake.balance_requests == reads  # balance() trusted the refresh
+        assert reads > reads_before
+        self.untaint_if_idle()
+
+    # -- rules: guarded calls ----------------------------------------------------------
+
+    @precondition(lambda self: len(self.opens) < MAX_OPEN)
+    @rule(cost=st.integers(0, 40))
+    def begin_sync(self, cost: int) -> None:
+        faults = self.pending_faults()
+        spend = self.guard.spend(cost)
+        try:
+            spend.__enter__()
+        except Exception as exc:
+            self.refused(cost, exc, faults)
+        else:
+            self.admitted(cost, "sync", spend)
+
+    @precondition(lambda self: len(self.opens) < MAX_OPEN)
+    @rule(
+        cost=st.integers(0, 40),
+        variant=st.sampled_from(["plain", "plain", "plain", "cancelled leader", "with waiter"]),
+        leader_cost=st.integers(0, 40),
+    )
+    def begin_async(self, cost: int, variant: str, leader_cost: int) -> None:
+        if variant == "plain":
+            self._begin_async(cost)
+        else:
+            self._cancel_leader(leader_cost, cost if variant == "with waiter" else None)
+
+    def _begin_async(self, cost: int) -> None:
+        faults = self.pending_faults()
+        admitted: concurrent.futures.Future[Spend] = concurrent.futures.Future()
+        box: dict[str, Any] = {}
+        done = self.portal.start_task_soon(_actor, self.guard, cost, admitted, box)
+        try:
+            spend = admitted.result(WAIT)
+        except Exception as exc:
+            done.exception(WAIT)
+            self.refused(cost, exc, faults)
+        else:
+            self.admitted(cost, "async", spend)
+            self.opens[self.next_id - 1].box = box
+            self.opens[self.next_id - 1].done = done
+
+    def _pick(self, index: int) -> tuple[int, Open]:
+        key = sorted(self.opens)[index % len(self.opens)]
+        return key, self.opens.pop(key)
+
+    @precondition(lambda self: any(o.mode == "sync" for o in self.opens.values()))
+    @rule(
+        index=st.integers(0, MAX_OPEN),
+        outcome=st.sampled_from(
+            ["ok", "ok", "raise-after-charge", "raise-before-charge", "interrupt-after-charge"]
+        ),
+    )
+    def finish_sync(self, index: int, outcome: str) -> None:
+        sync = sorted(k for k, o in self.opens.items() if o.mode == "sync")
+        key = sync[index % len(sync)]
+        call = self.opens.pop(key)
+        reads = self.fake.balance_requests
+        ok = False
+        try:
+            if outcome != "raise-before-charge":
+                self.paid_call(call.cost)
+            if outcome == "raise-after-charge" or outcome == "raise-before-charge":
+                raise ActionFailed(outcome)
+            if outcome == "interrupt-after-charge":
+                raise Interrupted
+        except BaseException as exc:
+            self.note(outcome if not isinstance(exc, PaidCallRefused) else "paid call refused")
+            call.spend.__exit__(type(exc), exc, exc.__traceback__)
+        else:
+            call.spend.__exit__(None, None, None)
+            ok = True
+        self.finished(call.spend, ok, reads)
+
+    @precondition(lambda self: any(o.mode == "async" for o in self.opens.values()))
+    @rule(
+        index=st.integers(0, MAX_OPEN),
+        outcome=st.sampled_from(
+            [
+                "ok",
+                "ok",
+                "raise-after-charge",
+                "raise-before-charge",
+                "cancel-after-charge",
+                "cancel-before-charge",
+            ]
+        ),
+    )
+    def finish_async(self, index: int, outcome: str) -> None:
+        _, call = self._pick_async(index)
+        reads = self.fake.balance_requests
+        refused: list[bool] = []
+
+        async def action() -> None:
+            try:
+                if outcome not in ("raise-before-charge", "cancel-before-charge"):
+                    self.paid_call(call.cost)
+            except PaidCallRefused:
+                refused.append(True)
+                raise
+            if outcome.startswith("raise"):
+                raise ActionFailed(outcome)
+            if outcome.startswith("cancel"):
+                call.box["scope"].cancel()
+                await anyio.lowlevel.checkpoint()
+
+        self.portal.call(call.box["send"].send, action)
+        assert call.done is not None
+        error = call.done.exception(WAIT)
+        ok = error is None and call.done.result() == "done"
+        if not ok:
+            self.note("paid call refused" if refused else outcome)
+            assert error is None or isinstance(error, (ActionFailed, PaidCallRefused))
+        self.finished(call.spend, ok, reads)
+
+    def _pick_async(self, index: int) -> tuple[int, Open]:
+        keys = sorted(k for k, o in self.opens.items() if o.mode == "async")
+        key = keys[index % len(keys)]
+        return key, self.opens.pop(key)
+
+    # -- rules: cancellation while a read is in flight ------------------------------------
+
+    def _cancel_leader(self, leader_cost: int, waiter_cost: int | None) -> None:
+        """A caller leads the admission read and is cancelled mid-read; a caller that
+        waited on that read must neither hang nor be cancelled: it reads again."""
+        self.guard.invalidate()  # so that admission has to read
+        self.untaint_if_idle()
+        self.note("cancelled leader" + (" with waiter" if waiter_cost is not None else ""))
+        self.portal.call(self.gate.hold)
+        leader_admitted: concurrent.futures.Future[Spend] = concurrent.futures.Future()
+        leader_box: dict[str, Any] = {}
+        leader = self.portal.start_task_soon(
+            _actor, self.guard, leader_cost, leader_admitted, leader_box
+        )
+        self.gate.wait_arrivals(1)  # the leader's read is in flight (and held)
+        waiter_admitted: concurrent.futures.Future[Spend] = concurrent.futures.Future()
+        waiter_box: dict[str, Any] = {}
+        waiter = None
+        faults = self.pending_faults()
+        if waiter_cost is not None:
+            waiter = self.portal.start_task_soon(
+                _actor, self.guard, waiter_cost, waiter_admitted, waiter_box
+            )
+            self.portal.call(_let_others_run)  # the waiter joins the leader's read
+        self.portal.call(leader_box["scope"].cancel)
+        assert leader.result(WAIT) == "cancelled"
+        with pytest.raises(AdmissionCancelled):
+            leader_admitted.result(0)
+        if waiter is not None:
+            self.gate.wait_arrivals(2)  # the waiter leads a new read
+        self.portal.call(self.gate.release)
+        if waiter is not None:
+            assert waiter_cost is not None
+            try:
+                spend = waiter_admitted.result(WAIT)
+            except Exception as exc:
+                waiter.exception(WAIT)
+                self.refused(waiter_cost, exc, faults)
+            else:
+                self.admitted(waiter_cost, "async", spend)
+                self.opens[self.next_id - 1].box = waiter_box
+                self.opens[self.next_id - 1].done = waiter
+
+    @precondition(lambda self: any(o.mode == "async" for o in self.opens.values()))
+    @rule(index=st.integers(0, MAX_OPEN))
+    def cancel_during_refresh(self, index: int) -> None:
+        """The action was paid, then the caller is cancelled during the refresh."""
+        key, call = self._pick_async(index)
+        if call.cost > self.fake.balance.total_balance:  # its paid call would be refused
+            self.opens[key] = call
+            return
+        self.note("cancelled during refresh")
+        self.portal.call(self.gate.hold)
+
+        async def action() -> None:
+            self.paid_call(call.cost)
+
+        self.portal.call(call.box["send"].send, action)
+        self.gate.wait_arrivals(1)  # the refresh after the action is in flight
+        self.portal.call(call.box["scope"].cancel)
+        assert call.done is not None
+        assert call.done.result(WAIT) == "cancelled"
+        self.portal.call(self.gate.release)
+        assert call.spend.balance_after is None
+        self.untaint_if_idle()
+
+    # -- rules: the world ---------------------------------------------------------------
+
+    @rule(
+        event=st.sampled_from(
+            [
+                "outside charge",
+                "invalidate",
+                "outside charge and invalidate",
+                "ttl expires",
+                "sync call fails after paying",
+                "async call fails after paying",
+                "async call spends",
+                "async admission waits, outside charge and invalidate",
+            ]
+        ),
+        index=st.integers(0, MAX_OPEN),
+        credits=st.integers(1, 60),
+        cost=st.integers(0, 40),
+    )
+    def straddling_read(self, event: str, index: int, credits: int, cost: int) -> None:
+        """A balance read is answered, then delayed; meanwhile the balance changes (or the
+        guard is told it may have). When the stale answer arrives it must not be trusted
+        beyond what the guard still reserves."""
+        faults = self.pending_faults()
+        if event.startswith("async admission"):
+            # No usable cache: the caller's admission must wait on the read in flight.
+            self.guard.invalidate()
+            self.untaint_if_idle()
+        self.portal.call(lambda: self.gate.hold(stale=True))
+        reader = self.portal.start_task_soon(lambda: self.guard.abalance(refresh=True))
+        self.gate.wait_arrivals(1)
+        waiting: Open | None = None
+        joining: tuple[concurrent.futures.Future[Spend], concurrent.futures.Future[str]] | None
+        joining = None
+        box: dict[str, Any] = {}
+        reads = self.fake.balance_requests
+        sync_calls = [k for k, o in self.opens.items() if o.mode == "sync"]
+        async_calls = [k for k, o in self.opens.items() if o.mode == "async"]
+        if event.startswith("sync call") and sync_calls:
+            call = self.opens.pop(sync_calls[index % len(sync_calls)])
+            self.note(f"straddled: {event}")
+            with contextlib.suppress(PaidCallRefused):
+                self.paid_call(call.cost)
+            call.spend.__exit__(ActionFailed, ActionFailed(event), None)  # reads nothing
+            self.untaint_if_idle()
+        elif event.startswith("async call") and async_calls:
+            waiting = self.opens.pop(async_calls[index % len(async_calls)])
+            self.note(f"straddled: {event}")
+            fails = "fails" in event
+
+            async def action() -> None:
+                self.paid_call(waiting.cost)
+                if fails:
+                    raise ActionFailed(event)
+
+            self.portal.call(waiting.box["send"].send, action)
+            self.portal.call(_let_others_run)  # its refresh waits for the stale read
+        else:
+            self.note(f"straddled: {event}")
+            if event.startswith("async admission") and len(self.opens) < MAX_OPEN:
+                admitted: concurrent.futures.Future[Spend] = concurrent.futures.Future()
+                done = self.portal.start_task_soon(_actor, self.guard, cost, admitted, box)
+                joining = admitted, done
+                self.portal.call(_let_others_run)  # it waits on the stale read
+            if "outside charge" in event:
+                credits = min(credits, self.fake.balance.total_balance)
+                if credits:
+                    self.fake.charge(credits)
+                    self.history.add(self.fake.balance)
+                    self.tainted = True
+            if "invalidate" in event:
+                self.guard.invalidate()
+                self.untaint_if_idle()
+            if event == "ttl expires":
+                self.clock.now += TTL + 1
+                self.untaint_if_idle()
+        self.portal.call(self.gate.release)
+        error = reader.exception(WAIT)
+        if error is not None:
+            assert isinstance(error, BalanceUnavailable), repr(error)
+            assert faults
+        else:
+            assert reader.result() in self.history
+        if waiting is not None:
+            assert waiting.done is not None
+            failed = waiting.done.exception(WAIT)
+            self.finished(waiting.spend, failed is None, reads)
+        if joining is not None:
+            admitted, done = joining
+            try:
+                spend = admitted.result(WAIT)
+            except Exception as exc:
+                done.exception(WAIT)
+                self.refused(cost, exc, faults)
+            else:
+                self.admitted(cost, "async", spend)
+                self.opens[self.next_id - 1].box = box
+                self.opens[self.next_id - 1].done = done
+
+    @rule(
+        event=st.sampled_from(
+            ["outside charge", "invalidate", "ttl expires", "fault", "fault", "recovers"]
+        ),
+        credits=st.integers(1, 60),
+        fault=st.sampled_from(FAULT_KINDS),
+        times=st.integers(1, 3),
+    )
+    def world(
+        self, event: str, credits: int, fault: tuple[int | str, dict[str, str]], times: int
+    ) -> None:
+        """Someone else charges, the guard is invalidated, the TTL runs out, the service
+        starts failing (``times`` requests in a row) or recovers."""
+        if event == "outside charge":
+            credits = min(credits, self.fake.balance.total_balance)
+            if credits:
+                self.fake.charge(credits)
+                self.history.add(self.fake.balance)
+                self.tainted = True
+                self.note(event)
+        elif event == "invalidate":
+            self.guard.invalidate()
+            self.untaint_if_idle()
+        elif event == "ttl expires":
+            self.clock.now += TTL + 1
+            self.untaint_if_idle()
+        elif event == "fault":
+            kind, headers = fault
+            self.fake.fail_next(kind, times=times, headers=headers)  # type: ignore[arg-type]
+        else:
+            self.fake.clear_faults()
+
+    @rule(mode=st.sampled_from(["sync", "async", "sync-refresh", "async-refresh"]))
+    def read_balance(self, mode: str) -> None:
+        faults = self.pending_faults()
+        refresh = mode.endswith("refresh")
+        try:
+            if mode.startswith("sync"):
+                balance = self.guard.balance(refresh=refresh)
+            else:
+                balance = self.portal.call(lambda: self.guard.abalance(refresh=refresh))
+        except BalanceUnavailable:
+            assert faults
+            return
+        assert balance in self.history
+        if refresh or not self.tainted:
+            assert balance == self.fake.balance
+        if refresh:
+            self.untaint_if_idle()
+
+    # -- invariants ---------------------------------------------------------------------
+
+    @invariant()
+    def never_overspends(self) -> None:
+        assert self.overspends == 0
+        if not self.tainted:
+            # Every call parked in its block can still be paid.
+            assert self.in_block() <= self.fake.balance.total_balance
+
+    @invariant()
+    def in_flight_within_the_current_balance(self) -> None:
+        balance, fresh = self.current_generation()
+        if balance is not None and not self.tainted:
+            assert self.in_block() <= balance.total_balance
+            if fresh:
+                assert balance == self.fake.balance
+
+    @invariant()
+    def reservations_match_calls_in_flight(self) -> None:
+        cached, reserved, inflight = self.account.snapshot()
+        assert reserved == self.in_block()
+        assert inflight == len(self.opens)
+        if not self.opens:
+            assert (reserved, inflight) == (0, 0)
+        assert reads_in_flight(self.guard) == 0  # no read left behind
+        assert cached is None or cached in self.history
+
+    # -- teardown ------------------------------------------------------------------------
+
+    def teardown(self) -> None:
+        try:
+            for call in list(self.opens.values()):
+                if call.mode == "sync":
+                    call.spend.__exit__(Interrupted, Interrupted(), None)
+                else:
+                    self.portal.call(call.box["scope"].cancel)
+                    assert call.done is not None
+                    call.done.result(WAIT)
+            self.opens.clear()
+            _, reserved, inflight = self.account.snapshot()
+            assert (reserved, inflight) == (0, 0)
+        finally:
+            # Whatever a failed step left behind: free the held reads, cancel the tasks.
+            self.portal.call(self.gate.release)
+            self.portal.call(self.guard.aclose)
+            self.portal.call(self.portal.stop, True)
+            self._portal_cm.__exit__(None, None, None)
+            self.guard.close()
+            state_module._monotonic = self._saved_clock
+            STATS.update({k: STATS.get(k, 0) + v for k, v in self.stats.items()})
+
+
+STATS: dict[str, int] = {}
+
+MACHINE_SETTINGS = settings(
+    max_examples=300,
+    stateful_step_count=50,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+
+
+def test_guard_state_machine(anyio_backend: str) -> None:
+    machine = type(f"GuardMachine_{anyio_backend}", (GuardMachine,), {"backend": anyio_backend})
+    STATS.clear()
+    run_state_machine_as_test(machine, settings=MACHINE_SETTINGS)
+    # The interesting paths were all taken (the examples are derandomized: stable).
+    for path in (
+        "spent",
+        "denied",
+        "unavailable",
+        "refresh failed",
+        "outside charge",
+        "cancelled leader with waiter",
+        "cancelled during refresh",
+        "cancel-after-charge",
+        "interrupt-after-charge",
+        "raise-after-charge",
+        "straddled: outside charge and invalidate",
+        "straddled: async call spends",
+        "straddled: sync call fails after paying",
+        "straddled: async admission waits, outside charge and invalidate",
+    ):
+        assert STATS.get(path, 0) > 0, (path, sorted(STATS.items()))
+    print(anyio_backend, STATS)
