@@ -63,7 +63,9 @@ def test_base_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert CreditGuard("k", base_url="https://x.test").base_url == "https://x.test"
 
 
-@pytest.mark.parametrize("url", ["http://platform.lensmor.com", "http://10.0.0.5:8080"])
+@pytest.mark.parametrize(
+    "url", ["http://platform.lensmor.com", "http://10.0.0.5:8080", "http://evil.localhost:80"]
+)
 def test_plain_http_to_remote_host_refused(url: str) -> None:
     with pytest.raises(InsecureTransportError, match="allow_insecure_http"):
         CreditGuard("k", base_url=url)
