@@ -588,6 +588,14 @@ def _record_overhead(
         rec.add(scenario, f"{name}_logic", logic, "us/call")
 
 
+def _overhead_guards(upstream: StaticUpstream) -> dict[str, CreditGuard]:
+    """One guard per library variant, all on the same in-memory upstream."""
+    return {
+        name: factory(api_key=API_KEY, base_url=BASE_URL, transport=upstream.transport, ttl=TTL)
+        for name, factory in GUARDS.items()
+    }
+
+
 def bench_overhead_sync(settings: Settings, rec: Recorder) -> None:
     upstream = StaticUpstream()
     client = httpx.Client(transport=upstream.transport)
@@ -599,10 +607,8 @@ def bench_overhead_sync(settings: Settings, rec: Recorder) -> None:
         "naive": NaiveGuard(reader).requires_credits(1)(_noop),
         "cachetools": CachetoolsGuard(reader).requires_credits(1)(_noop),
     }
-    guards: list[CreditGuard] = []
-    for name, factory in GUARDS.items():
-        guard = factory(api_key=API_KEY, base_url=BASE_URL, transport=upstream.transport, ttl=TTL)
-        guards.append(guard)
+    guards = _overhead_guards(upstream)
+    for name, guard in guards.items():
         variants[name] = guard.requires_credits(1)(_noop)
         # The guard's own balance read (no admission): its read path vs a plain httpx GET.
         variants[f"{name}_read"] = functools.partial(guard.balance, refresh=True)
@@ -621,7 +627,7 @@ def bench_overhead_sync(settings: Settings, rec: Recorder) -> None:
                 reads[name] = (upstream.requests - before) / n
             _record_overhead(rec, "overhead_sync", timings, reads)
     finally:
-        for guard in guards:
+        for guard in guards.values():
             guard.close()
         client.close()
 
@@ -637,12 +643,8 @@ async def _overhead_async(settings: Settings, rec: Recorder, scenario: str) -> N
             "naive": AsyncNaiveGuard(reader).requires_credits(1)(_anoop),
             "cachetools": AsyncCachetoolsGuard(reader).requires_credits(1)(_anoop),
         }
-        guards: list[CreditGuard] = []
-        for name, factory in GUARDS.items():
-            guard = factory(
-                api_key=API_KEY, base_url=BASE_URL, transport=upstream.transport, ttl=TTL
-            )
-            guards.append(guard)
+        guards = _overhead_guards(upstream)
+        for name, guard in guards.items():
             variants[name] = guard.requires_credits(1)(_anoop)
             variants[f"{name}_read"] = functools.partial(guard.abalance, refresh=True)
         n = settings.overhead_calls
@@ -660,7 +662,7 @@ async def _overhead_async(settings: Settings, rec: Recorder, scenario: str) -> N
                     reads[name] = (upstream.requests - before) / n
                 _record_overhead(rec, scenario, timings, reads)
         finally:
-            for guard in guards:
+            for guard in guards.values():
                 await guard.aclose()
 
 
