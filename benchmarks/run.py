@@ -274,9 +274,48 @@ class AsyncBalanceReader:
 
 
 class FloorReader:
-    """The cheapest balance read httpx allows: a request built once and re-sent with
-    ``client.send``, the body parsed with ``json.loads``. The guard's own logic is what a
-    guarded call costs beyond the action and this many reads."""
+    """The cheapest balance read httpx allows: a request built once and handed to the
+    transport (``transport.handle_request``, httpx's transport API), the body streamed with
+    ``iter_bytes`` and parsed with ``json.loads``. creditguard reads the same way, so the
+    guard's own logic is what a guarded call costs beyond the action and this many reads.
+    """
+
+    def __init__(self, transport: httpx.BaseTransport, base_url: str, api_key: str = API_KEY):
+        self._transport = transport
+        self._request = httpx.Request("GET", base_url + BALANCE_PATH, headers=auth_headers(api_key))
+
+    def read(self) -> int:
+        response = self._transport.handle_request(self._request)
+        try:
+            body = b"".join(response.iter_bytes())
+        finally:
+            response.close()
+        if response.status_code != 200:
+            raise RuntimeError(f"balance read answered {response.status_code}")
+        return int(json.loads(body)["totalBalance"])
+
+
+class AsyncFloorReader:
+    def __init__(
+        self, transport: httpx.AsyncBaseTransport, base_url: str, api_key: str = API_KEY
+    ) -> None:
+        self._transport = transport
+        self._request = httpx.Request("GET", base_url + BALANCE_PATH, headers=auth_headers(api_key))
+
+    async def read(self) -> int:
+        response = await self._transport.handle_async_request(self._request)
+        try:
+            body = b"".join([chunk async for chunk in response.aiter_bytes()])
+        finally:
+            await response.aclose()
+        if response.status_code != 200:
+            raise RuntimeError(f"balance read answered {response.status_code}")
+        return int(json.loads(body)["totalBalance"])
+
+
+class SendReader:
+    """A balance read through ``httpx.Client.send`` with a request built once: the
+    cheapest read through the client layer (cookies, auth, redirects, event hooks)."""
 
     def __init__(self, client: httpx.Client, base_url: str, api_key: str = API_KEY) -> None:
         self._client = client
@@ -290,7 +329,7 @@ class FloorReader:
         return int(json.loads(response.content)["totalBalance"])
 
 
-class AsyncFloorReader:
+class AsyncSendReader:
     def __init__(self, client: httpx.AsyncClient, base_url: str, api_key: str = API_KEY) -> None:
         self._client = client
         self._request = client.build_request(
@@ -602,7 +641,8 @@ def bench_overhead_sync(settings: Settings, rec: Recorder) -> None:
     reader = BalanceReader(client, BASE_URL)
     variants: dict[str, SyncCall] = {
         "bare": _noop,
-        "http_read": FloorReader(client, BASE_URL).read,
+        "http_read": FloorReader(upstream.transport, BASE_URL).read,
+        "http_send": SendReader(client, BASE_URL).read,
         "http_get": reader.read,
         "naive": NaiveGuard(reader).requires_credits(1)(_noop),
         "cachetools": CachetoolsGuard(reader).requires_credits(1)(_noop),
@@ -638,7 +678,8 @@ async def _overhead_async(settings: Settings, rec: Recorder, scenario: str) -> N
         reader = AsyncBalanceReader(client, BASE_URL)
         variants: dict[str, AsyncCall] = {
             "bare": _anoop,
-            "http_read": AsyncFloorReader(client, BASE_URL).read,
+            "http_read": AsyncFloorReader(upstream.transport, BASE_URL).read,
+            "http_send": AsyncSendReader(client, BASE_URL).read,
             "http_get": reader.read,
             "naive": AsyncNaiveGuard(reader).requires_credits(1)(_anoop),
             "cachetools": AsyncCachetoolsGuard(reader).requires_credits(1)(_anoop),

@@ -116,20 +116,16 @@ class _Retry(Exception):
         self.cause = cause
 
 
-def _redact(exc: BaseException) -> None:
-    """Give an httpx exception a copy of its request without the Authorization header.
+def _redact(exc: BaseException, sent: httpx.Request) -> None:
+    """Give an httpx error the request it was about, without the Authorization header.
 
-    (The request itself is shared by later reads, so it is replaced, not edited.)
+    (Transports raise errors without their request; the one sent is shared by later
+    reads, so the error gets a scrubbed copy, never the original.)
     """
     if isinstance(exc, httpx.RequestError):
-        try:
-            request = exc.request
-        except RuntimeError:
-            return
-        if "authorization" in request.headers:
-            headers = request.headers.copy()
-            headers["authorization"] = _REDACTED
-            exc.request = httpx.Request(request.method, request.url, headers=headers)
+        headers = sent.headers.copy()
+        headers["authorization"] = _REDACTED
+        exc.request = httpx.Request(sent.method, sent.url, headers=headers)
 
 
 class _Attempts:
@@ -283,15 +279,15 @@ class _Reader:
 
     @staticmethod
     def parse(body: bytes | bytearray) -> CreditBalance:
-        try:
-            data: Any = json.loads(body)
+        try:  # JSON on the wire is UTF-8 (RFC 8259); decoding it here skips json's sniffing
+            data: Any = json.loads(body.decode())
         except (ValueError, RecursionError):
             raise InvalidResponse("balance response is not valid JSON") from None
         return CreditBalance.from_api(data)
 
     @staticmethod
-    def transport_error(exc: httpx.HTTPError) -> _Retry:
-        _redact(exc)
+    def transport_error(exc: httpx.HTTPError, sent: httpx.Request) -> _Retry:
+        _redact(exc, sent)
         if isinstance(exc, httpx.TimeoutException):
             message = f"the credits service did not answer in time ({type(exc).__name__})"
         else:
@@ -299,14 +295,21 @@ class _Reader:
         return _Retry(BalanceUnavailable(message), cause=exc)
 
 
-def _raise_unexpected(exc: httpx.HTTPError) -> NoReturn:
+def _raise_unexpected(exc: httpx.HTTPError, sent: httpx.Request) -> NoReturn:
     """Other httpx errors (e.g. a body that fails to decode): not the documented answer."""
-    _redact(exc)
+    _redact(exc, sent)
     raise InvalidResponse(f"balance read failed ({type(exc).__name__})") from exc
 
 
 class BalanceClient:
-    """Sync balance reads over one ``httpx.Client`` (thread-safe, created on first use)."""
+    """Sync balance reads over one httpx transport (thread-safe, created on first use).
+
+    The request goes straight to the transport (``httpx.HTTPTransport``, or the one the
+    guard was given): a balance read uses none of what ``httpx.Client`` adds around it
+    (cookie jar, auth flows, redirects, event hooks), and that layer costs more CPU per
+    read than the rest of the read together. No cookie jar also means nothing an answer
+    sets can reach the requests of another key.
+    """
 
     def __init__(
         self,
@@ -317,30 +320,24 @@ class BalanceClient:
         missing: bool = False,
     ) -> None:
         self._reader = reader
-        self._transport = transport
+        self._given = transport
         self._verify = verify
         self._missing = missing
-        self._client: httpx.Client | None = None
+        self._transport: httpx.BaseTransport | None = transport
         self._lock = threading.Lock()
 
-    def _get_client(self) -> httpx.Client:
-        client = self._client
-        if client is None:
+    def _get_transport(self) -> httpx.BaseTransport:
+        transport = self._transport
+        if transport is None:
             if self._missing:
                 raise TypeError(
                     "the transport given to CreditGuard is async-only; sync calls need one"
                 )
             with self._lock:
-                if self._client is None:
-                    self._client = httpx.Client(
-                        transport=self._transport,
-                        verify=self._verify,
-                        timeout=self._reader.timeout,
-                        follow_redirects=False,
-                        trust_env=False,
-                    )
-                client = self._client
-        return client
+                if self._transport is None:
+                    self._transport = httpx.HTTPTransport(verify=self._verify, trust_env=False)
+                transport = self._transport
+        return transport
 
     def read(self, request: httpx.Request) -> CreditBalance:
         """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying."""
@@ -354,10 +351,11 @@ class BalanceClient:
 
     def _attempt(self, attempts: _Attempts, request: httpx.Request) -> CreditBalance:
         reader = self._reader
-        client = self._get_client()
+        transport = self._get_transport()
         body = bytearray()
+        sent = reader.for_attempt(request, attempts)
         try:
-            response = client.send(reader.for_attempt(request, attempts), stream=True)
+            response = transport.handle_request(sent)
             try:
                 reader.check_status(response)
                 for chunk in response.iter_bytes():
@@ -367,26 +365,30 @@ class BalanceClient:
             finally:
                 response.close()
         except httpx.TransportError as exc:
-            raise reader.transport_error(exc) from None
+            raise reader.transport_error(exc, sent) from None
         except (CreditGuardError, _Retry):
             raise
         except httpx.HTTPError as exc:
-            _raise_unexpected(exc)
+            _raise_unexpected(exc, sent)
         return reader.parse(body)
 
     def close(self) -> None:
+        """Close the transport (the guard's own, or the one it was given, as
+        ``httpx.Client`` would); a later read opens a new one of its own or reuses the
+        given one."""
         with self._lock:
-            client, self._client = self._client, None
-        if client is not None:
-            client.close()
+            transport, self._transport = self._transport, self._given
+        if transport is not None:
+            transport.close()
 
 
 class AsyncBalanceClient:
-    """Async balance reads over ``httpx.AsyncClient``, one client per event loop.
+    """Async balance reads over an httpx async transport, one per event loop.
 
-    An ``httpx.AsyncClient`` belongs to the loop it first ran on; a guard used from
-    ``anyio.run`` twice, from pytest's per-test loops or from loops in several threads
-    gets a client for each live loop (dropped with the loop).
+    The guard's own ``httpx.AsyncHTTPTransport`` holds connections of the loop it first
+    ran on; a guard used from ``anyio.run`` twice, from pytest's per-test loops or from
+    loops in several threads gets one for each live loop (dropped with the loop). A
+    transport the guard was given is used from every loop, as given.
     """
 
     def __init__(
@@ -398,33 +400,28 @@ class AsyncBalanceClient:
         missing: bool = False,
     ) -> None:
         self._reader = reader
-        self._transport = transport
+        self._given = transport
         self._verify = verify
         self._missing = missing
-        self._clients: weakref.WeakKeyDictionary[object, httpx.AsyncClient] = (
+        self._transports: weakref.WeakKeyDictionary[object, httpx.AsyncBaseTransport] = (
             weakref.WeakKeyDictionary()
         )
         self._lock = threading.Lock()
 
-    def _get_client(self) -> httpx.AsyncClient:
+    def _get_transport(self) -> httpx.AsyncBaseTransport:
+        given = self._given
+        if given is not None:
+            return given
+        if self._missing:
+            raise TypeError("the transport given to CreditGuard is sync-only; async calls need one")
         # asyncio's running loop is a cheap C call; anything else asks anyio.
         loop: object = asyncio._get_running_loop() or anyio.lowlevel.current_token().native_token
-        client = self._clients.get(loop)
-        if client is None:
-            if self._missing:
-                raise TypeError(
-                    "the transport given to CreditGuard is sync-only; async calls need one"
-                )
-            client = httpx.AsyncClient(
-                transport=self._transport,
-                verify=self._verify,
-                timeout=self._reader.timeout,
-                follow_redirects=False,
-                trust_env=False,
-            )
+        transport = self._transports.get(loop)
+        if transport is None:
+            transport = httpx.AsyncHTTPTransport(verify=self._verify, trust_env=False)
             with self._lock:
-                client = self._clients.setdefault(loop, client)
-        return client
+                transport = self._transports.setdefault(loop, transport)
+        return transport
 
     async def read(self, request: httpx.Request) -> CreditBalance:
         """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying."""
@@ -438,10 +435,11 @@ class AsyncBalanceClient:
 
     async def _attempt(self, attempts: _Attempts, request: httpx.Request) -> CreditBalance:
         reader = self._reader
-        client = self._get_client()
+        transport = self._get_transport()
         body = bytearray()
+        sent = reader.for_attempt(request, attempts)
         try:
-            response = await client.send(reader.for_attempt(request, attempts), stream=True)
+            response = await transport.handle_async_request(sent)
             try:
                 reader.check_status(response)
                 async for chunk in response.aiter_bytes():
@@ -451,23 +449,26 @@ class AsyncBalanceClient:
             finally:
                 await response.aclose()
         except httpx.TransportError as exc:
-            raise reader.transport_error(exc) from None
+            raise reader.transport_error(exc, sent) from None
         except (CreditGuardError, _Retry):
             raise
         except httpx.HTTPError as exc:
-            _raise_unexpected(exc)
+            _raise_unexpected(exc, sent)
         return reader.parse(body)
 
     async def aclose(self) -> None:
-        """Close the client of the current loop; drop the others (their loops are gone)."""
+        """Close the transport of the current loop (or the given one); drop the others
+        (their loops are gone)."""
         loop = anyio.lowlevel.current_token().native_token
         with self._lock:
-            client = self._clients.pop(loop, None)
-            self._clients.clear()
-        if client is not None:
-            await client.aclose()
+            transport = self._transports.pop(loop, None)
+            self._transports.clear()
+        if transport is None:
+            transport = self._given
+        if transport is not None:
+            await transport.aclose()
 
     def drop(self) -> None:
-        """Forget every per-loop client (for sync ``close()``, which cannot await)."""
+        """Forget every per-loop transport (for sync ``close()``, which cannot await)."""
         with self._lock:
-            self._clients.clear()
+            self._transports.clear()
