@@ -41,6 +41,7 @@ MAX_BODY_BYTES = 64 * 1024
 _MAX_RETRY_AFTER = 1e9  # seconds; anything larger is "much too long" all the same
 _REDACTED = "Bearer [redacted]"
 USER_AGENT = "creditguard (python-httpx)"
+_monotonic = time.monotonic
 
 
 @dataclass(frozen=True)
@@ -131,16 +132,16 @@ def _redact(exc: BaseException, sent: httpx.Request) -> None:
 class _Attempts:
     """Bookkeeping of one read's attempts and time budget (no I/O, no waiting)."""
 
-    __slots__ = ("_deadline", "_policy", "made")
+    __slots__ = ("_policy", "deadline", "made")
 
     def __init__(self, policy: RetryPolicy) -> None:
         self._policy = policy
-        self._deadline = time.monotonic() + policy.deadline
+        self.deadline = time.monotonic() + policy.deadline
         self.made = 0
 
     def capped(self, configured: httpx.Timeout) -> httpx.Timeout:
         """The configured timeouts, capped by what is left of the deadline."""
-        left = max(0.001, self._deadline - time.monotonic())
+        left = max(0.001, self.deadline - time.monotonic())
         return httpx.Timeout(
             connect=_cap(configured.connect, left),
             read=_cap(configured.read, left),
@@ -149,7 +150,7 @@ class _Attempts:
         )
 
     def remaining(self) -> float:
-        return self._deadline - time.monotonic()
+        return self.deadline - time.monotonic()
 
     def delay(self, retry: _Retry) -> float:
         """Seconds to wait before the next attempt, or raise the final error."""
@@ -272,13 +273,18 @@ class _Reader:
         raise error
 
     @staticmethod
-    def add_chunk(body: bytearray, chunk: bytes) -> None:
-        body += chunk
-        if len(body) > MAX_BODY_BYTES:
+    def add_chunk(chunks: list[bytes], size: int, chunk: bytes, deadline: float) -> int:
+        """Keep ``chunk``; the body's new size. Enforces the size cap and the deadline."""
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
             raise InvalidResponse(f"balance response is larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(chunk)
+        if _monotonic() >= deadline:
+            raise httpx.ReadTimeout("balance read exceeded its deadline")
+        return size
 
     @staticmethod
-    def parse(body: bytes | bytearray) -> CreditBalance:
+    def parse(body: bytes) -> CreditBalance:
         try:  # JSON on the wire is UTF-8 (RFC 8259); decoding it here skips json's sniffing
             data: Any = json.loads(body.decode())
         except (ValueError, RecursionError):
@@ -352,16 +358,17 @@ class BalanceClient:
     def _attempt(self, attempts: _Attempts, request: httpx.Request) -> CreditBalance:
         reader = self._reader
         transport = self._get_transport()
-        body = bytearray()
+        chunks: list[bytes] = []
+        size = 0
+        add_chunk = reader.add_chunk
+        deadline = attempts.deadline
         sent = reader.for_attempt(request, attempts)
         try:
             response = transport.handle_request(sent)
             try:
                 reader.check_status(response)
                 for chunk in response.iter_bytes():
-                    reader.add_chunk(body, chunk)
-                    if attempts.remaining() <= 0:
-                        raise httpx.ReadTimeout("balance read exceeded its deadline")
+                    size = add_chunk(chunks, size, chunk, deadline)
             finally:
                 response.close()
         except httpx.TransportError as exc:
@@ -370,7 +377,7 @@ class BalanceClient:
             raise
         except httpx.HTTPError as exc:
             _raise_unexpected(exc, sent)
-        return reader.parse(body)
+        return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def close(self) -> None:
         """Close the transport (the guard's own, or the one it was given, as
@@ -436,16 +443,17 @@ class AsyncBalanceClient:
     async def _attempt(self, attempts: _Attempts, request: httpx.Request) -> CreditBalance:
         reader = self._reader
         transport = self._get_transport()
-        body = bytearray()
+        chunks: list[bytes] = []
+        size = 0
+        add_chunk = reader.add_chunk
+        deadline = attempts.deadline
         sent = reader.for_attempt(request, attempts)
         try:
             response = await transport.handle_async_request(sent)
             try:
                 reader.check_status(response)
                 async for chunk in response.aiter_bytes():
-                    reader.add_chunk(body, chunk)
-                    if attempts.remaining() <= 0:
-                        raise httpx.ReadTimeout("balance read exceeded its deadline")
+                    size = add_chunk(chunks, size, chunk, deadline)
             finally:
                 await response.aclose()
         except httpx.TransportError as exc:
@@ -454,7 +462,7 @@ class AsyncBalanceClient:
             raise
         except httpx.HTTPError as exc:
             _raise_unexpected(exc, sent)
-        return reader.parse(body)
+        return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     async def aclose(self) -> None:
         """Close the transport of the current loop (or the given one); drop the others

@@ -297,11 +297,11 @@ class Account:
         self.settling = waiting
 
     def _release(self, settlement: Settlement) -> None:
-        settlement.released = True
         self.reserved -= settlement.cost
         self.inflight -= 1
         if settlement.after > self.floor:
             self.floor = settlement.after
+        settlement.released = True
 
     def begin_settle(self, cost: int) -> tuple[Settlement, tuple[Flight, bool]]:
         """An action that reserved ``cost`` finished: hold the reservation until a read
@@ -315,6 +315,8 @@ class Account:
     def end_settle(self, settlement: Settlement, *, failed: bool = False) -> None:
         """The caller saw its refresh (or its failure): release if a read has not yet, and
         on failure distrust every older read."""
+        if settlement.released and not failed:
+            return  # the read that included it released it (set last, under the lock)
         with self.lock:
             if not settlement.released:
                 self.settling.remove(settlement)
