@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from creditguard import CreditBalance, CreditGuard, InvalidResponse, RetryPolicy, parse_retry_after
-from creditguard._client import _Reader
+from creditguard._client import _loads, _Reader
 
 FIELDS = (
     "totalAmount",
@@ -126,6 +126,38 @@ def test_balance_body_raises_only_invalid_response(body: bytes) -> None:
     except InvalidResponse:
         return
     assert isinstance(balance, CreditBalance)
+
+
+def _outcome(parse: Any, text: str) -> tuple[str, str]:
+    try:
+        return "ok", json.dumps(parse(text), sort_keys=True)
+    except RecursionError:
+        return "error", "RecursionError"
+    except ValueError:
+        return "error", "ValueError"
+
+
+@FUZZ
+@given(
+    st.one_of(
+        json_values.map(json.dumps),
+        st.tuples(st.sampled_from(["", " ", "\n\t", "x", "{}", "]"]), json_values).map(
+            lambda p: p[0] + json.dumps(p[1]) + p[0]
+        ),
+        st.text(max_size=40),
+    )
+)
+@example(" {}")
+@example("{} ")
+@example("{}x")
+@example("{} {}")
+@example("\ufeff{}")
+@example("")
+def test_fast_json_decode_agrees_with_json_loads(text: str) -> None:
+    """The reader's JSON decoding answers exactly what ``json.loads`` answers, errors too."""
+    assert _outcome(lambda t: _loads(t.encode("utf-8", "surrogatepass")), text) == _outcome(
+        json.loads, text
+    )
 
 
 @settings(FUZZ, max_examples=60)
