@@ -7,7 +7,8 @@ Usage::
 
 Three panels: upstream reads per guarded call against concurrency (log-log), the
 sequential per-call time of each variant next to ``bare`` (overhead_sync and
-overhead_async), and end-to-end throughput over loopback HTTP. The data extraction
+overhead_async), and end-to-end throughput over loopback HTTP relative to the bare action
+at each concurrency. The data extraction
 functions do not need matplotlib (the smoke test uses them).
 """
 
@@ -79,13 +80,37 @@ def throughput_series(data: dict[str, Any]) -> dict[str, list[tuple[str, float, 
     return out
 
 
+E2E_VARIANTS = ("naive", "cachetools", "one_read")
+
+
+def relative_throughput(data: dict[str, Any]) -> dict[str, list[tuple[str, float]]]:
+    """``{variant: [(level, median throughput / bare's median at that level), ...]}`` for
+    the hand-written guards, ``one_read`` and every guard flavour, levels in run order."""
+    flavours = data.get("run", {}).get("guards") or ["creditguard"]
+    out: dict[str, list[tuple[str, float]]] = {}
+    for level, rows in throughput_series(data).items():
+        medians = {variant: median for variant, median, _, _ in rows}
+        bare = medians.get("bare")
+        if not bare:
+            continue
+        for variant in (*E2E_VARIANTS, *flavours):
+            if variant in medians:
+                out.setdefault(variant, []).append((level, medians[variant] / bare))
+    return out
+
+
 def render(data: dict[str, Any], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    colours = {"bare": "#7f7f7f", "naive": "#d62728", "cachetools": "#ff7f0e"}
+    colours = {
+        "bare": "#7f7f7f",
+        "naive": "#d62728",
+        "cachetools": "#ff7f0e",
+        "one_read": "#c7c7c7",
+    }
     flavours = data.get("run", {}).get("guards") or ["creditguard"]
     palette = ["#1f77b4", "#2ca02c", "#9467bd", "#17becf"]
     colours.update({f: palette[i % len(palette)] for i, f in enumerate(flavours)})
@@ -158,28 +183,22 @@ def render(data: dict[str, Any], out: Path) -> None:
     ax_over.grid(True, axis="x", alpha=0.3)
     ax_over.legend(fontsize=8, loc="lower right")
 
-    # 3. e2e throughput
-    levels = throughput_series(data)
-    width = 0.8 / max(1, len(levels))
-    for i, (level, rows) in enumerate(levels.items()):
-        positions = [j + i * width for j in range(len(rows))]
-        ax_e2e.bar(
-            positions,
-            [r[1] for r in rows],
-            width=width,
-            yerr=[[r[1] - r[2] for r in rows], [r[3] - r[1] for r in rows]],
-            capsize=2,
-            label=level,
-            color=["#2ca02c", "#98df8a", "#d62728", "#ff9896"][i % 4],
-        )
-    if levels:
-        first_rows = next(iter(levels.values()))
-        ax_e2e.set_xticks([j + width * (len(levels) - 1) / 2 for j in range(len(first_rows))])
-        ax_e2e.set_xticklabels([r[0] for r in first_rows], fontsize=8)
-    ax_e2e.set_ylabel("guarded calls per second")
-    ax_e2e.set_title("end to end, loopback HTTP (uvicorn sandbox)", fontsize=10)
+    # 3. e2e throughput, relative to the bare action at each concurrency
+    relative = relative_throughput(data)
+    levels = list(dict.fromkeys(level for rows in relative.values() for level, _ in rows))
+    width = 0.8 / max(1, len(relative))
+    for i, (variant, rows) in enumerate(relative.items()):
+        by_level = dict(rows)
+        xs = [j + i * width for j, level in enumerate(levels) if level in by_level]
+        ys = [by_level[level] for level in levels if level in by_level]
+        ax_e2e.bar(xs, ys, width=width, label=variant, color=colour(variant))
+    ax_e2e.axhline(1.0, color=colours["bare"], linewidth=1, linestyle=":", label="bare")
+    ax_e2e.set_xticks([j + width * (len(relative) - 1) / 2 for j in range(len(levels))])
+    ax_e2e.set_xticklabels(levels, fontsize=8)
+    ax_e2e.set_ylabel("throughput / bare action's (median)")
+    ax_e2e.set_title("end to end, loopback HTTP (uvicorn sandbox, 5 ms)", fontsize=10)
     ax_e2e.grid(True, axis="y", alpha=0.3)
-    ax_e2e.legend(fontsize=8)
+    ax_e2e.legend(fontsize=7)
 
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -97,6 +97,7 @@ class Settings:
     rpc_max_per_worker: int
     e2e_async_calls: int
     e2e_sync_calls: int
+    e2e_sequential_calls: int  # per variant and round at concurrency 1 (async1, threads1)
     memory_keys: int
     async_levels: tuple[int, ...] = (1, 10, 100, 1000)
     thread_levels: tuple[int, ...] = (1, 8, 32)
@@ -118,6 +119,7 @@ MODES: dict[str, Settings] = {
         rpc_max_per_worker=50,
         e2e_async_calls=2000,
         e2e_sync_calls=1200,
+        e2e_sequential_calls=300,
         memory_keys=10_000,
     ),
     "quick": Settings(
@@ -129,6 +131,7 @@ MODES: dict[str, Settings] = {
         rpc_max_per_worker=12,
         e2e_async_calls=600,
         e2e_sync_calls=300,
+        e2e_sequential_calls=80,
         memory_keys=10_000,
     ),
     "smoke": Settings(
@@ -140,6 +143,7 @@ MODES: dict[str, Settings] = {
         rpc_max_per_worker=2,
         e2e_async_calls=100,
         e2e_sync_calls=16,
+        e2e_sequential_calls=6,
         memory_keys=100,
     ),
 }
@@ -490,7 +494,10 @@ def build_sync(
     transport: httpx.BaseTransport | None,
 ) -> SyncVariant:
     """``name`` guarding ``action``; naive and cachetools read through ``client`` (the
-    app's own), creditguard through its own client on ``transport`` (None: real HTTP)."""
+    app's own), creditguard through its own client on ``transport`` (None: real HTTP).
+    ``one_read`` is no guard: the action, then one balance read as cheap as httpx allows
+    on a transport of its own, as creditguard reads (the least a guard that reads once
+    after the action can cost)."""
     if name == "bare":
         return SyncVariant(action, _nothing)
     if name == "naive":
@@ -499,6 +506,15 @@ def build_sync(
     if name == "cachetools":
         cached = CachetoolsGuard(BalanceReader(client, base_url))
         return SyncVariant(cached.requires_credits(1)(action), _nothing)
+    if name == "one_read":
+        own = transport or httpx.HTTPTransport()
+        read = FloorReader(own, base_url).read
+
+        def action_then_read() -> None:
+            action()
+            read()
+
+        return SyncVariant(action_then_read, own.close if transport is None else _nothing)
     guard = GUARDS[name](api_key=API_KEY, base_url=base_url, transport=transport, ttl=TTL)
     return SyncVariant(guard.requires_credits(1)(action), guard.close)
 
@@ -519,6 +535,15 @@ def build_async(
     if name == "cachetools":
         cached = AsyncCachetoolsGuard(AsyncBalanceReader(client, base_url))
         return AsyncVariant(cached.requires_credits(1)(action), _anothing)
+    if name == "one_read":
+        own = transport or httpx.AsyncHTTPTransport()
+        aread = AsyncFloorReader(own, base_url).read
+
+        async def action_then_read() -> None:
+            await action()
+            await aread()
+
+        return AsyncVariant(action_then_read, own.aclose if transport is None else _anothing)
     guard = GUARDS[name](api_key=API_KEY, base_url=base_url, transport=transport, ttl=TTL)
     return AsyncVariant(guard.requires_credits(1)(action), guard.aclose)
 
@@ -886,11 +911,63 @@ def _e2e_threads(name: str, sandbox: Sandbox, threads: int, calls: int) -> tuple
     return done, elapsed, (reads1 - reads0) / done
 
 
+async def _e2e_read_async(sandbox: Sandbox, calls: int) -> tuple[int, float, float]:
+    """Sequential balance reads over loopback, each as cheap as httpx allows."""
+    async with httpx.AsyncHTTPTransport() as transport:
+        read = AsyncFloorReader(transport, sandbox.url).read
+        await read()
+        reads0, _ = sandbox.stats()
+        elapsed = await run_tasks(read, 1, calls)
+        reads1, _ = sandbox.stats()
+    assert reads1 - reads0 == calls
+    return calls, elapsed, 1.0
+
+
+def _e2e_read_threads(sandbox: Sandbox, calls: int) -> tuple[int, float, float]:
+    with httpx.HTTPTransport() as transport:
+        read = FloorReader(transport, sandbox.url).read
+        read()
+        reads0, _ = sandbox.stats()
+        elapsed = run_threads(read, 1, calls)
+        reads1, _ = sandbox.stats()
+    assert reads1 - reads0 == calls
+    return calls, elapsed, 1.0
+
+
+def _e2e_sequential(settings: Settings, rec: Recorder, sandbox: Sandbox, r: int) -> None:
+    """One caller at a time (async1, threads1): what one guarded call costs a caller in
+    time over the bare action, read against ``one_read`` (the action, then one plain
+    balance read) and ``http_read`` (balance reads alone, back to back)."""
+    names = ["bare", "one_read", "naive", "cachetools", *GUARDS, "http_read"]
+    calls = settings.e2e_sequential_calls
+    for kind in ("async", "threads"):
+        for name in rotated(names, r):
+            if name == "http_read":
+                if kind == "async":
+                    result = anyio.run(_e2e_read_async, sandbox, calls)
+                else:
+                    result = _e2e_read_threads(sandbox, calls)
+            elif kind == "async":
+                result = anyio.run(_e2e_async, name, sandbox, 1, calls)
+            else:
+                result = _e2e_threads(name, sandbox, 1, calls)
+            done, elapsed, reads = result
+            rec.add(
+                "e2e_throughput",
+                f"{name}@{kind}1",
+                done / elapsed,
+                "calls/s",
+                reads_per_call=reads,
+                calls=done,
+            )
+
+
 def bench_e2e_throughput(settings: Settings, rec: Recorder) -> None:
     names = ["bare", "naive", "cachetools", *GUARDS]
     threads = settings.e2e_threads
     with sandbox_process(settings.latency) as sandbox:
         for r in range(settings.rounds):
+            _e2e_sequential(settings, rec, sandbox, r)
             for concurrency in settings.e2e_async_levels:
                 for name in rotated(names, r):
                     done, elapsed, reads = anyio.run(
@@ -979,6 +1056,17 @@ def _median_ratio(rec: Recorder, scenario: str, num: str, den: str) -> float | N
     return statistics.median(x / y for x, y in zip(a, b, strict=True))
 
 
+def _median_extra_reads(rec: Recorder, guarded: str, bare: str, one_read: str) -> float | None:
+    """Per round: (per-call time of ``guarded`` - of ``bare``) / (of ``one_read`` - of
+    ``bare``), from the calls-per-second rates measured in that round."""
+    g, b, o = (rec.values("e2e_throughput", v) for v in (guarded, bare, one_read))
+    if not g or not len(g) == len(b) == len(o):
+        return None
+    return statistics.median(
+        (1 / gr - 1 / br) / (1 / orr - 1 / br) for gr, br, orr in zip(g, b, o, strict=True)
+    )
+
+
 def _median(rec: Recorder, scenario: str, variant: str) -> float | None:
     values = rec.values(scenario, variant)
     return statistics.median(values) if values else None
@@ -1029,6 +1117,17 @@ def evaluate_targets(rec: Recorder, settings: Settings) -> dict[str, dict[str, A
             "<",
             0.01,
         )
+        for kind in ("async", "threads"):
+            target(
+                f"{g}.e2e_sequential_{kind}_extra_reads",
+                f"e2e, one {'task' if kind == 'async' else 'thread'} at a time: time a guarded"
+                " call adds over the bare action / time one plain read after the action adds"
+                " (median of per-round ratios; 1 = exactly one read, the 2% allow for the"
+                " jitter of timing 5 ms round trips)",
+                _median_extra_reads(rec, f"{g}@{kind}1", f"bare@{kind}1", f"one_read@{kind}1"),
+                "<=",
+                1.02,
+            )
         c = settings.e2e_concurrency
         target(
             f"{g}.e2e_async{c}_vs_bare",

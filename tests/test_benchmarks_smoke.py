@@ -87,6 +87,9 @@ def test_variants_named_as_documented(smoke: tuple[dict[str, Any], str]) -> None
     for variant in ("bare", "naive", "creditguard"):
         assert f"{variant}@async100" in e2e
         assert any(name.startswith(f"{variant}@threads") for name in e2e)
+    for variant in ("bare", "one_read", "naive", "cachetools", "creditguard", "http_read"):
+        assert f"{variant}@async1" in e2e
+        assert f"{variant}@threads1" in e2e
     assert "creditguard" in scenarios["memory_10k_keys"]
 
 
@@ -107,6 +110,10 @@ def test_the_harness_counts_reads(smoke: tuple[dict[str, Any], str]) -> None:
     for entry in naive.values():
         assert entry["min"] == entry["max"] == 2.0
     assert smoke[0]["scenarios"]["overhead_sync"]["naive"]["reads_per_call"] == 2.0
+    e2e = smoke[0]["scenarios"]["e2e_throughput"]
+    for kind in ("async1", "threads1"):
+        assert e2e[f"naive@{kind}"]["reads_per_call"] == 2.0
+        assert e2e[f"http_read@{kind}"]["reads_per_call"] == 1.0
 
 
 def test_table_printed(smoke: tuple[dict[str, Any], str]) -> None:
@@ -127,3 +134,24 @@ def test_plot_reads_the_json(smoke: tuple[dict[str, Any], str]) -> None:
     assert [row[0] for row in overhead["overhead_sync"]][:1] == ["bare"]
     assert "creditguard_logic" in [row[0] for row in overhead["overhead_async"]]
     assert "async100" in plot.throughput_series(data)
+    relative = plot.relative_throughput(data)
+    assert [level for level, _ in relative["creditguard"]][:2] == ["async1", "threads1"]
+    assert "bare" not in relative
+
+
+def test_targets_reported(smoke: tuple[dict[str, Any], str]) -> None:
+    """Every target of the issue has a measured value in the JSON (met or not)."""
+    targets = smoke[0]["targets"]
+    for key in (
+        "logic_sync_us",
+        "logic_async_us",
+        "sequential_vs_naive_sync",
+        "sequential_vs_naive_async",
+        "reads_per_call_async1000",
+        "e2e_async100_vs_bare",
+        "e2e_sequential_async_extra_reads",
+        "e2e_sequential_threads_extra_reads",
+    ):
+        entry = targets[f"creditguard.{key}"]
+        assert math.isfinite(entry["value"])
+        assert isinstance(entry["met"], bool)
