@@ -148,27 +148,18 @@ def _redact(exc: BaseException, sent: httpx.Request) -> None:
 
 
 class _Attempts:
-    """Bookkeeping of one read's attempts and time budget (no I/O, no waiting)."""
+    """Bookkeeping of a read's retries and time budget (no I/O, no waiting), made when
+    its first attempt fails: a read that succeeds at once allocates none."""
 
     __slots__ = ("_policy", "deadline", "made")
 
-    def __init__(self, policy: RetryPolicy) -> None:
+    def __init__(self, policy: RetryPolicy, deadline: float) -> None:
         self._policy = policy
-        self.deadline = time.monotonic() + policy.deadline
-        self.made = 0
-
-    def capped(self, configured: httpx.Timeout) -> httpx.Timeout:
-        """The configured timeouts, capped by what is left of the deadline."""
-        left = max(0.001, self.deadline - time.monotonic())
-        return httpx.Timeout(
-            connect=_cap(configured.connect, left),
-            read=_cap(configured.read, left),
-            write=_cap(configured.write, left),
-            pool=_cap(configured.pool, left),
-        )
+        self.deadline = deadline
+        self.made = 1
 
     def remaining(self) -> float:
-        return self.deadline - time.monotonic()
+        return self.deadline - _monotonic()
 
     def delay(self, retry: _Retry) -> float:
         """Seconds to wait before the next attempt, or raise the final error."""
@@ -257,13 +248,24 @@ class _Reader:
             extensions={"timeout": self.timeout.as_dict()},
         )
 
-    def for_attempt(self, request: httpx.Request, attempts: _Attempts) -> httpx.Request:
-        """``request`` itself, or a copy whose timeouts are capped by the time left."""
-        first = attempts.made == 0
-        attempts.made += 1
-        if first and self._fits:
-            return request
-        capped = attempts.capped(self.timeout)
+    def for_attempt(
+        self, request: httpx.Request, attempts: _Attempts | None, deadline: float
+    ) -> httpx.Request:
+        """``request`` itself for a first attempt whose timeouts fit in the deadline, else
+        a copy whose timeouts are capped by the time left (counting the attempt)."""
+        if attempts is None:
+            if self._fits:
+                return request
+        else:
+            attempts.made += 1
+        left = max(0.001, deadline - _monotonic())
+        configured = self.timeout
+        capped = httpx.Timeout(
+            connect=_cap(configured.connect, left),
+            read=_cap(configured.read, left),
+            write=_cap(configured.write, left),
+            pool=_cap(configured.pool, left),
+        )
         return httpx.Request(
             "GET", request.url, headers=request.headers, extensions={"timeout": capped.as_dict()}
         )
@@ -361,21 +363,24 @@ class BalanceClient:
 
     def read(self, request: httpx.Request) -> CreditBalance:
         """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying."""
-        attempts = _Attempts(self._reader.policy)
+        reader = self._reader
+        deadline = _monotonic() + reader.policy.deadline
+        attempts: _Attempts | None = None
         while True:
+            sent = reader.for_attempt(request, attempts, deadline)
             try:
-                return self._attempt(attempts, request)
+                return self._attempt(sent, deadline)
             except _Retry as retry:
+                if attempts is None:
+                    attempts = _Attempts(reader.policy, deadline)
                 wait = attempts.delay(retry)
             time.sleep(wait)
 
-    def _attempt(self, attempts: _Attempts, request: httpx.Request) -> CreditBalance:
+    def _attempt(self, sent: httpx.Request, deadline: float) -> CreditBalance:
         reader = self._reader
         transport = self._get_transport()
-        chunks: list[bytes] = []
+        chunks: list[bytes] = []  # joined once: linear however the body is split
         size = 0
-        deadline = attempts.deadline
-        sent = reader.for_attempt(request, attempts)
         try:
             response = transport.handle_request(sent)
             try:
@@ -448,21 +453,24 @@ class AsyncBalanceClient:
 
     async def read(self, request: httpx.Request) -> CreditBalance:
         """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying."""
-        attempts = _Attempts(self._reader.policy)
+        reader = self._reader
+        deadline = _monotonic() + reader.policy.deadline
+        attempts: _Attempts | None = None
         while True:
+            sent = reader.for_attempt(request, attempts, deadline)
             try:
-                return await self._attempt(attempts, request)
+                return await self._attempt(sent, deadline)
             except _Retry as retry:
+                if attempts is None:
+                    attempts = _Attempts(reader.policy, deadline)
                 wait = attempts.delay(retry)
             await anyio.sleep(wait)
 
-    async def _attempt(self, attempts: _Attempts, request: httpx.Request) -> CreditBalance:
+    async def _attempt(self, sent: httpx.Request, deadline: float) -> CreditBalance:
         reader = self._reader
         transport = self._get_transport()
-        chunks: list[bytes] = []
+        chunks: list[bytes] = []  # joined once: linear however the body is split
         size = 0
-        deadline = attempts.deadline
-        sent = reader.for_attempt(request, attempts)
         try:
             response = await transport.handle_async_request(sent)
             try:

@@ -288,13 +288,19 @@ class Account:
         """Under the lock: a read that started at ``start`` came back, so every spend that
         finished before it is in that balance: release their reservations now, not when
         their callers wake (which would count the spend twice in the meantime)."""
-        waiting = []
-        for settlement in self.settling:
+        settling = self.settling
+        waiting: list[Settlement] | None = None
+        for settlement in settling:
             if settlement.after <= start:
                 self._release(settlement)
+            elif waiting is None:
+                waiting = [settlement]
             else:
                 waiting.append(settlement)
-        self.settling = waiting
+        if waiting is None:
+            settling.clear()
+        else:
+            self.settling = waiting
 
     def _release(self, settlement: Settlement) -> None:
         self.reserved -= settlement.cost
