@@ -180,6 +180,10 @@ class Recorder:
     def values(self, scenario: str, variant: str) -> list[float]:
         return self._samples.get(scenario, {}).get(variant, [])
 
+    def extras(self, scenario: str, variant: str, name: str) -> list[float]:
+        """Per-round values of an extra field."""
+        return self._extra.get((scenario, variant), {}).get(name, [])
+
     def to_json(self) -> dict[str, dict[str, dict[str, Any]]]:
         out: dict[str, dict[str, dict[str, Any]]] = {}
         for scenario, variants in self._samples.items():
@@ -911,27 +915,105 @@ def _e2e_threads(name: str, sandbox: Sandbox, threads: int, calls: int) -> tuple
     return done, elapsed, (reads1 - reads0) / done
 
 
-async def _e2e_read_async(sandbox: Sandbox, calls: int) -> tuple[int, float, float]:
-    """Sequential balance reads over loopback, each as cheap as httpx allows."""
-    async with httpx.AsyncHTTPTransport() as transport:
-        read = AsyncFloorReader(transport, sandbox.url).read
-        await read()
-        reads0, _ = sandbox.stats()
-        elapsed = await run_tasks(read, 1, calls)
-        reads1, _ = sandbox.stats()
-    assert reads1 - reads0 == calls
-    return calls, elapsed, 1.0
+SEQUENTIAL_BLOCK = 10  # calls a variant makes per turn in the interleaved sequential runs
 
 
-def _e2e_read_threads(sandbox: Sandbox, calls: int) -> tuple[int, float, float]:
-    with httpx.HTTPTransport() as transport:
-        read = FloorReader(transport, sandbox.url).read
-        read()
-        reads0, _ = sandbox.stats()
-        elapsed = run_threads(read, 1, calls)
-        reads1, _ = sandbox.stats()
-    assert reads1 - reads0 == calls
-    return calls, elapsed, 1.0
+def _seq_plan(calls: int) -> tuple[int, int]:
+    """(blocks, calls per block) for ``calls`` sequential calls per variant."""
+    block = max(1, min(SEQUENTIAL_BLOCK, calls))
+    return math.ceil(calls / block), block
+
+
+def _sync_reader_variant(url: str) -> SyncVariant:
+    """``http_read``: balance reads alone, as cheap as httpx allows, on their own transport."""
+    transport = httpx.HTTPTransport()
+    return SyncVariant(FloorReader(transport, url).read, transport.close)
+
+
+def _async_reader_variant(url: str) -> AsyncVariant:
+    transport = httpx.AsyncHTTPTransport()
+    return AsyncVariant(AsyncFloorReader(transport, url).read, transport.aclose)
+
+
+# variant -> (calls, seconds, balance reads, each call's seconds)
+SeqResult = dict[str, tuple[int, float, int, list[float]]]
+
+
+def _e2e_sequential_threads(
+    names: Sequence[str], sandbox: Sandbox, calls: int, r: int
+) -> SeqResult:
+    """Every variant side by side, one call at a time from this thread, in interleaved
+    blocks (the order rotating from block to block), so that drift in the machine's load
+    falls on all of them alike."""
+    blocks, block = _seq_plan(calls)
+    with httpx.Client(base_url=sandbox.url, timeout=30) as client:
+        variants = {
+            name: _sync_reader_variant(sandbox.url)
+            if name == "http_read"
+            else build_sync(
+                name, charge_action(client), client=client, base_url=sandbox.url, transport=None
+            )
+            for name in names
+        }
+        latencies: dict[str, list[float]] = {name: [] for name in names}
+        reads = dict.fromkeys(names, 0)
+        try:
+            for variant in variants.values():
+                variant.call()  # warm-up: connections open, caches filled
+            for b in range(blocks):
+                for name in rotated(names, r + b):
+                    call = variants[name].call
+                    reads0, _ = sandbox.stats()
+                    each = latencies[name]
+                    for _ in range(block):
+                        start = time.perf_counter()
+                        call()
+                        each.append(time.perf_counter() - start)
+                    reads1, _ = sandbox.stats()
+                    reads[name] += reads1 - reads0
+        finally:
+            for variant in variants.values():
+                variant.close()
+    return {name: (len(ts), sum(ts), reads[name], ts) for name, ts in latencies.items()}
+
+
+async def _e2e_sequential_async(
+    names: Sequence[str], sandbox: Sandbox, calls: int, r: int
+) -> SeqResult:
+    blocks, block = _seq_plan(calls)
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=30) as client:
+        variants = {
+            name: _async_reader_variant(sandbox.url)
+            if name == "http_read"
+            else build_async(
+                name,
+                async_charge_action(client),
+                client=client,
+                base_url=sandbox.url,
+                transport=None,
+            )
+            for name in names
+        }
+        latencies: dict[str, list[float]] = {name: [] for name in names}
+        reads = dict.fromkeys(names, 0)
+        try:
+            for variant in variants.values():
+                await variant.call()
+            for b in range(blocks):
+                for name in rotated(names, r + b):
+                    acall = variants[name].call
+                    reads0, _ = sandbox.stats()
+                    each = latencies[name]
+                    for _ in range(block):
+                        start = time.perf_counter()
+                        await acall()
+                        each.append(time.perf_counter() - start)
+                    reads1, _ = sandbox.stats()
+                    reads[name] += reads1 - reads0
+        finally:
+            for variant in variants.values():
+                await variant.aclose()
+    return {name: (len(ts), sum(ts), reads[name], ts) for name, ts in latencies.items()}
 
 
 def _e2e_sequential(settings: Settings, rec: Recorder, sandbox: Sandbox, r: int) -> None:
@@ -941,24 +1023,20 @@ def _e2e_sequential(settings: Settings, rec: Recorder, sandbox: Sandbox, r: int)
     names = ["bare", "one_read", "naive", "cachetools", *GUARDS, "http_read"]
     calls = settings.e2e_sequential_calls
     for kind in ("async", "threads"):
-        for name in rotated(names, r):
-            if name == "http_read":
-                if kind == "async":
-                    result = anyio.run(_e2e_read_async, sandbox, calls)
-                else:
-                    result = _e2e_read_threads(sandbox, calls)
-            elif kind == "async":
-                result = anyio.run(_e2e_async, name, sandbox, 1, calls)
-            else:
-                result = _e2e_threads(name, sandbox, 1, calls)
-            done, elapsed, reads = result
+        if kind == "async":
+            results = anyio.run(_e2e_sequential_async, names, sandbox, calls, r)
+        else:
+            results = _e2e_sequential_threads(names, sandbox, calls, r)
+        for name in names:
+            done, elapsed, reads, each = results[name]
             rec.add(
                 "e2e_throughput",
                 f"{name}@{kind}1",
                 done / elapsed,
                 "calls/s",
-                reads_per_call=reads,
+                reads_per_call=reads / done,
                 calls=done,
+                median_call_ms=statistics.median(each) * 1e3,
             )
 
 
@@ -1057,14 +1135,13 @@ def _median_ratio(rec: Recorder, scenario: str, num: str, den: str) -> float | N
 
 
 def _median_extra_reads(rec: Recorder, guarded: str, bare: str, one_read: str) -> float | None:
-    """Per round: (per-call time of ``guarded`` - of ``bare``) / (of ``one_read`` - of
-    ``bare``), from the calls-per-second rates measured in that round."""
-    g, b, o = (rec.values("e2e_throughput", v) for v in (guarded, bare, one_read))
+    """Per round: (median call time of ``guarded`` - of ``bare``) / (of ``one_read`` - of
+    ``bare``), each the median of that round's per-call times (robust to the odd hiccup
+    of a shared machine); then the median over rounds."""
+    g, b, o = (rec.extras("e2e_throughput", v, "median_call_ms") for v in (guarded, bare, one_read))
     if not g or not len(g) == len(b) == len(o):
         return None
-    return statistics.median(
-        (1 / gr - 1 / br) / (1 / orr - 1 / br) for gr, br, orr in zip(g, b, o, strict=True)
-    )
+    return statistics.median((gm - bm) / (om - bm) for gm, bm, om in zip(g, b, o, strict=True))
 
 
 def _median(rec: Recorder, scenario: str, variant: str) -> float | None:
@@ -1122,8 +1199,8 @@ def evaluate_targets(rec: Recorder, settings: Settings) -> dict[str, dict[str, A
                 f"{g}.e2e_sequential_{kind}_extra_reads",
                 f"e2e, one {'task' if kind == 'async' else 'thread'} at a time: time a guarded"
                 " call adds over the bare action / time one plain read after the action adds"
-                " (median of per-round ratios; 1 = exactly one read, the 2% allow for the"
-                " jitter of timing 5 ms round trips)",
+                " (median per-call times; 1 = exactly one read, the 2% allow for the jitter"
+                " of timing 5 ms round trips)",
                 _median_extra_reads(rec, f"{g}@{kind}1", f"bare@{kind}1", f"one_read@{kind}1"),
                 "<=",
                 1.02,
