@@ -131,7 +131,7 @@ MODES: dict[str, Settings] = {
         rpc_max_per_worker=12,
         e2e_async_calls=600,
         e2e_sync_calls=300,
-        e2e_sequential_calls=80,
+        e2e_sequential_calls=60,
         memory_keys=10_000,
     ),
     "smoke": Settings(
