@@ -362,43 +362,43 @@ class BalanceClient:
         return transport
 
     def read(self, request: httpx.Request) -> CreditBalance:
-        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying."""
+        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying.
+
+        One loop, no helper per attempt: a read that succeeds at once makes no call it
+        does not need."""
         reader = self._reader
+        transport = self._get_transport()
         deadline = _monotonic() + reader.policy.deadline
         attempts: _Attempts | None = None
         while True:
             sent = reader.for_attempt(request, attempts, deadline)
+            chunks: list[bytes] = []  # joined once: linear however the body is split
+            size = 0
             try:
-                return self._attempt(sent, deadline)
+                try:
+                    response = transport.handle_request(sent)
+                    try:
+                        reader.check_status(response)
+                        for chunk in response.iter_bytes():
+                            size += len(chunk)
+                            if size > MAX_BODY_BYTES or _monotonic() >= deadline:
+                                raise reader.body_error(size)
+                            chunks.append(chunk)
+                    finally:
+                        response.close()
+                except httpx.TransportError as exc:
+                    raise reader.transport_error(exc, sent) from None
+                except (CreditGuardError, _Retry):
+                    raise
+                except httpx.HTTPError as exc:
+                    _raise_unexpected(exc, sent)
             except _Retry as retry:
                 if attempts is None:
                     attempts = _Attempts(reader.policy, deadline)
                 wait = attempts.delay(retry)
+            else:
+                return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
             time.sleep(wait)
-
-    def _attempt(self, sent: httpx.Request, deadline: float) -> CreditBalance:
-        reader = self._reader
-        transport = self._get_transport()
-        chunks: list[bytes] = []  # joined once: linear however the body is split
-        size = 0
-        try:
-            response = transport.handle_request(sent)
-            try:
-                reader.check_status(response)
-                for chunk in response.iter_bytes():
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES or _monotonic() >= deadline:
-                        raise reader.body_error(size)
-                    chunks.append(chunk)
-            finally:
-                response.close()
-        except httpx.TransportError as exc:
-            raise reader.transport_error(exc, sent) from None
-        except (CreditGuardError, _Retry):
-            raise
-        except httpx.HTTPError as exc:
-            _raise_unexpected(exc, sent)
-        return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     def close(self) -> None:
         """Close the transport (the guard's own, or the one it was given, as
@@ -452,43 +452,43 @@ class AsyncBalanceClient:
         return transport
 
     async def read(self, request: httpx.Request) -> CreditBalance:
-        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying."""
+        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying.
+
+        One loop, no helper per attempt: a read that succeeds at once makes no call it
+        does not need (and no extra await hop)."""
         reader = self._reader
+        transport = self._get_transport()
         deadline = _monotonic() + reader.policy.deadline
         attempts: _Attempts | None = None
         while True:
             sent = reader.for_attempt(request, attempts, deadline)
+            chunks: list[bytes] = []  # joined once: linear however the body is split
+            size = 0
             try:
-                return await self._attempt(sent, deadline)
+                try:
+                    response = await transport.handle_async_request(sent)
+                    try:
+                        reader.check_status(response)
+                        async for chunk in response.aiter_bytes():
+                            size += len(chunk)
+                            if size > MAX_BODY_BYTES or _monotonic() >= deadline:
+                                raise reader.body_error(size)
+                            chunks.append(chunk)
+                    finally:
+                        await response.aclose()
+                except httpx.TransportError as exc:
+                    raise reader.transport_error(exc, sent) from None
+                except (CreditGuardError, _Retry):
+                    raise
+                except httpx.HTTPError as exc:
+                    _raise_unexpected(exc, sent)
             except _Retry as retry:
                 if attempts is None:
                     attempts = _Attempts(reader.policy, deadline)
                 wait = attempts.delay(retry)
+            else:
+                return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
             await anyio.sleep(wait)
-
-    async def _attempt(self, sent: httpx.Request, deadline: float) -> CreditBalance:
-        reader = self._reader
-        transport = self._get_transport()
-        chunks: list[bytes] = []  # joined once: linear however the body is split
-        size = 0
-        try:
-            response = await transport.handle_async_request(sent)
-            try:
-                reader.check_status(response)
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES or _monotonic() >= deadline:
-                        raise reader.body_error(size)
-                    chunks.append(chunk)
-            finally:
-                await response.aclose()
-        except httpx.TransportError as exc:
-            raise reader.transport_error(exc, sent) from None
-        except (CreditGuardError, _Retry):
-            raise
-        except httpx.HTTPError as exc:
-            _raise_unexpected(exc, sent)
-        return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
 
     async def aclose(self) -> None:
         """Close the transport of the current loop (or the given one); drop the others

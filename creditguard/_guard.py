@@ -1,8 +1,9 @@
 """The guard: ``CreditGuard``, ``Spend`` and the ``requires_credits`` decorators.
 
 The admission and settling logic lives in :mod:`creditguard._state`; this module drives it
-from sync code (waiting on ``threading.Event``, reading with ``httpx.Client``) and from async
-code (waiting on an anyio event of the caller's loop, reading with ``httpx.AsyncClient``).
+from sync code (waiting on ``threading.Event``, reading through an httpx transport) and from
+async code (waiting on an anyio event of the caller's loop, reading through an httpx async
+transport).
 """
 
 from __future__ import annotations
@@ -272,7 +273,7 @@ class CreditGuard:
         return self._drive(self._read(refresh))
 
     async def abalance(self, *, refresh: bool = False) -> CreditBalance:
-        """Async :meth:`balance`: the same cache, read with ``httpx.AsyncClient``."""
+        """Async :meth:`balance`: the same cache, read through an httpx async transport."""
         return await self._adrive(self._read(refresh))
 
     def invalidate(self) -> None:
@@ -377,7 +378,8 @@ class CreditGuard:
     # -- the two I/O edges -------------------------------------------------------------
 
     def _drive(self, steps: _Steps[T]) -> T:
-        """Run an operation from sync code: reads with httpx.Client, waits on a thread event."""
+        """Run an operation from sync code: reads through the sync transport, waits on a
+        thread event."""
         try:
             step = next(steps)
             while True:
@@ -392,19 +394,34 @@ class CreditGuard:
             return result
 
     async def _adrive(self, steps: _Steps[T]) -> T:
-        """Run an operation from async code: httpx.AsyncClient, an event of this loop."""
+        """Run an operation from async code: reads with the async transport, waits on an
+        event of this loop. (The read is inline: no await hop between caller and read.)"""
+        account = self._account
         try:
             step = next(steps)
             while True:
+                flight, lead = step
                 try:
-                    flight = await self._io_async(*step)
+                    if lead:
+                        try:
+                            result = await self._shared.aclient.read(self._balance_request())
+                        except Exception as exc:
+                            account.complete(flight, error=exc)
+                            raise
+                        except BaseException:
+                            account.complete(flight)  # abandoned: a waiter leads the next
+                            raise
+                        account.complete(flight, result=result)
+                        self._log_read(result)
+                    else:
+                        await flight.await_done(account.lock)
                 except BaseException as exc:
                     step = steps.throw(exc)
                 else:
                     step = steps.send(flight)
         except StopIteration as stop:
-            result: T = stop.value
-            return result
+            value: T = stop.value
+            return value
 
     def _balance_request(self) -> httpx.Request:
         return self._shared.reader.request(self._account.fingerprint, self._key)
@@ -426,23 +443,6 @@ class CreditGuard:
             raise
         except BaseException:
             account.complete(flight)
-            raise
-        account.complete(flight, result=result)
-        self._log_read(result)
-        return flight
-
-    async def _io_async(self, flight: Flight, lead: bool) -> Flight:
-        account = self._account
-        if not lead:
-            await flight.await_done(account.lock)
-            return flight
-        try:
-            result = await self._shared.aclient.read(self._balance_request())
-        except Exception as exc:
-            account.complete(flight, error=exc)
-            raise
-        except BaseException:
-            account.complete(flight)  # abandoned: a waiter becomes the next leader
             raise
         account.complete(flight, result=result)
         self._log_read(result)
