@@ -196,7 +196,8 @@ def render(data: dict[str, Any], out: Path) -> None:
     ax_e2e.set_xticks([j + width * (len(relative) - 1) / 2 for j in range(len(levels))])
     ax_e2e.set_xticklabels(levels, fontsize=8)
     ax_e2e.set_ylabel("throughput / bare action's (median)")
-    ax_e2e.set_title("end to end, loopback HTTP (uvicorn sandbox, 5 ms)", fontsize=10)
+    ax_e2e.set_title("end to end, loopback HTTP sandbox", fontsize=10)
+    ax_e2e.set_ylim(0, 1.1)
     ax_e2e.grid(True, axis="y", alpha=0.3)
     ax_e2e.legend(fontsize=7)
 
