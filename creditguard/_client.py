@@ -18,7 +18,7 @@ import time
 import weakref
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, NoReturn
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -28,7 +28,6 @@ import httpx
 from ._errors import (
     AuthenticationError,
     BalanceUnavailable,
-    CreditGuardError,
     InvalidResponse,
     RateLimited,
 )
@@ -308,19 +307,17 @@ class _Reader:
         return CreditBalance.from_api(data)
 
     @staticmethod
-    def transport_error(exc: httpx.HTTPError, sent: httpx.Request) -> _Retry:
+    def attempt_error(exc: httpx.HTTPError, sent: httpx.Request) -> _Retry:
+        """An httpx error of one attempt: a transport error may succeed if tried again (the
+        retry to weigh); anything else is not the documented answer (raised at once)."""
         _redact(exc, sent)
         if isinstance(exc, httpx.TimeoutException):
             message = f"the credits service did not answer in time ({type(exc).__name__})"
-        else:
+        elif isinstance(exc, httpx.TransportError):
             message = f"could not reach the credits service ({type(exc).__name__})"
+        else:  # e.g. a body that fails to decode
+            raise InvalidResponse(f"balance read failed ({type(exc).__name__})") from exc
         return _Retry(BalanceUnavailable(message), cause=exc)
-
-
-def _raise_unexpected(exc: httpx.HTTPError, sent: httpx.Request) -> NoReturn:
-    """Other httpx errors (e.g. a body that fails to decode): not the documented answer."""
-    _redact(exc, sent)
-    raise InvalidResponse(f"balance read failed ({type(exc).__name__})") from exc
 
 
 class BalanceClient:
@@ -375,29 +372,25 @@ class BalanceClient:
             chunks: list[bytes] = []  # joined once: linear however the body is split
             size = 0
             try:
+                response = transport.handle_request(sent)
                 try:
-                    response = transport.handle_request(sent)
-                    try:
-                        reader.check_status(response)
-                        for chunk in response.iter_bytes():
-                            size += len(chunk)
-                            if size > MAX_BODY_BYTES or _monotonic() >= deadline:
-                                raise reader.body_error(size)
-                            chunks.append(chunk)
-                    finally:
-                        response.close()
-                except httpx.TransportError as exc:
-                    raise reader.transport_error(exc, sent) from None
-                except (CreditGuardError, _Retry):
-                    raise
-                except httpx.HTTPError as exc:
-                    _raise_unexpected(exc, sent)
-            except _Retry as retry:
-                if attempts is None:
-                    attempts = _Attempts(reader.policy, deadline)
-                wait = attempts.delay(retry)
+                    reader.check_status(response)
+                    for chunk in response.iter_bytes():
+                        size += len(chunk)
+                        if size > MAX_BODY_BYTES or _monotonic() >= deadline:
+                            raise reader.body_error(size)
+                        chunks.append(chunk)
+                finally:
+                    response.close()
+            except _Retry as exc:
+                retry = exc
+            except httpx.HTTPError as exc:
+                retry = reader.attempt_error(exc, sent)
             else:
                 return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if attempts is None:
+                attempts = _Attempts(reader.policy, deadline)
+            wait = attempts.delay(retry)
             time.sleep(wait)
 
     def close(self) -> None:
@@ -465,29 +458,25 @@ class AsyncBalanceClient:
             chunks: list[bytes] = []  # joined once: linear however the body is split
             size = 0
             try:
+                response = await transport.handle_async_request(sent)
                 try:
-                    response = await transport.handle_async_request(sent)
-                    try:
-                        reader.check_status(response)
-                        async for chunk in response.aiter_bytes():
-                            size += len(chunk)
-                            if size > MAX_BODY_BYTES or _monotonic() >= deadline:
-                                raise reader.body_error(size)
-                            chunks.append(chunk)
-                    finally:
-                        await response.aclose()
-                except httpx.TransportError as exc:
-                    raise reader.transport_error(exc, sent) from None
-                except (CreditGuardError, _Retry):
-                    raise
-                except httpx.HTTPError as exc:
-                    _raise_unexpected(exc, sent)
-            except _Retry as retry:
-                if attempts is None:
-                    attempts = _Attempts(reader.policy, deadline)
-                wait = attempts.delay(retry)
+                    reader.check_status(response)
+                    async for chunk in response.aiter_bytes():
+                        size += len(chunk)
+                        if size > MAX_BODY_BYTES or _monotonic() >= deadline:
+                            raise reader.body_error(size)
+                        chunks.append(chunk)
+                finally:
+                    await response.aclose()
+            except _Retry as exc:
+                retry = exc
+            except httpx.HTTPError as exc:
+                retry = reader.attempt_error(exc, sent)
             else:
                 return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+            if attempts is None:
+                attempts = _Attempts(reader.policy, deadline)
+            wait = attempts.delay(retry)
             await anyio.sleep(wait)
 
     async def aclose(self) -> None:

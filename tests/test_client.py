@@ -181,6 +181,20 @@ async def test_garbage_bodies(mode: str, body: bytes) -> None:
     assert len(script.requests) == 1
 
 
+async def test_undecodable_body_is_invalid_not_retried(mode: str) -> None:
+    """An httpx error that is not about the connection (here a body that fails to
+    decode) is not the documented answer: InvalidResponse at once, no retry."""
+    script = Script(
+        httpx.Response(
+            200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip at all")
+        )
+    )
+    with pytest.raises(InvalidResponse, match="DecodingError") as info:
+        await read(make(script), mode)
+    assert isinstance(info.value.__cause__, httpx.DecodingError)
+    assert len(script.requests) == 1
+
+
 async def test_oversized_body(mode: str) -> None:
     script = Script(httpx.Response(200, content=b" " * (200 * 1024) + json.dumps(BODY).encode()))
     with pytest.raises(InvalidResponse, match="larger"):
