@@ -2,7 +2,7 @@
 """Profile the guarded hot path of overhead_sync / overhead_async.
 
 Runs sequential calls of a guarded no-op against the zero-latency in-memory upstream of
-``run.py`` (the overhead scenarios' setup) under a sampling profiler, then prints, in
+``_variants.py`` (the overhead scenarios' setup) under a sampling profiler, then prints, in
 microseconds per guarded call:
 
 * **inclusive**: time under each creditguard function;
@@ -40,7 +40,8 @@ import anyio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-import run as bench  # noqa: E402 - the harness next to this file
+from _harness import API_KEY, BASE_URL, TTL  # noqa: E402 - the harness next to this file
+from _variants import StaticUpstream, anoop, noop  # noqa: E402
 
 from creditguard import CreditGuard  # noqa: E402
 
@@ -52,17 +53,15 @@ Stack = tuple[FrameKey, ...]  # outermost first
 
 
 def _guard() -> CreditGuard:
-    upstream = bench.StaticUpstream()
-    return CreditGuard(
-        bench.API_KEY, base_url=bench.BASE_URL, transport=upstream.transport, ttl=bench.TTL
-    )
+    upstream = StaticUpstream()
+    return CreditGuard(API_KEY, base_url=BASE_URL, transport=upstream.transport, ttl=TTL)
 
 
 def workload(kind: str, seconds: float) -> tuple[int, float]:
     """Sequential guarded no-op calls for ``seconds``; (calls, elapsed seconds)."""
     if kind == "sync":
         guard = _guard()
-        call = guard.requires_credits(1)(bench._noop)
+        call = guard.requires_credits(1)(noop)
 
         def _profiled_loop(duration: float) -> tuple[int, float]:
             calls, start = 0, time.perf_counter()
@@ -80,7 +79,7 @@ def workload(kind: str, seconds: float) -> tuple[int, float]:
 
     async def main() -> tuple[int, float]:
         guard = _guard()
-        acall = guard.requires_credits(1)(bench._anoop)
+        acall = guard.requires_credits(1)(anoop)
 
         async def _profiled_loop(duration: float) -> tuple[int, float]:
             calls, start = 0, time.perf_counter()

@@ -1,0 +1,312 @@
+"""Shared pieces of the benchmark harness: settings, the guard flavours, the results
+recorder, targets helpers, the machine description and the output tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from typing import Any, TypeVar
+
+from creditguard import CreditGuard, MemoryBackend
+
+T = TypeVar("T")
+
+API_KEY = "bench-key"
+BASE_URL = "https://lensmor.bench.invalid"  # in-memory transports answer any host
+BALANCE_PATH = "/external/credits/balance"  # documented Lensmor endpoint
+CHARGE_PATH = "/sandbox/charge"  # FakeLensmor's sandbox-only paid call
+TTL = 5.0  # the library default; the cachetools variant uses the same
+PLENTY = 10**12  # credits: no benchmark ever runs out
+UPSTREAM_LATENCY = 0.005
+
+
+# --------------------------------------------------------------------------------------
+# Guard flavours: every scenario benchmarks each entry as a variant of that name.
+# A Redis backend adds one line, e.g.
+#     GUARDS["creditguard_redis"] = lambda **kw: CreditGuard(backend=RedisBackend(url), **kw)
+
+
+def memory_guard(**kwargs: Any) -> CreditGuard:
+    return CreditGuard(backend=MemoryBackend(), **kwargs)
+
+
+GUARDS: dict[str, Callable[..., CreditGuard]] = {"creditguard": memory_guard}
+
+
+# --------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    mode: str
+    rounds: int
+    overhead_calls: int  # sequential guarded calls per variant and round
+    rpc_calls: int  # target number of calls per reads_per_call measurement
+    rpc_min_per_worker: int
+    rpc_max_per_worker: int
+    e2e_async_calls: int
+    e2e_sync_calls: int
+    e2e_sequential_calls: int  # per variant and round at concurrency 1 (async1, threads1)
+    memory_keys: int
+    async_levels: tuple[int, ...] = (1, 10, 100, 1000)
+    thread_levels: tuple[int, ...] = (1, 8, 32)
+    e2e_concurrency: int = 100  # the level the e2e target is checked at
+    # Also async10: below the point where the client process is CPU-bound, so the
+    # latency a guard adds to each call shows in the throughput.
+    e2e_async_levels: tuple[int, ...] = (10, 100)
+    e2e_threads: int = 8
+    latency: float = UPSTREAM_LATENCY
+
+
+MODES: dict[str, Settings] = {
+    "full": Settings(
+        "full",
+        rounds=5,
+        overhead_calls=5000,
+        rpc_calls=2000,
+        rpc_min_per_worker=3,
+        rpc_max_per_worker=50,
+        e2e_async_calls=2000,
+        e2e_sync_calls=1200,
+        e2e_sequential_calls=300,
+        memory_keys=10_000,
+    ),
+    "quick": Settings(
+        "quick",
+        rounds=3,
+        overhead_calls=1500,
+        rpc_calls=300,
+        rpc_min_per_worker=2,
+        rpc_max_per_worker=12,
+        e2e_async_calls=600,
+        e2e_sync_calls=300,
+        e2e_sequential_calls=60,
+        memory_keys=10_000,
+    ),
+    "smoke": Settings(
+        "smoke",
+        rounds=2,
+        overhead_calls=20,
+        rpc_calls=10,
+        rpc_min_per_worker=1,
+        rpc_max_per_worker=2,
+        e2e_async_calls=100,
+        e2e_sync_calls=16,
+        e2e_sequential_calls=6,
+        memory_keys=100,
+    ),
+}
+
+
+# --------------------------------------------------------------------------------------
+# Results
+
+
+class Recorder:
+    """Per-round samples of every (scenario, variant), summarised at the end."""
+
+    def __init__(self) -> None:
+        self._samples: dict[str, dict[str, list[float]]] = {}
+        self._units: dict[tuple[str, str], str] = {}
+        self._extra: dict[tuple[str, str], dict[str, list[float]]] = {}
+
+    def add(self, scenario: str, variant: str, value: float, unit: str, **extra: float) -> None:
+        self._samples.setdefault(scenario, {}).setdefault(variant, []).append(value)
+        self._units[scenario, variant] = unit
+        fields = self._extra.setdefault((scenario, variant), {})
+        for name, x in extra.items():
+            fields.setdefault(name, []).append(x)
+
+    def values(self, scenario: str, variant: str) -> list[float]:
+        return self._samples.get(scenario, {}).get(variant, [])
+
+    def extras(self, scenario: str, variant: str, name: str) -> list[float]:
+        """Per-round values of an extra field."""
+        return self._extra.get((scenario, variant), {}).get(name, [])
+
+    def to_json(self) -> dict[str, dict[str, dict[str, Any]]]:
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for scenario, variants in self._samples.items():
+            for variant, values in variants.items():
+                entry: dict[str, Any] = {
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                    "unit": self._units[scenario, variant],
+                    "rounds": len(values),
+                    "samples": values,
+                }
+                for name, xs in self._extra[scenario, variant].items():
+                    entry[name] = statistics.median(xs)
+                out.setdefault(scenario, {})[variant] = entry
+        return out
+
+
+def rotated(items: Sequence[T], k: int) -> list[T]:
+    k %= len(items)
+    return [*items[k:], *items[:k]]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------
+# Targets the library aims at (reported, never asserted)
+
+Targets = dict[str, dict[str, Any]]
+
+
+def median_ratio(rec: Recorder, scenario: str, num: str, den: str) -> float | None:
+    a, b = rec.values(scenario, num), rec.values(scenario, den)
+    if not a or len(a) != len(b):
+        return None
+    return statistics.median(x / y for x, y in zip(a, b, strict=True))
+
+
+def median_of(rec: Recorder, scenario: str, variant: str) -> float | None:
+    values = rec.values(scenario, variant)
+    return statistics.median(values) if values else None
+
+
+def add_target(
+    out: Targets, key: str, what: str, value: float | None, op: str, limit: float
+) -> None:
+    """Record ``value`` against ``op limit`` (``<``, ``<=`` or ``>=``); no value, no entry."""
+    if value is None:
+        return
+    met = value < limit if op == "<" else value <= limit if op == "<=" else value >= limit
+    out[key] = {"what": what, "value": value, "target": f"{op} {limit:g}", "met": met}
+
+
+# --------------------------------------------------------------------------------------
+# Machine description and output
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str | None:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+def _git(*args: str) -> str | None:
+    git = shutil.which("git")
+    if git is None:
+        return None
+    try:
+        result = subprocess.run(  # noqa: S603 - fixed arguments, no shell
+            [git, *args],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def _git_commit() -> str | None:
+    return (_git("rev-parse", "--short", "HEAD") or "").strip() or None
+
+
+def _library_changes() -> list[str] | None:
+    """Files of the package changed since the commit (what was measured is not HEAD)."""
+    status = _git("status", "--porcelain", "--", "../creditguard")
+    return None if status is None else [line[3:] for line in status.splitlines()]
+
+
+def machine_info() -> dict[str, Any]:
+    affinity = getattr(os, "sched_getaffinity", None)
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "usable_cpus": len(affinity(0)) if affinity else None,
+        "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "versions": {
+            dist: _version(dist)
+            for dist in ("creditguard", "httpx", "anyio", "trio", "uvicorn", "cachetools")
+        },
+        "git_commit": _git_commit(),
+        "uncommitted_library_changes": _library_changes(),
+    }
+
+
+def _fmt(value: float) -> str:
+    magnitude = abs(value)
+    if magnitude >= 100:
+        return f"{value:,.0f}"
+    if magnitude >= 1:
+        return f"{value:.2f}"
+    return f"{value:.4f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines: list[str] = []
+    header = f"{'scenario':<20} {'variant':<26} {'median':>10} {'min':>10} {'max':>10}  unit"
+    for scenario, variants in results["scenarios"].items():
+        lines += ["", header, "-" * len(header)]
+        for variant, e in variants.items():
+            lines.append(
+                f"{scenario:<20} {variant:<26} {_fmt(e['median']):>10} {_fmt(e['min']):>10}"
+                f" {_fmt(e['max']):>10}  {e['unit']}"
+            )
+    if results.get("targets"):
+        lines += ["", "targets (not asserted; medians from this run)"]
+        for key, t in results["targets"].items():
+            status = "met" if t["met"] else "NOT met"
+            lines.append(f"  {key:<40} {_fmt(t['value']):>10}  {t['target']:<8} {status}")
+    return "\n".join(lines).lstrip("\n")
+
+
+def format_markdown(results: dict[str, Any]) -> str:
+    """The same results as Markdown tables (for docs/benchmarks.md)."""
+    lines: list[str] = []
+    for scenario, variants in results["scenarios"].items():
+        extra = any("reads_per_call" in e for e in variants.values())
+        lines += [
+            "",
+            f"**{scenario}**",
+            "",
+            "| variant | median | min | max | unit |" + (" reads/call |" if extra else ""),
+            "|---|--:|--:|--:|---|" + ("--:|" if extra else ""),
+        ]
+        for variant, e in variants.items():
+            row = (
+                f"| `{variant}` | {_fmt(e['median'])} | {_fmt(e['min'])} | {_fmt(e['max'])}"
+                f" | {e['unit']} |"
+            )
+            if extra:
+                reads = e.get("reads_per_call")
+                row += f" {'' if reads is None else _fmt(reads)} |"
+            lines.append(row)
+    if results.get("targets"):
+        lines += ["", "**targets**", "", "| target | value | goal | status |", "|---|--:|---|---|"]
+        for key, t in results["targets"].items():
+            status = "met" if t["met"] else "**not met**"
+            lines.append(f"| `{key}` | {_fmt(t['value'])} | {t['target']} | {status} |")
+    return "\n".join(lines).lstrip("\n")

@@ -1,0 +1,275 @@
+"""``e2e_throughput``: guarded calls per second over real loopback HTTP against the sandbox
+served by uvicorn in a process of its own; one caller at a time and concurrent callers."""
+
+from __future__ import annotations
+
+import functools
+import math
+import statistics
+import time
+from collections.abc import Sequence
+
+import anyio
+import httpx
+from _harness import (
+    GUARDS,
+    Recorder,
+    Settings,
+    Targets,
+    add_target,
+    median_ratio,
+    rotated,
+)
+from _variants import (
+    AsyncFloorReader,
+    AsyncVariant,
+    FloorReader,
+    Sandbox,
+    SyncVariant,
+    async_charge_action,
+    build_async,
+    build_sync,
+    charge_action,
+    run_tasks,
+    run_threads,
+    sandbox_process,
+)
+
+SCENARIO = "e2e_throughput"
+
+
+async def _e2e_async(
+    name: str, sandbox: Sandbox, concurrency: int, calls: int
+) -> tuple[int, float, float]:
+    # httpx's default pool limits, as a user would write it. (A keep-alive pool as large
+    # as the concurrency is slower: httpcore scans every connection for every queued
+    # request, which made bare@async100 ~6x slower on the reference machine.)
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=30) as client:
+        variant = build_async(
+            name,
+            async_charge_action(client),
+            client=client,
+            base_url=sandbox.url,
+            transport=None,
+        )
+        try:
+            await run_tasks(variant.call, concurrency, 1)  # warm-up: open the connections
+            reads0, charges0 = sandbox.stats()
+            per_worker = max(1, math.ceil(calls / concurrency))
+            elapsed = await run_tasks(variant.call, concurrency, per_worker)
+            reads1, charges1 = sandbox.stats()
+        finally:
+            await variant.aclose()
+    done = concurrency * per_worker
+    assert charges1 - charges0 == done
+    return done, elapsed, (reads1 - reads0) / done
+
+
+def _e2e_threads(name: str, sandbox: Sandbox, threads: int, calls: int) -> tuple[int, float, float]:
+    with httpx.Client(base_url=sandbox.url, timeout=30) as client:
+        variant = build_sync(
+            name, charge_action(client), client=client, base_url=sandbox.url, transport=None
+        )
+        try:
+            run_threads(variant.call, threads, 1)
+            reads0, charges0 = sandbox.stats()
+            per_worker = max(1, math.ceil(calls / threads))
+            elapsed = run_threads(variant.call, threads, per_worker)
+            reads1, charges1 = sandbox.stats()
+        finally:
+            variant.close()
+    done = threads * per_worker
+    assert charges1 - charges0 == done
+    return done, elapsed, (reads1 - reads0) / done
+
+
+SEQUENTIAL_BLOCK = 10  # calls a variant makes per turn in the interleaved sequential runs
+
+
+def _seq_plan(calls: int) -> tuple[int, int]:
+    """(blocks, calls per block) for ``calls`` sequential calls per variant."""
+    block = max(1, min(SEQUENTIAL_BLOCK, calls))
+    return math.ceil(calls / block), block
+
+
+def _sync_reader_variant(url: str) -> SyncVariant:
+    """``http_read``: balance reads alone, as cheap as httpx allows, on their own transport."""
+    transport = httpx.HTTPTransport()
+    return SyncVariant(FloorReader(transport, url).read, transport.close)
+
+
+def _async_reader_variant(url: str) -> AsyncVariant:
+    transport = httpx.AsyncHTTPTransport()
+    return AsyncVariant(AsyncFloorReader(transport, url).read, transport.aclose)
+
+
+# variant -> (calls, seconds, balance reads, each call's seconds)
+SeqResult = dict[str, tuple[int, float, int, list[float]]]
+
+
+def _e2e_sequential_threads(
+    names: Sequence[str], sandbox: Sandbox, calls: int, r: int
+) -> SeqResult:
+    """Every variant side by side, one call at a time from this thread, in interleaved
+    blocks (the order rotating from block to block), so that drift in the machine's load
+    falls on all of them alike."""
+    blocks, block = _seq_plan(calls)
+    with httpx.Client(base_url=sandbox.url, timeout=30) as client:
+        variants = {
+            name: _sync_reader_variant(sandbox.url)
+            if name == "http_read"
+            else build_sync(
+                name, charge_action(client), client=client, base_url=sandbox.url, transport=None
+            )
+            for name in names
+        }
+        latencies: dict[str, list[float]] = {name: [] for name in names}
+        reads = dict.fromkeys(names, 0)
+        try:
+            for variant in variants.values():
+                variant.call()  # warm-up: connections open, caches filled
+            for b in range(blocks):
+                for name in rotated(names, r + b):
+                    call = variants[name].call
+                    reads0, _ = sandbox.stats()
+                    each = latencies[name]
+                    for _ in range(block):
+                        start = time.perf_counter()
+                        call()
+                        each.append(time.perf_counter() - start)
+                    reads1, _ = sandbox.stats()
+                    reads[name] += reads1 - reads0
+        finally:
+            for variant in variants.values():
+                variant.close()
+    return {name: (len(ts), sum(ts), reads[name], ts) for name, ts in latencies.items()}
+
+
+async def _e2e_sequential_async(
+    names: Sequence[str], sandbox: Sandbox, calls: int, r: int
+) -> SeqResult:
+    blocks, block = _seq_plan(calls)
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=30) as client:
+        variants = {
+            name: _async_reader_variant(sandbox.url)
+            if name == "http_read"
+            else build_async(
+                name,
+                async_charge_action(client),
+                client=client,
+                base_url=sandbox.url,
+                transport=None,
+            )
+            for name in names
+        }
+        latencies: dict[str, list[float]] = {name: [] for name in names}
+        reads = dict.fromkeys(names, 0)
+        try:
+            for variant in variants.values():
+                await variant.call()
+            for b in range(blocks):
+                for name in rotated(names, r + b):
+                    acall = variants[name].call
+                    reads0, _ = sandbox.stats()
+                    each = latencies[name]
+                    for _ in range(block):
+                        start = time.perf_counter()
+                        await acall()
+                        each.append(time.perf_counter() - start)
+                    reads1, _ = sandbox.stats()
+                    reads[name] += reads1 - reads0
+        finally:
+            for variant in variants.values():
+                await variant.aclose()
+    return {name: (len(ts), sum(ts), reads[name], ts) for name, ts in latencies.items()}
+
+
+def _e2e_sequential(settings: Settings, rec: Recorder, sandbox: Sandbox, r: int) -> None:
+    """One caller at a time (async1, threads1): what one guarded call costs a caller in
+    time over the bare action, read against ``one_read`` (the action, then one plain
+    balance read) and ``http_read`` (balance reads alone, back to back)."""
+    names = ["bare", "one_read", "naive", "cachetools", *GUARDS, "http_read"]
+    calls = settings.e2e_sequential_calls
+    for kind in ("async", "threads"):
+        if kind == "async":
+            results = anyio.run(_e2e_sequential_async, names, sandbox, calls, r)
+        else:
+            results = _e2e_sequential_threads(names, sandbox, calls, r)
+        for name in names:
+            done, elapsed, reads, each = results[name]
+            rec.add(
+                "e2e_throughput",
+                f"{name}@{kind}1",
+                done / elapsed,
+                "calls/s",
+                reads_per_call=reads / done,
+                calls=done,
+                median_call_ms=statistics.median(each) * 1e3,
+            )
+
+
+def run(settings: Settings, rec: Recorder) -> None:
+    names = ["bare", "naive", "cachetools", *GUARDS]
+    threads = settings.e2e_threads
+    with sandbox_process(settings.latency) as sandbox:
+        for r in range(settings.rounds):
+            _e2e_sequential(settings, rec, sandbox, r)
+            for concurrency in settings.e2e_async_levels:
+                for name in rotated(names, r):
+                    done, elapsed, reads = anyio.run(
+                        _e2e_async, name, sandbox, concurrency, settings.e2e_async_calls
+                    )
+                    rec.add(
+                        "e2e_throughput",
+                        f"{name}@async{concurrency}",
+                        done / elapsed,
+                        "calls/s",
+                        reads_per_call=reads,
+                        calls=done,
+                    )
+            for name in rotated(names, r):
+                done, elapsed, reads = _e2e_threads(name, sandbox, threads, settings.e2e_sync_calls)
+                rec.add(
+                    "e2e_throughput",
+                    f"{name}@threads{threads}",
+                    done / elapsed,
+                    "calls/s",
+                    reads_per_call=reads,
+                    calls=done,
+                )
+
+
+def _median_extra_reads(rec: Recorder, guarded: str, bare: str, one_read: str) -> float | None:
+    """Per round: (median call time of ``guarded`` - of ``bare``) / (of ``one_read`` - of
+    ``bare``), each the median of that round's per-call times (robust to the odd hiccup
+    of a shared machine); then the median over rounds."""
+    g, b, o = (rec.extras("e2e_throughput", v, "median_call_ms") for v in (guarded, bare, one_read))
+    if not g or not len(g) == len(b) == len(o):
+        return None
+    return statistics.median((gm - bm) / (om - bm) for gm, bm, om in zip(g, b, o, strict=True))
+
+
+def targets(rec: Recorder, settings: Settings) -> Targets:
+    out: Targets = {}
+    target = functools.partial(add_target, out)
+    for g in GUARDS:
+        for kind in ("async", "threads"):
+            target(
+                f"{g}.e2e_sequential_{kind}_extra_reads",
+                f"e2e, one {'task' if kind == 'async' else 'thread'} at a time: time a guarded"
+                " call adds over the bare action / time one plain read after the action adds"
+                " (median per-call times; 1 = exactly one read, the 2% allow for the jitter"
+                " of timing 5 ms round trips)",
+                _median_extra_reads(rec, f"{g}@{kind}1", f"bare@{kind}1", f"one_read@{kind}1"),
+                "<=",
+                1.02,
+            )
+        c = settings.e2e_concurrency
+        target(
+            f"{g}.e2e_async{c}_vs_bare",
+            f"e2e throughput at async concurrency {c} / bare (median of per-round ratios)",
+            median_ratio(rec, "e2e_throughput", f"{g}@async{c}", f"bare@async{c}"),
+            ">=",
+            0.8,
+        )
+    return out
