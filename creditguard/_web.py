@@ -1,0 +1,329 @@
+"""What every web framework adapter shares, with no framework imported.
+
+Route patterns and their costs, cost and guard resolution, the mapping from guard errors
+to HTTP answers (status, headers, JSON body) and the rule that decides whether a finished
+response is charged. The adapters (:mod:`creditguard.asgi`, :mod:`creditguard.wsgi`,
+:mod:`creditguard.fastapi`, :mod:`creditguard.flask`, :mod:`creditguard.django`) only
+translate between these and their framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ._errors import (
+    AuthenticationError,
+    BalanceUnavailable,
+    CreditGuardError,
+    InsufficientCredits,
+    RateLimited,
+)
+from ._guard import CreditGuard
+
+__all__ = [
+    "PROBLEM_CONTENT_TYPE",
+    "ActionFailed",
+    "Problem",
+    "Routes",
+    "charged",
+    "check_cost",
+    "default_guard",
+    "problem_for",
+]
+
+logger = logging.getLogger("creditguard.web")
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+# What a finished response's status must satisfy to be charged (spent), by default.
+ChargeWhen = Callable[[int], bool]
+
+
+def charged(status: int) -> bool:
+    """The default ``charge_when``: a response below 400 means the paid action happened."""
+    return status < 400
+
+
+class ActionFailed(CreditGuardError):
+    """The guarded endpoint answered with a status ``charge_when`` does not charge for.
+
+    It is what the adapters exit the spend with in that case, so the guard releases the
+    reservation and distrusts its cached balance (``GuardEvent.error`` of the ``"failed"``
+    event). ``status`` is the response's status, ``0`` when no response was completed.
+    """
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        what = f"answered {status}" if status else "did not complete a response"
+        super().__init__(f"the guarded endpoint {what}; the spend is not charged")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.status,))
+
+
+def check_cost(value: object) -> int:
+    """A cost as the core accepts it: an ``int`` (not a bool) of at least 0."""
+    if type(value) is not int:
+        raise TypeError(f"a credit cost must be an int, got {type(value).__name__}")
+    if value < 0:
+        raise ValueError(f"a credit cost must be >= 0, got {value}")
+    return value
+
+
+def default_guard() -> CreditGuard:
+    """The process-wide guard ``creditguard.requires_credits`` uses without ``guard=``,
+    built from ``LENSMOR_API_KEY`` / ``LENSMOR_BASE_URL`` at first use."""
+    from ._guard import _default_guard
+
+    return _default_guard()
+
+
+def is_async_callable(func: object) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one."""
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(func, "__call__", None)  # noqa: B004 - the method itself is inspected
+    return not inspect.isfunction(func) and inspect.iscoroutinefunction(call)
+
+
+# -- route patterns --------------------------------------------------------------------
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
+_METHOD = re.compile(r"[A-Z]+")
+
+
+def _compile(path: str) -> re.Pattern[str]:
+    parts: list[str] = []
+    last = 0
+    for match in _PARAM.finditer(path):
+        parts.append(re.escape(path[last : match.start()]))
+        parts.append(".+" if match[2] else "[^/]+")
+        last = match.end()
+    parts.append(re.escape(path[last:]))
+    return re.compile("".join(parts))
+
+
+class Routes:
+    """Costs by route pattern: ``{"POST /events/{event_id}/unlock": 10, "/search": 2}``.
+
+    A pattern is an optional HTTP method (upper case) and a path. ``{name}`` matches one
+    path segment, ``{name:path}`` the rest of the path. Without a method, a pattern
+    matches every method. Literal patterns win over templated ones; templated ones are
+    tried in the mapping's order. A request no pattern matches is free.
+    """
+
+    __slots__ = ("_any", "_exact", "_templates")
+
+    def __init__(self, costs: Mapping[str, int]) -> None:
+        self._exact: dict[tuple[str | None, str], int] = {}
+        self._templates: list[tuple[str | None, re.Pattern[str], int]] = []
+        for pattern, cost in costs.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"a route pattern must be a str, got {type(pattern).__name__}")
+            method, path = self._split(pattern)
+            amount = check_cost(cost)
+            if _PARAM.search(path):
+                self._templates.append((method, _compile(path), amount))
+            else:
+                self._exact[method, path] = amount
+        self._any = any(method is None for method, _ in self._exact)
+
+    @staticmethod
+    def _split(pattern: str) -> tuple[str | None, str]:
+        method, sep, path = pattern.strip().partition(" ")
+        if not sep:
+            method, path = "", method
+        path = path.strip()
+        if method and not _METHOD.fullmatch(method):
+            raise ValueError(f"route pattern {pattern!r}: the method must be upper case")
+        if not path.startswith("/"):
+            raise ValueError(f"route pattern {pattern!r}: the path must start with '/'")
+        return method or None, path
+
+    def cost(self, method: str, path: str) -> int | None:
+        """The cost of ``method path``, or ``None`` when no pattern matches (free)."""
+        exact = self._exact
+        if exact:
+            found = exact.get((method, path))
+            if found is not None:
+                return found
+            if self._any:
+                found = exact.get((None, path))
+                if found is not None:
+                    return found
+        for want, regex, amount in self._templates:
+            if (want is None or want == method) and regex.fullmatch(path):
+                return amount
+        return None
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._templates)
+
+
+# -- costs and guards of a request ---------------------------------------------------------
+
+CostSpec = Mapping[str, int] | Callable[[Any], Any] | int | None
+GuardSpec = CreditGuard | Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CostOf:
+    """A middleware's ``cost`` argument, compiled once: how to price a request."""
+
+    routes: Routes | None
+    func: Callable[[Any], Any] | None
+    is_async: bool
+
+    @classmethod
+    def build(cls, cost: CostSpec) -> CostOf:
+        if cost is None:
+            return cls(None, None, False)
+        if isinstance(cost, Mapping):
+            return cls(Routes(cost), None, False)
+        if callable(cost):
+            return cls(None, cost, is_async_callable(cost))
+        raise TypeError(
+            "cost must be a mapping of route patterns to ints, a callable of the request,"
+            f" or None; got {type(cost).__name__}"
+        )
+
+
+def resolve_guard(guard: GuardSpec, request: object) -> CreditGuard:
+    """``guard`` itself, or what the per-request callable returns for ``request``."""
+    if isinstance(guard, CreditGuard):
+        return guard
+    found = guard(request)
+    if not isinstance(found, CreditGuard):
+        raise TypeError(f"the guard callable must return a CreditGuard, got {type(found).__name__}")
+    return found
+
+
+async def aresolve_guard(guard: GuardSpec, request: object) -> CreditGuard:
+    """:func:`resolve_guard` that also accepts an async callable."""
+    if isinstance(guard, CreditGuard):
+        return guard
+    found = guard(request)
+    if inspect.isawaitable(found):
+        found = await found
+    if not isinstance(found, CreditGuard):
+        raise TypeError(f"the guard callable must return a CreditGuard, got {type(found).__name__}")
+    return found
+
+
+def check_guard_spec(guard: object, *, optional: bool = False) -> None:
+    if guard is None and optional:
+        return
+    if not isinstance(guard, CreditGuard) and not callable(guard):
+        raise TypeError(
+            "guard must be a CreditGuard or a callable of the request returning one,"
+            f" got {type(guard).__name__}"
+        )
+
+
+def check_hook(name: str, hook: object) -> None:
+    if hook is not None and not callable(hook):
+        raise TypeError(f"{name} must be callable, got {type(hook).__name__}")
+
+
+async def acall_cost(func: Callable[[Any], Any], request: object) -> int:
+    """Call a sync or async cost callable and validate what it returns."""
+    value = func(request)
+    if inspect.isawaitable(value):
+        value = await value
+    return check_cost(value)
+
+
+# -- error answers ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Problem:
+    """The HTTP answer for a guard error: status, extra headers and the JSON body."""
+
+    status: int
+    body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def content(self) -> bytes:
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+    def header_list(self) -> list[tuple[str, str]]:
+        """``content-type`` and the extra headers (``content-length`` not included)."""
+        return [("content-type", PROBLEM_CONTENT_TYPE), *self.headers]
+
+
+def _retry_after(exc: BalanceUnavailable) -> tuple[tuple[str, str], ...]:
+    if isinstance(exc, RateLimited) and exc.retry_after is not None:
+        seconds = exc.retry_after
+        if math.isfinite(seconds) and seconds >= 0:
+            return (("retry-after", str(math.ceil(seconds))),)
+    return ()
+
+
+def problem_for(exc: BaseException) -> Problem | None:
+    """The answer for ``exc``, or ``None`` when it is not a guard error (re-raise it).
+
+    * :class:`InsufficientCredits`: 402 ``insufficient_credits`` with ``required`` and
+      ``available``;
+    * :class:`BalanceUnavailable` (rate limited, invalid response, unreachable): 503
+      ``balance_unavailable``, with ``Retry-After`` when the service said how long;
+    * any other :class:`CreditGuardError` (a rejected key, no key, an insecure base URL):
+      500 ``credits_misconfigured``; the details go to the log, never to the client.
+
+    Bodies are RFC 9457 problem details (``type``, ``title``, ``status``, ``detail``) plus
+    the ``error`` code and, for 402, ``required`` and ``available``.
+    """
+    if isinstance(exc, InsufficientCredits):
+        return Problem(
+            402,
+            {
+                "type": "about:blank",
+                "title": "Payment Required",
+                "status": 402,
+                "detail": (
+                    f"this request needs {exc.required} Lensmor credits;"
+                    f" {exc.available} are available"
+                ),
+                "error": "insufficient_credits",
+                "required": exc.required,
+                "available": exc.available,
+            },
+        )
+    if isinstance(exc, BalanceUnavailable):
+        logger.warning("Lensmor credits balance unavailable: %s", exc)
+        return Problem(
+            503,
+            {
+                "type": "about:blank",
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": "the Lensmor credits balance cannot be checked right now",
+                "error": "balance_unavailable",
+            },
+            _retry_after(exc),
+        )
+    if isinstance(exc, CreditGuardError):
+        what = (
+            "the credits service rejected the API key"
+            if isinstance(exc, AuthenticationError)
+            else type(exc).__name__
+        )
+        logger.error("Lensmor credits misconfigured (%s): %s", what, exc)
+        return Problem(
+            500,
+            {
+                "type": "about:blank",
+                "title": "Internal Server Error",
+                "status": 500,
+                "detail": "the server's Lensmor credits configuration is not working",
+                "error": "credits_misconfigured",
+            },
+        )
+    return None

@@ -1,0 +1,200 @@
+"""Guard paid routes of any ASGI app (Starlette, FastAPI, Quart, Litestar...): pure ASGI.
+
+::
+
+    from creditguard.asgi import CreditGuardMiddleware
+
+    app = CreditGuardMiddleware(app, guard=guard, cost={"POST /events/{event_id}/unlock": 10})
+
+Only ``http`` requests with a cost above 0 touch the credits service; lifespan, websockets
+and free routes go straight to the app. See ``docs/howto/asgi-starlette-fastapi.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from ._errors import CreditGuardError
+from ._guard import Spend
+from ._web import (
+    ActionFailed,
+    CostOf,
+    CostSpec,
+    GuardSpec,
+    Problem,
+    acall_cost,
+    aresolve_guard,
+    charged,
+    check_guard_spec,
+    check_hook,
+    problem_for,
+)
+
+__all__ = ["SPEND_KEY", "ActionFailed", "CreditGuardMiddleware", "send_problem"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+OnError = Callable[[Scope, CreditGuardError], "ASGIApp | Awaitable[ASGIApp | None] | None"]
+
+SPEND_KEY = "creditguard_spend"
+"""The key of the request's :class:`~creditguard.Spend` in ``scope["state"]`` (Starlette:
+``request.state.creditguard_spend``)."""
+
+
+async def send_problem(problem: Problem, send: Send) -> None:
+    """Send ``problem`` as a complete HTTP response."""
+    body = problem.content()
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in problem.header_list()]
+    headers.append((b"content-length", str(len(body)).encode()))
+    await send({"type": "http.response.start", "status": problem.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class CreditGuardMiddleware:
+    """ASGI middleware that admits each paid request against the guard, answers 402 / 503
+    / 500 when it cannot, and settles the spend once the response's last body message is
+    sent.
+
+    ``cost`` prices a request: a mapping of route patterns (``"POST /events/{id}/unlock"``)
+    to ints, a callable of the ASGI ``scope`` returning an int (sync or async), or ``None``
+    (nothing is paid). ``guard`` is a :class:`~creditguard.CreditGuard`, or a callable of
+    the ``scope`` (sync or async) returning the guard of the request's tenant.
+    ``on_error(scope, error)`` may return an ASGI app (a Starlette ``Response``) that
+    answers instead of the default problem JSON, or ``None`` for the default.
+    ``charge_when(status)`` decides whether a finished response is charged (default:
+    ``status < 400``); otherwise the spend ends as failed: the reservation is released
+    and the cached balance distrusted.
+
+    The endpoint finds its :class:`~creditguard.Spend` in ``scope["state"]["creditguard_spend"]``
+    (``request.state.creditguard_spend`` in Starlette and FastAPI).
+    """
+
+    __slots__ = ("_charge_when", "_cost", "_guard", "_on_error", "app")
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        guard: GuardSpec,
+        cost: CostSpec = None,
+        on_error: OnError | None = None,
+        charge_when: Callable[[int], bool] | None = None,
+    ) -> None:
+        check_guard_spec(guard)
+        check_hook("on_error", on_error)
+        check_hook("charge_when", charge_when)
+        if isinstance(cost, int):
+            raise TypeError("cost must be a mapping of route patterns or a callable, not an int")
+        self.app = app
+        self._guard = guard
+        self._cost = CostOf.build(cost)
+        self._on_error = on_error
+        self._charge_when = charge_when or charged
+
+    async def _amount(self, scope: Scope) -> int | None:
+        cost = self._cost
+        if cost.routes is not None:
+            return cost.routes.cost(scope["method"], scope["path"])
+        if cost.func is not None:
+            return await acall_cost(cost.func, scope)
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        amount = await self._amount(scope)
+        if not amount:
+            await self.app(scope, receive, send)
+            return
+        try:
+            guard = await aresolve_guard(self._guard, scope)
+            spend = guard.spend(amount)
+            await spend.__aenter__()
+        except CreditGuardError as exc:
+            await self._refuse(scope, receive, send, exc)
+            return
+        state = scope.get("state")
+        if state is None:
+            state = scope["state"] = {}
+        state[SPEND_KEY] = spend
+        await _run(self.app, scope, receive, send, spend, self._charge_when)
+
+    async def _refuse(
+        self, scope: Scope, receive: Receive, send: Send, exc: CreditGuardError
+    ) -> None:
+        if self._on_error is not None:
+            answer = self._on_error(scope, exc)
+            if not callable(answer) and answer is not None:
+                answer = await answer
+            if answer is not None:
+                await answer(scope, receive, send)
+                return
+        problem = problem_for(exc)
+        if problem is None:  # pragma: no cover - every CreditGuardError has an answer
+            raise exc
+        await send_problem(problem, send)
+
+
+async def _run(
+    app: ASGIApp,
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    spend: Spend,
+    charge_when: Callable[[int], bool],
+) -> None:
+    """Run the app; exit ``spend`` right after the response's final message is sent (or
+    with the app's exception)."""
+    status = 0
+    trailers = False
+    settled = False
+
+    async def settle() -> None:
+        nonlocal settled
+        settled = True
+        if charge_when(status):
+            await spend.__aexit__(None, None, None)
+        else:
+            failed = ActionFailed(status)
+            await spend.__aexit__(ActionFailed, failed, None)
+
+    async def guarded_send(message: Message) -> None:
+        nonlocal status, trailers
+        kind = message["type"]
+        if kind == "http.response.start":
+            status = message["status"]
+            trailers = bool(message.get("trailers", False))
+            await send(message)
+            return
+        await send(message)
+        if settled:
+            return
+        if kind == "http.response.body":
+            final = not message.get("more_body", False) and not trailers
+        elif kind == "http.response.trailers":
+            final = not message.get("more_trailers", False)
+        else:  # http.response.pathsend / zerocopysend
+            final = kind in ("http.response.pathsend",) or (
+                kind == "http.response.zerocopysend" and not message.get("more_body", False)
+            )
+        if final:
+            await settle()
+
+    try:
+        await app(scope, receive, guarded_send)
+    except BaseException:
+        if not settled:
+            settled = True
+            exc_type, exc, tb = sys.exc_info()
+            await spend.__aexit__(exc_type, exc, tb)
+        raise
+    if not settled:
+        settled = True
+        failed = ActionFailed(0)
+        await spend.__aexit__(ActionFailed, failed, None)

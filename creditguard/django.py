@@ -1,0 +1,369 @@
+"""Guard Django views for Lensmor credits: a middleware and a view decorator.
+
+Settings::
+
+    MIDDLEWARE = [..., "creditguard.django.CreditGuardMiddleware"]
+    CREDITGUARD = {
+        "COSTS": {"POST /events/{event_id}/unlock": 10},
+        # "API_KEY" / "BASE_URL" / "OPTIONS", or "GUARD"; "ON_ERROR"; "CHARGE_WHEN"
+    }
+
+or per view::
+
+    from creditguard.django import requires_credits
+
+    @requires_credits(10)
+    def unlock(request, event_id): ...
+
+Sync and async (ASGI) both. See ``docs/howto/django.md``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, ParamSpec, TypeVar, cast
+
+from ._errors import CreditGuardError
+from ._guard import CreditGuard, Spend
+from ._web import (
+    PROBLEM_CONTENT_TYPE,
+    ActionFailed,
+    CostOf,
+    GuardSpec,
+    charged,
+    check_cost,
+    check_guard_spec,
+    check_hook,
+    default_guard,
+    is_async_callable,
+    problem_for,
+    resolve_guard,
+)
+
+__all__ = [
+    "SPEND_ATTRIBUTE",
+    "ActionFailed",
+    "CreditGuardMiddleware",
+    "guard_from_settings",
+    "requires_credits",
+]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+SPEND_ATTRIBUTE = "creditguard_spend"
+"""The request attribute holding the request's :class:`~creditguard.Spend`."""
+
+SETTING = "CREDITGUARD"
+_KEYS = frozenset({"GUARD", "API_KEY", "BASE_URL", "OPTIONS", "COSTS", "ON_ERROR", "CHARGE_WHEN"})
+
+
+def _django(module: str) -> Any:
+    """A Django module, imported when first needed (Django ships no type hints: its
+    objects are ``Any`` here)."""
+    return importlib.import_module(module)
+
+
+def _load(value: Any) -> Any:
+    """A dotted path (``"myapp.credits.guard_for"``) imported, anything else as is."""
+    if isinstance(value, str):
+        module, _, name = value.rpartition(".")
+        if not module:
+            raise CreditGuardError(f"{SETTING}: {value!r} is not a dotted path")
+        return getattr(importlib.import_module(module), name)
+    return value
+
+
+class _Config:
+    """The ``CREDITGUARD`` setting, validated and compiled once (again when it changes)."""
+
+    def __init__(self, raw: Mapping[str, Any] | None) -> None:
+        if raw is None:
+            raw = {}
+        if not isinstance(raw, Mapping):
+            raise CreditGuardError(f"the {SETTING} setting must be a dict")
+        unknown = set(raw) - _KEYS
+        if unknown:
+            raise CreditGuardError(f"unknown {SETTING} keys: {', '.join(sorted(unknown))}")
+        self.present = bool(raw)
+        self.raw = raw
+        self.costs = CostOf.build(_load(raw.get("COSTS")))
+        if self.costs.is_async:
+            raise CreditGuardError(f"{SETTING}['COSTS']: the cost callable must be synchronous")
+        self.on_error = _load(raw.get("ON_ERROR"))
+        self.charge_when: Callable[[int], bool] = _load(raw.get("CHARGE_WHEN")) or charged
+        check_hook("ON_ERROR", self.on_error)
+        check_hook("CHARGE_WHEN", self.charge_when)
+        self._guard: GuardSpec | None = None
+        self._lock = threading.Lock()
+
+    def guard(self) -> GuardSpec:
+        guard = self._guard
+        if guard is not None:
+            return guard
+        with self._lock:
+            if self._guard is None:
+                raw = self.raw
+                if "GUARD" in raw:
+                    spec = _load(raw["GUARD"])
+                    check_guard_spec(spec)
+                    self._guard = spec
+                elif {"API_KEY", "BASE_URL", "OPTIONS"} & set(raw):
+                    self._guard = CreditGuard(
+                        raw.get("API_KEY"), base_url=raw.get("BASE_URL"), **raw.get("OPTIONS", {})
+                    )
+                else:
+                    self._guard = default_guard()
+            return self._guard
+
+
+_config_lock = threading.Lock()
+_config: _Config | None = None
+
+
+def _settings() -> _Config:
+    global _config
+    config = _config
+    if config is None:
+        settings = _django("django.conf").settings
+        setting_changed = _django("django.core.signals").setting_changed
+        with _config_lock:
+            if _config is None:
+                setting_changed.connect(_forget, dispatch_uid="creditguard.django")
+                _config = _Config(getattr(settings, SETTING, None))
+            config = _config
+    return config
+
+
+def _forget(*, setting: str, **kwargs: Any) -> None:
+    """``setting_changed`` receiver: ``override_settings(CREDITGUARD=...)`` takes effect."""
+    global _config
+    if setting == SETTING:
+        with _config_lock:
+            _config = None
+
+
+def guard_from_settings(request: Any = None) -> CreditGuard:
+    """The guard the ``CREDITGUARD`` setting describes (for ``request``, when ``GUARD`` is
+    a callable): ``GUARD``; else one built from ``API_KEY``, ``BASE_URL`` and ``OPTIONS``;
+    else, without any of them, the process-wide default guard from the environment."""
+    spec = _settings().guard()
+    if isinstance(spec, CreditGuard):
+        return spec
+    return resolve_guard(spec, request)
+
+
+def _refusal(
+    request: Any, exc: CreditGuardError, on_error: Callable[[Any, CreditGuardError], Any] | None
+) -> Any:
+    HttpResponse = _django("django.http").HttpResponse
+
+    if on_error is not None:
+        answer = on_error(request, exc)
+        if answer is not None:
+            return answer
+    problem = problem_for(exc)
+    if problem is None:  # pragma: no cover - every CreditGuardError has an answer
+        raise exc
+    response = HttpResponse(
+        problem.content(), status=problem.status, content_type=PROBLEM_CONTENT_TYPE
+    )
+    for name, value in problem.headers:
+        response[name] = value
+    return response
+
+
+def _settle_on_close(response: Any, spend: Spend, charge_when: Callable[[int], bool]) -> None:
+    """End ``spend`` when Django closes ``response`` (after the last byte was sent)."""
+    status = response.status_code
+    if not charge_when(status):
+        spend.__exit__(ActionFailed, ActionFailed(status), None)
+        return
+    close = response.close
+    done = False
+
+    def close_and_settle() -> None:
+        nonlocal done
+        try:
+            close()
+        finally:
+            if not done:
+                done = True
+                spend.__exit__(None, None, None)
+
+    response.close = close_and_settle
+
+
+class _Guarding:
+    """What the middleware and the decorator share: price, admit, run, settle."""
+
+    __slots__ = ("charge_when", "guard", "on_error")
+
+    def __init__(
+        self,
+        guard: GuardSpec | None,
+        on_error: Callable[[Any, CreditGuardError], Any] | None,
+        charge_when: Callable[[int], bool] | None,
+    ) -> None:
+        check_guard_spec(guard, optional=True)
+        check_hook("on_error", on_error)
+        check_hook("charge_when", charge_when)
+        self.guard = guard
+        self.on_error = on_error
+        self.charge_when = charge_when
+
+    def _spend(self, request: Any, amount: int) -> Spend:
+        spec = self.guard
+        guard = guard_from_settings(request) if spec is None else resolve_guard(spec, request)
+        return guard.spend(amount)
+
+    def _hooks(self) -> tuple[Any, Callable[[int], bool]]:
+        config = _settings()
+        return (
+            self.on_error if self.on_error is not None else config.on_error,
+            self.charge_when if self.charge_when is not None else config.charge_when,
+        )
+
+    def run(self, request: Any, amount: int, view: Callable[[], Any]) -> Any:
+        on_error, charge_when = self._hooks()
+        try:
+            spend = self._spend(request, amount)
+            spend.__enter__()
+        except CreditGuardError as exc:
+            return _refusal(request, exc, on_error)
+        setattr(request, SPEND_ATTRIBUTE, spend)
+        try:
+            response = view()
+        except BaseException:
+            spend.__exit__(*sys.exc_info())
+            raise
+        _settle_on_close(response, spend, charge_when)
+        return response
+
+    async def arun(self, request: Any, amount: int, view: Callable[[], Any]) -> Any:
+        on_error, charge_when = self._hooks()
+        try:
+            spend = self._spend(request, amount)
+            await spend.__aenter__()
+        except CreditGuardError as exc:
+            return _refusal(request, exc, on_error)
+        setattr(request, SPEND_ATTRIBUTE, spend)
+        try:
+            response = await view()
+        except BaseException:
+            await spend.__aexit__(*sys.exc_info())
+            raise
+        _settle_on_close(response, spend, charge_when)
+        return response
+
+
+class CreditGuardMiddleware:
+    """Django middleware pricing every request by the ``CREDITGUARD["COSTS"]`` setting (a
+    mapping of route patterns, matched against ``request.method`` and
+    ``request.path_info``, or a callable of the request; a dotted path to either works).
+
+    The guard comes from the setting (see :func:`guard_from_settings`); ``ON_ERROR``
+    (``callable(request, error) -> HttpResponse | None``) replaces the problem JSON
+    answer; ``CHARGE_WHEN`` (``callable(status) -> bool``, default ``status < 400``)
+    decides whether a response is charged. Free requests pass straight through. Works
+    in sync (WSGI) and async (ASGI) stacks without a thread hop.
+    """
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        from asgiref.sync import iscoroutinefunction, markcoroutinefunction
+
+        self.get_response = get_response
+        self._async = iscoroutinefunction(get_response)
+        if self._async:
+            markcoroutinefunction(self)
+        self._guarding = _Guarding(None, None, None)
+        _settings()  # a bad setting fails at startup, not at the first request
+
+    def _amount(self, request: Any) -> int | None:
+        costs = _settings().costs
+        if costs.routes is not None:
+            return costs.routes.cost(request.method, request.path_info)
+        if costs.func is not None:
+            return check_cost(costs.func(request))
+        return None
+
+    def __call__(self, request: Any) -> Any:
+        if self._async:
+            return self.__acall__(request)
+        amount = self._amount(request)
+        if not amount:
+            return self.get_response(request)
+        return self._guarding.run(request, amount, lambda: self.get_response(request))
+
+    async def __acall__(self, request: Any) -> Any:
+        amount = self._amount(request)
+        if not amount:
+            return await self.get_response(request)
+        return await self._guarding.arun(request, amount, lambda: self.get_response(request))
+
+
+def requires_credits(
+    cost: int | Callable[[Any], int],
+    *,
+    guard: GuardSpec | None = None,
+    on_error: Callable[[Any, CreditGuardError], Any] | None = None,
+    charge_when: Callable[[int], bool] | None = None,
+) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a function view (sync or ``async def``) so each request is admitted for
+    ``cost`` credits (an int >= 0, or a callable of the request) before it runs.
+
+    ``guard``: a :class:`~creditguard.CreditGuard` or a callable of the request returning
+    one; by default :func:`guard_from_settings`. ``on_error`` and ``charge_when`` default
+    to the ``CREDITGUARD`` setting's ``ON_ERROR`` and ``CHARGE_WHEN``. The view finds its
+    :class:`~creditguard.Spend` in ``request.creditguard_spend``; the spend is settled
+    when Django closes the response.
+    """
+    if callable(cost):
+        cost_of = cost
+
+        def amount_of(request: Any) -> int:
+            return check_cost(cost_of(request))
+
+    else:
+        static = check_cost(cost)
+
+        def amount_of(request: Any) -> int:
+            return static
+
+    guarding = _Guarding(guard, on_error, charge_when)
+
+    def decorate(view: Callable[P, R]) -> Callable[P, R]:
+        if not callable(view):
+            raise TypeError(f"requires_credits decorates a view, got {type(view).__name__}")
+        if is_async_callable(view):
+            aview = cast(Callable[P, Any], view)
+
+            @functools.wraps(view)
+            async def async_guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
+                request = args[0]
+                amount = amount_of(request)
+                if not amount:
+                    return await aview(*args, **kwargs)
+                return await guarding.arun(request, amount, lambda: aview(*args, **kwargs))
+
+            return cast(Callable[P, R], async_guarded)
+
+        @functools.wraps(view)
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
+            request = args[0]
+            amount = amount_of(request)
+            if not amount:
+                return view(*args, **kwargs)
+            result: R = guarding.run(request, amount, lambda: view(*args, **kwargs))
+            return result
+
+        return guarded
+
+    return decorate

@@ -1,0 +1,162 @@
+"""A FastAPI dependency that guards a path operation for a number of Lensmor credits.
+
+::
+
+    from typing import Annotated
+
+    from fastapi import Depends, FastAPI
+    from creditguard import Spend
+    from creditguard.fastapi import RequireCredits
+
+    @app.post("/events/{event_id}/unlock", dependencies=[Depends(RequireCredits(10))])
+    async def unlock(event_id: str) -> dict[str, str]: ...
+
+    @app.post("/search")
+    async def search(spend: Annotated[Spend, Depends(RequireCredits(5))]) -> dict[str, int]: ...
+
+See ``docs/howto/asgi-starlette-fastapi.md``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+from ._errors import CreditGuardError
+from ._guard import CreditGuard, Spend
+from ._web import (
+    ActionFailed,
+    GuardSpec,
+    aresolve_guard,
+    charged,
+    check_cost,
+    check_guard_spec,
+    check_hook,
+    default_guard,
+    is_async_callable,
+    problem_for,
+)
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+__all__ = ["ActionFailed", "RequireCredits"]
+
+OnError = Callable[["Request", CreditGuardError], BaseException]
+
+
+def _http_exception(exc: CreditGuardError) -> BaseException:
+    from fastapi import HTTPException
+
+    problem = problem_for(exc)
+    if problem is None:  # pragma: no cover - every CreditGuardError has an answer
+        return exc
+    return HTTPException(problem.status, detail=problem.body, headers=dict(problem.headers))
+
+
+class RequireCredits:
+    """A dependency (``Depends(RequireCredits(cost))``) admitting the request for ``cost``
+    credits before the endpoint runs; its value is the request's :class:`~creditguard.Spend`.
+
+    ``cost`` is an int >= 0 or a callable of the Starlette ``Request`` (sync or async)
+    returning one; 0 reads nothing. ``guard`` is a :class:`~creditguard.CreditGuard`, a
+    callable of the ``Request`` (sync or async) returning the tenant's guard, or ``None``:
+    the process-wide default guard built from ``LENSMOR_API_KEY`` and ``LENSMOR_BASE_URL``
+    (the one ``creditguard.requires_credits`` uses).
+
+    Refusals are raised as ``HTTPException`` with the problem JSON as ``detail``: 402
+    ``insufficient_credits``, 503 ``balance_unavailable`` (with ``Retry-After``) or 500
+    ``credits_misconfigured``. ``on_error(request, error)`` returns the exception to raise
+    instead (your own ``HTTPException``, or ``error`` itself for an app exception handler).
+
+    The spend is settled after the response has been sent (FastAPI >= 0.118 runs the exit
+    of dependencies with ``yield`` then). When the endpoint, or anything after it, raises,
+    the spend ends as failed (reservation released, cached balance distrusted), unless the
+    exception is an ``HTTPException`` whose status ``charge_when(status)`` charges
+    (default: ``status < 400``). A response the endpoint *returns* is charged whatever its
+    status: raise ``HTTPException`` for failures, or use
+    :class:`creditguard.asgi.CreditGuardMiddleware`, which sees every status.
+    """
+
+    __slots__ = ("__signature__", "_charge_when", "_cost", "_guard", "_on_error", "_static")
+
+    def __init__(
+        self,
+        cost: int | Callable[[Request], Any],
+        *,
+        guard: GuardSpec | None = None,
+        on_error: OnError | None = None,
+        charge_when: Callable[[int], bool] | None = None,
+    ) -> None:
+        from starlette.requests import Request as RuntimeRequest
+
+        if callable(cost):
+            self._static: int | None = None
+            self._cost: Callable[[Request], Any] | None = cost
+        else:
+            self._static = check_cost(cost)
+            self._cost = None
+        check_guard_spec(guard, optional=True)
+        check_hook("on_error", on_error)
+        check_hook("charge_when", charge_when)
+        self._guard = guard
+        self._on_error = on_error
+        self._charge_when = charge_when or charged
+        # FastAPI reads the dependency's parameters from this: it injects the Request.
+        self.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter(
+                    "request", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=RuntimeRequest
+                )
+            ]
+        )
+
+    def __repr__(self) -> str:
+        cost = self._static if self._static is not None else self._cost
+        return f"RequireCredits({cost!r})"
+
+    async def _amount(self, request: Request) -> int:
+        if self._static is not None:
+            return self._static
+        assert self._cost is not None
+        value = self._cost(request)
+        if is_async_callable(self._cost) or inspect.isawaitable(value):
+            value = await value
+        return check_cost(value)
+
+    async def _guard_of(self, request: Request) -> CreditGuard:
+        if self._guard is None:
+            return default_guard()
+        return await aresolve_guard(self._guard, request)
+
+    async def __call__(self, request: Request) -> AsyncIterator[Spend]:
+        amount = await self._amount(request)
+        try:
+            spend = (await self._guard_of(request)).spend(amount)
+            if amount:
+                await spend.__aenter__()
+        except CreditGuardError as exc:
+            if self._on_error is not None:
+                raise self._on_error(request, exc) from None
+            raise _http_exception(exc) from None
+        if not amount:
+            yield spend  # free: nothing reserved, nothing to settle
+            return
+        try:
+            yield spend
+        except BaseException as error:
+            status = getattr(error, "status_code", None)
+            if _is_http_exception(error) and type(status) is int and self._charge_when(status):
+                await spend.__aexit__(None, None, None)
+            else:
+                await spend.__aexit__(*sys.exc_info())
+            raise
+        await spend.__aexit__(None, None, None)
+
+
+def _is_http_exception(error: BaseException) -> bool:
+    from starlette.exceptions import HTTPException
+
+    return isinstance(error, HTTPException)

@@ -1,0 +1,207 @@
+"""Guard paid routes of any WSGI app (PEP 3333: Flask, Django, Bottle, Pyramid...).
+
+::
+
+    from creditguard.wsgi import CreditGuardMiddleware
+
+    app = CreditGuardMiddleware(app, guard=guard, cost={"POST /events/{event_id}/unlock": 10})
+
+Free routes go straight to the app. A paid response is settled in its iterable's
+``close()``, which the server calls after the last byte is written. See
+``docs/howto/wsgi.md``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any
+
+from ._errors import CreditGuardError
+from ._guard import Spend
+from ._web import (
+    ActionFailed,
+    CostOf,
+    CostSpec,
+    GuardSpec,
+    Problem,
+    charged,
+    check_cost,
+    check_guard_spec,
+    check_hook,
+    problem_for,
+    resolve_guard,
+)
+
+__all__ = ["SPEND_KEY", "ActionFailed", "CreditGuardMiddleware", "problem_app"]
+
+Environ = dict[str, Any]
+StartResponse = Callable[..., Callable[[bytes], object]]
+WSGIApp = Callable[[Environ, StartResponse], Iterable[bytes]]
+OnError = Callable[[Environ, CreditGuardError], "WSGIApp | None"]
+ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
+
+SPEND_KEY = "creditguard.spend"
+"""The key of the request's :class:`~creditguard.Spend` in the WSGI ``environ``."""
+
+_REASONS = {402: "Payment Required", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+def problem_app(problem: Problem) -> WSGIApp:
+    """A WSGI app answering ``problem``."""
+
+    def answer(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        body = problem.content()
+        headers = [*problem.header_list(), ("Content-Length", str(len(body)))]
+        start_response(f"{problem.status} {_REASONS.get(problem.status, 'Error')}", headers)
+        return [body]
+
+    return answer
+
+
+class CreditGuardMiddleware:
+    """WSGI middleware that admits each paid request against the guard, answers 402 / 503
+    / 500 when it cannot, and settles the spend when the server closes the response.
+
+    ``cost``: a mapping of route patterns (``"POST /events/{id}/unlock"``, matched against
+    ``REQUEST_METHOD`` and ``PATH_INFO``) to ints, a callable of the ``environ`` returning
+    an int, or ``None``. ``guard``: a :class:`~creditguard.CreditGuard`, or a callable of
+    the ``environ`` returning the guard of the request's tenant. ``on_error(environ,
+    error)`` may return a WSGI app (a Werkzeug ``Response``, say) that answers instead of
+    the default problem JSON, or ``None``. ``charge_when(status)`` decides whether a
+    finished response is charged (default: ``status < 400``).
+
+    The app finds its :class:`~creditguard.Spend` in ``environ["creditguard.spend"]``.
+    """
+
+    __slots__ = ("_charge_when", "_cost", "_guard", "_on_error", "app")
+
+    def __init__(
+        self,
+        app: WSGIApp,
+        *,
+        guard: GuardSpec,
+        cost: CostSpec = None,
+        on_error: OnError | None = None,
+        charge_when: Callable[[int], bool] | None = None,
+    ) -> None:
+        check_guard_spec(guard)
+        check_hook("on_error", on_error)
+        check_hook("charge_when", charge_when)
+        if isinstance(cost, int):
+            raise TypeError("cost must be a mapping of route patterns or a callable, not an int")
+        built = CostOf.build(cost)
+        if built.is_async:
+            raise TypeError("a WSGI cost callable must be synchronous")
+        self.app = app
+        self._guard = guard
+        self._cost = built
+        self._on_error = on_error
+        self._charge_when = charge_when or charged
+
+    def _amount(self, environ: Environ) -> int | None:
+        cost = self._cost
+        if cost.routes is not None:
+            return cost.routes.cost(environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/")
+        if cost.func is not None:
+            return check_cost(cost.func(environ))
+        return None
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        amount = self._amount(environ)
+        if not amount:
+            return self.app(environ, start_response)
+        try:
+            spend = resolve_guard(self._guard, environ).spend(amount)
+            spend.__enter__()
+        except CreditGuardError as exc:
+            answer = self._on_error(environ, exc) if self._on_error is not None else None
+            if answer is None:
+                problem = problem_for(exc)
+                if problem is None:  # pragma: no cover - every CreditGuardError has one
+                    raise
+                answer = problem_app(problem)
+            return answer(environ, start_response)
+        environ[SPEND_KEY] = spend
+        return run(self.app, environ, start_response, spend, self._charge_when)
+
+
+def run(
+    app: WSGIApp,
+    environ: Environ,
+    start_response: StartResponse,
+    spend: Spend,
+    charge_when: Callable[[int], bool],
+) -> Iterable[bytes]:
+    """Call ``app`` for an admitted ``spend``; the spend ends in the response's
+    ``close()``, or at once when the app raises."""
+    response = SettledResponse(spend, charge_when)
+
+    def watching_start_response(
+        status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        response.status = int(status[:3])
+        if exc_info is None:
+            return start_response(status, headers)
+        return start_response(status, headers, exc_info)
+
+    try:
+        response.iterable = app(environ, watching_start_response)
+    except BaseException:
+        exc_type, exc, tb = sys.exc_info()
+        response.closed = True
+        spend.__exit__(exc_type, exc, tb)
+        raise
+    return response
+
+
+class SettledResponse:
+    """The app's response iterable, passed through; ``close()`` settles the spend."""
+
+    __slots__ = ("_charge_when", "_error", "_it", "_spend", "closed", "iterable", "status")
+
+    def __init__(self, spend: Spend, charge_when: Callable[[int], bool]) -> None:
+        self._spend = spend
+        self._charge_when = charge_when
+        self._error: BaseException | None = None
+        self.iterable: Iterable[bytes] = ()
+        self._it: Iterator[bytes] = iter(())
+        self.status = 0
+        self.closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        self._it = iter(self.iterable)
+        return self
+
+    def __next__(self) -> bytes:
+        try:
+            return next(self._it)
+        except StopIteration:
+            raise
+        except BaseException as exc:
+            self._error = exc
+            raise
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            close = getattr(self.iterable, "close", None)
+            if close is not None:
+                close()
+        except BaseException as exc:
+            self._end(exc)
+            raise
+        self._end(self._error)
+
+    def _end(self, error: BaseException | None) -> None:
+        spend = self._spend
+        if error is not None:
+            spend.__exit__(type(error), error, error.__traceback__)
+        elif self.status and self._charge_when(self.status):
+            spend.__exit__(None, None, None)
+        else:
+            failed = ActionFailed(self.status)
+            spend.__exit__(ActionFailed, failed, None)
