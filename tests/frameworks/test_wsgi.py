@@ -1,0 +1,273 @@
+"""creditguard.wsgi: the pure WSGI middleware, called as a PEP 3333 server would."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+from wsgiref.util import setup_testing_defaults
+
+import pytest
+
+from creditguard import CreditGuard, CreditGuardError, current_spend
+from creditguard.testing import FakeLensmor
+from creditguard.wsgi import SPEND_KEY, ActionFailed, CreditGuardMiddleware
+
+from .conftest import Recorder
+
+COSTS = {
+    "POST /events/{event_id}/unlock": 10,
+    "GET /files/{name:path}": 10,
+    "POST /boom": 10,
+    "POST /zero": 0,
+}
+
+
+def environ(method: str, path: str, **extra: Any) -> dict[str, Any]:
+    env: dict[str, Any] = {"REQUEST_METHOD": method, "PATH_INFO": path, **extra}
+    setup_testing_defaults(env)
+    env["wsgi.input"] = io.BytesIO()
+    return env
+
+
+class Server:
+    """Calls a WSGI app the way a server does: start_response, iterate, close."""
+
+    def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
+        self.app = app
+
+    def call(self, env: dict[str, Any], *, close: bool = True) -> tuple[int, dict[str, str], bytes, Any]:
+        started: list[Any] = []
+
+        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            started[:] = [status, headers]
+            return lambda data: None
+
+        result = self.app(env, start_response)
+        body = b"".join(result)
+        if close and hasattr(result, "close"):
+            result.close()
+        return int(started[0][:3]), dict(started[1]), body, result
+
+
+def plain_app(fake: FakeLensmor, seen: list[Any]) -> Callable[..., Iterable[bytes]]:
+    def app(env: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        path = env["PATH_INFO"]
+        seen.append((env.get(SPEND_KEY), current_spend()))
+        if path == "/boom":
+            raise RuntimeError("the paid call failed")
+        if path == "/missing":
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"no"]
+        if path.startswith("/files/"):
+            return stream(start_response)
+        fake.charge(10)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"unlocked"]
+
+    def stream(start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [("Content-Type", "text/plain")])  # lazily, as generators do
+        for i in range(3):
+            seen.append(f"chunk {i}")
+            yield b"x"
+        fake.charge(10)
+
+    return app
+
+
+@pytest.fixture
+def seen() -> list[Any]:
+    return []
+
+
+@pytest.fixture
+def server(fake: FakeLensmor, guard: CreditGuard, seen: list[Any]) -> Server:
+    return Server(CreditGuardMiddleware(plain_app(fake, seen), guard=guard, cost=COSTS))
+
+
+def test_paid_request_settles_in_close(server: Server, events: Recorder, seen: list[Any]) -> None:
+    status, _, body, result = server.call(environ("POST", "/events/e1/unlock"), close=False)
+    assert (status, body) == (200, b"unlocked")
+    assert events.kinds == ["admitted"]  # the server has the body; not settled yet
+    result.close()
+    assert events.kinds == ["admitted", "spent"]
+    spend, current = seen[0]
+    assert current is spend
+    assert spend.balance_after.total_balance == 20
+    result.close()  # idempotent
+    assert events.kinds == ["admitted", "spent"]
+
+
+def test_402_503_and_500_answers(server: Server, fake: FakeLensmor, seen: list[Any]) -> None:
+    fake.fail_next(429, headers={"Retry-After": "7"})
+    status, headers, body, _ = server.call(environ("POST", "/events/e/unlock"))
+    assert status == 503
+    assert headers["retry-after"] == "7"
+    assert json.loads(body)["error"] == "balance_unavailable"
+    fake.fail_next(403)
+    status, headers, body, _ = server.call(environ("POST", "/events/e/unlock"))
+    assert status == 500
+    assert json.loads(body)["error"] == "credits_misconfigured"
+    assert fake.api_key.encode() not in body
+    for _ in range(3):
+        assert server.call(environ("POST", "/events/e/unlock"))[0] == 200
+    status, headers, body, _ = server.call(environ("POST", "/events/e/unlock"))
+    assert status == 402
+    assert headers["content-type"] == "application/problem+json"
+    assert int(headers["Content-Length"]) == len(body)
+    problem = json.loads(body)
+    assert (problem["error"], problem["required"], problem["available"]) == (
+        "insufficient_credits",
+        10,
+        0,
+    )
+    assert len(seen) == 3
+
+
+def test_raising_app_releases_at_once(server: Server, events: Recorder) -> None:
+    with pytest.raises(RuntimeError):
+        server.call(environ("POST", "/boom"), close=False)
+    assert events.kinds == ["admitted", "failed"]
+    for _ in range(3):
+        assert server.call(environ("POST", "/events/e/unlock"))[0] == 200
+
+
+def test_error_status_is_not_charged_unless_charge_when(
+    fake: FakeLensmor, guard: CreditGuard, events: Recorder, seen: list[Any]
+) -> None:
+    cost = {"POST /missing": 10}
+    server = Server(CreditGuardMiddleware(plain_app(fake, seen), guard=guard, cost=cost))
+    assert server.call(environ("POST", "/missing"))[0] == 404
+    error = events.events[-1].error
+    assert isinstance(error, ActionFailed) and error.status == 404
+    lenient = CreditGuardMiddleware(
+        plain_app(fake, seen), guard=guard, cost=cost, charge_when=lambda status: status != 500
+    )
+    assert Server(lenient).call(environ("POST", "/missing"))[0] == 404
+    assert events.kinds == ["admitted", "failed", "admitted", "spent"]
+
+
+def test_streaming_body_settles_after_the_last_chunk(
+    fake: FakeLensmor, seen: list[Any]
+) -> None:
+    order: list[str] = []
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, on_event=lambda e: order.append(e.kind)
+    )
+    server = Server(CreditGuardMiddleware(plain_app(fake, order), guard=guard, cost=COSTS))
+    status, _, body, _ = server.call(environ("GET", "/files/a/b.csv"))
+    assert (status, body) == (200, b"xxx")
+    assert order[0] == "admitted"
+    assert order[-4:] == ["chunk 0", "chunk 1", "chunk 2", "spent"]
+
+
+def test_error_while_iterating_ends_the_spend_as_failed(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    def app(env: dict[str, Any], start_response: Any) -> Iterator[bytes]:
+        start_response("200 OK", [])
+        yield b"a"
+        raise OSError("disk gone")
+
+    server = Server(CreditGuardMiddleware(app, guard=guard, cost={"GET /": 10}))
+    env = environ("GET", "/")
+    result = CreditGuardMiddleware(app, guard=guard, cost={"GET /": 10})(env, lambda *a: None)
+    with pytest.raises(OSError, match="disk gone"):
+        list(result)
+    result.close()  # type: ignore[attr-defined]
+    assert events.kinds == ["admitted", "failed"]
+    assert isinstance(events.events[-1].error, OSError)
+    assert server.app is not None
+
+
+def test_inner_iterable_is_closed_once(guard: CreditGuard, events: Recorder) -> None:
+    closed: list[str] = []
+
+    class Body:
+        def __iter__(self) -> Iterator[bytes]:
+            return iter([b"a"])
+
+        def close(self) -> None:
+            closed.append("closed")
+
+    def app(env: dict[str, Any], start_response: Any) -> Body:
+        start_response("200 OK", [])
+        return Body()
+
+    result = CreditGuardMiddleware(app, guard=guard, cost={"GET /": 10})(
+        environ("GET", "/"), lambda *a: None
+    )
+    assert list(result) == [b"a"]
+    result.close()  # type: ignore[attr-defined]
+    result.close()  # type: ignore[attr-defined]
+    assert closed == ["closed"]
+    assert events.kinds == ["admitted", "spent"]
+
+
+def test_start_response_exc_info_is_forwarded(guard: CreditGuard) -> None:
+    forwarded: list[Any] = []
+
+    def app(env: dict[str, Any], start_response: Any) -> list[bytes]:
+        try:
+            raise ValueError("x")
+        except ValueError:
+            start_response("500 Internal Server Error", [], sys.exc_info())
+        return [b""]
+
+    def start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+        forwarded.append(exc_info)
+        return lambda data: None
+
+    result = CreditGuardMiddleware(app, guard=guard, cost={"GET /": 1})(
+        environ("GET", "/"), start_response
+    )
+    list(result)
+    result.close()  # type: ignore[attr-defined]
+    assert forwarded[0][0] is ValueError
+
+
+def test_free_routes_read_nothing(server: Server, fake: FakeLensmor, seen: list[Any]) -> None:
+    assert server.call(environ("GET", "/events/e/unlock"))[0] == 200  # GET is not priced
+    assert server.call(environ("POST", "/zero"))[0] == 200
+    assert fake.balance_requests == 0
+    assert seen == [(None, None), (None, None)]
+
+
+def test_on_error_and_tenant_guards(fake: FakeLensmor, seen: list[Any]) -> None:
+    shared = CreditGuard(fake.api_key, transport=fake.transport)
+
+    def on_error(env: dict[str, Any], error: CreditGuardError) -> Any:
+        def answer(env: dict[str, Any], start_response: Any) -> list[bytes]:
+            start_response("402 Payment Required", [("Content-Type", "text/plain")])
+            return [type(error).__name__.encode()]
+
+        return answer
+
+    app = CreditGuardMiddleware(
+        plain_app(fake, seen),
+        guard=lambda env: shared.for_key(env["HTTP_X_LENSMOR_KEY"]),
+        cost=lambda env: 40 if env["PATH_INFO"].startswith("/events/") else 0,
+        on_error=on_error,
+    )
+    status, _, body, _ = Server(app).call(
+        environ("POST", "/events/e/unlock", HTTP_X_LENSMOR_KEY=fake.api_key)
+    )
+    assert (status, body) == (402, b"InsufficientCredits")
+    status, _, body, _ = Server(app).call(
+        environ("POST", "/events/e/unlock", HTTP_X_LENSMOR_KEY="nope")
+    )
+    assert (status, body) == (402, b"AuthenticationError")
+
+
+def test_arguments_are_checked(guard: CreditGuard) -> None:
+    async def acost(env: Any) -> int:
+        return 1
+
+    with pytest.raises(TypeError, match="synchronous"):
+        CreditGuardMiddleware(plain_app(FakeLensmor(), []), guard=guard, cost=acost)
+    with pytest.raises(TypeError, match="not an int"):
+        CreditGuardMiddleware(plain_app(FakeLensmor(), []), guard=guard, cost=3)
+    with pytest.raises(ValueError, match="start with"):
+        CreditGuardMiddleware(plain_app(FakeLensmor(), []), guard=guard, cost={"GET x": 3})
