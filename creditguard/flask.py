@@ -162,12 +162,17 @@ def _adopt_final_response(response: Response) -> Response:
 
 
 def _settle_leftover(error: BaseException | None) -> None:
-    """``teardown_request``: a spend never attached to a response ends as failed."""
+    """``teardown_request``: a spend never attached to a response, or whose response was
+    lost to an unhandled error, ends as failed."""
     from flask import g
 
     pending: _Pending | None = g.get(_PENDING)
-    if pending is not None and pending.response is None and not pending.done:
-        pending.exit(error or ActionFailed(0))
+    if pending is None or pending.done:
+        return
+    if error is not None:  # the response the spend waits on will not be sent
+        pending.exit(error)
+    elif pending.response is None:
+        pending.exit(ActionFailed(0))
 
 
 def requires_credits(
