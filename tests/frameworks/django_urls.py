@@ -1,0 +1,77 @@
+"""URLs and views of the Django adapter tests (settings in conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.urls import path
+
+from creditguard import current_spend
+from creditguard.django import requires_credits
+
+# What the views saw, for the tests to look at; the sandbox the views charge.
+seen: list[Any] = []
+state: dict[str, Any] = {}
+
+
+def unlock(request: Any, event_id: str) -> JsonResponse:
+    seen.append((getattr(request, "creditguard_spend", None), current_spend()))
+    state["fake"].charge(10)
+    return JsonResponse({"event": event_id})
+
+
+async def aunlock(request: Any, event_id: str) -> JsonResponse:
+    seen.append((getattr(request, "creditguard_spend", None), current_spend()))
+    state["fake"].charge(10)
+    return JsonResponse({"event": event_id})
+
+
+def missing(request: Any) -> HttpResponse:
+    return HttpResponse("no such event", status=404)
+
+
+def boom(request: Any) -> HttpResponse:
+    raise RuntimeError("the paid call failed")
+
+
+def stream(request: Any) -> StreamingHttpResponse:
+    def chunks() -> Iterator[bytes]:
+        for i in range(3):
+            seen.append(f"chunk {i}")
+            yield b"x"
+        state["fake"].charge(10)
+
+    return StreamingHttpResponse(chunks())
+
+
+def free(request: Any) -> HttpResponse:
+    seen.append(getattr(request, "creditguard_spend", None))
+    return HttpResponse("free")
+
+
+@requires_credits(10)
+def decorated(request: Any) -> HttpResponse:
+    seen.append(request.creditguard_spend)
+    state["fake"].charge(10)
+    return HttpResponse("decorated")
+
+
+@requires_credits(lambda request: 5 * int(request.GET["n"]))
+async def adecorated(request: Any) -> HttpResponse:
+    seen.append(current_spend())
+    state["fake"].charge(request.creditguard_spend.cost)
+    return HttpResponse("adecorated")
+
+
+urlpatterns = [
+    path("events/<str:event_id>/unlock", unlock),
+    path("async/events/<str:event_id>/unlock", aunlock),
+    path("missing", missing),
+    path("boom", boom),
+    path("stream", stream),
+    path("free", free),
+    path("decorated", decorated),
+    path("adecorated", adecorated),
+]

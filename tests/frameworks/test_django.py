@@ -1,0 +1,212 @@
+"""creditguard.django: the middleware and the view decorator, sync and async, through
+Django's test clients (settings configured once, in conftest.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from django.http import HttpResponse
+from django.test import AsyncClient, Client, override_settings
+
+from creditguard import CreditGuard, CreditGuardError
+from creditguard.django import ActionFailed, CreditGuardMiddleware, guard_from_settings
+from creditguard.testing import FakeLensmor
+
+from . import django_urls
+from .conftest import Recorder
+
+COSTS = {
+    "POST /events/{event_id}/unlock": 10,
+    "POST /async/events/{event_id}/unlock": 10,
+    "POST /missing": 10,
+    "POST /boom": 10,
+    "GET /stream": 10,
+}
+
+
+@pytest.fixture(autouse=True)
+def views(fake: FakeLensmor) -> Iterator[list[Any]]:
+    django_urls.seen.clear()
+    django_urls.state["fake"] = fake
+    yield django_urls.seen
+    django_urls.state.clear()
+
+
+@pytest.fixture
+def configured(guard: CreditGuard) -> Iterator[None]:
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": COSTS}):
+        yield
+
+
+@pytest.mark.usefixtures("configured")
+def test_middleware_admits_and_settles(
+    fake: FakeLensmor, events: Recorder, views: list[Any]
+) -> None:
+    response = Client().post("/events/ev-1/unlock")
+    assert response.status_code == 200
+    assert response.json() == {"event": "ev-1"}
+    assert events.kinds == ["admitted", "spent"]
+    spend, current = views[0]
+    assert current is spend
+    assert spend.balance_after.total_balance == 20
+
+
+@pytest.mark.usefixtures("configured")
+def test_middleware_answers(fake: FakeLensmor, views: list[Any]) -> None:
+    client = Client()
+    fake.fail_next(429, headers={"Retry-After": "4"})
+    unavailable = client.post("/events/e/unlock")
+    assert unavailable.status_code == 503
+    assert unavailable["Retry-After"] == "4"
+    assert unavailable.json()["error"] == "balance_unavailable"
+    fake.fail_next(401)
+    rejected = client.post("/events/e/unlock")
+    assert rejected.status_code == 500
+    assert rejected.json()["error"] == "credits_misconfigured"
+    assert fake.api_key not in rejected.content.decode()
+    assert [client.post("/events/e/unlock").status_code for _ in range(3)] == [200] * 3
+    refused = client.post("/events/e/unlock")
+    assert refused.status_code == 402
+    assert refused["Content-Type"] == "application/problem+json"
+    assert (refused.json()["required"], refused.json()["available"]) == (10, 0)
+    assert len(views) == 3
+
+
+@pytest.mark.usefixtures("configured")
+def test_failures_release(events: Recorder) -> None:
+    client = Client(raise_request_exception=False)
+    assert client.post("/boom").status_code == 500
+    assert client.post("/missing").status_code == 404
+    assert events.kinds == ["admitted", "failed", "admitted", "failed"]
+    assert isinstance(events.events[3].error, ActionFailed)
+    assert [client.post(f"/events/{i}/unlock").status_code for i in range(3)] == [200] * 3
+
+
+@pytest.mark.usefixtures("configured")
+def test_streaming_settles_after_the_last_chunk(
+    fake: FakeLensmor, events: Recorder, views: list[Any]
+) -> None:
+    response = Client().get("/stream")
+    assert events.kinds == ["admitted"]  # not iterated yet
+    assert b"".join(response.streaming_content) == b"xxx"
+    response.close()
+    assert events.kinds == ["admitted", "spent"]
+    assert views == ["chunk 0", "chunk 1", "chunk 2"]
+
+
+@pytest.mark.usefixtures("configured")
+def test_free_routes_read_nothing(fake: FakeLensmor, views: list[Any]) -> None:
+    assert Client().get("/free").content == b"free"
+    assert fake.balance_requests == 0
+    assert views == [None]
+
+
+# Django's async stack (asgiref) runs on asyncio only.
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.usefixtures("configured")
+async def test_async_stack(fake: FakeLensmor, events: Recorder, views: list[Any]) -> None:
+    response = await AsyncClient().post("/async/events/ev-2/unlock")
+    assert response.status_code == 200
+    assert events.kinds == ["admitted", "spent"]
+    spend, current = views[0]
+    assert current is spend
+    refused = [(await AsyncClient().post("/async/events/e/unlock")).status_code for _ in range(3)]
+    assert refused == [200, 200, 402]
+
+
+def test_charge_when_and_on_error_settings(guard: CreditGuard, events: Recorder) -> None:
+    def on_error(request: Any, error: CreditGuardError) -> HttpResponse:
+        return HttpResponse(f"top up: {type(error).__name__}", status=402)
+
+    settings = {
+        "GUARD": guard,
+        "COSTS": {"POST /missing": 10, "POST /events/{id}/unlock": 31},
+        "CHARGE_WHEN": lambda status: True,
+        "ON_ERROR": on_error,
+    }
+    with override_settings(CREDITGUARD=settings):
+        client = Client()
+        assert client.post("/missing").status_code == 404
+        refused = client.post("/events/e/unlock")
+    assert (refused.status_code, refused.content) == (402, b"top up: InsufficientCredits")
+    assert events.kinds == ["admitted", "spent", "denied"]
+
+
+def test_decorator_sync_and_async(guard: CreditGuard, fake: FakeLensmor, views: list[Any]) -> None:
+    with override_settings(CREDITGUARD={"GUARD": guard}):
+        assert Client().get("/decorated").content == b"decorated"
+        assert Client().get("/adecorated?n=2").content == b"adecorated"
+        refused = Client().get("/adecorated?n=3")
+    assert refused.status_code == 402
+    assert refused.json()["required"] == 15
+    assert fake.balance.total_balance == 10
+    assert views[0].balance_after.total_balance == 20
+
+
+# Django's async stack (asgiref) runs on asyncio only.
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_decorator_in_the_async_client(guard: CreditGuard, events: Recorder) -> None:
+    with override_settings(CREDITGUARD={"GUARD": guard}):
+        response = await AsyncClient().get("/adecorated?n=1")
+    assert response.content == b"adecorated"
+    assert events.kinds == ["admitted", "spent"]
+
+
+def test_settings_build_a_guard_and_dotted_paths(fake: FakeLensmor) -> None:
+    from creditguard.testing import serve
+
+    with serve(fake.app) as url:
+        config = {
+            "API_KEY": fake.api_key,
+            "BASE_URL": url,
+            "OPTIONS": {"ttl": 9},
+            "COSTS": "tests.frameworks.test_django.COSTS",
+            "CHARGE_WHEN": "tests.frameworks.test_django.always",
+        }
+        with override_settings(CREDITGUARD=config):
+            guard = guard_from_settings()
+            assert (guard.base_url, guard.ttl) == (url, 9)
+            assert Client().post("/missing").status_code == 404  # charged: always
+            assert guard_from_settings() is guard
+            guard.close()
+    assert fake.balance_requests == 2
+
+
+def always(status: int) -> bool:
+    return True
+
+
+def test_tenant_guard_callable(fake: FakeLensmor) -> None:
+    shared = CreditGuard("placeholder", transport=fake.transport)
+
+    def tenant(request: Any) -> CreditGuard:
+        return shared.for_key(request.headers["X-Lensmor-Key"])
+
+    with override_settings(CREDITGUARD={"GUARD": tenant, "COSTS": COSTS}):
+        ok = Client().post("/events/e/unlock", headers={"X-Lensmor-Key": fake.api_key})
+        bad = Client().post("/events/e/unlock", headers={"X-Lensmor-Key": "wrong"})
+    assert (ok.status_code, bad.status_code) == (200, 500)
+
+
+def test_bad_settings_fail_at_startup() -> None:
+    with override_settings(CREDITGUARD={"COST": {}}), pytest.raises(CreditGuardError, match="COST"):
+        CreditGuardMiddleware(lambda request: HttpResponse())
+    with override_settings(CREDITGUARD=[]), pytest.raises(CreditGuardError, match="dict"):
+        CreditGuardMiddleware(lambda request: HttpResponse())
+
+
+def test_middleware_is_sync_and_async_capable() -> None:
+    from asgiref.sync import iscoroutinefunction
+
+    assert CreditGuardMiddleware.sync_capable and CreditGuardMiddleware.async_capable
+
+    async def get_response(request: Any) -> HttpResponse:
+        return HttpResponse()
+
+    with override_settings(CREDITGUARD={}):
+        assert iscoroutinefunction(CreditGuardMiddleware(get_response))
+        assert not iscoroutinefunction(CreditGuardMiddleware(lambda request: HttpResponse()))
