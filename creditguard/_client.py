@@ -8,14 +8,18 @@ The request, the response parsing, the error mapping and the retry decisions liv
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import json
 import math
 import random
 import ssl
+import sys
 import threading
 import time
 import weakref
+import zlib
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -203,13 +207,50 @@ class Secret:
         raise TypeError("an API key is not pickled")
 
 
+def _display_url(base_url: str) -> str:
+    """``base_url`` as errors show it: scheme, host, port and path, never userinfo."""
+    url = httpx.URL(base_url)
+    port = "" if url.port is None else f":{url.port}"
+    host = f"[{url.host}]" if ":" in url.host else url.host
+    return f"{url.scheme}://{host}{port}{url.path}".rstrip("/")
+
+
+def _inflate(body: bytes, coding: str) -> bytes:
+    """Decode a body the service compressed although the request asked for ``identity``,
+    producing at most ``MAX_BODY_BYTES`` + 1 bytes whatever the ratio (``gzip`` and
+    ``deflate`` only); raise :class:`InvalidResponse` for anything else."""
+    codings = [c.strip().lower() for c in coding.split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in ("gzip", "x-gzip", "deflate"):
+        raise InvalidResponse(
+            f"balance response has an unsupported Content-Encoding {coding[:40]!r}"
+        )
+    candidates: tuple[int, ...] = (16 + zlib.MAX_WBITS,)  # gzip
+    if codings[0] == "deflate":
+        candidates = (zlib.MAX_WBITS, -zlib.MAX_WBITS)  # zlib-wrapped, or raw as some send
+    for wbits in candidates:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            data = inflater.decompress(body, MAX_BODY_BYTES + 1)
+        except zlib.error:
+            continue
+        if len(data) > MAX_BODY_BYTES or inflater.unconsumed_tail:
+            raise InvalidResponse(f"balance response is larger than {MAX_BODY_BYTES} bytes")
+        if inflater.eof:
+            return data
+    raise InvalidResponse(f"balance response could not be decoded ({codings[0]})")
+
+
 class _Reader:
     """What both clients share: the request, the body limit and the response mapping."""
 
-    __slots__ = ("_fits", "_last", "_lock", "_requests", "policy", "timeout", "url")
+    __slots__ = ("_fits", "_last", "_lock", "_requests", "base_url", "policy", "timeout", "url")
 
     def __init__(self, base_url: str, timeout: httpx.Timeout, policy: RetryPolicy) -> None:
         self.url = httpx.URL(base_url.rstrip("/") + BALANCE_PATH)
+        self.base_url = _display_url(base_url)
         self.timeout = timeout
         self.policy = policy
         # Requests are built once per account and reused; a bounded cache keeps memory
@@ -242,6 +283,8 @@ class _Reader:
             headers={
                 "Authorization": f"Bearer {api_key}",
                 "Accept": "application/json",
+                # The body limit applies to the bytes on the wire: nothing to inflate.
+                "Accept-Encoding": "identity",
                 "User-Agent": USER_AGENT,
             },
             extensions={"timeout": self.timeout.as_dict()},
@@ -299,22 +342,36 @@ class _Reader:
         return httpx.ReadTimeout("balance read exceeded its deadline")
 
     @staticmethod
-    def parse(body: bytes) -> CreditBalance:
+    def in_memory(response: httpx.Response) -> bytes:
+        """The body of a response built around its content (``httpx.Response(content=...)``
+        from a mock transport), which httpx has already read and decoded."""
+        body = response.content
+        if len(body) > MAX_BODY_BYTES:
+            raise InvalidResponse(f"balance response is larger than {MAX_BODY_BYTES} bytes")
+        return body
+
+    @staticmethod
+    def parse(body: bytes, coding: str | None = None) -> CreditBalance:
+        """The balance in ``body`` (the raw bytes, decoded first if the answer has a
+        ``Content-Encoding`` although none was asked for)."""
+        if coding is not None:
+            body = _inflate(body, coding)
         try:
             data = _loads(body)
         except (ValueError, RecursionError):
             raise InvalidResponse("balance response is not valid JSON") from None
         return CreditBalance.from_api(data)
 
-    @staticmethod
-    def attempt_error(exc: httpx.HTTPError, sent: httpx.Request) -> _Retry:
+    def attempt_error(self, exc: httpx.HTTPError, sent: httpx.Request) -> _Retry:
         """An httpx error of one attempt: a transport error may succeed if tried again (the
         retry to weigh); anything else is not the documented answer (raised at once)."""
         _redact(exc, sent)
+        where = self.base_url
         if isinstance(exc, httpx.TimeoutException):
-            message = f"the credits service did not answer in time ({type(exc).__name__})"
+            message = f"the credits service at {where} did not answer in time"
+            message += f" ({type(exc).__name__})"
         elif isinstance(exc, httpx.TransportError):
-            message = f"could not reach the credits service ({type(exc).__name__})"
+            message = f"could not reach the credits service at {where} ({type(exc).__name__})"
         else:  # e.g. a body that fails to decode
             raise InvalidResponse(f"balance read failed ({type(exc).__name__})") from exc
         return _Retry(BalanceUnavailable(message), cause=exc)
@@ -371,15 +428,21 @@ class BalanceClient:
             sent = reader.for_attempt(request, attempts, deadline)
             chunks: list[bytes] = []  # joined once: linear however the body is split
             size = 0
+            coding: str | None = None
             try:
                 response = transport.handle_request(sent)
                 try:
                     reader.check_status(response)
-                    for chunk in response.iter_bytes():
-                        size += len(chunk)
-                        if size > MAX_BODY_BYTES or _monotonic() >= deadline:
-                            raise reader.body_error(size)
-                        chunks.append(chunk)
+                    if response.is_stream_consumed:
+                        chunks.append(reader.in_memory(response))
+                    else:
+                        # Raw bytes: the limit is on what crossed the wire, not decoded.
+                        coding = response.headers.get("content-encoding")
+                        for chunk in response.iter_raw():
+                            size += len(chunk)
+                            if size > MAX_BODY_BYTES or _monotonic() >= deadline:
+                                raise reader.body_error(size)
+                            chunks.append(chunk)
                 finally:
                     response.close()
             except _Retry as exc:
@@ -387,7 +450,7 @@ class BalanceClient:
             except httpx.HTTPError as exc:
                 retry = reader.attempt_error(exc, sent)
             else:
-                return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks), coding)
             if attempts is None:
                 attempts = _Attempts(reader.policy, deadline)
             wait = attempts.delay(retry)
@@ -403,13 +466,99 @@ class BalanceClient:
             transport.close()
 
 
+class _Held:
+    """The transport the guard opened for one event loop, until that loop ends."""
+
+    __slots__ = ("transport",)
+
+    def __init__(self, transport: httpx.AsyncBaseTransport) -> None:
+        self.transport: httpx.AsyncBaseTransport | None = transport
+
+
+async def _keeper(
+    held: _Held, owner: weakref.ref[AsyncBalanceClient], loop: object
+) -> AsyncGenerator[None, None]:
+    """Closes ``held``'s transport when its loop ends.
+
+    Advanced once inside the loop, this async generator is registered by the loop's
+    async-generator hooks, and the loop closes it when it shuts down (``asyncio.run``,
+    ``asyncio.Runner``, ``anyio.run`` and ``trio.run`` all finalize the async generators
+    still alive): the ``finally`` then runs in that loop, where the transport's
+    connections can still be closed.
+    """
+    try:
+        yield
+    finally:
+        client = owner()
+        if client is not None:
+            client._forget(loop, held)
+        transport, held.transport = held.transport, None
+        if transport is not None:
+            with contextlib.suppress(Exception):  # a connection already broken
+                await transport.aclose()
+
+
+async def _finish(keeper: AsyncGenerator[None, None]) -> None:
+    await keeper.aclose()
+
+
+def _finish_now(keeper: AsyncGenerator[None, None], held: _Held) -> None:
+    """Finish ``keeper`` without its loop (the loop is closed, or its run is over): its
+    transport is dropped without awaiting, and its sockets close with it."""
+    held.transport = None
+    closing = keeper.aclose()
+    try:
+        closing.send(None)
+    except (StopIteration, RuntimeError):
+        pass
+    else:  # pragma: no cover - the finally awaits nothing once the transport is gone
+        closing.close()
+
+
+def _spawn_trio(keeper: AsyncGenerator[None, None], held: _Held) -> None:
+    """In a trio run's thread: finish ``keeper`` in a system task of that run."""
+    trio = sys.modules["trio"]
+    try:
+        trio.lowlevel.spawn_system_task(_finish, keeper)
+    except RuntimeError:  # the run is shutting down: too late to await in it
+        _finish_now(keeper, held)
+
+
+def _retire(loop: object, keeper: AsyncGenerator[None, None], held: _Held) -> None:
+    """Have ``keeper`` finish (and close its transport) in its own loop, from any thread;
+    at once, without awaiting, when that loop is gone."""
+    if isinstance(loop, asyncio.AbstractEventLoop):
+        if not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(loop.create_task, _finish(keeper))
+                return
+            except RuntimeError:  # closed meanwhile
+                pass
+    else:  # a trio run, named by its token
+        trio = sys.modules.get("trio")
+        if trio is not None:
+            try:
+                loop.run_sync_soon(_spawn_trio, keeper, held)  # type: ignore[attr-defined]
+                return
+            except trio.RunFinishedError:
+                pass
+    _finish_now(keeper, held)
+
+
+_Entry = tuple[AsyncGenerator[None, None], _Held]
+
+
 class AsyncBalanceClient:
     """Async balance reads over an httpx async transport, one per event loop.
 
     The guard's own ``httpx.AsyncHTTPTransport`` holds connections of the loop it first
-    ran on; a guard used from ``anyio.run`` twice, from pytest's per-test loops or from
-    loops in several threads gets one for each live loop (dropped with the loop). A
-    transport the guard was given is used from every loop, as given.
+    ran on, so a guard used from ``asyncio.run`` or ``anyio.run`` several times, from
+    pytest's per-test loops or from loops in several threads opens one for each loop.
+    Each is closed in its loop when that loop shuts down (see :func:`_keeper`), so a
+    finished loop leaves no socket open and is not kept alive. A loop closed without
+    finalizing its async generators (``loop.close()`` without ``shutdown_asyncgens()``)
+    is let go, with its transport, the next time the guard meets a new loop or is closed.
+    A transport the guard was given is used from every loop, as given.
     """
 
     def __init__(
@@ -424,9 +573,10 @@ class AsyncBalanceClient:
         self._given = transport
         self._verify = verify
         self._missing = missing
-        self._transports: weakref.WeakKeyDictionary[object, httpx.AsyncBaseTransport] = (
-            weakref.WeakKeyDictionary()
-        )
+        # loop (or trio token) -> its transport: one dict lookup per read. The keepers
+        # are apart, used only when a loop comes or goes.
+        self._transports: dict[object, httpx.AsyncBaseTransport] = {}
+        self._keepers: dict[object, _Entry] = {}
         self._lock = threading.Lock()
 
     def _get_transport(self) -> httpx.AsyncBaseTransport:
@@ -439,10 +589,40 @@ class AsyncBalanceClient:
         loop: object = asyncio._get_running_loop() or anyio.lowlevel.current_token().native_token
         transport = self._transports.get(loop)
         if transport is None:
-            transport = httpx.AsyncHTTPTransport(verify=self._verify, trust_env=False)
-            with self._lock:
-                transport = self._transports.setdefault(loop, transport)
+            transport = self._open(loop)
         return transport
+
+    def _open(self, loop: object) -> httpx.AsyncBaseTransport:
+        """A new transport for ``loop`` (the running one), with its keeper."""
+        transport = httpx.AsyncHTTPTransport(verify=self._verify, trust_env=False)
+        held = _Held(transport)
+        keeper = _keeper(held, weakref.ref(self), loop)
+        # First step, in the loop's thread: the loop's async-generator hooks register it.
+        with contextlib.suppress(StopIteration):
+            keeper.asend(None).send(None)
+        with self._lock:
+            stale = self._take(_is_closed)
+            self._transports[loop] = transport
+            self._keepers[loop] = (keeper, held)
+        for other, (old_keeper, old_held) in stale:
+            _retire(other, old_keeper, old_held)
+        return transport
+
+    def _take(self, which: Callable[[object], bool]) -> list[tuple[object, _Entry]]:
+        """Remove the entries of the loops ``which`` selects (under the lock)."""
+        taken = [(loop, entry) for loop, entry in self._keepers.items() if which(loop)]
+        for loop, _ in taken:
+            del self._keepers[loop]
+            self._transports.pop(loop, None)
+        return taken
+
+    def _forget(self, loop: object, held: _Held) -> None:
+        """Called by a keeper as it finishes: drop its loop's entry, if still its own."""
+        with self._lock:
+            entry = self._keepers.get(loop)
+            if entry is not None and entry[1] is held:
+                del self._keepers[loop]
+                self._transports.pop(loop, None)
 
     async def read(self, request: httpx.Request) -> CreditBalance:
         """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying.
@@ -457,15 +637,21 @@ class AsyncBalanceClient:
             sent = reader.for_attempt(request, attempts, deadline)
             chunks: list[bytes] = []  # joined once: linear however the body is split
             size = 0
+            coding: str | None = None
             try:
                 response = await transport.handle_async_request(sent)
                 try:
                     reader.check_status(response)
-                    async for chunk in response.aiter_bytes():
-                        size += len(chunk)
-                        if size > MAX_BODY_BYTES or _monotonic() >= deadline:
-                            raise reader.body_error(size)
-                        chunks.append(chunk)
+                    if response.is_stream_consumed:
+                        chunks.append(reader.in_memory(response))
+                    else:
+                        # Raw bytes: the limit is on what crossed the wire, not decoded.
+                        coding = response.headers.get("content-encoding")
+                        async for chunk in response.aiter_raw():
+                            size += len(chunk)
+                            if size > MAX_BODY_BYTES or _monotonic() >= deadline:
+                                raise reader.body_error(size)
+                            chunks.append(chunk)
                 finally:
                     await response.aclose()
             except _Retry as exc:
@@ -473,25 +659,37 @@ class AsyncBalanceClient:
             except httpx.HTTPError as exc:
                 retry = reader.attempt_error(exc, sent)
             else:
-                return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+                return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks), coding)
             if attempts is None:
                 attempts = _Attempts(reader.policy, deadline)
             wait = attempts.delay(retry)
             await anyio.sleep(wait)
 
     async def aclose(self) -> None:
-        """Close the transport of the current loop (or the given one); drop the others
-        (their loops are gone)."""
-        loop = anyio.lowlevel.current_token().native_token
+        """Close the transport of the current loop (or the given one) and have every other
+        loop close its own."""
+        loop: object = asyncio._get_running_loop() or anyio.lowlevel.current_token().native_token
         with self._lock:
-            transport = self._transports.pop(loop, None)
-            self._transports.clear()
-        if transport is None:
-            transport = self._given
-        if transport is not None:
-            await transport.aclose()
+            taken = self._take(lambda _: True)
+        mine = None
+        for other, (keeper, held) in taken:
+            if other is loop:
+                mine = keeper
+            else:
+                _retire(other, keeper, held)
+        if mine is not None:
+            await _finish(mine)
+        elif self._given is not None:
+            await self._given.aclose()
 
     def drop(self) -> None:
-        """Forget every per-loop transport (for sync ``close()``, which cannot await)."""
+        """Let go of every per-loop transport (for sync ``close()``, which cannot await):
+        each is closed in its own loop, at once for a loop that is gone."""
         with self._lock:
-            self._transports.clear()
+            taken = self._take(lambda _: True)
+        for loop, (keeper, held) in taken:
+            _retire(loop, keeper, held)
+
+
+def _is_closed(loop: object) -> bool:
+    return isinstance(loop, asyncio.AbstractEventLoop) and loop.is_closed()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+import tracemalloc
+import zlib
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
+from typing import Any
 
 import httpx
 import pytest
@@ -21,6 +24,7 @@ from creditguard import (
     RetryPolicy,
     parse_retry_after,
 )
+from creditguard.testing import serve
 
 KEY = "sk-live-0123456789abcdef"
 BODY = {
@@ -182,17 +186,161 @@ async def test_garbage_bodies(mode: str, body: bytes) -> None:
 
 
 async def test_undecodable_body_is_invalid_not_retried(mode: str) -> None:
-    """An httpx error that is not about the connection (here a body that fails to
-    decode) is not the documented answer: InvalidResponse at once, no retry."""
+    """A body that fails to decode is not the documented answer: InvalidResponse at
+    once, no retry."""
     script = Script(
         httpx.Response(
             200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(b"not gzip at all")
         )
     )
+    with pytest.raises(InvalidResponse, match="could not be decoded"):
+        await read(make(script), mode)
+    assert len(script.requests) == 1
+
+
+async def test_an_httpx_error_about_the_body_is_invalid_not_retried(mode: str) -> None:
+    """An httpx error that is not about the connection is not the documented answer."""
+    script = Script(httpx.DecodingError("bad chunk"))
     with pytest.raises(InvalidResponse, match="DecodingError") as info:
         await read(make(script), mode)
     assert isinstance(info.value.__cause__, httpx.DecodingError)
     assert len(script.requests) == 1
+
+
+# -- compression: the body limit is on the wire ----------------------------------------
+
+
+def _gzip(size: int, *, wbits: int = 31) -> bytes:
+    """``size`` zero bytes, compressed: about a thousand to one."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, wbits)
+    block = bytes(1 << 20)
+    parts = [packer.compress(block) for _ in range(size >> 20)]
+    return b"".join(parts) + packer.flush()
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    return {
+        # What was reported: 200 KB on the wire, 200 MiB inflated.
+        "large": _gzip(200 << 20),
+        # Under the wire limit, 48 MiB inflated.
+        "small": _gzip(48 << 20),
+    }
+
+
+def _peak_during(run: Callable[[], object]) -> int:
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+async def _apeak_during(coro: Callable[[], Awaitable[object]]) -> int:
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        await coro()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+async def test_requests_ask_for_no_compression(mode: str) -> None:
+    script = Script(ok())
+    await read(make(script), mode)
+    assert script.requests[0].headers["accept-encoding"] == "identity"
+
+
+@pytest.mark.parametrize("bomb", ["large", "small"])
+async def test_a_gzip_bomb_is_refused_in_bounded_memory(
+    mode: str, bomb: str, bombs: dict[str, bytes]
+) -> None:
+    script = Script(
+        httpx.Response(
+            200, headers={"Content-Encoding": "gzip"}, stream=httpx.ByteStream(bombs[bomb])
+        )
+    )
+    guard = make(script)
+
+    async def attempt() -> None:
+        with pytest.raises(InvalidResponse, match="larger than 65536 bytes"):
+            await read(guard, mode)
+
+    peak = await _apeak_during(attempt)
+    assert peak < 5 << 20, f"{peak / 2**20:.1f} MiB allocated"
+    assert len(script.requests) == 1  # not retried
+
+
+@pytest.mark.parametrize(("coding", "wbits"), [("gzip", 31), ("x-gzip", 31), ("deflate", 15)])
+async def test_an_unasked_for_compressed_body_still_reads(
+    mode: str, coding: str, wbits: int
+) -> None:
+    packer = zlib.compressobj(6, zlib.DEFLATED, wbits)
+    body = packer.compress(json.dumps(BODY).encode()) + packer.flush()
+    script = Script(
+        httpx.Response(200, headers={"Content-Encoding": coding}, stream=httpx.ByteStream(body))
+    )
+    assert (await read(make(script), mode)).total_balance == 80  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "gzip, gzip", "compress"])
+async def test_other_content_encodings_are_refused(mode: str, coding: str) -> None:
+    body = httpx.ByteStream(json.dumps(BODY).encode())
+    script = Script(httpx.Response(200, headers={"Content-Encoding": coding}, stream=body))
+    with pytest.raises(InvalidResponse, match="unsupported Content-Encoding"):
+        await read(make(script), mode)
+
+
+def _bomb_app(body: bytes, seen: list[str]) -> Callable[..., Awaitable[None]]:
+    """An ASGI app that answers every request with ``body`` gzip-encoded, whatever the
+    request accepts, and records the Accept-Encoding it was sent."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        headers = dict(scope["headers"])
+        seen.append(headers.get(b"accept-encoding", b"").decode())
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-encoding", b"gzip"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@pytest.mark.parametrize("bomb", ["large", "small"])
+async def test_a_gzip_bomb_over_loopback_http(
+    mode: str, bomb: str, bombs: dict[str, bytes]
+) -> None:
+    seen: list[str] = []
+    with serve(_bomb_app(bombs[bomb], seen)) as url:
+        guard = CreditGuard(KEY, base_url=url, retry=FAST)
+        try:
+
+            async def attempt() -> None:
+                with pytest.raises(InvalidResponse, match="larger than 65536 bytes"):
+                    await read(guard, mode)
+
+            peak = await _apeak_during(attempt)
+        finally:
+            await guard.aclose()
+    assert seen == ["identity"]
+    assert peak < 5 << 20, f"{peak / 2**20:.1f} MiB allocated"
 
 
 async def test_oversized_body(mode: str) -> None:
