@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
-from urllib.parse import parse_qs
+from urllib.parse import parse_qsl
 
 import anyio
 import httpx
@@ -78,6 +79,38 @@ _REASONS = {
 }
 
 
+def _count(text: str, name: str, *, least: int = 0, most: int = 10**12) -> int:
+    """A query parameter or CLI count: ASCII digits only (``int()`` would also take
+    ``"٣"``, ``"+3"``, ``" 3"`` and ``"1_000"``), between ``least`` and ``most``."""
+    if not (text.isascii() and text.isdigit()) or len(text) > len(str(most)):
+        raise ValueError(f"{name} must be an integer of ASCII digits, got {text[:40]!r}")
+    value = int(text)
+    if not least <= value <= most:
+        raise ValueError(f"{name} must be between {least} and {most}, got {value}")
+    return value
+
+
+_SECONDS = re.compile(r"[0-9]{1,10}(\.[0-9]{0,9})?|\.[0-9]{1,9}")
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_FIELD_VALUE = re.compile(r"[\x20-\x7e]*")
+
+
+def _check_headers(headers: dict[str, str]) -> dict[str, str]:
+    """Header names must be tokens, values printable ASCII (no CR, LF or other control
+    characters: a value must not end the header and start another)."""
+    checked = {}
+    for name, value in headers.items():
+        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
+            raise ValueError(f"invalid header name {name!r}")
+        if not isinstance(value, str) or len(value) > 1000 or not _FIELD_VALUE.fullmatch(value):
+            raise ValueError(
+                f"invalid value for header {name}: printable ASCII only, at most 1000"
+                f" characters, got {value[:40]!r}"
+            )
+        checked[name] = value
+    return checked
+
+
 def _check_fault(status: object) -> int | Fault:
     if isinstance(status, str):
         if status not in FAULTS:
@@ -95,20 +128,36 @@ def parse_fault(spec: str) -> tuple[int | Fault, int]:
     (default 1) is how many balance requests get it. Raises ``ValueError`` otherwise.
     """
     kind, sep, count = spec.strip().partition(":")
-    fault = _check_fault(int(kind) if kind.isdigit() else kind)
+    is_status = kind.isascii() and kind.isdigit()
+    fault = _check_fault(int(kind) if is_status and len(kind) <= 10 else kind)
     times = 1
     if sep:
-        if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"times must be an int >= 1, got {count!r}")
-        times = int(count)
+        times = _count(count, "times", least=1)
     return fault, times
 
 
 def _seconds(text: str) -> float:
+    """Seconds as plain ASCII decimal (``float()`` would also take ``"٣"``, ``"1e3"``,
+    ``"nan"`` and ``"inf"``), from 0 to 3600."""
+    if not _SECONDS.fullmatch(text):
+        raise ValueError(f"seconds must be a decimal number, got {text[:40]!r}")
     value = float(text)
-    if not 0 <= value <= 3600:  # also rejects nan
+    if not 0 <= value <= 3600:
         raise ValueError(f"seconds must be between 0 and 3600, got {text!r}")
     return value
+
+
+def _params(query: str, allowed: set[str]) -> dict[str, str]:
+    """The query's parameters, each given at most once and each one ``allowed``."""
+    params: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True, errors="strict"):
+        if name not in allowed:
+            expected = ", ".join(sorted(allowed)) or "none"
+            raise ValueError(f"unknown parameter {name[:40]!r} (expected: {expected})")
+        if name in params:
+            raise ValueError(f"parameter {name!r} given more than once")
+        params[name] = value
+    return params
 
 
 def _json(status: int, data: object, headers: dict[str, str] | None = None) -> _Answer:
@@ -197,8 +246,9 @@ class FakeLensmor:
         kind = _check_fault(status)
         if type(times) is not int or times < 1:
             raise ValueError(f"times must be an int >= 1, got {times!r}")
+        checked = _check_headers(dict(headers or {}))
         with self._lock:
-            self._plan.append(_Planned(kind, times, dict(headers or {})))
+            self._plan.append(_Planned(kind, times, checked))
 
     def clear_faults(self) -> None:
         """Forget every scripted fault not served yet."""
@@ -219,7 +269,7 @@ class FakeLensmor:
         if path in (FAIL_PATH, LATENCY_PATH, STATS_PATH):
             if authorization != f"Bearer {self.api_key}":
                 return _json(401, {"message": "Unauthorized"})
-            return self._control_answer(method, path, parse_qs(query))
+            return self._control_answer(method, path, query)
         if path != BALANCE_PATH:
             return _json(404, {"message": "Not Found"})
         if method != "GET":
@@ -243,31 +293,36 @@ class FakeLensmor:
             return _json(405, {"message": "Method Not Allowed"}, {"allow": "POST"})
         if authorization != f"Bearer {self.api_key}":
             return _json(401, {"message": "Unauthorized"})
-        values = parse_qs(query).get("credits", [])
-        if len(values) != 1 or not values[0].isdigit():
-            return _json(400, {"message": "credits must be a non-negative integer"})
         try:
-            balance = self.charge(int(values[0]))
+            params = _params(query, {"credits"})
+            credits = _count(params.get("credits", ""), "credits")
+        except ValueError as exc:
+            return _json(400, {"message": str(exc)})
+        try:
+            balance = self.charge(credits)
         except InsufficientCredits as exc:
             return _json(402, {"message": str(exc)})
         return _json(200, balance.to_api())
 
-    def _control_answer(self, method: str, path: str, params: dict[str, list[str]]) -> _Answer:
+    def _control_answer(self, method: str, path: str, query: str) -> _Answer:
         """The sandbox's own control endpoints (faults, latency, counters)."""
-        one = {name: values[-1] for name, values in params.items()}
         try:
             if path == STATS_PATH:
                 if method != "GET":
                     return _json(405, {"message": "Method Not Allowed"}, {"allow": "GET"})
+                _params(query, set())
             elif path == LATENCY_PATH:
                 if method != "POST":
                     return _json(405, {"message": "Method Not Allowed"}, {"allow": "POST"})
+                one = _params(query, {"seconds"})
                 self.latency = _seconds(one.get("seconds", ""))
             elif method == "DELETE":
+                _params(query, set())
                 self.clear_faults()
             elif method == "POST":
+                one = _params(query, {"fault", "times", "retry_after"})
                 fault, _ = parse_fault(one.get("fault", ""))
-                times = int(one.get("times", "1"))
+                times = _count(one.get("times", "1"), "times", least=1)
                 headers = {}
                 if "retry_after" in one:
                     headers["Retry-After"] = one["retry_after"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
@@ -43,7 +44,13 @@ def test_parse_fault(spec: str, parsed: tuple[int | str, int]) -> None:
     assert parse_fault(spec) == parsed
 
 
-@pytest.mark.parametrize("spec", ["", "200", "600", "boom", "503:0", "503:x", "drop:-1", "42"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        *("", "200", "600", "boom", "503:0", "503:x", "drop:-1", "42"),
+        *("\u0665\u0660\u0663", "503:\u0663", "503:+1", "503:1_0", "5030", "9" * 400),
+    ],
+)
 def test_parse_fault_rejects(spec: str) -> None:
     with pytest.raises(ValueError):  # noqa: PT011 - the message varies with the mistake
         parse_fault(spec)
@@ -99,16 +106,107 @@ def test_latency_endpoint_delays_answers(sandbox: Sandbox) -> None:
         ("POST", "/sandbox/latency", {}, 400),
         ("GET", "/sandbox/latency", {}, 405),
         ("POST", "/sandbox/stats", {}, 405),
+        # Only ASCII digits: int() and float() also take other scripts' digits.
+        ("POST", "/sandbox/fail", {"fault": "\u0665\u0660\u0663"}, 400),
+        ("POST", "/sandbox/fail", {"fault": "503", "times": "\u0663"}, 400),
+        ("POST", "/sandbox/fail", {"fault": "503", "times": "+3"}, 400),
+        ("POST", "/sandbox/fail", {"fault": "503", "times": "1_0"}, 400),
+        ("POST", "/sandbox/fail", {"fault": "503", "times": "9" * 400}, 400),
+        ("POST", "/sandbox/latency", {"seconds": "\u0663"}, 400),
+        ("POST", "/sandbox/latency", {"seconds": "1e3"}, 400),
+        ("POST", "/sandbox/latency", {"seconds": "inf"}, 400),
+        ("POST", "/sandbox/latency", {"seconds": " 1"}, 400),
+        # A header value that would end the header and start another.
+        ("POST", "/sandbox/fail", {"fault": "429", "retry_after": "1\r\nSet-Cookie: a=b"}, 400),
+        ("POST", "/sandbox/fail", {"fault": "429", "retry_after": "1\n"}, 400),
+        ("POST", "/sandbox/fail", {"fault": "429", "retry_after": "\u0663\u0660"}, 400),
+        ("POST", "/sandbox/fail", {"fault": "429", "retry_after": "1" * 1001}, 400),
+        # Misspelt or repeated parameters are not silently ignored.
+        ("POST", "/sandbox/fail", {"fault": "503", "retry-after": "1"}, 400),
+        ("POST", "/sandbox/fail", [("fault", "503"), ("fault", "500")], 400),
+        ("POST", "/sandbox/latency", {"second": "1"}, 400),
+        ("GET", "/sandbox/stats", {"x": "1"}, 400),
     ],
 )
 def test_control_endpoints_reject_bad_requests(
-    sandbox: Sandbox, method: str, path: str, params: dict[str, str], status: int
+    sandbox: Sandbox, method: str, path: str, params: Any, status: int
 ) -> None:
     fake = sandbox.fake
     response = httpx.request(method, f"{sandbox.url}{path}", params=params, headers=_auth(fake))
     assert response.status_code == status
+    if status == 400:
+        assert response.json()["message"]
     assert fake.pending_faults == 0
     assert fake.latency == 0
+    # The sandbox still serves the balance: nothing half-valid was scripted.
+    with sandbox.guard(retry=ONE_TRY) as guard:
+        assert guard.balance(refresh=True) == fake.balance
+
+
+def test_a_header_injection_is_refused_and_the_sandbox_keeps_serving(sandbox: Sandbox) -> None:
+    fake = sandbox.fake
+    with httpx.Client(base_url=sandbox.url, headers=_auth(fake)) as http:
+        response = http.post(
+            "/sandbox/fail", params={"fault": "429", "retry_after": "1\r\nSet-Cookie: a=b"}
+        )
+        assert response.status_code == 400
+        assert "Retry-After" in response.json()["message"]
+        balance = http.get("/external/credits/balance")
+        assert balance.status_code == 200
+        assert "set-cookie" not in balance.headers
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {"Retry-After": "1\r\nSet-Cookie: a=b"},
+        {"Retry-After": "caf\u00e9"},
+        {"Retry-After": "\x00"},
+        {"Bad Name": "1"},
+        {"X-Crlf\r\n": "1"},
+    ],
+)
+def test_fail_next_refuses_headers_that_cannot_be_sent(headers: dict[str, str]) -> None:
+    fake = FakeLensmor()
+    with pytest.raises(ValueError, match="header"):
+        fake.fail_next(429, headers=headers)
+    assert fake.pending_faults == 0
+
+
+@pytest.mark.parametrize(
+    ("credits", "status"),
+    [
+        ("3", 200),
+        ("0", 200),
+        ("\u0663", 400),  # ARABIC-INDIC DIGIT THREE
+        ("\uff13", 400),  # FULLWIDTH DIGIT THREE
+        ("+3", 400),
+        (" 3", 400),
+        ("3_0", 400),
+        ("-3", 400),
+        ("3.0", 400),
+        ("", 400),
+        ("9" * 5000, 400),
+        ("99999999999", 402),
+    ],
+)
+def test_charge_takes_only_ascii_digits(sandbox: Sandbox, credits: str, status: int) -> None:
+    fake = sandbox.fake
+    before = fake.balance.total_balance
+    response = httpx.post(
+        f"{sandbox.url}/sandbox/charge", params={"credits": credits}, headers=_auth(fake)
+    )
+    assert response.status_code == status, response.text
+    spent = int(credits) if status == 200 else 0
+    assert fake.balance.total_balance == before - spent
+
+
+def test_charge_rejects_other_parameters(sandbox: Sandbox) -> None:
+    fake = sandbox.fake
+    for params in ([("credits", "1"), ("credits", "2")], {"credits": "1", "cost": "2"}):
+        response = httpx.post(f"{sandbox.url}/sandbox/charge", params=params, headers=_auth(fake))
+        assert response.status_code == 400
+    assert fake.charges == 0
 
 
 @pytest.mark.parametrize("path", ["/sandbox/fail", "/sandbox/latency", "/sandbox/stats"])
