@@ -75,6 +75,7 @@ class CreditGuardExtension:
         check_hook("on_error", on_error)
         check_hook("charge_when", charge_when)
         self._guard_spec = guard
+        self._built: CreditGuard | None = guard if isinstance(guard, CreditGuard) else None
         self.on_error = on_error
         self.charge_when = charge_when
         if app is not None:
@@ -88,9 +89,19 @@ class CreditGuardExtension:
                 base_url=app.config.get("LENSMOR_BASE_URL"),
                 **app.config.get("CREDITGUARD_OPTIONS", {}),
             )
+        self._built = guard if isinstance(guard, CreditGuard) else None
         app.extensions[EXTENSION_KEY] = _AppState(guard, self.on_error, self.charge_when)
         app.after_request(_adopt_final_response)
         app.teardown_request(_settle_leftover)
+
+    @property
+    def guard(self) -> CreditGuard:
+        """The extension's guard (given, or built by the last ``init_app``)."""
+        if self._built is None:
+            raise CreditGuardError(
+                "no CreditGuard here: init_app(app) was not called, or guard is a callable"
+            )
+        return self._built
 
     @staticmethod
     def guard_of(app: Flask) -> GuardSpec:
