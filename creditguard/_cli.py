@@ -1,18 +1,34 @@
-"""The ``creditguard`` command: ``balance``, ``demo`` and ``sandbox``."""
+"""The ``creditguard`` command: ``balance``, ``demo`` and ``sandbox``.
+
+Exit status: 0 on success, 1 for an error of the guard (one line on stderr, in terms of
+the environment variables and flags, not of Python arguments), 2 for a usage error, 130
+on Ctrl-C, and 141 when standard output is a pipe closed early (``creditguard balance |
+head -2``), as for a command ended by SIGPIPE, without a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 import anyio
+import httpx
 
-from ._errors import CreditGuardError, InsufficientCredits
-from ._guard import CreditGuard, GuardEvent
+from ._errors import (
+    AuthenticationError,
+    CreditGuardError,
+    InsecureTransportError,
+    InsufficientCredits,
+)
+from ._guard import DEFAULT_BASE_URL, CreditGuard, GuardEvent
 from ._models import CreditBalance
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command the pipe ended
 
 
 def _fmt_balance(balance: CreditBalance) -> str:
@@ -33,9 +49,44 @@ def _fmt_balance(balance: CreditBalance) -> str:
     return "\n".join(lines)
 
 
+def _in_cli_terms(message: str) -> str:
+    """A configuration error in terms of what a command-line user sets."""
+    for python, cli in (
+        ("pass api_key=... or set the LENSMOR_API_KEY environment variable", "set LENSMOR_API_KEY"),
+        ("the API key", "LENSMOR_API_KEY"),
+        ("base_url", "LENSMOR_BASE_URL"),
+    ):
+        message = message.replace(python, cli)
+    return message
+
+
+def _guard_from_env(allow_insecure_http: bool) -> CreditGuard:
+    """The guard of ``LENSMOR_API_KEY`` at ``LENSMOR_BASE_URL``, with errors that speak of
+    those variables and of the command's flags."""
+    if not os.environ.get("LENSMOR_API_KEY"):
+        raise CreditGuardError("no API key: set the LENSMOR_API_KEY environment variable")
+    base_url = os.environ.get("LENSMOR_BASE_URL") or DEFAULT_BASE_URL
+    try:
+        return CreditGuard(base_url=base_url, allow_insecure_http=allow_insecure_http)
+    except InsecureTransportError:
+        host = httpx.URL(base_url).host
+        raise CreditGuardError(
+            f"refusing to send LENSMOR_API_KEY over plain http:// to {host}: set"
+            " LENSMOR_BASE_URL to an https:// URL or a loopback address, or pass"
+            " --allow-insecure-http"
+        ) from None
+    except CreditGuardError as exc:
+        raise CreditGuardError(_in_cli_terms(str(exc))) from None
+
+
 def _cmd_balance(args: argparse.Namespace, out: TextIO) -> int:
-    with CreditGuard() as guard:
-        balance = guard.balance()
+    with _guard_from_env(args.allow_insecure_http) as guard:
+        try:
+            balance = guard.balance()
+        except AuthenticationError as exc:
+            raise AuthenticationError(
+                f"{exc}; check LENSMOR_API_KEY", status_code=exc.status_code
+            ) from None
         if args.json:
             print(json.dumps(balance.to_api(), indent=2), file=out)
         else:
@@ -87,13 +138,14 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     print("creditguard demo: guarded calls against an offline sandbox of Lensmor credits", file=out)
     print(f"starting balance: {_short(fake.balance)}\n", file=out)
     print(f"  {'guarded action':<42}{'cost':>5}   {'before':<26}after", file=out)
-    label = "unlock_event('EV-1024')             sync"
+    label = _label("unlock_event('EV-1024')", "sync")
     unlock_event("EV-1024")
-    label = "unlock_contact_emails(4 ids)       async"
-    anyio.run(unlock_contact_emails, ["c1", "c2", "c3", "c4"])
-    label = "async with guard.spend(25)          trio"
-    anyio.run(exhibitor_search, backend="trio") if _has_trio() else anyio.run(exhibitor_search)
-    label = "with guard.spend(10)                sync"
+    label = _label("unlock_contact_emails(4 ids)", "async")
+    anyio.run(unlock_contact_emails, ["c1", "c2", "c3", "c4"], backend="asyncio")
+    backend = "trio" if _has_trio() else "asyncio"  # the label says what actually ran
+    label = _label("async with guard.spend(25)", backend)
+    anyio.run(exhibitor_search, backend=backend)
+    label = _label("with guard.spend(10)", "sync")
     with guard.spend(10):
         fake.charge(10)
     try:
@@ -112,6 +164,10 @@ def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     )
     guard.close()
     return 0
+
+
+def _label(action: str, how: str) -> str:
+    return f"{action:<33}{how:>7}"
 
 
 def _has_trio() -> bool:
@@ -157,6 +213,8 @@ def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
         print(
             f"creditguard sandbox on {url}  (Ctrl-C to stop)\n"
             f"  export LENSMOR_BASE_URL={url}\n"
+            f"  export LENSMOR_API_KEY={shlex.quote(args.api_key)}"
+            "   (the sandbox's test key; it accepts no other)\n"
             f"  GET  /external/credits/balance       (Authorization: Bearer <key>)\n"
             f"  POST /sandbox/charge?credits=N       (spend credits, subscription first)\n"
             f"  POST /sandbox/fail?fault=F&times=N   (script faults: a 4xx/5xx status or"
@@ -167,9 +225,10 @@ def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
             file=out,
             flush=True,
         )
+        # Ctrl-C: stop the server (leaving the stack), then report the interruption.
         with contextlib.suppress(KeyboardInterrupt):
             threading.Event().wait()
-    return 0
+    return 130
 
 
 def _fault_spec(text: str) -> tuple[int | str, int]:
@@ -182,17 +241,39 @@ def _fault_spec(text: str) -> tuple[int | str, int]:
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 3600:
-        raise argparse.ArgumentTypeError("must be between 0 and 3600 seconds")
-    return value
+    from .testing._fake import _seconds as seconds
+
+    try:
+        return seconds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _non_negative(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError("must be >= 0")
-    return value
+    from .testing._fake import _count
+
+    try:
+        return _count(text, "the value")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _port(text: str) -> int:
+    from .testing._fake import _count
+
+    try:
+        return _count(text, "the port", most=65535)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _header_value(text: str) -> str:
+    from .testing._fake import _check_headers
+
+    try:
+        return _check_headers({"Retry-After": text})["Retry-After"]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -205,17 +286,50 @@ def build_parser() -> argparse.ArgumentParser:
         "balance", help="show the balance of LENSMOR_API_KEY (at LENSMOR_BASE_URL)"
     )
     p_balance.add_argument("--json", action="store_true", help="print the documented JSON")
+    p_balance.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="allow a plain http:// LENSMOR_BASE_URL to a host that is not a loopback address"
+        " (a sandbox on another machine): the key then travels in clear text",
+    )
     p_balance.set_defaults(run=_cmd_balance)
     p_demo = sub.add_parser("demo", help="guarded unlocks against the offline sandbox")
     p_demo.set_defaults(run=_cmd_demo)
     p_sandbox = sub.add_parser("sandbox", help="serve the sandbox over HTTP (needs uvicorn)")
-    p_sandbox.add_argument("--host", default="127.0.0.1")
-    p_sandbox.add_argument("--port", type=int, default=8787)
-    p_sandbox.add_argument("--subscription", type=_non_negative, default=30000)
-    p_sandbox.add_argument("--gift", type=_non_negative, default=50)
-    p_sandbox.add_argument("--api-key", default="test-key")
     p_sandbox.add_argument(
-        "--latency", type=_seconds, default=0.0, help="seconds added to every answer"
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    p_sandbox.add_argument(
+        "--port", type=_port, default=8787, help="the port to listen on (default 8787; 0: any free)"
+    )
+    p_sandbox.add_argument(
+        "--subscription",
+        type=_non_negative,
+        default=30000,
+        metavar="N",
+        help="subscription credits to start with (default 30000)",
+    )
+    p_sandbox.add_argument(
+        "--gift",
+        type=_non_negative,
+        default=50,
+        metavar="N",
+        help="gift credits to start with (default 50)",
+    )
+    p_sandbox.add_argument(
+        "--api-key",
+        default="test-key",
+        metavar="KEY",
+        help="the one API key the sandbox accepts (default test-key); 401 for any other",
+    )
+    p_sandbox.add_argument(
+        "--latency",
+        type=_seconds,
+        default=0.0,
+        metavar="S",
+        help="seconds added to every answer (default 0)",
     )
     p_sandbox.add_argument(
         "--fail",
@@ -229,6 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_sandbox.add_argument(
         "--retry-after",
+        type=_header_value,
         default=None,
         metavar="VALUE",
         help="the Retry-After header of scripted 429s (delta-seconds or an HTTP date)",
@@ -237,17 +352,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--stall-seconds",
         type=_seconds,
         default=30.0,
+        metavar="S",
         help="how long a 'stall' fault holds the half-sent body (default 30)",
     )
     p_sandbox.set_defaults(run=_cmd_sandbox)
     return parser
 
 
+def _quiet_stdout() -> None:
+    """After a broken pipe: point standard output at /dev/null, so that the interpreter's
+    last flush at exit does not fail (and print a traceback) once more."""
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # replaced by something without a file
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int:
+    """Run the command; return its exit status (see the module's docstring)."""
     args = build_parser().parse_args(argv)
     stream = out if out is not None else sys.stdout
     try:
         code: int = args.run(args, stream)
+        stream.flush()  # a closed pipe is found here, not at the interpreter's exit
+    except BrokenPipeError:
+        if stream is sys.stdout:
+            _quiet_stdout()
+        return EXIT_BROKEN_PIPE
     except CreditGuardError as exc:
         print(f"creditguard: {exc}", file=sys.stderr)
         return 1

@@ -442,3 +442,24 @@ async def test_key_never_in_errors(mode: str, answer: httpx.Response | Exception
     assert _leaks(info.value, KEY) == []
     assert KEY not in repr(guard)
     assert KEY not in guard.account
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (
+            httpx.ConnectError("refused"),
+            "could not reach the credits service at {url} (ConnectError)",
+        ),
+        (httpx.ReadTimeout("slow"), "the credits service at {url} did not answer in time"),
+    ],
+)
+async def test_transport_errors_name_the_base_url(
+    mode: str, error: Exception, message: str
+) -> None:
+    url = "https://credits.example.test:8443/lensmor"
+    script = Script(error)
+    with pytest.raises(BalanceUnavailable) as info:
+        await read(make(script, base_url=url + "/"), mode)
+    assert message.format(url=url) in str(info.value)
+    assert KEY not in str(info.value)

@@ -1,0 +1,266 @@
+"""The command line as a user meets it: pipes, Ctrl-C, help, and errors in its own terms."""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from creditguard._cli import EXIT_BROKEN_PIPE, build_parser, main
+from creditguard.testing import FakeLensmor
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LENSMOR_", "PYTEST_"))}
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _run_balance(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *argv: str, **env: str
+) -> tuple[int, str]:
+    for name in ("LENSMOR_API_KEY", "LENSMOR_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    code = main(["balance", *argv], out=io.StringIO())
+    return code, capsys.readouterr().err
+
+
+# -- pipes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["demo"], ["balance"], ["balance", "--json"]])
+def test_a_closed_pipe_ends_quietly_with_141(command: list[str], served: str) -> None:
+    """``creditguard balance | head -2``: the reader is gone; no traceback, the status a
+    shell reports for a command ended by SIGPIPE."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # no reader at all: the first write fails, whatever the timing
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "creditguard", *command],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(LENSMOR_API_KEY="test-key", LENSMOR_BASE_URL=served),
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.stderr == ""
+    assert done.returncode == EXIT_BROKEN_PIPE == 141
+
+
+# -- the sandbox command -------------------------------------------------------------
+
+
+@pytest.fixture
+def sandbox_process() -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "creditguard", "sandbox", "--port", "0", "--api-key", "sk-b"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    assert process.stdout is not None
+    banner = [process.stdout.readline()]  # waits for the server: the banner comes after
+    while banner[-1] and "scripted faults" not in banner[-1]:
+        banner.append(process.stdout.readline())
+    try:
+        yield process, banner
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.communicate(timeout=30)
+
+
+def test_sandbox_banner_names_the_key_it_accepts(
+    sandbox_process: tuple[subprocess.Popen[str], list[str]],
+) -> None:
+    _, banner = sandbox_process
+    assert banner[0].startswith("creditguard sandbox on http://127.0.0.1:"), banner
+    assert any(line.strip().startswith("export LENSMOR_API_KEY=sk-b") for line in banner), banner
+
+
+def test_sandbox_exits_130_on_ctrl_c(
+    sandbox_process: tuple[subprocess.Popen[str], list[str]],
+) -> None:
+    process, banner = sandbox_process
+    assert "Ctrl-C to stop" in banner[0]
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert "Traceback" not in err
+
+
+def _subcommands() -> dict[str, object]:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.dest == "command")
+    return dict(action.choices)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("command", ["balance", "demo", "sandbox"])
+def test_every_option_has_help(command: str) -> None:
+    sub = _subcommands()[command]
+    for action in sub._actions:  # type: ignore[attr-defined]
+        if action.option_strings:
+            assert action.help, f"creditguard {command} {action.option_strings[0]} has no help"
+
+
+def test_sandbox_help_explains_its_options(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as done:
+        main(["sandbox", "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    assert "the address to listen on" in text
+    assert "the one API key the sandbox accepts" in text
+    assert "subscription credits to start with" in text
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--port", "\u0663"],
+        ["--port", "70000"],
+        ["--subscription", "\u0663"],
+        ["--gift", "+5"],
+        ["--latency", "\u0661"],
+        ["--latency", "1e3"],
+        ["--retry-after", "1\r\nSet-Cookie: a=b"],
+        ["--fail", "\u0665\u0660\u0663"],
+    ],
+)
+def test_sandbox_flags_take_ascii_numbers_and_sendable_headers(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["sandbox", *argv])
+    assert done.value.code == 2
+    assert "error: argument" in capsys.readouterr().err
+
+
+# -- errors in command-line terms ----------------------------------------------------
+
+
+def test_no_key_says_which_variable_to_set(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_balance(monkeypatch, capsys)
+    assert code == 1
+    assert "set the LENSMOR_API_KEY environment variable" in err
+    assert "api_key=" not in err
+
+
+def test_a_malformed_key_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_balance(monkeypatch, capsys, LENSMOR_API_KEY="two words")
+    assert code == 1
+    assert "LENSMOR_API_KEY is malformed" in err
+    assert "two words" not in err
+
+
+@pytest.mark.parametrize("url", ["ftp://example.test", "https://"])
+def test_a_bad_base_url_names_the_variable(
+    url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_balance(monkeypatch, capsys, LENSMOR_API_KEY="k", LENSMOR_BASE_URL=url)
+    assert code == 1
+    assert "LENSMOR_BASE_URL" in err
+    assert "base_url" not in err
+
+
+def test_plain_http_elsewhere_gives_command_line_advice(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_balance(
+        monkeypatch, capsys, LENSMOR_API_KEY="k", LENSMOR_BASE_URL="http://sandbox.example.test"
+    )
+    assert code == 1
+    assert "sandbox.example.test" in err
+    assert "https://" in err
+    assert "loopback" in err
+    assert "--allow-insecure-http" in err
+    assert "allow_insecure_http" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_allow_insecure_http_lets_the_command_use_plain_http(
+    served: str, fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The flag reaches the guard (over loopback here, so nothing leaves the machine;
+    what it changes for other hosts is the guard's own, tested with the guard)."""
+    from creditguard import _cli
+
+    seen: list[bool] = []
+    original = _cli.CreditGuard
+
+    def spy(*args: object, allow_insecure_http: bool = False, **kwargs: object) -> object:
+        seen.append(allow_insecure_http)
+        return original(*args, allow_insecure_http=allow_insecure_http, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_cli, "CreditGuard", spy)
+    monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
+    monkeypatch.setenv("LENSMOR_BASE_URL", served)
+    out = io.StringIO()
+    assert main(["balance", "--allow-insecure-http", "--json"], out=out) == 0
+    assert main(["balance", "--json"], out=io.StringIO()) == 0
+    assert seen == [True, False]
+
+
+def test_a_rejected_key_says_which_variable_to_check(
+    served: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_balance(
+        monkeypatch, capsys, LENSMOR_API_KEY="wrong-key", LENSMOR_BASE_URL=served
+    )
+    assert code == 1
+    assert "rejected the API key (401); check LENSMOR_API_KEY" in err
+    assert "wrong-key" not in err
+
+
+def test_an_unreachable_service_is_named(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    code, err = _run_balance(monkeypatch, capsys, LENSMOR_API_KEY="sk-secret", LENSMOR_BASE_URL=url)
+    assert code == 1
+    assert f"could not reach the credits service at {url} (ConnectError)" in err
+    assert "sk-secret" not in err
+
+
+# -- the demo ------------------------------------------------------------------------
+
+
+def _spend_row(output: str) -> str:
+    return next(line for line in output.splitlines() if "guard.spend(25)" in line)
+
+
+def test_demo_labels_the_backend_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "trio", None)  # as if trio were not installed
+    out = io.StringIO()
+    assert main(["demo"], out=out) == 0
+    row = _spend_row(out.getvalue())
+    assert "trio" not in row
+    assert "asyncio" in row
+
+
+def test_demo_runs_on_trio_when_it_is_there() -> None:
+    pytest.importorskip("trio")
+    out = io.StringIO()
+    assert main(["demo"], out=out) == 0
+    assert "trio" in _spend_row(out.getvalue())
