@@ -4,7 +4,8 @@
 Start the sandbox (``creditguard sandbox``: key ``test-key`` on port 8787), then, from the
 repository root::
 
-    LENSMOR_BASE_URL=http://127.0.0.1:8787 LENSMOR_API_KEY=test-key python examples/django_project/manage.py runserver 8000
+    LENSMOR_BASE_URL=http://127.0.0.1:8787 LENSMOR_API_KEY=test-key \\
+        python examples/django_project/manage.py runserver 8000
 
 and try ``curl -X POST localhost:8000/events/ev-1/unlock`` until the credits run out.
 The middleware prices routes by the ``CREDITGUARD`` setting (``unlocks/settings.py``);

@@ -106,8 +106,10 @@ async def test_paid_route_admits_runs_and_settles(
     assert isinstance(spend, Spend)
     assert current is spend
     assert spend.cost == 10
-    assert spend.balance_before is not None and spend.balance_before.total_balance == 30
-    assert spend.balance_after is not None and spend.balance_after.total_balance == 20
+    assert spend.balance_before is not None
+    assert spend.balance_before.total_balance == 30
+    assert spend.balance_after is not None
+    assert spend.balance_after.total_balance == 20
     assert fake.balance.total_balance == 20
 
 
@@ -226,7 +228,8 @@ async def test_error_status_is_not_charged_by_default(
     assert response.status_code == 404
     assert events.kinds == ["admitted", "failed"]
     error = events.events[1].error
-    assert isinstance(error, ActionFailed) and error.status == 404
+    assert isinstance(error, ActionFailed)
+    assert error.status == 404
 
 
 async def test_charge_when_decides_which_statuses_are_spent(
@@ -317,7 +320,8 @@ async def test_an_app_that_never_finishes_its_response_is_not_charged(
     await middleware({"type": "http", "method": "GET", "path": "/"}, None, send)  # type: ignore[arg-type]
     assert events.kinds == ["admitted", "failed"]
     error = events.events[-1].error
-    assert isinstance(error, ActionFailed) and error.status == 0  # never completed
+    assert isinstance(error, ActionFailed)
+    assert error.status == 0
 
 
 async def test_cancelled_request_releases_its_credits(guard: CreditGuard, events: Recorder) -> None:

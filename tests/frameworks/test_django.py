@@ -202,7 +202,8 @@ def test_bad_settings_fail_at_startup() -> None:
 def test_middleware_is_sync_and_async_capable() -> None:
     from asgiref.sync import iscoroutinefunction
 
-    assert CreditGuardMiddleware.sync_capable and CreditGuardMiddleware.async_capable
+    assert CreditGuardMiddleware.sync_capable
+    assert CreditGuardMiddleware.async_capable
 
     async def get_response(request: Any) -> HttpResponse:
         return HttpResponse()

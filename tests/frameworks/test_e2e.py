@@ -81,7 +81,9 @@ def fastapi_app(guard: CreditGuard, sandbox: str, fake: FakeLensmor) -> Any:
 
     app = FastAPI()
 
-    @app.post("/events/{event_id}/unlock", dependencies=[Depends(RequireCredits(COST, guard=guard))])
+    @app.post(
+        "/events/{event_id}/unlock", dependencies=[Depends(RequireCredits(COST, guard=guard))]
+    )
     async def unlock(event_id: str) -> dict[str, str]:
         async with httpx.AsyncClient() as client:
             paid = await client.post(
@@ -114,9 +116,7 @@ def asgi_app(guard: CreditGuard, sandbox: str, fake: FakeLensmor) -> Any:
         return JSONResponse({"event": request.path_params["event_id"]})
 
     inner = Starlette(routes=[Route("/events/{event_id}/unlock", unlock, methods=["POST"])])
-    return CreditGuardMiddleware(
-        inner, guard=guard, cost={"POST /events/{event_id}/unlock": COST}
-    )
+    return CreditGuardMiddleware(inner, guard=guard, cost={"POST /events/{event_id}/unlock": COST})
 
 
 def flask_app(guard: CreditGuard, sandbox: str, fake: FakeLensmor) -> Any:

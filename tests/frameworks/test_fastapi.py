@@ -3,7 +3,6 @@
 # No `from __future__ import annotations`: FastAPI reads the endpoints' annotations, which
 # refer to local guards.
 
-
 import inspect
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -101,8 +100,10 @@ async def test_dependencies_list_guards_and_current_spend_sees_it(
     assert response.status_code == 200
     assert response.json() == {"event": "ev-1"}
     assert events.kinds == ["admitted", "spent"]
-    assert isinstance(seen[0], Spend) and seen[0].cost == 10
-    assert seen[0].balance_after is not None and seen[0].balance_after.total_balance == 20
+    assert isinstance(seen[0], Spend)
+    assert seen[0].cost == 10
+    assert seen[0].balance_after is not None
+    assert seen[0].balance_after.total_balance == 20
 
 
 async def test_annotated_dependency_value_is_the_spend(
@@ -172,9 +173,7 @@ async def test_raising_endpoint_releases(app: FastAPI, events: Recorder) -> None
     assert isinstance(events.events[1].error, RuntimeError)
 
 
-async def test_streaming_settles_after_the_last_chunk(
-    fake: FakeLensmor, seen: list[Any]
-) -> None:
+async def test_streaming_settles_after_the_last_chunk(fake: FakeLensmor, seen: list[Any]) -> None:
     order: list[str] = []
     guard = CreditGuard(
         fake.api_key, transport=fake.transport, on_event=lambda e: order.append(e.kind)

@@ -153,9 +153,7 @@ def test_free_view_reads_nothing(app: Flask, fake: FakeLensmor) -> None:
     assert fake.balance_requests == 0
 
 
-def test_after_request_replacing_the_response_still_settles(
-    app: Flask, events: Recorder
-) -> None:
+def test_after_request_replacing_the_response_still_settles(app: Flask, events: Recorder) -> None:
     @app.after_request
     def replace(response: Response) -> Response:
         return Response("replaced", status=response.status_code)

@@ -38,10 +38,14 @@ class Server:
     def __init__(self, app: Callable[..., Iterable[bytes]]) -> None:
         self.app = app
 
-    def call(self, env: dict[str, Any], *, close: bool = True) -> tuple[int, dict[str, str], bytes, Any]:
+    def call(
+        self, env: dict[str, Any], *, close: bool = True
+    ) -> tuple[int, dict[str, str], bytes, Any]:
         started: list[Any] = []
 
-        def start_response(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+        def start_response(
+            status: str, headers: list[tuple[str, str]], exc_info: Any = None
+        ) -> Any:
             started[:] = [status, headers]
             return lambda data: None
 
@@ -141,7 +145,8 @@ def test_error_status_is_not_charged_unless_charge_when(
     server = Server(CreditGuardMiddleware(plain_app(fake, seen), guard=guard, cost=cost))
     assert server.call(environ("POST", "/missing"))[0] == 404
     error = events.events[-1].error
-    assert isinstance(error, ActionFailed) and error.status == 404
+    assert isinstance(error, ActionFailed)
+    assert error.status == 404
     lenient = CreditGuardMiddleware(
         plain_app(fake, seen), guard=guard, cost=cost, charge_when=lambda status: status != 500
     )
@@ -149,9 +154,7 @@ def test_error_status_is_not_charged_unless_charge_when(
     assert events.kinds == ["admitted", "failed", "admitted", "spent"]
 
 
-def test_streaming_body_settles_after_the_last_chunk(
-    fake: FakeLensmor, seen: list[Any]
-) -> None:
+def test_streaming_body_settles_after_the_last_chunk(fake: FakeLensmor, seen: list[Any]) -> None:
     order: list[str] = []
     guard = CreditGuard(
         fake.api_key, transport=fake.transport, on_event=lambda e: order.append(e.kind)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-SECRET_KEY = "creditguard-example-not-secret"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "example-only")
 DEBUG = False
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 ROOT_URLCONF = "unlocks.urls"
