@@ -64,6 +64,14 @@ class Settings:
     e2e_async_levels: tuple[int, ...] = (10, 100)
     e2e_threads: int = 8
     latency: float = UPSTREAM_LATENCY
+    # admission_efficiency: the starting balance pays for this many calls of each cost;
+    # the demand is twice that (rounded up to whole calls per worker).
+    admission_calls_paid: int = 400
+    admission_async: int = 200  # concurrent tasks
+    admission_threads: int = 16
+    admission_costs: tuple[int, ...] = (1, 10)  # credits per call
+    admission_ttl_short: float = 0.05  # s: far below a burst's duration
+    admission_ttl_long: float = 60.0  # s: outlives a burst
 
 
 MODES: dict[str, Settings] = {
@@ -90,6 +98,7 @@ MODES: dict[str, Settings] = {
         e2e_sync_calls=300,
         e2e_sequential_calls=60,
         memory_keys=10_000,
+        admission_calls_paid=200,
     ),
     "smoke": Settings(
         "smoke",
@@ -102,6 +111,9 @@ MODES: dict[str, Settings] = {
         e2e_sync_calls=16,
         e2e_sequential_calls=6,
         memory_keys=100,
+        admission_calls_paid=10,
+        admission_async=20,
+        admission_threads=4,
     ),
 }
 
@@ -124,6 +136,10 @@ class Recorder:
         fields = self._extra.setdefault((scenario, variant), {})
         for name, x in extra.items():
             fields.setdefault(name, []).append(x)
+
+    def variants(self, scenario: str) -> list[str]:
+        """The variants recorded under ``scenario``, in the order first recorded."""
+        return list(self._samples.get(scenario, {}))
 
     def values(self, scenario: str, variant: str) -> list[float]:
         return self._samples.get(scenario, {}).get(variant, [])
@@ -265,16 +281,42 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
+# Extra fields shown as columns of a scenario's table: (field, column title).
+TABLE_EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
+    "admission_efficiency": (
+        ("false_refusals", "false ref."),
+        ("overspent", "overspent"),
+        ("reads_per_call", "reads/call"),
+        ("refused_p50_ms", "ref. p50 ms"),
+        ("refused_p99_ms", "ref. p99 ms"),
+    ),
+}
+
+
 def format_table(results: dict[str, Any]) -> str:
     lines: list[str] = []
-    header = f"{'scenario':<20} {'variant':<26} {'median':>10} {'min':>10} {'max':>10}  unit"
     for scenario, variants in results["scenarios"].items():
+        width = max(26, *(len(variant) for variant in variants))
+        extras = TABLE_EXTRAS.get(scenario, ())
+        unit_width = max(len(e["unit"]) for e in variants.values()) if extras else 0
+        header = (
+            f"{'scenario':<20} {'variant':<{width}} {'median':>10} {'min':>10} {'max':>10}  unit"
+        )
+        if extras:
+            header = header.ljust(len(header) - 4 + unit_width)
+            header += "".join(f" {title:>11}" for _, title in extras)
         lines += ["", header, "-" * len(header)]
         for variant, e in variants.items():
-            lines.append(
-                f"{scenario:<20} {variant:<26} {_fmt(e['median']):>10} {_fmt(e['min']):>10}"
+            line = (
+                f"{scenario:<20} {variant:<{width}} {_fmt(e['median']):>10} {_fmt(e['min']):>10}"
                 f" {_fmt(e['max']):>10}  {e['unit']}"
             )
+            if extras:
+                line = line.ljust(len(line) - len(e["unit"]) + unit_width)
+                line += "".join(
+                    f" {'' if e.get(name) is None else _fmt(e[name]):>11}" for name, _ in extras
+                )
+            lines.append(line)
     if results.get("targets"):
         lines += ["", "targets (not asserted; medians from this run)"]
         for key, t in results["targets"].items():
@@ -287,22 +329,25 @@ def format_markdown(results: dict[str, Any]) -> str:
     """The same results as Markdown tables (for docs/benchmarks.md)."""
     lines: list[str] = []
     for scenario, variants in results["scenarios"].items():
-        extra = any("reads_per_call" in e for e in variants.values())
+        extras = TABLE_EXTRAS.get(scenario)
+        if extras is None:
+            reads = any("reads_per_call" in e for e in variants.values())
+            extras = (("reads_per_call", "reads/call"),) if reads else ()
         lines += [
             "",
             f"**{scenario}**",
             "",
-            "| variant | median | min | max | unit |" + (" reads/call |" if extra else ""),
-            "|---|--:|--:|--:|---|" + ("--:|" if extra else ""),
+            "| variant | median | min | max | unit |" + "".join(f" {t} |" for _, t in extras),
+            "|---|--:|--:|--:|---|" + "--:|" * len(extras),
         ]
         for variant, e in variants.items():
             row = (
                 f"| `{variant}` | {_fmt(e['median'])} | {_fmt(e['min'])} | {_fmt(e['max'])}"
                 f" | {e['unit']} |"
             )
-            if extra:
-                reads = e.get("reads_per_call")
-                row += f" {'' if reads is None else _fmt(reads)} |"
+            for name, _ in extras:
+                value = e.get(name)
+                row += f" {'' if value is None else _fmt(value)} |"
             lines.append(row)
     if results.get("targets"):
         lines += ["", "**targets**", "", "| target | value | goal | status |", "|---|--:|---|---|"]

@@ -11,10 +11,10 @@ import json
 import multiprocessing
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import anyio
 import cachetools
@@ -28,6 +28,9 @@ R = TypeVar("R")
 
 SyncCall = Callable[[], object]
 AsyncCall = Callable[[], Awaitable[object]]
+Scope = MutableMapping[str, Any]  # ASGI
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 _raw_decode = json.JSONDecoder().raw_decode
 
 
@@ -316,20 +319,23 @@ def build_sync(
     client: httpx.Client,
     base_url: str,
     transport: httpx.BaseTransport | None,
+    cost: int = 1,
+    ttl: float = TTL,
 ) -> SyncVariant:
     """``name`` guarding ``action``; naive and cachetools read through ``client`` (the
     app's own), creditguard through its own client on ``transport`` (None: real HTTP).
     ``one_read`` is no guard: the action, then one balance read as cheap as httpx allows
     on a transport of its own, as creditguard reads (the least a guard that reads once
-    after the action can cost)."""
+    after the action can cost). Guards admit calls of ``cost`` credits and trust a balance
+    read for ``ttl`` seconds."""
     if name == "bare":
         return SyncVariant(action, _nothing)
     if name == "naive":
         naive = NaiveGuard(BalanceReader(client, base_url))
-        return SyncVariant(naive.requires_credits(1)(action), _nothing)
+        return SyncVariant(naive.requires_credits(cost)(action), _nothing)
     if name == "cachetools":
-        cached = CachetoolsGuard(BalanceReader(client, base_url))
-        return SyncVariant(cached.requires_credits(1)(action), _nothing)
+        cached = CachetoolsGuard(BalanceReader(client, base_url), ttl=ttl)
+        return SyncVariant(cached.requires_credits(cost)(action), _nothing)
     if name == "one_read":
         own = transport or httpx.HTTPTransport()
         read = FloorReader(own, base_url).read
@@ -339,8 +345,8 @@ def build_sync(
             read()
 
         return SyncVariant(action_then_read, own.close if transport is None else _nothing)
-    guard = GUARDS[name](api_key=API_KEY, base_url=base_url, transport=transport, ttl=TTL)
-    return SyncVariant(guard.requires_credits(1)(action), guard.close)
+    guard = GUARDS[name](api_key=API_KEY, base_url=base_url, transport=transport, ttl=ttl)
+    return SyncVariant(guard.requires_credits(cost)(action), guard.close)
 
 
 def build_async(
@@ -350,15 +356,17 @@ def build_async(
     client: httpx.AsyncClient,
     base_url: str,
     transport: httpx.AsyncBaseTransport | None,
+    cost: int = 1,
+    ttl: float = TTL,
 ) -> AsyncVariant:
     if name == "bare":
         return AsyncVariant(action, _anothing)
     if name == "naive":
         naive = AsyncNaiveGuard(AsyncBalanceReader(client, base_url))
-        return AsyncVariant(naive.requires_credits(1)(action), _anothing)
+        return AsyncVariant(naive.requires_credits(cost)(action), _anothing)
     if name == "cachetools":
-        cached = AsyncCachetoolsGuard(AsyncBalanceReader(client, base_url))
-        return AsyncVariant(cached.requires_credits(1)(action), _anothing)
+        cached = AsyncCachetoolsGuard(AsyncBalanceReader(client, base_url), ttl=ttl)
+        return AsyncVariant(cached.requires_credits(cost)(action), _anothing)
     if name == "one_read":
         own = transport or httpx.AsyncHTTPTransport()
         aread = AsyncFloorReader(own, base_url).read
@@ -368,8 +376,8 @@ def build_async(
             await aread()
 
         return AsyncVariant(action_then_read, own.aclose if transport is None else _anothing)
-    guard = GUARDS[name](api_key=API_KEY, base_url=base_url, transport=transport, ttl=TTL)
-    return AsyncVariant(guard.requires_credits(1)(action), guard.aclose)
+    guard = GUARDS[name](api_key=API_KEY, base_url=base_url, transport=transport, ttl=ttl)
+    return AsyncVariant(guard.requires_credits(cost)(action), guard.aclose)
 
 
 def charge_action(client: httpx.Client) -> SyncCall:
@@ -468,13 +476,37 @@ def new_fake(latency: float) -> FakeLensmor:
 # The sandbox over real loopback HTTP, served by uvicorn in a process of its own
 
 
-def _sandbox_main(conn: Connection, latency: float) -> None:
-    """Child process: serve a FakeLensmor over loopback HTTP; answer stats requests."""
-    fake = new_fake(latency)
-    with serve(fake.app) as url:
+def _sandbox_main(conn: Connection, latency: float, resettable: bool = False) -> None:
+    """Child process: serve a FakeLensmor over loopback HTTP; answer stats requests.
+
+    With ``resettable``, the server hands every request to the current FakeLensmor, which
+    ``("reset", balance)`` replaces with a fresh account holding ``balance`` credits (its
+    counters at zero), and ``"account"`` also reports the balance. Without it, the server
+    serves one FakeLensmor with plenty of credits directly."""
+    current = [new_fake(latency)]
+
+    async def switch(scope: Scope, receive: Receive, send: Send) -> None:
+        await current[0].app(scope, receive, send)
+
+    with serve(switch if resettable else current[0].app) as url:
         conn.send(url)
-        while conn.recv() == "stats":
-            conn.send((fake.balance_requests, fake.charges))
+        while True:
+            message = conn.recv()
+            fake = current[0]
+            if message == "stats":
+                conn.send((fake.balance_requests, fake.charges))
+            elif message == "account":
+                conn.send((fake.balance_requests, fake.charges, fake.balance.total_balance))
+            elif resettable and isinstance(message, tuple) and message[0] == "reset":
+                current[0] = FakeLensmor(
+                    api_key=API_KEY,
+                    subscription_balance=message[1],
+                    gift_balance=0,
+                    latency=latency,
+                )
+                conn.send("reset")
+            else:
+                return
 
 
 class Sandbox:
@@ -490,12 +522,26 @@ class Sandbox:
         reads, charges = self._conn.recv()
         return int(reads), int(charges)
 
+    def account(self) -> tuple[int, int, int]:
+        """(balance requests, charges, total balance): read from the sandbox's own state,
+        so asking counts as no balance request."""
+        self._conn.send("account")
+        reads, charges, balance = self._conn.recv()
+        return int(reads), int(charges), int(balance)
+
+    def reset(self, balance: int) -> None:
+        """A fresh account of ``balance`` credits with its counters at zero (a sandbox
+        started with ``resettable=True`` only)."""
+        self._conn.send(("reset", balance))
+        if self._conn.recv() != "reset":
+            raise RuntimeError("the sandbox did not reset")
+
 
 @contextmanager
-def sandbox_process(latency: float) -> Iterator[Sandbox]:
+def sandbox_process(latency: float, *, resettable: bool = False) -> Iterator[Sandbox]:
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()
-    process = ctx.Process(target=_sandbox_main, args=(child, latency), daemon=True)
+    process = ctx.Process(target=_sandbox_main, args=(child, latency, resettable), daemon=True)
     process.start()
     try:
         if not parent.poll(60):

@@ -71,6 +71,7 @@ ORDER = (
     "scenario_reads_per_call",
     "scenario_e2e_throughput",
     "scenario_memory_10k_keys",
+    "scenario_admission_efficiency",
     "scenario_adapters",
 )
 

@@ -26,8 +26,21 @@ SCENARIOS = {
     "reads_per_call",
     "e2e_throughput",
     "memory_10k_keys",
+    "admission_efficiency",
 }
 GUARDED = ("naive", "cachetools", "creditguard")
+ADMISSION_FIELDS = (
+    "false_refusals",
+    "overspent",
+    "overspent_calls",
+    "reads_per_call",
+    "refused",
+    "calls",
+    "balance",
+    "unspent",
+    "cost",
+    "seconds",
+)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +50,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str
         [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--json", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         cwd=ROOT,
         check=False,
     )
@@ -121,6 +134,7 @@ def test_table_printed(smoke: tuple[dict[str, Any], str]) -> None:
     for scenario in SCENARIOS:
         assert scenario in stdout
     assert "creditguard@async1000" in stdout
+    assert "creditguard@threads4_c10_ttl_short" in stdout
 
 
 def test_plot_reads_the_json(smoke: tuple[dict[str, Any], str]) -> None:
@@ -139,6 +153,36 @@ def test_plot_reads_the_json(smoke: tuple[dict[str, Any], str]) -> None:
     assert "bare" not in relative
 
 
+def test_admission_efficiency_shape(smoke: tuple[dict[str, Any], str]) -> None:
+    """One variant per guard and case, named ``<guard>@<async|threads><N>_c<cost>_ttl_<short|
+    long>``, with every documented figure; the counts add up (no figure is judged here)."""
+    data = smoke[0]
+    entries = data["scenarios"]["admission_efficiency"]
+    settings = data["run"]["settings"]
+    levels = (f"async{settings['admission_async']}", f"threads{settings['admission_threads']}")
+    expected = {
+        f"{guard}@{level}_c{cost}_ttl_{ttl}"
+        for guard in ("cachetools", "creditguard")
+        for level in levels
+        for cost in settings["admission_costs"]
+        for ttl in ("short", "long")
+    }
+    assert set(entries) == expected
+    for variant, entry in entries.items():
+        assert entry["unit"] == "spent/available", variant
+        assert 0 <= entry["min"] <= entry["max"] <= 1, variant
+        for name in ADMISSION_FIELDS:
+            assert math.isfinite(entry[name]), (variant, name)
+            assert entry[name] >= 0, (variant, name)
+        cost = int(variant.split("_c")[1].split("_")[0])
+        assert entry["cost"] == cost, variant
+        assert entry["balance"] == settings["admission_calls_paid"] * cost, variant
+        assert entry["calls"] >= 2 * settings["admission_calls_paid"], variant
+        assert entry["overspent"] == entry["overspent_calls"] * cost, variant
+        if entry["refused"] > 0:  # the refusal latencies exist when something was refused
+            assert entry["refused_p50_ms"] <= entry["refused_p99_ms"], variant
+
+
 def test_targets_reported(smoke: tuple[dict[str, Any], str]) -> None:
     """Every target of the issue has a measured value in the JSON (met or not)."""
     targets = smoke[0]["targets"]
@@ -155,3 +199,6 @@ def test_targets_reported(smoke: tuple[dict[str, Any], str]) -> None:
         entry = targets[f"creditguard.{key}"]
         assert math.isfinite(entry["value"])
         assert isinstance(entry["met"], bool)
+    admission = targets["creditguard.admission_efficiency"]
+    assert 0 <= admission["value"] <= 1
+    assert isinstance(admission["met"], bool)

@@ -1,0 +1,290 @@
+"""``admission_efficiency``: does the guard admit exactly what the account can pay for?
+
+Excess demand (twice what the balance pays for) over real loopback HTTP against the
+sandbox served by uvicorn in a process of its own (5 ms latency): asyncio tasks and
+threads, 1- and 10-credit calls, with a TTL that expires many times within the burst and
+with one that outlives it. Every guarded call's action is a real paid call (``POST
+/sandbox/charge?credits=N``) charging exactly the call's cost; the sandbox refuses a
+charge the account cannot pay (402) and never goes negative.
+
+Figures per run (one variant per case, medians over rounds):
+
+* the median: credits spent / credits available at the start, both from the sandbox's
+  balance before and after the burst (1.0 is 100%);
+* ``false_refusals``: refused calls (``InsufficientCredits``) that the account could
+  still have paid for once everything settled: ``min(refused, final balance // cost)``.
+  It is 0 exactly when no call was refused while the balance left at the end could pay
+  for it;
+* ``overspent``: credits that admitted calls tried to charge beyond the starting
+  balance: every charge the sandbox refused for lack of credits, times the cost
+  (``overspent_calls`` counts them);
+* ``reads_per_call``: balance requests the sandbox served, per call made (admitted or
+  refused);
+* ``refused_p50_ms``, ``refused_p99_ms``: how long a refused call took to be refused
+  (present when some call was refused).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterator
+
+import anyio
+import httpx
+from _harness import CHARGE_PATH, GUARDS, Recorder, Settings, Targets, rotated
+from _variants import (
+    AsyncCall,
+    Sandbox,
+    SyncCall,
+    auth_headers,
+    build_async,
+    build_sync,
+    run_tasks,
+    run_threads,
+    sandbox_process,
+)
+
+from creditguard import InsufficientCredits
+
+SCENARIO = "admission_efficiency"
+STATS_PATH = "/sandbox/stats"  # the sandbox's counters: no balance read, no charge
+NAMES = ("cachetools", *GUARDS)
+
+
+class ChargeRefused(Exception):
+    """The sandbox refused a paid call: the account could not pay for it (HTTP 402)."""
+
+
+def paid_call(client: httpx.Client, cost: int) -> SyncCall:
+    """The guarded action: a real paid call charging ``cost`` credits."""
+    params, headers = {"credits": str(cost)}, auth_headers()
+
+    def charge() -> None:
+        response = client.post(CHARGE_PATH, params=params, headers=headers)
+        if response.status_code == 402:
+            raise ChargeRefused
+        response.raise_for_status()
+
+    return charge
+
+
+def async_paid_call(client: httpx.AsyncClient, cost: int) -> AsyncCall:
+    params, headers = {"credits": str(cost)}, auth_headers()
+
+    async def charge() -> None:
+        response = await client.post(CHARGE_PATH, params=params, headers=headers)
+        if response.status_code == 402:
+            raise ChargeRefused
+        response.raise_for_status()
+
+    return charge
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    kind: str  # "async" or "threads"
+    workers: int
+    cost: int  # credits per call
+    ttl_name: str  # "short" or "long"
+    ttl: float
+    calls_paid: int  # calls the starting balance pays for
+
+    @property
+    def label(self) -> str:
+        """``async200_c1_ttl_short``: callers, credits per call, TTL."""
+        return f"{self.kind}{self.workers}_c{self.cost}_ttl_{self.ttl_name}"
+
+    @property
+    def balance(self) -> int:
+        return self.calls_paid * self.cost
+
+    @property
+    def per_worker(self) -> int:
+        return math.ceil(2 * self.calls_paid / self.workers)
+
+
+def cases(settings: Settings) -> Iterator[Case]:
+    for kind, workers in (
+        ("async", settings.admission_async),
+        ("threads", settings.admission_threads),
+    ):
+        for cost in settings.admission_costs:
+            for ttl_name, ttl in (
+                ("short", settings.admission_ttl_short),
+                ("long", settings.admission_ttl_long),
+            ):
+                yield Case(kind, workers, cost, ttl_name, ttl, settings.admission_calls_paid)
+
+
+@dataclasses.dataclass
+class Tally:
+    """Each call's outcome and how long it took (seconds); appended from many threads."""
+
+    paid: list[float] = dataclasses.field(default_factory=list)
+    refused: list[float] = dataclasses.field(default_factory=list)  # InsufficientCredits
+    overcharged: list[float] = dataclasses.field(default_factory=list)  # sandbox said 402
+
+    def counted(self, call: SyncCall) -> Callable[[], None]:
+        def attempt() -> None:
+            start = time.perf_counter()
+            try:
+                call()
+            except InsufficientCredits:
+                self.refused.append(time.perf_counter() - start)
+            except ChargeRefused:
+                self.overcharged.append(time.perf_counter() - start)
+            else:
+                self.paid.append(time.perf_counter() - start)
+
+        return attempt
+
+    def acounted(self, call: AsyncCall) -> AsyncCall:
+        async def attempt() -> None:
+            start = time.perf_counter()
+            try:
+                await call()
+            except InsufficientCredits:
+                self.refused.append(time.perf_counter() - start)
+            except ChargeRefused:
+                self.overcharged.append(time.perf_counter() - start)
+            else:
+                self.paid.append(time.perf_counter() - start)
+
+        return attempt
+
+
+# sandbox (reads, charges, balance) before and after, the burst's seconds
+Measured = tuple[tuple[int, int, int], tuple[int, int, int], float]
+
+
+def _burst_threads(name: str, sandbox: Sandbox, case: Case, tally: Tally) -> Measured:
+    with httpx.Client(base_url=sandbox.url, timeout=30) as client:
+        variant = build_sync(
+            name,
+            paid_call(client, case.cost),
+            client=client,
+            base_url=sandbox.url,
+            transport=None,
+            cost=case.cost,
+            ttl=case.ttl,
+        )
+        try:
+            headers = auth_headers()
+            # Warm-up: open the application's connections (no balance read, no charge).
+            run_threads(lambda: client.get(STATS_PATH, headers=headers), case.workers, 1)
+            before = sandbox.account()
+            elapsed = run_threads(tally.counted(variant.call), case.workers, case.per_worker)
+            after = sandbox.account()
+        finally:
+            variant.close()
+    return before, after, elapsed
+
+
+async def _burst_tasks(name: str, sandbox: Sandbox, case: Case, tally: Tally) -> Measured:
+    async with httpx.AsyncClient(base_url=sandbox.url, timeout=30) as client:
+        variant = build_async(
+            name,
+            async_paid_call(client, case.cost),
+            client=client,
+            base_url=sandbox.url,
+            transport=None,
+            cost=case.cost,
+            ttl=case.ttl,
+        )
+        try:
+            headers = auth_headers()
+
+            async def stats() -> None:
+                await client.get(STATS_PATH, headers=headers)
+
+            await run_tasks(stats, case.workers, 1)
+            before = sandbox.account()
+            elapsed = await run_tasks(tally.acounted(variant.call), case.workers, case.per_worker)
+            after = sandbox.account()
+        finally:
+            await variant.aclose()
+    return before, after, elapsed
+
+
+def _percentile_ms(seconds: list[float], q: int) -> float:
+    if len(seconds) == 1:
+        return seconds[0] * 1e3
+    return statistics.quantiles(seconds, n=100, method="inclusive")[q - 1] * 1e3
+
+
+def measure(name: str, sandbox: Sandbox, case: Case, rec: Recorder) -> None:
+    """One burst of ``name`` on a fresh account: record its figures."""
+    sandbox.reset(case.balance)
+    tally = Tally()
+    if case.kind == "async":
+        before, after, elapsed = anyio.run(_burst_tasks, name, sandbox, case, tally)
+    else:
+        before, after, elapsed = _burst_threads(name, sandbox, case, tally)
+    (reads0, charges0, start), (reads1, charges1, left) = before, after
+    calls = case.workers * case.per_worker
+    paid, refused, overcharged = len(tally.paid), len(tally.refused), len(tally.overcharged)
+    assert paid + refused + overcharged == calls, (paid, refused, overcharged, calls)
+    assert charges1 - charges0 == paid, (charges1 - charges0, paid)
+    spent = start - left
+    assert spent == paid * case.cost, (spent, paid, case.cost)
+    extra: dict[str, float] = {
+        "false_refusals": min(refused, left // case.cost),
+        "overspent": overcharged * case.cost,
+        "overspent_calls": overcharged,
+        "reads_per_call": (reads1 - reads0) / calls,
+        "refused": refused,
+        "calls": calls,
+        "balance": start,
+        "unspent": left,
+        "cost": case.cost,
+        "seconds": elapsed,
+    }
+    if tally.refused:
+        extra["refused_p50_ms"] = _percentile_ms(tally.refused, 50)
+        extra["refused_p99_ms"] = _percentile_ms(tally.refused, 99)
+    rec.add(SCENARIO, f"{name}@{case.label}", spent / start, "spent/available", **extra)
+
+
+def run(settings: Settings, rec: Recorder) -> None:
+    with sandbox_process(settings.latency, resettable=True) as sandbox:
+        for r in range(settings.rounds):
+            for case in cases(settings):
+                for name in rotated(NAMES, r):
+                    measure(name, sandbox, case, rec)
+
+
+def targets(rec: Recorder, settings: Settings) -> Targets:
+    """Per guard flavour, over every case and round: all the credits spent but less than
+    one call's cost, no false refusal, no overspend."""
+    out: Targets = {}
+    for g in GUARDS:
+        variants = [v for v in rec.variants(SCENARIO) if v.startswith(f"{g}@")]
+        if not variants:
+            continue
+        worst, met = math.inf, True
+        for variant in variants:
+            fractions = rec.values(SCENARIO, variant)
+            rounds = zip(
+                fractions,
+                rec.extras(SCENARIO, variant, "unspent"),
+                rec.extras(SCENARIO, variant, "cost"),
+                rec.extras(SCENARIO, variant, "false_refusals"),
+                rec.extras(SCENARIO, variant, "overspent"),
+                strict=True,
+            )
+            for _, unspent, cost, false_refusals, overspent in rounds:
+                met = met and unspent < cost and false_refusals == 0 and overspent == 0
+            worst = min(worst, *fractions)
+        out[f"{g}.admission_efficiency"] = {
+            "what": "credits spent / credits available under 2x demand, the worst run over"
+            " every case and round (asyncio and threads, 1- and 10-credit calls, TTL short"
+            " and long); met when every run leaves less than one call's cost unspent, with"
+            " no false refusal and no overspend",
+            "value": worst,
+            "target": "100% (within one call's cost), 0 false refusals, 0 overspend",
+            "met": met,
+        }
+    return out
