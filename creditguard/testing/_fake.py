@@ -43,6 +43,8 @@ LATENCY_PATH = "/sandbox/latency"
 STATS_PATH = "/sandbox/stats"
 Fault = Literal["drop", "stall", "truncated", "not-json", "wrong-types"]
 FAULTS: tuple[str, ...] = ("drop", "stall", "truncated", "not-json", "wrong-types")
+"""The fault names ``fail_next`` (and ``parse_fault``, ``--fail``) take besides an HTTP
+error status."""
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -168,6 +170,13 @@ def _json(status: int, data: object, headers: dict[str, str] | None = None) -> _
 
 class FakeLensmor:
     """An in-memory credits service for demos and tests.
+
+    It starts with ``subscription_balance`` and ``gift_balance`` credits left, of
+    ``subscription_amount`` and ``gift_amount`` granted (by default, the balances), and
+    ``reset_at`` as ``resetAt`` (a ``datetime``, milliseconds since the epoch, or
+    ``None``). It accepts ``api_key`` only (``401`` for any other key). ``latency`` and
+    ``stall_seconds`` are attributes that can be changed later; ``balance_requests`` and
+    ``charges`` count what it served.
 
     ``transport`` serves both ``httpx.Client`` and ``httpx.AsyncClient``; ``app`` is an
     ASGI app serving the same API over real HTTP (``creditguard sandbox`` runs it under
