@@ -65,8 +65,9 @@ class Settings:
     e2e_threads: int = 8
     latency: float = UPSTREAM_LATENCY
     # admission_efficiency: the starting balance pays for this many calls of each cost;
-    # the demand is twice that (rounded up to whole calls per worker).
+    # the demand is that many times as many calls (rounded up to whole calls per worker).
     admission_calls_paid: int = 400
+    admission_demands: tuple[int, ...] = (2, 1)
     admission_async: int = 200  # concurrent tasks
     admission_threads: int = 16
     admission_costs: tuple[int, ...] = (1, 10)  # credits per call
@@ -98,7 +99,6 @@ MODES: dict[str, Settings] = {
         e2e_sync_calls=300,
         e2e_sequential_calls=60,
         memory_keys=10_000,
-        admission_calls_paid=200,
     ),
     "smoke": Settings(
         "smoke",
@@ -114,6 +114,7 @@ MODES: dict[str, Settings] = {
         admission_calls_paid=10,
         admission_async=20,
         admission_threads=4,
+        admission_costs=(1,),
     ),
 }
 

@@ -27,7 +27,7 @@ command line.
 Usage::
 
     python benchmarks/run.py                 # full run (several minutes), prints a table
-    python benchmarks/run.py --quick         # under 2 minutes on 2 cores
+    python benchmarks/run.py --quick         # fewer rounds and calls: a few minutes
     python benchmarks/run.py --json out.json # also write the results as JSON
     python benchmarks/run.py --smoke         # a few iterations: checks the harness only
 """
@@ -153,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scenario_names = tuple(runners)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="fewer rounds and calls (< 2 min)")
+    size.add_argument("--quick", action="store_true", help="fewer rounds and calls")
     size.add_argument("--smoke", action="store_true", help="a few iterations: harness check only")
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON to PATH")
     parser.add_argument(

@@ -134,7 +134,7 @@ def test_table_printed(smoke: tuple[dict[str, Any], str]) -> None:
     for scenario in SCENARIOS:
         assert scenario in stdout
     assert "creditguard@async1000" in stdout
-    assert "creditguard@threads4_c10_ttl_short" in stdout
+    assert "creditguard@threads4_c1_ttl_short_demand1x" in stdout
 
 
 def test_plot_reads_the_json(smoke: tuple[dict[str, Any], str]) -> None:
@@ -155,17 +155,19 @@ def test_plot_reads_the_json(smoke: tuple[dict[str, Any], str]) -> None:
 
 def test_admission_efficiency_shape(smoke: tuple[dict[str, Any], str]) -> None:
     """One variant per guard and case, named ``<guard>@<async|threads><N>_c<cost>_ttl_<short|
-    long>``, with every documented figure; the counts add up (no figure is judged here)."""
+    long>`` (twice the demand the balance pays for) or with a ``_demand<D>x`` suffix, with
+    every documented figure; the counts add up (no figure is judged here)."""
     data = smoke[0]
     entries = data["scenarios"]["admission_efficiency"]
     settings = data["run"]["settings"]
     levels = (f"async{settings['admission_async']}", f"threads{settings['admission_threads']}")
     expected = {
-        f"{guard}@{level}_c{cost}_ttl_{ttl}"
+        f"{guard}@{level}_c{cost}_ttl_{ttl}" + ("" if demand == 2 else f"_demand{demand}x")
         for guard in ("cachetools", "creditguard")
         for level in levels
         for cost in settings["admission_costs"]
         for ttl in ("short", "long")
+        for demand in settings["admission_demands"]
     }
     assert set(entries) == expected
     for variant, entry in entries.items():
@@ -177,7 +179,8 @@ def test_admission_efficiency_shape(smoke: tuple[dict[str, Any], str]) -> None:
         cost = int(variant.split("_c")[1].split("_")[0])
         assert entry["cost"] == cost, variant
         assert entry["balance"] == settings["admission_calls_paid"] * cost, variant
-        assert entry["calls"] >= 2 * settings["admission_calls_paid"], variant
+        demand = int(variant.split("_demand")[1][:-1]) if "_demand" in variant else 2
+        assert entry["calls"] >= demand * settings["admission_calls_paid"], variant
         assert entry["overspent"] == entry["overspent_calls"] * cost, variant
         if entry["refused"] > 0:  # the refusal latencies exist when something was refused
             assert entry["refused_p50_ms"] <= entry["refused_p99_ms"], variant
