@@ -9,6 +9,7 @@ block right after a python block is what that block prints.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
 import re
 import sys
@@ -76,7 +77,10 @@ def test_page_runs_and_prints_what_it_shows(page: str, sandbox: FakeLensmor) -> 
                 continue
             out = io.StringIO()
             with contextlib.redirect_stdout(out):
-                exec(compile(code, f"{page}:{line}", "exec"), module.__dict__)  # noqa: S102
+                # In a context of its own, as a reader's fresh interpreter would be.
+                contextvars.copy_context().run(
+                    exec, compile(code, f"{page}:{line}", "exec"), module.__dict__
+                )
             following = page_blocks[index + 1] if index + 1 < len(page_blocks) else None
             if following is not None and following[0] == 'text title="Output"':
                 assert out.getvalue() == following[1], f"{page}:{line}"
