@@ -23,7 +23,15 @@ if TYPE_CHECKING:
         InvalidResponse,
         RateLimited,
     )
-    from ._guard import DEFAULT_BASE_URL, CreditGuard, GuardEvent, Spend, requires_credits
+    from ._guard import (
+        DEFAULT_BASE_URL,
+        CreditGuard,
+        GuardEvent,
+        Spend,
+        current_spend,
+        default_guard,
+        requires_credits,
+    )
     from ._models import CreditBalance
     from ._state import MemoryBackend, StateBackend
 
@@ -45,6 +53,8 @@ _EXPORTS = {
     "RetryPolicy": "._client",
     "Spend": "._guard",
     "StateBackend": "._state",
+    "current_spend": "._guard",
+    "default_guard": "._guard",
     "parse_retry_after": "._client",
     "requires_credits": "._guard",
 }
@@ -66,6 +76,8 @@ __all__ = [
     "Spend",
     "StateBackend",
     "__version__",
+    "current_spend",
+    "default_guard",
     "parse_retry_after",
     "requires_credits",
 ]

@@ -25,19 +25,43 @@ class CreditGuardError(Exception):
 class InsufficientCredits(CreditGuardError):
     """The account cannot pay for the action, so it was not run.
 
-    ``available`` is the balance minus the credits reserved by guarded calls still in
-    flight; ``balance`` is the balance the decision was made on (``None`` when the
-    refusal comes from :meth:`CreditBalance.after_spending`).
+    ``required`` is the call's cost. ``available`` is what the account could pay for at
+    that moment: the balance itself when the cost exceeds it (spends in flight can only
+    lower it), else the balance minus ``reserved`` (when spends in flight did not settle
+    within the admission wait, or the guard was told not to wait). ``reserved`` is the
+    credits held by guarded calls still in flight. ``balance`` is the balance the
+    decision was made on (``None`` when the refusal comes from
+    :meth:`CreditBalance.after_spending`).
     """
 
-    def __init__(self, required: int, available: int, balance: CreditBalance | None = None) -> None:
+    def __init__(
+        self,
+        required: int,
+        available: int,
+        balance: CreditBalance | None = None,
+        *,
+        reserved: int = 0,
+    ) -> None:
         self.required = required
         self.available = available
         self.balance = balance
-        super().__init__(f"{required} credits required, {available} available")
+        self.reserved = reserved
+        message = f"{required} credits required, {available} available"
+        if reserved:
+            message += f" ({reserved} reserved by calls in flight)"
+        super().__init__(message)
 
     def __reduce__(self) -> tuple[object, ...]:
-        return (type(self), (self.required, self.available, self.balance))
+        return (
+            _rebuild_insufficient,
+            (self.required, self.available, self.balance, self.reserved),
+        )
+
+
+def _rebuild_insufficient(
+    required: int, available: int, balance: CreditBalance | None, reserved: int
+) -> InsufficientCredits:
+    return InsufficientCredits(required, available, balance, reserved=reserved)
 
 
 class AuthenticationError(CreditGuardError):

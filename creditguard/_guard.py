@@ -8,18 +8,23 @@ transport).
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import dataclasses
 import functools
 import hashlib
 import inspect
 import ipaddress
 import logging
+import math
 import os
 import ssl
+import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Generator
 from types import TracebackType
-from typing import Any, Literal, ParamSpec, TypeVar, cast
+from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
 import httpx
 
@@ -32,22 +37,47 @@ from ._errors import (
     InsufficientCredits,
 )
 from ._models import CreditBalance
-from ._state import Account, Flight, MemoryBackend, StateBackend
+from ._state import Account, Flight, MemoryBackend, StateBackend, Step, _Waitable
 
-__all__ = ["DEFAULT_BASE_URL", "CreditGuard", "GuardEvent", "Spend", "requires_credits"]
+__all__ = [
+    "DEFAULT_BASE_URL",
+    "CreditGuard",
+    "GuardEvent",
+    "Spend",
+    "current_spend",
+    "default_guard",
+    "requires_credits",
+]
 
 P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-# An operation on the account state: yields the reads it needs, is sent their flights.
-_Steps = Generator[tuple[Flight, bool], Flight, T]
+# An operation on the account state: yields what it needs performed or waited for, and
+# is sent back what was waited for (or has the read's exception thrown in).
+_Steps = Generator[Step, _Waitable, T]
+_monotonic = time.monotonic
 
 DEFAULT_BASE_URL = "https://platform.lensmor.com"
 logger = logging.getLogger("creditguard")
 
 Cost = int | Callable[..., int]
 OnUnavailable = Literal["deny", "allow"]
+
+_current: contextvars.ContextVar[Spend | None] = contextvars.ContextVar(
+    "creditguard_current_spend", default=None
+)
+
+
+def current_spend() -> Spend | None:
+    """The :class:`Spend` of the guarded call running in this context, or ``None``.
+
+    Inside a function decorated with ``requires_credits`` (or a ``with guard.spend()``
+    block) it is that call's spend: its ``cost`` and ``balance_before`` are known while
+    the action runs. It follows the context (thread, task) the spend was entered in;
+    nested spends see the innermost.
+    """
+    return _current.get()
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -95,26 +125,62 @@ def _is_loopback(host: str) -> bool:
 
 
 def _check_base_url(base_url: str, allow_insecure_http: bool) -> str:
+    """The base URL in one normal form (lower-case scheme and host, no default port, no
+    trailing slash), so that equivalent spellings name one account."""
+    if not isinstance(base_url, str):
+        raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
     try:
         url = httpx.URL(base_url)
-    except (httpx.InvalidURL, TypeError) as exc:
-        raise CreditGuardError(f"invalid base_url {base_url!r}: {exc}") from None
+    except httpx.InvalidURL:
+        raise CreditGuardError("invalid base_url: not a URL") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise CreditGuardError(f"base_url must be an http(s) URL with a host, got {base_url!r}")
+        raise CreditGuardError("base_url must be an http(s) URL with a host")
     if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
         raise InsecureTransportError(
             f"refusing to send the API key over plain http:// to {url.host}; use https://,"
             " a loopback address, or pass allow_insecure_http=True"
         )
-    return base_url.rstrip("/")
+    if url.userinfo:
+        # Never echoed: it holds credentials.
+        raise CreditGuardError("base_url must not contain credentials (user:password@)")
+    if url.query or url.fragment:
+        raise CreditGuardError("base_url must have no query or fragment")
+    return str(url.copy_with(path=url.path.rstrip("/") or "/")).rstrip("/")
 
 
-def _check_key(api_key: str | None) -> str:
-    if api_key is None:
+def _check_seconds(name: str, value: object, *, positive: bool = False) -> float:
+    """A finite number of seconds (>= 0, or > 0 with ``positive``), as a float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of seconds, got {type(value).__name__}")
+    try:
+        seconds = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}") from None
+    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    return seconds
+
+
+def _check_timeout(timeout: object) -> httpx.Timeout:
+    """Per-request timeouts: each phase a finite number of seconds > 0 (or ``None`` in
+    an ``httpx.Timeout``: that phase is then bounded by the retry deadline alone)."""
+    if isinstance(timeout, httpx.Timeout):
+        for phase, value in timeout.as_dict().items():
+            if value is not None:
+                _check_seconds(f"timeout.{phase}", value, positive=True)
+        return timeout
+    return httpx.Timeout(_check_seconds("timeout", timeout, positive=True))
+
+
+def _check_key(api_key: str | None, *, from_env: bool = True) -> str:
+    if api_key is None and from_env:
         api_key = os.environ.get("LENSMOR_API_KEY") or None
     if api_key is None:
         raise CreditGuardError(
             "no API key: pass api_key=... or set the LENSMOR_API_KEY environment variable"
+            if from_env
+            else "no API key given"
         )
     if not isinstance(api_key, str):
         raise TypeError(f"api_key must be a str, got {type(api_key).__name__}")
@@ -128,11 +194,13 @@ class _Shared:
 
     __slots__ = (
         "aclient",
+        "admission_timeout",
         "backend",
         "base_url",
         "client",
         "on_event",
         "on_unavailable",
+        "read_budget",
         "reader",
         "ttl",
     )
@@ -142,6 +210,7 @@ class _Shared:
         *,
         base_url: str,
         ttl: float,
+        admission_timeout: float,
         on_unavailable: OnUnavailable,
         on_event: Callable[[GuardEvent], None] | None,
         backend: StateBackend,
@@ -152,6 +221,11 @@ class _Shared:
         self.base_url = base_url
         self.reader = reader
         self.ttl = ttl
+        self.admission_timeout = admission_timeout
+        # The longest one balance read can take (its retry deadline plus one request
+        # timeout): a caller waiting for someone else's read waits no longer than that.
+        phases = [t for t in reader.timeout.as_dict().values() if t is not None]
+        self.read_budget = reader.policy.deadline + (max(phases) if phases else 0.0)
         self.on_unavailable = on_unavailable
         self.on_event = on_event
         self.backend = backend
@@ -172,6 +246,12 @@ class CreditGuard:
     state (one in-memory backend per guard by default: pass one backend to several guards
     to make them coordinate). ``on_event`` is called for every admission, denial, spend
     and refresh failure.
+
+    ``admission_timeout`` (seconds, 5 by default) bounds how long a call may wait at
+    admission when the balance covers its cost but the credits reserved by calls in
+    flight leave too little: it waits for those calls to settle, then decides on a
+    balance that includes them, so it is refused only when the account really cannot
+    pay. ``0`` refuses at once instead.
     """
 
     __slots__ = ("_account", "_key", "_owner", "_shared")
@@ -184,6 +264,7 @@ class CreditGuard:
         ttl: float = 5.0,
         transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
         on_unavailable: OnUnavailable = "deny",
+        admission_timeout: float = 5.0,
         timeout: float | httpx.Timeout = 3.0,
         retry: RetryPolicy | None = None,
         backend: StateBackend | None = None,
@@ -195,24 +276,23 @@ class CreditGuard:
         if base_url is None:
             base_url = os.environ.get("LENSMOR_BASE_URL") or DEFAULT_BASE_URL
         base_url = _check_base_url(base_url, allow_insecure_http)
-        if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl >= 0:
-            raise ValueError(f"ttl must be a number of seconds >= 0, got {ttl!r}")
+        ttl = _check_seconds("ttl", ttl)
+        admission_timeout = _check_seconds("admission_timeout", admission_timeout)
         if on_unavailable not in ("deny", "allow"):
             raise ValueError(f"on_unavailable must be 'deny' or 'allow', got {on_unavailable!r}")
         if transport is not None and not isinstance(
             transport, (httpx.BaseTransport, httpx.AsyncBaseTransport)
         ):
             raise TypeError(f"transport must be an httpx transport, got {type(transport).__name__}")
-        reader = _Reader(
-            base_url,
-            timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout),
-            retry or RetryPolicy(),
-        )
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise TypeError(f"retry must be a RetryPolicy, got {type(retry).__name__}")
+        reader = _Reader(base_url, _check_timeout(timeout), retry or RetryPolicy())
         sync_transport = transport if isinstance(transport, httpx.BaseTransport) else None
         async_transport = transport if isinstance(transport, httpx.AsyncBaseTransport) else None
         self._shared = _Shared(
             base_url=base_url,
-            ttl=float(ttl),
+            ttl=ttl,
+            admission_timeout=admission_timeout,
             on_unavailable=on_unavailable,
             on_event=on_event,
             backend=backend if backend is not None else MemoryBackend(),
@@ -242,12 +322,16 @@ class CreditGuard:
         """A guard for another API key that shares this one's configuration and clients.
 
         For multi-tenant apps: each key is its own account with its own balance and
-        reservations. Closing the view closes nothing; close the guard it came from.
+        reservations. The key must be given: ``None`` or a malformed key raises
+        :class:`CreditGuardError` (never a fall back to ``LENSMOR_API_KEY``, which would
+        spend from the operator's account). Closing the view closes nothing; close the
+        guard it came from.
         """
+        key = _check_key(api_key, from_env=False)
         view = object.__new__(CreditGuard)
         view._shared = self._shared
         view._owner = False
-        view._bind(_check_key(api_key))
+        view._bind(key)
         return view
 
     @property
@@ -263,6 +347,10 @@ class CreditGuard:
     def ttl(self) -> float:
         return self._shared.ttl
 
+    @property
+    def admission_timeout(self) -> float:
+        return self._shared.admission_timeout
+
     def __repr__(self) -> str:
         return f"<CreditGuard account={self.account} base_url={self._shared.base_url!r}>"
 
@@ -270,11 +358,11 @@ class CreditGuard:
 
     def balance(self, *, refresh: bool = False) -> CreditBalance:
         """The account's balance through the TTL cache (``refresh=True`` reads it anew)."""
-        return self._drive(self._read(refresh))
+        return self._drive(self._read(refresh, True))
 
     async def abalance(self, *, refresh: bool = False) -> CreditBalance:
         """Async :meth:`balance`: the same cache, read through an httpx async transport."""
-        return await self._adrive(self._read(refresh))
+        return await self._adrive(self._read(refresh, False))
 
     def invalidate(self) -> None:
         """Forget the cached balance; reads already in flight will not be trusted."""
@@ -287,54 +375,64 @@ class CreditGuard:
     # whose outcome to look at (or has the read's exception thrown in). ``_drive`` runs
     # one from sync code, ``_adrive`` from async code: they are the only difference.
 
-    def _read(self, refresh: bool) -> _Steps[CreditBalance]:
+    def _read(self, refresh: bool, sync: bool) -> _Steps[CreditBalance]:
         account = self._account
         if refresh:
-            return (yield from self._settle(*account.bump()))
+            return (yield from self._settle(*account.bump(sync), sync))
         flight: Flight | None = None
         while True:
-            step = account.read_step(self._shared.ttl, flight)
+            step = account.read_step(self._shared.ttl, flight, sync)
             if isinstance(step, CreditBalance):
                 return step
-            flight = yield step
+            flight = cast(Flight, (yield step))
 
-    def _settle(self, after: int, step: tuple[Flight, bool]) -> _Steps[CreditBalance]:
+    def _settle(self, after: int, step: Step, sync: bool) -> _Steps[CreditBalance]:
         """A balance read that started at or after ``after``; ``step`` is the first read
         to wait on or perform."""
         account = self._account
         while True:
-            flight = yield step
+            flight = cast(Flight, (yield step))
             # A finished flight's fields no longer change: no lock needed to look.
             if flight.result is not None and flight.start_seq >= after:
                 return flight.result
-            next_step = account.settle_step(after, flight)
+            next_step = account.settle_step(after, flight, sync)
             if isinstance(next_step, CreditBalance):
                 return next_step
             step = next_step
 
     def _admit_cached(self, spend: Spend) -> bool:
-        """The warm path, no generator: admit on a fresh cached balance if there is one."""
-        try:
-            balance = self._account.try_admit(spend.cost, self._shared.ttl)
-        except InsufficientCredits as exc:
-            self._denied(exc)
-            raise
+        """The warm path, no generator: admit on a fresh cached balance that covers the
+        cost with room for every reservation (anything else goes the slow way)."""
+        balance = self._account.try_admit(spend.cost, self._shared.ttl)
         if balance is None:
             return False
         self._admitted(spend, balance)
         return True
 
-    def _admit(self, spend: Spend) -> _Steps[None]:
+    def _admit(self, spend: Spend, sync: bool) -> _Steps[None]:
         account = self._account
         cost = spend.cost
-        ttl = self._shared.ttl
+        shared = self._shared
+        ttl = shared.ttl
+        # How long this call may wait for spends in flight to settle. A thread that runs
+        # an event loop never waits for them: they may be tasks of the loop it blocks.
+        until: float | None = None
+        if shared.admission_timeout > 0 and not (sync and _in_event_loop_thread()):
+            until = _monotonic() + shared.admission_timeout
+        own = 0  # what this caller's own enclosing spends hold: they cannot settle first
+        outer = _current.get()
+        while outer is not None:
+            if outer._guard._account is account:
+                own += outer.cost
+            outer = outer._outer
         flight: Flight | None = None
         try:
             while True:
-                step = account.admit_step(cost, ttl, flight)
+                step = account.admit_step(cost, ttl, flight, sync, until, own)
                 if isinstance(step, CreditBalance):
                     break
-                flight = yield step
+                waited = yield step
+                flight = waited if isinstance(waited, Flight) else None
         except InsufficientCredits as exc:
             self._denied(exc)
             raise
@@ -350,17 +448,33 @@ class CreditGuard:
     def _admitted(self, spend: Spend, balance: CreditBalance) -> None:
         spend.balance_before = balance
         if self._shared.on_event is not None:
-            self._emit("admitted", spend.cost, balance)
+            self._emit_reserved(spend, "admitted", balance)
 
-    def _exit(self, spend: Spend, exc: BaseException | None) -> _Steps[None]:
+    def _emit_reserved(
+        self,
+        spend: Spend,
+        kind: str,
+        balance: CreditBalance | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        """Emit an event between reserving and running the action: if the hook is
+        interrupted (``KeyboardInterrupt``, ``SystemExit``), the action never runs, so
+        its reservation is given back before the interrupt goes on."""
+        try:
+            self._emit(kind, spend.cost, balance, error=error)
+        except BaseException:
+            self._account.unreserve(spend.cost)
+            raise
+
+    def _exit(self, spend: Spend, exc: BaseException | None, sync: bool) -> _Steps[None]:
         account = self._account
         if exc is not None:
             account.release_invalidate(spend.cost)
             self._failed(spend, exc)
             return
-        settlement, step = account.begin_settle(spend.cost)
+        settlement, step = account.begin_settle(spend.cost, sync)
         try:
-            balance = yield from self._settle(settlement.after, step)
+            balance = yield from self._settle(settlement.after, step, sync)
         except Exception as error:
             account.end_settle(settlement, failed=True)
             self._refresh_failed(spend, error)
@@ -377,18 +491,32 @@ class CreditGuard:
 
     # -- the two I/O edges -------------------------------------------------------------
 
+    def _wait_until(self, waitable: _Waitable, until: float | None) -> float:
+        """When a wait gives up: a release is waited for until the caller's admission
+        deadline, someone else's read for at most the longest a read can take."""
+        if until is not None:
+            return until
+        return cast(Flight, waitable).started + self._shared.read_budget
+
     def _drive(self, steps: _Steps[T]) -> T:
         """Run an operation from sync code: reads through the sync transport, waits on a
         thread event."""
+        account = self._account
         try:
             step = next(steps)
             while True:
+                waitable, lead, until = step
                 try:
-                    flight = self._io_sync(*step)
+                    if lead:
+                        self._read_sync(cast(Flight, waitable))
+                    else:
+                        waitable.wait(account.lock, self._wait_until(waitable, until))
+                        if until is None and not waitable.done:
+                            account.overdue(cast(Flight, waitable))
                 except BaseException as exc:
                     step = steps.throw(exc)
                 else:
-                    step = steps.send(flight)
+                    step = steps.send(waitable)
         except StopIteration as stop:
             result: T = stop.value
             return result
@@ -400,9 +528,10 @@ class CreditGuard:
         try:
             step = next(steps)
             while True:
-                flight, lead = step
+                waitable, lead, until = step
                 try:
                     if lead:
+                        flight = cast(Flight, waitable)
                         try:
                             result = await self._shared.aclient.read(self._balance_request())
                         except Exception as exc:
@@ -414,11 +543,13 @@ class CreditGuard:
                         account.complete(flight, result=result)
                         self._log_read(result)
                     else:
-                        await flight.await_done(account.lock)
+                        await waitable.await_done(account.lock, self._wait_until(waitable, until))
+                        if until is None and not waitable.done:
+                            account.overdue(cast(Flight, waitable))
                 except BaseException as exc:
                     step = steps.throw(exc)
                 else:
-                    step = steps.send(flight)
+                    step = steps.send(waitable)
         except StopIteration as stop:
             value: T = stop.value
             return value
@@ -426,15 +557,8 @@ class CreditGuard:
     def _balance_request(self) -> httpx.Request:
         return self._shared.reader.request(self._account.fingerprint, self._key)
 
-    def _io_sync(self, flight: Flight, lead: bool) -> Flight:
-        """Perform or wait for ``flight``; return the read whose outcome to look at."""
-        if not lead:
-            if flight.thread != threading.get_ident():
-                flight.wait(self._account.lock)
-                return flight
-            # The read is led by a task of the event loop this thread is blocking:
-            # waiting would deadlock, so read on our own.
-            flight = self._account.private_flight()
+    def _read_sync(self, flight: Flight) -> None:
+        """Perform the read ``flight`` from this thread and record how it ended."""
         account = self._account
         try:
             result = self._shared.client.read(self._balance_request())
@@ -446,7 +570,6 @@ class CreditGuard:
             raise
         account.complete(flight, result=result)
         self._log_read(result)
-        return flight
 
     def _log_read(self, balance: CreditBalance) -> None:
         if logger.isEnabledFor(logging.DEBUG):
@@ -485,7 +608,7 @@ class CreditGuard:
         )
         self._account.reserve_unchecked(spend.cost)
         if self._shared.on_event is not None:
-            self._emit("unchecked", spend.cost, error=exc)
+            self._emit_reserved(spend, "unchecked", error=exc)
 
     def _spent(self, spend: Spend, balance: CreditBalance) -> None:
         spend.balance_after = balance
@@ -539,11 +662,19 @@ class CreditGuard:
         """Guard a block: ``with guard.spend(25) as s:`` or ``async with guard.spend(25) as s:``."""
         return Spend(self, cost)
 
-    def requires_credits(self, cost: Cost) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    @overload
+    def requires_credits(self, cost: int) -> _Decorator: ...
+
+    @overload
+    def requires_credits(self, cost: Callable[P, int]) -> _CostDecorator[P]: ...
+
+    def requires_credits(self, cost: Cost) -> _Decorator | _CostDecorator[Any]:
         """Decorate a sync or async function so each call is guarded for ``cost`` credits.
 
         ``cost`` is an int >= 0, or a callable taking the decorated function's arguments
-        and returning one (evaluated, and validated, before any request).
+        and returning one (evaluated, and validated, before any request). A callable
+        cost is type-checked against the decorated function's parameters, and one that
+        cannot take its arguments is a ``TypeError`` at decoration time.
         """
         return _decorator(cost, lambda: self)
 
@@ -579,14 +710,25 @@ class Spend:
     ``balance_before`` is the balance the admission was decided on (``None`` only when
     run unchecked under ``on_unavailable="allow"``). ``balance_after`` is set when the
     block exits: the balance read after the action finished, or ``None`` when that
-    refresh failed or the block raised or was cancelled.
+    refresh failed or the block raised or was cancelled. While the block (or decorated
+    call) runs, :func:`current_spend` returns this spend.
     """
 
-    __slots__ = ("_entered", "_guard", "balance_after", "balance_before", "cost")
+    __slots__ = (
+        "_entered",
+        "_guard",
+        "_outer",
+        "_token",
+        "balance_after",
+        "balance_before",
+        "cost",
+    )
 
     def __init__(self, guard: CreditGuard, cost: int) -> None:
         self._guard = guard
         self._entered = False
+        self._token: contextvars.Token[Spend | None] | None = None
+        self._outer: Spend | None = None  # the spend this one runs inside, if any
         self.cost = _check_cost(cost)
         self.balance_before: CreditBalance | None = None
         self.balance_after: CreditBalance | None = None
@@ -601,11 +743,29 @@ class Spend:
             raise RuntimeError("a Spend can be entered only once; call guard.spend() again")
         self._entered = True
 
+    def _activate(self) -> None:
+        self._outer = _current.get()
+        self._token = _current.set(self)
+
+    def _leave(self) -> None:
+        token = self._token
+        outer, self._outer = self._outer, None
+        if token is not None:
+            self._token = None
+            try:
+                _current.reset(token)
+            except ValueError:
+                # Exited in another context than it was entered in (a framework that
+                # copies contexts around): leave no finished spend current there.
+                if _current.get() is self:
+                    _current.set(outer)
+
     def __enter__(self) -> Spend:
         self._enter()
         guard = self._guard
         if not guard._admit_cached(self):
-            guard._drive(guard._admit(self))
+            guard._drive(guard._admit(self, True))
+        self._activate()
         return self
 
     def __exit__(
@@ -614,14 +774,16 @@ class Spend:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._leave()
         guard = self._guard
-        guard._drive(guard._exit(self, exc))
+        guard._drive(guard._exit(self, exc, True))
 
     async def __aenter__(self) -> Spend:
         self._enter()
         guard = self._guard
         if not guard._admit_cached(self):
-            await guard._adrive(guard._admit(self))
+            await guard._adrive(guard._admit(self, False))
+        self._activate()
         return self
 
     async def __aexit__(
@@ -630,8 +792,55 @@ class Spend:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        self._leave()
         guard = self._guard
-        await guard._adrive(guard._exit(self, exc))
+        await guard._adrive(guard._exit(self, exc, False))
+
+
+def _in_event_loop_thread() -> bool:
+    """Whether this thread is running an event loop (asyncio or trio) right now."""
+    if asyncio._get_running_loop() is not None:
+        return True
+    trio = sys.modules.get("trio")
+    return trio is not None and bool(trio.lowlevel.in_trio_run())
+
+
+class _Decorator(Protocol):
+    """``requires_credits(int)``: keeps the decorated function's signature."""
+
+    def __call__(self, func: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+class _CostDecorator(Protocol[P]):
+    """``requires_credits(cost_function)``: the function must take the cost function's
+    parameters (checked by type checkers, and at decoration time)."""
+
+    def __call__(self, func: Callable[P, R], /) -> Callable[P, R]: ...
+
+
+def _check_cost_signature(cost: Callable[..., int], func: Callable[..., object]) -> None:
+    """Raise ``TypeError`` at decoration time when ``cost`` cannot take the arguments
+    ``func`` is called with (as far as the two signatures tell)."""
+    try:
+        func_sig = inspect.signature(func)
+        cost_sig = inspect.signature(cost)
+    except (TypeError, ValueError):  # no signature to compare (some builtins)
+        return
+    args: list[object] = []
+    kwargs: dict[str, object] = {}
+    for param in func_sig.parameters.values():
+        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
+            args.append(None)
+        elif param.kind is param.KEYWORD_ONLY:
+            kwargs[param.name] = None
+    try:
+        cost_sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        name = getattr(func, "__qualname__", type(func).__name__)
+        raise TypeError(
+            f"the cost function {cost_sig} cannot take the arguments of {name}{func_sig}"
+            f" ({exc}): it is called with the same arguments as the function it guards"
+        ) from None
 
 
 def _is_async(func: Callable[..., object]) -> bool:
@@ -642,9 +851,7 @@ def _is_async(func: Callable[..., object]) -> bool:
     return not inspect.isfunction(func) and inspect.iscoroutinefunction(call)
 
 
-def _decorator(
-    cost: Cost, get_guard: Callable[[], CreditGuard]
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
     if callable(cost):
         cost_of: Callable[..., int] = cost
         static: int | None = None
@@ -659,6 +866,8 @@ def _decorator(
                 "requires_credits cannot guard a generator: its body runs after the call"
                 " returns; guard the code that spends with `guard.spend()` instead"
             )
+        if static is None:
+            _check_cost_signature(cost_of, func)
         if _is_async(func):
             afunc = cast(Callable[P, Awaitable[Any]], func)
 
@@ -678,11 +887,17 @@ def _decorator(
 
         return guarded
 
-    return decorate
+    return cast(_Decorator, decorate)
 
 
 _default: CreditGuard | None = None
 _default_lock = threading.Lock()
+
+
+def default_guard() -> CreditGuard:
+    """The process-wide guard behind the module-level :func:`requires_credits`, built
+    from the environment (``LENSMOR_API_KEY``, ``LENSMOR_BASE_URL``) on first use."""
+    return _default_guard()
 
 
 def _default_guard() -> CreditGuard:
@@ -696,9 +911,19 @@ def _default_guard() -> CreditGuard:
     return guard
 
 
+@overload
+def requires_credits(cost: int, *, guard: CreditGuard | None = None) -> _Decorator: ...
+
+
+@overload
+def requires_credits(
+    cost: Callable[P, int], *, guard: CreditGuard | None = None
+) -> _CostDecorator[P]: ...
+
+
 def requires_credits(
     cost: Cost, *, guard: CreditGuard | None = None
-) -> Callable[[Callable[P, R]], Callable[P, R]]:
+) -> _Decorator | _CostDecorator[Any]:
     """Module-level decorator; without ``guard``, a default :class:`CreditGuard` is built
     from the environment (``LENSMOR_API_KEY``, ``LENSMOR_BASE_URL``) at the first call."""
     if guard is not None:

@@ -1,8 +1,9 @@
 """Per-account state: the cached balance, reservations and the balance read in flight.
 
-This module does no I/O and never waits. Every decision is one short section under the
-account's ``threading.Lock``; the guard's sync and async paths are thin drivers over it
-(see ``_guard.py``), so the admission logic exists once.
+This module does no I/O. Every decision is one short section under the account's
+``threading.Lock`` that never waits; what a caller must wait for (a read, a release) is
+handed back to the guard's sync or async driver (see ``_guard.py``), so the admission
+logic exists once.
 
 Sequence numbers
 ----------------
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import threading
 import time
 import weakref
@@ -36,10 +38,10 @@ import anyio
 import anyio.lowlevel
 import cachetools
 
-from ._errors import InsufficientCredits
+from ._errors import BalanceUnavailable, InsufficientCredits
 from ._models import CreditBalance
 
-__all__ = ["Account", "Flight", "MemoryBackend", "StateBackend"]
+__all__ = ["Account", "Flight", "MemoryBackend", "Released", "StateBackend", "Step"]
 
 # Balance reads one account may have in progress at once. Two let a caller that needs a
 # read newer than the one in progress start it at once instead of queueing behind it.
@@ -49,34 +51,42 @@ _monotonic = time.monotonic
 _get_ident = threading.get_ident
 
 
-class Flight:
-    """One upstream balance read that any number of callers may wait on."""
+class _Waitable:
+    """Something callers wait for, from threads and from tasks of any event loop.
 
-    __slots__ = ("_callbacks", "_event", "abandoned", "error", "result", "start_seq", "thread")
+    Waiters register under the account lock; :meth:`_finish` (under the lock) hands back
+    the callbacks to run once the lock is released. Every wait is bounded by a deadline
+    (``time.monotonic()`` seconds) or by the caller's cancellation, and a waiter that
+    gives up leaves nothing registered.
+    """
 
-    def __init__(self, start_seq: int) -> None:
-        self.start_seq = start_seq
-        self.thread = _get_ident()
-        self.result: CreditBalance | None = None
-        self.error: BaseException | None = None
-        self.abandoned = False
-        # Waiters register here; None once the read has finished.
+    __slots__ = ("_callbacks", "_event")
+
+    def __init__(self) -> None:
+        # Waiters register here; None once finished.
         self._callbacks: list[Callable[[], None]] | None = []
-        # Made only when a thread waits (most reads have no sync waiter).
+        # Made only when a thread waits (most waits have no sync waiter).
         self._event: threading.Event | None = None
 
-    def wait(self, lock: threading.Lock) -> None:
-        """Block this thread until the read finished (or was abandoned)."""
+    @property
+    def done(self) -> bool:
+        return self._callbacks is None
+
+    def wait(self, lock: threading.Lock, until: float) -> None:
+        """Block this thread until finished, or until the monotonic time ``until``."""
         with lock:
             if self._callbacks is None:
                 return
             event = self._event
             if event is None:
                 event = self._event = threading.Event()
-        event.wait()
+        timeout = until - _monotonic()
+        if timeout > 0:
+            event.wait(timeout)
 
-    async def await_done(self, lock: threading.Lock) -> None:
-        """Wait in the current task; the leader may be a thread or a task of another loop."""
+    async def await_done(self, lock: threading.Lock, until: float | None = None) -> None:
+        """Wait in the current task until finished (or until ``until``); whoever finishes
+        it may be a thread or a task of another loop."""
         event = anyio.Event()
         me = _get_ident()
         native = anyio.lowlevel.current_token().native_token
@@ -99,7 +109,18 @@ class Flight:
             if callbacks is None:
                 return
             callbacks.append(notify)
-        await event.wait()
+        try:
+            if until is None:
+                await event.wait()
+            else:
+                with anyio.move_on_after(until - _monotonic()):
+                    await event.wait()
+        finally:
+            if not event.is_set():  # timed out or cancelled: leave no trace
+                with lock:
+                    callbacks = self._callbacks
+                    if callbacks is not None and notify in callbacks:
+                        callbacks.remove(notify)
 
     def _finish(self) -> list[Callable[[], None]]:
         """Under the account lock: mark finished and hand back the waiters to notify."""
@@ -111,6 +132,48 @@ class Flight:
         return callbacks
 
 
+class Flight(_Waitable):
+    """One upstream balance read that any number of callers may wait on.
+
+    ``sync`` says whether sync code leads it. A thread never waits for a read led by a
+    task: that task's loop may be blocked by this very thread, or by a thread that waits
+    for this one (see :meth:`Account._join_or_lead`).
+    """
+
+    __slots__ = ("abandoned", "error", "result", "start_seq", "started", "sync")
+
+    def __init__(self, start_seq: int, sync: bool) -> None:
+        super().__init__()
+        self.start_seq = start_seq
+        self.sync = sync
+        self.started = _monotonic()
+        self.result: CreditBalance | None = None
+        self.error: BaseException | None = None
+        self.abandoned = False
+
+
+class Released(_Waitable):
+    """Finished when the account next releases a reservation (a spend settled)."""
+
+    __slots__ = ()
+
+
+def own_error(error: BaseException) -> BaseException:
+    """A copy of a shared read's error for one caller, with the shared error as its cause.
+
+    Every caller of a failed read raises an exception of its own: re-raising one object
+    from many callers would grow its traceback with each of them and keep all their
+    frames alive.
+    """
+    try:
+        mine = copy.copy(error)
+    except Exception:  # an exception type that cannot be copied: wrap it
+        mine = BalanceUnavailable(f"the balance read failed: {error}")
+    mine.__cause__ = error
+    mine.__traceback__ = None
+    return mine
+
+
 class Settlement:
     """A finished spend whose reservation waits for a read that includes it."""
 
@@ -120,6 +183,12 @@ class Settlement:
         self.after = after
         self.cost = cost
         self.released = False
+
+
+# What an operation needs next: a read to perform (``lead``) or to wait for, or a
+# reservation release to wait for; ``until`` bounds a wait for a release (monotonic
+# seconds). A read's waiters are bounded by the guard's read budget instead.
+Step = tuple[_Waitable, bool, "float | None"]
 
 
 class Account:
@@ -135,6 +204,7 @@ class Account:
         "floor",
         "inflight",
         "lock",
+        "released",
         "reserved",
         "seq",
         "settling",
@@ -154,6 +224,8 @@ class Account:
         self.flights: list[Flight] = []
         # Spends waiting for a read that includes them (their credits still reserved).
         self.settling: list[Settlement] = []
+        # What callers waiting for a release wait on (made when the first one waits).
+        self.released: Released | None = None
 
     def __repr__(self) -> str:
         return (
@@ -174,11 +246,11 @@ class Account:
             return cached
         if flight is not None and flight.start_seq >= self.floor:
             if flight.error is not None:
-                raise flight.error
+                raise own_error(flight.error)
             return flight.result
         return None
 
-    def _join_or_lead(self, after: int) -> tuple[Flight, bool]:
+    def _join_or_lead(self, after: int, sync: bool) -> Step:
         """Under the lock: the read to wait on, and whether the caller must perform it.
 
         The caller needs a read that started at ``seq >= after``. It joins the newest
@@ -186,23 +258,33 @@ class Account:
         unless ``MAX_FLIGHTS`` are already in progress, in which case it waits for the
         oldest to end and looks again. So a caller waits at most about two round trips,
         and any number of callers that finish together share a handful of reads.
+
+        A sync caller (a blocked thread) joins only reads led by sync code, which never
+        wait for anything: a read led by a task needs that task's loop to run, and the
+        loop's thread may be the caller itself or a thread waiting for the caller. When
+        only task-led reads are in progress and no new one may start, the sync caller
+        reads on its own (a read nobody joins, stored like any other).
         """
         flights = self.flights
-        if flights:
-            newest = flights[-1]
+        joinable = [f for f in flights if f.sync] if sync else flights
+        if joinable:
+            newest = joinable[-1]
             if newest.start_seq >= after:
-                return newest, False
-            if len(flights) >= MAX_FLIGHTS:
-                return flights[0], False
-        flight = Flight(self.seq)
-        flights.append(flight)
-        return flight, True
+                return newest, False, None
+        if len(flights) < MAX_FLIGHTS:
+            flight = Flight(self.seq, sync)
+            flights.append(flight)
+            return flight, True, None
+        if joinable:
+            return joinable[0], False, None
+        return Flight(self.seq, sync), True, None
 
-    def private_flight(self) -> Flight:
-        """A read that nobody else joins (for a sync caller that must not block on a
-        read led by a task of the event loop running in its own thread)."""
+    def overdue(self, flight: Flight) -> None:
+        """A read outlived the guard's read budget without finishing (its leader stopped
+        making progress, e.g. its loop was stopped): no caller joins it any more."""
         with self.lock:
-            return Flight(self.seq)
+            if flight in self.flights:
+                self.flights.remove(flight)
 
     def complete(
         self,
@@ -214,6 +296,7 @@ class Account:
         with self.lock:
             if flight in self.flights:
                 self.flights.remove(flight)
+            released = None
             if result is not None:
                 flight.result = result
                 start = flight.start_seq
@@ -222,24 +305,39 @@ class Account:
                     self.cached_seq = start
                     self.cached_at = _monotonic()
                 if self.settling:
-                    self._settle_up_to(start)
+                    released = self._settle_up_to(start)
             elif error is not None:
                 flight.error = error
             else:
                 flight.abandoned = True
             callbacks = flight._finish()
+            if released is not None:
+                callbacks += released
         for notify in callbacks:
             notify()
 
-    def read_step(self, ttl: float, flight: Flight | None) -> CreditBalance | tuple[Flight, bool]:
+    def read_step(self, ttl: float, flight: Flight | None, sync: bool) -> CreditBalance | Step:
         """A balance through the cache, or the read to wait on / perform."""
         with self.lock:
             balance = self._usable(flight, ttl)
             if balance is not None:
                 return balance
-            return self._join_or_lead(self.floor)
+            return self._join_or_lead(self.floor, sync)
 
     # -- admission -----------------------------------------------------------------
+    #
+    # With a trusted balance B and R credits reserved by spends in flight, a call of
+    # cost c is decided as follows (see docs/consistency.md, "Exact admission"):
+    #
+    # * c <= B - R: admitted. Safe whatever B includes of the spends in flight.
+    # * c > B - own: refused. Spends in flight can only lower the balance, so the
+    #   account cannot pay for c once they have settled either; ``own`` is what the
+    #   caller's own enclosing spends hold (a guarded call made inside another), which
+    #   cannot settle while the caller waits (0 for most calls).
+    # * otherwise B may already include charges still counted in R (a read that
+    #   overlapped those spends), so neither answer is known: wait until a spend
+    #   settles (its reservation is released by a read that includes it) and decide
+    #   again, until ``until``; then refuse, saying what is available now.
 
     def try_admit(self, cost: int, ttl: float) -> CreditBalance | None:
         """Fast path: admit on a fresh cached balance, or ``None`` to go the slow way."""
@@ -249,32 +347,47 @@ class Account:
                 cached is None
                 or self.cached_seq < self.floor
                 or _monotonic() - self.cached_at >= ttl
+                or cost > cached.total_balance - self.reserved
             ):
                 return None
-            self._reserve(cost, cached)
+            self.reserved += cost
+            self.inflight += 1
             return cached
 
     def admit_step(
-        self, cost: int, ttl: float, flight: Flight | None
-    ) -> CreditBalance | tuple[Flight, bool]:
-        """Reserve ``cost`` on a trusted balance, or name the read to wait on / perform.
+        self,
+        cost: int,
+        ttl: float,
+        flight: Flight | None,
+        sync: bool,
+        until: float | None,
+        own: int = 0,
+    ) -> CreditBalance | Step:
+        """Reserve ``cost`` on a trusted balance, or name what to wait for / perform.
 
-        Raises :class:`InsufficientCredits` (nothing reserved) when the balance minus the
-        credits reserved by calls in flight is below ``cost``.
+        ``until`` is how long the caller may wait for spends in flight to settle
+        (monotonic seconds; ``None``: it may not wait); ``own`` the credits reserved by
+        the caller's own enclosing spends. Raises :class:`InsufficientCredits` (nothing
+        reserved) when the account cannot pay.
         """
         with self.lock:
             balance = self._usable(flight, ttl)
             if balance is None:
-                return self._join_or_lead(self.floor)
-            self._reserve(cost, balance)
-            return balance
-
-    def _reserve(self, cost: int, balance: CreditBalance) -> None:
-        available = max(0, balance.total_balance - self.reserved)
-        if cost > available:
-            raise InsufficientCredits(cost, available, balance)
-        self.reserved += cost
-        self.inflight += 1
+                return self._join_or_lead(self.floor, sync)
+            total = balance.total_balance
+            reserved = self.reserved
+            if cost <= total - reserved:
+                self.reserved = reserved + cost
+                self.inflight += 1
+                return balance
+            if cost > total - own:
+                raise InsufficientCredits(cost, total - own, balance, reserved=reserved)
+            if until is not None and _monotonic() < until:
+                released = self.released
+                if released is None:
+                    released = self.released = Released()
+                return released, False, until
+            raise InsufficientCredits(cost, max(0, total - reserved), balance, reserved=reserved)
 
     def reserve_unchecked(self, cost: int) -> None:
         """Fail-open admission: count the call as in flight with no balance to check."""
@@ -282,17 +395,37 @@ class Account:
             self.reserved += cost
             self.inflight += 1
 
+    def unreserve(self, cost: int) -> None:
+        """Give back a reservation whose action never started (nothing was spent)."""
+        with self.lock:
+            self.reserved -= cost
+            self.inflight -= 1
+            callbacks = self._wake_released()
+        for notify in callbacks:
+            notify()
+
     # -- settling ------------------------------------------------------------------
 
-    def _settle_up_to(self, start: int) -> None:
+    def _wake_released(self) -> list[Callable[[], None]]:
+        """Under the lock: a reservation was released; hand back its waiters."""
+        released = self.released
+        if released is None:
+            return []
+        self.released = None
+        return released._finish()
+
+    def _settle_up_to(self, start: int) -> list[Callable[[], None]] | None:
         """Under the lock: a read that started at ``start`` came back, so every spend that
         finished before it is in that balance: release their reservations now, not when
-        their callers wake (which would count the spend twice in the meantime)."""
+        their callers wake (which would count the spend twice in the meantime). Returns
+        the callers to wake, if any spend was released."""
         settling = self.settling
         waiting: list[Settlement] | None = None
+        any_released = False
         for settlement in settling:
             if settlement.after <= start:
                 self._release(settlement)
+                any_released = True
             elif waiting is None:
                 waiting = [settlement]
             else:
@@ -301,6 +434,7 @@ class Account:
             settling.clear()
         else:
             self.settling = waiting
+        return self._wake_released() if any_released else None
 
     def _release(self, settlement: Settlement) -> None:
         self.reserved -= settlement.cost
@@ -309,14 +443,14 @@ class Account:
             self.floor = settlement.after
         settlement.released = True
 
-    def begin_settle(self, cost: int) -> tuple[Settlement, tuple[Flight, bool]]:
+    def begin_settle(self, cost: int, sync: bool) -> tuple[Settlement, Step]:
         """An action that reserved ``cost`` finished: hold the reservation until a read
         that started after now comes back, and name the read to wait on/perform."""
         with self.lock:
             self.seq += 1
             settlement = Settlement(self.seq, cost)
             self.settling.append(settlement)
-            return settlement, self._join_or_lead(self.seq)
+            return settlement, self._join_or_lead(self.seq, sync)
 
     def end_settle(self, settlement: Settlement, *, failed: bool = False) -> None:
         """The caller saw its refresh (or its failure): release if a read has not yet, and
@@ -324,13 +458,17 @@ class Account:
         if settlement.released and not failed:
             return  # the read that included it released it (set last, under the lock)
         with self.lock:
+            callbacks: list[Callable[[], None]] = []
             if not settlement.released:
                 self.settling.remove(settlement)
                 self._release(settlement)
+                callbacks = self._wake_released()
             if failed:
                 self._invalidate()
+        for notify in callbacks:
+            notify()
 
-    def bump(self) -> tuple[int, tuple[Flight, bool]]:
+    def bump(self, sync: bool) -> tuple[int, Step]:
         """Note that the balance may have changed upstream (an action finished, or a
         refresh was asked for): return the new ``seq`` and the read to wait on/perform.
 
@@ -339,19 +477,19 @@ class Account:
         with self.lock:
             self.seq += 1
             after = self.seq
-            return after, self._join_or_lead(after)
+            return after, self._join_or_lead(after, sync)
 
-    def settle_step(self, after: int, flight: Flight | None) -> CreditBalance | tuple[Flight, bool]:
+    def settle_step(self, after: int, flight: Flight | None, sync: bool) -> CreditBalance | Step:
         """A balance read that started at or after ``after``, or the read to wait on/perform."""
         with self.lock:
             if flight is not None and flight.start_seq >= after:
                 if flight.result is not None:
                     return flight.result
                 if flight.error is not None:
-                    raise flight.error
+                    raise own_error(flight.error)
             if self.cached is not None and self.cached_seq >= after:
                 return self.cached
-            return self._join_or_lead(after)
+            return self._join_or_lead(after, sync)
 
     def release_invalidate(self, cost: int) -> None:
         """Drop a reservation whose spend is unknown upstream; distrust every older read."""
@@ -359,6 +497,9 @@ class Account:
             self.reserved -= cost
             self.inflight -= 1
             self._invalidate()
+            callbacks = self._wake_released()
+        for notify in callbacks:
+            notify()
 
     def invalidate(self) -> None:
         with self.lock:

@@ -80,9 +80,9 @@ def check_cost(value: object) -> int:
 def default_guard() -> CreditGuard:
     """The process-wide guard ``creditguard.requires_credits`` uses without ``guard=``,
     built from ``LENSMOR_API_KEY`` / ``LENSMOR_BASE_URL`` at first use."""
-    from ._guard import _default_guard
+    from ._guard import default_guard
 
-    return _default_guard()
+    return default_guard()
 
 
 def is_async_callable(func: object) -> bool:

@@ -186,12 +186,12 @@ def _count_sync_waiters(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None
     cond = threading.Condition()
     original = Flight.wait
 
-    def counting_wait(self: Flight, lock: threading.Lock) -> None:
+    def counting_wait(self: Flight, lock: threading.Lock, until: float) -> None:
         nonlocal waiting
         with cond:
             waiting += 1
             cond.notify_all()
-        original(self, lock)
+        original(self, lock, until)
 
     monkeypatch.setattr(Flight, "wait", counting_wait)
 
@@ -243,9 +243,12 @@ async def test_threads_and_tasks_share_one_request(
     assert gate.arrived == 1
 
 
-def test_task_leader_and_thread_waiters_share_one_request(
+def test_threads_never_wait_for_a_task_led_read_but_share_one_of_their_own(
     fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
 ) -> None:
+    """A blocked thread never waits for a read led by a task (that task's loop may be
+    blocked by the thread itself, or by a thread waiting for it): the threads share a
+    read of their own, so the task's read and theirs are the only two requests."""
     until_waiting = _count_sync_waiters(monkeypatch)
     gate = Gate(fake.transport)
     guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
@@ -261,14 +264,15 @@ def test_task_leader_and_thread_waiters_share_one_request(
             ]
             for t in threads:
                 t.start()
-            await anyio.to_thread.run_sync(until_waiting, 8)
+            await gate.await_arrivals(2)  # one thread leads a read of the threads' own
+            await anyio.to_thread.run_sync(until_waiting, 7)
             gate.open()
         for t in threads:
             t.join(10)
 
     anyio.run(main, backend=anyio_backend)
     assert results == [30050] * 8
-    assert gate.arrived == 1
+    assert gate.arrived == 2
 
 
 async def test_sync_call_inside_the_loop_does_not_deadlock(fake: FakeLensmor) -> None:

@@ -580,7 +580,7 @@ def test_a_read_started_before_invalidate_is_not_stored() -> None:
     fake = FakeLensmor()
     guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
     account = guard._account
-    flight, lead = account.read_step(60, None)  # type: ignore[misc]
+    flight, lead, _ = account.read_step(60, None, True)  # type: ignore[misc]
     assert lead
     guard.invalidate()
     account.complete(flight, result=fake.balance)

@@ -1,0 +1,342 @@
+"""Exact admission: never admit what the account cannot pay, never refuse what it can.
+
+A balance read that overlapped spends in flight may already include their charges while
+their credits are still reserved; the guard must not count them twice. These tests build
+that situation on purpose (a read made while a spend is in flight, after its charge) and
+check that a call the account can pay waits for the spend to settle instead of being
+refused, that a call it cannot pay is refused at once with what is really available, and
+that the wait is bounded, holds nothing and can be cancelled without a trace.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
+import pytest
+
+from creditguard import CreditGuard, InsufficientCredits
+from creditguard.testing import FakeLensmor
+
+pytestmark = pytest.mark.anyio
+
+
+def reserved(guard: CreditGuard) -> int:
+    return guard._account.snapshot()[1]
+
+
+def waiting_for_release(guard: CreditGuard) -> int:
+    """How many tasks wait for a reservation to be released, plus one if any thread
+    has waited for the current release."""
+    account = guard._account
+    with account.lock:
+        released = account.released
+        if released is None or released._callbacks is None:
+            return 0
+        return len(released._callbacks) + (released._event is not None)
+
+
+def tasks_waiting_for_release(guard: CreditGuard) -> int:
+    account = guard._account
+    with account.lock:
+        released = account.released
+        return 0 if released is None else len(released._callbacks or ())
+
+
+@pytest.fixture
+def fake100() -> FakeLensmor:
+    return FakeLensmor(subscription_balance=100, gift_balance=0)
+
+
+class InFlight:
+    """A guarded spend of ``cost`` run in a thread: it charges the sandbox, then holds
+    until ``finish()``, so the test can act while it is in flight after its charge."""
+
+    def __init__(self, guard: CreditGuard, fake: FakeLensmor, cost: int) -> None:
+        self.charged = threading.Event()
+        self.release = threading.Event()
+        self.error: BaseException | None = None
+
+        def run() -> None:
+            try:
+                with guard.spend(cost):
+                    fake.charge(cost)
+                    self.charged.set()
+                    assert self.release.wait(10)
+            except BaseException as exc:  # pragma: no cover - reported by the test
+                self.error = exc
+                self.charged.set()
+
+        self.thread = threading.Thread(target=run)
+        self.thread.start()
+        assert self.charged.wait(10)
+        assert self.error is None
+
+    def finish(self) -> None:
+        self.release.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+        assert self.error is None
+
+
+@pytest.fixture
+def in_flight() -> Iterator[list[InFlight]]:
+    started: list[InFlight] = []
+    yield started
+    for spend in started:
+        spend.release.set()
+        spend.thread.join(10)
+
+
+def overlapping(guard: CreditGuard, fake: FakeLensmor, in_flight: list[InFlight]) -> InFlight:
+    """A 60-credit spend in flight whose charge the cached balance already includes:
+    the balance says 40 while the 60 credits are still reserved."""
+    spend = InFlight(guard, fake, 60)
+    in_flight.append(spend)
+    guard.invalidate()  # e.g. the TTL ran out mid-burst: the next read overlaps the spend
+    assert guard.balance().total_balance == 40
+    assert reserved(guard) == 60
+    return spend
+
+
+# -- sync --------------------------------------------------------------------------------
+
+
+def test_a_call_the_account_can_pay_waits_for_spends_in_flight_instead_of_being_refused(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    spend = overlapping(guard, fake100, in_flight)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: guard.requires_credits(30)(lambda: fake100.charge(30))())
+        # The call waits (40 - 60 reserved leaves nothing, but 40 covers 30)...
+        while waiting_for_release(guard) == 0:
+            assert not future.done(), future.exception()
+            threading.Event().wait(0.001)
+        # ...and is admitted once the spend in flight has settled.
+        spend.finish()
+        future.result(10)
+    assert fake100.balance.total_balance == 10
+    assert reserved(guard) == 0
+
+
+def test_a_call_above_the_balance_is_refused_at_once_with_the_balance_available(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    spend = overlapping(guard, fake100, in_flight)
+    with pytest.raises(InsufficientCredits) as info, guard.spend(50):
+        pytest.fail("must not run")
+    # 50 > 40: spends in flight can only lower the balance, so no wait is needed; the
+    # refusal says what the account holds, not "0 available".
+    assert (info.value.required, info.value.available, info.value.reserved) == (50, 40, 60)
+    assert waiting_for_release(guard) == 0
+    spend.finish()
+
+
+def test_the_wait_is_bounded_then_refused_with_what_is_available_now(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    guard = CreditGuard(
+        fake100.api_key, transport=fake100.transport, ttl=60, admission_timeout=0.05
+    )
+    spend = overlapping(guard, fake100, in_flight)
+    with pytest.raises(InsufficientCredits) as info, guard.spend(30):
+        pytest.fail("must not run")
+    assert (info.value.required, info.value.available, info.value.reserved) == (30, 0, 60)
+    assert "60 reserved by calls in flight" in str(info.value)
+    assert reserved(guard) == 60  # the refused call holds nothing
+    spend.finish()
+    assert guard.requires_credits(30)(lambda: fake100.charge(30))() is not None
+
+
+def test_admission_timeout_zero_refuses_at_once(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, admission_timeout=0)
+    spend = overlapping(guard, fake100, in_flight)
+    with pytest.raises(InsufficientCredits) as info, guard.spend(30):
+        pytest.fail("must not run")
+    assert (info.value.available, info.value.reserved) == (0, 60)
+    assert waiting_for_release(guard) == 0
+    spend.finish()
+
+
+def test_a_failed_spend_in_flight_wakes_the_waiter_which_reads_again(
+    fake100: FakeLensmor,
+) -> None:
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    charged = threading.Event()
+    release = threading.Event()
+
+    failures: list[RuntimeError] = []
+
+    def failing() -> None:
+        try:
+            with guard.spend(60):
+                fake100.charge(60)
+                charged.set()
+                assert release.wait(10)
+                raise RuntimeError("the paid call failed after charging")
+        except RuntimeError as exc:
+            failures.append(exc)
+
+    t = threading.Thread(target=failing)
+    t.start()
+    assert charged.wait(10)
+    guard.invalidate()
+    assert guard.balance().total_balance == 40
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: guard.requires_credits(40)(lambda: fake100.charge(40))())
+        while waiting_for_release(guard) == 0:
+            assert not future.done(), future.exception()
+            threading.Event().wait(0.001)
+        release.set()
+        t.join(10)
+        future.result(10)
+    assert len(failures) == 1
+    assert fake100.balance.total_balance == 0
+
+
+# -- async -------------------------------------------------------------------------------
+
+
+async def test_async_waiter_is_admitted_after_the_spend_settles(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    spend = await anyio.to_thread.run_sync(overlapping, guard, fake100, in_flight)
+    ran = []
+
+    @guard.requires_credits(30)
+    async def unlock() -> None:
+        fake100.charge(30)
+        ran.append(1)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(unlock)
+        await anyio.wait_all_tasks_blocked()
+        assert waiting_for_release(guard) == 1
+        assert not ran
+        await anyio.to_thread.run_sync(spend.finish)
+    assert ran == [1]
+    assert fake100.balance.total_balance == 10
+    assert reserved(guard) == 0
+
+
+async def test_cancelling_a_waiter_leaves_no_trace(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    spend = await anyio.to_thread.run_sync(overlapping, guard, fake100, in_flight)
+    with anyio.CancelScope() as scope:
+
+        async def cancel_when_waiting() -> None:
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_when_waiting)
+            async with guard.spend(30):
+                pytest.fail("must not run")
+    assert scope.cancelled_caught
+    assert reserved(guard) == 60
+    assert tasks_waiting_for_release(guard) == 0  # nothing left registered
+    await anyio.to_thread.run_sync(spend.finish)
+    assert reserved(guard) == 0
+
+
+async def test_waiting_does_not_block_the_event_loop(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    spend = await anyio.to_thread.run_sync(overlapping, guard, fake100, in_flight)
+    ticks = 0
+    waiter_done = anyio.Event()
+
+    async def waiter() -> None:
+        async with guard.spend(30):
+            fake100.charge(30)
+        waiter_done.set()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        while waiting_for_release(guard) == 0:
+            await anyio.lowlevel.checkpoint()
+        for _ in range(100):  # other tasks of the loop keep running while it waits
+            ticks += 1
+            await anyio.lowlevel.checkpoint()
+        await anyio.to_thread.run_sync(spend.finish)
+        await waiter_done.wait()
+    assert ticks == 100
+    assert fake100.balance.total_balance == 10
+
+
+# -- bursts: the defect as reported ------------------------------------------------------
+
+
+@pytest.mark.parametrize("ttl", [0.02, 600.0], ids=["ttl_expires_mid_burst", "ttl_long"])
+async def test_burst_of_excess_demand_spends_every_credit(ttl: float) -> None:
+    """200 tasks of 1 credit on 100 credits: exactly 100 run, whatever the TTL does."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0, latency=0.002)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=ttl)
+    await guard.abalance()  # warm
+    ran = 0
+    refused: list[InsufficientCredits] = []
+
+    @guard.requires_credits(1)
+    async def unlock() -> None:
+        nonlocal ran
+        await anyio.sleep(0.005)  # the paid call's own latency
+        fake.charge(1)
+        ran += 1
+
+    async def call() -> None:
+        try:
+            await unlock()
+        except InsufficientCredits as exc:
+            refused.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(200):
+            tg.start_soon(call)
+    assert ran == 100
+    assert len(refused) == 100
+    assert fake.balance.total_balance == 0
+    assert all(exc.available == 0 and exc.balance is not None for exc in refused)
+    assert all(exc.balance.total_balance == 0 for exc in refused if exc.balance)
+    assert reserved(guard) == 0
+    assert fake.balance_requests < 200  # waiting callers share the reads that settle
+
+
+def test_steady_threads_spend_every_credit_and_never_refuse_while_credits_remain() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0, latency=0.001)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0.01)
+    refused: list[InsufficientCredits] = []
+    lock = threading.Lock()
+
+    @guard.requires_credits(10)
+    def unlock() -> None:
+        threading.Event().wait(0.002)
+        fake.charge(10)
+
+    def worker() -> None:
+        for _ in range(10):
+            try:
+                unlock()
+            except InsufficientCredits as exc:
+                with lock:
+                    refused.append(exc)
+
+    with ThreadPoolExecutor(16) as pool:
+        for f in [pool.submit(worker) for _ in range(16)]:
+            f.result(60)
+    assert fake.balance.total_balance == 0
+    assert len(refused) == 160 - 100
+    # Every refusal was decided on a balance that could not pay for the call.
+    assert all(exc.balance is not None and exc.balance.total_balance < 10 for exc in refused)
+    assert reserved(guard) == 0
