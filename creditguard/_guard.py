@@ -37,7 +37,7 @@ from ._errors import (
     InsufficientCredits,
 )
 from ._models import CreditBalance
-from ._state import Account, Flight, MemoryBackend, StateBackend, Step, _Waitable
+from ._state import Account, Flight, MemoryBackend, Reservation, StateBackend, Step, _Waitable
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -403,10 +403,10 @@ class CreditGuard:
     def _admit_cached(self, spend: Spend) -> bool:
         """The warm path, no generator: admit on a fresh cached balance that covers the
         cost with room for every reservation (anything else goes the slow way)."""
-        balance = self._account.try_admit(spend.cost, self._shared.ttl)
-        if balance is None:
+        reservation = self._account.try_admit(spend.cost, self._shared.ttl)
+        if reservation is None:
             return False
-        self._admitted(spend, balance)
+        self._admitted(spend, reservation)
         return True
 
     def _admit(self, spend: Spend, sync: bool) -> _Steps[None]:
@@ -419,17 +419,18 @@ class CreditGuard:
         until: float | None = None
         if shared.admission_timeout > 0 and not (sync and _in_event_loop_thread()):
             until = _monotonic() + shared.admission_timeout
-        own = 0  # what this caller's own enclosing spends hold: they cannot settle first
+        # This caller's own enclosing spends: they cannot settle while it waits.
+        enclosing: list[Reservation] = []
         outer = _current.get()
         while outer is not None:
-            if outer._guard._account is account:
-                own += outer.cost
+            if outer._guard._account is account and outer._reservation is not None:
+                enclosing.append(outer._reservation)
             outer = outer._outer
         flight: Flight | None = None
         try:
             while True:
-                step = account.admit_step(cost, ttl, flight, sync, until, own)
-                if isinstance(step, CreditBalance):
+                step = account.admit_step(cost, ttl, flight, sync, until, tuple(enclosing))
+                if isinstance(step, Reservation):
                     break
                 waited = yield step
                 flight = waited if isinstance(waited, Flight) else None
@@ -445,10 +446,11 @@ class CreditGuard:
             raise
         self._admitted(spend, step)
 
-    def _admitted(self, spend: Spend, balance: CreditBalance) -> None:
-        spend.balance_before = balance
+    def _admitted(self, spend: Spend, reservation: Reservation) -> None:
+        spend._reservation = reservation
+        spend.balance_before = reservation.balance
         if self._shared.on_event is not None:
-            self._emit_reserved(spend, "admitted", balance)
+            self._emit_reserved(spend, "admitted", reservation.balance)
 
     def _emit_reserved(
         self,
@@ -463,16 +465,21 @@ class CreditGuard:
         try:
             self._emit(kind, spend.cost, balance, error=error)
         except BaseException:
-            self._account.unreserve(spend.cost)
+            reservation, spend._reservation = spend._reservation, None
+            if reservation is not None:
+                self._account.unreserve(reservation)
             raise
 
     def _exit(self, spend: Spend, exc: BaseException | None, sync: bool) -> _Steps[None]:
         account = self._account
+        settlement, spend._reservation = spend._reservation, None
+        if settlement is None:  # never admitted, or already given back
+            return
         if exc is not None:
-            account.release_invalidate(spend.cost)
+            account.release_invalidate(settlement)
             self._failed(spend, exc)
             return
-        settlement, step = account.begin_settle(spend.cost, sync)
+        step = account.begin_settle(settlement, sync)
         try:
             balance = yield from self._settle(settlement.after, step, sync)
         except Exception as error:
@@ -606,7 +613,7 @@ class CreditGuard:
             exc,
             spend.cost,
         )
-        self._account.reserve_unchecked(spend.cost)
+        spend._reservation = self._account.reserve_unchecked(spend.cost)
         if self._shared.on_event is not None:
             self._emit_reserved(spend, "unchecked", error=exc)
 
@@ -718,6 +725,7 @@ class Spend:
         "_entered",
         "_guard",
         "_outer",
+        "_reservation",
         "_token",
         "balance_after",
         "balance_before",
@@ -729,6 +737,7 @@ class Spend:
         self._entered = False
         self._token: contextvars.Token[Spend | None] | None = None
         self._outer: Spend | None = None  # the spend this one runs inside, if any
+        self._reservation: Reservation | None = None  # held from admission to settling
         self.cost = _check_cost(cost)
         self.balance_before: CreditBalance | None = None
         self.balance_after: CreditBalance | None = None
@@ -836,7 +845,7 @@ def _check_cost_signature(cost: Callable[..., int], func: Callable[..., object])
     try:
         cost_sig.bind(*args, **kwargs)
     except TypeError as exc:
-        name = getattr(func, "__qualname__", type(func).__name__)
+        name = getattr(func, "__name__", type(func).__name__)
         raise TypeError(
             f"the cost function {cost_sig} cannot take the arguments of {name}{func_sig}"
             f" ({exc}): it is called with the same arguments as the function it guards"

@@ -41,7 +41,15 @@ import cachetools
 from ._errors import BalanceUnavailable, InsufficientCredits
 from ._models import CreditBalance
 
-__all__ = ["Account", "Flight", "MemoryBackend", "Released", "StateBackend", "Step"]
+__all__ = [
+    "Account",
+    "Flight",
+    "MemoryBackend",
+    "Released",
+    "Reservation",
+    "StateBackend",
+    "Step",
+]
 
 # Balance reads one account may have in progress at once. Two let a caller that needs a
 # read newer than the one in progress start it at once instead of queueing behind it.
@@ -174,14 +182,22 @@ def own_error(error: BaseException) -> BaseException:
     return mine
 
 
-class Settlement:
-    """A finished spend whose reservation waits for a read that includes it."""
+class Reservation:
+    """The credits one admitted call holds, from admission until it is settled.
 
-    __slots__ = ("after", "cost", "released")
+    ``balance`` is what it was admitted on; ``gen`` the cached balance it was admitted
+    on (-1: none, or a read's result that was not cached), so the account knows which
+    reservations that balance certainly excludes. ``after`` is set when the action
+    finished: the reservation waits for a read that started at or after it.
+    """
 
-    def __init__(self, after: int, cost: int) -> None:
-        self.after = after
+    __slots__ = ("after", "balance", "cost", "gen", "released")
+
+    def __init__(self, cost: int, balance: CreditBalance | None, gen: int) -> None:
         self.cost = cost
+        self.balance = balance
+        self.gen = gen
+        self.after = 0
         self.released = False
 
 
@@ -196,9 +212,11 @@ class Account:
 
     __slots__ = (
         "__weakref__",
+        "cache_gen",
         "cached",
         "cached_at",
         "cached_seq",
+        "excluded",
         "fingerprint",
         "flights",
         "floor",
@@ -220,10 +238,15 @@ class Account:
         self.cached_at = 0.0
         self.reserved = 0
         self.inflight = 0
+        # Counts the balances cached; ``excluded`` is what the reservations admitted on
+        # the current one hold: a read that came back before they were admitted cannot
+        # include their charges (the others may or may not: ambiguous).
+        self.cache_gen = 0
+        self.excluded = 0
         # Reads in progress, oldest first (at most MAX_FLIGHTS).
         self.flights: list[Flight] = []
         # Spends waiting for a read that includes them (their credits still reserved).
-        self.settling: list[Settlement] = []
+        self.settling: list[Reservation] = []
         # What callers waiting for a release wait on (made when the first one waits).
         self.released: Released | None = None
 
@@ -301,9 +324,7 @@ class Account:
                 flight.result = result
                 start = flight.start_seq
                 if start >= self.floor and (self.cached is None or start >= self.cached_seq):
-                    self.cached = result
-                    self.cached_seq = start
-                    self.cached_at = _monotonic()
+                    self._store(result, start)
                 if self.settling:
                     released = self._settle_up_to(start)
             elif error is not None:
@@ -315,6 +336,15 @@ class Account:
                 callbacks += released
         for notify in callbacks:
             notify()
+
+    def _store(self, balance: CreditBalance, start: int) -> None:
+        """Under the lock: cache ``balance``, read from ``start``. Every reservation
+        admitted so far is ambiguous about it."""
+        self.cached = balance
+        self.cached_seq = start
+        self.cached_at = _monotonic()
+        self.cache_gen += 1
+        self.excluded = 0
 
     def read_step(self, ttl: float, flight: Flight | None, sync: bool) -> CreditBalance | Step:
         """A balance through the cache, or the read to wait on / perform."""
@@ -330,16 +360,17 @@ class Account:
     # cost c is decided as follows (see docs/consistency.md, "Exact admission"):
     #
     # * c <= B - R: admitted. Safe whatever B includes of the spends in flight.
-    # * c > B - own: refused. Spends in flight can only lower the balance, so the
-    #   account cannot pay for c once they have settled either; ``own`` is what the
-    #   caller's own enclosing spends hold (a guarded call made inside another), which
-    #   cannot settle while the caller waits (0 for most calls).
+    # * otherwise, if B is unambiguous about every spend in flight that may settle
+    #   (each was admitted after B's read came back, so B cannot include its charge),
+    #   B - R is exactly what the account can pay once they settle: refused, with
+    #   that as ``available``. The caller's own enclosing spends (a guarded call made
+    #   inside another) cannot settle while it waits, so they do not count here.
     # * otherwise B may already include charges still counted in R (a read that
-    #   overlapped those spends), so neither answer is known: wait until a spend
-    #   settles (its reservation is released by a read that includes it) and decide
-    #   again, until ``until``; then refuse, saying what is available now.
+    #   overlapped those spends): neither answer is known. Wait until a spend settles
+    #   (its reservation is released by a read that includes it) and decide again,
+    #   until ``until``; then refuse, saying what is available now.
 
-    def try_admit(self, cost: int, ttl: float) -> CreditBalance | None:
+    def try_admit(self, cost: int, ttl: float) -> Reservation | None:
         """Fast path: admit on a fresh cached balance, or ``None`` to go the slow way."""
         with self.lock:
             cached = self.cached
@@ -352,7 +383,8 @@ class Account:
                 return None
             self.reserved += cost
             self.inflight += 1
-            return cached
+            self.excluded += cost
+            return Reservation(cost, cached, self.cache_gen)
 
     def admit_step(
         self,
@@ -361,14 +393,14 @@ class Account:
         flight: Flight | None,
         sync: bool,
         until: float | None,
-        own: int = 0,
-    ) -> CreditBalance | Step:
+        enclosing: tuple[Reservation, ...] = (),
+    ) -> Reservation | Step:
         """Reserve ``cost`` on a trusted balance, or name what to wait for / perform.
 
         ``until`` is how long the caller may wait for spends in flight to settle
-        (monotonic seconds; ``None``: it may not wait); ``own`` the credits reserved by
-        the caller's own enclosing spends. Raises :class:`InsufficientCredits` (nothing
-        reserved) when the account cannot pay.
+        (monotonic seconds; ``None``: it may not wait); ``enclosing`` the reservations
+        of the caller's own enclosing spends. Raises :class:`InsufficientCredits`
+        (nothing reserved) when the account cannot pay.
         """
         with self.lock:
             balance = self._usable(flight, ttl)
@@ -376,33 +408,47 @@ class Account:
                 return self._join_or_lead(self.floor, sync)
             total = balance.total_balance
             reserved = self.reserved
+            cached = balance is self.cached
+            gen = self.cache_gen if cached else -1
             if cost <= total - reserved:
                 self.reserved = reserved + cost
                 self.inflight += 1
-                return balance
-            if cost > total - own:
-                raise InsufficientCredits(cost, total - own, balance, reserved=reserved)
-            if until is not None and _monotonic() < until:
+                if cached:
+                    self.excluded += cost
+                return Reservation(cost, balance, gen)
+            ambiguous = reserved - (self.excluded if cached else 0)
+            for r in enclosing:
+                if not r.released and (r.gen != gen or not cached):
+                    ambiguous -= r.cost
+            if ambiguous > 0 and until is not None and _monotonic() < until:
                 released = self.released
                 if released is None:
                     released = self.released = Released()
                 return released, False, until
             raise InsufficientCredits(cost, max(0, total - reserved), balance, reserved=reserved)
 
-    def reserve_unchecked(self, cost: int) -> None:
+    def reserve_unchecked(self, cost: int) -> Reservation:
         """Fail-open admission: count the call as in flight with no balance to check."""
         with self.lock:
             self.reserved += cost
             self.inflight += 1
+            return Reservation(cost, None, -1)
 
-    def unreserve(self, cost: int) -> None:
+    def unreserve(self, reservation: Reservation) -> None:
         """Give back a reservation whose action never started (nothing was spent)."""
         with self.lock:
-            self.reserved -= cost
-            self.inflight -= 1
+            self._unhold(reservation)
             callbacks = self._wake_released()
         for notify in callbacks:
             notify()
+
+    def _unhold(self, reservation: Reservation) -> None:
+        """Under the lock: stop counting ``reservation`` as in flight."""
+        self.reserved -= reservation.cost
+        self.inflight -= 1
+        if reservation.gen == self.cache_gen:
+            self.excluded -= reservation.cost
+        reservation.released = True
 
     # -- settling ------------------------------------------------------------------
 
@@ -420,7 +466,7 @@ class Account:
         their callers wake (which would count the spend twice in the meantime). Returns
         the callers to wake, if any spend was released."""
         settling = self.settling
-        waiting: list[Settlement] | None = None
+        waiting: list[Reservation] | None = None
         any_released = False
         for settlement in settling:
             if settlement.after <= start:
@@ -436,23 +482,21 @@ class Account:
             self.settling = waiting
         return self._wake_released() if any_released else None
 
-    def _release(self, settlement: Settlement) -> None:
-        self.reserved -= settlement.cost
-        self.inflight -= 1
+    def _release(self, settlement: Reservation) -> None:
+        self._unhold(settlement)
         if settlement.after > self.floor:
             self.floor = settlement.after
-        settlement.released = True
 
-    def begin_settle(self, cost: int, sync: bool) -> tuple[Settlement, Step]:
-        """An action that reserved ``cost`` finished: hold the reservation until a read
-        that started after now comes back, and name the read to wait on/perform."""
+    def begin_settle(self, settlement: Reservation, sync: bool) -> Step:
+        """The action of ``settlement`` finished: hold its reservation until a read that
+        started after now comes back, and name the read to wait on/perform."""
         with self.lock:
             self.seq += 1
-            settlement = Settlement(self.seq, cost)
+            settlement.after = self.seq
             self.settling.append(settlement)
-            return settlement, self._join_or_lead(self.seq, sync)
+            return self._join_or_lead(self.seq, sync)
 
-    def end_settle(self, settlement: Settlement, *, failed: bool = False) -> None:
+    def end_settle(self, settlement: Reservation, *, failed: bool = False) -> None:
         """The caller saw its refresh (or its failure): release if a read has not yet, and
         on failure distrust every older read."""
         if settlement.released and not failed:
@@ -491,11 +535,10 @@ class Account:
                 return self.cached
             return self._join_or_lead(after, sync)
 
-    def release_invalidate(self, cost: int) -> None:
+    def release_invalidate(self, reservation: Reservation) -> None:
         """Drop a reservation whose spend is unknown upstream; distrust every older read."""
         with self.lock:
-            self.reserved -= cost
-            self.inflight -= 1
+            self._unhold(reservation)
             self._invalidate()
             callbacks = self._wake_released()
         for notify in callbacks:
@@ -509,6 +552,8 @@ class Account:
         self.seq += 1
         self.floor = self.seq
         self.cached = None
+        self.cache_gen += 1
+        self.excluded = 0
 
     def snapshot(self) -> tuple[CreditBalance | None, int, int]:
         """(cached balance, credits reserved, calls in flight), for tests and metrics."""

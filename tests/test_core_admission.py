@@ -124,16 +124,38 @@ def test_a_call_the_account_can_pay_waits_for_spends_in_flight_instead_of_being_
     assert reserved(guard) == 0
 
 
-def test_a_call_above_the_balance_is_refused_at_once_with_the_balance_available(
+def test_a_refusal_says_exactly_what_the_account_can_pay(
     fake100: FakeLensmor, in_flight: list[InFlight]
 ) -> None:
+    """The cached 40 may or may not include the 60 in flight: the refusal waits for the
+    spend to settle, then says what is really there (40), not "0 available"."""
     guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
     spend = overlapping(guard, fake100, in_flight)
-    with pytest.raises(InsufficientCredits) as info, guard.spend(50):
-        pytest.fail("must not run")
-    # 50 > 40: spends in flight can only lower the balance, so no wait is needed; the
-    # refusal says what the account holds, not "0 available".
-    assert (info.value.required, info.value.available, info.value.reserved) == (50, 40, 60)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: guard.spend(50).__enter__())
+        while waiting_for_release(guard) == 0:
+            assert not future.done(), future.exception()
+            threading.Event().wait(0.001)
+        spend.finish()
+        with pytest.raises(InsufficientCredits) as info:
+            future.result(10)
+    assert (info.value.required, info.value.available, info.value.reserved) == (50, 40, 0)
+    assert reserved(guard) == 0
+
+
+def test_a_refusal_needs_no_wait_when_the_balance_excludes_every_spend_in_flight(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    """Spends admitted after the cached read came back cannot be in it: B - R is exact,
+    so a call that does not fit is refused at once."""
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    assert guard.balance().total_balance == 100
+    spend = InFlight(guard, fake100, 60)
+    in_flight.append(spend)
+    with pytest.raises(InsufficientCredits) as info:
+        with guard.spend(50):
+            pytest.fail("must not run")
+    assert (info.value.available, info.value.reserved) == (40, 60)
     assert waiting_for_release(guard) == 0
     spend.finish()
 
@@ -307,8 +329,11 @@ async def test_burst_of_excess_demand_spends_every_credit(ttl: float) -> None:
     assert ran == 100
     assert len(refused) == 100
     assert fake.balance.total_balance == 0
-    assert all(exc.available == 0 and exc.balance is not None for exc in refused)
-    assert all(exc.balance.total_balance == 0 for exc in refused if exc.balance)
+    # Each refusal was decided when the balance, less the credits of calls admitted
+    # after it was read (which it cannot include), left less than the cost.
+    for exc in refused:
+        assert exc.balance is not None
+        assert exc.available == max(0, exc.balance.total_balance - exc.reserved) == 0
     assert reserved(guard) == 0
     assert fake.balance_requests < 200  # waiting callers share the reads that settle
 
@@ -337,6 +362,9 @@ def test_steady_threads_spend_every_credit_and_never_refuse_while_credits_remain
             f.result(60)
     assert fake.balance.total_balance == 0
     assert len(refused) == 160 - 100
-    # Every refusal was decided on a balance that could not pay for the call.
-    assert all(exc.balance is not None and exc.balance.total_balance < 10 for exc in refused)
+    # Every refusal was decided on a balance that could not pay for the call once the
+    # calls admitted after it was read had been paid.
+    for exc in refused:
+        assert exc.balance is not None
+        assert exc.available == max(0, exc.balance.total_balance - exc.reserved) < 10
     assert reserved(guard) == 0

@@ -209,6 +209,9 @@ class GuardMachine(RuleBasedStateMachine):
             self.fake.api_key,
             transport=self.gate,
             ttl=TTL,
+            # Calls parked in their blocks settle only when a later rule ends them: a
+            # call cannot wait for them here, so admission decides at once.
+            admission_timeout=0,
             timeout=WAIT,
             retry=RetryPolicy(attempts=2, deadline=WAIT, backoff=0, backoff_max=0),
         )

@@ -1,0 +1,455 @@
+"""Defects of the core, each pinned by a test that fails without its fix.
+
+Deadlocks across event loops, unbounded waits for someone else's read, one exception
+object shared by every caller of a failed read, a reservation leaked by an interrupted
+hook, equivalent base URLs naming different accounts, unvalidated configuration, and the
+API items: strict ``for_key``, ``current_spend()``, cost functions checked against the
+function they guard.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import traceback
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import httpx
+import pytest
+
+from creditguard import (
+    BalanceUnavailable,
+    CreditGuard,
+    CreditGuardError,
+    GuardEvent,
+    InsufficientCredits,
+    MemoryBackend,
+    RetryPolicy,
+    Spend,
+    current_spend,
+)
+from creditguard.testing import FakeLensmor
+
+pytestmark = pytest.mark.anyio
+
+# A retry budget far longer than the liveness bounds below: a waiter that only got out
+# through the budget would still fail these tests.
+LONG_BUDGET = RetryPolicy(attempts=1, deadline=60.0)
+
+
+def run_in_threads(*targets: Callable[[], None], timeout: float = 20.0) -> None:
+    """Run each target in a daemon thread; fail (not hang) if any is still running."""
+    errors: list[BaseException] = []
+
+    def wrap(target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                errors.append(exc)
+
+        return run
+
+    threads = [threading.Thread(target=wrap(t), daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "deadlock: a thread never finished"
+    if errors:
+        raise errors[0]
+
+
+# -- 1. no deadlock across event loops ---------------------------------------------------
+
+
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("asyncio", "asyncio")])
+def test_sync_calls_inside_two_event_loops_do_not_deadlock(backends: tuple[str, str]) -> None:
+    """Each loop has a task leading a read; then sync code in each loop's thread asks
+    for the balance. A thread never waits for a task-led read, so neither blocks on the
+    other's loop."""
+    fake = FakeLensmor(latency=0.2)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET)
+    both_leading = threading.Barrier(2, timeout=10)
+    results: list[int] = []
+
+    def loop_thread(backend: str) -> Callable[[], None]:
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(guard.abalance)  # a task of this loop leads a read
+                await anyio.wait_all_tasks_blocked()
+                await anyio.to_thread.run_sync(both_leading.wait)
+                results.append(guard.balance().total_balance)  # sync, blocking the loop
+
+        return lambda: anyio.run(main, backend=backend)
+
+    run_in_threads(*(loop_thread(b) for b in backends))
+    assert results == [30050, 30050]
+
+
+async def test_a_loop_blocked_on_a_pool_thread_that_needs_the_balance() -> None:
+    """A coroutine blocks its loop on ``pool.submit(sync_guarded).result()`` while a task
+    of that loop leads a read: the pool thread must not wait for that read."""
+    fake = FakeLensmor(latency=0.2)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET)
+
+    @guard.requires_credits(10)
+    def unlock() -> str:
+        return "done"
+
+    with ThreadPoolExecutor(1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(guard.abalance)
+            await anyio.wait_all_tasks_blocked()
+            assert pool.submit(unlock).result(timeout=20) == "done"  # blocks this loop
+
+
+# -- 5. waiting for someone else's read is bounded ----------------------------------------
+
+
+class StuckFirst(httpx.AsyncBaseTransport, httpx.BaseTransport):
+    """The first request never gets an answer (its leader stops making progress); the
+    others are served by the sandbox."""
+
+    def __init__(self, fake: FakeLensmor) -> None:
+        self.fake = fake
+        self.requests = 0
+        self.stuck = threading.Event()
+        self.unstick = threading.Event()
+
+    def _first(self) -> bool:
+        self.requests += 1
+        return self.requests == 1
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._first():
+            self.stuck.set()
+            await anyio.sleep_forever()
+        return await self.fake.transport.handle_async_request(request)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self._first():
+            self.stuck.set()
+            self.unstick.wait(30)
+        return self.fake.transport.handle_request(request)
+
+
+def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever() -> None:
+    fake = FakeLensmor()
+    transport = StuckFirst(fake)
+    guard = CreditGuard(
+        fake.api_key,
+        transport=transport,
+        ttl=60,
+        timeout=0.2,
+        retry=RetryPolicy(attempts=1, deadline=0.2),
+    )
+    # A task left pending by run_until_complete: its loop stops while it leads a read.
+    loop = asyncio.new_event_loop()
+    try:
+        stuck_task = loop.create_task(guard.abalance())
+
+        async def until_stuck() -> None:
+            while not transport.stuck.is_set():
+                await asyncio.sleep(0)
+
+        loop.run_until_complete(until_stuck())
+        assert not stuck_task.done()
+        assert guard._account.flights
+
+        async def join() -> int:
+            with anyio.fail_after(10):  # liveness bound, far above the 0.4 s budget
+                return (await guard.abalance()).total_balance
+
+        assert anyio.run(join) == 30050
+        assert not guard._account.flights  # the stuck read is no longer joined
+    finally:
+        loop.close()
+
+
+def test_a_thread_waiting_on_a_stalled_sync_read_reads_on_its_own() -> None:
+    fake = FakeLensmor()
+    transport = StuckFirst(fake)
+    guard = CreditGuard(
+        fake.api_key,
+        transport=transport,
+        ttl=60,
+        timeout=0.2,
+        retry=RetryPolicy(attempts=1, deadline=0.2),
+    )
+    leader_errors: list[BaseException] = []
+
+    def lead() -> None:
+        try:
+            guard.balance()
+        except BalanceUnavailable as exc:  # its answer came after the read's deadline
+            leader_errors.append(exc)
+
+    leader = threading.Thread(target=lead, daemon=True)
+    leader.start()
+    assert transport.stuck.wait(10)
+    try:
+        run_in_threads(lambda: guard.balance(), timeout=10)
+        assert guard.balance().total_balance == 30050
+    finally:
+        transport.unstick.set()
+        leader.join(10)
+
+
+# -- 3. every caller gets its own exception ------------------------------------------------
+
+
+async def test_every_waiter_of_a_failed_read_gets_its_own_exception() -> None:
+    fake = FakeLensmor(latency=0.05)
+    fake.fail_next(503, times=5)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1))
+    errors: list[BalanceUnavailable] = []
+
+    async def read() -> None:
+        try:
+            await guard.abalance()
+        except BalanceUnavailable as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(300):
+            tg.start_soon(read)
+    assert len(errors) == 300
+    assert len({id(e) for e in errors}) == 300
+    causes = {id(e.__cause__) for e in errors if isinstance(e.__cause__, BalanceUnavailable)}
+    assert len(causes) == 1  # the read's own error, shared as the cause
+    deepest = max(len(traceback.extract_tb(e.__traceback__)) for e in errors)
+    assert deepest < 30, deepest  # not growing with each caller
+    assert all(e.status_code == 503 for e in errors)
+
+
+def test_every_thread_waiting_on_a_failed_read_gets_its_own_exception() -> None:
+    fake = FakeLensmor(latency=0.05)
+    fake.fail_next(503, times=5)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1))
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def read() -> None:
+        try:
+            guard.balance()
+        except BalanceUnavailable as exc:
+            with lock:
+                errors.append(exc)
+
+    with ThreadPoolExecutor(16) as pool:
+        for f in [pool.submit(read) for _ in range(16)]:
+            f.result(20)
+    assert len({id(e) for e in errors}) == len(errors) == 16
+    assert max(len(traceback.extract_tb(e.__traceback__)) for e in errors) < 30
+
+
+# -- 4. an interrupted hook gives the reservation back -------------------------------------
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_in_the_admitted_hook_leaves_no_reservation(
+    interrupt: type[BaseException],
+) -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+
+    def hook(event: GuardEvent) -> None:
+        if event.kind == "admitted" and event.cost == 60:
+            raise interrupt
+
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=hook)
+    ran = []
+    with pytest.raises(interrupt), guard.spend(60):
+        ran.append(60)
+    assert not ran
+    assert guard._account.snapshot()[1:] == (0, 0)
+    with guard.spend(50):  # not "50 required, 40 available"
+        fake.charge(50)
+
+
+async def test_an_interrupt_in_the_unchecked_hook_leaves_no_reservation() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+
+    def hook(event: GuardEvent) -> None:
+        if event.kind == "unchecked":
+            raise KeyboardInterrupt
+
+    guard = CreditGuard(
+        fake.api_key,
+        transport=fake.transport,
+        on_event=hook,
+        on_unavailable="allow",
+        retry=RetryPolicy(attempts=1),
+    )
+    fake.fail_next(503)
+    with pytest.raises(KeyboardInterrupt):
+        async with guard.spend(60):
+            pytest.fail("must not run")
+    assert guard._account.snapshot()[1:] == (0, 0)
+
+
+# -- 7. equivalent base URLs are one account ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://platform.lensmor.com",
+        "https://platform.lensmor.com/",
+        "https://platform.lensmor.com:443",
+        "https://PLATFORM.Lensmor.com:443/",
+        "HTTPS://platform.lensmor.com",
+    ],
+)
+def test_equivalent_base_urls_name_one_account(url: str) -> None:
+    reference = CreditGuard("k", base_url="https://platform.lensmor.com")
+    guard = CreditGuard("k", base_url=url)
+    assert guard.account == reference.account
+    assert guard.base_url == "https://platform.lensmor.com"
+
+
+def test_equivalent_base_urls_share_reservations() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    backend = MemoryBackend()
+    a = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, admission_timeout=0)
+    b = CreditGuard(
+        fake.api_key,
+        base_url="https://PLATFORM.lensmor.com:443/",
+        transport=fake.transport,
+        backend=backend,
+        admission_timeout=0,
+    )
+    with a.spend(80):
+        with pytest.raises(InsufficientCredits), b.spend(80):
+            pytest.fail("both 80-credit calls admitted on 100 credits")
+        fake.charge(80)
+
+
+def test_a_base_url_with_credentials_is_refused_and_never_echoed() -> None:
+    with pytest.raises(CreditGuardError) as info:
+        CreditGuard("k", base_url="https://user:hunter2@platform.lensmor.com")
+    assert "hunter2" not in str(info.value)
+    assert "user" not in str(info.value).replace("user:password", "")
+    with pytest.raises(CreditGuardError):
+        CreditGuard("k", base_url="https://platform.lensmor.com/?key=1")
+
+
+# -- 8. bad configuration is refused at construction ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"timeout": float("nan")},
+        {"timeout": -1},
+        {"timeout": 0},
+        {"timeout": float("inf")},
+        {"timeout": httpx.Timeout(1.0, read=-1.0)},
+        {"timeout": httpx.Timeout(1.0, connect=float("nan"))},
+        {"ttl": 10**400},
+        {"ttl": float("inf")},
+        {"ttl": float("nan")},
+        {"admission_timeout": -1},
+        {"admission_timeout": float("inf")},
+        {"admission_timeout": True},
+    ],
+)
+def test_bad_seconds_are_refused_at_construction(kwargs: dict[str, Any]) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        CreditGuard("k", **kwargs)
+
+
+def test_an_httpx_timeout_with_no_limit_on_a_phase_is_accepted() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport, timeout=httpx.Timeout(None))
+    assert guard.balance().total_balance == 30050
+
+
+# -- issue items: for_key, current_spend, cost functions -------------------------------------
+
+
+def test_for_key_never_falls_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LENSMOR_API_KEY", "operator-key")
+    guard = CreditGuard()
+    for bad in (None, "", " ", "key with space"):
+        with pytest.raises(CreditGuardError):
+            guard.for_key(bad)  # type: ignore[arg-type]
+    assert guard.for_key("tenant").account != guard.account
+
+
+async def test_current_spend_inside_decorated_functions() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    seen: list[Spend | None] = []
+
+    @guard.requires_credits(lambda ids: 15 * len(ids))
+    async def unlock(ids: list[str]) -> None:
+        seen.append(current_spend())
+
+    @guard.requires_credits(10)
+    def search() -> None:
+        seen.append(current_spend())
+
+    assert current_spend() is None
+    await unlock(["a", "b"])
+    await anyio.to_thread.run_sync(search)
+    assert current_spend() is None
+    first, second = seen
+    assert first is not None
+    assert second is not None
+    assert (first.cost, second.cost) == (30, 10)
+    assert first.balance_before is not None
+    assert first.balance_before.total_balance == 30050
+
+
+def test_current_spend_nests_and_stays_in_its_thread() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    other: list[Spend | None] = []
+    with guard.spend(5) as outer:
+        assert current_spend() is outer
+        with guard.spend(3) as inner:
+            assert current_spend() is inner
+            t = threading.Thread(target=lambda: other.append(current_spend()))
+            t.start()
+            t.join()
+        assert current_spend() is outer
+    assert current_spend() is None
+    assert other == [None]
+
+
+def test_a_nested_call_does_not_wait_for_its_own_enclosing_spend() -> None:
+    """A guarded call inside another cannot wait for the outer one to settle (it never
+    will first): decided at once, on what the outer spend leaves."""
+    fake = FakeLensmor(subscription_balance=10, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, admission_timeout=30)
+    with guard.spend(6):
+        with pytest.raises(InsufficientCredits) as info, guard.spend(5):
+            pytest.fail("only 4 credits are not reserved")
+        assert (info.value.available, info.value.reserved) == (4, 6)
+        with guard.spend(4):
+            fake.charge(4)
+        fake.charge(6)
+
+
+def test_a_cost_function_that_cannot_take_the_arguments_fails_at_decoration() -> None:
+    guard = CreditGuard("k")
+    with pytest.raises(TypeError, match="cannot take the arguments of unlock"):
+
+        @guard.requires_credits(lambda ids: 15 * len(ids))  # type: ignore[arg-type]
+        def unlock(ids: list[str], *, dry_run: bool = False) -> None: ...
+
+    with pytest.raises(TypeError, match="cannot take the arguments"):
+
+        @guard.requires_credits(lambda: 1)  # type: ignore[arg-type]
+        async def search(query: str) -> None: ...
+
+    @guard.requires_credits(lambda ids, *, dry_run=False: 0 if dry_run else 15 * len(ids))
+    def unlock_ok(ids: list[str], *, dry_run: bool = False) -> None: ...
+
+    @guard.requires_credits(lambda *args, **kwargs: 1)
+    def anything(a: int, b: str = "") -> None: ...
