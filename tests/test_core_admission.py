@@ -152,9 +152,8 @@ def test_a_refusal_needs_no_wait_when_the_balance_excludes_every_spend_in_flight
     assert guard.balance().total_balance == 100
     spend = InFlight(guard, fake100, 60)
     in_flight.append(spend)
-    with pytest.raises(InsufficientCredits) as info:
-        with guard.spend(50):
-            pytest.fail("must not run")
+    with pytest.raises(InsufficientCredits) as info, guard.spend(50):
+        pytest.fail("must not run")
     assert (info.value.available, info.value.reserved) == (40, 60)
     assert waiting_for_release(guard) == 0
     spend.finish()

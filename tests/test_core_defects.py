@@ -119,6 +119,7 @@ class StuckFirst(httpx.AsyncBaseTransport, httpx.BaseTransport):
         self.fake = fake
         self.requests = 0
         self.stuck = threading.Event()
+        self.stuck_in_loop: asyncio.Event | None = None  # set too, for an asyncio waiter
         self.unstick = threading.Event()
 
     def _first(self) -> bool:
@@ -128,6 +129,8 @@ class StuckFirst(httpx.AsyncBaseTransport, httpx.BaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         if self._first():
             self.stuck.set()
+            if self.stuck_in_loop is not None:
+                self.stuck_in_loop.set()
             await anyio.sleep_forever()
         return await self.fake.transport.handle_async_request(request)
 
@@ -151,13 +154,9 @@ def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever() -> None
     # A task left pending by run_until_complete: its loop stops while it leads a read.
     loop = asyncio.new_event_loop()
     try:
+        transport.stuck_in_loop = asyncio.Event()
         stuck_task = loop.create_task(guard.abalance())
-
-        async def until_stuck() -> None:
-            while not transport.stuck.is_set():
-                await asyncio.sleep(0)
-
-        loop.run_until_complete(until_stuck())
+        loop.run_until_complete(transport.stuck_in_loop.wait())
         assert not stuck_task.done()
         assert guard._account.flights
 
