@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from ._state import MemoryBackend, StateBackend
 
 __version__ = "0.1.0"
+"""The version of the package."""
 
 _EXPORTS = {
     "DEFAULT_BASE_URL": "._guard",

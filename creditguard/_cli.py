@@ -29,6 +29,7 @@ from ._guard import DEFAULT_BASE_URL, CreditGuard, GuardEvent
 from ._models import CreditBalance
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command the pipe ended
+SANDBOX_KEY = "test-key"  # the sandbox's built-in test key (FakeLensmor's default)
 
 
 def _fmt_balance(balance: CreditBalance) -> str:
@@ -170,6 +171,14 @@ def _label(action: str, how: str) -> str:
     return f"{action:<33}{how:>7}"
 
 
+def _shown_key(key: str) -> str:
+    """The sandbox key for the banner: the built-in test key as it is; a key given with
+    ``--api-key`` is not echoed (it may be a real one, typed by habit)."""
+    if key == SANDBOX_KEY:
+        return shlex.quote(key)
+    return "<the key given with --api-key>"
+
+
 def _has_trio() -> bool:
     try:
         import trio  # noqa: F401
@@ -213,8 +222,8 @@ def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
         print(
             f"creditguard sandbox on {url}  (Ctrl-C to stop)\n"
             f"  export LENSMOR_BASE_URL={url}\n"
-            f"  export LENSMOR_API_KEY={shlex.quote(args.api_key)}"
-            "   (the sandbox's test key; it accepts no other)\n"
+            f"  export LENSMOR_API_KEY={_shown_key(args.api_key)}"
+            "   (the one key the sandbox accepts)\n"
             f"  GET  /external/credits/balance       (Authorization: Bearer <key>)\n"
             f"  POST /sandbox/charge?credits=N       (spend credits, subscription first)\n"
             f"  POST /sandbox/fail?fault=F&times=N   (script faults: a 4xx/5xx status or"
@@ -320,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p_sandbox.add_argument(
         "--api-key",
-        default="test-key",
+        default=SANDBOX_KEY,
         metavar="KEY",
         help="the one API key the sandbox accepts (default test-key); 401 for any other",
     )

@@ -37,7 +37,16 @@ from ._errors import (
     InsufficientCredits,
 )
 from ._models import CreditBalance
-from ._state import Account, Flight, MemoryBackend, Reservation, StateBackend, Step, _Waitable
+from ._state import (
+    Account,
+    Flight,
+    MemoryBackend,
+    Reservation,
+    StateBackend,
+    Step,
+    Waiter,
+    _Waitable,
+)
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -59,6 +68,7 @@ _Steps = Generator[Step, _Waitable, T]
 _monotonic = time.monotonic
 
 DEFAULT_BASE_URL = "https://platform.lensmor.com"
+"""The base URL when neither ``base_url`` nor ``LENSMOR_BASE_URL`` is given."""
 logger = logging.getLogger("creditguard")
 
 Cost = int | Callable[..., int]
@@ -341,14 +351,17 @@ class CreditGuard:
 
     @property
     def base_url(self) -> str:
+        """The base URL of the credits service, normalised, without a trailing ``/``."""
         return self._shared.base_url
 
     @property
     def ttl(self) -> float:
+        """Seconds a balance read is trusted for admission."""
         return self._shared.ttl
 
     @property
     def admission_timeout(self) -> float:
+        """Seconds a call may wait at admission for calls in flight to settle."""
         return self._shared.admission_timeout
 
     def __repr__(self) -> str:
@@ -505,6 +518,17 @@ class CreditGuard:
             return until
         return cast(Flight, waitable).started + self._shared.read_budget
 
+    def _gave_up(self, waitable: _Waitable) -> None:
+        """After a wait: if what was waited for did not finish in time (or the wait was
+        cancelled), stop waiting for it: a read that outlived the read budget is joined
+        no more; a waiter leaves the account's list."""
+        if waitable.done:
+            return
+        if isinstance(waitable, Waiter):
+            self._account.forget(waitable)
+        else:
+            self._account.overdue(cast(Flight, waitable))
+
     def _drive(self, steps: _Steps[T]) -> T:
         """Run an operation from sync code: reads through the sync transport, waits on a
         thread event."""
@@ -518,8 +542,7 @@ class CreditGuard:
                         self._read_sync(cast(Flight, waitable))
                     else:
                         waitable.wait(account.lock, self._wait_until(waitable, until))
-                        if until is None and not waitable.done:
-                            account.overdue(cast(Flight, waitable))
+                        self._gave_up(waitable)
                 except BaseException as exc:
                     step = steps.throw(exc)
                 else:
@@ -550,9 +573,12 @@ class CreditGuard:
                         account.complete(flight, result=result)
                         self._log_read(result)
                     else:
-                        await waitable.await_done(account.lock, self._wait_until(waitable, until))
-                        if until is None and not waitable.done:
-                            account.overdue(cast(Flight, waitable))
+                        try:
+                            await waitable.await_done(
+                                account.lock, self._wait_until(waitable, until)
+                            )
+                        finally:
+                            self._gave_up(waitable)
                 except BaseException as exc:
                     step = steps.throw(exc)
                 else:
@@ -694,6 +720,8 @@ class CreditGuard:
             self._shared.aclient.drop()
 
     async def aclose(self) -> None:
+        """Close the HTTP transports, awaiting the running loop's own (a :meth:`for_key`
+        view closes nothing)."""
         if self._owner:
             self._shared.client.close()
             await self._shared.aclient.aclose()

@@ -45,10 +45,10 @@ __all__ = [
     "Account",
     "Flight",
     "MemoryBackend",
-    "Released",
     "Reservation",
     "StateBackend",
     "Step",
+    "Waiter",
 ]
 
 # Balance reads one account may have in progress at once. Two let a caller that needs a
@@ -160,10 +160,17 @@ class Flight(_Waitable):
         self.abandoned = False
 
 
-class Released(_Waitable):
-    """Finished when the account next releases a reservation (a spend settled)."""
+class Waiter(_Waitable):
+    """A call waiting at admission for spends in flight to settle. The account finishes
+    it when its decision may have changed: when ``cost`` now fits, or when no spend it
+    could wait for is ambiguous about the cached balance any more."""
 
-    __slots__ = ()
+    __slots__ = ("cost", "own")
+
+    def __init__(self, cost: int, own: int) -> None:
+        super().__init__()
+        self.cost = cost
+        self.own = own  # ambiguous credits its own enclosing spends hold
 
 
 def own_error(error: BaseException) -> BaseException:
@@ -222,10 +229,10 @@ class Account:
         "floor",
         "inflight",
         "lock",
-        "released",
         "reserved",
         "seq",
         "settling",
+        "waiters",
     )
 
     def __init__(self, fingerprint: str) -> None:
@@ -247,8 +254,8 @@ class Account:
         self.flights: list[Flight] = []
         # Spends waiting for a read that includes them (their credits still reserved).
         self.settling: list[Reservation] = []
-        # What callers waiting for a release wait on (made when the first one waits).
-        self.released: Released | None = None
+        # Calls waiting at admission for spends in flight to settle.
+        self.waiters: list[Waiter] = []
 
     def __repr__(self) -> str:
         return (
@@ -334,6 +341,8 @@ class Account:
             callbacks = flight._finish()
             if released is not None:
                 callbacks += released
+            elif result is not None and self.waiters:
+                callbacks += self._wake_released()  # a new balance: a cost may fit now
         for notify in callbacks:
             notify()
 
@@ -417,15 +426,21 @@ class Account:
                     self.excluded += cost
                 return Reservation(cost, balance, gen)
             ambiguous = reserved - (self.excluded if cached else 0)
+            own = 0
             for r in enclosing:
                 if not r.released and (r.gen != gen or not cached):
-                    ambiguous -= r.cost
-            if ambiguous > 0 and until is not None and _monotonic() < until:
-                released = self.released
-                if released is None:
-                    released = self.released = Released()
-                return released, False, until
+                    own += r.cost
+            if ambiguous > own and until is not None and _monotonic() < until:
+                waiter = Waiter(cost, own)
+                self.waiters.append(waiter)
+                return waiter, False, until
             raise InsufficientCredits(cost, max(0, total - reserved), balance, reserved=reserved)
+
+    def forget(self, waiter: Waiter) -> None:
+        """A waiter gave up (its wait timed out, or it was cancelled): drop it."""
+        with self.lock:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
 
     def reserve_unchecked(self, cost: int) -> Reservation:
         """Fail-open admission: count the call as in flight with no balance to check."""
@@ -453,12 +468,32 @@ class Account:
     # -- settling ------------------------------------------------------------------
 
     def _wake_released(self) -> list[Callable[[], None]]:
-        """Under the lock: a reservation was released; hand back its waiters."""
-        released = self.released
-        if released is None:
+        """Under the lock: reservations or the cached balance changed. Finish the waiters
+        whose decision may have changed (the cost now fits, or nothing they could wait
+        for is ambiguous any more, or there is no trusted balance left to decide on) and
+        hand back what to notify. The others keep waiting: a wake that cannot change a
+        decision would only cost them a look."""
+        waiters = self.waiters
+        if not waiters:
             return []
-        self.released = None
-        return released._finish()
+        cached = self.cached
+        if cached is None or self.cached_seq < self.floor:
+            wake_all, room, ambiguous = True, 0, 0
+        else:
+            room = cached.total_balance - self.reserved
+            ambiguous = self.reserved - self.excluded
+            wake_all = False
+        callbacks: list[Callable[[], None]] = []
+        keep: list[Waiter] = []
+        for waiter in waiters:
+            if waiter.done:
+                continue  # gave up (timed out or cancelled) and looked again
+            if wake_all or waiter.cost <= room or ambiguous <= waiter.own:
+                callbacks += waiter._finish()
+            else:
+                keep.append(waiter)
+        self.waiters = keep
+        return callbacks
 
     def _settle_up_to(self, start: int) -> list[Callable[[], None]] | None:
         """Under the lock: a read that started at ``start`` came back, so every spend that
@@ -564,7 +599,9 @@ class Account:
 class StateBackend(Protocol):
     """Where account state lives. The memory backend keeps it in this process."""
 
-    def account(self, fingerprint: str) -> Account: ...
+    def account(self, fingerprint: str) -> Account:
+        """The state of the account ``fingerprint``, created on first use."""
+        ...
 
 
 class MemoryBackend:
@@ -583,6 +620,7 @@ class MemoryBackend:
         self._lock = threading.Lock()
 
     def account(self, fingerprint: str) -> Account:
+        """The state of the account ``fingerprint``, created on first use."""
         with self._lock:
             account = self._live.get(fingerprint)
             if account is None:

@@ -93,7 +93,31 @@ def test_sandbox_banner_names_the_key_it_accepts(
 ) -> None:
     _, banner = sandbox_process
     assert banner[0].startswith("creditguard sandbox on http://127.0.0.1:"), banner
-    assert any(line.strip().startswith("export LENSMOR_API_KEY=sk-b") for line in banner), banner
+    # A key given with --api-key is not echoed (it may be a real one)...
+    assert any(
+        line.strip().startswith("export LENSMOR_API_KEY=<the key given with --api-key>")
+        for line in banner
+    ), banner
+    assert not any("sk-b" in line for line in banner), banner
+
+
+def test_sandbox_banner_shows_its_built_in_test_key() -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "creditguard", "sandbox", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        banner = [process.stdout.readline()]
+        while banner[-1] and "scripted faults" not in banner[-1]:
+            banner.append(process.stdout.readline())
+    finally:
+        process.kill()
+        process.communicate(timeout=30)
+    # ...the built-in test key is.
+    assert any(line.strip().startswith("export LENSMOR_API_KEY=test-key") for line in banner)
 
 
 def test_sandbox_exits_130_on_ctrl_c(

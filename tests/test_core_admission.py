@@ -30,21 +30,10 @@ def reserved(guard: CreditGuard) -> int:
 
 
 def waiting_for_release(guard: CreditGuard) -> int:
-    """How many tasks wait for a reservation to be released, plus one if any thread
-    has waited for the current release."""
+    """How many calls wait at admission for spends in flight to settle."""
     account = guard._account
     with account.lock:
-        released = account.released
-        if released is None or released._callbacks is None:
-            return 0
-        return len(released._callbacks) + (released._event is not None)
-
-
-def tasks_waiting_for_release(guard: CreditGuard) -> int:
-    account = guard._account
-    with account.lock:
-        released = account.released
-        return 0 if released is None else len(released._callbacks or ())
+        return len(account.waiters)
 
 
 @pytest.fixture
@@ -266,7 +255,7 @@ async def test_cancelling_a_waiter_leaves_no_trace(
                 pytest.fail("must not run")
     assert scope.cancelled_caught
     assert reserved(guard) == 60
-    assert tasks_waiting_for_release(guard) == 0  # nothing left registered
+    assert waiting_for_release(guard) == 0  # nothing left registered
     await anyio.to_thread.run_sync(spend.finish)
     assert reserved(guard) == 0
 

@@ -280,7 +280,7 @@ def test_cli_output_never_shows_the_key(
     monkeypatch.setenv("LENSMOR_BASE_URL", "http://example.com")
     monkeypatch.setenv("LENSMOR_API_KEY", SECRET)
     assert run("balance") == 1
-    assert "allow_insecure_http" in outputs[-1]
+    assert "--allow-insecure-http" in outputs[-1]
     text = "\n".join(outputs)
     for fragment in FRAGMENTS:
         assert fragment not in text, _context(text, fragment)
