@@ -93,6 +93,26 @@ class RetryPolicy:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
 
+_MAX_LIMIT_WAIT = 3600.0  # seconds; a rate-limit reset further away is not believed
+
+
+def rate_limit_wait(headers: httpx.Headers, now: float | None = None) -> float | None:
+    """Seconds until the rate limit resets when an answer says none is left.
+
+    ``X-RateLimit-Remaining: 0`` with ``X-RateLimit-Reset`` (Unix seconds) gives the
+    seconds until then (at least 0, at most an hour); anything else (requests left, no
+    or unparseable headers) gives ``None``. Never raises.
+    """
+    remaining = headers.get("x-ratelimit-remaining")
+    if remaining is None or remaining.strip() != "0":
+        return None
+    reset = headers.get("x-ratelimit-reset", "").strip()
+    if not reset.isascii() or not reset.isdigit() or len(reset) > 12:
+        return None
+    wait = int(reset) - (time.time() if now is None else now)
+    return min(max(0.0, wait), _MAX_LIMIT_WAIT)
+
+
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
     """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date).
 
@@ -415,8 +435,9 @@ class BalanceClient:
                 transport = self._transport
         return transport
 
-    def read(self, request: httpx.Request) -> CreditBalance:
-        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying.
+    def read(self, request: httpx.Request) -> tuple[CreditBalance, float | None]:
+        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying; with
+        it, the seconds until the rate limit resets when the answer says none is left.
 
         One loop, no helper per attempt: a read that succeeds at once makes no call it
         does not need."""
@@ -450,7 +471,8 @@ class BalanceClient:
             except httpx.HTTPError as exc:
                 retry = reader.attempt_error(exc, sent)
             else:
-                return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks), coding)
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return reader.parse(body, coding), rate_limit_wait(response.headers)
             if attempts is None:
                 attempts = _Attempts(reader.policy, deadline)
             wait = attempts.delay(retry)
@@ -624,8 +646,9 @@ class AsyncBalanceClient:
                 del self._keepers[loop]
                 self._transports.pop(loop, None)
 
-    async def read(self, request: httpx.Request) -> CreditBalance:
-        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying.
+    async def read(self, request: httpx.Request) -> tuple[CreditBalance, float | None]:
+        """Read the balance with ``request`` (from :meth:`_Reader.build`), retrying; with
+        it, the seconds until the rate limit resets when the answer says none is left.
 
         One loop, no helper per attempt: a read that succeeds at once makes no call it
         does not need (and no extra await hop)."""
@@ -659,7 +682,8 @@ class AsyncBalanceClient:
             except httpx.HTTPError as exc:
                 retry = reader.attempt_error(exc, sent)
             else:
-                return reader.parse(chunks[0] if len(chunks) == 1 else b"".join(chunks), coding)
+                body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                return reader.parse(body, coding), rate_limit_wait(response.headers)
             if attempts is None:
                 attempts = _Attempts(reader.policy, deadline)
             wait = attempts.delay(retry)

@@ -35,6 +35,7 @@ from ._errors import (
     CreditGuardError,
     InsecureTransportError,
     InsufficientCredits,
+    RateLimited,
 )
 from ._models import CreditBalance
 from ._state import (
@@ -563,15 +564,15 @@ class CreditGuard:
                     if lead:
                         flight = cast(Flight, waitable)
                         try:
-                            result = await self._shared.aclient.read(self._balance_request())
+                            self._check_rate_limit()
+                            result, wait = await self._shared.aclient.read(self._balance_request())
                         except Exception as exc:
-                            account.complete(flight, error=exc)
+                            self._read_failed(flight, exc)
                             raise
                         except BaseException:
                             account.complete(flight)  # abandoned: a waiter leads the next
                             raise
-                        account.complete(flight, result=result)
-                        self._log_read(result)
+                        self._read_done(flight, result, wait)
                     else:
                         try:
                             await waitable.await_done(
@@ -592,17 +593,34 @@ class CreditGuard:
 
     def _read_sync(self, flight: Flight) -> None:
         """Perform the read ``flight`` from this thread and record how it ended."""
-        account = self._account
         try:
-            result = self._shared.client.read(self._balance_request())
+            self._check_rate_limit()
+            result, wait = self._shared.client.read(self._balance_request())
         except Exception as exc:
-            account.complete(flight, error=exc)
+            self._read_failed(flight, exc)
             raise
         except BaseException:
-            account.complete(flight)
+            self._account.complete(flight)
             raise
-        account.complete(flight, result=result)
+        self._read_done(flight, result, wait)
+
+    def _check_rate_limit(self) -> None:
+        """Fail fast, without a request, while the service's rate limit is used up."""
+        left = self._account.blocked()
+        if left is not None:
+            raise RateLimited(
+                f"the credits service's rate limit is used up; retry after {left:.0f}s",
+                retry_after=left,
+            )
+
+    def _read_done(self, flight: Flight, result: CreditBalance, wait: float | None) -> None:
+        if wait is not None:  # the answer used up the rate limit: no more until the reset
+            self._account.block(wait)
+        self._account.complete(flight, result=result)
         self._log_read(result)
+
+    def _read_failed(self, flight: Flight, exc: Exception) -> None:
+        self._account.complete(flight, error=exc)
 
     def _log_read(self, balance: CreditBalance) -> None:
         if logger.isEnabledFor(logging.DEBUG):

@@ -219,6 +219,7 @@ class Account:
 
     __slots__ = (
         "__weakref__",
+        "blocked_until",
         "cache_gen",
         "cached",
         "cached_at",
@@ -256,6 +257,9 @@ class Account:
         self.settling: list[Reservation] = []
         # Calls waiting at admission for spends in flight to settle.
         self.waiters: list[Waiter] = []
+        # No balance request before this (monotonic seconds): the service said the rate
+        # limit is used up (X-RateLimit-Remaining: 0, or a 429's Retry-After).
+        self.blocked_until = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -308,6 +312,18 @@ class Account:
         if joinable:
             return joinable[0], False, None
         return Flight(self.seq, sync), True, None
+
+    def block(self, seconds: float) -> None:
+        """Make no balance request for ``seconds`` (the rate limit is used up)."""
+        with self.lock:
+            until = _monotonic() + seconds
+            if until > self.blocked_until:
+                self.blocked_until = until
+
+    def blocked(self) -> float | None:
+        """Seconds left before a balance request may be made, or ``None``."""
+        left = self.blocked_until - _monotonic()
+        return left if left > 0 else None
 
     def overdue(self, flight: Flight) -> None:
         """A read outlived the guard's read budget without finishing (its leader stopped

@@ -10,7 +10,9 @@ function they guard.
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +30,12 @@ from creditguard import (
     GuardEvent,
     InsufficientCredits,
     MemoryBackend,
+    RateLimited,
     RetryPolicy,
     Spend,
     current_spend,
 )
+from creditguard._client import rate_limit_wait
 from creditguard.testing import FakeLensmor
 
 pytestmark = pytest.mark.anyio
@@ -452,3 +456,83 @@ def test_a_cost_function_that_cannot_take_the_arguments_fails_at_decoration() ->
 
     @guard.requires_credits(lambda *args, **kwargs: 1)
     def anything(a: int, b: str = "") -> None: ...
+
+
+# -- rate limits: X-RateLimit-Remaining / X-RateLimit-Reset ------------------------------
+
+
+def _limited_transport(
+    fake: FakeLensmor, reset_in: float, remaining: str = "0"
+) -> tuple[httpx.MockTransport, list[int]]:
+    """The sandbox's balance, with rate-limit headers saying what is left."""
+    sent: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(1)
+        body = json.dumps(fake.balance.to_api()).encode()
+        return httpx.Response(
+            200,
+            content=body,
+            headers={
+                "content-type": "application/json",
+                "x-ratelimit-limit": "60",
+                "x-ratelimit-remaining": remaining,
+                "x-ratelimit-reset": str(int(time.time() + reset_in)),
+            },
+        )
+
+    return httpx.MockTransport(handler), sent
+
+
+def test_no_balance_request_while_the_rate_limit_is_used_up() -> None:
+    fake = FakeLensmor()
+    transport, sent = _limited_transport(fake, reset_in=120)
+    guard = CreditGuard(fake.api_key, transport=transport, ttl=60)
+    assert guard.balance().total_balance == 30050  # the answer says none are left
+    with guard.spend(10):  # the cache still serves within its TTL
+        fake.charge(10)
+    # ...but the refresh after spending may not call: it fails fast (the action's result
+    # stands, the refresh is reported as failed), and so does the next read.
+    assert len(sent) == 1
+    with pytest.raises(RateLimited) as info:
+        guard.balance()
+    assert info.value.retry_after is not None
+    assert 100 < info.value.retry_after <= 120
+    assert len(sent) == 1
+
+
+async def test_rate_limit_fails_fast_in_async_code_too() -> None:
+    fake = FakeLensmor()
+    transport, sent = _limited_transport(fake, reset_in=60)
+    guard = CreditGuard(fake.api_key, transport=transport, ttl=0)
+    await guard.abalance()
+    with pytest.raises(RateLimited):
+        async with guard.spend(1):
+            pytest.fail("must not run: the balance cannot be read")
+    assert len(sent) == 1
+
+
+def test_requests_left_or_no_headers_never_block() -> None:
+    fake = FakeLensmor()
+    transport, sent = _limited_transport(fake, reset_in=60, remaining="5")
+    guard = CreditGuard(fake.api_key, transport=transport, ttl=0)
+    for _ in range(3):
+        guard.balance()
+    assert len(sent) == 3
+
+
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1030"}, 30.0),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "900"}, 0.0),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "99999999"}, 3600.0),
+        ({"x-ratelimit-remaining": "1", "x-ratelimit-reset": "1030"}, None),
+        ({"x-ratelimit-remaining": "0"}, None),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "soon"}, None),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1e3"}, None),
+        ({}, None),
+    ],
+)
+def test_rate_limit_wait(headers: dict[str, str], expected: float | None) -> None:
+    assert rate_limit_wait(httpx.Headers(headers), now=1000.0) == expected
