@@ -492,6 +492,11 @@ class CreditGuard:
         if exc is not None:
             account.release_invalidate(settlement)
             self._failed(spend, exc)
+            if _refused_for_credits(exc):
+                # Lensmor itself refused the paid call: someone else (the web app shares
+                # the pool) spent what the guard admitted on. One ``except
+                # InsufficientCredits`` covers both refusals; the original is the cause.
+                raise InsufficientCredits(spend.cost, 0) from exc
             return
         step = account.begin_settle(settlement, sync)
         try:
@@ -850,6 +855,11 @@ class Spend:
         self._leave()
         guard = self._guard
         await guard._adrive(guard._exit(self, exc, False))
+
+
+def _refused_for_credits(exc: BaseException) -> bool:
+    """Whether the action failed because Lensmor answered 402 (insufficient credits)."""
+    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 402
 
 
 def _in_event_loop_thread() -> bool:

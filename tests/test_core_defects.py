@@ -536,3 +536,49 @@ def test_requests_left_or_no_headers_never_block() -> None:
 )
 def test_rate_limit_wait(headers: dict[str, str], expected: float | None) -> None:
     assert rate_limit_wait(httpx.Headers(headers), now=1000.0) == expected
+
+
+# -- a 402 from the paid call itself -----------------------------------------------------
+
+
+def test_a_402_from_the_paid_call_is_insufficient_credits_with_the_original_as_cause() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    assert guard.balance().total_balance == 100
+    fake.charge(80)  # the Lensmor web app spends from the same pool: the guard cannot see it
+    client = httpx.Client(transport=fake.transport, base_url="https://sandbox.invalid")
+    auth = {"Authorization": f"Bearer {fake.api_key}"}
+
+    @guard.requires_credits(50)
+    def unlock() -> None:
+        client.post("/sandbox/charge", params={"credits": 50}, headers=auth).raise_for_status()
+
+    with pytest.raises(InsufficientCredits) as info:
+        unlock()
+    assert isinstance(info.value.__cause__, httpx.HTTPStatusError)
+    assert info.value.__cause__.response.status_code == 402
+    assert info.value.required == 50
+    cached, reserved, inflight = guard._account.snapshot()
+    assert (cached, reserved, inflight) == (None, 0, 0)  # the stale balance is dropped
+    with pytest.raises(InsufficientCredits) as again:  # decided on a fresh read now
+        unlock()
+    assert again.value.__cause__ is None
+    assert again.value.available == 20
+
+
+async def test_a_402_in_async_code_and_other_errors_pass_through_unchanged() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    await guard.abalance()
+    fake.charge(80)
+    request = httpx.Request("POST", "https://sandbox.invalid/x")
+    with pytest.raises(InsufficientCredits):
+        async with guard.spend(50):
+            raise httpx.HTTPStatusError(
+                "402", request=request, response=httpx.Response(402, request=request)
+            )
+    with pytest.raises(httpx.HTTPStatusError):  # a 409 is the action's own error
+        async with guard.spend(10):
+            raise httpx.HTTPStatusError(
+                "409", request=request, response=httpx.Response(409, request=request)
+            )
