@@ -1,10 +1,13 @@
 """FakeLensmor: an in-memory stand-in of the Lensmor credits service.
 
 It serves ``GET /external/credits/balance`` exactly as documented (Bearer key, 401 for a
-wrong key, the camelCase JSON body) through an httpx transport (sync and async) and through
-an ASGI app for real HTTP, plus a sandbox-only ``POST /sandbox/charge?credits=N`` so an app
-pointed at the served sandbox can spend. Faults can be scripted for the next requests, in
-process (:meth:`FakeLensmor.fail_next`, ``latency``) or over HTTP by a test in another process:
+wrong key, the camelCase JSON body) and Lensmor's paid endpoints with their published shapes
+and costs (see ``_lensmor.py``) through an httpx transport (sync and async) and through an
+ASGI app for real HTTP, plus a sandbox-only ``POST /sandbox/charge?credits=N`` so an app
+pointed at the served sandbox can spend, and ``POST /sandbox/spend-outside?credits=N`` for
+the web app spending from the same pool. Faults can be scripted for the next balance
+requests, in process (:meth:`FakeLensmor.fail_next`, ``latency``) or over HTTP by a test in
+another process:
 
 * ``POST /sandbox/fail?fault=503&times=2`` (``fault`` is an HTTP error status or one of
   :data:`FAULTS`; ``retry_after=S`` adds a ``Retry-After`` header), ``DELETE /sandbox/fail``
@@ -18,6 +21,7 @@ Every sandbox endpoint takes the same ``Authorization: Bearer <key>`` as the bal
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import re
 import threading
@@ -34,6 +38,8 @@ import httpx
 from .._client import BALANCE_PATH
 from .._errors import InsufficientCredits
 from .._models import CreditBalance
+from ._lensmor import MAX_BODY, _Company, _Contact, _Event, _PaidApi, _Pending
+from ._wire import BALANCE_SHAPES, BalanceShape, Credits, RateLimit, _Answer, _json, api_error
 
 __all__ = ["FAULTS", "FakeLensmor", "parse_fault"]
 
@@ -41,6 +47,7 @@ CHARGE_PATH = "/sandbox/charge"
 FAIL_PATH = "/sandbox/fail"
 LATENCY_PATH = "/sandbox/latency"
 STATS_PATH = "/sandbox/stats"
+SPEND_OUTSIDE_PATH = "/sandbox/spend-outside"
 Fault = Literal["drop", "stall", "truncated", "not-json", "wrong-types"]
 FAULTS: tuple[str, ...] = ("drop", "stall", "truncated", "not-json", "wrong-types")
 """The fault names ``fail_next`` (and ``parse_fault``, ``--fail``) take besides an HTTP
@@ -57,16 +64,6 @@ class _Planned:
     kind: int | str
     times: int
     headers: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass
-class _Answer:
-    """What one request gets: a status, headers and a body, or a fault to act out."""
-
-    status: int
-    body: bytes
-    headers: dict[str, str]
-    fault: str | None = None
 
 
 _REASONS = {
@@ -162,29 +159,53 @@ def _params(query: str, allowed: set[str]) -> dict[str, str]:
     return params
 
 
-def _json(status: int, data: object, headers: dict[str, str] | None = None) -> _Answer:
-    return _Answer(
-        status, json.dumps(data).encode(), {"content-type": "application/json", **(headers or {})}
-    )
+def _ms(value: datetime | int | None) -> int | None:
+    """A time as milliseconds since the epoch (a ``datetime`` or an int of milliseconds)."""
+    if value is None:
+        return None
+    return int(value.timestamp() * 1000) if isinstance(value, datetime) else int(value)
+
+
+def _credits_arg(name: str, value: object) -> int:
+    if type(value) is not int or value < 0:
+        raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    return value
 
 
 class FakeLensmor:
-    """An in-memory credits service for demos and tests.
+    """An in-memory Lensmor for demos and tests: the credits balance and the paid endpoints.
 
-    It starts with ``subscription_balance`` and ``gift_balance`` credits left, of
-    ``subscription_amount`` and ``gift_amount`` granted (by default, the balances), and
-    ``reset_at`` as ``resetAt`` (a ``datetime``, milliseconds since the epoch, or
-    ``None``). It accepts ``api_key`` only (``401`` for any other key). ``latency`` and
-    ``stall_seconds`` are attributes that can be changed later; ``balance_requests`` and
-    ``charges`` count what it served.
+    It starts with ``subscription_balance``, ``addon_balance`` and ``gift_balance`` credits
+    left, of ``subscription_amount``, ``addon_amount`` and ``gift_amount`` granted (by
+    default, the balances), ``reset_at`` as ``resetAt`` and ``addon_expire_at`` as
+    ``addonExpireAt`` (a ``datetime``, milliseconds since the epoch, or ``None``). It accepts
+    ``api_key`` only (``401`` for any other key). ``latency`` and ``stall_seconds`` are
+    attributes that can be changed later; ``balance_requests`` and ``charges`` count what it
+    served.
+
+    The balance is sent in ``balance_shape`` ``"0.22"`` (no add-on keys; the default unless
+    add-on credits are given) or ``"0.24"`` (with ``addonAmount``, ``addonBalance``,
+    ``addonExpireAt``); ``float_numbers=True`` sends its numbers (and those of the paid
+    answers the schemas type ``number``) as JSON floats (``30050.0``). Credits are spent
+    subscription first, then add-on, then gift.
+
+    The paid endpoints (event unlock, contact email unlock and its task, the two exhibitor
+    searches, the action precheck) charge Lensmor's published costs; see
+    :meth:`add_event`, :meth:`add_contact` and :meth:`add_company` for what they find.
+    With ``open_catalogue`` (the default) any event, any digit-string contact id and any
+    company exists; without it only those added do. A contact unlock task completes on its
+    ``task_polls``-th poll. ``rate_limit`` requests per ``rate_limit_window`` seconds are
+    served to the key (``None``: unlimited, and no ``X-RateLimit-*`` headers).
 
     ``transport`` serves both ``httpx.Client`` and ``httpx.AsyncClient``; ``app`` is an
     ASGI app serving the same API over real HTTP (``creditguard sandbox`` runs it under
-    uvicorn). ``latency`` (seconds) delays every answer. ``fail_next`` scripts faults:
-    an HTTP status (``429``, ``500``...) with optional headers such as ``Retry-After``, or
-    one of ``"drop"`` (the connection closes before a body), ``"stall"`` (half a body, then
-    silence), ``"truncated"`` (the connection closes mid-body), ``"not-json"`` and
-    ``"wrong-types"`` (a 200 whose body is not the documented JSON).
+    uvicorn). ``latency`` (seconds) delays every answer; a paid call that charges holds the
+    key's credit operation meanwhile (another one gets ``409 STATE_CONFLICT``).
+    ``fail_next`` scripts faults on the balance: an HTTP status (``429``, ``500``...) with
+    optional headers such as ``Retry-After``, or one of ``"drop"`` (the connection closes
+    before a body), ``"stall"`` (half a body, then silence), ``"truncated"`` (the connection
+    closes mid-body), ``"not-json"`` and ``"wrong-types"`` (a 200 whose body is not the
+    documented JSON).
     """
 
     def __init__(
@@ -198,21 +219,41 @@ class FakeLensmor:
         api_key: str = "test-key",
         latency: float = 0.0,
         stall_seconds: float = 30.0,
+        addon_balance: int = 0,
+        addon_amount: int | None = None,
+        addon_expire_at: datetime | int | None = None,
+        balance_shape: BalanceShape | None = None,
+        float_numbers: bool = False,
+        open_catalogue: bool = True,
+        task_polls: int = 2,
+        rate_limit: int | None = None,
+        rate_limit_window: float = 60.0,
     ) -> None:
-        sub_amount = subscription_balance if subscription_amount is None else subscription_amount
-        gift_amt = gift_balance if gift_amount is None else gift_amount
-        reset_ms = reset_at.timestamp() * 1000 if isinstance(reset_at, datetime) else reset_at
-        self._balance = CreditBalance.from_api(
-            {
-                "totalAmount": sub_amount + gift_amt,
-                "totalBalance": subscription_balance + gift_balance,
-                "subscriptionAmount": sub_amount,
-                "subscriptionBalance": subscription_balance,
-                "giftAmount": gift_amt,
-                "giftBalance": gift_balance,
-                "resetAt": None if reset_ms is None else int(reset_ms),
-            }
+        addon = _credits_arg("addon_balance", addon_balance)
+        addon_amt = addon if addon_amount is None else _credits_arg("addon_amount", addon_amount)
+        has_addon = bool(addon or addon_amt) or addon_expire_at is not None
+        if balance_shape is None:
+            balance_shape = "0.24" if has_addon else "0.22"
+        if balance_shape not in BALANCE_SHAPES:
+            raise ValueError(
+                f"balance_shape must be one of {BALANCE_SHAPES}, got {balance_shape!r}"
+            )
+        if balance_shape == "0.22" and has_addon:
+            raise ValueError("add-on credits need balance_shape='0.24' (0.22 has no add-on keys)")
+        self._credits = Credits(
+            subscription_amount=(
+                subscription_balance if subscription_amount is None else subscription_amount
+            ),
+            subscription=subscription_balance,
+            addon_amount=addon_amt,
+            addon=addon,
+            addon_expire_ms=_ms(addon_expire_at),
+            gift_amount=gift_balance if gift_amount is None else gift_amount,
+            gift=gift_balance,
+            reset_ms=_ms(reset_at),
         )
+        self.balance_shape: BalanceShape = balance_shape
+        self.floats = bool(float_numbers)
         self.api_key = api_key
         self.latency = latency
         self.stall_seconds = stall_seconds
@@ -220,26 +261,146 @@ class FakeLensmor:
         self.charges = 0
         self._plan: collections.deque[_Planned] = collections.deque()
         self._lock = threading.Lock()
+        self._rate_limit = RateLimit(rate_limit, rate_limit_window)
+        self._paid = _PaidApi(self, task_polls=task_polls, open_catalogue=open_catalogue)
         self.transport = _FakeTransport(self)
 
     def __repr__(self) -> str:
-        return f"<FakeLensmor total_balance={self._balance.total_balance}>"
+        return f"<FakeLensmor total_balance={self._credits.total}>"
 
     # -- server-side state ---------------------------------------------------------
+
+    def _balance_now(self) -> CreditBalance:
+        return CreditBalance.from_api(self._credits.body(self.balance_shape, False))
 
     @property
     def balance(self) -> CreditBalance:
         """The current balance, server-side."""
         with self._lock:
-            return self._balance
+            return self._balance_now()
+
+    def _spend(self, n: int) -> CreditBalance:
+        if type(n) is not int:
+            raise TypeError(f"credits must be an int, got {type(n).__name__}")
+        if n < 0:
+            raise ValueError(f"credits must be >= 0, got {n}")
+        if n > self._credits.total:
+            raise InsufficientCredits(n, self._credits.total, self._balance_now())
+        self._credits.spend(n)
+        return self._balance_now()
 
     def charge(self, n: int) -> CreditBalance:
         """Spend ``n`` credits server-side (subscription first); raise
         :class:`~creditguard.InsufficientCredits` when the account cannot pay."""
         with self._lock:
-            self._balance = self._balance.after_spending(n)
+            balance = self._spend(n)
             self.charges += 1
-            return self._balance
+            return balance
+
+    def spend_outside(self, n: int) -> CreditBalance:
+        """Spend ``n`` credits as Lensmor's web app would, from the same pool: the balance
+        falls but no API call saw it (``charges`` is unchanged). Raises
+        :class:`~creditguard.InsufficientCredits` when the account cannot pay."""
+        with self._lock:
+            return self._spend(n)
+
+    def add_event(
+        self,
+        event_id: str,
+        *,
+        name: str | None = None,
+        contacts: bool = True,
+        unlocked: bool = False,
+    ) -> None:
+        """Declare an event for ``POST /external/events/{id}/unlock`` (and the precheck):
+        ``contacts=False`` has nothing to unlock (400), ``unlocked=True`` is free to unlock
+        again. Without :attr:`open_catalogue`, undeclared events are not found (404)."""
+        if not isinstance(event_id, str) or not 1 <= len(event_id) <= 100:
+            raise ValueError("event_id must be a string of 1 to 100 characters")
+        with self._lock:
+            self._paid.events[event_id] = _Event(
+                event_id, f"Sandbox event {event_id}" if name is None else name, contacts, unlocked
+            )
+
+    def add_contact(
+        self, personnel_id: str, *, email: str | None = "", unlocked: bool = False
+    ) -> None:
+        """Declare a contact for ``POST /external/contacts/unlock``: a digit string, as
+        Lensmor's personnel ids. ``email`` is what its unlock delivers (by default
+        ``contact-<id>@example.test``; ``None``: the unlock item fails with
+        ``EMAIL_NOT_FOUND``); ``unlocked=True`` is already unlocked, so free."""
+        if not isinstance(personnel_id, str) or not personnel_id.isascii():
+            raise ValueError("personnel_id must be a string of ASCII digits")
+        if not personnel_id.isdigit():
+            raise ValueError("personnel_id must be a string of ASCII digits")
+        address = f"contact-{personnel_id}@example.test" if email == "" else email
+        with self._lock:
+            self._paid.contacts[personnel_id] = _Contact(
+                personnel_id, address, "unlocked" if unlocked else "locked"
+            )
+
+    def add_company(self, company_name: str, *, events: int = 1, exhibitors: int = 1) -> None:
+        """Declare what the exhibitor searches find for ``company_name`` (matched without
+        regard to case): ``events`` events, ``exhibitors`` exhibitors; 0 is an empty,
+        free result. Without :attr:`open_catalogue`, undeclared names find nothing."""
+        events = _credits_arg("events", events)
+        exhibitors = _credits_arg("exhibitors", exhibitors)
+        with self._lock:
+            key = company_name.strip().casefold()
+            self._paid.companies[key] = _Company(company_name.strip(), events, exhibitors)
+
+    @property
+    def open_catalogue(self) -> bool:
+        """Whether undeclared events, contacts and companies exist (see the class)."""
+        return self._paid.open_catalogue
+
+    @open_catalogue.setter
+    def open_catalogue(self, value: bool) -> None:
+        self._paid.open_catalogue = bool(value)
+
+    @property
+    def unlocked_events(self) -> frozenset[str]:
+        """The ids of the events unlocked so far."""
+        with self._lock:
+            return frozenset(e.event_id for e in self._paid.events.values() if e.unlocked)
+
+    @property
+    def unlocked_contacts(self) -> dict[str, str | None]:
+        """The contacts whose email unlock completed, with the email delivered."""
+        with self._lock:
+            return {
+                c.personnel_id: c.email
+                for c in self._paid.contacts.values()
+                if c.state == "unlocked"
+            }
+
+    @contextlib.contextmanager
+    def hold_paid_calls(self) -> Iterator[None]:
+        """Inside the block, paid calls that charge start (they hold the key's credit
+        operation, so another one gets ``409``) and wait; leaving the block lets them
+        finish. With :meth:`wait_for_paid_call`, a test makes two calls overlap without
+        relying on timing."""
+        gate = threading.Event()
+        with self._lock:
+            self._paid.gate = gate
+        try:
+            yield
+        finally:
+            with self._lock:
+                if self._paid.gate is gate:
+                    self._paid.gate = None
+            gate.set()
+
+    def wait_for_paid_call(self, timeout: float = 5.0) -> bool:
+        """Wait until a paid call holds the key's credit operation; ``False`` on timeout."""
+        with self._lock:
+            return self._paid.started.wait_for(lambda: self._paid.busy is not None, timeout)
+
+    @property
+    def paid_call_in_progress(self) -> bool:
+        """Whether a paid call holds the key's credit operation right now."""
+        with self._lock:
+            return self._paid.busy is not None
 
     def fail_next(
         self,
@@ -272,9 +433,27 @@ class FakeLensmor:
 
     # -- request handling (shared by the transport and the ASGI app) -----------------
 
-    def _answer(self, method: str, path: str, query: str, authorization: str | None) -> _Answer:
-        if path == CHARGE_PATH:
-            return self._charge_answer(method, query, authorization)
+    def _authorized(self, authorization: str | None, *, strict: bool = True) -> bool:
+        """The key, as ``Bearer <key>`` (the scheme in any case unless ``strict``)."""
+        if authorization is None:
+            return False
+        if strict:
+            return authorization == f"Bearer {self.api_key}"
+        scheme, _, key = authorization.partition(" ")
+        return scheme.lower() == "bearer" and key == self.api_key
+
+    @staticmethod
+    def _serves_paid(path: str) -> bool:
+        return path.startswith("/external/") and path != BALANCE_PATH
+
+    def _answer(
+        self, method: str, path: str, query: str, authorization: str | None, body: bytes = b""
+    ) -> _Answer | _Pending:
+        if self._serves_paid(path):
+            with self._lock:
+                return self._paid.answer(method, path, authorization, body)
+        if path in (CHARGE_PATH, SPEND_OUTSIDE_PATH):
+            return self._charge_answer(method, path, query, authorization)
         if path in (FAIL_PATH, LATENCY_PATH, STATS_PATH):
             if authorization != f"Bearer {self.api_key}":
                 return _json(401, {"message": "Unauthorized"})
@@ -290,14 +469,23 @@ class FakeLensmor:
                 planned.times -= 1
                 if planned.times == 0:
                     self._plan.popleft()
-            balance = self._balance
+            data = self._credits.body(self.balance_shape, self.floats)
         if planned is not None:
-            return self._fault(planned, balance)
+            return self._fault(planned, data)
         if authorization != f"Bearer {self.api_key}":
             return _json(401, {"message": "Unauthorized"})
-        return _json(200, balance.to_api())
+        allowed, headers = self._rate_limit.take()
+        if not allowed:
+            with self._lock:
+                trace = self._paid.trace_id()
+            return api_error(
+                429, "RATE_LIMIT_EXCEEDED", "Rate limit exceeded", trace, headers=headers
+            )
+        return _json(200, data, headers)
 
-    def _charge_answer(self, method: str, query: str, authorization: str | None) -> _Answer:
+    def _charge_answer(
+        self, method: str, path: str, query: str, authorization: str | None
+    ) -> _Answer:
         if method != "POST":
             return _json(405, {"message": "Method Not Allowed"}, {"allow": "POST"})
         if authorization != f"Bearer {self.api_key}":
@@ -307,11 +495,13 @@ class FakeLensmor:
             credits = _count(params.get("credits", ""), "credits")
         except ValueError as exc:
             return _json(400, {"message": str(exc)})
+        spend = self.charge if path == CHARGE_PATH else self.spend_outside
         try:
-            balance = self.charge(credits)
+            spend(credits)
         except InsufficientCredits as exc:
             return _json(402, {"message": str(exc)})
-        return _json(200, balance.to_api())
+        with self._lock:
+            return _json(200, self._credits.body(self.balance_shape, self.floats))
 
     def _control_answer(self, method: str, path: str, query: str) -> _Answer:
         """The sandbox's own control endpoints (faults, latency, counters)."""
@@ -350,15 +540,15 @@ class FakeLensmor:
         return _json(200, stats)
 
     @staticmethod
-    def _fault(planned: _Planned, balance: CreditBalance) -> _Answer:
+    def _fault(planned: _Planned, data: dict[str, Any]) -> _Answer:
         if isinstance(planned.kind, int):
             reason = _REASONS.get(planned.kind, "Error")
             return _json(planned.kind, {"message": reason}, planned.headers)
-        body = json.dumps(balance.to_api()).encode()
+        body = json.dumps(data).encode()
         if planned.kind == "not-json":
             body = b"<html><body>502 Bad Gateway</body></html>"
         elif planned.kind == "wrong-types":
-            data: dict[str, Any] = balance.to_api()
+            data = dict(data)
             data["totalBalance"] = str(data["totalBalance"])
             data["giftBalance"] = None
             body = json.dumps(data).encode()
@@ -382,14 +572,30 @@ class FakeLensmor:
             return
         headers = dict(scope.get("headers") or [])
         auth = headers.get(b"authorization")
-        answer = self._answer(
+        path = scope["path"]
+        body = b""
+        if self._serves_paid(path):
+            read = await _read_body(receive)
+            if read is None:
+                return
+            body = read
+        result = self._answer(
             scope["method"],
-            scope["path"],
+            path,
             scope.get("query_string", b"").decode("latin-1"),
             None if auth is None else auth.decode("latin-1"),
+            body,
         )
-        if self.latency:
-            await anyio.sleep(self.latency)
+        if isinstance(result, _Pending):
+            try:
+                await result.await_()
+                answer = result.finish()
+            finally:
+                result.close()
+        else:
+            answer = result
+            if self.latency:
+                await anyio.sleep(self.latency)
         body = answer.body
         length = len(body)
         raw_headers = [(k.encode(), v.encode()) for k, v in answer.headers.items()]
@@ -410,6 +616,23 @@ class FakeLensmor:
         await send({"type": "http.response.body", "body": body})
 
 
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request's body (at most ``MAX_BODY`` bytes and one more, so the endpoint can
+    refuse it); ``None`` when the client went away first."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        if size <= MAX_BODY:
+            chunks.append(chunk[: MAX_BODY + 1 - size])
+            size += len(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 class _Dropped(Exception):
     """Raised inside the ASGI app so the server closes the connection (a scripted fault)."""
 
@@ -420,13 +643,17 @@ class _FakeTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     def __init__(self, fake: FakeLensmor) -> None:
         self._fake = fake
 
-    def _answer(self, request: httpx.Request) -> _Answer:
-        answer = self._fake._answer(
+    def _result(self, request: httpx.Request, body: bytes) -> _Answer | _Pending:
+        return self._fake._answer(
             request.method,
             request.url.path,
             request.url.query.decode("latin-1"),
             request.headers.get("authorization"),
+            body,
         )
+
+    @staticmethod
+    def _checked(answer: _Answer, request: httpx.Request) -> _Answer:
         if answer.fault == "drop":
             raise httpx.RemoteProtocolError(
                 "Server disconnected without sending a response.", request=request
@@ -434,17 +661,39 @@ class _FakeTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return answer
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self._fake.latency:
-            time.sleep(self._fake.latency)
-        answer = self._answer(request)
+        if self._fake._serves_paid(request.url.path):
+            result = self._result(request, request.read())
+        else:
+            if self._fake.latency:
+                time.sleep(self._fake.latency)
+            result = self._result(request, b"")
+        if isinstance(result, _Pending):
+            pending = result
+            try:
+                pending.wait()
+                result = pending.finish()
+            finally:
+                pending.close()
+        answer = self._checked(result, request)
         return httpx.Response(
             answer.status, headers=answer.headers, stream=_SyncBody(answer, request)
         )
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._fake.latency:
-            await anyio.sleep(self._fake.latency)
-        answer = self._answer(request)
+        if self._fake._serves_paid(request.url.path):
+            result = self._result(request, await request.aread())
+        else:
+            if self._fake.latency:
+                await anyio.sleep(self._fake.latency)
+            result = self._result(request, b"")
+        if isinstance(result, _Pending):
+            pending = result
+            try:
+                await pending.await_()
+                result = pending.finish()
+            finally:
+                pending.close()
+        answer = self._checked(result, request)
         return httpx.Response(
             answer.status, headers=answer.headers, stream=_AsyncBody(answer, request)
         )
