@@ -199,12 +199,19 @@ def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
         raise CreditGuardError(
             "the sandbox server needs uvicorn: pip install 'creditguard[sandbox]'"
         ) from None
+    if args.addon and args.balance_shape == "0.22":
+        raise CreditGuardError("--addon needs --balance-shape 0.24 (0.22 has no add-on keys)")
     fake = FakeLensmor(
         subscription_balance=args.subscription,
         gift_balance=args.gift,
         api_key=args.api_key,
         latency=args.latency,
         stall_seconds=args.stall_seconds,
+        addon_balance=args.addon,
+        balance_shape=args.balance_shape,
+        float_numbers=args.float_numbers,
+        task_polls=args.task_polls,
+        rate_limit=args.rate_limit,
     )
     retry_after = None if args.retry_after is None else {"Retry-After": args.retry_after}
     for fault, times in args.fail:
@@ -230,6 +237,18 @@ def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
             f" {', '.join(FAULTS)}; &retry_after=S)\n"
             f"  POST /sandbox/latency?seconds=S      (delay every answer)\n"
             f"  GET  /sandbox/stats                  (requests served, faults pending)\n"
+            f"  POST /sandbox/spend-outside?credits=N (the web app spending from the pool)\n"
+            "  Lensmor's paid endpoints, at their published costs:\n"
+            "    POST /external/events/{id}/unlock                (2000; free when unlocked)\n"
+            "    POST /external/contacts/unlock                   (15 per contact)\n"
+            "    GET  /external/contacts/unlock-tasks/{taskId}"
+            f"    (completed on poll {args.task_polls})\n"
+            "    POST /external/exhibitors/search-events          (50; free when empty)\n"
+            "    POST /external/exhibitors/search-by-company-name (50; free when empty)\n"
+            "    POST /external/actions/precheck                  (free)\n"
+            f"  balance shape {fake.balance_shape}"
+            f"{', float numbers' if args.float_numbers else ''};"
+            f" rate limit {f'{args.rate_limit}/min' if args.rate_limit else 'none'}\n"
             f"  latency {args.latency:g}s; scripted faults: {scripted or 'none'}",
             file=out,
             flush=True,
@@ -263,6 +282,15 @@ def _non_negative(text: str) -> int:
 
     try:
         return _count(text, "the value")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive(text: str) -> int:
+    from .testing._fake import _count
+
+    try:
+        return _count(text, "the value", least=1)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -363,6 +391,40 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         metavar="S",
         help="how long a 'stall' fault holds the half-sent body (default 30)",
+    )
+    p_sandbox.add_argument(
+        "--addon",
+        type=_non_negative,
+        default=0,
+        metavar="N",
+        help="add-on credits to start with (default 0; needs the 0.24 balance shape)",
+    )
+    p_sandbox.add_argument(
+        "--balance-shape",
+        choices=("0.22", "0.24"),
+        default=None,
+        help="the balance JSON: 0.22 (no add-on keys; the default without --addon) or 0.24"
+        " (with addonAmount, addonBalance, addonExpireAt)",
+    )
+    p_sandbox.add_argument(
+        "--float-numbers",
+        action="store_true",
+        help="send the balance's numbers as JSON floats (30050.0), as the schema allows",
+    )
+    p_sandbox.add_argument(
+        "--task-polls",
+        type=_positive,
+        default=2,
+        metavar="N",
+        help="a contact unlock task completes on its Nth poll (default 2)",
+    )
+    p_sandbox.add_argument(
+        "--rate-limit",
+        type=_positive,
+        default=None,
+        metavar="N",
+        help="requests per minute served to the key, with X-RateLimit-* headers and 429"
+        " beyond (default: unlimited, no headers)",
     )
     p_sandbox.set_defaults(run=_cmd_sandbox)
     return parser

@@ -278,6 +278,10 @@ def test_sandbox_command_serves_scripted_faults(sandbox_command: tuple[str, list
         ["--fail", "503:0"],
         ["--latency", "-1"],
         ["--stall-seconds", "nan"],
+        ["--task-polls", "0"],
+        ["--rate-limit", "-1"],
+        ["--balance-shape", "0.23"],
+        ["--addon", "1.5"],
     ],
 )
 def test_sandbox_command_rejects_bad_flags(argv: list[str]) -> None:
@@ -289,3 +293,73 @@ def test_sandbox_command_rejects_bad_flags(argv: list[str]) -> None:
     )
     assert done.returncode == 2
     assert "error: argument" in done.stderr
+
+
+def test_sandbox_command_serves_the_paid_endpoints_and_balance_options() -> None:
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            *("-m", "creditguard", "sandbox", "--port", "0", "--addon", "100"),
+            *("--float-numbers", "--rate-limit", "50", "--task-polls", "1"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert process.stdout is not None
+    banner = [process.stdout.readline()]
+    while banner[-1] and "scripted faults" not in banner[-1]:
+        banner.append(process.stdout.readline())
+    try:
+        url = banner[0].split()[3]
+        text = "".join(banner)
+        assert "POST /external/events/{id}/unlock" in text
+        assert "completed on poll 1" in text
+        assert "balance shape 0.24, float numbers; rate limit 50/min" in text
+        with httpx.Client(base_url=url, headers={"Authorization": "Bearer test-key"}) as http:
+            balance = http.get("/external/credits/balance")
+            assert balance.json()["addonBalance"] == 100.0
+            assert balance.json()["totalBalance"] == 30150.0
+            assert "30150.0" in balance.text
+            assert balance.headers["x-ratelimit-limit"] == "50"
+            submitted = http.post("/external/contacts/unlock", json={"personnel_ids": ["7"]})
+            assert submitted.status_code == 201
+            task = http.get(f"/external/contacts/unlock-tasks/{submitted.json()['task_id']}")
+            assert task.json()["taskStatus"] == "completed"
+            unlocked = http.post("/external/events/26855/unlock")
+            assert unlocked.status_code == 201
+            assert unlocked.json()["creditsUsed"] == 2000.0
+            assert http.get("/external/credits/balance").json()["totalBalance"] == 30150 - 2015
+    finally:
+        process.terminate()
+        process.communicate(timeout=10)
+
+
+def test_sandbox_command_refuses_add_ons_in_the_022_shape() -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            *("-m", "creditguard", "sandbox", "--port", "0"),
+            *("--addon", "5", "--balance-shape", "0.22"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 1
+    assert "--addon needs --balance-shape 0.24" in done.stderr
+
+
+def test_spend_outside_over_http(sandbox: Sandbox) -> None:
+    fake = sandbox.fake
+    with httpx.Client(base_url=sandbox.url, headers=_auth(fake)) as http:
+        response = http.post("/sandbox/spend-outside", params={"credits": "40"})
+        assert response.status_code == 200
+        assert response.json()["totalBalance"] == 1010
+        assert http.post("/sandbox/spend-outside", params={"credits": "2000"}).status_code == 402
+        assert http.post("/sandbox/spend-outside", params={"credits": "x"}).status_code == 400
+        assert http.get("/sandbox/spend-outside", params={"credits": "1"}).status_code == 405
+    assert httpx.post(f"{sandbox.url}/sandbox/spend-outside?credits=1").status_code == 401
+    assert (fake.balance.total_balance, fake.charges) == (1010, 0)
+    with sandbox.guard(retry=ONE_TRY) as guard:
+        assert guard.balance().total_balance == 1010
