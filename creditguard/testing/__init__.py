@@ -1,4 +1,5 @@
-"""Test helpers for code that uses creditguard: an offline sandbox of the credits service.
+"""Test helpers for code that uses creditguard: an offline sandbox of Lensmor (the credits
+balance and the paid endpoints, at their published costs).
 
 ``FakeLensmor`` is also available as the ``fake_lensmor`` pytest fixture (installed with
 creditguard as a pytest plugin). Names load on first use.
