@@ -99,7 +99,8 @@ _PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
 _METHOD = re.compile(r"[A-Z]+")
 
 
-def _compile(path: str) -> re.Pattern[str]:
+def _source(path: str) -> str:
+    """The regular expression of a templated path (no capturing groups)."""
     parts: list[str] = []
     last = 0
     for match in _PARAM.finditer(path):
@@ -107,7 +108,7 @@ def _compile(path: str) -> re.Pattern[str]:
         parts.append(".+" if match[2] else "[^/]+")
         last = match.end()
     parts.append(re.escape(path[last:]))
-    return re.compile("".join(parts))
+    return "".join(parts)
 
 
 class Routes:
@@ -117,23 +118,35 @@ class Routes:
     path segment, ``{name:path}`` the rest of the path. Without a method, a pattern
     matches every method. Literal patterns win over templated ones; templated ones are
     tried in the mapping's order. A request no pattern matches is free.
+
+    Everything is compiled once: literal patterns are a dict lookup by path, then method;
+    the templated patterns a method can match are one regular expression (an alternation
+    in the mapping's order, so the first pattern that matches wins).
     """
 
-    __slots__ = ("_any", "_exact", "_templates")
+    __slots__ = ("_exact", "_matchers", "_other")
 
     def __init__(self, costs: Mapping[str, int]) -> None:
-        self._exact: dict[tuple[str | None, str], int] = {}
-        self._templates: list[tuple[str | None, re.Pattern[str], int]] = []
+        # path -> {method or None: cost}
+        self._exact: dict[str, dict[str | None, int]] = {}
+        templates: list[tuple[str | None, str, int]] = []
         for pattern, cost in costs.items():
             if not isinstance(pattern, str):
                 raise TypeError(f"a route pattern must be a str, got {type(pattern).__name__}")
             method, path = self._split(pattern)
             amount = check_cost(cost)
             if _PARAM.search(path):
-                self._templates.append((method, _compile(path), amount))
+                templates.append((method, _source(path), amount))
             else:
-                self._exact[method, path] = amount
-        self._any = any(method is None for method, _ in self._exact)
+                self._exact.setdefault(path, {}).setdefault(method, amount)
+        # method -> (alternation of the templates it can match, their costs in order); the
+        # methods no template names share ``_other`` (the method-less templates).
+        self._matchers: dict[str, _Matcher | None] = {}
+        for method in {m for m, _, _ in templates if m is not None}:
+            self._matchers[method] = _matcher(
+                [(src, amount) for m, src, amount in templates if m is None or m == method]
+            )
+        self._other = _matcher([(src, amount) for m, src, amount in templates if m is None])
 
     @staticmethod
     def _split(pattern: str) -> tuple[str | None, str]:
@@ -149,22 +162,35 @@ class Routes:
 
     def cost(self, method: str, path: str) -> int | None:
         """The cost of ``method path``, or ``None`` when no pattern matches (free)."""
-        exact = self._exact
-        if exact:
-            found = exact.get((method, path))
+        by_method = self._exact.get(path)
+        if by_method is not None:
+            found = by_method.get(method)
+            if found is None:
+                found = by_method.get(None)
             if found is not None:
                 return found
-            if self._any:
-                found = exact.get((None, path))
-                if found is not None:
-                    return found
-        for want, regex, amount in self._templates:
-            if (want is None or want == method) and regex.fullmatch(path):
-                return amount
+        matcher = self._matchers.get(method, self._other)
+        if matcher is not None:
+            match = matcher[0](path)
+            if match is not None:
+                return matcher[1][match.lastindex or 0]
         return None
 
     def __bool__(self) -> bool:
-        return bool(self._exact or self._templates)
+        return bool(self._exact or self._matchers or self._other)
+
+
+# A compiled alternation's ``fullmatch`` and the cost of each of its groups (by index).
+_Matcher = tuple[Callable[[str], "re.Match[str] | None"], tuple[int, ...]]
+
+
+def _matcher(templates: list[tuple[str, int]]) -> _Matcher | None:
+    """One ``fullmatch`` for several templates: ``(a)|(b)|...``; the group that matched
+    (``lastindex``) tells which, the first in order winning."""
+    if not templates:
+        return None
+    regex = re.compile("|".join(f"({src})" for src, _ in templates))
+    return regex.fullmatch, (0, *(amount for _, amount in templates))
 
 
 # -- costs and guards of a request ---------------------------------------------------------
@@ -210,7 +236,7 @@ async def aresolve_guard(guard: GuardSpec, request: object) -> CreditGuard:
     if isinstance(guard, CreditGuard):
         return guard
     found = guard(request)
-    if inspect.isawaitable(found):
+    if not isinstance(found, CreditGuard) and inspect.isawaitable(found):
         found = await found
     if not isinstance(found, CreditGuard):
         raise TypeError(f"the guard callable must return a CreditGuard, got {type(found).__name__}")
@@ -235,7 +261,7 @@ def check_hook(name: str, hook: object) -> None:
 async def acall_cost(func: Callable[[Any], Any], request: object) -> int:
     """Call a sync or async cost callable and validate what it returns."""
     value = func(request)
-    if inspect.isawaitable(value):
+    if type(value) is not int and inspect.isawaitable(value):
         value = await value
     return check_cost(value)
 

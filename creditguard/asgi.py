@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from ._errors import CreditGuardError
-from ._guard import Spend
+from ._guard import CreditGuard, Spend
 from ._web import (
     ActionFailed,
     CostOf,
@@ -96,24 +96,24 @@ class CreditGuardMiddleware:
         self._on_error = on_error
         self._charge_when = charge_when or charged
 
-    async def _amount(self, scope: Scope) -> int | None:
-        cost = self._cost
-        if cost.routes is not None:
-            return cost.routes.cost(scope["method"], scope["path"])
-        if cost.func is not None:
-            return await acall_cost(cost.func, scope)
-        return None
-
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        amount = await self._amount(scope)
+        cost = self._cost
+        if cost.routes is not None:
+            amount = cost.routes.cost(scope["method"], scope["path"])
+        elif cost.func is not None:
+            amount = await acall_cost(cost.func, scope)
+        else:
+            amount = None
         if not amount:
             await self.app(scope, receive, send)
             return
         try:
-            guard = await aresolve_guard(self._guard, scope)
+            guard = self._guard
+            if not isinstance(guard, CreditGuard):
+                guard = await aresolve_guard(guard, scope)
             spend = guard.spend(amount)
             await spend.__aenter__()
         except CreditGuardError as exc:
@@ -123,7 +123,17 @@ class CreditGuardMiddleware:
         if state is None:
             state = scope["state"] = {}
         state[SPEND_KEY] = spend
-        await _run(self.app, scope, receive, send, spend, self._charge_when)
+        response = _Response(spend, self._charge_when, send)
+        try:
+            await self.app(scope, receive, response.send)
+        except BaseException:
+            if not response.settled:
+                response.settled = True
+                await spend.__aexit__(*sys.exc_info())
+            raise
+        if not response.settled:
+            response.settled = True
+            await spend.__aexit__(ActionFailed, ActionFailed(0), None)
 
     async def _refuse(
         self, scope: Scope, receive: Receive, send: Send, exc: CreditGuardError
@@ -141,60 +151,42 @@ class CreditGuardMiddleware:
         await send_problem(problem, send)
 
 
-async def _run(
-    app: ASGIApp,
-    scope: Scope,
-    receive: Receive,
-    send: Send,
-    spend: Spend,
-    charge_when: Callable[[int], bool],
-) -> None:
-    """Run the app; exit ``spend`` right after the response's final message is sent (or
-    with the app's exception)."""
-    status = 0
-    trailers = False
-    settled = False
+class _Response:
+    """Watches the response's messages: the spend is exited right after the final one is
+    sent (charged or failed by its status)."""
 
-    async def settle() -> None:
-        nonlocal settled
-        settled = True
-        if charge_when(status):
-            await spend.__aexit__(None, None, None)
-        else:
-            failed = ActionFailed(status)
-            await spend.__aexit__(ActionFailed, failed, None)
+    __slots__ = ("_charge_when", "_send", "settled", "spend", "status", "trailers")
 
-    async def guarded_send(message: Message) -> None:
-        nonlocal status, trailers
+    def __init__(self, spend: Spend, charge_when: Callable[[int], bool], send: Send) -> None:
+        self.spend = spend
+        self._charge_when = charge_when
+        self._send = send
+        self.status = 0
+        self.trailers = False
+        self.settled = False
+
+    async def send(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.start":
-            status = message["status"]
-            trailers = bool(message.get("trailers", False))
-            await send(message)
+            self.status = message["status"]
+            self.trailers = bool(message.get("trailers", False))
+            await self._send(message)
             return
-        await send(message)
-        if settled:
+        await self._send(message)
+        if self.settled:
             return
         if kind == "http.response.body":
-            final = not message.get("more_body", False) and not trailers
+            final = not message.get("more_body", False) and not self.trailers
         elif kind == "http.response.trailers":
             final = not message.get("more_trailers", False)
         else:  # http.response.pathsend / zerocopysend
-            final = kind in ("http.response.pathsend",) or (
+            final = kind == "http.response.pathsend" or (
                 kind == "http.response.zerocopysend" and not message.get("more_body", False)
             )
         if final:
-            await settle()
-
-    try:
-        await app(scope, receive, guarded_send)
-    except BaseException:
-        if not settled:
-            settled = True
-            exc_type, exc, tb = sys.exc_info()
-            await spend.__aexit__(exc_type, exc, tb)
-        raise
-    if not settled:
-        settled = True
-        failed = ActionFailed(0)
-        await spend.__aexit__(ActionFailed, failed, None)
+            self.settled = True
+            status = self.status
+            if self._charge_when(status):
+                await self.spend.__aexit__(None, None, None)
+            else:
+                await self.spend.__aexit__(ActionFailed, ActionFailed(status), None)

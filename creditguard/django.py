@@ -183,19 +183,37 @@ def _settle_on_close(response: Any, spend: Spend, charge_when: Callable[[int], b
     if not charge_when(status):
         spend.__exit__(ActionFailed, ActionFailed(status), None)
         return
-    close = response.close
-    done = False
+    response.close = _SettleOnClose(response, spend)
 
-    def close_and_settle() -> None:
-        nonlocal done
+
+class _SettleOnClose:
+    """``response.close`` while a spend waits for it: closes the response, then settles.
+
+    On its first call it also takes itself off the response (putting back what it
+    replaced), so the response does not refer to it, and no reference cycle is left."""
+
+    __slots__ = ("_close", "_previous", "_response", "_spend")
+
+    def __init__(self, response: Any, spend: Spend) -> None:
+        self._close = response.close
+        self._previous = vars(response).get("close")  # an instance attribute, if any
+        self._response: Any = response
+        self._spend: Spend | None = spend
+
+    def __call__(self) -> None:
         try:
-            close()
+            self._close()
         finally:
-            if not done:
-                done = True
+            spend = self._spend
+            if spend is not None:
+                self._spend = None
+                attributes = vars(self._response)
+                if attributes.get("close") is self:
+                    if self._previous is None:
+                        del attributes["close"]
+                    else:
+                        attributes["close"] = self._previous
                 spend.__exit__(None, None, None)
-
-    response.close = close_and_settle
 
 
 class _Guarding:
@@ -216,44 +234,59 @@ class _Guarding:
         self.on_error = on_error
         self.charge_when = charge_when
 
-    def _spend(self, request: Any, amount: int) -> Spend:
+    def _spend(self, request: Any, amount: int, config: _Config) -> Spend:
         spec = self.guard
-        guard = guard_from_settings(request) if spec is None else resolve_guard(spec, request)
+        if spec is None:
+            spec = config.guard()
+        guard = spec if isinstance(spec, CreditGuard) else resolve_guard(spec, request)
         return guard.spend(amount)
 
-    def _hooks(self) -> tuple[Any, Callable[[int], bool]]:
+    def run(
+        self,
+        request: Any,
+        amount: int,
+        view: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """Admit ``request`` for ``amount``, then answer ``view(*args, **kwargs)``."""
         config = _settings()
-        return (
-            self.on_error if self.on_error is not None else config.on_error,
-            self.charge_when if self.charge_when is not None else config.charge_when,
-        )
-
-    def run(self, request: Any, amount: int, view: Callable[[], Any]) -> Any:
-        on_error, charge_when = self._hooks()
+        charge_when = self.charge_when if self.charge_when is not None else config.charge_when
         try:
-            spend = self._spend(request, amount)
+            spend = self._spend(request, amount, config)
             spend.__enter__()
         except CreditGuardError as exc:
+            on_error = self.on_error if self.on_error is not None else config.on_error
             return _refusal(request, exc, on_error)
         setattr(request, SPEND_ATTRIBUTE, spend)
         try:
-            response = view()
+            response = view(*args, **kwargs)
         except BaseException:
             spend.__exit__(*sys.exc_info())
             raise
         _settle_on_close(response, spend, charge_when)
         return response
 
-    async def arun(self, request: Any, amount: int, view: Callable[[], Any]) -> Any:
-        on_error, charge_when = self._hooks()
+    async def arun(
+        self,
+        request: Any,
+        amount: int,
+        view: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+    ) -> Any:
+        """:meth:`run` for an async ``view``."""
+        config = _settings()
+        charge_when = self.charge_when if self.charge_when is not None else config.charge_when
         try:
-            spend = self._spend(request, amount)
+            spend = self._spend(request, amount, config)
             await spend.__aenter__()
         except CreditGuardError as exc:
+            on_error = self.on_error if self.on_error is not None else config.on_error
             return _refusal(request, exc, on_error)
         setattr(request, SPEND_ATTRIBUTE, spend)
         try:
-            response = await view()
+            response = await view(*args, **kwargs)
         except BaseException:
             await spend.__aexit__(*sys.exc_info())
             raise
@@ -300,13 +333,13 @@ class CreditGuardMiddleware:
         amount = self._amount(request)
         if not amount:
             return self.get_response(request)
-        return self._guarding.run(request, amount, lambda: self.get_response(request))
+        return self._guarding.run(request, amount, self.get_response, (request,), {})
 
     async def __acall__(self, request: Any) -> Any:
         amount = self._amount(request)
         if not amount:
             return await self.get_response(request)
-        return await self._guarding.arun(request, amount, lambda: self.get_response(request))
+        return await self._guarding.arun(request, amount, self.get_response, (request,), {})
 
 
 def requires_credits(
@@ -325,43 +358,36 @@ def requires_credits(
     :class:`~creditguard.Spend` in ``request.creditguard_spend``; the spend is settled
     when Django closes the response.
     """
+    cost_of: Callable[[Any], int] | None = None
+    static = 0
     if callable(cost):
         cost_of = cost
-
-        def amount_of(request: Any) -> int:
-            return check_cost(cost_of(request))
-
     else:
         static = check_cost(cost)
-
-        def amount_of(request: Any) -> int:
-            return static
-
     guarding = _Guarding(guard, on_error, charge_when)
 
     def decorate(view: Callable[P, R]) -> Callable[P, R]:
         if not callable(view):
             raise TypeError(f"requires_credits decorates a view, got {type(view).__name__}")
         if is_async_callable(view):
-            aview = cast(Callable[P, Any], view)
 
             @functools.wraps(view)
             async def async_guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
                 request = args[0]
-                amount = amount_of(request)
+                amount = static if cost_of is None else check_cost(cost_of(request))
                 if not amount:
-                    return await aview(*args, **kwargs)
-                return await guarding.arun(request, amount, lambda: aview(*args, **kwargs))
+                    return await cast(Callable[P, Any], view)(*args, **kwargs)
+                return await guarding.arun(request, amount, view, args, kwargs)
 
             return cast(Callable[P, R], async_guarded)
 
         @functools.wraps(view)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
             request = args[0]
-            amount = amount_of(request)
+            amount = static if cost_of is None else check_cost(cost_of(request))
             if not amount:
                 return view(*args, **kwargs)
-            result: R = guarding.run(request, amount, lambda: view(*args, **kwargs))
+            result: R = guarding.run(request, amount, view, args, kwargs)
             return result
 
         return guarded

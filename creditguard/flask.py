@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ParamSpec
+from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
 from ._errors import CreditGuardError
 from ._guard import CreditGuard, Spend
@@ -129,18 +129,21 @@ class _AppState:
 class _Pending:
     """A spend admitted for this request, waiting for its response to be closed."""
 
-    __slots__ = ("charge_when", "done", "response", "spend")
+    __slots__ = ("attached", "charge_when", "done", "response", "spend")
 
     def __init__(self, spend: Spend, charge_when: Callable[[int], bool]) -> None:
         self.spend = spend
         self.charge_when = charge_when
         self.response: Response | None = None
+        self.attached = 0  # how many responses it was attached to
         self.done = False
 
     def exit(self, error: BaseException | None) -> None:
         if self.done:
             return
         self.done = True
+        # The response's close callback refers to this object: no cycle through it.
+        self.response = None
         if error is None:
             self.spend.__exit__(None, None, None)
         else:
@@ -151,19 +154,46 @@ class _Pending:
         if self.response is response:
             return
         self.response = response
-        response.call_on_close(lambda: self._closed(response))
+        self.attached += 1
+        # Not a closure over ``response``: that would be a reference cycle.
+        response.call_on_close(functools.partial(self._closed, self.attached))
 
-    def _closed(self, response: Response) -> None:
-        if self.response is response:
+    def _closed(self, attachment: int) -> None:
+        """A response this spend was attached to closed: settle if it is the last one."""
+        if attachment == self.attached:
             self.exit(None)
+
+
+class _Flask:
+    """Flask's context globals, imported once, when first needed (``init_app`` or the
+    first decorated view): ``g`` and ``current_app`` as the objects of the context, and
+    the ``request`` proxy (handed to cost, guard and ``on_error`` callables)."""
+
+    __slots__ = ("app", "g", "request")
+
+    def __init__(self) -> None:
+        from flask import current_app, g, request
+
+        # The proxies' own accessors: one lookup each, no attribute forwarding.
+        self.app: Callable[[], Flask] = cast(Any, current_app)._get_current_object
+        self.g: Callable[[], Any] = cast(Any, g)._get_current_object
+        self.request: Request = request
+
+
+_flask: _Flask | None = None
+
+
+def _load_flask() -> _Flask:
+    global _flask
+    if _flask is None:
+        _flask = _Flask()
+    return _flask
 
 
 def _adopt_final_response(response: Response) -> Response:
     """``after_request``: an earlier handler may have replaced the response the view's
     spend was attached to; settle on the one that will be sent."""
-    from flask import g
-
-    pending: _Pending | None = g.get(_PENDING)
+    pending: _Pending | None = getattr(_load_flask().g(), _PENDING, None)
     if pending is not None and pending.response is not None and not pending.done:
         if pending.charge_when(response.status_code):
             pending.attach(response)
@@ -175,9 +205,7 @@ def _adopt_final_response(response: Response) -> Response:
 def _settle_leftover(error: BaseException | None) -> None:
     """``teardown_request``: a spend never attached to a response, or whose response was
     lost to an unhandled error, ends as failed."""
-    from flask import g
-
-    pending: _Pending | None = g.get(_PENDING)
+    pending: _Pending | None = getattr(_load_flask().g(), _PENDING, None)
     if pending is None or pending.done:
         return
     if error is not None:  # the response the spend waits on will not be sent
@@ -209,18 +237,12 @@ def requires_credits(
     the last byte was sent; a view that raises, or answers a status ``charge_when`` does
     not charge, ends it as failed.
     """
+    cost_of: Callable[[Request], int] | None = None
+    static = 0
     if callable(cost):
-        cost_of: Callable[[Request], int] = cost
-
-        def amount_of(request: Request) -> int:
-            return check_cost(cost_of(request))
-
+        cost_of = cost
     else:
         static = check_cost(cost)
-
-        def amount_of(request: Request) -> int:
-            return static
-
     check_guard_spec(guard, optional=True)
     check_hook("on_error", on_error)
     check_hook("charge_when", charge_when)
@@ -229,43 +251,39 @@ def requires_credits(
         if not callable(view):
             raise TypeError(f"requires_credits decorates a view, got {type(view).__name__}")
         is_async = is_async_callable(view)
+        flask = _load_flask()
+        current_app, current_g, request = flask.app, flask.g, flask.request
 
         @functools.wraps(view)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> Response:
-            from flask import current_app, g, make_response, request
-
-            state = current_app.extensions.get(EXTENSION_KEY)
+            app = current_app()
+            state = app.extensions.get(EXTENSION_KEY)
             app_state = state if isinstance(state, _AppState) else None
-            amount = amount_of(request)
+            amount = static if cost_of is None else check_cost(cost_of(request))
             spec = guard if guard is not None else app_state.guard if app_state else None
             try:
-                the_guard = default_guard() if spec is None else resolve_guard(spec, request)
+                if spec is None:
+                    the_guard = default_guard()
+                elif isinstance(spec, CreditGuard):
+                    the_guard = spec
+                else:
+                    the_guard = resolve_guard(spec, request)
                 spend = the_guard.spend(amount)
                 if amount:
                     spend.__enter__()
             except CreditGuardError as exc:
                 hook = on_error or (app_state.on_error if app_state else None)
-                answer = hook(request, exc) if hook is not None else None
-                if answer is not None:
-                    return make_response(answer)
-                problem = problem_for(exc)
-                if problem is None:  # pragma: no cover - every CreditGuardError has one
-                    raise
-                return current_app.response_class(
-                    problem.content(),
-                    status=problem.status,
-                    headers=problem.headers,
-                    content_type=problem.header_list()[0][1],
-                )
+                return _refusal(app, request, exc, hook)
+            g = current_g()
             g.creditguard_spend = spend
-            call = current_app.ensure_sync(view) if is_async else view
+            call = app.ensure_sync(view) if is_async else view
             if not amount:
-                return make_response(call(*args, **kwargs))
+                return app.make_response(call(*args, **kwargs))
             when = charge_when or (app_state.charge_when if app_state else None) or charged
             pending = _Pending(spend, when)
-            g.setdefault(_PENDING, pending)
+            vars(g).setdefault(_PENDING, pending)
             try:
-                response = make_response(call(*args, **kwargs))
+                response = app.make_response(call(*args, **kwargs))
             except BaseException:
                 pending.exit(sys.exc_info()[1])
                 raise
@@ -278,3 +296,21 @@ def requires_credits(
         return guarded
 
     return decorate
+
+
+def _refusal(
+    app: Flask, request: Request, exc: CreditGuardError, on_error: OnError | None
+) -> Response:
+    """The answer to a request the guard refused: ``on_error``'s, else the problem JSON."""
+    answer = on_error(request, exc) if on_error is not None else None
+    if answer is not None:
+        return app.make_response(answer)
+    problem = problem_for(exc)
+    if problem is None:  # pragma: no cover - every CreditGuardError has one
+        raise exc
+    return app.response_class(
+        problem.content(),
+        status=problem.status,
+        headers=problem.headers,
+        content_type=problem.header_list()[0][1],
+    )

@@ -19,7 +19,7 @@ from types import TracebackType
 from typing import Any
 
 from ._errors import CreditGuardError
-from ._guard import Spend
+from ._guard import CreditGuard, Spend
 from ._web import (
     ActionFailed,
     CostOf,
@@ -100,20 +100,21 @@ class CreditGuardMiddleware:
         self._on_error = on_error
         self._charge_when = charge_when or charged
 
-    def _amount(self, environ: Environ) -> int | None:
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         cost = self._cost
         if cost.routes is not None:
-            return cost.routes.cost(environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/")
-        if cost.func is not None:
-            return check_cost(cost.func(environ))
-        return None
-
-    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
-        amount = self._amount(environ)
+            amount = cost.routes.cost(environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/")
+        elif cost.func is not None:
+            amount = check_cost(cost.func(environ))
+        else:
+            return self.app(environ, start_response)
         if not amount:
             return self.app(environ, start_response)
         try:
-            spend = resolve_guard(self._guard, environ).spend(amount)
+            guard = self._guard
+            if not isinstance(guard, CreditGuard):
+                guard = resolve_guard(guard, environ)
+            spend = guard.spend(amount)
             spend.__enter__()
         except CreditGuardError as exc:
             answer = self._on_error(environ, exc) if self._on_error is not None else None
@@ -136,18 +137,9 @@ def run(
 ) -> Iterable[bytes]:
     """Call ``app`` for an admitted ``spend``; the spend ends in the response's
     ``close()``, or at once when the app raises."""
-    response = SettledResponse(spend, charge_when)
-
-    def watching_start_response(
-        status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
-    ) -> Callable[[bytes], object]:
-        response.status = int(status[:3])
-        if exc_info is None:
-            return start_response(status, headers)
-        return start_response(status, headers, exc_info)
-
+    response = SettledResponse(spend, charge_when, start_response)
     try:
-        response.iterable = app(environ, watching_start_response)
+        response.iterable = app(environ, response.start_response)
     except BaseException:
         exc_type, exc, tb = sys.exc_info()
         response.closed = True
@@ -159,25 +151,55 @@ def run(
 class SettledResponse:
     """The app's response iterable, passed through; ``close()`` settles the spend."""
 
-    __slots__ = ("_charge_when", "_error", "_it", "_spend", "closed", "iterable", "status")
+    __slots__ = (
+        "_charge_when",
+        "_error",
+        "_spend",
+        "_start_response",
+        "closed",
+        "iterable",
+        "status",
+    )
 
-    def __init__(self, spend: Spend, charge_when: Callable[[int], bool]) -> None:
+    def __init__(
+        self,
+        spend: Spend,
+        charge_when: Callable[[int], bool],
+        start_response: StartResponse | None = None,
+    ) -> None:
         self._spend = spend
         self._charge_when = charge_when
+        self._start_response = start_response
         self._error: BaseException | None = None
         self.iterable: Iterable[bytes] = ()
-        self._it: Iterator[bytes] = iter(())
         self.status = 0
         self.closed = False
 
-    def __iter__(self) -> Iterator[bytes]:
-        self._it = iter(self.iterable)
-        return self
+    def start_response(
+        self, status: str, headers: list[tuple[str, str]], exc_info: ExcInfo | None = None
+    ) -> Callable[[bytes], object]:
+        """The app's ``start_response``: notes the status, then calls the server's."""
+        self.status = int(status[:3])
+        start_response = self._start_response
+        assert start_response is not None
+        if exc_info is None:
+            return start_response(status, headers)
+        return start_response(status, headers, exc_info)
 
-    def __next__(self) -> bytes:
+    def __iter__(self) -> Iterator[bytes]:
+        iterable = self.iterable
+        if type(iterable) is list or type(iterable) is tuple:
+            return iter(iterable)  # iterating it cannot fail
+        return self._watched(iter(iterable))
+
+    def _watched(self, it: Iterator[bytes]) -> Iterator[bytes]:
+        """Iterate ``it``, noting the error that ends the iteration, if any."""
         try:
-            return next(self._it)
-        except StopIteration:
+            # Not ``yield from``: closing this generator must not close the app's iterable
+            # (``close()`` does that, once).
+            for chunk in it:  # noqa: UP028
+                yield chunk
+        except GeneratorExit:
             raise
         except BaseException as exc:
             self._error = exc
