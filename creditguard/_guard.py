@@ -88,7 +88,10 @@ def current_spend() -> Spend | None:
     the action runs. It follows the context (thread, task) the spend was entered in;
     nested spends see the innermost.
     """
-    return _current.get()
+    spend = _current.get()
+    while spend is not None and not spend._active:  # exited out of order, or elsewhere
+        spend = spend._outer
+    return spend
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -437,7 +440,7 @@ class CreditGuard:
         enclosing: list[Reservation] = []
         outer = _current.get()
         while outer is not None:
-            if outer._guard._account is account and outer._reservation is not None:
+            if outer._active and outer._guard._account is account and outer._reservation:
                 enclosing.append(outer._reservation)
             outer = outer._outer
         flight: Flight | None = None
@@ -773,11 +776,11 @@ class Spend:
     """
 
     __slots__ = (
+        "_active",
         "_entered",
         "_guard",
         "_outer",
         "_reservation",
-        "_token",
         "balance_after",
         "balance_before",
         "cost",
@@ -786,7 +789,7 @@ class Spend:
     def __init__(self, guard: CreditGuard, cost: int) -> None:
         self._guard = guard
         self._entered = False
-        self._token: contextvars.Token[Spend | None] | None = None
+        self._active = False  # entered and not yet exited
         self._outer: Spend | None = None  # the spend this one runs inside, if any
         self._reservation: Reservation | None = None  # held from admission to settling
         self.cost = _check_cost(cost)
@@ -805,20 +808,19 @@ class Spend:
 
     def _activate(self) -> None:
         self._outer = _current.get()
-        self._token = _current.set(self)
+        self._active = True
+        _current.set(self)
 
     def _leave(self) -> None:
-        token = self._token
-        outer, self._outer = self._outer, None
-        if token is not None:
-            self._token = None
-            try:
-                _current.reset(token)
-            except ValueError:
-                # Exited in another context than it was entered in (a framework that
-                # copies contexts around): leave no finished spend current there.
-                if _current.get() is self:
-                    _current.set(outer)
+        # Not a token reset: spends may be exited in another order than they were
+        # entered (or in another context), and the variable must then neither go back
+        # to a spend that has finished nor lose one that is still running.
+        self._active = False
+        if _current.get() is self:
+            outer = self._outer
+            while outer is not None and not outer._active:
+                outer = outer._outer
+            _current.set(outer)
 
     def __enter__(self) -> Spend:
         self._enter()

@@ -403,7 +403,7 @@ class Account:
                 cached is None
                 or self.cached_seq < self.floor
                 or _monotonic() - self.cached_at >= ttl
-                or cost > cached.total_balance - self.reserved
+                or (cost > cached.total_balance - self.reserved and cost)
             ):
                 return None
             self.reserved += cost
@@ -435,7 +435,7 @@ class Account:
             reserved = self.reserved
             cached = balance is self.cached
             gen = self.cache_gen if cached else -1
-            if cost <= total - reserved:
+            if cost <= total - reserved or not cost:  # a free call always fits
                 self.reserved = reserved + cost
                 self.inflight += 1
                 if cached:

@@ -582,3 +582,53 @@ async def test_a_402_in_async_code_and_other_errors_pass_through_unchanged() -> 
             raise httpx.HTTPStatusError(
                 "409", request=request, response=httpx.Response(409, request=request)
             )
+
+
+def test_spends_exited_out_of_order_leave_no_finished_spend_current() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    a, b, c = guard.spend(1), guard.spend(2), guard.spend(3)
+    a.__enter__()
+    b.__enter__()
+    c.__enter__()
+    b.__exit__(None, None, None)  # the middle one first
+    assert current_spend() is c
+    c.__exit__(None, None, None)
+    assert current_spend() is a  # not b, which has finished
+    a.__exit__(None, None, None)
+    assert current_spend() is None
+    a2, b2 = guard.spend(1), guard.spend(2)
+    a2.__enter__()
+    b2.__enter__()
+    a2.__exit__(None, None, None)  # the outer one first
+    assert current_spend() is b2
+    b2.__exit__(None, None, None)
+    assert current_spend() is None
+
+
+async def test_a_task_started_inside_a_spend_does_not_see_it_once_it_ended() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    ended = anyio.Event()
+    seen: list[Spend | None] = []
+
+    async def child() -> None:
+        await ended.wait()
+        seen.append(current_spend())
+
+    async with anyio.create_task_group() as tg:
+        async with guard.spend(1):
+            tg.start_soon(child)  # inherits the context, with the spend current
+        ended.set()
+    assert seen == [None]
+
+
+def test_a_free_call_is_admitted_even_when_reservations_exceed_the_balance() -> None:
+    fake = FakeLensmor(subscription_balance=10, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0)
+    with guard.spend(10):
+        fake.charge(10)
+        guard.invalidate()
+        assert guard.balance().total_balance == 0  # 0 - 10 reserved: below zero
+        with guard.spend(0) as free:
+            assert free.balance_before is not None
