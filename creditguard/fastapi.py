@@ -80,7 +80,15 @@ class RequireCredits:
     :class:`creditguard.asgi.CreditGuardMiddleware`, which sees every status.
     """
 
-    __slots__ = ("__signature__", "_charge_when", "_cost", "_guard", "_on_error", "_static")
+    __slots__ = (
+        "__signature__",
+        "_charge_when",
+        "_cost",
+        "_cost_is_async",
+        "_guard",
+        "_on_error",
+        "_static",
+    )
 
     def __init__(
         self,
@@ -95,9 +103,11 @@ class RequireCredits:
         if callable(cost):
             self._static: int | None = None
             self._cost: Callable[[Request], Any] | None = cost
+            self._cost_is_async = is_async_callable(cost)
         else:
             self._static = check_cost(cost)
             self._cost = None
+            self._cost_is_async = False
         check_guard_spec(guard, optional=True)
         check_hook("on_error", on_error)
         check_hook("charge_when", charge_when)
@@ -118,23 +128,23 @@ class RequireCredits:
         return f"RequireCredits({cost!r})"
 
     async def _amount(self, request: Request) -> int:
-        if self._static is not None:
-            return self._static
         assert self._cost is not None
         value = self._cost(request)
-        if is_async_callable(self._cost) or inspect.isawaitable(value):
+        if type(value) is not int and (self._cost_is_async or inspect.isawaitable(value)):
             value = await value
         return check_cost(value)
 
-    async def _guard_of(self, request: Request) -> CreditGuard:
-        if self._guard is None:
-            return default_guard()
-        return await aresolve_guard(self._guard, request)
-
     async def __call__(self, request: Request) -> AsyncIterator[Spend]:
-        amount = await self._amount(request)
+        amount = self._static
+        if amount is None:
+            amount = await self._amount(request)
         try:
-            spend = (await self._guard_of(request)).spend(amount)
+            guard = self._guard
+            if guard is None:
+                guard = default_guard()
+            elif not isinstance(guard, CreditGuard):
+                guard = await aresolve_guard(guard, request)
+            spend = guard.spend(amount)
             if amount:
                 await spend.__aenter__()
         except CreditGuardError as exc:
@@ -157,6 +167,12 @@ class RequireCredits:
 
 
 def _is_http_exception(error: BaseException) -> bool:
-    from starlette.exceptions import HTTPException
+    global _HTTPException
+    if _HTTPException is None:
+        from starlette.exceptions import HTTPException
 
-    return isinstance(error, HTTPException)
+        _HTTPException = HTTPException
+    return isinstance(error, _HTTPException)
+
+
+_HTTPException: type[BaseException] | None = None
