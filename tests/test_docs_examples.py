@@ -585,6 +585,7 @@ async def test_outcome_cancelled_during_the_action() -> None:
     fake = FakeLensmor()
     log: list[GuardEvent] = []
     guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=log.append)
+    await guard.abalance()  # warm: admission then has no checkpoint the cancel could hit
     spend = guard.spend(10)
     with anyio.move_on_after(0.05):
         async with spend:

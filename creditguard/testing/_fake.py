@@ -261,6 +261,8 @@ class FakeLensmor:
         self.charges = 0
         self._plan: collections.deque[_Planned] = collections.deque()
         self._lock = threading.Lock()
+        self._faults_served = 0
+        self._served = threading.Condition(self._lock)
         self._rate_limit = RateLimit(rate_limit, rate_limit_window)
         self._paid = _PaidApi(self, task_polls=task_polls, open_catalogue=open_catalogue)
         self.transport = _FakeTransport(self)
@@ -431,6 +433,14 @@ class FakeLensmor:
         with self._lock:
             return sum(planned.times for planned in self._plan)
 
+    def wait_faults_served(self, n: int = 1, timeout: float = 10.0) -> None:
+        """Block until ``n`` scripted faults have been served in all (a test's way to act
+        once a request is stalled, without guessing how long getting there takes).
+        Raises ``TimeoutError`` after ``timeout`` seconds."""
+        with self._served:
+            if not self._served.wait_for(lambda: self._faults_served >= n, timeout):
+                raise TimeoutError(f"{self._faults_served} faults served, expected {n}")
+
     # -- request handling (shared by the transport and the ASGI app) -----------------
 
     def _authorized(self, authorization: str | None, *, strict: bool = True) -> bool:
@@ -469,6 +479,8 @@ class FakeLensmor:
                 planned.times -= 1
                 if planned.times == 0:
                     self._plan.popleft()
+                self._faults_served += 1
+                self._served.notify_all()
             data = self._credits.body(self.balance_shape, self.floats)
         if planned is not None:
             return self._fault(planned, data)

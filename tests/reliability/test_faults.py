@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
 import anyio
+import anyio.to_thread
 import pytest
 
 from creditguard import (
@@ -440,15 +441,25 @@ async def test_cancelled_leader_of_a_stalled_read(sandbox: Sandbox) -> None:
         assert await guard.abalance() == sandbox.fake.balance
 
 
+async def _cancel_once_stalled(sandbox: Sandbox, scope: anyio.CancelScope, n: int) -> None:
+    """Cancel ``scope`` once the sandbox has served ``n`` scripted faults: the request is
+    then stalled mid-body (cancelling on a timer could fire before it even arrived, and
+    leave the stall to the next read)."""
+    await anyio.to_thread.run_sync(sandbox.fake.wait_faults_served, n)
+    scope.cancel()
+
+
 @pytest.mark.anyio
 async def test_cancelled_during_stalled_admission(sandbox: Sandbox) -> None:
     sandbox.fake.fail_next("stall")
     ran = []
     guard = sandbox.guard(timeout=30.0, retry=RetryPolicy(attempts=1, deadline=30.0))
     async with guard:
-        with anyio.move_on_after(0.3) as scope:
-            async with guard.spend(COST):
-                ran.append(True)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_once_stalled, sandbox, scope, 1)
+                async with guard.spend(COST):
+                    ran.append(True)
         assert scope.cancelled_caught
         assert not ran
         assert_clean(guard)
@@ -459,10 +470,12 @@ async def test_cancelled_during_stalled_admission(sandbox: Sandbox) -> None:
 async def test_cancelled_during_stalled_refresh(sandbox: Sandbox) -> None:
     guard = sandbox.guard(timeout=30.0, retry=RetryPolicy(attempts=1, deadline=30.0))
     async with guard:
-        with anyio.move_on_after(0.3) as scope:
-            async with guard.spend(COST):
-                sandbox.fake.charge(COST)
-                sandbox.fake.fail_next("stall")
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_cancel_once_stalled, sandbox, scope, 1)
+                async with guard.spend(COST):
+                    sandbox.fake.charge(COST)
+                    sandbox.fake.fail_next("stall")
         assert scope.cancelled_caught
         assert_clean(guard)  # released, and the pre-spend balance forgotten
         assert await guard.abalance() == sandbox.fake.balance
