@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import json
 import math
@@ -14,7 +15,14 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from creditguard import CreditBalance, CreditGuard, InvalidResponse, RetryPolicy, parse_retry_after
+from creditguard import (
+    CreditBalance,
+    CreditGuard,
+    InsufficientCredits,
+    InvalidResponse,
+    RetryPolicy,
+    parse_retry_after,
+)
 from creditguard._client import _loads, _Reader
 
 FIELDS = (
@@ -26,6 +34,8 @@ FIELDS = (
     "giftBalance",
     "resetAt",
 )
+ADDON_FIELDS = ("addonAmount", "addonBalance", "addonExpireAt")  # API 0.24+
+COUNTS = (*FIELDS[:-1], "addonAmount", "addonBalance")
 FUZZ = settings(
     max_examples=400,
     deadline=None,
@@ -51,14 +61,24 @@ json_values = st.recursive(
 )
 # Mostly the documented keys, with values of any type: the interesting near misses.
 near_miss = st.dictionaries(
-    st.sampled_from(FIELDS) | st.text(max_size=12), json_values | st.integers(), max_size=9
+    st.sampled_from(FIELDS + ADDON_FIELDS) | st.text(max_size=12),
+    json_values | st.integers() | st.floats(),
+    max_size=12,
 )
-valid = st.fixed_dictionaries(
+_count = st.integers(min_value=0, max_value=2**63)
+_timestamp = st.none() | st.integers(min_value=0, max_value=253_402_300_799_999)
+valid_022 = st.fixed_dictionaries({**{name: _count for name in FIELDS[:-1]}, "resetAt": _timestamp})
+valid_024 = st.fixed_dictionaries(
     {
-        **{name: st.integers(min_value=0, max_value=2**63) for name in FIELDS[:-1]},
-        "resetAt": st.none() | st.integers(min_value=0, max_value=253_402_300_799_999),
+        **{name: _count for name in FIELDS[:-1]},
+        "addonAmount": _count,
+        "addonBalance": _count,
+        "addonExpireAt": _timestamp,
+        "resetAt": _timestamp,
     }
 )
+valid = valid_022 | valid_024  # the two published shapes
+not_whole = st.floats().filter(lambda x: not x.is_integer())  # fractions, NaN, infinities
 
 
 def _from_api(data: object) -> CreditBalance | None:
@@ -85,8 +105,9 @@ def test_from_api_accepts_every_documented_body(data: dict[str, int | None]) -> 
 
 
 @FUZZ
-@given(valid, st.sampled_from(FIELDS), json_values)
-def test_from_api_one_field_wrong(data: dict[str, Any], name: str, value: Any) -> None:
+@given(valid, st.data(), json_values | st.floats())
+def test_from_api_one_field_wrong(data: dict[str, Any], draw: st.DataObject, value: Any) -> None:
+    name = draw.draw(st.sampled_from(sorted(data)))
     data = {**data, name: value}
     balance = _from_api(data)
     if balance is not None:  # then the value was a valid one for that field
@@ -94,11 +115,81 @@ def test_from_api_one_field_wrong(data: dict[str, Any], name: str, value: Any) -
 
 
 @FUZZ
-@given(valid, st.sampled_from(FIELDS))
+@given(valid, st.sampled_from(FIELDS + ADDON_FIELDS))
 def test_from_api_field_missing(data: dict[str, Any], name: str) -> None:
+    if name not in data:
+        return
     del data[name]
-    with pytest.raises(InvalidResponse):
+    if name in ADDON_FIELDS:  # one left out counts as 0 (or null): still the new shape
+        api = CreditBalance.from_api(data).to_api()
+        assert api == {**data, name: None if name == "addonExpireAt" else 0}
+        return
+    with pytest.raises(InvalidResponse, match=name):
         CreditBalance.from_api(data)
+
+
+@FUZZ
+@given(valid, st.data())
+def test_from_api_accepts_whole_floats(data: dict[str, Any], draw: st.DataObject) -> None:
+    """Counts and timestamps sent as JSON floats with no fraction are the ints they stand
+    for (a float above 2**53 stands for the int it holds, not for the one it came from)."""
+    sent = {
+        k: v if v is None or not draw.draw(st.booleans()) else float(v) for k, v in data.items()
+    }
+    balance = _from_api(sent)
+    expected = {k: None if v is None else int(v) for k, v in sent.items()}
+    if balance is None:  # only a timestamp rounded past the last datetime can fail
+        assert any(
+            expected[k] is not None and expected[k] > 253_402_300_799_999
+            for k in ("resetAt", "addonExpireAt")
+            if k in expected
+        )
+        return
+    api = balance.to_api()
+    assert api == expected
+    assert all(v is None or type(v) is int for v in api.values())
+
+
+@FUZZ
+@given(valid, st.data(), not_whole)
+def test_from_api_refuses_fractions(data: dict[str, Any], draw: st.DataObject, bad: float) -> None:
+    name = draw.draw(st.sampled_from(sorted(data)))
+    with pytest.raises(InvalidResponse, match=name):
+        CreditBalance.from_api({**data, name: bad})
+
+
+def _buckets(balance: CreditBalance) -> int:
+    return balance.subscription_balance + balance.addon_balance + balance.gift_balance
+
+
+@FUZZ
+@given(valid, st.integers(min_value=0, max_value=2**65), st.booleans())
+def test_after_spending_never_refuses_what_the_total_covers(
+    data: dict[str, Any], n: int, consistent: bool
+) -> None:
+    """Spending ``n`` credits: refused only beyond ``total_balance``; the total falls by
+    exactly ``n``; no bucket goes below 0; buckets that added up to the total still do;
+    buckets that did not keep their gap to the total while they hold credits."""
+    balance = CreditBalance.from_api(data)
+    if consistent:  # as the service's answers are: the buckets add up to the total
+        balance = dataclasses.replace(balance, total_balance=_buckets(balance))
+    if n > balance.total_balance:
+        with pytest.raises(InsufficientCredits) as info:
+            balance.after_spending(n)
+        assert info.value.available == balance.total_balance
+        return
+    after = balance.after_spending(n)
+    assert after.total_balance == balance.total_balance - n
+    assert min(after.subscription_balance, after.addon_balance, after.gift_balance) >= 0
+    assert after.subscription_balance == max(0, balance.subscription_balance - n)
+    gap = balance.total_balance - _buckets(balance)
+    if gap <= 0 or _buckets(after) > 0:
+        assert after.total_balance - _buckets(after) == gap
+    else:  # the buckets ran dry: what remains of the total is the unattributed credits
+        assert after.total_balance <= gap
+    assert after.to_api().keys() == balance.to_api().keys()
+    for field in ("total_amount", "subscription_amount", "addon_amount", "gift_amount"):
+        assert getattr(after, field) == getattr(balance, field)
 
 
 bodies = st.one_of(
