@@ -1,0 +1,122 @@
+"""Route patterns (``creditguard._web.Routes``) and what the adapters leave behind."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from creditguard import CreditGuard
+from creditguard._web import Routes
+
+
+def test_literal_routes_win_then_templates_in_order() -> None:
+    routes = Routes(
+        {
+            "/a/{x}": 1,
+            "POST /a/{x}": 2,
+            "POST /a/b": 3,
+            "/a/c": 4,
+            "GET /files/{rest:path}": 5,
+            "/b/{x}/{y}": 6,
+        }
+    )
+    assert routes.cost("POST", "/a/b") == 3  # literal, method first
+    assert routes.cost("GET", "/a/c") == 4  # literal without a method
+    assert routes.cost("GET", "/a/b") == 1  # no literal for GET: the first template
+    assert routes.cost("POST", "/a/q") == 1  # the method-less template comes first
+    assert routes.cost("GET", "/files/x/y/z") == 5
+    assert routes.cost("POST", "/files/x") is None
+    assert routes.cost("PATCH", "/b/1/2") == 6
+    assert routes.cost("PATCH", "/b/1") is None
+    assert routes.cost("GET", "/a/b/c") is None  # {x} is one segment
+    assert routes.cost("GET", "/nowhere") is None
+
+
+def test_a_method_template_before_a_method_less_one() -> None:
+    routes = Routes({"POST /e/{id}": 10, "/e/{id}": 1, "DELETE /e/{id}": 7})
+    assert routes.cost("POST", "/e/1") == 10
+    assert routes.cost("GET", "/e/1") == 1
+    assert routes.cost("DELETE", "/e/1") == 1  # the method-less pattern is earlier
+
+
+def test_literal_method_falls_back_to_method_less_literal() -> None:
+    routes = Routes({"POST /x": 2, "/x": 1, "/y": 0})
+    assert routes.cost("POST", "/x") == 2
+    assert routes.cost("GET", "/x") == 1
+    assert routes.cost("GET", "/y") == 0
+    assert bool(routes)
+    assert not Routes({})
+    assert Routes({"/{x}": 1})
+
+
+def test_regex_characters_in_paths_are_literal() -> None:
+    routes = Routes({"/a.b/{x}": 1, "/c+d": 2})
+    assert routes.cost("GET", "/a.b/1") == 1
+    assert routes.cost("GET", "/aXb/1") is None
+    assert routes.cost("GET", "/c+d") == 2
+    assert routes.cost("GET", "/ccd") is None
+
+
+@pytest.fixture
+def no_gc() -> Iterator[None]:
+    """Collection off: what only the cycle collector would free stays alive."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def test_flask_response_is_freed_without_the_cycle_collector(
+    guard: CreditGuard, no_gc: None
+) -> None:
+    from flask import Flask, Response
+
+    from creditguard.flask import CreditGuardExtension, requires_credits
+
+    app = Flask(__name__)
+    CreditGuardExtension(app, guard=guard)
+    refs: list[weakref.ref[Any]] = []
+
+    @app.post("/x")
+    @requires_credits(1)
+    def x() -> Response:
+        response = Response("ok")
+        refs.append(weakref.ref(response))
+        return response
+
+    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/x", "SERVER_NAME": "t"}
+    environ.update({"SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": None})
+    body = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
+    assert b"".join(body) == b"ok"
+    body.close()  # type: ignore[attr-defined]
+    del body
+    assert refs[0]() is None
+
+
+def test_django_response_is_freed_without_the_cycle_collector(
+    guard: CreditGuard, no_gc: None
+) -> None:
+    from django.http import HttpResponse
+    from django.test import RequestFactory
+
+    from creditguard.django import requires_credits
+
+    refs: list[weakref.ref[Any]] = []
+
+    @requires_credits(1, guard=guard)
+    def view(request: Any) -> HttpResponse:
+        response = HttpResponse("ok")
+        refs.append(weakref.ref(response))
+        return response
+
+    response = view(RequestFactory().post("/x"))
+    response.close()
+    response.close()  # a second close does not settle again
+    del response
+    assert refs[0]() is None
