@@ -90,11 +90,12 @@ def test_flask_response_is_freed_without_the_cycle_collector(
         refs.append(weakref.ref(response))
         return response
 
-    environ = {"REQUEST_METHOD": "POST", "PATH_INFO": "/x", "SERVER_NAME": "t"}
-    environ.update({"SERVER_PORT": "80", "wsgi.url_scheme": "http", "wsgi.input": None})
-    body = app.wsgi_app(environ, lambda status, headers, exc_info=None: None)
+    environ: dict[str, Any] = {"REQUEST_METHOD": "POST", "PATH_INFO": "/x"}
+    environ.update({"SERVER_NAME": "t", "SERVER_PORT": "80", "wsgi.url_scheme": "http"})
+    start_response: Any = lambda status, headers, exc_info=None: None  # noqa: E731
+    body: Any = app.wsgi_app(environ, start_response)
     assert b"".join(body) == b"ok"
-    body.close()  # type: ignore[attr-defined]
+    body.close()
     del body
     assert refs[0]() is None
 
