@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 from datetime import datetime, timezone
 from typing import Any
 
@@ -246,6 +247,17 @@ def test_positional_construction_still_works() -> None:
     c = CreditBalance(36050, 30550, 35000, 30000, 50, 50, reset, 1000, 500, expire)
     assert c == CreditBalance.from_api(DOC_EXAMPLE_ADDON)
     assert c.to_api() == DOC_EXAMPLE_ADDON  # a non-empty add-on bucket is written
+
+
+@pytest.mark.parametrize("data", [DOC_EXAMPLE, DOC_EXAMPLE_ADDON], ids=["0.22", "0.24"])
+def test_pickle_keeps_the_shape(data: dict[str, Any]) -> None:
+    b = CreditBalance.from_api(data)
+    copy = pickle.loads(pickle.dumps(b))  # noqa: S301 - our own bytes
+    assert copy == b
+    assert copy.to_api() == data
+    error = pickle.loads(pickle.dumps(InsufficientCredits(1, 0, b)))  # noqa: S301
+    assert error.balance is not None
+    assert error.balance.to_api() == data
 
 
 def test_subclass_gets_its_own_type() -> None:
