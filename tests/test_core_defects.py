@@ -632,3 +632,44 @@ def test_a_free_call_is_admitted_even_when_reservations_exceed_the_balance() -> 
         assert guard.balance().total_balance == 0  # 0 - 10 reserved: below zero
         with guard.spend(0) as free:
             assert free.balance_before is not None
+
+
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("asyncio", "asyncio")])
+def test_mixed_sync_and_async_guarded_calls_in_two_loops_finish(
+    backends: tuple[str, str],
+) -> None:
+    """The shape reported as hanging: two event loops in two threads, 20 tasks each,
+    every third call a sync guarded call made from the loop's thread."""
+    fake = FakeLensmor(latency=0.02)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET)
+    done: list[int] = []
+    lock = threading.Lock()
+
+    @guard.requires_credits(1)
+    def sync_unlock() -> None:
+        fake.charge(1)
+
+    @guard.requires_credits(1)
+    async def async_unlock() -> None:
+        fake.charge(1)
+
+    def loop_thread(backend: str) -> Callable[[], None]:
+        async def task(i: int) -> None:
+            for j in range(3):
+                if (i + j) % 3 == 0:
+                    sync_unlock()  # blocks this loop's thread
+                else:
+                    await async_unlock()
+                with lock:
+                    done.append(1)
+
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(task, i)
+
+        return lambda: anyio.run(main, backend=backend)
+
+    run_in_threads(*(loop_thread(b) for b in backends), timeout=30)
+    assert len(done) == 120
+    assert fake.charges == 120
