@@ -38,6 +38,7 @@ from ._errors import (
     RateLimited,
 )
 from ._models import CreditBalance
+from ._reports import is_insufficient_credits
 from ._state import (
     Account,
     Flight,
@@ -860,8 +861,10 @@ class Spend:
 
 
 def _refused_for_credits(exc: BaseException) -> bool:
-    """Whether the action failed because Lensmor answered 402 (insufficient credits)."""
-    return isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 402
+    """Whether the action failed because Lensmor refused it for want of credits (402, or
+    its ``INSUFFICIENT_CREDITS`` error body). Only the action's own exception counts: an
+    app that wraps the refusal in an error of its own keeps its error."""
+    return isinstance(exc, httpx.HTTPStatusError) and is_insufficient_credits(exc)
 
 
 def _in_event_loop_thread() -> bool:

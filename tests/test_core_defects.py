@@ -673,3 +673,34 @@ def test_mixed_sync_and_async_guarded_calls_in_two_loops_finish(
     run_in_threads(*(loop_thread(b) for b in backends), timeout=30)
     assert len(done) == 120
     assert fake.charges == 120
+
+
+def test_lensmors_insufficient_credits_error_body_counts_as_a_402() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    request = httpx.Request("POST", "https://sandbox.invalid/external/events/e1/unlock")
+    body = {"code": 402, "message": "Insufficient credits", "errorKey": "INSUFFICIENT_CREDITS"}
+    refused = httpx.Response(400, json=body, request=request)  # the key, not the status
+    with pytest.raises(InsufficientCredits) as info, guard.spend(10):
+        raise httpx.HTTPStatusError("refused", request=request, response=refused)
+    assert isinstance(info.value.__cause__, httpx.HTTPStatusError)
+
+
+def test_an_app_error_wrapping_a_402_keeps_its_type() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    request = httpx.Request("POST", "https://sandbox.invalid/x")
+
+    class PaymentNeeded(Exception):
+        pass
+
+    def unlock() -> None:
+        try:
+            raise httpx.HTTPStatusError(
+                "402", request=request, response=httpx.Response(402, request=request)
+            )
+        except httpx.HTTPStatusError as exc:
+            raise PaymentNeeded from exc
+
+    with pytest.raises(PaymentNeeded), guard.spend(10):
+        unlock()
