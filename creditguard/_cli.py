@@ -38,14 +38,19 @@ def _fmt_balance(balance: CreditBalance) -> str:
         if balance.reset_at is None
         else balance.reset_at.strftime("%Y-%m-%d %H:%M UTC")
     )
-    rows = [
-        ("subscription", balance.subscription_balance, balance.subscription_amount),
+    rows = [("subscription", balance.subscription_balance, balance.subscription_amount)]
+    if balance.addon_fields or balance.addon_amount or balance.addon_balance:
+        rows.append(("add-on", balance.addon_balance, balance.addon_amount))
+    rows += [
         ("gift", balance.gift_balance, balance.gift_amount),
         ("total", balance.total_balance, balance.total_amount),
     ]
     lines = [f"  {'bucket':<14}{'balance':>12}{'granted':>12}"]
     lines += [f"  {name:<14}{left:>12,}{granted:>12,}" for name, left, granted in rows]
     lines.append(f"  {'resets at':<14}{reset:>24}")
+    if balance.addon_expire_at is not None:
+        expiry = balance.addon_expire_at.strftime("%Y-%m-%d %H:%M UTC")
+        lines.append(f"  {'add-on expires':<14}{expiry:>24}")
     lines.append("  (subscription credits are spent before gift credits)")
     return "\n".join(lines)
 

@@ -288,3 +288,29 @@ def test_demo_runs_on_trio_when_it_is_there() -> None:
     out = io.StringIO()
     assert main(["demo"], out=out) == 0
     assert "trio" in _spend_row(out.getvalue())
+
+
+def test_balance_table_shows_the_add_on_bucket_of_newer_servers() -> None:
+    from creditguard import CreditBalance
+    from creditguard._cli import _fmt_balance
+
+    newer = CreditBalance.from_api(
+        {
+            "totalAmount": 36050.0,
+            "totalBalance": 31050.0,
+            "subscriptionAmount": 35000,
+            "subscriptionBalance": 30000,
+            "giftAmount": 50,
+            "giftBalance": 50,
+            "resetAt": None,
+            "addonAmount": 1000,
+            "addonBalance": 1000,
+            "addonExpireAt": 1767225600000,
+        }
+    )
+    text = _fmt_balance(newer)
+    assert "add-on" in text
+    assert "1,000" in text
+    assert "add-on expires" in text
+    older = CreditBalance.from_api({**newer.to_api(), "addonAmount": 0, "addonBalance": 0})
+    assert "add-on" in _fmt_balance(older)  # the server has the bucket, even if empty
