@@ -18,8 +18,10 @@ and a bare ``guard.spend(1)`` block alone (``core``: the core guard's own logic,
 admission and the refresh read after the action) is timed beside them. Per adapter and
 round, in µs per request:
 
-* value (the adapter's **own work**): ``guarded - spend``;
-* ``added_us``: ``guarded - bare``, all the guarded app takes over the unguarded one;
+* value (the JSON ``median``): ``guarded - bare``, the µs the guarded app takes per request
+  over the unguarded one;
+* ``own_us``, the adapter's **own work**: ``guarded - spend``; the target (at most
+  :data:`TARGET_US` over the core guard's own logic) is judged on it;
 * ``over_core_us``: ``guarded - hook - core``: the own work plus ``context_us``;
 * ``context_us``: ``spend - hook - core``, what the core's logic costs more inside a
   framework request than in a tight loop (caches, the framework's context); any adapter
@@ -567,9 +569,9 @@ def run(settings: Any, rec: Any) -> None:
                 rec.add(
                     SCENARIO,
                     adapter if build == "guarded" else f"{adapter}@{build}",
-                    t[build] - t["spend"],
+                    t[build] - t["bare"],  # median: µs added per request
                     "us",
-                    added_us=t[build] - t["bare"],
+                    own_us=t[build] - t["spend"],
                     over_core_us=t[build] - t["hook"] - t["core"],
                     context_us=t["spend"] - t["hook"] - t["core"],
                     hook_us=t["hook"] - t["bare"],
@@ -583,7 +585,7 @@ def targets(rec: Any, settings: Any) -> dict[str, dict[str, Any]]:
     """Each adapter's own work per request, against :data:`TARGET_US`."""
     out: dict[str, dict[str, Any]] = {}
     for adapter in ADAPTERS:
-        values = rec.values(SCENARIO, adapter)
+        values = rec.extras(SCENARIO, adapter, "own_us")
         if not values:
             continue
         value = statistics.median(values)
@@ -628,9 +630,9 @@ def main(argv: list[str]) -> int:
         def med(key: str, rows: list[dict[str, float]] = rows) -> float:
             return statistics.median(row[key] for row in rows)
 
-        verdict = "ok" if med("value") <= TARGET_US else "over"
+        verdict = "ok" if med("own_us") <= TARGET_US else "over"
         print(
-            f"  {variant:<20}{med('value'):>7.1f}{med('added_us'):>8.1f}"
+            f"  {variant:<20}{med('own_us'):>7.1f}{med('value'):>8.1f}"
             f"{med('over_core_us'):>11.1f}{med('context_us'):>9.1f}{med('hook_us'):>7.1f}"
             f"{med('core_us'):>7.1f}{med('bare_us'):>7.1f}   {verdict}"
         )
