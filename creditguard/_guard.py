@@ -35,10 +35,11 @@ from ._errors import (
     CreditGuardError,
     InsecureTransportError,
     InsufficientCredits,
+    InvalidResponse,
     RateLimited,
 )
 from ._models import CreditBalance
-from ._reports import is_insufficient_credits
+from ._reports import is_insufficient_credits, parse_report
 from ._state import (
     Account,
     Flight,
@@ -105,7 +106,8 @@ class GuardEvent:
     ``on_unavailable="allow"``), ``"spent"`` (with the balance before and after),
     ``"failed"`` (the action raised), ``"cancelled"`` (cancelled in the action or in the
     refresh after it) and ``"refresh_failed"``. ``account`` is the account's fingerprint,
-    never the key.
+    never the key. ``charged`` (on ``"spent"``) is what the call cost, when its paid call
+    reported it.
     """
 
     kind: str
@@ -115,6 +117,7 @@ class GuardEvent:
     balance_after: CreditBalance | None = None
     available: int | None = None
     error: BaseException | None = None
+    charged: int | None = None
 
 
 def _check_cost(cost: object) -> int:
@@ -502,6 +505,9 @@ class CreditGuard:
                 # InsufficientCredits`` covers both refusals; the original is the cause.
                 raise InsufficientCredits(spend.cost, 0) from exc
             return
+        result, spend._result = spend._result, None
+        if result is not None and self._settled_from_report(spend, settlement, result):
+            return
         step = account.begin_settle(settlement, sync)
         try:
             balance = yield from self._settle(settlement.after, step, sync)
@@ -518,6 +524,37 @@ class CreditGuard:
             raise
         account.end_settle(settlement)
         self._spent(spend, balance)
+
+    def _settled_from_report(self, spend: Spend, settlement: Reservation, result: object) -> bool:
+        """Settle ``spend`` from its paid call's own report, when it carries one that can
+        stand in for a refresh (see :meth:`Account.settle_reported`)."""
+        try:
+            report = parse_report(result)
+        except InvalidResponse as exc:  # never hide the action's result: refresh instead
+            logger.warning("ignoring a malformed credits report on %s: %s", self.account, exc)
+            return False
+        if report is None:
+            return False
+        charged = report.charged
+        if charged is not None and charged > spend.cost:
+            logger.warning(
+                "a call on %s declared %d credits and was charged %d: declare at least what"
+                " it can cost, or admission cannot be safe",
+                self.account,
+                spend.cost,
+                charged,
+            )
+        before = settlement.balance
+        after = self._account.settle_reported(
+            settlement, charged, report.total_after, report.balance_after
+        )
+        if after is None:
+            return False
+        if charged is None and before is not None and report.total_after is not None:
+            charged = before.total_balance - report.total_after
+        spend.charged = charged
+        self._spent(spend, after)
+        return True
 
     # -- the two I/O edges -------------------------------------------------------------
 
@@ -681,7 +718,7 @@ class CreditGuard:
                 balance.total_balance,
             )
         if self._shared.on_event is not None:
-            self._emit("spent", spend.cost, spend.balance_before, balance)
+            self._emit("spent", spend.cost, spend.balance_before, balance, charged=spend.charged)
 
     def _failed(self, spend: Spend, exc: BaseException) -> None:
         kind = "failed" if isinstance(exc, Exception) else "cancelled"
@@ -706,11 +743,14 @@ class CreditGuard:
         *,
         available: int | None = None,
         error: BaseException | None = None,
+        charged: int | None = None,
     ) -> None:
         on_event = self._shared.on_event
         if on_event is None:
             return
-        event = GuardEvent(kind, self._account.fingerprint, cost, before, after, available, error)
+        event = GuardEvent(
+            kind, self._account.fingerprint, cost, before, after, available, error, charged
+        )
         try:
             on_event(event)
         except Exception:
@@ -772,8 +812,9 @@ class Spend:
     ``balance_before`` is the balance the admission was decided on (``None`` only when
     run unchecked under ``on_unavailable="allow"``). ``balance_after`` is set when the
     block exits: the balance read after the action finished, or ``None`` when that
-    refresh failed or the block raised or was cancelled. While the block (or decorated
-    call) runs, :func:`current_spend` returns this spend.
+    refresh failed or the block raised or was cancelled. ``charged`` is what the call cost
+    when its paid call reported it (see :meth:`report`), else ``None``. While the block
+    (or decorated call) runs, :func:`current_spend` returns this spend.
     """
 
     __slots__ = (
@@ -782,8 +823,10 @@ class Spend:
         "_guard",
         "_outer",
         "_reservation",
+        "_result",
         "balance_after",
         "balance_before",
+        "charged",
         "cost",
     )
 
@@ -793,6 +836,8 @@ class Spend:
         self._active = False  # entered and not yet exited
         self._outer: Spend | None = None  # the spend this one runs inside, if any
         self._reservation: Reservation | None = None  # held from admission to settling
+        self._result: object = None  # the paid call's answer, to settle from its report
+        self.charged: int | None = None
         self.cost = _check_cost(cost)
         self.balance_before: CreditBalance | None = None
         self.balance_after: CreditBalance | None = None
@@ -801,6 +846,20 @@ class Spend:
         before = None if self.balance_before is None else self.balance_before.total_balance
         after = None if self.balance_after is None else self.balance_after.total_balance
         return f"<Spend cost={self.cost} before={before} after={after}>"
+
+    def report(self, result: object) -> None:
+        """Hand the paid call's answer to the guard, inside the block.
+
+        ``result`` is Lensmor's answer: an ``httpx.Response`` or its decoded JSON. When it
+        reports what the call did (``creditsUsed``, ``balanceAfter``...), the spend may
+        settle from it without a balance read (see the consistency model), and
+        :attr:`charged` says what the call cost. An answer without credit figures, or one
+        that cannot be trusted, changes nothing: the spend settles with a refresh.
+        Decorated functions need not call it: what they return is looked at the same way.
+        """
+        if not self._active:
+            raise RuntimeError("Spend.report() is for inside the guarded block")
+        self._result = result
 
     def _enter(self) -> None:
         if self._entered:
@@ -944,16 +1003,20 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
             @functools.wraps(func)
             async def async_guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
                 amount = static if static is not None else _check_cost(cost_of(*args, **kwargs))
-                async with Spend(get_guard(), amount):
-                    return await afunc(*args, **kwargs)
+                async with Spend(get_guard(), amount) as spend:
+                    result = await afunc(*args, **kwargs)
+                    spend._result = result
+                    return result
 
             return cast(Callable[P, R], async_guarded)
 
         @functools.wraps(func)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
             amount = static if static is not None else _check_cost(cost_of(*args, **kwargs))
-            with Spend(get_guard(), amount):
-                return func(*args, **kwargs)
+            with Spend(get_guard(), amount) as spend:
+                result = func(*args, **kwargs)
+                spend._result = result
+                return result
 
         return guarded
 

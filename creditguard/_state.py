@@ -586,6 +586,59 @@ class Account:
                 return self.cached
             return self._join_or_lead(after, sync)
 
+    def settle_reported(
+        self,
+        reservation: Reservation,
+        charged: int | None,
+        total_after: int | None,
+        balance_after: CreditBalance | None,
+    ) -> CreditBalance | None:
+        """A finished spend whose paid call reported what it did: settle it from the
+        report when the report can stand in for a refresh, and return the balance after
+        it; ``None`` (nothing changed) to settle it with a refresh instead.
+
+        * Nothing charged (``charged == 0``): the balance did not move because of this
+          call, so its reservation is released at once, whatever else is in flight.
+        * Otherwise the report replaces the refresh only when it is provably the newest
+          thing known: this call was the only one in flight, no read is in flight, and the
+          cached balance was read before it was admitted (so it cannot include the
+          charge). The cache becomes the balance after the charge (the reported balance,
+          or the cached one less what the report says was spent), read "now": reads that
+          started earlier are no longer trusted. Its age is the cached read's: spending
+          the guard cannot see is still bounded by the TTL.
+        """
+        with self.lock:
+            cached = self.cached
+            alone = (
+                cached is not None
+                and self.inflight == 1
+                and not self.settling
+                and not self.flights
+                and self.cached_seq >= self.floor
+                and reservation.gen == self.cache_gen
+            )
+            if alone and cached is not None:
+                after = _after_report(cached, charged, total_after, balance_after)
+            else:
+                after = None
+            if after is None:
+                if charged != 0:
+                    return None
+                after = cached if cached is not None else reservation.balance
+                self._unhold(reservation)
+            else:
+                self.seq += 1
+                self.floor = self.seq
+                self.cached = after
+                self.cached_seq = self.seq
+                self.cache_gen += 1
+                self.excluded = 0
+                self._unhold(reservation)
+            callbacks = self._wake_released()
+        for notify in callbacks:
+            notify()
+        return after
+
     def release_invalidate(self, reservation: Reservation) -> None:
         """Drop a reservation whose spend is unknown upstream; distrust every older read."""
         with self.lock:
@@ -610,6 +663,27 @@ class Account:
         """(cached balance, credits reserved, calls in flight), for tests and metrics."""
         with self.lock:
             return self.cached, self.reserved, self.inflight
+
+
+def _after_report(
+    cached: CreditBalance,
+    charged: int | None,
+    total_after: int | None,
+    balance_after: CreditBalance | None,
+) -> CreditBalance | None:
+    """The balance after a call, from what it reported and the balance read before it
+    (``None`` when the report does not say enough, or says credits were added)."""
+    if balance_after is not None:
+        return balance_after
+    if total_after is not None:
+        spent = cached.total_balance - total_after  # this call's charge, and anyone else's
+    elif charged is not None:
+        spent = charged
+    else:
+        return None
+    if spent < 0 or spent > cached.total_balance:
+        return None
+    return cached.after_spending(spent)
 
 
 class StateBackend(Protocol):

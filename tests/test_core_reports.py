@@ -1,0 +1,207 @@
+"""Settling from the paid call's own report (``creditsUsed`` / ``balanceAfter``).
+
+A call alone in flight settles from what Lensmor's answer says: no balance read after it.
+A call that charged nothing releases its reservation without a read. Anything less certain
+(other calls in flight, a read in flight, a malformed report) settles with a refresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from creditguard import CreditGuard, GuardEvent, InsufficientCredits
+from creditguard.testing import FakeLensmor
+
+pytestmark = pytest.mark.anyio
+
+AUTH = {"Authorization": "Bearer test-key"}
+
+
+def client(fake: FakeLensmor) -> httpx.Client:
+    return httpx.Client(transport=fake.transport, base_url="https://sandbox.invalid", headers=AUTH)
+
+
+def aclient(fake: FakeLensmor) -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        transport=fake.transport, base_url="https://sandbox.invalid", headers=AUTH
+    )
+
+
+def test_sequential_unlocks_settle_from_the_report_without_reading_again() -> None:
+    fake = FakeLensmor(subscription_balance=10_000, gift_balance=50)
+    events: list[GuardEvent] = []
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=events.append)
+    http = client(fake)
+
+    @guard.requires_credits(2000)
+    def unlock(event_id: str) -> httpx.Response:
+        return http.post(f"/external/events/{event_id}/unlock").raise_for_status()
+
+    for i in range(4):
+        unlock(f"ev{i}")
+    assert fake.balance.total_balance == 10_050 - 4 * 2000
+    assert fake.balance_requests == 1  # the first admission's read, and no other
+    assert guard.balance() == fake.balance  # the cache is the reported balance
+    spent = [e for e in events if e.kind == "spent"]
+    assert [e.charged for e in spent] == [2000] * 4
+    assert spent[-1].balance_after is not None
+    assert spent[-1].balance_after.total_balance == 2050
+    assert guard._account.snapshot()[1:] == (0, 0)
+    with pytest.raises(InsufficientCredits) as info, guard.spend(2100):  # on the report
+        pytest.fail("2050 left")
+    assert info.value.available == 2050
+    assert fake.balance_requests == 1
+
+
+def test_already_unlocked_charges_nothing_and_needs_no_read() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    http = client(fake)
+    with guard.spend(2000) as first:
+        first.report(http.post("/external/events/e1/unlock").raise_for_status())
+    reads = fake.balance_requests
+    with guard.spend(2000) as again:
+        answer = http.post("/external/events/e1/unlock").raise_for_status()
+        assert answer.json()["alreadyUnlocked"] is True
+        again.report(answer.json())  # the decoded JSON works as well as the response
+    assert (first.charged, again.charged) == (2000, 0)
+    assert again.balance_after == first.balance_after
+    assert fake.balance_requests == reads
+    assert guard._account.snapshot()[1:] == (0, 0)
+
+
+def test_answers_without_credit_figures_settle_with_a_refresh() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    http = client(fake)
+
+    @guard.requires_credits(50)
+    def search(name: str) -> dict[str, Any]:
+        path = "/external/exhibitors/search-by-company-name"
+        answer = http.post(path, json={"company_name": name})
+        result: dict[str, Any] = answer.raise_for_status().json()
+        return result
+
+    search("Acme")
+    assert fake.balance_requests == 2  # admission, then the refresh after spending
+    assert guard.balance() == fake.balance
+
+
+def test_a_malformed_report_is_ignored_and_the_result_returned(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+
+    @guard.requires_credits(10)
+    def unlock() -> dict[str, Any]:
+        fake.charge(10)
+        return {"creditsUsed": -5, "balanceAfter": None}
+
+    with caplog.at_level(logging.WARNING, logger="creditguard"):
+        assert unlock() == {"creditsUsed": -5, "balanceAfter": None}
+    assert "malformed credits report" in caplog.text
+    assert guard.balance() == fake.balance  # settled by a refresh instead
+    assert guard._account.snapshot()[1:] == (0, 0)
+
+
+def test_a_charge_above_the_declared_cost_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    http = client(fake)
+    with caplog.at_level(logging.WARNING, logger="creditguard"), guard.spend(100) as spend:
+        spend.report(http.post("/external/events/e1/unlock").raise_for_status())
+    assert spend.charged == 2000
+    assert "declared 100 credits and was charged 2000" in caplog.text
+    assert guard.balance() == fake.balance
+
+
+def test_spending_by_the_web_app_shows_in_the_reported_balance() -> None:
+    fake = FakeLensmor(subscription_balance=10_000, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    http = client(fake)
+    assert guard.balance().total_balance == 10_000
+    fake.spend_outside(500)  # the Lensmor web app, from the same pool
+    with guard.spend(2000) as spend:
+        spend.report(http.post("/external/events/e1/unlock").raise_for_status())
+    assert spend.balance_after is not None
+    assert spend.balance_after.total_balance == 7500 == fake.balance.total_balance
+    assert guard.balance() == fake.balance
+
+
+def test_report_outside_the_block_is_refused() -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    spend = guard.spend(1)
+    with pytest.raises(RuntimeError):
+        spend.report({"creditsUsed": 1})
+
+
+def test_concurrent_calls_settle_with_refreshes_and_never_overspend() -> None:
+    # (no sandbox latency: overlapping paid calls of one key would get Lensmor's 409)
+    fake = FakeLensmor(subscription_balance=20_000, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    http = client(fake)
+    refused = 0
+    lock = threading.Lock()
+
+    @guard.requires_credits(2000)
+    def unlock(event_id: str) -> httpx.Response:
+        return http.post(f"/external/events/{event_id}/unlock").raise_for_status()
+
+    def call(i: int) -> None:
+        nonlocal refused
+        try:
+            unlock(f"ev{i}")
+        except InsufficientCredits:
+            with lock:
+                refused += 1
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(call, range(16)))
+    assert fake.balance.total_balance == 0
+    assert refused == 6
+    assert guard._account.snapshot()[1:] == (0, 0)
+    assert guard.balance() == fake.balance
+
+
+async def test_async_unlocks_settle_from_the_report() -> None:
+    fake = FakeLensmor(subscription_balance=10_000, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    async with aclient(fake) as http:
+
+        @guard.requires_credits(2000)
+        async def unlock(event_id: str) -> httpx.Response:
+            return (await http.post(f"/external/events/{event_id}/unlock")).raise_for_status()
+
+        for i in range(3):
+            await unlock(f"ev{i}")
+        async with guard.spend(2000) as spend:
+            spend.report(await http.post("/external/events/ev0/unlock"))  # already unlocked
+    assert spend.charged == 0
+    assert fake.balance_requests == 1
+    assert (await guard.abalance()) == fake.balance
+    assert fake.balance.total_balance == 4000
+
+
+async def test_a_read_in_flight_is_not_overtaken_by_a_report() -> None:
+    """A read that started before the paid call may or may not include its charge: while
+    one is in flight the report does not replace the refresh."""
+    fake = FakeLensmor(subscription_balance=10_000, gift_balance=0, latency=0.05)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    await guard.abalance()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: guard.abalance(refresh=True))  # a read in flight
+        await anyio.wait_all_tasks_blocked()
+        async with guard.spend(2000) as spend:
+            fake.charge(2000)
+            spend.report({"creditsUsed": 2000, "balanceAfter": None})
+    assert spend.balance_after == fake.balance  # from a read that started after it
+    assert guard._account.snapshot()[1:] == (0, 0)
