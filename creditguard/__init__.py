@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._client import RetryPolicy, parse_retry_after
     from ._errors import (
+        ActionNotAllowed,
         AuthenticationError,
         BalanceUnavailable,
         CreditGuardError,
@@ -27,12 +28,13 @@ if TYPE_CHECKING:
         DEFAULT_BASE_URL,
         CreditGuard,
         GuardEvent,
+        Precheck,
         Spend,
         current_spend,
         default_guard,
         requires_credits,
     )
-    from ._models import CreditBalance
+    from ._models import CreditBalance, PrecheckResult
     from ._state import MemoryBackend, StateBackend
 
 __version__ = "0.1.0"
@@ -40,6 +42,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "DEFAULT_BASE_URL": "._guard",
+    "ActionNotAllowed": "._errors",
+    "Precheck": "._guard",
+    "PrecheckResult": "._models",
     "AuthenticationError": "._errors",
     "BalanceUnavailable": "._errors",
     "CreditBalance": "._models",
@@ -62,6 +67,7 @@ _EXPORTS = {
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "ActionNotAllowed",
     "AuthenticationError",
     "BalanceUnavailable",
     "CreditBalance",
@@ -72,6 +78,8 @@ __all__ = [
     "InsufficientCredits",
     "InvalidResponse",
     "MemoryBackend",
+    "Precheck",
+    "PrecheckResult",
     "RateLimited",
     "RetryPolicy",
     "Spend",

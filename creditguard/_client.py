@@ -19,7 +19,7 @@ import threading
 import time
 import weakref
 import zlib
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -30,16 +30,19 @@ import cachetools
 import httpx
 
 from ._errors import (
+    ActionNotAllowed,
     AuthenticationError,
     BalanceUnavailable,
     InvalidResponse,
     RateLimited,
 )
-from ._models import CreditBalance
+from ._models import CreditBalance, PrecheckResult
+from ._reports import parse_api_error
 
 __all__ = ["AsyncBalanceClient", "BalanceClient", "RetryPolicy", "parse_retry_after"]
 
 BALANCE_PATH = "/external/credits/balance"
+PRECHECK_PATH = "/external/actions/precheck"
 MAX_BODY_BYTES = 64 * 1024
 _MAX_RETRY_AFTER = 1e9  # seconds; anything larger is "much too long" all the same
 _REDACTED = "Bearer [redacted]"
@@ -266,10 +269,21 @@ def _inflate(body: bytes, coding: str) -> bytes:
 class _Reader:
     """What both clients share: the request, the body limit and the response mapping."""
 
-    __slots__ = ("_fits", "_last", "_lock", "_requests", "base_url", "policy", "timeout", "url")
+    __slots__ = (
+        "_fits",
+        "_last",
+        "_lock",
+        "_requests",
+        "base_url",
+        "policy",
+        "precheck_url",
+        "timeout",
+        "url",
+    )
 
     def __init__(self, base_url: str, timeout: httpx.Timeout, policy: RetryPolicy) -> None:
         self.url = httpx.URL(base_url.rstrip("/") + BALANCE_PATH)
+        self.precheck_url = httpx.URL(base_url.rstrip("/") + PRECHECK_PATH)
         self.base_url = _display_url(base_url)
         self.timeout = timeout
         self.policy = policy
@@ -309,6 +323,61 @@ class _Reader:
             },
             extensions={"timeout": self.timeout.as_dict()},
         )
+
+    def precheck_request(
+        self, api_key: Secret, action_type: str, params: Mapping[str, Any]
+    ) -> httpx.Request:
+        """``POST /external/actions/precheck`` for one action (it never charges)."""
+        body = json.dumps({"action_type": action_type, "params": dict(params)}).encode()
+        return httpx.Request(
+            "POST",
+            self.precheck_url,
+            headers={
+                "Authorization": f"Bearer {api_key.reveal()}",
+                "Accept": "application/json",
+                "Accept-Encoding": "identity",
+                "Content-Type": "application/json",
+                "User-Agent": USER_AGENT,
+            },
+            content=body,
+            extensions={"timeout": self.timeout.as_dict()},
+        )
+
+    def precheck_answer(self, response: httpx.Response, body: bytes) -> PrecheckResult:
+        """The precheck's result, or the error its answer means (Lensmor's ``errorKey``
+        and ``traceId`` in the message; never the key)."""
+        status = response.status_code
+        if status == 200:
+            try:
+                data = _loads(body)
+            except (ValueError, RecursionError):
+                raise InvalidResponse("precheck answer is not valid JSON") from None
+            return PrecheckResult.from_api(data)
+        info = parse_api_error(httpx.Response(status, headers=response.headers, content=body))
+        said = f": {info}" if info is not None else ""
+        if status in (401, 403):
+            raise AuthenticationError(
+                f"the credits service rejected the API key ({status}){said}", status_code=status
+            )
+        if status == 429:
+            raise RateLimited(
+                f"rate limited by the credits service (429){said}",
+                retry_after=parse_retry_after(response.headers.get("retry-after")),
+            )
+        if status == 400:
+            raise ActionNotAllowed("invalid_request", {"message": str(info or "")})
+        raise BalanceUnavailable(
+            f"the precheck at {self.base_url} answered {status}{said}", status_code=status
+        )
+
+    def send_error(self, exc: httpx.HTTPError, sent: httpx.Request) -> BalanceUnavailable:
+        """A transport error of a one-shot request (the precheck), as our error."""
+        _redact(exc, sent)
+        error = BalanceUnavailable(
+            f"could not reach the credits service at {self.base_url} ({type(exc).__name__})"
+        )
+        error.__cause__ = exc
+        return error
 
     def for_attempt(
         self, request: httpx.Request, attempts: _Attempts | None, deadline: float
@@ -477,6 +546,30 @@ class BalanceClient:
                 attempts = _Attempts(reader.policy, deadline)
             wait = attempts.delay(retry)
             time.sleep(wait)
+
+    def send(self, request: httpx.Request) -> tuple[httpx.Response, bytes]:
+        """Send a one-shot request (the precheck); its answer and body (at most
+        ``MAX_BODY_BYTES`` on the wire). Not retried."""
+        reader = self._reader
+        transport = self._get_transport()
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            response = transport.handle_request(request)
+            try:
+                if response.is_stream_consumed:
+                    chunks.append(reader.in_memory(response))
+                else:
+                    for chunk in response.iter_raw():
+                        size += len(chunk)
+                        if size > MAX_BODY_BYTES:
+                            raise reader.body_error(size)
+                        chunks.append(chunk)
+            finally:
+                response.close()
+        except httpx.HTTPError as exc:
+            raise reader.send_error(exc, request) from None
+        return response, b"".join(chunks)
 
     def close(self) -> None:
         """Close the transport (the guard's own, or the one it was given, as
@@ -688,6 +781,29 @@ class AsyncBalanceClient:
                 attempts = _Attempts(reader.policy, deadline)
             wait = attempts.delay(retry)
             await anyio.sleep(wait)
+
+    async def send(self, request: httpx.Request) -> tuple[httpx.Response, bytes]:
+        """Async :meth:`BalanceClient.send`."""
+        reader = self._reader
+        transport = self._get_transport()
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            response = await transport.handle_async_request(request)
+            try:
+                if response.is_stream_consumed:
+                    chunks.append(reader.in_memory(response))
+                else:
+                    async for chunk in response.aiter_raw():
+                        size += len(chunk)
+                        if size > MAX_BODY_BYTES:
+                            raise reader.body_error(size)
+                        chunks.append(chunk)
+            finally:
+                await response.aclose()
+        except httpx.HTTPError as exc:
+            raise reader.send_error(exc, request) from None
+        return response, b"".join(chunks)
 
     async def aclose(self) -> None:
         """Close the transport of the current loop (or the given one) and have every other

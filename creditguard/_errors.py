@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._models import CreditBalance
 
 __all__ = [
+    "ActionNotAllowed",
     "AuthenticationError",
     "BalanceUnavailable",
     "CreditGuardError",
@@ -97,3 +99,19 @@ class InvalidResponse(BalanceUnavailable):
 
 class InsecureTransportError(CreditGuardError, ValueError):
     """Refused to send the API key in clear text over plain ``http://`` to a remote host."""
+
+
+class ActionNotAllowed(CreditGuardError):
+    """Lensmor's precheck says the action may not run, for a reason other than credits
+    (``reason_code``: ``unlock_in_progress``, ``state_conflict``, ``no_contacts_available``,
+    ``unsupported_action``, ``invalid_subject``, ``not_found``...). ``detail`` is the
+    precheck's own detail. The action was not run and nothing was reserved.
+    """
+
+    def __init__(self, reason_code: str, detail: Mapping[str, Any] | None = None) -> None:
+        self.reason_code = reason_code
+        self.detail: Mapping[str, Any] = dict(detail or {})
+        super().__init__(f"Lensmor does not allow this action: {reason_code}")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.reason_code, self.detail))

@@ -22,7 +22,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable, Generator, Mapping
 from types import TracebackType
 from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, overload
 
@@ -30,6 +30,7 @@ import httpx
 
 from ._client import AsyncBalanceClient, BalanceClient, RetryPolicy, Secret, _Reader
 from ._errors import (
+    ActionNotAllowed,
     AuthenticationError,
     BalanceUnavailable,
     CreditGuardError,
@@ -38,7 +39,7 @@ from ._errors import (
     InvalidResponse,
     RateLimited,
 )
-from ._models import CreditBalance
+from ._models import CreditBalance, PrecheckResult
 from ._reports import is_insufficient_credits, parse_report
 from ._state import (
     Account,
@@ -55,6 +56,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "CreditGuard",
     "GuardEvent",
+    "Precheck",
     "Spend",
     "current_spend",
     "default_guard",
@@ -74,7 +76,55 @@ DEFAULT_BASE_URL = "https://platform.lensmor.com"
 """The base URL when neither ``base_url`` nor ``LENSMOR_BASE_URL`` is given."""
 logger = logging.getLogger("creditguard")
 
-Cost = int | Callable[..., int]
+
+class Precheck:
+    """A cost Lensmor works out: ``Precheck(action_type, params)`` is accepted wherever a
+    cost is (``requires_credits``, ``spend``).
+
+    Before the action, the guard asks ``POST /external/actions/precheck`` what it would
+    charge (never charging, reserving or locking anything) and admits for exactly that:
+    nothing reserved and no refresh when it would charge nothing (already-unlocked
+    contacts are free), :class:`InsufficientCredits` when Lensmor says the balance is
+    short, :class:`ActionNotAllowed` for its other refusals. ``params`` is the precheck's
+    ``params`` object, or (for a decorator) a callable of the decorated function's
+    arguments returning it. With ``at_most``, the worst case the action can cost, no
+    precheck is sent while the cached balance covers that bound: the call is admitted for
+    ``at_most`` instead.
+    """
+
+    __slots__ = ("action_type", "at_most", "params")
+
+    def __init__(
+        self,
+        action_type: str,
+        params: Mapping[str, Any] | Callable[..., Mapping[str, Any]],
+        *,
+        at_most: int | None = None,
+    ) -> None:
+        if not isinstance(action_type, str) or not action_type:
+            raise TypeError("action_type must be a non-empty str")
+        if not callable(params) and not isinstance(params, Mapping):
+            raise TypeError(
+                "params must be a mapping, or a callable of the guarded function's"
+                f" arguments returning one; got {type(params).__name__}"
+            )
+        self.action_type = action_type
+        self.params = params
+        self.at_most = None if at_most is None else _check_cost(at_most)
+
+    def __repr__(self) -> str:
+        return f"Precheck({self.action_type!r}, at_most={self.at_most!r})"
+
+    def params_for(self, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
+        """The precheck ``params`` for a call with these arguments."""
+        params = self.params
+        value = params(*args, **kwargs) if callable(params) else params
+        if not isinstance(value, Mapping):
+            raise TypeError(f"precheck params must be a mapping, got {type(value).__name__}")
+        return value
+
+
+Cost = int | Callable[..., int] | Precheck
 OnUnavailable = Literal["deny", "allow"]
 
 _current: contextvars.ContextVar[Spend | None] = contextvars.ContextVar(
@@ -388,6 +438,59 @@ class CreditGuard:
     def invalidate(self) -> None:
         """Forget the cached balance; reads already in flight will not be trusted."""
         self._account.invalidate()
+
+    # -- precheck ------------------------------------------------------------------
+
+    def precheck(self, action_type: str, params: Mapping[str, Any]) -> PrecheckResult:
+        """Ask Lensmor what ``action_type`` with ``params`` would charge, without charging
+        (``POST /external/actions/precheck``; one request, not retried)."""
+        shared = self._shared
+        request = shared.reader.precheck_request(self._key, action_type, params)
+        response, body = shared.client.send(request)
+        return shared.reader.precheck_answer(response, body)
+
+    async def aprecheck(self, action_type: str, params: Mapping[str, Any]) -> PrecheckResult:
+        """Async :meth:`precheck`."""
+        shared = self._shared
+        request = shared.reader.precheck_request(self._key, action_type, params)
+        response, body = await shared.aclient.send(request)
+        return shared.reader.precheck_answer(response, body)
+
+    def _covers(self, credits: int) -> bool:
+        """Whether the fresh cached balance, less what calls in flight hold, covers
+        ``credits`` (no request)."""
+        cached, reserved, _ = self._account.snapshot()
+        account = self._account
+        fresh = cached is not None and _monotonic() - account.cached_at < self._shared.ttl
+        return fresh and cached is not None and cached.total_balance - reserved >= credits
+
+    def _precheck_decision(self, result: PrecheckResult, available: int | None) -> int:
+        """The credits to admit for, from the precheck's answer (0: nothing to charge),
+        or the refusal it means."""
+        if not result.allowed:
+            if result.reason_code == "insufficient_balance":
+                exc = InsufficientCredits(result.credits, available or 0)
+                self._denied(exc)
+                raise exc
+            raise ActionNotAllowed(result.reason_code, result.detail)
+        if not result.should_charge:
+            return 0
+        return result.credits
+
+    def _cost_of(self, cost: Precheck, params: Mapping[str, Any]) -> int:
+        if cost.at_most is not None and self._covers(cost.at_most):
+            return cost.at_most
+        result = self.precheck(cost.action_type, params)
+        short = not result.allowed and result.reason_code == "insufficient_balance"
+        return self._precheck_decision(result, self.balance().total_balance if short else None)
+
+    async def _acost_of(self, cost: Precheck, params: Mapping[str, Any]) -> int:
+        if cost.at_most is not None and self._covers(cost.at_most):
+            return cost.at_most
+        result = await self.aprecheck(cost.action_type, params)
+        short = not result.allowed and result.reason_code == "insufficient_balance"
+        available = (await self.abalance()).total_balance if short else None
+        return self._precheck_decision(result, available)
 
     # -- the logic, once ---------------------------------------------------------------
     #
@@ -758,12 +861,16 @@ class CreditGuard:
 
     # -- public spending API -----------------------------------------------------------
 
-    def spend(self, cost: int) -> Spend:
-        """Guard a block: ``with guard.spend(25) as s:`` or ``async with guard.spend(25) as s:``."""
+    def spend(self, cost: int | Precheck) -> Spend:
+        """Guard a block: ``with guard.spend(25) as s:`` or ``async with guard.spend(25) as s:``.
+
+        ``cost`` may be a :class:`Precheck` (its ``params`` a mapping, or a callable of no
+        arguments): the block is then admitted for what Lensmor says it would charge, and
+        runs with nothing reserved when that is nothing."""
         return Spend(self, cost)
 
     @overload
-    def requires_credits(self, cost: int) -> _Decorator: ...
+    def requires_credits(self, cost: int | Precheck) -> _Decorator: ...
 
     @overload
     def requires_credits(self, cost: Callable[P, int]) -> _CostDecorator[P]: ...
@@ -822,6 +929,7 @@ class Spend:
         "_entered",
         "_guard",
         "_outer",
+        "_precheck",
         "_reservation",
         "_result",
         "balance_after",
@@ -830,9 +938,12 @@ class Spend:
         "cost",
     )
 
-    def __init__(self, guard: CreditGuard, cost: int) -> None:
+    def __init__(self, guard: CreditGuard, cost: int | Precheck) -> None:
         self._guard = guard
         self._entered = False
+        self._precheck: Precheck | None = None
+        if isinstance(cost, Precheck):
+            self._precheck, cost = cost, 0  # the cost is Lensmor's answer, on entering
         self._active = False  # entered and not yet exited
         self._outer: Spend | None = None  # the spend this one runs inside, if any
         self._reservation: Reservation | None = None  # held from admission to settling
@@ -885,6 +996,12 @@ class Spend:
     def __enter__(self) -> Spend:
         self._enter()
         guard = self._guard
+        precheck = self._precheck
+        if precheck is not None:
+            self.cost = guard._cost_of(precheck, precheck.params_for())
+            if not self.cost:  # nothing to charge: run with nothing reserved
+                self._activate()
+                return self
         if not guard._admit_cached(self):
             guard._drive(guard._admit(self, True))
         self._activate()
@@ -903,6 +1020,12 @@ class Spend:
     async def __aenter__(self) -> Spend:
         self._enter()
         guard = self._guard
+        precheck = self._precheck
+        if precheck is not None:
+            self.cost = await guard._acost_of(precheck, precheck.params_for())
+            if not self.cost:  # nothing to charge: run with nothing reserved
+                self._activate()
+                return self
         if not guard._admit_cached(self):
             await guard._adrive(guard._admit(self, False))
         self._activate()
@@ -947,7 +1070,7 @@ class _CostDecorator(Protocol[P]):
     def __call__(self, func: Callable[P, R], /) -> Callable[P, R]: ...
 
 
-def _check_cost_signature(cost: Callable[..., int], func: Callable[..., object]) -> None:
+def _check_cost_signature(cost: Callable[..., object], func: Callable[..., object]) -> None:
     """Raise ``TypeError`` at decoration time when ``cost`` cannot take the arguments
     ``func`` is called with (as far as the two signatures tell)."""
     try:
@@ -981,9 +1104,12 @@ def _is_async(func: Callable[..., object]) -> bool:
 
 
 def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
-    if callable(cost):
+    precheck: Precheck | None = None
+    static: int | None = None
+    if isinstance(cost, Precheck):
+        precheck = cost
+    elif callable(cost):
         cost_of: Callable[..., int] = cost
-        static: int | None = None
     else:
         static = _check_cost(cost)
 
@@ -995,15 +1121,27 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
                 "requires_credits cannot guard a generator: its body runs after the call"
                 " returns; guard the code that spends with `guard.spend()` instead"
             )
-        if static is None:
+        if precheck is not None:
+            if callable(precheck.params):
+                _check_cost_signature(precheck.params, func)
+        elif static is None:
             _check_cost_signature(cost_of, func)
         if _is_async(func):
             afunc = cast(Callable[P, Awaitable[Any]], func)
 
             @functools.wraps(func)
             async def async_guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-                amount = static if static is not None else _check_cost(cost_of(*args, **kwargs))
-                async with Spend(get_guard(), amount) as spend:
+                guard = get_guard()
+                if precheck is not None:
+                    params = precheck.params_for(*args, **kwargs)
+                    amount = await guard._acost_of(precheck, params)
+                    if not amount:  # nothing to charge: no reservation, no refresh
+                        return await afunc(*args, **kwargs)
+                elif static is not None:
+                    amount = static
+                else:
+                    amount = _check_cost(cost_of(*args, **kwargs))
+                async with Spend(guard, amount) as spend:
                     result = await afunc(*args, **kwargs)
                     spend._result = result
                     return result
@@ -1012,8 +1150,16 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
 
         @functools.wraps(func)
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-            amount = static if static is not None else _check_cost(cost_of(*args, **kwargs))
-            with Spend(get_guard(), amount) as spend:
+            guard = get_guard()
+            if precheck is not None:
+                amount = guard._cost_of(precheck, precheck.params_for(*args, **kwargs))
+                if not amount:  # nothing to charge: no reservation, no refresh
+                    return func(*args, **kwargs)
+            elif static is not None:
+                amount = static
+            else:
+                amount = _check_cost(cost_of(*args, **kwargs))
+            with Spend(guard, amount) as spend:
                 result = func(*args, **kwargs)
                 spend._result = result
                 return result
@@ -1045,7 +1191,7 @@ def _default_guard() -> CreditGuard:
 
 
 @overload
-def requires_credits(cost: int, *, guard: CreditGuard | None = None) -> _Decorator: ...
+def requires_credits(cost: int | Precheck, *, guard: CreditGuard | None = None) -> _Decorator: ...
 
 
 @overload

@@ -17,7 +17,7 @@ from typing import Any
 
 from ._errors import InsufficientCredits, InvalidResponse
 
-__all__ = ["CreditBalance"]
+__all__ = ["CreditBalance", "PrecheckResult"]
 
 # (python attribute, documented camelCase field): the counts every published version sends
 _INT_FIELDS = (
@@ -324,3 +324,53 @@ _SLOT_SETTERS = tuple(
     getattr(CreditBalance, f.name).__set__ for f in dataclasses.fields(CreditBalance)
 )
 _new = object.__new__
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PrecheckResult:
+    """Lensmor's answer to ``POST /external/actions/precheck``: what an action would
+    charge, without charging, reserving or locking anything.
+
+    ``allowed`` says whether the action may run; ``should_charge`` and ``credits`` what it
+    would cost (0 when nothing: already-unlocked contacts are free); ``reason_code`` why
+    (``ok``, ``already_unlocked``, ``insufficient_balance``, ``unlock_in_progress``,
+    ``state_conflict``, ``no_contacts_available``, ``unsupported_action``...); ``detail``
+    the action's own figures (e.g. ``personnel_ids`` that would be charged).
+    """
+
+    action_type: str
+    allowed: bool
+    should_charge: bool
+    credits: int
+    reason_code: str
+    biz_code: str = ""
+    detail: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_api(cls, data: object) -> PrecheckResult:
+        """Validate the answer; raise :class:`InvalidResponse` when a field is missing or
+        of the wrong type."""
+        if not isinstance(data, Mapping):
+            raise InvalidResponse(
+                f"precheck answer must be a JSON object, got {type(data).__name__}"
+            )
+        for name in ("ok", "allowed", "should_charge"):
+            if type(data.get(name)) is not bool:
+                raise InvalidResponse(f"precheck answer lacks the boolean {name!r}")
+        for name in ("action_type", "reason_code", "biz_code"):
+            if not isinstance(data.get(name), str):
+                raise InvalidResponse(f"precheck answer lacks the string {name!r}")
+        if "credits" not in data:
+            raise InvalidResponse("precheck answer lacks 'credits'")
+        detail = data.get("detail")
+        if not isinstance(detail, Mapping):
+            raise InvalidResponse("precheck answer lacks the object 'detail'")
+        return cls(
+            action_type=data["action_type"],
+            allowed=data["allowed"],
+            should_charge=data["should_charge"],
+            credits=_count(data["credits"], "credits"),
+            reason_code=data["reason_code"],
+            biz_code=data["biz_code"],
+            detail=dict(detail),
+        )
