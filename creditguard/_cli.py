@@ -16,16 +16,14 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-import anyio
 import httpx
 
 from ._errors import (
     AuthenticationError,
     CreditGuardError,
     InsecureTransportError,
-    InsufficientCredits,
 )
-from ._guard import DEFAULT_BASE_URL, CreditGuard, GuardEvent
+from ._guard import DEFAULT_BASE_URL, CreditGuard
 from ._models import CreditBalance
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command the pipe ended
@@ -111,69 +109,9 @@ def _short(balance: CreditBalance | None) -> str:
 
 
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
-    from .testing import FakeLensmor
+    from ._demo import run_demo
 
-    fake = FakeLensmor(subscription_balance=60, gift_balance=15, api_key="demo-key")
-
-    def show(event: GuardEvent) -> None:
-        if event.kind == "spent":
-            print(
-                f"  {label:<42}{event.cost:>5}   {_short(event.balance_before):<26}"
-                f"{_short(event.balance_after)}",
-                file=out,
-            )
-
-    guard = CreditGuard(
-        fake.api_key, base_url="https://sandbox.invalid", transport=fake.transport, on_event=show
-    )
-
-    @guard.requires_credits(10)
-    def unlock_event(event_id: str) -> str:
-        fake.charge(10)  # stands for the paid Lensmor call
-        return event_id
-
-    @guard.requires_credits(lambda contact_ids: 5 * len(contact_ids))
-    async def unlock_contact_emails(contact_ids: list[str]) -> int:
-        fake.charge(5 * len(contact_ids))
-        return len(contact_ids)
-
-    async def exhibitor_search() -> None:
-        async with guard.spend(25):
-            fake.charge(25)
-
-    print("creditguard demo: guarded calls against an offline sandbox of Lensmor credits", file=out)
-    print(f"starting balance: {_short(fake.balance)}\n", file=out)
-    print(f"  {'guarded action':<42}{'cost':>5}   {'before':<26}after", file=out)
-    label = _label("unlock_event('EV-1024')", "sync")
-    unlock_event("EV-1024")
-    label = _label("unlock_contact_emails(4 ids)", "async")
-    anyio.run(unlock_contact_emails, ["c1", "c2", "c3", "c4"], backend="asyncio")
-    backend = "trio" if _has_trio() else "asyncio"  # the label says what actually ran
-    label = _label("async with guard.spend(25)", backend)
-    anyio.run(exhibitor_search, backend=backend)
-    label = _label("with guard.spend(10)", "sync")
-    with guard.spend(10):
-        fake.charge(10)
-    try:
-        anyio.run(unlock_contact_emails, ["c5", "c6", "c7"])
-    except InsufficientCredits as exc:
-        print(
-            f"\n  refused: unlock_contact_emails(3 ids) needs {exc.required} credits,"
-            f" {exc.available} available: InsufficientCredits, the paid call never ran",
-            file=out,
-        )
-    final = guard.balance()
-    print(
-        f"\nfinal balance: {_short(final)}  (subscription credits went first, then gift)"
-        f"\npaid calls: {fake.charges}; balance reads from the service: {fake.balance_requests}",
-        file=out,
-    )
-    guard.close()
-    return 0
-
-
-def _label(action: str, how: str) -> str:
-    return f"{action:<33}{how:>7}"
+    return run_demo(out)
 
 
 def _shown_key(key: str) -> str:

@@ -271,7 +271,8 @@ def test_an_unreachable_service_is_named(
 
 
 def _spend_row(output: str) -> str:
-    return next(line for line in output.splitlines() if "guard.spend(25)" in line)
+    """The demo's row of the step run with ``async with guard.spend(50)`` (the search)."""
+    return next(line for line in output.splitlines() if "search exhibitor events" in line)
 
 
 def test_demo_labels_the_backend_that_ran(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -284,7 +285,6 @@ def test_demo_labels_the_backend_that_ran(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_demo_runs_on_trio_when_it_is_there() -> None:
-    pytest.importorskip("trio")
     out = io.StringIO()
     assert main(["demo"], out=out) == 0
     assert "trio" in _spend_row(out.getvalue())
@@ -314,3 +314,19 @@ def test_balance_table_shows_the_add_on_bucket_of_newer_servers() -> None:
     assert "add-on expires" in text
     older = CreditBalance.from_api({**newer.to_api(), "addonAmount": 0, "addonBalance": 0})
     assert "add-on" in _fmt_balance(older)  # the server has the bucket, even if empty
+
+
+def test_demo_is_a_lensmor_workflow_with_the_balance_after_each_step() -> None:
+    out = io.StringIO()
+    assert main(["demo"], out=out) == 0
+    text = out.getvalue()
+    table = [line for line in text.splitlines() if line.startswith("  ") and "sub +" in line]
+    rows = {line.split("  ")[1].strip(): line for line in table}
+    assert any("precheck" in step for step in rows)
+    settled = next(line for step, line in rows.items() if "settled from its report" in step)
+    assert settled.split()[-1] == "1"  # no balance read after the first one
+    assert "2,000" in settled
+    again = next(line for step, line in rows.items() if "already unlocked" in step)
+    assert " 0 " in again
+    assert "refused" in text
+    assert "InsufficientCredits" in text

@@ -119,6 +119,8 @@ def sandbox_args(page_blocks: list[Block]) -> Any:
         if block.lang not in ("bash", "console", "shell"):
             continue
         for line in block.code.splitlines():
+            if block.lang == "console" and not line.startswith("$ "):
+                continue  # a console block's other lines are output, not commands
             words = shlex.split(line.removeprefix("$ "), comments=True)
             if words[:2] == ["creditguard", "sandbox"]:
                 return build_parser().parse_args(words[1:])
