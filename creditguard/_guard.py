@@ -319,7 +319,8 @@ class CreditGuard:
     admission when the balance covers its cost but the credits reserved by calls in
     flight leave too little: it waits for those calls to settle, then decides on a
     balance that includes them, so it is refused only when the account really cannot
-    pay. ``0`` refuses at once instead.
+    pay. It waits while they keep settling, at most ``admission_timeout`` between two of
+    them and ten times that in all. ``0`` refuses at once instead.
     """
 
     __slots__ = ("_account", "_key", "_owner", "_shared")
@@ -538,11 +539,16 @@ class CreditGuard:
         cost = spend.cost
         shared = self._shared
         ttl = shared.ttl
-        # How long this call may wait for spends in flight to settle. A thread that runs
-        # an event loop never waits for them: they may be tasks of the loop it blocks.
+        # How long this call may wait for spends in flight to settle: while they keep
+        # settling, up to admission_timeout between two releases, and ten times that in
+        # all. A thread that runs an event loop never waits for them: they may be tasks
+        # of the loop it blocks.
+        wait = shared.admission_timeout
         until: float | None = None
-        if shared.admission_timeout > 0 and not (sync and _in_event_loop_thread()):
-            until = _monotonic() + shared.admission_timeout
+        cap = 0.0
+        if wait > 0 and not (sync and _in_event_loop_thread()):
+            until = _monotonic() + wait
+            cap = until + 9 * wait
         # This caller's own enclosing spends: they cannot settle while it waits.
         enclosing: list[Reservation] = []
         outer = _current.get()
@@ -558,6 +564,12 @@ class CreditGuard:
                     break
                 waited = yield step
                 flight = waited if isinstance(waited, Flight) else None
+                if until is not None and isinstance(waited, Waiter) and not waited.done:
+                    # Timed out. Calls in flight that are still settling (one released
+                    # its reservation lately) are worth waiting for a while longer.
+                    now = _monotonic()
+                    if now - account.released_at < wait and now < cap:
+                        until = min(now + wait, cap)
         except InsufficientCredits as exc:
             self._denied(exc)
             raise

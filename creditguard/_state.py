@@ -230,6 +230,7 @@ class Account:
         "floor",
         "inflight",
         "lock",
+        "released_at",
         "reserved",
         "seq",
         "settling",
@@ -255,8 +256,10 @@ class Account:
         self.flights: list[Flight] = []
         # Spends waiting for a read that includes them (their credits still reserved).
         self.settling: list[Reservation] = []
-        # Calls waiting at admission for spends in flight to settle.
+        # Calls waiting at admission for spends in flight to settle, and when a
+        # reservation was last released (their sign of progress).
         self.waiters: list[Waiter] = []
+        self.released_at = 0.0
         # No balance request before this (monotonic seconds): the service said the rate
         # limit is used up (X-RateLimit-Remaining: 0, or a 429's Retry-After).
         self.blocked_until = 0.0
@@ -475,6 +478,7 @@ class Account:
 
     def _unhold(self, reservation: Reservation) -> None:
         """Under the lock: stop counting ``reservation`` as in flight."""
+        self.released_at = _monotonic()
         self.reserved -= reservation.cost
         self.inflight -= 1
         if reservation.gen == self.cache_gen:

@@ -356,3 +356,28 @@ def test_steady_threads_spend_every_credit_and_never_refuse_while_credits_remain
         assert exc.balance is not None
         assert exc.available == max(0, exc.balance.total_balance - exc.reserved) < 10
     assert reserved(guard) == 0
+
+
+def test_a_waiter_keeps_waiting_while_calls_in_flight_keep_settling() -> None:
+    """Six calls in flight settle one every half second, three seconds in all; a call
+    that waits for them with a 2 s bound is not refused at 2 s: they are settling."""
+    fake = FakeLensmor(subscription_balance=12, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, admission_timeout=2)
+    spends = [InFlight(guard, fake, 1) for _ in range(6)]  # each has charged its credit
+    try:
+        guard.invalidate()
+        assert guard.balance().total_balance == 6  # holds the six charges, still reserved
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(lambda: guard.requires_credits(6)(lambda: fake.charge(6))())
+            while waiting_for_release(guard) == 0:
+                assert not future.done(), future.exception()
+                threading.Event().wait(0.001)
+            for spend in spends:
+                threading.Event().wait(0.5)
+                spend.finish()
+            future.result(10)  # admitted once they all settled: 12 - 6 = 6 fit exactly
+    finally:
+        for spend in spends:
+            spend.release.set()
+    assert fake.balance.total_balance == 0
+    assert reserved(guard) == 0
