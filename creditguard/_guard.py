@@ -541,14 +541,13 @@ class CreditGuard:
         ttl = shared.ttl
         # How long this call may wait for spends in flight to settle: while they keep
         # settling, up to admission_timeout between two releases, and ten times that in
-        # all. A thread that runs an event loop never waits for them: they may be tasks
-        # of the loop it blocks.
+        # all, counted from when it first waits for them (waiting for a balance read is
+        # bounded by the read budget, and does not count here). A thread that runs an
+        # event loop never waits for them: they may be tasks of the loop it blocks.
         wait = shared.admission_timeout
-        until: float | None = None
+        may_wait = wait > 0 and not (sync and _in_event_loop_thread())
+        deadline: float | None = None  # set when this call first waits for settling
         cap = 0.0
-        if wait > 0 and not (sync and _in_event_loop_thread()):
-            until = _monotonic() + wait
-            cap = until + 9 * wait
         # This caller's own enclosing spends: they cannot settle while it waits.
         enclosing: list[Reservation] = []
         outer = _current.get()
@@ -559,17 +558,23 @@ class CreditGuard:
         flight: Flight | None = None
         try:
             while True:
+                until = None
+                if may_wait:
+                    until = deadline if deadline is not None else _monotonic() + wait
                 step = account.admit_step(cost, ttl, flight, sync, until, tuple(enclosing))
                 if isinstance(step, Reservation):
                     break
                 waited = yield step
                 flight = waited if isinstance(waited, Flight) else None
-                if until is not None and isinstance(waited, Waiter) and not waited.done:
-                    # Timed out. Calls in flight that are still settling (one released
-                    # its reservation lately) are worth waiting for a while longer.
-                    now = _monotonic()
-                    if now - account.released_at < wait and now < cap:
-                        until = min(now + wait, cap)
+                if isinstance(waited, Waiter) and until is not None:
+                    if deadline is None:
+                        deadline, cap = until, until + 9 * wait
+                    if not waited.done:
+                        # Timed out. Calls in flight that are still settling (one released
+                        # its reservation lately) are worth waiting for a while longer.
+                        now = _monotonic()
+                        if now - account.released_at < wait and now < cap:
+                            deadline = min(now + wait, cap)
         except InsufficientCredits as exc:
             self._denied(exc)
             raise

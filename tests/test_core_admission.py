@@ -22,6 +22,8 @@ import pytest
 from creditguard import CreditGuard, InsufficientCredits
 from creditguard.testing import FakeLensmor
 
+from .helpers import Gate
+
 pytestmark = pytest.mark.anyio
 
 
@@ -381,3 +383,28 @@ def test_a_waiter_keeps_waiting_while_calls_in_flight_keep_settling() -> None:
             spend.release.set()
     assert fake.balance.total_balance == 0
     assert reserved(guard) == 0
+
+
+def test_time_spent_waiting_for_a_read_does_not_use_up_the_admission_wait(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    """A call whose balance read took longer than admission_timeout must still wait for
+    the calls in flight that the read may include, not be refused at once."""
+    gate = Gate(fake100.transport)
+    guard = CreditGuard(fake100.api_key, transport=gate, ttl=60, admission_timeout=0.5)
+    gate.open()
+    spend = InFlight(guard, fake100, 60)  # admitted on a first read, then charged
+    in_flight.append(spend)
+    gate.close_gate()
+    guard.invalidate()
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: guard.requires_credits(40)(lambda: fake100.charge(40))())
+        gate.wait_arrivals(2)  # its read is held...
+        threading.Event().wait(0.8)  # ...longer than admission_timeout
+        gate.open()  # the read says 40: it holds the 60 in flight, still reserved
+        while waiting_for_release(guard) == 0:
+            assert not future.done(), future.exception()  # refused at once: the defect
+            threading.Event().wait(0.001)
+        spend.finish()
+        future.result(10)  # admitted: 40 fit exactly once the 60 settled
+    assert fake100.balance.total_balance == 0
