@@ -39,7 +39,8 @@ def serve(
 
     ``port=0`` picks a free port. With ``ssl_certfile`` (and ``ssl_keyfile``) it serves
     HTTPS and yields an ``https://`` URL. Leaving the block stops the server (requests
-    still running get a second to finish). Needs the ``sandbox`` extra (uvicorn).
+    still running get a second to finish). Idle connections are kept 75 s, longer than
+    clients keep them. Needs the ``sandbox`` extra (uvicorn).
     """
     try:
         import uvicorn
@@ -60,6 +61,11 @@ def serve(
         ssl_certfile=ssl_certfile,
         ssl_keyfile=ssl_keyfile,
         timeout_graceful_shutdown=1,
+        # Longer than any client's pool keeps an idle connection (httpx: 5 s), so the
+        # client always closes first: with equal timeouts, a client could reuse a
+        # connection the server is closing and get "connection reset" (a real race on a
+        # loaded machine).
+        timeout_keep_alive=75,
     )
     _quiet_scripted_faults()
     server = uvicorn.Server(config)
