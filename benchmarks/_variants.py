@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import itertools
 import json
 import multiprocessing
 import threading
@@ -398,6 +399,31 @@ def async_charge_action(client: httpx.AsyncClient) -> AsyncCall:
         response.raise_for_status()
 
     return charge
+
+
+def unlock_action(client: httpx.Client) -> Callable[[], httpx.Response]:
+    """A paid action that answers like Lensmor's event unlock: each call unlocks a new
+    event (2000 credits) and returns the answer, with ``creditsUsed`` and
+    ``balanceAfter``, from which the guard can settle without a balance read."""
+    headers = auth_headers()
+    ids = itertools.count()
+
+    def unlock() -> httpx.Response:
+        answer = client.post(f"/external/events/bench-{next(ids)}/unlock", headers=headers)
+        return answer.raise_for_status()
+
+    return unlock
+
+
+def async_unlock_action(client: httpx.AsyncClient) -> Callable[[], Awaitable[httpx.Response]]:
+    headers = auth_headers()
+    ids = itertools.count()
+
+    async def unlock() -> httpx.Response:
+        answer = await client.post(f"/external/events/bench-{next(ids)}/unlock", headers=headers)
+        return answer.raise_for_status()
+
+    return unlock
 
 
 # --------------------------------------------------------------------------------------

@@ -27,12 +27,14 @@ from _variants import (
     Sandbox,
     SyncVariant,
     async_charge_action,
+    async_unlock_action,
     build_async,
     build_sync,
     charge_action,
     run_tasks,
     run_threads,
     sandbox_process,
+    unlock_action,
 )
 
 SCENARIO = "e2e_throughput"
@@ -103,6 +105,8 @@ def _async_reader_variant(url: str) -> AsyncVariant:
     return AsyncVariant(AsyncFloorReader(transport, url).read, transport.aclose)
 
 
+UNLOCK_COST = 2000  # an event unlock, as Lensmor charges it
+
 # variant -> (calls, seconds, balance reads, each call's seconds)
 SeqResult = dict[str, tuple[int, float, int, list[float]]]
 
@@ -115,9 +119,21 @@ def _e2e_sequential_threads(
     falls on all of them alike."""
     blocks, block = _seq_plan(calls)
     with httpx.Client(base_url=sandbox.url, timeout=30) as client:
+        report = unlock_action(client)
         variants = {
             name: _sync_reader_variant(sandbox.url)
             if name == "http_read"
+            else SyncVariant(report, lambda: None)
+            if name == "bare_report"
+            else build_sync(
+                name.removesuffix("_report"),
+                report,  # type: ignore[arg-type]  # returns the answer, to settle from
+                client=client,
+                base_url=sandbox.url,
+                transport=None,
+                cost=UNLOCK_COST,
+            )
+            if name.endswith("_report")
             else build_sync(
                 name, charge_action(client), client=client, base_url=sandbox.url, transport=None
             )
@@ -150,9 +166,25 @@ async def _e2e_sequential_async(
 ) -> SeqResult:
     blocks, block = _seq_plan(calls)
     async with httpx.AsyncClient(base_url=sandbox.url, timeout=30) as client:
+        report = async_unlock_action(client)
+
+        async def nothing() -> None:
+            pass
+
         variants = {
             name: _async_reader_variant(sandbox.url)
             if name == "http_read"
+            else AsyncVariant(report, nothing)  # type: ignore[arg-type]
+            if name == "bare_report"
+            else build_async(
+                name.removesuffix("_report"),
+                report,  # type: ignore[arg-type]  # returns the answer, to settle from
+                client=client,
+                base_url=sandbox.url,
+                transport=None,
+                cost=UNLOCK_COST,
+            )
+            if name.endswith("_report")
             else build_async(
                 name,
                 async_charge_action(client),
@@ -188,7 +220,18 @@ def _e2e_sequential(settings: Settings, rec: Recorder, sandbox: Sandbox, r: int)
     """One caller at a time (async1, threads1): what one guarded call costs a caller in
     time over the bare action, read against ``one_read`` (the action, then one plain
     balance read) and ``http_read`` (balance reads alone, back to back)."""
-    names = ["bare", "one_read", "naive", "cachetools", *GUARDS, "http_read"]
+    names = [
+        "bare",
+        "one_read",
+        "naive",
+        "cachetools",
+        *GUARDS,
+        "http_read",
+        # The action answering like Lensmor's event unlock (creditsUsed, balanceAfter):
+        # the guard settles from that report, with no balance read after the first.
+        "bare_report",
+        *(f"{g}_report" for g in GUARDS),
+    ]
     calls = settings.e2e_sequential_calls
     for kind in ("async", "threads"):
         if kind == "async":
@@ -263,6 +306,16 @@ def targets(rec: Recorder, settings: Settings) -> Targets:
                 _median_extra_reads(rec, f"{g}@{kind}1", f"bare@{kind}1", f"one_read@{kind}1"),
                 "<=",
                 1.02,
+            )
+        for kind in ("async", "threads"):
+            target(
+                f"{g}_report.e2e_sequential_{kind}_vs_bare",
+                f"e2e, one {'task' if kind == 'async' else 'thread'} at a time, an action"
+                " answering like event unlock: guarded / bare throughput (median of per-round"
+                " ratios; reads per call after the first: see the variant's reads_per_call)",
+                median_ratio(rec, "e2e_throughput", f"{g}_report@{kind}1", f"bare_report@{kind}1"),
+                ">=",
+                0.95,
             )
         c = settings.e2e_concurrency
         target(

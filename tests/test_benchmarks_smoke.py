@@ -100,7 +100,16 @@ def test_variants_named_as_documented(smoke: tuple[dict[str, Any], str]) -> None
     for variant in ("bare", "naive", "creditguard"):
         assert f"{variant}@async100" in e2e
         assert any(name.startswith(f"{variant}@threads") for name in e2e)
-    for variant in ("bare", "one_read", "naive", "cachetools", "creditguard", "http_read"):
+    for variant in (
+        "bare",
+        "one_read",
+        "naive",
+        "cachetools",
+        "creditguard",
+        "http_read",
+        "bare_report",
+        "creditguard_report",
+    ):
         assert f"{variant}@async1" in e2e
         assert f"{variant}@threads1" in e2e
     assert "creditguard" in scenarios["memory_10k_keys"]
@@ -127,6 +136,8 @@ def test_the_harness_counts_reads(smoke: tuple[dict[str, Any], str]) -> None:
     for kind in ("async1", "threads1"):
         assert e2e[f"naive@{kind}"]["reads_per_call"] == 2.0
         assert e2e[f"http_read@{kind}"]["reads_per_call"] == 1.0
+        # Settled from the action's own report: no read after the warm-up's.
+        assert e2e[f"creditguard_report@{kind}"]["reads_per_call"] == 0.0
 
 
 def test_table_printed(smoke: tuple[dict[str, Any], str]) -> None:
