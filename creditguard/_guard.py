@@ -566,6 +566,10 @@ class CreditGuard:
                     break
                 waited = yield step
                 flight = waited if isinstance(waited, Flight) else None
+                if flight is not None and deadline is not None:
+                    # A balance read (bounded by the read budget) never uses up the wait
+                    # for calls in flight: look again with a full window after it.
+                    deadline = min(max(deadline, _monotonic() + wait), cap)
                 if isinstance(waited, Waiter) and until is not None:
                     if deadline is None:
                         deadline, cap = until, until + 9 * wait
