@@ -408,3 +408,32 @@ def test_time_spent_waiting_for_a_read_does_not_use_up_the_admission_wait(
         spend.finish()
         future.result(10)  # admitted: 40 fit exactly once the 60 settled
     assert fake100.balance.total_balance == 0
+
+
+def test_a_read_after_waking_does_not_use_up_the_admission_wait(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    """A waiting call woken to a dropped cache reads again; that read (held here longer
+    than admission_timeout) must not leave it refused on the double count it waits out."""
+    gate = Gate(fake100.transport)
+    gate.open()
+    guard = CreditGuard(fake100.api_key, transport=gate, ttl=60, admission_timeout=0.5)
+    spend = overlapping(guard, fake100, in_flight)  # cached 40, 60 in flight, ambiguous
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: guard.requires_credits(40)(lambda: fake100.charge(40))())
+        while waiting_for_release(guard) == 0:
+            assert not future.done(), future.exception()
+            threading.Event().wait(0.001)
+        gate.close_gate()
+        arrived = gate.arrived
+        with pytest.raises(RuntimeError), guard.spend(0):  # a failed call drops the cache:
+            raise RuntimeError("failed")  # the waiter wakes and reads again
+        gate.wait_arrivals(arrived + 1)
+        threading.Event().wait(0.8)  # its read is held longer than admission_timeout
+        gate.open()
+        while waiting_for_release(guard) == 0:  # waits again: the 60 are still ambiguous
+            assert not future.done(), future.exception()
+            threading.Event().wait(0.001)
+        spend.finish()
+        future.result(10)
+    assert fake100.balance.total_balance == 0
