@@ -25,7 +25,7 @@ from ._errors import (
     InsufficientCredits,
     RateLimited,
 )
-from ._guard import CreditGuard
+from ._guard import CreditGuard, _check_cost
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
@@ -68,13 +68,8 @@ class ActionFailed(CreditGuardError):
         return (type(self), (self.status,))
 
 
-def check_cost(value: object) -> int:
-    """A cost as the core accepts it: an ``int`` (not a bool) of at least 0."""
-    if type(value) is not int:
-        raise TypeError(f"a credit cost must be an int, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"a credit cost must be >= 0, got {value}")
-    return value
+# A cost as the core accepts it (an int, not a bool, of at least 0): the core's own check.
+check_cost = _check_cost
 
 
 def default_guard() -> CreditGuard:
