@@ -99,15 +99,6 @@ def _cmd_balance(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
-def _short(balance: CreditBalance | None) -> str:
-    if balance is None:
-        return "?"
-    return (
-        f"{balance.total_balance:>4} = {balance.subscription_balance:>3} sub"
-        f" + {balance.gift_balance:>3} gift"
-    )
-
-
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
     from ._demo import run_demo
 
@@ -120,14 +111,6 @@ def _shown_key(key: str) -> str:
     if key == SANDBOX_KEY:
         return shlex.quote(key)
     return "<the key given with --api-key>"
-
-
-def _has_trio() -> bool:
-    try:
-        import trio  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:

@@ -1,6 +1,9 @@
-"""The guard: ``CreditGuard``, ``Spend`` and the ``requires_credits`` decorators.
+"""The guard: ``CreditGuard``, its operations, and the module-level ``requires_credits``.
 
-The admission and settling logic lives in :mod:`creditguard._state`; this module drives it
+``Spend`` is in ``_spend.py``, the decorator machinery in ``_decorate.py``, ``Precheck`` in
+``_precheck.py`` and the configuration checks in ``_config.py``; all are importable from
+here as before. The admission and settling logic lives in :mod:`creditguard._state`; this
+module drives it
 from sync code (waiting on ``threading.Event``, reading through an httpx transport) and from
 async code (waiting on an anyio event of the caller's loop, reading through an httpx async
 transport).
@@ -9,38 +12,39 @@ transport).
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
-import functools
-import hashlib
-import inspect
-import ipaddress
 import logging
-import math
 import os
 import ssl
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Generator, Mapping
-from types import TracebackType
-from typing import Any, Literal, ParamSpec, Protocol, TypeVar, cast, overload
+from collections.abc import Callable, Generator, Mapping
+from typing import Any, Literal, ParamSpec, TypeVar, cast, overload
 
 import httpx
 
 from ._client import AsyncBalanceClient, BalanceClient, RetryPolicy, Secret, _Reader
+from ._config import (
+    _check_base_url,
+    _check_key,
+    _check_seconds,
+    _check_timeout,
+    _fingerprint,
+)
+from ._decorate import _CostDecorator, _Decorator, _decorator
 from ._errors import (
     ActionNotAllowed,
     AuthenticationError,
     BalanceUnavailable,
-    CreditGuardError,
-    InsecureTransportError,
     InsufficientCredits,
     InvalidResponse,
     RateLimited,
 )
 from ._models import CreditBalance, PrecheckResult
+from ._precheck import Cost, Precheck
 from ._reports import is_insufficient_credits, parse_report
+from ._spend import Spend, _current, current_spend
 from ._state import (
     Account,
     Flight,
@@ -77,73 +81,7 @@ DEFAULT_BASE_URL = "https://platform.lensmor.com"
 logger = logging.getLogger("creditguard")
 
 
-class Precheck:
-    """A cost Lensmor works out: ``Precheck(action_type, params)`` is accepted wherever a
-    cost is (``requires_credits``, ``spend``).
-
-    Before the action, the guard asks ``POST /external/actions/precheck`` what it would
-    charge (never charging, reserving or locking anything) and admits for exactly that:
-    nothing reserved and no refresh when it would charge nothing (already-unlocked
-    contacts are free), :class:`InsufficientCredits` when Lensmor says the balance is
-    short, :class:`ActionNotAllowed` for its other refusals. ``params`` is the precheck's
-    ``params`` object, or (for a decorator) a callable of the decorated function's
-    arguments returning it. With ``at_most``, the worst case the action can cost, no
-    precheck is sent while the cached balance covers that bound: the call is admitted for
-    ``at_most`` instead.
-    """
-
-    __slots__ = ("action_type", "at_most", "params")
-
-    def __init__(
-        self,
-        action_type: str,
-        params: Mapping[str, Any] | Callable[..., Mapping[str, Any]],
-        *,
-        at_most: int | None = None,
-    ) -> None:
-        if not isinstance(action_type, str) or not action_type:
-            raise TypeError("action_type must be a non-empty str")
-        if not callable(params) and not isinstance(params, Mapping):
-            raise TypeError(
-                "params must be a mapping, or a callable of the guarded function's"
-                f" arguments returning one; got {type(params).__name__}"
-            )
-        self.action_type = action_type
-        self.params = params
-        self.at_most = None if at_most is None else _check_cost(at_most)
-
-    def __repr__(self) -> str:
-        return f"Precheck({self.action_type!r}, at_most={self.at_most!r})"
-
-    def params_for(self, *args: Any, **kwargs: Any) -> Mapping[str, Any]:
-        """The precheck ``params`` for a call with these arguments."""
-        params = self.params
-        value = params(*args, **kwargs) if callable(params) else params
-        if not isinstance(value, Mapping):
-            raise TypeError(f"precheck params must be a mapping, got {type(value).__name__}")
-        return value
-
-
-Cost = int | Callable[..., int] | Precheck
 OnUnavailable = Literal["deny", "allow"]
-
-_current: contextvars.ContextVar[Spend | None] = contextvars.ContextVar(
-    "creditguard_current_spend", default=None
-)
-
-
-def current_spend() -> Spend | None:
-    """The :class:`Spend` of the guarded call running in this context, or ``None``.
-
-    Inside a function decorated with ``requires_credits`` (or a ``with guard.spend()``
-    block) it is that call's spend: its ``cost`` and ``balance_before`` are known while
-    the action runs. It follows the context (thread, task) the spend was entered in;
-    nested spends see the innermost.
-    """
-    spend = _current.get()
-    while spend is not None and not spend._active:  # exited out of order, or elsewhere
-        spend = spend._outer
-    return spend
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -168,93 +106,6 @@ class GuardEvent:
     available: int | None = None
     error: BaseException | None = None
     charged: int | None = None
-
-
-def _check_cost(cost: object) -> int:
-    if type(cost) is not int:
-        raise TypeError(f"a credit cost must be an int, got {type(cost).__name__}")
-    if cost < 0:
-        raise ValueError(f"a credit cost must be >= 0, got {cost}")
-    return cost
-
-
-def _fingerprint(base_url: str, api_key: str) -> str:
-    digest = hashlib.sha256(f"{base_url}\n{api_key}".encode()).hexdigest()
-    return f"acct_{digest[:20]}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_base_url(base_url: str, allow_insecure_http: bool) -> str:
-    """The base URL in one normal form (lower-case scheme and host, no default port, no
-    trailing slash), so that equivalent spellings name one account."""
-    if not isinstance(base_url, str):
-        raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
-    try:
-        url = httpx.URL(base_url)
-    except httpx.InvalidURL:
-        raise CreditGuardError("invalid base_url: not a URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise CreditGuardError("base_url must be an http(s) URL with a host")
-    if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
-        raise InsecureTransportError(
-            f"refusing to send the API key over plain http:// to {url.host}; use https://,"
-            " a loopback address, or pass allow_insecure_http=True"
-        )
-    if url.userinfo:
-        # Never echoed: it holds credentials.
-        raise CreditGuardError("base_url must not contain credentials (user:password@)")
-    if url.query or url.fragment:
-        raise CreditGuardError("base_url must have no query or fragment")
-    return str(url.copy_with(path=url.path.rstrip("/") or "/")).rstrip("/")
-
-
-def _check_seconds(name: str, value: object, *, positive: bool = False) -> float:
-    """A finite number of seconds (>= 0, or > 0 with ``positive``), as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number of seconds, got {type(value).__name__}")
-    try:
-        seconds = float(value)
-    except OverflowError:
-        raise ValueError(f"{name} must be a finite number of seconds, got {value!r}") from None
-    if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
-        bound = "> 0" if positive else ">= 0"
-        raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
-    return seconds
-
-
-def _check_timeout(timeout: object) -> httpx.Timeout:
-    """Per-request timeouts: each phase a finite number of seconds > 0 (or ``None`` in
-    an ``httpx.Timeout``: that phase is then bounded by the retry deadline alone)."""
-    if isinstance(timeout, httpx.Timeout):
-        for phase, value in timeout.as_dict().items():
-            if value is not None:
-                _check_seconds(f"timeout.{phase}", value, positive=True)
-        return timeout
-    return httpx.Timeout(_check_seconds("timeout", timeout, positive=True))
-
-
-def _check_key(api_key: str | None, *, from_env: bool = True) -> str:
-    if api_key is None and from_env:
-        api_key = os.environ.get("LENSMOR_API_KEY") or None
-    if api_key is None:
-        raise CreditGuardError(
-            "no API key: pass api_key=... or set the LENSMOR_API_KEY environment variable"
-            if from_env
-            else "no API key given"
-        )
-    if not isinstance(api_key, str):
-        raise TypeError(f"api_key must be a str, got {type(api_key).__name__}")
-    if not api_key or not api_key.isascii() or not api_key.isprintable() or " " in api_key:
-        raise CreditGuardError("the API key is malformed (empty, whitespace or non-ASCII)")
-    return api_key
 
 
 class _Shared:
@@ -934,135 +785,6 @@ class CreditGuard:
         await self.aclose()
 
 
-class Spend:
-    """One guarded spend of ``cost`` credits; a sync and async context manager.
-
-    ``balance_before`` is the balance the admission was decided on (``None`` only when
-    run unchecked under ``on_unavailable="allow"``). ``balance_after`` is set when the
-    block exits: the balance read after the action finished, or ``None`` when that
-    refresh failed or the block raised or was cancelled. ``charged`` is what the call cost
-    when its paid call reported it (see :meth:`report`), else ``None``. While the block
-    (or decorated call) runs, :func:`current_spend` returns this spend.
-    """
-
-    __slots__ = (
-        "_active",
-        "_entered",
-        "_guard",
-        "_outer",
-        "_precheck",
-        "_reservation",
-        "_result",
-        "balance_after",
-        "balance_before",
-        "charged",
-        "cost",
-    )
-
-    def __init__(self, guard: CreditGuard, cost: int | Precheck) -> None:
-        self._guard = guard
-        self._entered = False
-        self._precheck: Precheck | None = None
-        if isinstance(cost, Precheck):
-            self._precheck, cost = cost, 0  # the cost is Lensmor's answer, on entering
-        self._active = False  # entered and not yet exited
-        self._outer: Spend | None = None  # the spend this one runs inside, if any
-        self._reservation: Reservation | None = None  # held from admission to settling
-        self._result: object = None  # the paid call's answer, to settle from its report
-        self.charged: int | None = None
-        self.cost = _check_cost(cost)
-        self.balance_before: CreditBalance | None = None
-        self.balance_after: CreditBalance | None = None
-
-    def __repr__(self) -> str:
-        before = None if self.balance_before is None else self.balance_before.total_balance
-        after = None if self.balance_after is None else self.balance_after.total_balance
-        return f"<Spend cost={self.cost} before={before} after={after}>"
-
-    def report(self, result: object) -> None:
-        """Hand the paid call's answer to the guard, inside the block.
-
-        ``result`` is Lensmor's answer: an ``httpx.Response`` or its decoded JSON. When it
-        reports what the call did (``creditsUsed``, ``balanceAfter``...), the spend may
-        settle from it without a balance read (see the consistency model), and
-        :attr:`charged` says what the call cost. An answer without credit figures, or one
-        that cannot be trusted, changes nothing: the spend settles with a refresh.
-        Decorated functions need not call it: what they return is looked at the same way.
-        """
-        if not self._active:
-            raise RuntimeError("Spend.report() is for inside the guarded block")
-        self._result = result
-
-    def _enter(self) -> None:
-        if self._entered:
-            raise RuntimeError("a Spend can be entered only once; call guard.spend() again")
-        self._entered = True
-
-    def _activate(self) -> None:
-        self._outer = _current.get()
-        self._active = True
-        _current.set(self)
-
-    def _leave(self) -> None:
-        # Not a token reset: spends may be exited in another order than they were
-        # entered (or in another context), and the variable must then neither go back
-        # to a spend that has finished nor lose one that is still running.
-        self._active = False
-        if _current.get() is self:
-            outer = self._outer
-            while outer is not None and not outer._active:
-                outer = outer._outer
-            _current.set(outer)
-
-    def __enter__(self) -> Spend:
-        self._enter()
-        guard = self._guard
-        precheck = self._precheck
-        if precheck is not None:
-            self.cost = guard._cost_of(precheck, precheck.params_for())
-            if not self.cost:  # nothing to charge: run with nothing reserved
-                self._activate()
-                return self
-        if not guard._admit_cached(self):
-            guard._drive(guard._admit(self, True))
-        self._activate()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._leave()
-        guard = self._guard
-        guard._drive(guard._exit(self, exc, True))
-
-    async def __aenter__(self) -> Spend:
-        self._enter()
-        guard = self._guard
-        precheck = self._precheck
-        if precheck is not None:
-            self.cost = await guard._acost_of(precheck, precheck.params_for())
-            if not self.cost:  # nothing to charge: run with nothing reserved
-                self._activate()
-                return self
-        if not guard._admit_cached(self):
-            await guard._adrive(guard._admit(self, False))
-        self._activate()
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._leave()
-        guard = self._guard
-        await guard._adrive(guard._exit(self, exc, False))
-
-
 def _refused_for_credits(exc: BaseException) -> bool:
     """Whether the action failed because Lensmor refused it for want of credits (402, or
     its ``INSUFFICIENT_CREDITS`` error body). Only the action's own exception counts: an
@@ -1076,118 +798,6 @@ def _in_event_loop_thread() -> bool:
         return True
     trio = sys.modules.get("trio")
     return trio is not None and bool(trio.lowlevel.in_trio_run())
-
-
-class _Decorator(Protocol):
-    """``requires_credits(int)``: keeps the decorated function's signature."""
-
-    def __call__(self, func: Callable[P, R], /) -> Callable[P, R]: ...
-
-
-class _CostDecorator(Protocol[P]):
-    """``requires_credits(cost_function)``: the function must take the cost function's
-    parameters (checked by type checkers, and at decoration time)."""
-
-    def __call__(self, func: Callable[P, R], /) -> Callable[P, R]: ...
-
-
-def _check_cost_signature(cost: Callable[..., object], func: Callable[..., object]) -> None:
-    """Raise ``TypeError`` at decoration time when ``cost`` cannot take the arguments
-    ``func`` is called with (as far as the two signatures tell)."""
-    try:
-        func_sig = inspect.signature(func)
-        cost_sig = inspect.signature(cost)
-    except (TypeError, ValueError):  # no signature to compare (some builtins)
-        return
-    args: list[object] = []
-    kwargs: dict[str, object] = {}
-    for param in func_sig.parameters.values():
-        if param.kind in (param.POSITIONAL_ONLY, param.POSITIONAL_OR_KEYWORD):
-            args.append(None)
-        elif param.kind is param.KEYWORD_ONLY:
-            kwargs[param.name] = None
-    try:
-        cost_sig.bind(*args, **kwargs)
-    except TypeError as exc:
-        name = getattr(func, "__name__", type(func).__name__)
-        raise TypeError(
-            f"the cost function {cost_sig} cannot take the arguments of {name}{func_sig}"
-            f" ({exc}): it is called with the same arguments as the function it guards"
-        ) from None
-
-
-def _is_async(func: Callable[..., object]) -> bool:
-    """A coroutine function, or a callable object whose ``__call__`` is one."""
-    if inspect.iscoroutinefunction(func):
-        return True
-    call = getattr(func, "__call__", None)  # noqa: B004 - the method itself is inspected
-    return not inspect.isfunction(func) and inspect.iscoroutinefunction(call)
-
-
-def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
-    precheck: Precheck | None = None
-    static: int | None = None
-    if isinstance(cost, Precheck):
-        precheck = cost
-    elif callable(cost):
-        cost_of: Callable[..., int] = cost
-    else:
-        static = _check_cost(cost)
-
-    def decorate(func: Callable[P, R]) -> Callable[P, R]:
-        if not callable(func):
-            raise TypeError(f"requires_credits decorates a function, got {type(func).__name__}")
-        if inspect.isasyncgenfunction(func) or inspect.isgeneratorfunction(func):
-            raise TypeError(
-                "requires_credits cannot guard a generator: its body runs after the call"
-                " returns; guard the code that spends with `guard.spend()` instead"
-            )
-        if precheck is not None:
-            if callable(precheck.params):
-                _check_cost_signature(precheck.params, func)
-        elif static is None:
-            _check_cost_signature(cost_of, func)
-        if _is_async(func):
-            afunc = cast(Callable[P, Awaitable[Any]], func)
-
-            @functools.wraps(func)
-            async def async_guarded(*args: P.args, **kwargs: P.kwargs) -> Any:
-                guard = get_guard()
-                if precheck is not None:
-                    params = precheck.params_for(*args, **kwargs)
-                    amount = await guard._acost_of(precheck, params)
-                    if not amount:  # nothing to charge: no reservation, no refresh
-                        return await afunc(*args, **kwargs)
-                elif static is not None:
-                    amount = static
-                else:
-                    amount = _check_cost(cost_of(*args, **kwargs))
-                async with Spend(guard, amount) as spend:
-                    result = await afunc(*args, **kwargs)
-                    spend._result = result
-                    return result
-
-            return cast(Callable[P, R], async_guarded)
-
-        @functools.wraps(func)
-        def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
-            guard = get_guard()
-            if precheck is not None:
-                amount = guard._cost_of(precheck, precheck.params_for(*args, **kwargs))
-                if not amount:  # nothing to charge: no reservation, no refresh
-                    return func(*args, **kwargs)
-            elif static is not None:
-                amount = static
-            else:
-                amount = _check_cost(cost_of(*args, **kwargs))
-            with Spend(guard, amount) as spend:
-                result = func(*args, **kwargs)
-                spend._result = result
-                return result
-
-        return guarded
-
-    return cast(_Decorator, decorate)
 
 
 _default: CreditGuard | None = None

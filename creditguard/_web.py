@@ -18,6 +18,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from ._config import _check_cost
 from ._errors import (
     AuthenticationError,
     BalanceUnavailable,
@@ -25,7 +26,7 @@ from ._errors import (
     InsufficientCredits,
     RateLimited,
 )
-from ._guard import CreditGuard, _check_cost
+from ._guard import CreditGuard
 
 __all__ = [
     "PROBLEM_CONTENT_TYPE",
