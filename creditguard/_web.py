@@ -217,6 +217,16 @@ class CostOf:
         )
 
 
+def middleware_cost(guard: object, cost: CostSpec, on_error: object, charge_when: object) -> CostOf:
+    """Check a middleware's arguments (the same for ASGI and WSGI) and compile its cost."""
+    check_guard_spec(guard)
+    check_hook("on_error", on_error)
+    check_hook("charge_when", charge_when)
+    if isinstance(cost, int):
+        raise TypeError("cost must be a mapping of route patterns or a callable, not an int")
+    return CostOf.build(cost)
+
+
 def resolve_guard(guard: GuardSpec, request: object) -> CreditGuard:
     """``guard`` itself, or what the per-request callable returns for ``request``."""
     if isinstance(guard, CreditGuard):

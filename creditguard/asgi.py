@@ -20,15 +20,13 @@ from ._errors import CreditGuardError
 from ._guard import CreditGuard, Spend
 from ._web import (
     ActionFailed,
-    CostOf,
     CostSpec,
     GuardSpec,
     Problem,
     acall_cost,
     aresolve_guard,
     charged,
-    check_guard_spec,
-    check_hook,
+    middleware_cost,
     problem_for,
 )
 
@@ -85,14 +83,9 @@ class CreditGuardMiddleware:
         on_error: OnError | None = None,
         charge_when: Callable[[int], bool] | None = None,
     ) -> None:
-        check_guard_spec(guard)
-        check_hook("on_error", on_error)
-        check_hook("charge_when", charge_when)
-        if isinstance(cost, int):
-            raise TypeError("cost must be a mapping of route patterns or a callable, not an int")
         self.app = app
         self._guard = guard
-        self._cost = CostOf.build(cost)
+        self._cost = middleware_cost(guard, cost, on_error, charge_when)
         self._on_error = on_error
         self._charge_when = charge_when or charged
 

@@ -22,14 +22,12 @@ from ._errors import CreditGuardError
 from ._guard import CreditGuard, Spend
 from ._web import (
     ActionFailed,
-    CostOf,
     CostSpec,
     GuardSpec,
     Problem,
     charged,
     check_cost,
-    check_guard_spec,
-    check_hook,
+    middleware_cost,
     problem_for,
     resolve_guard,
 )
@@ -86,12 +84,7 @@ class CreditGuardMiddleware:
         on_error: OnError | None = None,
         charge_when: Callable[[int], bool] | None = None,
     ) -> None:
-        check_guard_spec(guard)
-        check_hook("on_error", on_error)
-        check_hook("charge_when", charge_when)
-        if isinstance(cost, int):
-            raise TypeError("cost must be a mapping of route patterns or a callable, not an int")
-        built = CostOf.build(cost)
+        built = middleware_cost(guard, cost, on_error, charge_when)
         if built.is_async:
             raise TypeError("a WSGI cost callable must be synchronous")
         self.app = app

@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from creditguard import CreditBalance, InsufficientCredits, InvalidResponse
@@ -24,6 +24,7 @@ from creditguard._reports import (
     parse_api_error,
     parse_report,
 )
+from tests.strategies import FUZZ, json_values
 
 # -- the published answers (Lensmor API 0.22 to 0.27) ------------------------------------
 
@@ -665,28 +666,6 @@ def test_a_cycle_of_causes_ends() -> None:
 
 # -- fuzzing -------------------------------------------------------------------------------
 
-FUZZ = settings(
-    max_examples=400,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
-)
-json_values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
 BALANCE_KEYS = (*SHORT_AFTER, *WHOLE_AFTER)
 near_balance = st.dictionaries(
     st.sampled_from(BALANCE_KEYS) | st.text(max_size=8),

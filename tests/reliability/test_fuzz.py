@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, example, given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from creditguard import (
@@ -24,6 +24,7 @@ from creditguard import (
     parse_retry_after,
 )
 from creditguard._client import _loads, _Reader
+from tests.strategies import FUZZ, json_values
 
 FIELDS = (
     "totalAmount",
@@ -36,29 +37,6 @@ FIELDS = (
 )
 ADDON_FIELDS = ("addonAmount", "addonBalance", "addonExpireAt")  # API 0.24+
 COUNTS = (*FIELDS[:-1], "addonAmount", "addonBalance")
-FUZZ = settings(
-    max_examples=400,
-    deadline=None,
-    derandomize=True,
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-
-scalars = st.one_of(
-    st.none(),
-    st.booleans(),
-    st.integers(),
-    st.integers(min_value=-(2**70), max_value=2**70),
-    st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=20),
-)
-json_values = st.recursive(
-    scalars,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
 # Mostly the documented keys, with values of any type: the interesting near misses.
 near_miss = st.dictionaries(
     st.sampled_from(FIELDS + ADDON_FIELDS) | st.text(max_size=12),
