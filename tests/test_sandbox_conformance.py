@@ -100,11 +100,13 @@ class Api:
         headers = {} if key is None else {"Authorization": f"Bearer {key}"}
         if schema == "ActionPrecheckResponse":
             conforms("ActionPrecheckRequest", body)  # what we send is valid as well
+        elif schema == "ContactUnlockSubmission" and path == PHONES:
+            conforms("PhoneUnlockRequest", body)
         response = self.http.request(method, path, json=body, headers=headers)
         assert response.status_code == status, response.text
         data = response.json()
         conforms(schema, data)
-        if schema in ("ApiError", "ConcurrencyLimitBusinessError"):
+        if schema in ("ApiError", "ConcurrencyLimitBusinessError", FEATURE):
             assert data["code"] == status or schema != "ApiError"
             assert response.headers["x-request-id"] == data["traceId"]
         self.seen.append(schema)
@@ -244,6 +246,8 @@ def test_event_unlock_errors(make: Callable[..., Api]) -> None:
     for key in (None, "wrong"):
         data = api.call("POST", "/external/events/11/unlock", 401, "ApiError", key=key)
         assert data["errorKey"] == "INVALID_API_KEY"
+        data = api.call("GET", BALANCE, 401, "ApiError", key=key)  # the balance's too
+        assert data["errorKey"] == "INVALID_API_KEY"
     assert api.total == 30050
     # The scheme is matched without regard to case.
     response = api.http.post(
@@ -259,6 +263,137 @@ def test_event_unlock_with_floats_and_add_ons(make: Callable[..., Api]) -> None:
     assert data["creditsUsed"] == 2000.0
     assert isinstance(data["creditsUsed"], float)
     assert data["balanceAfter"]["addonBalance"] == 2000
+
+
+# -- visitors and full-access unlocks ---------------------------------------------------------
+
+FEATURE = "FeatureUnavailableBusinessError"
+
+
+def visitors(event_id: str) -> str:
+    return f"/external/events/{event_id}/visitors/unlock"
+
+
+def full_access(event_id: str) -> str:
+    return f"/external/events/{event_id}/full-access/unlock"
+
+
+def test_visitors_unlock(make: Callable[..., Api]) -> None:
+    api = make(subscription_balance=5500, gift_balance=100)
+    api.post("/external/events/7/unlock", 201, "EventUnlockResult")  # the base layer first
+    data = api.post(visitors("7"), 201, "EventVisitorUnlockResult")
+    assert (data["alreadyUnlocked"], data["creditsSpent"]) == (False, 3000)
+    # The whole balance after, as the balance endpoint reads it, with the add-on keys of
+    # API 0.24 (which the visitors unlock came with) even for a sandbox in the 0.22 shape.
+    balance = api.get(BALANCE, 200, "CreditBalance@0.22")
+    assert (balance["totalBalance"], balance["subscriptionBalance"]) == (600, 500)
+    addon = {"addonAmount": 0, "addonBalance": 0, "addonExpireAt": None}
+    assert data["balanceAfter"] == {**balance, **addon}
+    assert data["event"] == {"id": "7", "eventId": "7", "name": "Sandbox event 7"}
+    again = api.post(visitors("7"), 201, "EventVisitorUnlockResult")
+    assert (again["alreadyUnlocked"], again["creditsSpent"], again["balanceAfter"]) == (
+        True,
+        0,
+        None,
+    )
+    assert api.fake.unlocked_visitors == {"7"}
+    api.fake.add_event("8", unlocked=True)
+    api.error("POST", visitors("8"), 402, "INSUFFICIENT_CREDITS")
+    assert (api.total, api.fake.charges) == (600, 2)
+    assert api.fake.unlocked_visitors == {"7"}
+
+
+def test_visitors_unlock_errors(make: Callable[..., Api]) -> None:
+    api = make(open_catalogue=False)
+    api.fake.add_event("1")  # the base layer still locked
+    api.fake.add_event("2", unlocked=True, visitors=False)  # no visitor data
+    api.error("POST", visitors("1"), 409, "STATE_CONFLICT")
+    api.error("POST", visitors("2"), 400, "INVALID_REQUEST")
+    api.error("POST", visitors("3"), 404, "NOT_FOUND")
+    api.error("POST", visitors("x" * 101), 400, "INVALID_REQUEST")
+    for key in (None, "wrong"):
+        data = api.call("POST", visitors("1"), 401, "ApiError", key=key)
+        assert data["errorKey"] == "INVALID_API_KEY"
+    assert (api.total, api.fake.charges) == (30050, 0)
+
+
+def test_visitors_unlock_with_floats_and_add_ons(make: Callable[..., Api]) -> None:
+    api = make(addon_balance=1000, float_numbers=True)
+    api.fake.add_event("5", unlocked=True)
+    data = api.post(visitors("5"), 201, "EventVisitorUnlockResult")
+    assert type(data["creditsSpent"]) is int  # an integer in the schema
+    after = data["balanceAfter"]
+    assert (after["subscriptionBalance"], after["addonBalance"]) == (27000.0, 1000.0)
+    assert all(type(v) is float for v in after.values() if v is not None)
+
+
+def test_full_access_unlock(make: Callable[..., Api]) -> None:
+    api = make(subscription_balance=12000, gift_balance=50)
+    api.fake.add_event("2", unlocked=True)  # the base layer unlocked already
+    api.fake.add_event("3", visitors=False)  # no visitor data
+    api.fake.add_event("4", unlocked=True, visitors=False)
+    flags = ("alreadyUnlocked", "eventUnlocked", "visitorUnlocked", "visitorSkipped")
+    expected = [
+        ("1", 5000, (False, True, True, False)),
+        ("1", 0, (True, False, False, False)),
+        ("2", 3000, (False, False, True, False)),
+        ("3", 2000, (False, True, False, True)),
+        ("4", 0, (True, False, False, True)),
+    ]
+    total = 12050
+    for event_id, used, outcome in expected:
+        data = api.post(full_access(event_id), 201, "EventFullAccessUnlockResult")
+        assert (data["totalCreditsUsed"], tuple(data[f] for f in flags)) == (used, outcome)
+        total -= used
+        assert api.total == total
+        # The short balanceAfter (subscription credits are spent first), null when free.
+        short = {"subscriptionBalance": total - 50, "permanentBalance": 50, "totalBalance": total}
+        assert data["balanceAfter"] == ({**short, "unlimited": False} if used else None)
+    assert api.fake.unlocked_events == {"1", "2", "3", "4"}
+    assert api.fake.unlocked_visitors == {"1", "2"}
+    api.error("POST", full_access("5"), 402, "INSUFFICIENT_CREDITS")  # 5000 > 2050
+    assert "5" not in api.fake.unlocked_events
+    assert (api.total, api.fake.charges) == (2050, 3)
+
+
+def test_full_access_balance_after_as_a_bare_number(make: Callable[..., Api]) -> None:
+    """One older published version types ``balanceAfter`` as the total alone: the sandbox
+    answers so on request, and the 0.27 schema (rightly) does not accept it."""
+    api = make(full_access_balance_after="number")
+    response = api.http.post(full_access("1"), headers={"Authorization": f"Bearer {KEY}"})
+    data = response.json()
+    assert (response.status_code, data["balanceAfter"]) == (201, 25050)
+    assert list(VALIDATORS["EventFullAccessUnlockResult"].iter_errors(data))
+    conforms("EventFullAccessUnlockResult", {**data, "balanceAfter": None})
+    again = api.post(full_access("1"), 201, "EventFullAccessUnlockResult")
+    assert again["balanceAfter"] is None
+    with pytest.raises(ValueError, match="full_access_balance_after"):
+        FakeLensmor(full_access_balance_after="text")  # type: ignore[arg-type]
+
+
+def test_full_access_unlock_errors(make: Callable[..., Api]) -> None:
+    api = make(open_catalogue=False)
+    api.fake.add_event("1", contacts=False)
+    api.error("POST", full_access("1"), 400, "INVALID_REQUEST")
+    api.error("POST", full_access("2"), 404, "NOT_FOUND")
+    api.error("POST", full_access(""), 400, "INVALID_REQUEST")
+    data = api.call("POST", full_access("1"), 401, "ApiError", key="wrong")
+    assert data["errorKey"] == "INVALID_API_KEY"
+    assert (api.total, api.fake.charges) == (30050, 0)
+    with pytest.raises(ValueError, match="visitors_unlocked"):
+        api.fake.add_event("3", visitors_unlocked=True)
+
+
+def test_a_free_plan_gets_the_feature_envelope(make: Callable[..., Api]) -> None:
+    api = make(subscription_active=False)
+    for path in (visitors("1"), full_access("1")):
+        data = api.post(path, 200, FEATURE)
+        assert data["errorKey"] == "USER_HAS_NO_FEATURE"
+    api.post("/external/events/1/unlock", 201, "EventUnlockResult")  # the base layer is not
+    assert api.total == 28050
+    api.fake.subscription_active = True
+    api.post(visitors("1"), 201, "EventVisitorUnlockResult")
+    assert api.total == 25050
 
 
 # -- contact email unlock -------------------------------------------------------------------
@@ -320,6 +455,71 @@ def test_contact_unlock_errors(make: Callable[..., Api]) -> None:
     data = api.post(CONTACTS, 201, "ContactUnlockSubmission", {"personnel_ids": ["1"]})
     assert data["skipped_detail"]["missing_personnel_ids"] == ["1"]
     assert api.total == 20
+
+
+# -- contact phone unlock -------------------------------------------------------------------
+
+PHONES = "/external/contacts/unlock-phone"
+
+
+def test_contact_phone_unlock_task(make: Callable[..., Api]) -> None:
+    api = make(task_polls=3)
+    api.fake.add_contact("3", phone=None)  # found nothing
+    api.fake.add_contact("4", phone_unlocked=True)
+    api.fake.add_contact("5", unlocked=True)  # its email, not its phone number
+    body = {"personnel_ids": ["1", "2", "2", "3", "4", "5", "x"], "event_id": "26855"}
+    data = api.post(PHONES, 201, "ContactUnlockSubmission", body)
+    assert data["status"] == "accepted"
+    assert data["skipped_personnel_ids"] == ["4", "x"]
+    assert data["skipped_detail"]["already_unlocked_personnel_ids"] == ["4"]
+    # Debited at submission: 150 per chargeable contact (1, 2, 3, 5), duplicates removed.
+    assert api.total == 30050 - 600
+    task = f"/external/contacts/unlock-phone-tasks/{data['task_id']}"
+    again = api.post(PHONES, 201, "ContactUnlockSubmission", {"personnel_ids": ["1"]})
+    assert again["skipped_detail"]["unlocking_personnel_ids"] == ["1"]
+    # The email unlock is another unlock: contact 1's email is chargeable meanwhile.
+    emails = api.post(CONTACTS, 201, "ContactUnlockSubmission", {"personnel_ids": ["1"]})
+    assert emails["status"] == "accepted"
+    # Each task is found at its own unlock's path only.
+    api.error("GET", f"{CONTACTS}-tasks/{data['task_id']}", 404, "NOT_FOUND")
+    api.error("GET", f"{PHONES}-tasks/{emails['task_id']}", 404, "NOT_FOUND")
+    statuses = [api.get(task, 200, "PhoneUnlockTask")["taskStatus"] for _ in range(3)]
+    assert statuses == ["pending", "processing", "completed"]
+    done = api.get(task, 200, "PhoneUnlockTask")
+    assert {item["personnelId"]: (item["status"], item["phone"]) for item in done["items"]} == {
+        "1": ("unlocked", "+1-555-0100 x1"),
+        "2": ("unlocked", "+1-555-0100 x2"),
+        "3": ("failed", None),
+        "5": ("unlocked", "+1-555-0100 x5"),
+    }
+    assert done["items"][2]["errorCode"] == "PHONE_NOT_FOUND"
+    assert api.total == 30050 - 600 - 15  # nothing refunded
+    assert set(api.fake.unlocked_phones) == {"1", "2", "4", "5"}
+    assert set(api.fake.unlocked_contacts) == {"5"}  # emails: the task above still runs
+
+
+def test_contact_phone_unlock_with_nothing_chargeable_is_free(api: Api) -> None:
+    api.fake.add_contact("8", phone_unlocked=True)
+    data = api.post(PHONES, 201, "ContactUnlockSubmission", {"personnel_ids": ["8", "8", "y"]})
+    assert (data["status"], data["skipped_personnel_ids"]) == ("success", ["8", "y"])
+    assert "task_id" not in data
+    assert api.total == 30050
+
+
+def test_contact_phone_unlock_errors(make: Callable[..., Api]) -> None:
+    api = make(subscription_balance=200, gift_balance=0)
+    # 402 at submission checks the whole batch: two contacts cost 300.
+    api.error("POST", PHONES, 402, "INSUFFICIENT_CREDITS", {"personnel_ids": ["1", "2"]})
+    assert api.total == 200
+    for body in ({}, {"personnel_ids": []}, {"personnel_ids": [1]}, {"personnel_ids": "1"}, []):
+        api.error("POST", PHONES, 400, "INVALID_REQUEST", body)
+    api.error("POST", PHONES, 400, "INVALID_REQUEST", {"personnel_ids": ["1"], "event_id": ""})
+    many = {"personnel_ids": [str(i) for i in range(2001)]}
+    api.error("POST", PHONES, 422, "LEAD_SELECTION_LIMIT_EXCEEDED", many)
+    api.error("GET", "/external/contacts/unlock-phone-tasks/99", 404, "NOT_FOUND")
+    api.fake.open_catalogue = False
+    api.error("POST", PHONES, 404, "NOT_FOUND", {"personnel_ids": ["1"], "event_id": "5"})
+    assert (api.total, api.fake.charges) == (200, 0)
 
 
 # -- exhibitor searches ---------------------------------------------------------------------
@@ -395,6 +595,54 @@ def test_precheck(make: Callable[..., Api]) -> None:
     assert (api.total, api.fake.charges) == (1990, 0)  # never charges
 
 
+def test_precheck_of_the_visitor_full_access_and_phone_unlocks(make: Callable[..., Api]) -> None:
+    api = make(subscription_balance=5010, gift_balance=0)
+    api.fake.add_event("1", unlocked=True)
+    api.fake.add_event("2", unlocked=True, visitors=False)
+    api.fake.add_event("3", unlocked=True, visitors_unlocked=True)
+    api.fake.add_event("4", contacts=False)
+    api.fake.add_contact("7", phone_unlocked=True)
+    expected = [
+        (("unlock_event_visitors", {"event_id": "1"}), (True, "ok", 3000)),
+        (("unlock_event_visitors", {"event_id": "9"}), (False, "state_conflict", 0)),
+        (("unlock_event_visitors", {"event_id": "2"}), (False, "no_contacts_available", 0)),
+        (("unlock_event_visitors", {"event_id": "3"}), (True, "already_unlocked", 0)),
+        (("unlock_event_visitors", {"event_id": 3}), (False, "invalid_subject", 0)),
+        (("unlock_event_full_access", {"event_id": "9"}), (True, "ok", 5000)),
+        (("unlock_event_full_access", {"event_id": "1"}), (True, "ok", 3000)),
+        (("unlock_event_full_access", {"event_id": "3"}), (True, "already_unlocked", 0)),
+        (("unlock_event_full_access", {"event_id": "4"}), (False, "no_contacts_available", 0)),
+        (("unlock_event_full_access", {}), (False, "invalid_subject", 0)),
+        (("unlock_contact_phones", {"personnel_ids": ["5", "6", "7"]}), (True, "ok", 300)),
+        (("unlock_contact_phones", {"personnel_ids": ["7"]}), (True, "already_unlocked", 0)),
+        (("unlock_contact_phones", {"personnel_ids": []}), (False, "invalid_subject", 0)),
+    ]
+    for (action, params), (allowed, reason, credits) in expected:
+        data = _precheck(api, action, **params)
+        assert (data["allowed"], data["reason_code"], data["credits"]) == (allowed, reason, credits)
+    detail = _precheck(api, "unlock_event_full_access", event_id="2")["detail"]
+    assert detail == {
+        "event_id": "2",
+        "event_unlock_credits": 0,
+        "visitor_unlock_credits": 0,
+        "visitor_skipped": True,
+    }
+    detail = _precheck(api, "unlock_contact_phones", personnel_ids=["5", "5", "7"])["detail"]
+    assert (detail["personnel_ids"], detail["already_unlocked_count"]) == (["5"], 1)
+    api.fake.spend_outside(2020)  # 2990 left
+    data = _precheck(api, "unlock_event_visitors", event_id="1")
+    assert (data["allowed"], data["reason_code"], data["credits"]) == (
+        False,
+        "insufficient_balance",
+        3000,
+    )
+    api.fake.subscription_active = False
+    for action in ("unlock_event_visitors", "unlock_event_full_access"):
+        data = _precheck(api, action, event_id="1")
+        assert (data["allowed"], data["reason_code"], data["credits"]) == (False, "forbidden", 0)
+    assert (api.total, api.fake.charges) == (2990, 0)  # never charges
+
+
 def test_precheck_errors(api: Api) -> None:
     for body in (
         {},
@@ -412,6 +660,7 @@ def test_precheck_errors(api: Api) -> None:
 
 def test_overlapping_paid_calls_conflict(api: Api) -> None:
     first: list[httpx.Response] = []
+    api.fake.add_event("4", unlocked=True)  # its visitors unlock would charge
     with api.fake.hold_paid_calls():
         thread = threading.Thread(
             target=lambda: first.append(
@@ -423,7 +672,10 @@ def test_overlapping_paid_calls_conflict(api: Api) -> None:
         thread.start()
         assert api.fake.wait_for_paid_call()
         api.error("POST", "/external/events/2/unlock", 409, "STATE_CONFLICT")
+        api.error("POST", visitors("4"), 409, "STATE_CONFLICT")
+        api.error("POST", full_access("5"), 409, "STATE_CONFLICT")
         api.error("POST", CONTACTS, 409, "STATE_CONFLICT", {"personnel_ids": ["1"]})
+        api.error("POST", PHONES, 409, "STATE_CONFLICT", {"personnel_ids": ["1"]})
         api.error("POST", SEARCHES[1][0], 409, "STATE_CONFLICT", {"company_name": "A"})
         busy = api.post(SEARCHES[0][0], 200, "ConcurrencyLimitBusinessError", {"company_name": "A"})
         assert busy["errorKey"] == "USER_CONCURRENCY_LIMIT_EXCEEDED"
@@ -438,6 +690,7 @@ def test_overlapping_paid_calls_conflict(api: Api) -> None:
     assert not api.fake.paid_call_in_progress
     assert api.total == 28050
     api.post("/external/events/2/unlock", 201, "EventUnlockResult")
+    assert api.fake.unlocked_visitors == set()  # the refused calls changed nothing
 
 
 def test_rate_limit(make: Callable[..., Api]) -> None:
@@ -460,6 +713,9 @@ def test_unknown_routes_are_not_found(api: Api) -> None:
     api.error("GET", "/external/events/1/unlock", 404, "NOT_FOUND")
     api.error("POST", "/external/nothing-here", 404, "NOT_FOUND")
     api.error("GET", "/external/contacts/unlock", 404, "NOT_FOUND")
+    api.error("GET", visitors("1"), 404, "NOT_FOUND")
+    api.error("POST", "/external/contacts/unlock-phone-tasks/1", 404, "NOT_FOUND")
+    api.error("POST", "/external/events/1/visitors/unlock/more", 404, "NOT_FOUND")
 
 
 def test_every_schema_is_exercised() -> None:
@@ -469,8 +725,13 @@ def test_every_schema_is_exercised() -> None:
         "ApiError",
         "CreditBalance",
         "EventUnlockResult",
+        "EventVisitorUnlockResult",
+        "EventFullAccessUnlockResult",
+        "FeatureUnavailableBusinessError",
         "ContactUnlockSubmission",
         "ContactUnlockTask",
+        "PhoneUnlockRequest",
+        "PhoneUnlockTask",
         "ActionPrecheckResponse",
         "ConcurrencyLimitBusinessError",
         "EventReverseSearchPage",

@@ -1,13 +1,14 @@
 """FakeLensmor: an in-memory stand-in of the Lensmor credits service.
 
-It serves ``GET /external/credits/balance`` exactly as documented (Bearer key, 401 for a
-wrong key, the camelCase JSON body) and Lensmor's paid endpoints with their published shapes
-and costs (see ``_lensmor.py``) through an httpx transport (sync and async) and through an
-ASGI app for real HTTP, plus a sandbox-only ``POST /sandbox/charge?credits=N`` so an app
-pointed at the served sandbox can spend, and ``POST /sandbox/spend-outside?credits=N`` for
-the web app spending from the same pool. Faults can be scripted for the next balance
-requests, in process (:meth:`FakeLensmor.fail_next`, ``latency``) or over HTTP by a test in
-another process:
+It serves ``GET /external/credits/balance`` exactly as documented (Bearer key, 401 with
+Lensmor's ``INVALID_API_KEY`` error body for a wrong key, the camelCase JSON body) and
+Lensmor's paid endpoints with their published shapes and costs (see ``_lensmor.py``,
+``_events.py`` and ``_contacts.py``) through an httpx transport (sync and async, see
+``_transport.py``) and through an ASGI app for real HTTP, plus a sandbox-only
+``POST /sandbox/charge?credits=N`` so an app pointed at the served sandbox can spend, and
+``POST /sandbox/spend-outside?credits=N`` for the web app spending from the same pool.
+Faults can be scripted for the next balance requests, in process
+(:meth:`FakeLensmor.fail_next`, ``latency``) or over HTTP by a test in another process:
 
 * ``POST /sandbox/fail?fault=503&times=2`` (``fault`` is an HTTP error status or one of
   :data:`FAULTS`; ``retry_after=S`` adds a ``Retry-After`` header), ``DELETE /sandbox/fail``
@@ -25,20 +26,21 @@ import contextlib
 import json
 import re
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast
 from urllib.parse import parse_qsl
 
 import anyio
-import httpx
 
 from .._client import BALANCE_PATH
 from .._errors import InsufficientCredits
 from .._models import CreditBalance
-from ._lensmor import MAX_BODY, _Company, _Contact, _Event, _PaidApi, _Pending
+from ._contacts import EMAIL, PHONE, _Contact
+from ._events import _Event
+from ._lensmor import _Company, _PaidApi, _Pending
+from ._transport import _Dropped, _FakeTransport, _read_body
 from ._wire import BALANCE_SHAPES, BalanceShape, Credits, RateLimit, _Answer, _json, api_error
 
 __all__ = ["FAULTS", "FakeLensmor", "parse_fault"]
@@ -189,13 +191,18 @@ class FakeLensmor:
     answers the schemas type ``number``) as JSON floats (``30050.0``). Credits are spent
     subscription first, then add-on, then gift.
 
-    The paid endpoints (event unlock, contact email unlock and its task, the two exhibitor
-    searches, the action precheck) charge Lensmor's published costs; see
-    :meth:`add_event`, :meth:`add_contact` and :meth:`add_company` for what they find.
-    With ``open_catalogue`` (the default) any event, any digit-string contact id and any
-    company exists; without it only those added do. A contact unlock task completes on its
-    ``task_polls``-th poll. ``rate_limit`` requests per ``rate_limit_window`` seconds are
-    served to the key (``None``: unlimited, and no ``X-RateLimit-*`` headers).
+    The paid endpoints (event unlock, visitors unlock, full-access unlock, contact email
+    and phone unlocks and their tasks, the two exhibitor searches, the action precheck)
+    charge Lensmor's published costs; see :meth:`add_event`, :meth:`add_contact` and
+    :meth:`add_company` for what they find. With ``open_catalogue`` (the default) any event,
+    any digit-string contact id and any company exists; without it only those added do. A
+    contact unlock task completes on its ``task_polls``-th poll. Without
+    ``subscription_active`` the visitors and full-access unlocks answer Lensmor's ``200``
+    ``USER_HAS_NO_FEATURE`` envelope (a free plan). ``full_access_balance_after="number"``
+    has the full-access unlock report ``balanceAfter`` as the total balance alone, as one
+    older published version of the API types it (``"object"``, the default: the 0.27
+    object). ``rate_limit`` requests per ``rate_limit_window`` seconds are served to the
+    key (``None``: unlimited, and no ``X-RateLimit-*`` headers).
 
     ``transport`` serves both ``httpx.Client`` and ``httpx.AsyncClient``; ``app`` is an
     ASGI app serving the same API over real HTTP (``creditguard sandbox`` runs it under
@@ -228,6 +235,8 @@ class FakeLensmor:
         task_polls: int = 2,
         rate_limit: int | None = None,
         rate_limit_window: float = 60.0,
+        subscription_active: bool = True,
+        full_access_balance_after: Literal["object", "number"] = "object",
     ) -> None:
         addon = _credits_arg("addon_balance", addon_balance)
         addon_amt = addon if addon_amount is None else _credits_arg("addon_amount", addon_amount)
@@ -252,7 +261,13 @@ class FakeLensmor:
             gift=gift_balance,
             reset_ms=_ms(reset_at),
         )
+        if full_access_balance_after not in ("object", "number"):
+            raise ValueError(
+                "full_access_balance_after must be 'object' or 'number', got"
+                f" {full_access_balance_after!r}"
+            )
         self.balance_shape: BalanceShape = balance_shape
+        self.full_access_balance_after = full_access_balance_after
         self.floats = bool(float_numbers)
         self.api_key = api_key
         self.latency = latency
@@ -264,7 +279,12 @@ class FakeLensmor:
         self._faults_served = 0
         self._served = threading.Condition(self._lock)
         self._rate_limit = RateLimit(rate_limit, rate_limit_window)
-        self._paid = _PaidApi(self, task_polls=task_polls, open_catalogue=open_catalogue)
+        self._paid = _PaidApi(
+            self,
+            task_polls=task_polls,
+            open_catalogue=open_catalogue,
+            subscription_active=bool(subscription_active),
+        )
         self.transport = _FakeTransport(self)
 
     def __repr__(self) -> str:
@@ -313,33 +333,59 @@ class FakeLensmor:
         name: str | None = None,
         contacts: bool = True,
         unlocked: bool = False,
+        visitors: bool = True,
+        visitors_unlocked: bool = False,
     ) -> None:
-        """Declare an event for ``POST /external/events/{id}/unlock`` (and the precheck):
-        ``contacts=False`` has nothing to unlock (400), ``unlocked=True`` is free to unlock
-        again. Without :attr:`open_catalogue`, undeclared events are not found (404)."""
+        """Declare an event for the event, visitors and full-access unlocks (and the
+        precheck): ``contacts=False`` has nothing to unlock (400), ``unlocked=True`` is
+        free to unlock again. ``visitors=False`` has no registered visitor data (the
+        visitors unlock answers 400, the full-access unlock skips that layer);
+        ``visitors_unlocked=True`` (which needs ``unlocked=True``) has its visitor layer
+        unlocked already. Without :attr:`open_catalogue`, undeclared events are not found
+        (404)."""
         if not isinstance(event_id, str) or not 1 <= len(event_id) <= 100:
             raise ValueError("event_id must be a string of 1 to 100 characters")
+        if visitors_unlocked and not (unlocked and visitors):
+            raise ValueError("visitors_unlocked=True needs unlocked=True and visitors=True")
         with self._lock:
             self._paid.events[event_id] = _Event(
-                event_id, f"Sandbox event {event_id}" if name is None else name, contacts, unlocked
+                event_id,
+                f"Sandbox event {event_id}" if name is None else name,
+                contacts,
+                unlocked,
+                visitors,
+                visitors_unlocked,
             )
 
     def add_contact(
-        self, personnel_id: str, *, email: str | None = "", unlocked: bool = False
+        self,
+        personnel_id: str,
+        *,
+        email: str | None = "",
+        unlocked: bool = False,
+        phone: str | None = "",
+        phone_unlocked: bool = False,
     ) -> None:
-        """Declare a contact for ``POST /external/contacts/unlock``: a digit string, as
-        Lensmor's personnel ids. ``email`` is what its unlock delivers (by default
-        ``contact-<id>@example.test``; ``None``: the unlock item fails with
-        ``EMAIL_NOT_FOUND``); ``unlocked=True`` is already unlocked, so free."""
+        """Declare a contact for ``POST /external/contacts/unlock`` and
+        ``.../unlock-phone``: a digit string, as Lensmor's personnel ids. ``email`` is what
+        its email unlock delivers (by default ``contact-<id>@example.test``; ``None``: the
+        unlock item fails with ``EMAIL_NOT_FOUND``), ``phone`` what its phone unlock
+        delivers (by default ``+1-555-0100 x<id>``; ``None``: ``PHONE_NOT_FOUND``);
+        ``unlocked=True`` has its email, ``phone_unlocked=True`` its phone number unlocked
+        already, so free."""
         if not isinstance(personnel_id, str) or not personnel_id.isascii():
             raise ValueError("personnel_id must be a string of ASCII digits")
         if not personnel_id.isdigit():
             raise ValueError("personnel_id must be a string of ASCII digits")
-        address = f"contact-{personnel_id}@example.test" if email == "" else email
+        contact = _Contact.sample(personnel_id)
+        if email != "":
+            contact.email = email
+        if phone != "":
+            contact.phone = phone
+        contact.states[EMAIL.name] = "unlocked" if unlocked else "locked"
+        contact.states[PHONE.name] = "unlocked" if phone_unlocked else "locked"
         with self._lock:
-            self._paid.contacts[personnel_id] = _Contact(
-                personnel_id, address, "unlocked" if unlocked else "locked"
-            )
+            self._paid.contacts[personnel_id] = contact
 
     def add_company(self, company_name: str, *, events: int = 1, exhibitors: int = 1) -> None:
         """Declare what the exhibitor searches find for ``company_name`` (matched without
@@ -361,20 +407,38 @@ class FakeLensmor:
         self._paid.open_catalogue = bool(value)
 
     @property
+    def subscription_active(self) -> bool:
+        """Whether the account has an active subscription (see the class)."""
+        return self._paid.subscription_active
+
+    @subscription_active.setter
+    def subscription_active(self, value: bool) -> None:
+        self._paid.subscription_active = bool(value)
+
+    @property
     def unlocked_events(self) -> frozenset[str]:
-        """The ids of the events unlocked so far."""
+        """The ids of the events whose base access is unlocked so far."""
         with self._lock:
             return frozenset(e.event_id for e in self._paid.events.values() if e.unlocked)
+
+    @property
+    def unlocked_visitors(self) -> frozenset[str]:
+        """The ids of the events whose visitor access is unlocked so far."""
+        with self._lock:
+            events = self._paid.events.values()
+            return frozenset(e.event_id for e in events if e.visitors_unlocked)
 
     @property
     def unlocked_contacts(self) -> dict[str, str | None]:
         """The contacts whose email unlock completed, with the email delivered."""
         with self._lock:
-            return {
-                c.personnel_id: c.email
-                for c in self._paid.contacts.values()
-                if c.state == "unlocked"
-            }
+            return self._paid.contact_desk.unlocked(EMAIL)
+
+    @property
+    def unlocked_phones(self) -> dict[str, str | None]:
+        """The contacts whose phone unlock completed, with the phone number delivered."""
+        with self._lock:
+            return self._paid.contact_desk.unlocked(PHONE)
 
     @contextlib.contextmanager
     def hold_paid_calls(self) -> Iterator[None]:
@@ -485,7 +549,9 @@ class FakeLensmor:
         if planned is not None:
             return self._fault(planned, data)
         if authorization != f"Bearer {self.api_key}":
-            return _json(401, {"message": "Unauthorized"})
+            with self._lock:
+                trace = self._paid.trace_id()
+            return api_error(401, "INVALID_API_KEY", "Invalid API key", trace)
         allowed, headers = self._rate_limit.take()
         if not allowed:
             with self._lock:
@@ -626,118 +692,3 @@ class FakeLensmor:
                     pass
             return
         await send({"type": "http.response.body", "body": body})
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The request's body (at most ``MAX_BODY`` bytes and one more, so the endpoint can
-    refuse it); ``None`` when the client went away first."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        if size <= MAX_BODY:
-            chunks.append(chunk[: MAX_BODY + 1 - size])
-            size += len(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-class _Dropped(Exception):
-    """Raised inside the ASGI app so the server closes the connection (a scripted fault)."""
-
-
-class _FakeTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
-    """The sandbox as an httpx transport for both sync and async clients."""
-
-    def __init__(self, fake: FakeLensmor) -> None:
-        self._fake = fake
-
-    def _result(self, request: httpx.Request, body: bytes) -> _Answer | _Pending:
-        return self._fake._answer(
-            request.method,
-            request.url.path,
-            request.url.query.decode("latin-1"),
-            request.headers.get("authorization"),
-            body,
-        )
-
-    @staticmethod
-    def _checked(answer: _Answer, request: httpx.Request) -> _Answer:
-        if answer.fault == "drop":
-            raise httpx.RemoteProtocolError(
-                "Server disconnected without sending a response.", request=request
-            )
-        return answer
-
-    def handle_request(self, request: httpx.Request) -> httpx.Response:
-        if self._fake._serves_paid(request.url.path):
-            result = self._result(request, request.read())
-        else:
-            if self._fake.latency:
-                time.sleep(self._fake.latency)
-            result = self._result(request, b"")
-        if isinstance(result, _Pending):
-            pending = result
-            try:
-                pending.wait()
-                result = pending.finish()
-            finally:
-                pending.close()
-        answer = self._checked(result, request)
-        return httpx.Response(
-            answer.status, headers=answer.headers, stream=_SyncBody(answer, request)
-        )
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        if self._fake._serves_paid(request.url.path):
-            result = self._result(request, await request.aread())
-        else:
-            if self._fake.latency:
-                await anyio.sleep(self._fake.latency)
-            result = self._result(request, b"")
-        if isinstance(result, _Pending):
-            pending = result
-            try:
-                await pending.await_()
-                result = pending.finish()
-            finally:
-                pending.close()
-        answer = self._checked(result, request)
-        return httpx.Response(
-            answer.status, headers=answer.headers, stream=_AsyncBody(answer, request)
-        )
-
-
-def _body_chunks(answer: _Answer, request: httpx.Request) -> Iterator[bytes]:
-    if answer.fault in ("stall", "truncated"):
-        yield answer.body[: len(answer.body) // 2]
-        if answer.fault == "stall":
-            # In process there is no socket to time out on: report what the client's read
-            # timeout would have said.
-            raise httpx.ReadTimeout("sandbox fault: the body stalled", request=request)
-        raise httpx.RemoteProtocolError(
-            "peer closed connection without sending complete message body", request=request
-        )
-    yield answer.body
-
-
-class _SyncBody(httpx.SyncByteStream):
-    def __init__(self, answer: _Answer, request: httpx.Request) -> None:
-        self._answer = answer
-        self._request = request
-
-    def __iter__(self) -> Iterator[bytes]:
-        return _body_chunks(self._answer, self._request)
-
-
-class _AsyncBody(httpx.AsyncByteStream):
-    def __init__(self, answer: _Answer, request: httpx.Request) -> None:
-        self._answer = answer
-        self._request = request
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        for chunk in _body_chunks(self._answer, self._request):
-            yield chunk

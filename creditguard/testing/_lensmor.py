@@ -1,14 +1,12 @@
-"""The paid Lensmor endpoints of the sandbox, with their published shapes and costs.
+"""The paid Lensmor endpoints of the sandbox, with their published shapes and costs: the
+dispatch, the key's one credit operation at a time, the exhibitor searches and the
+precheck. The unlocks are in ``_events.py`` (event, visitors, full access) and
+``_contacts.py`` (contact emails and phone numbers, and their tasks).
 
-* ``POST /external/events/{id}/unlock``: 2000 credits; free when already unlocked; 400 when
-  the event has no contacts to unlock.
-* ``POST /external/contacts/unlock``: 15 credits per chargeable contact, debited when the
-  task is accepted (the submission); ``GET /external/contacts/unlock-tasks/{taskId}``
-  reports the task, which completes on its ``task_polls``-th poll.
 * ``POST /external/exhibitors/search-events`` and ``.../search-by-company-name``: 50
   credits for a non-empty page, 0 for an empty one.
-* ``POST /external/actions/precheck``: what a call would cost and whether it may run; never
-  charges.
+* ``POST /external/actions/precheck``: what a call would cost and whether it may run, for
+  every paid action the sandbox serves; never charges.
 
 A call that will charge holds the key's credit operation for the sandbox's ``latency`` (and
 while paid calls are held, see :meth:`FakeLensmor.hold_paid_calls`); another call that would
@@ -20,35 +18,29 @@ from __future__ import annotations
 
 import itertools
 import json
-import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
 
-from ._wire import _Answer, _json, api_error
+from ._contacts import DIGITS, _Contact, _ContactDesk
+from ._events import _Event, _EventDesk
+from ._wire import Checker, _Answer, _BadRequest, _json, _Route, _string, api_error
 
 if TYPE_CHECKING:
     from ._fake import FakeLensmor
 
-EVENT_UNLOCK_COST = 2000
-CONTACT_EMAIL_COST = 15
 SEARCH_COST = 50
-MAX_PERSONNEL = 2000
 MAX_BODY = 1 << 20
 HOLD_CAP = 60.0  # seconds a held paid call waits at most, should a test never release it
 
 PRECHECK_PATH = "/external/actions/precheck"
-CONTACTS_UNLOCK_PATH = "/external/contacts/unlock"
 SEARCH_EVENTS_PATH = "/external/exhibitors/search-events"
 SEARCH_COMPANY_PATH = "/external/exhibitors/search-by-company-name"
-_EVENT_UNLOCK = re.compile(r"/external/events/([^/]*)/unlock")
-_TASK = re.compile(r"/external/contacts/unlock-tasks/([^/]*)")
-_DIGITS = re.compile(r"[0-9]+")
 _ATTENDANCE = ("all", "exhibitor", "visitor")
 _PRECHECK_STRINGS = {
     "action_type": 100,
@@ -60,64 +52,11 @@ _PRECHECK_STRINGS = {
 }
 
 
-class _BadRequest(Exception):
-    """The request is not what the endpoint takes: ``400 INVALID_REQUEST``."""
-
-
-@dataclass
-class _Event:
-    event_id: str
-    name: str | None
-    contacts: bool = True
-    unlocked: bool = False
-
-    def identity(self) -> dict[str, Any]:
-        return {"id": self.event_id, "eventId": self.event_id, "name": self.name}
-
-
-@dataclass
-class _Contact:
-    personnel_id: str
-    email: str | None
-    state: str = "locked"  # locked, unlocking, unlocked
-
-
 @dataclass
 class _Company:
     name: str
     events: int = 1
     exhibitors: int = 1
-
-
-@dataclass
-class _Task:
-    task_id: str
-    personnel_ids: list[str]
-    polls: int = 0
-    status: str = "pending"
-    items: list[dict[str, Any]] = field(default_factory=list)
-
-
-@dataclass
-class _Sorted:
-    """A contact batch, duplicates removed, sorted by what it would cost."""
-
-    chargeable: list[str]
-    skipped: list[str]
-    detail: dict[str, list[str]]
-
-    @property
-    def cost(self) -> int:
-        return CONTACT_EMAIL_COST * len(self.chargeable)
-
-
-def _string(data: dict[str, Any], name: str, most: int, *, required: bool = True) -> str | None:
-    value = data.get(name)
-    if value is None and name not in data and not required:
-        return None
-    if not isinstance(value, str) or not 1 <= len(value) <= most:
-        raise _BadRequest(f"{name} must be a string of 1 to {most} characters")
-    return value
 
 
 def _int(data: dict[str, Any], name: str, default: int, least: int, most: int) -> int:
@@ -191,22 +130,32 @@ class _Pending:
 
 
 class _PaidApi:
-    """The paid endpoints' state (catalogue, tasks, the credit operation in progress) and
-    their answers. Everything runs under the fake's lock."""
+    """The paid endpoints' state (catalogue, the credit operation in progress) and their
+    dispatch; the unlocks are answered by their desks. Everything runs under the fake's
+    lock."""
 
-    def __init__(self, fake: FakeLensmor, *, task_polls: int, open_catalogue: bool) -> None:
+    def __init__(
+        self,
+        fake: FakeLensmor,
+        *,
+        task_polls: int,
+        open_catalogue: bool,
+        subscription_active: bool,
+    ) -> None:
         if type(task_polls) is not int or task_polls < 1:
             raise ValueError(f"task_polls must be an int >= 1, got {task_polls!r}")
         self.fake = fake
         self.task_polls = task_polls
         self.open_catalogue = open_catalogue
+        self.subscription_active = subscription_active
         self.events: dict[str, _Event] = {}
         self.contacts: dict[str, _Contact] = {}
         self.companies: dict[str, _Company] = {}
-        self.tasks: dict[str, _Task] = {}
         self.busy: _Pending | None = None
         self.gate: threading.Event | None = None
         self.started = threading.Condition(fake._lock)
+        self.event_desk = _EventDesk(self)
+        self.contact_desk = _ContactDesk(self)
         self._task_ids = itertools.count(1001)
         self._trace_ids = itertools.count(1)
 
@@ -222,8 +171,8 @@ class _PaidApi:
 
     def contact(self, personnel_id: str, *, keep: bool) -> _Contact | None:
         found = self.contacts.get(personnel_id)
-        if found is None and self.open_catalogue and _DIGITS.fullmatch(personnel_id):
-            found = _Contact(personnel_id, f"contact-{personnel_id}@example.test")
+        if found is None and self.open_catalogue and DIGITS.fullmatch(personnel_id):
+            found = _Contact.sample(personnel_id)
             if keep:
                 self.contacts[personnel_id] = found
         return found
@@ -238,6 +187,10 @@ class _PaidApi:
 
     def trace_id(self) -> str:
         return f"sandbox-{next(self._trace_ids):08d}"
+
+    def task_id(self) -> str:
+        """A new task id (email and phone tasks share the sequence)."""
+        return str(next(self._task_ids))
 
     def answer(
         self, method: str, path: str, authorization: str | None, body: bytes
@@ -257,36 +210,25 @@ class _PaidApi:
             )
         try:
             data: dict[str, Any] = {}
-            if method == "POST" and not _EVENT_UNLOCK.fullmatch(path):
-                data = self._body(body)  # an event unlock takes no body
-            result = route(data, trace, headers)
+            if method == "POST" and route.body:
+                data = self._body(body)  # the event unlocks take no body
+            result = route.handler(data, trace, headers)
         except _BadRequest as exc:
             return api_error(400, "INVALID_REQUEST", str(exc), trace, headers=headers)
         if isinstance(result, _Answer):
             result.headers.update(headers)
         return result
 
-    def _route(
-        self, method: str, path: str
-    ) -> Callable[[dict[str, Any], str, dict[str, str]], _Answer | _Pending] | None:
-        routes: dict[str, Callable[[dict[str, Any], str, dict[str, str]], _Answer | _Pending]]
-        routes = {
-            PRECHECK_PATH: self._precheck,
-            CONTACTS_UNLOCK_PATH: self._unlock_contacts,
-            SEARCH_EVENTS_PATH: self._search_events,
-            SEARCH_COMPANY_PATH: self._search_exhibitors,
-        }
-        if method == "POST" and path in routes:
-            return routes[path]
-        match = _EVENT_UNLOCK.fullmatch(path)
-        if method == "POST" and match:
-            event_id = match.group(1)
-            return lambda data, trace, headers: self._unlock_event(event_id, trace, headers)
-        match = _TASK.fullmatch(path)
-        if method == "GET" and match:
-            task_id = match.group(1)
-            return lambda data, trace, headers: self._task(task_id, trace)
-        return None
+    def _route(self, method: str, path: str) -> _Route | None:
+        if method == "POST":
+            own = {
+                PRECHECK_PATH: self._precheck,
+                SEARCH_EVENTS_PATH: self._search_events,
+                SEARCH_COMPANY_PATH: self._search_exhibitors,
+            }.get(path)
+            if own is not None:
+                return _Route(own)
+        return self.event_desk.route(method, path) or self.contact_desk.route(method, path)
 
     @staticmethod
     def _body(body: bytes) -> dict[str, Any]:
@@ -300,7 +242,7 @@ class _PaidApi:
             raise _BadRequest("the body must be a JSON object")
         return data
 
-    def _begin(
+    def begin(
         self,
         work: Callable[[], _Answer],
         trace: str,
@@ -323,7 +265,7 @@ class _PaidApi:
         self.started.notify_all()
         return pending
 
-    def _pay(self, cost: int, trace: str) -> _Answer | None:
+    def pay(self, cost: int, trace: str) -> _Answer | None:
         """Debit ``cost``, or the ``402`` to answer when the account cannot pay it."""
         credits = self.fake._credits
         if cost > credits.total:
@@ -337,159 +279,6 @@ class _PaidApi:
         credits.spend(cost)
         self.fake.charges += 1
         return None
-
-    # -- event unlock --------------------------------------------------------------
-
-    def _unlock_event(
-        self, event_id: str, trace: str, headers: dict[str, str]
-    ) -> _Answer | _Pending:
-        if not 1 <= len(event_id) <= 100:
-            raise _BadRequest("the event id must have 1 to 100 characters")
-        event = self.event(event_id, keep=True)
-        if event is None:
-            return api_error(404, "NOT_FOUND", f"Event {event_id} not found", trace)
-        if event.unlocked:
-            return self._event_result(event, 0)
-        if not event.contacts:
-            raise _BadRequest(f"Event {event_id} has no contacts to unlock")
-
-        def work() -> _Answer:
-            refused = self._pay(EVENT_UNLOCK_COST, trace)
-            if refused is not None:
-                return refused
-            event.unlocked = True
-            return self._event_result(event, EVENT_UNLOCK_COST)
-
-        return self._begin(work, trace, headers)
-
-    def _event_result(self, event: _Event, used: int) -> _Answer:
-        fake = self.fake
-        after = None if not used else fake._credits.balance_after(fake.balance_shape, fake.floats)
-        return _json(
-            201,
-            {
-                "success": True,
-                "alreadyUnlocked": not used,
-                "creditsUsed": float(used) if fake.floats else used,
-                "balanceAfter": after,
-                "event": event.identity(),
-            },
-        )
-
-    # -- contact email unlock ------------------------------------------------------
-
-    def _sort(self, ids: list[str]) -> _Sorted:
-        detail: dict[str, list[str]] = {
-            "invalid_personnel_ids": [],
-            "missing_personnel_ids": [],
-            "unlinked_personnel_ids": [],
-            "already_unlocked_personnel_ids": [],
-            "unlocking_personnel_ids": [],
-        }
-        chargeable: list[str] = []
-        skipped: list[str] = []
-        for personnel_id in dict.fromkeys(ids):
-            contact = self.contact(personnel_id, keep=False)
-            if not _DIGITS.fullmatch(personnel_id):
-                reason = "invalid_personnel_ids"
-            elif contact is None:
-                reason = "missing_personnel_ids"
-            elif contact.state == "unlocked":
-                reason = "already_unlocked_personnel_ids"
-            elif contact.state == "unlocking":
-                reason = "unlocking_personnel_ids"
-            else:
-                chargeable.append(personnel_id)
-                continue
-            detail[reason].append(personnel_id)
-            skipped.append(personnel_id)
-        return _Sorted(chargeable, skipped, detail)
-
-    @staticmethod
-    def _personnel_ids(value: object) -> list[str]:
-        if not isinstance(value, list) or not value:
-            raise _BadRequest("personnel_ids must be a non-empty array of strings")
-        if not all(isinstance(item, str) for item in value):
-            raise _BadRequest("personnel_ids must be a non-empty array of strings")
-        return value
-
-    def _unlock_contacts(
-        self, data: dict[str, Any], trace: str, headers: dict[str, str]
-    ) -> _Answer | _Pending:
-        ids = self._personnel_ids(data.get("personnel_ids"))
-        event_id = _string(data, "event_id", 100, required=False)
-        if len(ids) > MAX_PERSONNEL:
-            return api_error(
-                422,
-                "LEAD_SELECTION_LIMIT_EXCEEDED",
-                f"Selected leads limit exceeded: requested {len(ids)}, limit {MAX_PERSONNEL}",
-                trace,
-                details={
-                    "requestedCount": len(ids),
-                    "limit": MAX_PERSONNEL,
-                    "selectionMode": "selected",
-                },
-            )
-        if event_id is not None and self.event(event_id, keep=False) is None:
-            return api_error(404, "NOT_FOUND", f"Event {event_id} not found", trace)
-        batch = self._sort(ids)
-        skipped = {"skipped_personnel_ids": batch.skipped, "skipped_detail": batch.detail}
-        if not batch.chargeable:
-            return _json(201, {"status": "success", **skipped})
-
-        def work() -> _Answer:
-            refused = self._pay(batch.cost, trace)
-            if refused is not None:
-                return refused
-            task = _Task(str(next(self._task_ids)), batch.chargeable)
-            for personnel_id in task.personnel_ids:
-                contact = self.contact(personnel_id, keep=True)
-                assert contact is not None
-                contact.state = "unlocking"
-            self.tasks[task.task_id] = task
-            return _json(
-                201,
-                {"status": "accepted", "task_id": task.task_id, "job_id": task.task_id, **skipped},
-            )
-
-        return self._begin(work, trace, headers)
-
-    def _task(self, task_id: str, trace: str) -> _Answer:
-        task = self.tasks.get(task_id)
-        if task is None:
-            return api_error(404, "NOT_FOUND", f"Task {task_id} not found", trace)
-        if task.status not in ("completed", "failed"):
-            task.polls += 1
-            if task.polls >= self.task_polls:
-                self._complete(task)
-            else:
-                task.status = "pending" if task.polls == 1 else "processing"
-                task.items = [
-                    {"personnelId": pid, "status": task.status, "email": None}
-                    for pid in task.personnel_ids
-                ]
-        return _json(200, {"taskId": task.task_id, "taskStatus": task.status, "items": task.items})
-
-    def _complete(self, task: _Task) -> None:
-        task.status = "completed"
-        task.items = []
-        for personnel_id in task.personnel_ids:
-            contact = self.contacts[personnel_id]
-            if contact.email is None:
-                contact.state = "locked"
-                task.items.append(
-                    {
-                        "personnelId": personnel_id,
-                        "status": "failed",
-                        "email": None,
-                        "errorCode": "EMAIL_NOT_FOUND",
-                    }
-                )
-            else:
-                contact.state = "unlocked"
-                task.items.append(
-                    {"personnelId": personnel_id, "status": "unlocked", "email": contact.email}
-                )
 
     # -- exhibitor searches --------------------------------------------------------
 
@@ -567,9 +356,9 @@ class _PaidApi:
             return _json(201, page)  # an empty result is free
 
         def work() -> _Answer:
-            return self._pay(SEARCH_COST, trace) or _json(201, page)
+            return self.pay(SEARCH_COST, trace) or _json(201, page)
 
-        return self._begin(work, trace, headers, busy=busy)
+        return self.begin(work, trace, headers, busy=busy)
 
     # -- precheck ------------------------------------------------------------------
 
@@ -583,9 +372,9 @@ class _PaidApi:
         if not isinstance(params, dict):
             raise _BadRequest("params must be an object")
         action = str(data["action_type"])
-        checks = {
-            "unlock_event_contacts": self._precheck_event,
-            "unlock_contact_emails": self._precheck_contacts,
+        checks: dict[str, Checker] = {
+            **self.event_desk.prechecks(),
+            **self.contact_desk.prechecks(),
             "search_exhibitor_events": self._precheck_search,
         }
         check = checks.get(action)
@@ -612,43 +401,6 @@ class _PaidApi:
                 "detail": detail,
             },
         )
-
-    def _precheck_event(self, params: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
-        event_id = params.get("event_id")
-        if not isinstance(event_id, str) or not 1 <= len(event_id) <= 100:
-            return "invalid_subject", 0, {}
-        detail: dict[str, Any] = {"event_id": event_id, "unlock_credits": EVENT_UNLOCK_COST}
-        event = self.event(event_id, keep=False)
-        if event is None:
-            return "not_found", 0, detail
-        if event.unlocked:
-            return "already_unlocked", 0, detail
-        if not event.contacts:
-            return "no_contacts_available", 0, detail
-        return "ok", EVENT_UNLOCK_COST, detail
-
-    def _precheck_contacts(self, params: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
-        try:
-            ids = self._personnel_ids(params.get("personnel_ids"))
-        except _BadRequest:
-            return "invalid_subject", 0, {}
-        batch = self._sort(ids)
-        detail = {
-            "personnel_ids": batch.chargeable,
-            "requested_count": len(ids),
-            "chargeable_count": len(batch.chargeable),
-            "already_unlocked_count": len(batch.detail["already_unlocked_personnel_ids"]),
-            "unlocking_count": len(batch.detail["unlocking_personnel_ids"]),
-        }
-        if len(ids) > MAX_PERSONNEL:
-            return "exceed_max_unlock_limit", 0, detail
-        if batch.chargeable:
-            return "ok", batch.cost, detail
-        if detail["unlocking_count"]:
-            return "unlock_in_progress", 0, detail
-        if detail["already_unlocked_count"]:
-            return "already_unlocked", 0, detail
-        return "no_contacts_available", 0, detail
 
     def _precheck_search(self, params: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
         try:

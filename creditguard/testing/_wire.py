@@ -1,5 +1,6 @@
-"""What the sandbox's modules share: an answer to send, Lensmor's error body, the account's
-credits (its buckets, how they are spent and how they are written) and the rate limit."""
+"""What the sandbox's modules share: an answer to send, Lensmor's error body, a request that
+is not what an endpoint takes, the account's credits (its buckets, how they are spent and
+how they are written) and the rate limit."""
 
 from __future__ import annotations
 
@@ -7,8 +8,12 @@ import json
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+if TYPE_CHECKING:
+    from ._lensmor import _Pending
 
 BalanceShape = Literal["0.22", "0.24"]
 BALANCE_SHAPES: tuple[str, ...] = ("0.22", "0.24")
@@ -50,6 +55,38 @@ def api_error(
     if details is not None:
         body["details"] = details
     return _json(status, body, {**(headers or {}), "x-request-id": trace_id})
+
+
+Handler = Callable[[dict[str, Any], str, dict[str, str]], "_Answer | _Pending"]
+"""An endpoint: of the request's JSON body, its trace id and the headers to send, the
+answer (or the paid call to hold, :class:`~._lensmor._Pending`)."""
+
+Check = tuple[str, int, dict[str, Any]]
+"""A precheck's ``reason_code``, ``credits`` and ``detail`` for one action."""
+
+Checker = Callable[[dict[str, Any]], Check]
+
+
+class _Route(NamedTuple):
+    """What answers a request: its handler, and whether it reads a JSON body."""
+
+    handler: Handler
+    body: bool = True
+
+
+class _BadRequest(Exception):
+    """The request is not what the endpoint takes: ``400 INVALID_REQUEST``."""
+
+
+def _string(data: dict[str, Any], name: str, most: int, *, required: bool = True) -> str | None:
+    """``data[name]``, a string of 1 to ``most`` characters (``None`` when absent and not
+    ``required``); raise :class:`_BadRequest` otherwise."""
+    value = data.get(name)
+    if value is None and name not in data and not required:
+        return None
+    if not isinstance(value, str) or not 1 <= len(value) <= most:
+        raise _BadRequest(f"{name} must be a string of 1 to {most} characters")
+    return value
 
 
 def _number(value: int, floats: bool) -> int | float:
@@ -109,9 +146,10 @@ class Credits:
         return out
 
     def balance_after(self, shape: BalanceShape, floats: bool) -> dict[str, Any]:
-        """``balanceAfter`` of an event unlock: ``subscriptionBalance``, ``permanentBalance``
-        (the gift credits, which never expire), ``totalBalance``, ``unlimited`` (always false),
-        and ``addonBalance`` beside them in the 0.24+ shape (extra properties are allowed)."""
+        """``balanceAfter`` of an event or full-access unlock: ``subscriptionBalance``,
+        ``permanentBalance`` (the gift credits, which never expire), ``totalBalance``,
+        ``unlimited`` (always false), and ``addonBalance`` beside them in the 0.24+ shape
+        (extra properties are allowed)."""
         out: dict[str, Any] = {
             "subscriptionBalance": _number(self.subscription, floats),
             "permanentBalance": _number(self.gift, floats),

@@ -1,0 +1,136 @@
+"""How the sandbox's answers reach a client: the httpx transport (sync and async) that
+serves :class:`~._fake.FakeLensmor` in process, the answer bodies it streams (and the
+scripted faults it acts out on them), and the body reading of the ASGI app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+
+from ._lensmor import MAX_BODY, _Pending
+from ._wire import _Answer
+
+if TYPE_CHECKING:
+    from ._fake import FakeLensmor
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+
+
+async def _read_body(receive: Receive) -> bytes | None:
+    """The request's body (at most ``MAX_BODY`` bytes and one more, so the endpoint can
+    refuse it); ``None`` when the client went away first."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        if size <= MAX_BODY:
+            chunks.append(chunk[: MAX_BODY + 1 - size])
+            size += len(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+class _Dropped(Exception):
+    """Raised inside the ASGI app so the server closes the connection (a scripted fault)."""
+
+
+class _FakeTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
+    """The sandbox as an httpx transport for both sync and async clients."""
+
+    def __init__(self, fake: FakeLensmor) -> None:
+        self._fake = fake
+
+    def _result(self, request: httpx.Request, body: bytes) -> _Answer | _Pending:
+        return self._fake._answer(
+            request.method,
+            request.url.path,
+            request.url.query.decode("latin-1"),
+            request.headers.get("authorization"),
+            body,
+        )
+
+    @staticmethod
+    def _checked(answer: _Answer, request: httpx.Request) -> _Answer:
+        if answer.fault == "drop":
+            raise httpx.RemoteProtocolError(
+                "Server disconnected without sending a response.", request=request
+            )
+        return answer
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self._fake._serves_paid(request.url.path):
+            result = self._result(request, request.read())
+        else:
+            if self._fake.latency:
+                time.sleep(self._fake.latency)
+            result = self._result(request, b"")
+        if isinstance(result, _Pending):
+            pending = result
+            try:
+                pending.wait()
+                result = pending.finish()
+            finally:
+                pending.close()
+        answer = self._checked(result, request)
+        return httpx.Response(
+            answer.status, headers=answer.headers, stream=_SyncBody(answer, request)
+        )
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._fake._serves_paid(request.url.path):
+            result = self._result(request, await request.aread())
+        else:
+            if self._fake.latency:
+                await anyio.sleep(self._fake.latency)
+            result = self._result(request, b"")
+        if isinstance(result, _Pending):
+            pending = result
+            try:
+                await pending.await_()
+                result = pending.finish()
+            finally:
+                pending.close()
+        answer = self._checked(result, request)
+        return httpx.Response(
+            answer.status, headers=answer.headers, stream=_AsyncBody(answer, request)
+        )
+
+
+def _body_chunks(answer: _Answer, request: httpx.Request) -> Iterator[bytes]:
+    if answer.fault in ("stall", "truncated"):
+        yield answer.body[: len(answer.body) // 2]
+        if answer.fault == "stall":
+            # In process there is no socket to time out on: report what the client's read
+            # timeout would have said.
+            raise httpx.ReadTimeout("sandbox fault: the body stalled", request=request)
+        raise httpx.RemoteProtocolError(
+            "peer closed connection without sending complete message body", request=request
+        )
+    yield answer.body
+
+
+class _SyncBody(httpx.SyncByteStream):
+    def __init__(self, answer: _Answer, request: httpx.Request) -> None:
+        self._answer = answer
+        self._request = request
+
+    def __iter__(self) -> Iterator[bytes]:
+        return _body_chunks(self._answer, self._request)
+
+
+class _AsyncBody(httpx.AsyncByteStream):
+    def __init__(self, answer: _Answer, request: httpx.Request) -> None:
+        self._answer = answer
+        self._request = request
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        for chunk in _body_chunks(self._answer, self._request):
+            yield chunk
