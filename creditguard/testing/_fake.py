@@ -1,10 +1,10 @@
 """FakeLensmor: an in-memory stand-in of the Lensmor credits service.
 
-It serves ``GET /external/credits/balance`` exactly as documented (Bearer key, 401 with
-Lensmor's ``INVALID_API_KEY`` error body for a wrong key, the camelCase JSON body) and
-Lensmor's paid endpoints with their published shapes and costs (see ``_lensmor.py``,
-``_events.py`` and ``_contacts.py``) through an httpx transport (sync and async, see
-``_transport.py``) and through an ASGI app for real HTTP, plus a sandbox-only
+It serves ``GET /external/credits/balance`` exactly as documented (Bearer key, 401 for a
+wrong key, the camelCase JSON body) and Lensmor's paid endpoints with their published
+shapes and costs (see ``_lensmor.py``, ``_events.py`` and ``_contacts.py``) through an
+httpx transport (sync and async, see ``_transport.py``) and through an ASGI app for real
+HTTP, plus a sandbox-only
 ``POST /sandbox/charge?credits=N`` so an app pointed at the served sandbox can spend, and
 ``POST /sandbox/spend-outside?credits=N`` for the web app spending from the same pool.
 Faults can be scripted for the next balance requests, in process
@@ -549,9 +549,7 @@ class FakeLensmor:
         if planned is not None:
             return self._fault(planned, data)
         if authorization != f"Bearer {self.api_key}":
-            with self._lock:
-                trace = self._paid.trace_id()
-            return api_error(401, "INVALID_API_KEY", "Invalid API key", trace)
+            return _json(401, {"message": "Unauthorized"})
         allowed, headers = self._rate_limit.take()
         if not allowed:
             with self._lock:
