@@ -317,6 +317,20 @@ def targets(rec: Recorder, settings: Settings) -> Targets:
                 ">=",
                 0.95,
             )
+        for conc, limit in (
+            ("async1", 0.9),
+            ("threads1", 0.9),
+            ("async10", 0.8),
+            ("threads8", 0.8),
+        ):
+            target(
+                f"{g}.e2e_{conc}_vs_bare",
+                f"e2e at {conc}, an action that reports nothing (like exhibitor search):"
+                " guarded / bare throughput (median of per-round ratios)",
+                median_ratio(rec, "e2e_throughput", f"{g}@{conc}", f"bare@{conc}"),
+                ">=",
+                limit,
+            )
         c = settings.e2e_concurrency
         target(
             f"{g}.e2e_async{c}_vs_bare",

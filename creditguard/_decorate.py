@@ -106,7 +106,7 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
                     amount = static
                 else:
                     amount = _check_cost(cost_of(*args, **kwargs))
-                async with Spend(guard, amount) as spend:
+                async with Spend(guard, amount, defer=True) as spend:
                     result = await afunc(*args, **kwargs)
                     spend._result = result
                     return result
@@ -124,7 +124,7 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
                 amount = static
             else:
                 amount = _check_cost(cost_of(*args, **kwargs))
-            with Spend(guard, amount) as spend:
+            with Spend(guard, amount, defer=True) as spend:
                 result = func(*args, **kwargs)
                 spend._result = result
                 return result

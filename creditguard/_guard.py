@@ -355,6 +355,12 @@ class CreditGuard:
         account = self._account
         if refresh:
             return (yield from self._settle(*account.bump(sync), sync))
+        after = account.pending_after()
+        if after:  # finished spends wait for a read: the balance must include them
+            first = account.settle_step(after, None, sync)
+            if isinstance(first, CreditBalance):
+                return first
+            return (yield from self._settle(after, first, sync))
         flight: Flight | None = None
         while True:
             step = account.read_step(self._shared.ttl, flight, sync)
@@ -379,7 +385,7 @@ class CreditGuard:
     def _admit_cached(self, spend: Spend) -> bool:
         """The warm path, no generator: admit on a fresh cached balance that covers the
         cost with room for every reservation (anything else goes the slow way)."""
-        reservation = self._account.try_admit(spend.cost, self._shared.ttl)
+        reservation = self._account.try_admit(spend.cost, self._shared.ttl, spend._defer)
         if reservation is None:
             return False
         self._admitted(spend, reservation)
@@ -408,28 +414,38 @@ class CreditGuard:
             outer = outer._outer
         flight: Flight | None = None
         try:
+            if not spend._defer:
+                # A block that looks at its balances is admitted on one that includes
+                # every call that returned before it (they may wait for a read).
+                after = account.pending_after()
+                if after:
+                    first = account.settle_step(after, None, sync)
+                    if not isinstance(first, CreditBalance):
+                        yield from self._settle(after, first, sync)
             while True:
                 until = None
                 if may_wait:
                     until = deadline if deadline is not None else _monotonic() + wait
-                step = account.admit_step(cost, ttl, flight, sync, until, tuple(enclosing))
+                # Read to settle finished spends on the first look (or after a wait), and
+                # again only while this call may still wait: bounded like a wait.
+                settle = flight is None or (until is not None and _monotonic() < until)
+                step = account.admit_step(cost, ttl, flight, sync, until, tuple(enclosing), settle)
                 if isinstance(step, Reservation):
                     break
+                if deadline is None and until is not None:
+                    deadline, cap = until, until + 9 * wait
                 waited = yield step
                 flight = waited if isinstance(waited, Flight) else None
                 if flight is not None and deadline is not None:
                     # A balance read (bounded by the read budget) never uses up the wait
                     # for calls in flight: look again with a full window after it.
                     deadline = min(max(deadline, _monotonic() + wait), cap)
-                if isinstance(waited, Waiter) and until is not None:
-                    if deadline is None:
-                        deadline, cap = until, until + 9 * wait
-                    if not waited.done:
-                        # Timed out. Calls in flight that are still settling (one released
-                        # its reservation lately) are worth waiting for a while longer.
-                        now = _monotonic()
-                        if now - account.released_at < wait and now < cap:
-                            deadline = min(now + wait, cap)
+                if isinstance(waited, Waiter) and until is not None and not waited.done:
+                    # Timed out. Calls in flight that are still settling (one released
+                    # its reservation lately) are worth waiting for a while longer.
+                    now = _monotonic()
+                    if now - account.released_at < wait and now < cap:
+                        deadline = min(now + wait, cap)
         except InsufficientCredits as exc:
             self._denied(exc)
             raise
@@ -482,6 +498,12 @@ class CreditGuard:
             return
         result, spend._result = spend._result, None
         if result is not None and self._settled_from_report(spend, settlement, result):
+            return
+        if spend._defer:
+            # The caller does not look at the balance after: return now, and let the
+            # next read (whoever needs one) settle this spend.
+            account.defer_settle(settlement)
+            self._spent(spend, None)
             return
         step = account.begin_settle(settlement, sync)
         try:
@@ -682,15 +704,16 @@ class CreditGuard:
         if self._shared.on_event is not None:
             self._emit_reserved(spend, "unchecked", error=exc)
 
-    def _spent(self, spend: Spend, balance: CreditBalance) -> None:
+    def _spent(self, spend: Spend, balance: CreditBalance | None) -> None:
+        """``balance``: the balance after, or ``None`` when the spend settles later."""
         spend.balance_after = balance
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
-                "spent %d credits on %s: %s -> %d",
+                "spent %d credits on %s: %s -> %s",
                 spend.cost,
                 self._account.fingerprint,
                 "unchecked" if spend.balance_before is None else spend.balance_before.total_balance,
-                balance.total_balance,
+                "settles later" if balance is None else balance.total_balance,
             )
         if self._shared.on_event is not None:
             self._emit("spent", spend.cost, spend.balance_before, balance, charged=spend.charged)

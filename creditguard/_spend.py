@@ -43,15 +43,19 @@ class Spend:
     """One guarded spend of ``cost`` credits; a sync and async context manager.
 
     ``balance_before`` is the balance the admission was decided on (``None`` only when
-    run unchecked under ``on_unavailable="allow"``). ``balance_after`` is set when the
+    run unchecked under ``on_unavailable="allow"``); a block is admitted on one that
+    includes every guarded call that returned before it. ``balance_after`` is set when the
     block exits: the balance read after the action finished, or ``None`` when that
-    refresh failed or the block raised or was cancelled. ``charged`` is what the call cost
-    when its paid call reported it (see :meth:`report`), else ``None``. While the block
+    refresh failed or the block raised or was cancelled. (A decorated call does not wait
+    for that read: its spend has ``balance_after=None`` and settles at a later read.)
+    ``charged`` is what the call cost when its paid call reported it (see :meth:`report`),
+    else ``None``. While the block
     (or decorated call) runs, :func:`current_spend` returns this spend.
     """
 
     __slots__ = (
         "_active",
+        "_defer",
         "_entered",
         "_guard",
         "_outer",
@@ -64,8 +68,11 @@ class Spend:
         "cost",
     )
 
-    def __init__(self, guard: CreditGuard, cost: int | Precheck) -> None:
+    def __init__(self, guard: CreditGuard, cost: int | Precheck, *, defer: bool = False) -> None:
         self._guard = guard
+        # Settle without waiting for the refresh (decorated calls, middleware): the
+        # caller never sees balance_after, so the next read that needs it settles it.
+        self._defer = defer
         self._entered = False
         self._precheck: Precheck | None = None
         if isinstance(cost, Precheck):

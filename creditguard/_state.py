@@ -51,6 +51,9 @@ __all__ = [
     "Waiter",
 ]
 
+# Finished spends that may wait for a read at once (see Account.defer_settle).
+MAX_SETTLING = 1024
+
 # Balance reads one account may have in progress at once. Two let a caller that needs a
 # read newer than the one in progress start it at once instead of queueing behind it.
 MAX_FLIGHTS = 2
@@ -398,12 +401,14 @@ class Account:
     #   (its reservation is released by a read that includes it) and decide again,
     #   until ``until``; then refuse, saying what is available now.
 
-    def try_admit(self, cost: int, ttl: float) -> Reservation | None:
-        """Fast path: admit on a fresh cached balance, or ``None`` to go the slow way."""
+    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
+        """Fast path: admit on a fresh cached balance, or ``None`` to go the slow way
+        (always, with ``defer=False``, while finished spends wait for a read)."""
         with self.lock:
             cached = self.cached
             if (
                 cached is None
+                or (not defer and self.settling)
                 or self.cached_seq < self.floor
                 or _monotonic() - self.cached_at >= ttl
                 or (cost > cached.total_balance - self.reserved and cost)
@@ -422,13 +427,16 @@ class Account:
         sync: bool,
         until: float | None,
         enclosing: tuple[Reservation, ...] = (),
+        settle: bool = True,
     ) -> Reservation | Step:
         """Reserve ``cost`` on a trusted balance, or name what to wait for / perform.
 
         ``until`` is how long the caller may wait for spends in flight to settle
         (monotonic seconds; ``None``: it may not wait); ``enclosing`` the reservations
-        of the caller's own enclosing spends. Raises :class:`InsufficientCredits`
-        (nothing reserved) when the account cannot pay.
+        of the caller's own enclosing spends. ``settle``: when the cost does not fit
+        and finished spends wait for a read (see :meth:`defer_settle`), perform or join
+        that read and decide again. Raises :class:`InsufficientCredits` (nothing
+        reserved) when the account cannot pay.
         """
         with self.lock:
             balance = self._usable(flight, ttl)
@@ -444,6 +452,11 @@ class Account:
                 if cached:
                     self.excluded += cost
                 return Reservation(cost, balance, gen)
+            settling = self.settling
+            if settling and settle:
+                # Spends that finished and wait for a read hold credits a read would
+                # show (they may have cost less than declared): read, then decide.
+                return self._join_or_lead(settling[-1].after, sync)
             ambiguous = reserved - (self.excluded if cached else 0)
             own = 0
             for r in enclosing:
@@ -550,6 +563,41 @@ class Account:
             settlement.after = self.seq
             self.settling.append(settlement)
             return self._join_or_lead(self.seq, sync)
+
+    def defer_settle(self, settlement: Reservation) -> None:
+        """The action of ``settlement`` finished and its caller does not wait for the
+        refresh: hold its reservation until a read that starts after now comes back,
+        whoever performs it (the next admission that needs the credits, the next
+        balance asked for, or the next read after the TTL).
+
+        Callers waiting at admission are woken: they may now read to settle it. Past
+        ``MAX_SETTLING`` spends waiting, they are all released and the cached balance is
+        distrusted instead (safe: no read older than them is trusted any more)."""
+        with self.lock:
+            self.seq += 1
+            settlement.after = self.seq
+            settling = self.settling
+            settling.append(settlement)
+            callbacks: list[Callable[[], None]] = []
+            if len(settling) > MAX_SETTLING:
+                for pending in settling:
+                    self._unhold(pending)
+                settling.clear()
+                self._invalidate()
+                callbacks = self._wake_released()
+            elif self.waiters:
+                for waiter in self.waiters:
+                    callbacks += waiter._finish()
+                self.waiters = []
+        for notify in callbacks:
+            notify()
+
+    def pending_after(self) -> int:
+        """The ``seq`` a read must start at to include every finished spend still
+        waiting for one (0: none waits)."""
+        with self.lock:
+            settling = self.settling
+            return settling[-1].after if settling else 0
 
     def end_settle(self, settlement: Reservation, *, failed: bool = False) -> None:
         """The caller saw its refresh (or its failure): release if a read has not yet, and

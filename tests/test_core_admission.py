@@ -112,6 +112,7 @@ def test_a_call_the_account_can_pay_waits_for_spends_in_flight_instead_of_being_
         spend.finish()
         future.result(10)
     assert fake100.balance.total_balance == 10
+    guard.balance()  # the calls returned; this read settles them
     assert reserved(guard) == 0
 
 
@@ -237,6 +238,7 @@ async def test_async_waiter_is_admitted_after_the_spend_settles(
         await anyio.to_thread.run_sync(spend.finish)
     assert ran == [1]
     assert fake100.balance.total_balance == 10
+    await guard.abalance()  # the calls returned; this read settles them
     assert reserved(guard) == 0
 
 
@@ -324,6 +326,7 @@ async def test_burst_of_excess_demand_spends_every_credit(ttl: float) -> None:
     for exc in refused:
         assert exc.balance is not None
         assert exc.available == max(0, exc.balance.total_balance - exc.reserved) == 0
+    await guard.abalance()  # the calls returned; this read settles them
     assert reserved(guard) == 0
     assert fake.balance_requests < 200  # waiting callers share the reads that settle
 
@@ -382,6 +385,7 @@ def test_a_waiter_keeps_waiting_while_calls_in_flight_keep_settling() -> None:
         for spend in spends:
             spend.release.set()
     assert fake.balance.total_balance == 0
+    guard.balance()  # the calls returned; this read settles them
     assert reserved(guard) == 0
 
 

@@ -96,6 +96,8 @@ def test_admits_for_exactly_the_chargeable_contacts(
     assert admitted == [30, 15, -1]
     assert fake.balance_requests == reads
     assert fake.balance.total_balance == 5000 - 45
+    assert guard._account.snapshot()[1:] == (45, 2)  # held until a read includes them
+    assert guard.balance().total_balance == 5000 - 45
     assert guard._account.snapshot()[1:] == (0, 0)
 
 

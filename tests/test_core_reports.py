@@ -90,8 +90,9 @@ def test_answers_without_credit_figures_settle_with_a_refresh() -> None:
         return result
 
     search("Acme")
-    assert fake.balance_requests == 2  # admission, then the refresh after spending
-    assert guard.balance() == fake.balance
+    assert fake.balance_requests == 1  # the call returned without waiting for a refresh
+    assert guard.balance() == fake.balance  # the refresh: it settles the search
+    assert fake.balance_requests == 2
 
 
 def test_a_malformed_report_is_ignored_and_the_result_returned(

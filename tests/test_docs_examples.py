@@ -522,13 +522,10 @@ def test_outcome_refresh_fails_but_the_result_is_returned() -> None:
         fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), on_event=log.append
     )
 
-    @guard.requires_credits(10)
-    def unlock() -> str:
+    with guard.spend(10) as spend:
         fake.charge(10)
         fake.fail_next(503)  # the refresh after the action
-        return "unlocked"
-
-    assert unlock() == "unlocked"
+    assert spend.balance_after is None
     assert [e.kind for e in log] == ["admitted", "refresh_failed"]
     assert guard._account.snapshot() == (None, 0, 0)
     assert guard.balance().total_balance == 30040
@@ -604,15 +601,13 @@ async def test_outcome_cancelled_during_the_refresh() -> None:
     await guard.abalance()
     done: list[str] = []
 
-    @guard.requires_credits(10)
-    async def unlock() -> str:
-        fake.charge(10)
-        return "unlocked"
-
     with anyio.move_on_after(0.1) as scope:
-        done.append(await unlock())
+        async with guard.spend(10):
+            fake.charge(10)
+            done.append("unlocked")
+        done.append("settled")
     assert scope.cancelled_caught
-    assert done == []  # the action ran, its result is lost with the cancellation
+    assert done == ["unlocked"]  # the block ran; it was cancelled while settling
     assert fake.charges == 1
     assert guard._account.snapshot() == (None, 0, 0)
 
@@ -641,3 +636,25 @@ async def test_no_overspend_and_shared_reads() -> None:
     assert outcomes.count("ran") == 100
     assert fake.balance.total_balance == 0
     assert fake.balance_requests < 10
+
+
+def test_outcome_a_decorated_call_returns_before_its_refresh() -> None:
+    fake = FakeLensmor()
+    log: list[GuardEvent] = []
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=log.append)
+
+    @guard.requires_credits(10)
+    def unlock() -> str:
+        fake.charge(10)
+        return "unlocked"
+
+    assert unlock() == "unlocked"
+    assert fake.balance_requests == 1  # no refresh before the call returned
+    assert [e.kind for e in log] == ["admitted", "spent"]
+    assert log[-1].balance_after is None
+    cached, reserved, in_flight = guard._account.snapshot()
+    assert cached is not None
+    assert cached.total_balance == 30050
+    assert (reserved, in_flight) == (10, 1)  # held until a read includes it
+    assert guard.balance().total_balance == 30040  # that read
+    assert guard._account.snapshot()[1:] == (0, 0)

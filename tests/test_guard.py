@@ -187,11 +187,15 @@ def test_sync_spend_flow(guard: CreditGuard, fake: FakeLensmor) -> None:
         return len(ids)
 
     assert unlock(["a", "b"]) == 2
-    assert fake.balance_requests == 2  # admission read + post-spend refresh
-    # The post-spend balance is served from the cache, with no further request.
+    assert fake.balance_requests == 1  # admission read; the call did not wait for more
+    assert state(guard)[1:] == (10, 1)  # held until a read includes the spend
+    # Asking for the balance makes that read, which settles the spend...
     assert guard.balance().total_balance == 30040
     assert fake.balance_requests == 2
     assert state(guard)[1:] == (0, 0)
+    # ...and is then served from the cache, with no further request.
+    assert guard.balance().total_balance == 30040
+    assert fake.balance_requests == 2
 
 
 @pytest.mark.anyio
@@ -314,14 +318,10 @@ def test_refresh_failure_keeps_the_result(
         fake.api_key, transport=fake.transport, retry=NO_RETRY, on_event=events.append
     )
 
-    @guard.requires_credits(10)
-    def paid() -> str:
+    with caplog.at_level(logging.WARNING, logger="creditguard"), guard.spend(10) as paid:
         fake.charge(10)
         fake.fail_next(503)  # the refresh after the spend fails
-        return "unlocked"
-
-    with caplog.at_level(logging.WARNING, logger="creditguard"):
-        assert paid() == "unlocked"
+    assert paid.balance_after is None
     assert "refresh" in caplog.text
     assert state(guard) == (None, 0, 0)
     assert [e.kind for e in events] == ["admitted", "refresh_failed"]
