@@ -12,6 +12,7 @@ transport).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -46,7 +47,8 @@ from ._precheck import Cost, Precheck
 from ._reports import is_insufficient_credits, parse_report
 from ._spend import Spend, _current, current_spend
 from ._state import (
-    Account,
+    AccountState,
+    Call,
     Flight,
     MemoryBackend,
     Reservation,
@@ -71,9 +73,10 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-# An operation on the account state: yields what it needs performed or waited for, and
-# is sent back what was waited for (or has the read's exception thrown in).
-_Steps = Generator[Step, _Waitable, T]
+# An operation on the account state: yields what it needs performed or waited for (a
+# ``Step``) or the backend I/O it needs (a ``Call``), and is sent back what was waited for
+# or the call's result (or has the read's or call's exception thrown in).
+_Steps = Generator["Step | Call", object, T]
 _monotonic = time.monotonic
 
 DEFAULT_BASE_URL = "https://platform.lensmor.com"
@@ -236,7 +239,7 @@ class CreditGuard:
     def _bind(self, key: str) -> None:
         shared = self._shared
         self._key = Secret(key)
-        self._account: Account = shared.backend.account(_fingerprint(shared.base_url, key))
+        self._account: AccountState = shared.backend.account(_fingerprint(shared.base_url, key))
 
     def for_key(self, api_key: str) -> CreditGuard:
         """A guard for another API key that shares this one's configuration and clients.
@@ -311,10 +314,11 @@ class CreditGuard:
     def _covers(self, credits: int) -> bool:
         """Whether the fresh cached balance, less what calls in flight hold, covers
         ``credits`` (no request)."""
-        cached, reserved, _ = self._account.snapshot()
         account = self._account
-        fresh = cached is not None and _monotonic() - account.cached_at < self._shared.ttl
-        return fresh and cached is not None and cached.total_balance - reserved >= credits
+        if not account.fresh(self._shared.ttl):
+            return False
+        cached, reserved, _ = account.snapshot()
+        return cached is not None and cached.total_balance - reserved >= credits
 
     def _precheck_decision(self, result: PrecheckResult, available: int | None) -> int:
         """The credits to admit for, from the precheck's answer (0: nothing to charge),
@@ -354,16 +358,17 @@ class CreditGuard:
     def _read(self, refresh: bool, sync: bool) -> _Steps[CreditBalance]:
         account = self._account
         if refresh:
-            return (yield from self._settle(*account.bump(sync), sync))
-        after = account.pending_after()
+            bumped, first = yield from account.bumped(sync)
+            return (yield from self._settle(bumped, first, sync))
+        after = yield from account.pending()
         if after:  # finished spends wait for a read: the balance must include them
-            first = account.settle_step(after, None, sync)
-            if isinstance(first, CreditBalance):
-                return first
-            return (yield from self._settle(after, first, sync))
+            settled = yield from account.read_after(after, None, sync)
+            if isinstance(settled, CreditBalance):
+                return settled
+            return (yield from self._settle(after, settled, sync))
         flight: Flight | None = None
         while True:
-            step = account.read_step(self._shared.ttl, flight, sync)
+            step = yield from account.read(self._shared.ttl, flight, sync)
             if isinstance(step, CreditBalance):
                 return step
             flight = cast(Flight, (yield step))
@@ -377,7 +382,7 @@ class CreditGuard:
             # A finished flight's fields no longer change: no lock needed to look.
             if flight.result is not None and flight.start_seq >= after:
                 return flight.result
-            next_step = account.settle_step(after, flight, sync)
+            next_step = yield from account.read_after(after, flight, sync)
             if isinstance(next_step, CreditBalance):
                 return next_step
             step = next_step
@@ -417,9 +422,9 @@ class CreditGuard:
             if not spend._defer:
                 # A block that looks at its balances is admitted on one that includes
                 # every call that returned before it (they may wait for a read).
-                after = account.pending_after()
+                after = yield from account.pending()
                 if after:
-                    first = account.settle_step(after, None, sync)
+                    first = yield from account.read_after(after, None, sync)
                     if not isinstance(first, CreditBalance):
                         yield from self._settle(after, first, sync)
             while True:
@@ -429,7 +434,9 @@ class CreditGuard:
                 # Read to settle finished spends on the first look (or after a wait), and
                 # again only while this call may still wait: bounded like a wait.
                 settle = flight is None or (until is not None and _monotonic() < until)
-                step = account.admit_step(cost, ttl, flight, sync, until, tuple(enclosing), settle)
+                step = yield from account.admit(
+                    cost, ttl, flight, sync, until, tuple(enclosing), settle
+                )
                 if isinstance(step, Reservation):
                     break
                 if deadline is None and until is not None:
@@ -450,7 +457,7 @@ class CreditGuard:
             self._denied(exc)
             raise
         except BalanceUnavailable as exc:
-            self._unavailable(spend, exc)
+            yield from self._unavailable(spend, exc)
             return
         except AuthenticationError as exc:
             if self._shared.on_event is not None:
@@ -488,7 +495,7 @@ class CreditGuard:
         if settlement is None:  # never admitted, or already given back
             return
         if exc is not None:
-            account.release_invalidate(settlement)
+            yield from account.drop(settlement)
             self._failed(spend, exc)
             if _refused_for_credits(exc):
                 # Lensmor itself refused the paid call: someone else (the web app shares
@@ -497,32 +504,34 @@ class CreditGuard:
                 raise InsufficientCredits(spend.cost, 0) from exc
             return
         result, spend._result = spend._result, None
-        if result is not None and self._settled_from_report(spend, settlement, result):
+        if result is not None and (yield from self._settled_from_report(spend, settlement, result)):
             return
         if spend._defer:
             # The caller does not look at the balance after: return now, and let the
             # next read (whoever needs one) settle this spend.
-            account.defer_settle(settlement)
+            yield from account.defer(settlement)
             self._spent(spend, None)
             return
-        step = account.begin_settle(settlement, sync)
+        step = yield from account.begin(settlement, sync)
         try:
             balance = yield from self._settle(settlement.after, step, sync)
         except Exception as error:
-            account.end_settle(settlement, failed=True)
+            yield from account.end(settlement, True)
             self._refresh_failed(spend, error)
             return
         except BaseException as cancelled:
             # Cancelled (or interrupted) after the action succeeded, while refreshing:
             # the spend happened but is not measured. Forget the balance, release, go on
             # being cancelled.
-            account.end_settle(settlement, failed=True)
+            yield from account.end(settlement, True)
             self._failed(spend, cancelled)
             raise
-        account.end_settle(settlement)
+        yield from account.end(settlement, False)
         self._spent(spend, balance)
 
-    def _settled_from_report(self, spend: Spend, settlement: Reservation, result: object) -> bool:
+    def _settled_from_report(
+        self, spend: Spend, settlement: Reservation, result: object
+    ) -> _Steps[bool]:
         """Settle ``spend`` from its paid call's own report, when it carries one that can
         stand in for a refresh (see :meth:`Account.settle_reported`)."""
         try:
@@ -542,7 +551,7 @@ class CreditGuard:
                 charged,
             )
         before = settlement.balance
-        after = self._account.settle_reported(
+        after = yield from self._account.reported(
             settlement, charged, report.total_after, report.balance_after
         )
         if after is None:
@@ -575,12 +584,20 @@ class CreditGuard:
 
     def _drive(self, steps: _Steps[T]) -> T:
         """Run an operation from sync code: reads through the sync transport, waits on a
-        thread event."""
+        thread event, performs the backend's calls with its sync client."""
         account = self._account
         try:
             step = next(steps)
             while True:
-                waitable, lead, until = step
+                if step.__class__ is Call:
+                    try:
+                        done = step.run()
+                    except BaseException as exc:
+                        step = steps.throw(exc)
+                    else:
+                        step = steps.send(done)
+                    continue
+                waitable, lead, until = cast(Step, step)
                 try:
                     if lead:
                         self._read_sync(cast(Flight, waitable))
@@ -597,12 +614,21 @@ class CreditGuard:
 
     async def _adrive(self, steps: _Steps[T]) -> T:
         """Run an operation from async code: reads with the async transport, waits on an
-        event of this loop. (The read is inline: no await hop between caller and read.)"""
+        event of this loop, awaits the backend's calls. (The read is inline: no await hop
+        between caller and read.)"""
         account = self._account
         try:
             step = next(steps)
             while True:
-                waitable, lead, until = step
+                if step.__class__ is Call:
+                    try:
+                        done = await step.arun()
+                    except BaseException as exc:
+                        step = steps.throw(exc)
+                    else:
+                        step = steps.send(done)
+                    continue
+                waitable, lead, until = cast(Step, step)
                 try:
                     if lead:
                         flight = cast(Flight, waitable)
@@ -610,12 +636,16 @@ class CreditGuard:
                             self._check_rate_limit()
                             result, wait = await self._shared.aclient.read(self._balance_request())
                         except Exception as exc:
-                            self._read_failed(flight, exc)
+                            await self._arecord(flight, None, exc)
                             raise
                         except BaseException:
-                            account.complete(flight)  # abandoned: a waiter leads the next
+                            # Abandoned: a waiter leads the next. (No I/O while cancelled.)
+                            self._record_now(flight)
                             raise
-                        self._read_done(flight, result, wait)
+                        if wait is not None:  # the rate limit is used up: none until reset
+                            account.block(wait)
+                        await self._arecord(flight, result, None)
+                        self._log_read(result)
                     else:
                         try:
                             await waitable.await_done(
@@ -640,12 +670,47 @@ class CreditGuard:
             self._check_rate_limit()
             result, wait = self._shared.client.read(self._balance_request())
         except Exception as exc:
-            self._read_failed(flight, exc)
+            self._record(flight, None, exc)
             raise
         except BaseException:
-            self._account.complete(flight)
+            self._record_now(flight)
             raise
-        self._read_done(flight, result, wait)
+        if wait is not None:  # the answer used up the rate limit: no more until the reset
+            self._account.block(wait)
+        self._record(flight, result, None)
+        self._log_read(result)
+
+    def _record(
+        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
+    ) -> None:
+        """Record how a read ended, performing the backend's calls from sync code."""
+        ops = self._account.record(flight, result, error)
+        try:
+            call = next(ops)
+            while True:
+                call = ops.send(call.run())
+        except StopIteration:
+            return
+
+    async def _arecord(
+        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
+    ) -> None:
+        """Record how a read ended, awaiting the backend's calls."""
+        ops = self._account.record(flight, result, error)
+        try:
+            call = next(ops)
+            while True:
+                call = ops.send(await call.arun())
+        except StopIteration:
+            return
+
+    def _record_now(self, flight: Flight) -> None:
+        """A read abandoned (cancelled, interrupted): record it without waiting for any
+        I/O; the backend's calls, if it needs some, are not made."""
+        ops = self._account.record(flight, None, None)
+        with contextlib.suppress(StopIteration):
+            next(ops)
+        ops.close()
 
     def _check_rate_limit(self) -> None:
         """Fail fast, without a request, while the service's rate limit is used up."""
@@ -655,15 +720,6 @@ class CreditGuard:
                 f"the credits service's rate limit is used up; retry after {left:.0f}s",
                 retry_after=left,
             )
-
-    def _read_done(self, flight: Flight, result: CreditBalance, wait: float | None) -> None:
-        if wait is not None:  # the answer used up the rate limit: no more until the reset
-            self._account.block(wait)
-        self._account.complete(flight, result=result)
-        self._log_read(result)
-
-    def _read_failed(self, flight: Flight, exc: Exception) -> None:
-        self._account.complete(flight, error=exc)
 
     def _log_read(self, balance: CreditBalance) -> None:
         if logger.isEnabledFor(logging.DEBUG):
@@ -687,7 +743,7 @@ class CreditGuard:
         if self._shared.on_event is not None:
             self._emit("denied", exc.required, exc.balance, available=exc.available, error=exc)
 
-    def _unavailable(self, spend: Spend, exc: BalanceUnavailable) -> None:
+    def _unavailable(self, spend: Spend, exc: BalanceUnavailable) -> _Steps[None]:
         """Fail closed (re-raise) unless the guard was told to fail open."""
         if self._shared.on_unavailable != "allow":
             if self._shared.on_event is not None:
@@ -700,7 +756,7 @@ class CreditGuard:
             exc,
             spend.cost,
         )
-        spend._reservation = self._account.reserve_unchecked(spend.cost)
+        spend._reservation = yield from self._account.unchecked(spend.cost)
         if self._shared.on_event is not None:
             self._emit_reserved(spend, "unchecked", error=exc)
 

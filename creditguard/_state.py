@@ -31,8 +31,8 @@ import copy
 import threading
 import time
 import weakref
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Generator
+from typing import Protocol, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -43,8 +43,11 @@ from ._models import CreditBalance
 
 __all__ = [
     "Account",
+    "AccountState",
+    "Call",
     "Flight",
     "MemoryBackend",
+    "Ops",
     "Reservation",
     "StateBackend",
     "Step",
@@ -215,6 +218,25 @@ class Reservation:
 # reservation release to wait for; ``until`` bounds a wait for a release (monotonic
 # seconds). A read's waiters are bounded by the guard's read budget instead.
 Step = tuple[_Waitable, bool, "float | None"]
+
+T = TypeVar("T")
+
+
+class Call:
+    """One operation of a backend that does I/O (a Redis script call), for the guard's
+    driver to perform at its edge: ``run()`` from sync code, ``await arun()`` from async
+    code. The memory backend never needs one."""
+
+    __slots__ = ("arun", "run")
+
+    def __init__(self, run: Callable[[], object], arun: Callable[[], Awaitable[object]]) -> None:
+        self.run = run
+        self.arun = arun
+
+
+# An operation on an account's state, as a generator: it yields the I/O it needs done
+# (``Call``) and is sent each result; its return value is the operation's result.
+Ops = Generator[Call, object, T]
 
 
 class Account:
@@ -711,6 +733,93 @@ class Account:
         self.cache_gen += 1
         self.excluded = 0
 
+    # The operations the guard drives, as ``Ops`` generators (see ``AccountState``). In memory
+    # nothing needs I/O, so each returns at once; the ``yield`` after ``return`` only makes
+    # them generators.
+
+    def admit(
+        self,
+        cost: int,
+        ttl: float,
+        flight: Flight | None,
+        sync: bool,
+        until: float | None,
+        enclosing: tuple[Reservation, ...],
+        settle: bool,
+    ) -> Ops[Reservation | Step]:
+        return self.admit_step(cost, ttl, flight, sync, until, enclosing, settle)
+        yield  # pragma: no cover
+
+    def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
+        return self.read_step(ttl, flight, sync)
+        yield  # pragma: no cover
+
+    def read_after(
+        self, after: int, flight: Flight | None, sync: bool
+    ) -> Ops[CreditBalance | Step]:
+        return self.settle_step(after, flight, sync)
+        yield  # pragma: no cover
+
+    def pending(self) -> Ops[int]:
+        return self.pending_after()
+        yield  # pragma: no cover
+
+    def bumped(self, sync: bool) -> Ops[tuple[int, Step]]:
+        return self.bump(sync)
+        yield  # pragma: no cover
+
+    def begin(self, settlement: Reservation, sync: bool) -> Ops[Step]:
+        return self.begin_settle(settlement, sync)
+        yield  # pragma: no cover
+
+    def defer(self, settlement: Reservation) -> Ops[None]:
+        self.defer_settle(settlement)
+        return
+        yield  # pragma: no cover
+
+    def end(self, settlement: Reservation, failed: bool) -> Ops[None]:
+        self.end_settle(settlement, failed=failed)
+        return
+        yield  # pragma: no cover
+
+    def reported(
+        self,
+        reservation: Reservation,
+        charged: int | None,
+        total_after: int | None,
+        balance_after: CreditBalance | None,
+    ) -> Ops[CreditBalance | None]:
+        return self.settle_reported(reservation, charged, total_after, balance_after)
+        yield  # pragma: no cover
+
+    def drop(self, reservation: Reservation) -> Ops[None]:
+        self.release_invalidate(reservation)
+        return
+        yield  # pragma: no cover
+
+    def unchecked(self, cost: int) -> Ops[Reservation]:
+        return self.reserve_unchecked(cost)
+        yield  # pragma: no cover
+
+    def record(
+        self,
+        flight: Flight,
+        result: CreditBalance | None,
+        error: BaseException | None,
+    ) -> Ops[None]:
+        self.complete(flight, result, error)
+        return
+        yield  # pragma: no cover
+
+    def fresh(self, ttl: float) -> bool:
+        """Whether a cached balance younger than ``ttl`` may be trusted (no request)."""
+        with self.lock:
+            return (
+                self.cached is not None
+                and self.cached_seq >= self.floor
+                and _monotonic() - self.cached_at < ttl
+            )
+
     def snapshot(self) -> tuple[CreditBalance | None, int, int]:
         """(cached balance, credits reserved, calls in flight), for tests and metrics."""
         with self.lock:
@@ -738,10 +847,91 @@ def _after_report(
     return cached.after_spending(spent)
 
 
-class StateBackend(Protocol):
-    """Where account state lives. The memory backend keeps it in this process."""
+class AccountState(Protocol):
+    """The state of one account, as the guard drives it: the interface the memory backend
+    (:class:`Account`) and the Redis backend implement.
 
-    def account(self, fingerprint: str) -> Account:
+    The operations the guard drives are ``Ops`` generators: they yield the I/O they need
+    (``Call``) and return a result, a reservation, or a ``Step`` (a balance read to lead or
+    join, or something to wait for until a deadline). Waiting is local to the process: a
+    ``Step``'s waitable is finished by this process's callers, or its deadline passes. The
+    plain methods make no request (``try_admit`` may answer ``None``: go the slow way).
+    """
+
+    fingerprint: str
+    lock: threading.Lock
+    released_at: float
+
+    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None: ...
+
+    def admit(
+        self,
+        cost: int,
+        ttl: float,
+        flight: Flight | None,
+        sync: bool,
+        until: float | None,
+        enclosing: tuple[Reservation, ...],
+        settle: bool,
+    ) -> Ops[Reservation | Step]: ...
+
+    def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]: ...
+
+    def read_after(
+        self, after: int, flight: Flight | None, sync: bool
+    ) -> Ops[CreditBalance | Step]: ...
+
+    def pending(self) -> Ops[int]: ...
+
+    def bumped(self, sync: bool) -> Ops[tuple[int, Step]]: ...
+
+    def begin(self, settlement: Reservation, sync: bool) -> Ops[Step]: ...
+
+    def defer(self, settlement: Reservation) -> Ops[None]: ...
+
+    def end(self, settlement: Reservation, failed: bool) -> Ops[None]: ...
+
+    def reported(
+        self,
+        reservation: Reservation,
+        charged: int | None,
+        total_after: int | None,
+        balance_after: CreditBalance | None,
+    ) -> Ops[CreditBalance | None]: ...
+
+    def drop(self, reservation: Reservation) -> Ops[None]: ...
+
+    def unchecked(self, cost: int) -> Ops[Reservation]: ...
+
+    def record(
+        self,
+        flight: Flight,
+        result: CreditBalance | None,
+        error: BaseException | None,
+    ) -> Ops[None]: ...
+
+    def unreserve(self, reservation: Reservation) -> None: ...
+
+    def forget(self, waiter: Waiter) -> None: ...
+
+    def overdue(self, flight: Flight) -> None: ...
+
+    def block(self, seconds: float) -> None: ...
+
+    def blocked(self) -> float | None: ...
+
+    def invalidate(self) -> None: ...
+
+    def snapshot(self) -> tuple[CreditBalance | None, int, int]: ...
+
+    def fresh(self, ttl: float) -> bool: ...
+
+
+class StateBackend(Protocol):
+    """Where account state lives: :class:`MemoryBackend` keeps it in this process,
+    ``creditguard.redis.RedisBackend`` in Redis, shared by every process using it."""
+
+    def account(self, fingerprint: str) -> AccountState:
         """The state of the account ``fingerprint``, created on first use."""
         ...
 

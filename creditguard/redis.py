@@ -1,0 +1,692 @@
+"""The Redis backend: one account's guard state shared by every process that uses it.
+
+``CreditGuard(..., backend=RedisBackend("redis://127.0.0.1:6379/0"))`` makes guards in any
+number of processes (gunicorn or uvicorn workers, Celery workers, pods) admit against the
+same cached balance and the same reservations, so two workers cannot both spend the last
+credits, and read the balance upstream about once per TTL between them.
+
+The state and its rules live in Redis (:mod:`creditguard._redis_state`: one Lua script per
+change, so every decision is atomic); this module plugs them into the guard as an
+``AccountState``. Reads are shared across processes with a lock in Redis: the process that
+takes it reads, the others look again every few milliseconds until its balance is stored
+(bounded: if the leader dies its lock expires and another takes over). Waiting is polling,
+not pub/sub, so a lost message can never strand a caller.
+
+From sync code the guard uses redis-py's ``redis.Redis``; from asyncio, ``redis.asyncio``
+(one client per event loop when built from a URL); from trio, which ``redis.asyncio`` does
+not support, the sync client in a worker thread (``anyio.to_thread``), so the event loop is
+never blocked by a Redis round trip.
+
+Reservations are leases (``lease`` seconds): a background thread renews the leases of the
+calls this process has in flight, so a worker killed mid-action (SIGKILL) strands its
+credits for at most ``lease`` seconds, after which the cached balance is distrusted (its
+spend is unknown). :meth:`RedisBackend.close` stops that thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+import anyio
+import anyio.to_thread
+import sniffio
+
+from ._errors import BalanceUnavailable, InsufficientCredits
+from ._models import CreditBalance
+from ._redis_state import (
+    DEFAULT_PREFIX,
+    Admitted,
+    ReadBegun,
+    ReadNeeded,
+    RedisAccountState,
+    Refused,
+    Snapshot,
+    decode_balance,
+    encode_balance,
+)
+from ._state import (
+    Account,
+    Call,
+    Flight,
+    Ops,
+    Reservation,
+    Step,
+    Waiter,
+    _after_report,
+    own_error,
+)
+
+if TYPE_CHECKING:
+    import redis as redis_py
+    import redis.asyncio as redis_asyncio
+
+__all__ = ["RedisBackend"]
+
+logger = logging.getLogger("creditguard")
+_monotonic = time.monotonic
+
+# How long a caller waits between two looks at Redis while another process reads the
+# balance, or while calls in flight elsewhere settle: short first, then longer.
+_POLL_FIRST = 0.002
+_POLL_MAX = 0.02
+# The longest a read may hold the cross-process read lock (then another process leads).
+_FLIGHT_MS = 10_000
+# After Redis failed, how long the fallback serves before Redis is tried again.
+_RETRY_AFTER = 1.0
+# Clients made from a URL: every Redis round trip is bounded.
+_TIMEOUTS: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+
+
+class _RedisReservation(Reservation):
+    """A reservation held in Redis, by its id."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, cost: int, balance: CreditBalance | None, gen: int, rid: str) -> None:
+        super().__init__(cost, balance, gen)
+        self.id = rid
+
+
+class _RedisFlight(Flight):
+    """A read this process leads for every process (it holds the lock in Redis as
+    ``token``), or, with ``token`` None, a read of its own it stores in Redis."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, start_seq: int, sync: bool, token: str | None) -> None:
+        super().__init__(start_seq, sync)
+        self.token = token
+
+
+class _Look(Flight):
+    """Look at Redis again after a short wait: another process is reading the balance.
+    Nobody finishes it; its step's deadline ends the wait."""
+
+    __slots__ = ()
+
+    def __init__(self, sync: bool) -> None:
+        super().__init__(-1, sync)
+
+
+class _LookAgain(Waiter):
+    """Decide again after a short wait: calls in flight (maybe elsewhere) may settle."""
+
+    __slots__ = ()
+
+
+def _unavailable(exc: Exception) -> BalanceUnavailable:
+    error = BalanceUnavailable(f"Redis is unavailable ({type(exc).__name__}): {exc}")
+    error.__cause__ = exc
+    return error
+
+
+class RedisAccount:
+    """The guard state of one account, in Redis (see the module's docstring)."""
+
+    def __init__(self, backend: RedisBackend, fingerprint: str) -> None:
+        self.fingerprint = fingerprint
+        self.lock = threading.Lock()  # local waits only
+        self.released_at = 0.0
+        self._backend = backend
+        self._redis = RedisAccountState(
+            backend._client, None, backend.prefix, fingerprint, backend._lease_ms
+        )
+        self._flights: list[_RedisFlight] = []  # reads this process leads, oldest first
+        self._blocked_until = 0.0
+        self._local: Account | None = None  # fallback="memory", while Redis is down
+        self._down_until = 0.0
+        self._astates: weakref.WeakKeyDictionary[Any, RedisAccountState] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __repr__(self) -> str:
+        return f"<RedisAccount {self.fingerprint}>"
+
+    # -- the I/O edge ------------------------------------------------------------------
+
+    def _call(self, name: str, *args: Any) -> Call:
+        """One script call, as a ``Call`` for the guard's driver; Redis errors become
+        :class:`BalanceUnavailable` naming Redis."""
+        sync_op: Callable[..., Any] = getattr(self._redis, name)
+        backend = self._backend
+
+        def run() -> object:
+            try:
+                return sync_op(*args)
+            except backend._errors as exc:
+                raise _unavailable(exc) from exc
+
+        async def arun() -> object:
+            client = backend._async_client_here()
+            # Shielded: a call cut short by a cancellation would leave Redis changed with
+            # nobody knowing (a reservation, a read lock). Each is bounded by the client's
+            # socket timeouts.
+            with anyio.CancelScope(shield=True):
+                try:
+                    if client is None:  # trio, or no asyncio client: the sync one, in a thread
+                        return await anyio.to_thread.run_sync(lambda: sync_op(*args))
+                    result: object = await getattr(self._async_state(client), "a" + name)(*args)
+                    return result
+                except backend._errors as exc:
+                    raise _unavailable(exc) from exc
+            raise AssertionError("unreachable")  # pragma: no cover - for type checkers
+
+        return Call(run, arun)
+
+    def _async_state(self, client: redis_asyncio.Redis) -> RedisAccountState:
+        """The account's scripts on an asyncio client (one per event loop)."""
+        state = self._astates.get(client)
+        if state is None:
+            backend = self._backend
+            state = RedisAccountState(
+                None, client, backend.prefix, self.fingerprint, backend._lease_ms
+            )
+            self._astates[client] = state
+        return state
+
+    def _fallback(self, exc: BalanceUnavailable) -> Account | None:
+        """Redis failed: the local account to use instead (``fallback="memory"``), if any."""
+        if self._backend.fallback != "memory":
+            return None
+        self._local_account()
+        if _monotonic() >= self._down_until:
+            logger.warning(
+                "Redis is unavailable (%s): account %s runs on this process's memory"
+                " until it is back (fallback='memory'; other processes are not coordinated)",
+                exc,
+                self.fingerprint,
+            )
+        self._down_until = _monotonic() + _RETRY_AFTER
+        return self._local_account()
+
+    def _degraded(self) -> Account | None:
+        """The local account while Redis was seen down a moment ago (fallback only)."""
+        if self._local is not None and _monotonic() < self._down_until:
+            return self._local
+        return None
+
+    # -- reads -------------------------------------------------------------------------
+
+    def _need_read(self, after: int, sync: bool) -> Ops[Step]:
+        """A read that starts at ``seq >= after``: join one this process leads, lead one
+        for every process, or look again shortly while another process reads."""
+        with self.lock:
+            for flight in reversed(self._flights):
+                if flight.start_seq >= after and (flight.sync or not sync):
+                    return flight, False, None
+        token = os.urandom(12).hex()
+        lead, start = cast(ReadBegun, (yield self._call("read_begin", token, _FLIGHT_MS)))
+        if lead:
+            flight = _RedisFlight(start, sync, token)
+            with self.lock:
+                self._flights.append(flight)
+            return flight, True, None
+        return _Look(sync), False, _monotonic() + _POLL_FIRST
+
+    def _fresh(self, snap: Snapshot, ttl: float) -> CreditBalance | None:
+        if snap.balance is None or snap.age_ms is None or snap.cached_seq < snap.floor:
+            return None
+        if snap.age_ms >= ttl * 1000:
+            return None
+        return decode_balance(snap.balance)
+
+    def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
+        local = self._degraded()
+        if local is not None:
+            return (yield from local.read(ttl, flight, sync))
+        try:
+            snap = cast(Snapshot, (yield self._call("state")))
+        except BalanceUnavailable as exc:
+            local = self._fallback(exc)
+            if local is None:
+                raise
+            return (yield from local.read(ttl, flight, sync))
+        balance = self._fresh(snap, ttl)
+        if balance is not None:
+            return balance
+        if flight is not None and flight.result is not None and flight.start_seq >= snap.floor:
+            return flight.result
+        return (yield from self._need_read(snap.floor, sync))
+
+    def read_after(
+        self, after: int, flight: Flight | None, sync: bool
+    ) -> Ops[CreditBalance | Step]:
+        if flight is not None and flight.start_seq >= after:
+            if flight.result is not None:
+                return flight.result
+            if flight.error is not None:
+                raise own_error(flight.error)
+        local = self._degraded()
+        if local is not None:
+            return (yield from local.read_after(after, flight, sync))
+        try:
+            snap = cast(Snapshot, (yield self._call("state")))
+        except BalanceUnavailable as exc:
+            local = self._fallback(exc)
+            if local is None:
+                raise
+            return (yield from local.read_after(after, flight, sync))
+        if snap.balance is not None and snap.cached_seq >= max(after, snap.floor):
+            return decode_balance(snap.balance)
+        return (yield from self._need_read(after, sync))
+
+    def pending(self) -> Ops[int]:
+        local = self._degraded()
+        if local is not None:
+            return (yield from local.pending())
+        try:
+            snap = cast(Snapshot, (yield self._call("state")))
+        except BalanceUnavailable as exc:
+            local = self._fallback(exc)
+            if local is None:
+                raise
+            return (yield from local.pending())
+        return snap.settling_after
+
+    def bumped(self, sync: bool) -> Ops[tuple[int, Step]]:
+        seq = cast(int, (yield self._call("bump")))
+        return seq, (yield from self._need_read(seq, sync))
+
+    def record(
+        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
+    ) -> Ops[None]:
+        if not isinstance(flight, _RedisFlight):  # a read of the fallback's own
+            if self._local is not None:
+                yield from self._local.record(flight, result, error)
+            return
+        token = flight.token
+        if result is not None and token is not None:
+            text, total = encode_balance(result)
+            try:
+                yield self._call("read_done", token, flight.start_seq, text, total)
+            except BalanceUnavailable as exc:
+                logger.warning("could not store a balance read in Redis: %s", exc)
+        self._finish(flight, result, error)
+        if result is None and token is not None:
+            with contextlib.suppress(BalanceUnavailable):  # its lock expires on its own
+                yield self._call("read_failed", token)
+
+    def _finish(
+        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
+    ) -> None:
+        with self.lock:
+            if flight in self._flights:
+                self._flights.remove(flight)
+            if result is not None:
+                flight.result = result
+            elif error is not None:
+                flight.error = error
+            else:
+                flight.abandoned = True
+            callbacks = flight._finish()
+        for notify in callbacks:
+            notify()
+
+    def overdue(self, flight: Flight) -> None:
+        with self.lock:
+            if flight in self._flights:
+                self._flights.remove(flight)
+
+    # -- admission -----------------------------------------------------------------------
+
+    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
+        return None  # every admission is a script call: the slow path
+
+    def admit(
+        self,
+        cost: int,
+        ttl: float,
+        flight: Flight | None,
+        sync: bool,
+        until: float | None,
+        enclosing: tuple[Reservation, ...],
+        settle: bool,
+    ) -> Ops[Reservation | Step]:
+        local = self._degraded()
+        if local is not None:
+            mine = tuple(r for r in enclosing if not isinstance(r, _RedisReservation))
+            return (yield from local.admit(cost, ttl, flight, sync, until, mine, settle))
+        rid = os.urandom(12).hex()
+        may_wait = until is not None and _monotonic() < until
+        own = [r.id for r in enclosing if isinstance(r, _RedisReservation)]
+        waited_for = None
+        if flight is not None and flight.result is not None and flight.start_seq >= 0:
+            waited_for = flight.start_seq
+        ttl_ms = int(ttl * 1000)
+        try:
+            answer = yield self._call("admit", rid, cost, ttl_ms, settle, may_wait, own, waited_for)
+        except BalanceUnavailable as exc:
+            local = self._fallback(exc)
+            if local is None:
+                raise
+            mine = tuple(r for r in enclosing if not isinstance(r, _RedisReservation))
+            return (yield from local.admit(cost, ttl, flight, sync, until, mine, settle))
+        if isinstance(answer, Admitted):
+            reservation = _RedisReservation(cost, decode_balance(answer.balance), answer.gen, rid)
+            self._backend._hold(self._redis, rid)
+            return reservation
+        if isinstance(answer, ReadNeeded):
+            return (yield from self._need_read(answer.after, sync))
+        if isinstance(answer, Refused):
+            balance = decode_balance(answer.balance)
+            raise InsufficientCredits(cost, answer.available, balance, reserved=answer.reserved)
+        # Wait: calls in flight, maybe in other processes, may settle. Look again soon.
+        assert until is not None
+        pause = min(until, _monotonic() + _POLL_MAX)
+        return _LookAgain(cost, 0), False, pause
+
+    def unchecked(self, cost: int) -> Ops[Reservation]:
+        local = self._degraded()
+        if local is not None:
+            return (yield from local.unchecked(cost))
+        rid = os.urandom(12).hex()
+        try:
+            yield self._call("reserve_unchecked", rid, cost)
+        except BalanceUnavailable as exc:
+            # Failing open with Redis down: counted in this process only.
+            local = self._fallback(exc) or self._local_account()
+            return (yield from local.unchecked(cost))
+        self._backend._hold(self._redis, rid)
+        return _RedisReservation(cost, None, -1, rid)
+
+    def forget(self, waiter: Waiter) -> None:
+        """Nothing registered: a Redis waiter looks again on its own."""
+
+    # -- settling ------------------------------------------------------------------------
+
+    def _settle_call(self, reservation: Reservation, name: str, *args: Any) -> Ops[object]:
+        """A settling call: it runs after the action, so a Redis failure must not hide
+        the action's result. Logged; the lease then expires, and with it the trust in
+        the cached balance (the spend is unknown)."""
+        if not isinstance(reservation, _RedisReservation):
+            return None
+        self._backend._release(reservation.id)
+        try:
+            return (yield self._call(name, reservation.id, *args))
+        except BalanceUnavailable as exc:
+            logger.warning(
+                "could not settle a spend of %d credits in Redis (%s): its lease expires"
+                " in at most %.0fs, then the cached balance is distrusted",
+                reservation.cost,
+                exc,
+                self._backend.lease,
+            )
+            return None
+
+    def _local_account(self) -> Account:
+        if self._local is None:
+            self._local = Account(self.fingerprint)
+        return self._local
+
+    def _local_for(self, reservation: Reservation) -> Account | None:
+        """The local account that holds ``reservation`` (not one in Redis), if any."""
+        if isinstance(reservation, _RedisReservation):
+            return None
+        return self._local_account()
+
+    def defer(self, settlement: Reservation) -> Ops[None]:
+        local = self._local_for(settlement)
+        if local is not None:
+            return (yield from local.defer(settlement))
+        yield from self._settle_call(settlement, "finish")
+
+    def begin(self, settlement: Reservation, sync: bool) -> Ops[Step]:
+        local = self._local_for(settlement)
+        if local is not None:
+            return (yield from local.begin(settlement, sync))
+        after = yield from self._settle_call(settlement, "finish")
+        if not isinstance(after, int) or after <= 0:
+            # Redis failed or the lease expired: read on our own, stored if Redis lets us.
+            flight = _RedisFlight(0, sync, None)
+            return flight, True, None
+        settlement.after = after
+        try:
+            return (yield from self._need_read(after, sync))
+        except BalanceUnavailable:
+            return _RedisFlight(after, sync, None), True, None
+
+    def end(self, settlement: Reservation, failed: bool) -> Ops[None]:
+        local = self._local_for(settlement)
+        if local is not None:
+            return (yield from local.end(settlement, failed))
+        # A read that started after the action released it; a failed refresh distrusts.
+        if failed:
+            yield from self._settle_call(settlement, "release", True)
+        elif not settlement.released:
+            yield from self._settle_call(settlement, "release", False)
+        settlement.released = True
+
+    def drop(self, reservation: Reservation) -> Ops[None]:
+        local = self._local_for(reservation)
+        if local is not None:
+            return (yield from local.drop(reservation))
+        yield from self._settle_call(reservation, "release", True)
+        reservation.released = True
+
+    def reported(
+        self,
+        reservation: Reservation,
+        charged: int | None,
+        total_after: int | None,
+        balance_after: CreditBalance | None,
+    ) -> Ops[CreditBalance | None]:
+        local = self._local_for(reservation)
+        if local is not None:
+            return (yield from local.reported(reservation, charged, total_after, balance_after))
+        before = reservation.balance
+        if charged == 0:
+            yield from self._settle_call(reservation, "release", False)
+            reservation.released = True
+            return before
+        if before is None:
+            return None
+        after = _after_report(before, charged, total_after, balance_after)
+        if after is None:
+            return None
+        text, total = encode_balance(after)
+        done = yield from self._settle_call(
+            reservation, "settle_alone", reservation.gen, text, total
+        )
+        if done:
+            reservation.released = True
+            return after
+        assert isinstance(reservation, _RedisReservation)
+        self._backend._hold(self._redis, reservation.id)  # still held: settle with a read
+        return None
+
+    def unreserve(self, reservation: Reservation) -> None:
+        local = self._local_for(reservation)
+        if local is not None:
+            local.unreserve(reservation)
+            return
+        assert isinstance(reservation, _RedisReservation)
+        self._backend._release(reservation.id)
+        try:
+            self._redis.release(reservation.id, False)
+        except self._backend._errors as exc:  # the lease expires on its own
+            logger.warning("could not give back a reservation in Redis: %s", exc)
+        reservation.released = True
+
+    # -- the rest ------------------------------------------------------------------------
+
+    def block(self, seconds: float) -> None:
+        until = _monotonic() + seconds
+        if until > self._blocked_until:
+            self._blocked_until = until
+
+    def blocked(self) -> float | None:
+        left = self._blocked_until - _monotonic()
+        return left if left > 0 else None
+
+    def invalidate(self) -> None:
+        if self._local is not None:
+            self._local.invalidate()
+        try:
+            self._redis.invalidate()
+        except self._backend._errors as exc:
+            raise _unavailable(exc) from exc
+
+    def snapshot(self) -> tuple[CreditBalance | None, int, int]:
+        try:
+            snap = self._redis.state()
+        except self._backend._errors as exc:
+            raise _unavailable(exc) from exc
+        balance = None if snap.balance is None else decode_balance(snap.balance)
+        return balance, snap.reserved, snap.inflight
+
+    def fresh(self, ttl: float) -> bool:
+        return False  # no request here: callers that need to know ask Redis through Ops
+
+
+class RedisBackend:
+    """Account state in Redis (or Valkey), shared by every process that uses the same
+    server and ``prefix``.
+
+    ``url`` defaults to ``CREDITGUARD_REDIS_URL``. Or pass ``client`` (a ``redis.Redis``,
+    including one from a Sentinel, or a ``redis.cluster.RedisCluster``) and, for asyncio,
+    ``async_client`` (``redis.asyncio``; without it, one is made per event loop from
+    ``url``, or the sync client runs in a worker thread). ``lease`` (seconds) is how long
+    a call's reservation outlives its process. ``fallback="memory"``: while Redis is
+    unreachable, keep this process running on state of its own (logged; processes are
+    then not coordinated); by default the guard's ``on_unavailable`` policy applies, with
+    a :class:`~creditguard.BalanceUnavailable` that names Redis.
+    """
+
+    def __init__(
+        self,
+        url: str | None = None,
+        *,
+        client: redis_py.Redis | None = None,
+        async_client: redis_asyncio.Redis | None = None,
+        prefix: str = DEFAULT_PREFIX,
+        lease: float = 60.0,
+        fallback: Literal["memory"] | None = None,
+    ) -> None:
+        try:
+            import redis as redis_py
+            import redis.asyncio
+        except ImportError as exc:  # pragma: no cover - the extra is missing
+            raise ImportError(
+                "RedisBackend needs redis-py: pip install 'creditguard[redis]'"
+            ) from exc
+        if url is None and client is None:
+            url = os.environ.get("CREDITGUARD_REDIS_URL")
+            if not url:
+                raise ValueError("RedisBackend needs a url, a client, or CREDITGUARD_REDIS_URL")
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0.1:
+            raise ValueError(f"lease must be a number of seconds above 0.1, got {lease!r}")
+        if fallback not in (None, "memory"):
+            raise ValueError(f"fallback must be None or 'memory', got {fallback!r}")
+        self.prefix = prefix
+        self.lease = float(lease)
+        self.fallback = fallback
+        self._lease_ms = int(lease * 1000)
+        self._url = url
+        self._client = (
+            client if client is not None else redis_py.Redis.from_url(str(url), **_TIMEOUTS)
+        )
+        self._async_client = async_client
+        self._loop_clients: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, redis_asyncio.Redis
+        ] = weakref.WeakKeyDictionary()
+        self._errors: tuple[type[Exception], ...] = (redis_py.RedisError, OSError)
+        self._accounts: weakref.WeakValueDictionary[str, RedisAccount] = (
+            weakref.WeakValueDictionary()
+        )
+        self._lock = threading.Lock()
+        # Reservations in flight in this process, whose leases the renewer keeps alive.
+        self._held: dict[str, RedisAccountState] = {}
+        self._renewer: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<RedisBackend prefix={self.prefix!r} lease={self.lease:g}>"
+
+    def account(self, fingerprint: str) -> RedisAccount:
+        """The state of the account ``fingerprint`` (kept in Redis)."""
+        with self._lock:
+            account = self._accounts.get(fingerprint)
+            if account is None:
+                account = self._accounts[fingerprint] = RedisAccount(self, fingerprint)
+            return account
+
+    def _async_client_here(self) -> redis_asyncio.Redis | None:
+        """The asyncio client for the running loop, or ``None`` under trio."""
+        if sniffio.current_async_library() != "asyncio":
+            return None
+        if self._async_client is not None:
+            return self._async_client
+        if self._url is None:
+            return None
+        loop = asyncio.get_running_loop()
+        client = self._loop_clients.get(loop)
+        if client is None:
+            import redis.asyncio
+
+            client = redis.asyncio.Redis.from_url(self._url, **_TIMEOUTS)
+            self._loop_clients[loop] = client
+        return client
+
+    # -- leases --------------------------------------------------------------------------
+
+    def _hold(self, state: RedisAccountState, rid: str) -> None:
+        with self._lock:
+            self._held[rid] = state
+            if self._renewer is None or not self._renewer.is_alive():
+                self._stop.clear()
+                self._renewer = threading.Thread(
+                    target=self._renew, name="creditguard-redis-leases", daemon=True
+                )
+                self._renewer.start()
+
+    def _release(self, rid: str) -> None:
+        with self._lock:
+            self._held.pop(rid, None)
+
+    def _renew(self) -> None:
+        """Every third of a lease, renew the leases of the calls in flight here."""
+        while not self._stop.wait(self.lease / 3):
+            with self._lock:
+                held: dict[RedisAccountState, list[str]] = {}
+                for rid, state in self._held.items():
+                    held.setdefault(state, []).append(rid)
+                if not held:
+                    self._renewer = None
+                    return
+            for state, rids in held.items():
+                try:
+                    state.renew(rids)
+                except self._errors as exc:
+                    logger.warning("could not renew leases in Redis: %s", exc)
+
+    def close(self) -> None:
+        """Stop renewing leases and close the sync client (asyncio clients: see
+        :meth:`aclose`)."""
+        self._stop.set()
+        renewer = self._renewer
+        if renewer is not None:
+            renewer.join(5)
+        self._client.close()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, and close the running loop's asyncio client."""
+        self._stop.set()
+        renewer = self._renewer
+        if renewer is not None:
+            await anyio.to_thread.run_sync(renewer.join, 5)
+        if sniffio.current_async_library() == "asyncio":
+            loop = asyncio.get_running_loop()
+            client = self._loop_clients.pop(loop, None)
+            if client is not None:
+                await client.aclose()
+        self._client.close()
