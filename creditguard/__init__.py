@@ -13,7 +13,6 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._client import RetryPolicy, parse_retry_after
     from ._errors import (
         ActionNotAllowed,
         AuthenticationError,
@@ -35,6 +34,7 @@ if TYPE_CHECKING:
         requires_credits,
     )
     from ._models import CreditBalance, PrecheckResult
+    from ._retry import RetryPolicy, parse_retry_after
     from ._state import MemoryBackend, StateBackend
 
 __version__ = "0.1.0"
@@ -56,12 +56,12 @@ _EXPORTS = {
     "InvalidResponse": "._errors",
     "MemoryBackend": "._state",
     "RateLimited": "._errors",
-    "RetryPolicy": "._client",
+    "RetryPolicy": "._retry",
     "Spend": "._guard",
     "StateBackend": "._state",
     "current_spend": "._guard",
     "default_guard": "._guard",
-    "parse_retry_after": "._client",
+    "parse_retry_after": "._retry",
     "requires_credits": "._guard",
 }
 

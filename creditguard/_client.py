@@ -1,7 +1,7 @@
 """HTTP edge: read the balance with httpx, sync and async, over one shared core.
 
-The request, the response parsing, the error mapping and the retry decisions live in
-:class:`_Reader` and :class:`_Attempts` (no I/O). :class:`BalanceClient` and
+The request, the response parsing and the error mapping live in :class:`_Reader`, the
+retry decisions in :class:`~._retry._Attempts` (no I/O). :class:`BalanceClient` and
 :class:`AsyncBalanceClient` only add the transport calls and the waiting.
 """
 
@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
-import math
-import random
 import ssl
 import sys
 import threading
@@ -20,8 +17,6 @@ import time
 import weakref
 import zlib
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import anyio
@@ -37,14 +32,21 @@ from ._errors import (
     RateLimited,
 )
 from ._models import CreditBalance, PrecheckResult
-from ._reports import parse_api_error
+from ._reports import describe_api_error
+from ._retry import RetryPolicy, _Attempts, _cap, _Retry, parse_retry_after, rate_limit_wait
 
-__all__ = ["AsyncBalanceClient", "BalanceClient", "RetryPolicy", "parse_retry_after"]
+__all__ = [
+    "AsyncBalanceClient",
+    "BalanceClient",
+    "RetryPolicy",
+    "parse_retry_after",
+    "rate_limit_wait",
+]
 
 BALANCE_PATH = "/external/credits/balance"
 PRECHECK_PATH = "/external/actions/precheck"
 MAX_BODY_BYTES = 64 * 1024
-_MAX_RETRY_AFTER = 1e9  # seconds; anything larger is "much too long" all the same
+MAX_ERROR_BODY_BYTES = 16 * 1024  # an error answer's body is read for its message up to this
 _REDACTED = "Bearer [redacted]"
 USER_AGENT = "creditguard (python-httpx)"
 _monotonic = time.monotonic
@@ -68,99 +70,6 @@ def _loads(body: bytes) -> Any:
     return data
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    """How one balance read retries.
-
-    ``attempts`` bounds the number of requests, ``deadline`` the total seconds spent on
-    one read: every retry's timeouts are capped by what is left of it, and a body still
-    arriving past it is abandoned, so one read takes at most about ``deadline`` plus one
-    read timeout (a stalled body is cut by the read timeout). 5xx answers and
-    connection errors back off exponentially with full jitter, starting at ``backoff``
-    and capped at ``backoff_max``; a 429 waits what its ``Retry-After`` asks, or fails at
-    once with :class:`RateLimited` when that is longer than what is left of the deadline.
-    401/403 and malformed bodies are never retried.
-    """
-
-    attempts: int = 3
-    deadline: float = 5.0
-    backoff: float = 0.1
-    backoff_max: float = 1.0
-
-    def __post_init__(self) -> None:
-        if type(self.attempts) is not int or self.attempts < 1:
-            raise ValueError(f"attempts must be an int >= 1, got {self.attempts!r}")
-        for name in ("deadline", "backoff", "backoff_max"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-
-
-_MAX_LIMIT_WAIT = 3600.0  # seconds; a rate-limit reset further away is not believed
-
-
-def rate_limit_wait(headers: httpx.Headers, now: float | None = None) -> float | None:
-    """Seconds until the rate limit resets when an answer says none is left.
-
-    ``X-RateLimit-Remaining: 0`` with ``X-RateLimit-Reset`` (Unix seconds) gives the
-    seconds until then (at least 0, at most an hour); anything else (requests left, no
-    or unparseable headers) gives ``None``. Never raises.
-    """
-    remaining = headers.get("x-ratelimit-remaining")
-    if remaining is None or remaining.strip() != "0":
-        return None
-    reset = headers.get("x-ratelimit-reset", "").strip()
-    if not reset.isascii() or not reset.isdigit() or len(reset) > 12:
-        return None
-    wait = int(reset) - (time.time() if now is None else now)
-    return min(max(0.0, wait), _MAX_LIMIT_WAIT)
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date).
-
-    Returns ``None`` when the header is absent or unparseable; never raises for any input.
-    """
-    if value is None:
-        return None
-    text = value.strip()
-    if not text:
-        return None
-    if text.isascii() and text.isdigit():
-        return min(float(text), _MAX_RETRY_AFTER)
-    try:
-        when = email.utils.parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-    if when is None:  # pragma: no cover - older Pythons returned None
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    current = now or datetime.now(timezone.utc)
-    if current.tzinfo is None:
-        current = current.replace(tzinfo=timezone.utc)
-    try:
-        seconds = (when - current).total_seconds()
-    except OverflowError:  # pragma: no cover - defensive
-        return None
-    return min(max(0.0, seconds), _MAX_RETRY_AFTER)
-
-
-class _Retry(Exception):
-    """Internal: this attempt failed in a way that may succeed if tried again."""
-
-    def __init__(
-        self,
-        error: BalanceUnavailable,
-        retry_after: float | None = None,
-        cause: BaseException | None = None,
-    ) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.retry_after = retry_after
-        self.cause = cause
-
-
 def _redact(exc: BaseException, sent: httpx.Request) -> None:
     """Give an httpx error the request it was about, without the Authorization header.
 
@@ -173,41 +82,22 @@ def _redact(exc: BaseException, sent: httpx.Request) -> None:
         exc.request = httpx.Request(sent.method, sent.url, headers=headers)
 
 
-class _Attempts:
-    """Bookkeeping of a read's retries and time budget (no I/O, no waiting), made when
-    its first attempt fails: a read that succeeds at once allocates none."""
-
-    __slots__ = ("_policy", "deadline", "made")
-
-    def __init__(self, policy: RetryPolicy, deadline: float) -> None:
-        self._policy = policy
-        self.deadline = deadline
-        self.made = 1
-
-    def remaining(self) -> float:
-        return self.deadline - _monotonic()
-
-    def delay(self, retry: _Retry) -> float:
-        """Seconds to wait before the next attempt, or raise the final error."""
-        left = self.remaining()
-        if retry.retry_after is not None:
-            if retry.retry_after > left or self.made >= self._policy.attempts:
-                raise RateLimited(
-                    f"rate limited by the credits service; retry after {retry.retry_after:g}s",
-                    retry_after=retry.retry_after,
-                ) from retry.cause
-            return retry.retry_after
-        if self.made >= self._policy.attempts or left <= 0:
-            raise retry.error from retry.cause
-        exp = min(self._policy.backoff_max, self._policy.backoff * (2 ** (self.made - 1)))
-        wait = random.uniform(0, exp)
-        if wait >= left:
-            raise retry.error from retry.cause
-        return wait
+def _secret_of(request: httpx.Request | None) -> str | None:
+    """The API key ``request`` carries (``Authorization: Bearer <key>``), to redact."""
+    if request is None:
+        return None
+    _, _, key = request.headers.get("authorization", "").partition(" ")
+    return key.strip() or None
 
 
-def _cap(value: float | None, left: float) -> float:
-    return left if value is None else min(value, left)
+def _said(headers: httpx.Headers, body: bytes, request: httpx.Request | None) -> str:
+    """What Lensmor's error body in an answer says (see
+    :func:`~creditguard._reports.describe_api_error`), never the key ``request`` carries."""
+    return describe_api_error(body, headers, secret=_secret_of(request))
+
+
+def _with_said(message: str, said: str) -> str:
+    return f"{message}: {said}" if said else message
 
 
 class Secret:
@@ -264,6 +154,63 @@ def _inflate(body: bytes, coding: str) -> bytes:
         if inflater.eof:
             return data
     raise InvalidResponse(f"balance response could not be decoded ({codings[0]})")
+
+
+def _request_of(response: httpx.Response) -> httpx.Request | None:
+    try:
+        return response.request
+    except RuntimeError:  # a response built without one
+        return None
+
+
+def _decoded(body: bytes, response: httpx.Response) -> bytes:
+    """An error answer's raw ``body``, decoded when the service compressed it; empty when
+    it cannot be."""
+    coding = response.headers.get("content-encoding")
+    if not coding:
+        return body
+    try:
+        return _inflate(body, coding)
+    except InvalidResponse:
+        return b""
+
+
+def _error_body(response: httpx.Response, deadline: float) -> bytes:
+    """The body of an answer other than 200, for its error message: at most
+    ``MAX_ERROR_BODY_BYTES`` on the wire, read until the read's ``deadline``. Empty when it
+    is larger, late or cannot be read: the status alone then says what went wrong."""
+    if response.is_stream_consumed:  # built around its content (a mock transport)
+        content = response.content
+        return content if len(content) <= MAX_ERROR_BODY_BYTES else b""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        for chunk in response.iter_raw():
+            size += len(chunk)
+            if size > MAX_ERROR_BODY_BYTES or _monotonic() >= deadline:
+                return b""
+            chunks.append(chunk)
+    except httpx.HTTPError:
+        return b""
+    return _decoded(b"".join(chunks), response)
+
+
+async def _aerror_body(response: httpx.Response, deadline: float) -> bytes:
+    """Async :func:`_error_body`."""
+    if response.is_stream_consumed:
+        content = response.content
+        return content if len(content) <= MAX_ERROR_BODY_BYTES else b""
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async for chunk in response.aiter_raw():
+            size += len(chunk)
+            if size > MAX_ERROR_BODY_BYTES or _monotonic() >= deadline:
+                return b""
+            chunks.append(chunk)
+    except httpx.HTTPError:
+        return b""
+    return _decoded(b"".join(chunks), response)
 
 
 class _Reader:
@@ -347,27 +294,31 @@ class _Reader:
         """The precheck's result, or the error its answer means (Lensmor's ``errorKey``
         and ``traceId`` in the message; never the key)."""
         status = response.status_code
+        request = _request_of(response)
         if status == 200:
             try:
-                data = _loads(body)
+                return PrecheckResult.from_api(_loads(body))
             except (ValueError, RecursionError):
                 raise InvalidResponse("precheck answer is not valid JSON") from None
-            return PrecheckResult.from_api(data)
-        info = parse_api_error(httpx.Response(status, headers=response.headers, content=body))
-        said = f": {info}" if info is not None else ""
+            except InvalidResponse as exc:  # an error body inside a 200, say
+                said = _said(response.headers, body, request)
+                raise InvalidResponse(_with_said(str(exc), said)) from None
+        said = _said(response.headers, _decoded(body, response), request)
         if status in (401, 403):
             raise AuthenticationError(
-                f"the credits service rejected the API key ({status}){said}", status_code=status
+                _with_said(f"the credits service rejected the API key ({status})", said),
+                status_code=status,
             )
         if status == 429:
             raise RateLimited(
-                f"rate limited by the credits service (429){said}",
+                _with_said("rate limited by the credits service (429)", said),
                 retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
         if status == 400:
-            raise ActionNotAllowed("invalid_request", {"message": str(info or "")})
+            raise ActionNotAllowed("invalid_request", {"message": said})
         raise BalanceUnavailable(
-            f"the precheck at {self.base_url} answered {status}{said}", status_code=status
+            _with_said(f"the precheck at {self.base_url} answered {status}", said),
+            status_code=status,
         )
 
     def send_error(self, exc: httpx.HTTPError, sent: httpx.Request) -> BalanceUnavailable:
@@ -402,26 +353,28 @@ class _Reader:
         )
 
     @staticmethod
-    def check_status(response: httpx.Response) -> None:
+    def status_error(response: httpx.Response, body: bytes, sent: httpx.Request) -> Exception:
+        """What a balance answer other than 200 means: the error to raise, or the
+        :class:`_Retry` to weigh (429, 5xx). Its message carries what Lensmor's error body
+        (``body``, see :func:`_error_body`) says: its ``errorKey``, message and ``traceId``,
+        never the key ``sent`` carries."""
         status = response.status_code
-        if status == 200:
-            return
+        said = _said(response.headers, body, sent)
         if status in (401, 403):
-            raise AuthenticationError(
-                f"the credits service rejected the API key ({status})", status_code=status
+            return AuthenticationError(
+                _with_said(f"the credits service rejected the API key ({status})", said),
+                status_code=status,
             )
         if status == 429:
-            raise _Retry(
-                RateLimited("rate limited by the credits service (429)"),
+            return _Retry(
+                RateLimited(_with_said("rate limited by the credits service (429)", said)),
                 retry_after=parse_retry_after(response.headers.get("retry-after")),
             )
-        error = BalanceUnavailable(
-            f"the credits service answered {status} {response.reason_phrase}".rstrip(),
-            status_code=status,
-        )
+        answered = f"the credits service answered {status} {response.reason_phrase}".rstrip()
+        error = BalanceUnavailable(_with_said(answered, said), status_code=status)
         if status >= 500:
-            raise _Retry(error)
-        raise error
+            return _Retry(error)
+        return error
 
     @staticmethod
     def body_error(size: int) -> Exception:
@@ -440,16 +393,25 @@ class _Reader:
         return body
 
     @staticmethod
-    def parse(body: bytes, coding: str | None = None) -> CreditBalance:
+    def parse(
+        body: bytes, coding: str | None = None, sent: httpx.Request | None = None
+    ) -> CreditBalance:
         """The balance in ``body`` (the raw bytes, decoded first if the answer has a
-        ``Content-Encoding`` although none was asked for)."""
+        ``Content-Encoding`` although none was asked for). A body that is Lensmor's error
+        body (inside a 200) says so in the :class:`InvalidResponse`."""
         if coding is not None:
             body = _inflate(body, coding)
         try:
             data = _loads(body)
         except (ValueError, RecursionError):
             raise InvalidResponse("balance response is not valid JSON") from None
-        return CreditBalance.from_api(data)
+        try:
+            return CreditBalance.from_api(data)
+        except InvalidResponse as exc:
+            said = _said(httpx.Headers(), body, sent)
+            if not said:
+                raise
+            raise InvalidResponse(_with_said(str(exc), said)) from None
 
     def attempt_error(self, exc: httpx.HTTPError, sent: httpx.Request) -> _Retry:
         """An httpx error of one attempt: a transport error may succeed if tried again (the
@@ -522,7 +484,8 @@ class BalanceClient:
             try:
                 response = transport.handle_request(sent)
                 try:
-                    reader.check_status(response)
+                    if response.status_code != 200:
+                        raise reader.status_error(response, _error_body(response, deadline), sent)
                     if response.is_stream_consumed:
                         chunks.append(reader.in_memory(response))
                     else:
@@ -541,7 +504,7 @@ class BalanceClient:
                 retry = reader.attempt_error(exc, sent)
             else:
                 body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                return reader.parse(body, coding), rate_limit_wait(response.headers)
+                return reader.parse(body, coding, sent), rate_limit_wait(response.headers)
             if attempts is None:
                 attempts = _Attempts(reader.policy, deadline)
             wait = attempts.delay(retry)
@@ -569,6 +532,7 @@ class BalanceClient:
                 response.close()
         except httpx.HTTPError as exc:
             raise reader.send_error(exc, request) from None
+        response.request = request  # what its error message must not show: the key
         return response, b"".join(chunks)
 
     def close(self) -> None:
@@ -757,7 +721,9 @@ class AsyncBalanceClient:
             try:
                 response = await transport.handle_async_request(sent)
                 try:
-                    reader.check_status(response)
+                    if response.status_code != 200:
+                        error_body = await _aerror_body(response, deadline)
+                        raise reader.status_error(response, error_body, sent)
                     if response.is_stream_consumed:
                         chunks.append(reader.in_memory(response))
                     else:
@@ -776,7 +742,7 @@ class AsyncBalanceClient:
                 retry = reader.attempt_error(exc, sent)
             else:
                 body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-                return reader.parse(body, coding), rate_limit_wait(response.headers)
+                return reader.parse(body, coding, sent), rate_limit_wait(response.headers)
             if attempts is None:
                 attempts = _Attempts(reader.policy, deadline)
             wait = attempts.delay(retry)
@@ -803,6 +769,7 @@ class AsyncBalanceClient:
                 await response.aclose()
         except httpx.HTTPError as exc:
             raise reader.send_error(exc, request) from None
+        response.request = request  # what its error message must not show: the key
         return response, b"".join(chunks)
 
     async def aclose(self) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import unicodedata
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,6 +34,7 @@ __all__ = [
     "MAX_BODY_BYTES",
     "ApiErrorInfo",
     "Report",
+    "describe_api_error",
     "is_insufficient_credits",
     "parse_api_error",
     "parse_report",
@@ -45,6 +47,12 @@ MAX_BODY_BYTES = 1 << 20
 _CHARGED_FIELDS = ("creditsUsed", "creditsSpent", "totalCreditsUsed")
 _MAX_TEXT = 500  # longest errorKey, message or traceId kept from an error body
 _CAUSES = 8  # how far is_insufficient_credits follows ``raise ... from``
+_SAID_MESSAGE = 200  # characters of Lensmor's error message an exception repeats
+_SAID_FIELD = 100  # characters of its errorKey and traceId
+_REDACTED = "[redacted]"
+# Control and format characters (and line or paragraph separators) must not reach a log
+# line as they are: each becomes a space.
+_UNPRINTABLE = frozenset(("Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -254,6 +262,62 @@ def parse_api_error(response_or_body: object) -> ApiErrorInfo | None:
         status,
         body.get("details"),
     )
+
+
+def _printable(text: str, most: int, secret: str | None) -> str:
+    """``text`` fit for an exception message: ``secret`` redacted, unprintable characters
+    as spaces, runs of spaces as one, cut to ``most`` characters (``...`` marks a cut)."""
+    if secret:
+        text = text.replace(secret, _REDACTED)
+    if not text.isprintable():
+        text = "".join(" " if unicodedata.category(c) in _UNPRINTABLE else c for c in text)
+    text = " ".join(text.split())
+    if len(text) > most:
+        text = text[: most - 3].rstrip() + "..."
+    return text
+
+
+def describe_api_error(
+    body: bytes, headers: Mapping[str, str] | None = None, *, secret: str | None = None
+) -> str:
+    """What Lensmor's error body says, for an exception's message:
+    ``"<errorKey>: <message> (trace id <traceId>)"``; ``""`` when ``body`` is not Lensmor's
+    error body (a JSON object naming an ``errorKey`` or a ``traceId``; the trace id may also
+    come as the ``X-Request-ID`` header in ``headers``).
+
+    The message is cut to 200 characters, the error key and the trace id to 100; control
+    characters become spaces. ``secret`` (the API key the request carried), should the
+    service echo it anywhere, is replaced by ``[redacted]`` in the whole texts before
+    anything is cut, so no part of it is shown. Never raises for what the service sent.
+    """
+    if len(body) > MAX_BODY_BYTES:
+        return ""
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError):
+        return ""
+    if not isinstance(data, dict):
+        return ""
+    if secret:
+        data = {
+            name: value.replace(secret, _REDACTED) if type(value) is str else value
+            for name, value in data.items()
+        }
+    info = parse_api_error(data)
+    trace = info.trace_id if info is not None else None
+    if trace is None and headers is not None:
+        trace = _text(headers.get("x-request-id"))
+    if info is None or (info.error_key is None and trace is None):
+        return ""
+    parts = [
+        _printable(text, most, secret)
+        for text, most in ((info.error_key, _SAID_FIELD), (info.message, _SAID_MESSAGE))
+        if text
+    ]
+    said = ": ".join(part for part in parts if part)
+    if trace:
+        said = f"{said} (trace id {_printable(trace, _SAID_FIELD, secret)})".strip()
+    return said
 
 
 def is_insufficient_credits(exc: BaseException) -> bool:

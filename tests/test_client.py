@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 import tracemalloc
@@ -19,6 +20,7 @@ from creditguard import (
     AuthenticationError,
     BalanceUnavailable,
     CreditGuard,
+    CreditGuardError,
     InvalidResponse,
     RateLimited,
     RetryPolicy,
@@ -463,3 +465,226 @@ async def test_transport_errors_name_the_base_url(
         await read(make(script, base_url=url + "/"), mode)
     assert message.format(url=url) in str(info.value)
     assert KEY not in str(info.value)
+
+
+# -- Lensmor's error body in the message of the error a failed read raises ---------------------
+
+
+def api_error(status: int, error_key: str, message: str, **kw: Any) -> httpx.Response:
+    """Lensmor's ``ApiError`` answer."""
+    body = {"code": status, "message": message, "errorKey": error_key, "traceId": "trace-7f3a"}
+    return httpx.Response(status, json=body, **kw)
+
+
+@pytest.mark.parametrize(
+    ("answer", "error", "expected"),
+    [
+        pytest.param(
+            api_error(401, "INVALID_API_KEY", "Invalid API key"),
+            AuthenticationError,
+            "the credits service rejected the API key (401): INVALID_API_KEY: Invalid API key"
+            " (trace id trace-7f3a)",
+            id="401",
+        ),
+        pytest.param(
+            api_error(403, "FORBIDDEN", "API access is not enabled"),
+            AuthenticationError,
+            "the credits service rejected the API key (403): FORBIDDEN: API access is not"
+            " enabled (trace id trace-7f3a)",
+            id="403",
+        ),
+        pytest.param(
+            api_error(
+                429, "RATE_LIMIT_EXCEEDED", "Rate limit exceeded", headers={"Retry-After": "60"}
+            ),
+            RateLimited,
+            "rate limited by the credits service (429): RATE_LIMIT_EXCEEDED: Rate limit"
+            " exceeded (trace id trace-7f3a); retry after 60s",
+            id="429-retry-after",
+        ),
+        pytest.param(
+            api_error(429, "RATE_LIMIT_EXCEEDED", "Rate limit exceeded"),
+            RateLimited,
+            "rate limited by the credits service (429): RATE_LIMIT_EXCEEDED: Rate limit"
+            " exceeded (trace id trace-7f3a)",
+            id="429",
+        ),
+        pytest.param(
+            api_error(500, "SYSTEM_ERROR", "Internal error"),
+            BalanceUnavailable,
+            "the credits service answered 500 Internal Server Error: SYSTEM_ERROR: Internal"
+            " error (trace id trace-7f3a)",
+            id="500",
+        ),
+        pytest.param(
+            api_error(503, "SERVICE_UNAVAILABLE", "Down for maintenance"),
+            BalanceUnavailable,
+            "the credits service answered 503 Service Unavailable: SERVICE_UNAVAILABLE: Down"
+            " for maintenance (trace id trace-7f3a)",
+            id="503",
+        ),
+    ],
+)
+async def test_errors_carry_lensmors_error_key_message_and_trace_id(
+    mode: str, answer: httpx.Response, error: type[Exception], expected: str
+) -> None:
+    script = Script(answer)
+    with pytest.raises(error) as info:
+        await read(make(script), mode)
+    assert type(info.value) is error
+    assert str(info.value) == expected
+    assert info.value.status_code == answer.status_code  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("status", [401, 403, 429, 500, 503, 502])
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"<html><body>502 Bad Gateway</body></html>", id="html"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b'{"message": "Unauthorized"}', id="not-lensmors"),
+        pytest.param(b'["INVALID_API_KEY"]', id="not-an-object"),
+    ],
+)
+async def test_an_error_without_lensmors_body_says_only_its_status(
+    mode: str, status: int, body: bytes
+) -> None:
+    script = Script(httpx.Response(status, content=body))
+    with pytest.raises(CreditGuardError) as info:
+        await read(make(script), mode)
+    reason = httpx.codes.get_reason_phrase(status)
+    assert str(info.value) in (
+        f"the credits service rejected the API key ({status})",
+        "rate limited by the credits service (429)",
+        f"the credits service answered {status} {reason}",
+    )
+
+
+async def test_the_trace_id_may_come_as_the_request_id_header(mode: str) -> None:
+    body = {"code": 503, "message": "Maintenance", "errorKey": "SERVICE_UNAVAILABLE"}
+    script = Script(httpx.Response(503, json=body, headers={"X-Request-ID": "req-42"}))
+    with pytest.raises(BalanceUnavailable) as info:
+        await read(make(script), mode)
+    assert str(info.value).endswith(": SERVICE_UNAVAILABLE: Maintenance (trace id req-42)")
+
+
+async def test_lensmors_texts_are_cut_and_control_characters_dropped(mode: str) -> None:
+    body = {
+        "code": 401,
+        "message": "Invalid\r\nAPI key\x1b[31m\u202e\x00 " + "m" * 10_000,
+        "errorKey": "K" * 1000,
+        "traceId": "t\x07" + "t" * 1000,
+    }
+    script = Script(httpx.Response(401, json=body))
+    with pytest.raises(AuthenticationError) as info:
+        await read(make(script), mode)
+    text = str(info.value)
+    assert text.isprintable()
+    assert len(text) < 500
+    # Each text cut to its length, "..." included: the error key and the trace id to 100
+    # characters, the message to 200.
+    key, trace = "K" * 97 + "...", "t " + "t" * 95 + "..."
+    message = "Invalid API key [31m " + "m" * 176 + "..."
+    prefix = "the credits service rejected the API key (401)"
+    assert text == f"{prefix}: {key}: {message} (trace id {trace})"
+
+
+async def test_a_key_the_service_echoes_is_redacted(mode: str) -> None:
+    """Whatever Lensmor's error body or headers repeat of the key (a real key is 84
+    characters: ``sk_<16 hex>_<64 hex>``) never reaches the error, not even a part of
+    one that a cut would leave behind."""
+    key = "sk_0123456789abcdef_" + "a1b2c3d4" * 8
+    message = f"{key} " * 5 + "z" * 65 + key + " was revoked"  # the last one crosses char 500
+    body = {"code": 401, "message": message, "errorKey": f"BAD_KEY_{key}", "traceId": key}
+    answer = httpx.Response(401, json=body, headers={"X-Request-ID": key})
+    guard = CreditGuard(key, transport=Script(answer).transport, retry=FAST)
+    with pytest.raises(AuthenticationError) as info:
+        await read(guard, mode)
+    text = str(info.value)
+    assert "[redacted]" in text
+    assert _leaks(info.value, key) == []
+    assert key[:10] not in text
+    assert "sk_0123" not in text
+
+
+async def test_an_error_body_inside_a_200_is_named(mode: str) -> None:
+    body = {"code": 429, "message": "Too busy", "errorKey": "BUSY", "traceId": "t-200"}
+    script = Script(httpx.Response(200, json=body))
+    with pytest.raises(InvalidResponse) as info:
+        await read(make(script), mode)
+    assert str(info.value).endswith(": BUSY: Too busy (trace id t-200)")
+
+
+def _error_app(status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
+    """An ASGI app answering every request with ``status``, ``headers`` and ``body``."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                await send({"type": message["type"] + ".complete"})
+                if message["type"] == "lifespan.shutdown":
+                    return
+        length = (b"content-length", str(len(body)).encode())
+        await send({"type": "http.response.start", "status": status, "headers": [*headers, length]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+@pytest.mark.parametrize("encoding", ["identity", "gzip"])
+async def test_an_error_body_streamed_over_loopback_http(mode: str, encoding: str) -> None:
+    body = json.dumps(
+        {"code": 401, "message": "Invalid API key", "errorKey": "INVALID_API_KEY", "traceId": "t1"}
+    ).encode()
+    headers = [(b"content-type", b"application/json")]
+    if encoding == "gzip":
+        body = gzip.compress(body)
+        headers.append((b"content-encoding", b"gzip"))
+    with serve(_error_app(401, body, headers)) as url:
+        guard = CreditGuard(KEY, base_url=url, retry=FAST)
+        try:
+            with pytest.raises(AuthenticationError) as info:
+                await read(guard, mode)
+        finally:
+            await guard.aclose()
+    assert str(info.value).endswith("(401): INVALID_API_KEY: Invalid API key (trace id t1)")
+
+
+async def test_an_error_body_too_large_is_not_read_for_its_message(mode: str) -> None:
+    body = {"code": 503, "message": "x" * 20_000, "errorKey": "BIG", "traceId": "t"}
+    content = json.dumps(body).encode()
+    with serve(_error_app(503, content, [(b"content-type", b"application/json")])) as url:
+        guard = CreditGuard(KEY, base_url=url, retry=RetryPolicy(attempts=1))
+        try:
+            with pytest.raises(BalanceUnavailable) as info:
+                await read(guard, mode)
+        finally:
+            await guard.aclose()
+    assert str(info.value) == "the credits service answered 503 Service Unavailable"
+
+
+async def test_the_precheck_errors_use_the_same_words(mode: str) -> None:
+    """The precheck says what Lensmor's error body says the same way: cut, cleaned, and
+    without the key."""
+    body = {
+        "code": 401,
+        "message": f"Invalid API key\n{KEY}",
+        "errorKey": "INVALID_API_KEY",
+        "traceId": "t-9",
+    }
+    script = Script(httpx.Response(401, json=body))
+    guard = make(script)
+
+    async def precheck() -> object:
+        if mode == "sync":
+            return guard.precheck("unlock_event_contacts", {"event_id": "1"})
+        return await guard.aprecheck("unlock_event_contacts", {"event_id": "1"})
+
+    with pytest.raises(AuthenticationError) as info:
+        await precheck()
+    assert str(info.value) == (
+        "the credits service rejected the API key (401): INVALID_API_KEY: Invalid API key"
+        " [redacted] (trace id t-9)"
+    )
+    assert _leaks(info.value, KEY) == []

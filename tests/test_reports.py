@@ -20,6 +20,7 @@ from creditguard._reports import (
     MAX_BODY_BYTES,
     ApiErrorInfo,
     Report,
+    describe_api_error,
     is_insufficient_credits,
     parse_api_error,
     parse_report,
@@ -748,6 +749,25 @@ def test_parse_api_error_never_raises(data: Any) -> None:
         assert str(info)
         for text in (info.error_key, info.message, info.trace_id):
             assert text is None or (isinstance(text, str) and 0 < len(text) <= 500)
+
+
+@FUZZ
+@given(json_values, st.lists(st.text(max_size=300), min_size=1, max_size=4), st.text(max_size=9))
+def test_describe_api_error_is_short_printable_and_never_shows_the_key(
+    data: Any, pieces: list[str], header: str
+) -> None:
+    """Whatever the body (any JSON; or an error body whose texts hold the key, whole, between
+    any text), the description is printable, bounded, and shows no part of the key."""
+    key = "sk_0123456789abcdef_" + "e" * 64
+    text = key.join(pieces)
+    short = key.join(piece[:20] for piece in pieces)
+    error = {"code": 401, "errorKey": short, "message": text, "traceId": key.join(pieces[::-1])}
+    headers = {"x-request-id": header + key}
+    for body in (json.dumps(data).encode(), json.dumps(error).encode()):
+        said = describe_api_error(body, headers, secret=key)
+        assert said == "" or said.isprintable()
+        assert len(said) <= 100 + 2 + 200 + len(" (trace id )") + 100
+        assert key[:12] not in said
 
 
 @FUZZ
