@@ -66,6 +66,7 @@ RUNNABLE_PAGES = (
     "howto/async.md",
     "howto/many-keys.md",
     "howto/testing.md",
+    "howto/reports.md",
 )
 SHOWN_URL = "http://127.0.0.1:8787"
 
