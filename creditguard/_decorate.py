@@ -108,7 +108,8 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
                     amount = _check_cost(cost_of(*args, **kwargs))
                 async with Spend(guard, amount, defer=True) as spend:
                     result = await afunc(*args, **kwargs)
-                    spend._result = result
+                    if spend._result is None:  # current_spend().report() comes first
+                        spend._result = result
                     return result
 
             return cast(Callable[P, R], async_guarded)
@@ -126,7 +127,8 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
                 amount = _check_cost(cost_of(*args, **kwargs))
             with Spend(guard, amount, defer=True) as spend:
                 result = func(*args, **kwargs)
-                spend._result = result
+                if spend._result is None:  # current_spend().report() comes first
+                    spend._result = result
                 return result
 
         return guarded

@@ -51,6 +51,7 @@ from ._state import (
     Call,
     Flight,
     MemoryBackend,
+    Ops,
     Reservation,
     StateBackend,
     Step,
@@ -600,7 +601,12 @@ class CreditGuard:
                 waitable, lead, until = cast(Step, step)
                 try:
                     if lead:
-                        self._read_sync(cast(Flight, waitable))
+                        flight = cast(Flight, waitable)
+                        watching = account.watch(flight)
+                        if watching is None:
+                            self._read_sync(flight)
+                        else:
+                            self._run(watching)
                     else:
                         waitable.wait(account.lock, self._wait_until(waitable, until))
                         self._gave_up(waitable)
@@ -630,7 +636,9 @@ class CreditGuard:
                     continue
                 waitable, lead, until = cast(Step, step)
                 try:
-                    if lead:
+                    if lead and (watching := account.watch(cast(Flight, waitable))) is not None:
+                        await self._arun(watching)
+                    elif lead:
                         flight = cast(Flight, waitable)
                         try:
                             self._check_rate_limit()
@@ -684,23 +692,41 @@ class CreditGuard:
         self, flight: Flight, result: CreditBalance | None, error: BaseException | None
     ) -> None:
         """Record how a read ended, performing the backend's calls from sync code."""
-        ops = self._account.record(flight, result, error)
-        try:
-            call = next(ops)
-            while True:
-                call = ops.send(call.run())
-        except StopIteration:
-            return
+        self._run(self._account.record(flight, result, error))
 
     async def _arecord(
         self, flight: Flight, result: CreditBalance | None, error: BaseException | None
     ) -> None:
         """Record how a read ended, awaiting the backend's calls."""
-        ops = self._account.record(flight, result, error)
+        await self._arun(self._account.record(flight, result, error))
+
+    @staticmethod
+    def _run(ops: Ops[None]) -> None:
+        """Perform a backend operation's calls from sync code (their errors go back in)."""
         try:
             call = next(ops)
             while True:
-                call = ops.send(await call.arun())
+                try:
+                    done = call.run()
+                except BaseException as exc:
+                    call = ops.throw(exc)
+                else:
+                    call = ops.send(done)
+        except StopIteration:
+            return
+
+    @staticmethod
+    async def _arun(ops: Ops[None]) -> None:
+        """Perform a backend operation's calls from async code."""
+        try:
+            call = next(ops)
+            while True:
+                try:
+                    done = await call.arun()
+                except BaseException as exc:
+                    call = ops.throw(exc)
+                else:
+                    call = ops.send(done)
         except StopIteration:
             return
 

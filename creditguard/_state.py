@@ -811,6 +811,10 @@ class Account:
         return
         yield  # pragma: no cover
 
+    def watch(self, flight: Flight) -> Ops[None] | None:
+        """In memory, every read is performed by its leader."""
+        return None
+
     def fresh(self, ttl: float) -> bool:
         """Whether a cached balance younger than ``ttl`` may be trusted (no request)."""
         with self.lock:
@@ -909,6 +913,12 @@ class AccountState(Protocol):
         result: CreditBalance | None,
         error: BaseException | None,
     ) -> Ops[None]: ...
+
+    def watch(self, flight: Flight) -> Ops[None] | None:
+        """How to lead ``flight`` when the backend performs it itself (with Redis: another
+        process is reading, and this one watches for the result); ``None``: the leader
+        reads upstream."""
+        ...
 
     def unreserve(self, reservation: Reservation) -> None: ...
 

@@ -81,8 +81,10 @@ _POLL_MAX = 0.02
 _FLIGHT_MS = 10_000
 # After Redis failed, how long the fallback serves before Redis is tried again.
 _RETRY_AFTER = 1.0
-# Clients made from a URL: every Redis round trip is bounded.
+# Clients made from a URL: every Redis round trip is bounded, and so are the connections
+# one process opens (a caller beyond them waits its turn, at most ``timeout`` seconds).
 _TIMEOUTS: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
+_POOL: dict[str, Any] = {"max_connections": 64, "timeout": 30.0, **_TIMEOUTS}
 
 
 class _RedisReservation(Reservation):
@@ -96,24 +98,22 @@ class _RedisReservation(Reservation):
 
 
 class _RedisFlight(Flight):
-    """A read this process leads for every process (it holds the lock in Redis as
-    ``token``), or, with ``token`` None, a read of its own it stores in Redis."""
+    """A balance read this process's callers share. Its leader either reads for every
+    process (it holds the lock in Redis as ``token``; with ``token`` None, a read of its
+    own that it stores if Redis lets it), or, when another process reads (``remote``),
+    watches Redis until that read's balance is stored (:meth:`RedisAccount.watch`)."""
 
-    __slots__ = ("token",)
+    __slots__ = ("remote", "token")
 
     def __init__(self, start_seq: int, sync: bool, token: str | None) -> None:
         super().__init__(start_seq, sync)
         self.token = token
+        self.remote = False
 
 
-class _Look(Flight):
-    """Look at Redis again after a short wait: another process is reading the balance.
-    Nobody finishes it; its step's deadline ends the wait."""
-
-    __slots__ = ()
-
-    def __init__(self, sync: bool) -> None:
-        super().__init__(-1, sync)
+def _sleep(seconds: float) -> Call:
+    """A pause, as a ``Call`` the driver performs at its edge."""
+    return Call(lambda: time.sleep(seconds), lambda: anyio.sleep(seconds))
 
 
 class _LookAgain(Waiter):
@@ -140,6 +140,12 @@ class RedisAccount:
             backend._client, None, backend.prefix, fingerprint, backend._lease_ms
         )
         self._flights: list[_RedisFlight] = []  # reads this process leads, oldest first
+        # The last read of this process that came back with a balance: a caller whose
+        # look at Redis raced with storing it uses it instead of reading again.
+        self._last: _RedisFlight | None = None
+        # Calls of this process waiting at admission (they look again at Redis every few
+        # milliseconds, and at once when a spend of this process settles).
+        self.waiters: list[Waiter] = []
         self._blocked_until = 0.0
         self._local: Account | None = None  # fallback="memory", while Redis is down
         self._down_until = 0.0
@@ -149,6 +155,19 @@ class RedisAccount:
 
     def __repr__(self) -> str:
         return f"<RedisAccount {self.fingerprint}>"
+
+    @property
+    def flights(self) -> list[_RedisFlight]:
+        """The reads this process's callers share, oldest first."""
+        return self._flights
+
+    def _wake_waiters(self) -> None:
+        """A spend of this process settled (or finished): its waiters look again now."""
+        with self.lock:
+            waiters, self.waiters = self.waiters, []
+            callbacks = [notify for waiter in waiters for notify in waiter._finish()]
+        for notify in callbacks:
+            notify()
 
     # -- the I/O edge ------------------------------------------------------------------
 
@@ -216,20 +235,69 @@ class RedisAccount:
     # -- reads -------------------------------------------------------------------------
 
     def _need_read(self, after: int, sync: bool) -> Ops[Step]:
-        """A read that starts at ``seq >= after``: join one this process leads, lead one
-        for every process, or look again shortly while another process reads."""
+        """A read that starts at ``seq >= after``: join one this process's callers share,
+        or lead one: read for every process if no other process is reading, else watch
+        Redis for that read's balance. (A thread joins only reads led by threads, as in
+        memory: a task's loop may be blocked by the very thread waiting for it.)"""
         with self.lock:
-            for flight in reversed(self._flights):
-                if flight.start_seq >= after and (flight.sync or not sync):
-                    return flight, False, None
+            for joined in reversed(self._flights):
+                if joined.start_seq >= after and (joined.sync or not sync):
+                    return joined, False, None
+            last = self._last
+            if last is not None and last.start_seq >= after:
+                return last, False, None  # it just came back (finished: no wait)
+            flight = _RedisFlight(after, sync, None)  # seq only grows: it starts >= after
+            self._flights.append(flight)
         token = os.urandom(12).hex()
-        lead, start = cast(ReadBegun, (yield self._call("read_begin", token, _FLIGHT_MS)))
-        if lead:
-            flight = _RedisFlight(start, sync, token)
-            with self.lock:
-                self._flights.append(flight)
-            return flight, True, None
-        return _Look(sync), False, _monotonic() + _POLL_FIRST
+        try:
+            begun = cast(ReadBegun, (yield self._call("read_begin", token, _FLIGHT_MS)))
+        except BaseException as exc:
+            self._finish(flight, None, exc if isinstance(exc, Exception) else None)
+            raise
+        if begun.lead:
+            flight.token = token
+            flight.start_seq = begun.start_seq
+        elif sync:
+            # Another process, or a task of this one, reads. A thread never waits for a
+            # task's read (the task's loop may be blocked by this very thread): it reads
+            # on its own and stores the result like any read. Its start is ``after``, a
+            # lower bound of where it really starts, so it settles nothing it may miss.
+            flight.token = token
+        else:
+            flight.remote = True
+        return flight, True, None
+
+    def watch(self, flight: Flight) -> Ops[None] | None:
+        """How to lead ``flight`` when another process performs the read: watch Redis
+        until its balance is stored; ``None``: read upstream as usual."""
+        if isinstance(flight, _RedisFlight) and flight.remote:
+            return self._watch(flight)
+        return None
+
+    def _watch(self, flight: _RedisFlight) -> Ops[None]:
+        """Look at Redis every few milliseconds (backing off) until a balance read at or
+        after ``flight.start_seq`` is stored, then finish ``flight`` with it. If the
+        other process's read ends without one (it failed, or its process died and its
+        lock expired), or the read budget runs out, finish it as abandoned: a waiter
+        leads the next read."""
+        pause = _POLL_FIRST
+        give_up = _monotonic() + _FLIGHT_MS / 1000
+        try:
+            while True:
+                yield _sleep(pause)
+                snap = cast(Snapshot, (yield self._call("state")))
+                if snap.balance is not None and snap.cached_seq >= max(
+                    flight.start_seq, snap.floor
+                ):
+                    self._finish(flight, decode_balance(snap.balance), None)
+                    return
+                if not snap.flight or _monotonic() >= give_up:
+                    self._finish(flight, None, None)
+                    return
+                pause = min(pause * 2, _POLL_MAX)
+        except BaseException as exc:
+            self._finish(flight, None, exc if isinstance(exc, Exception) else None)
+            raise
 
     def _fresh(self, snap: Snapshot, ttl: float) -> CreditBalance | None:
         if snap.balance is None or snap.age_ms is None or snap.cached_seq < snap.floor:
@@ -239,6 +307,8 @@ class RedisAccount:
         return decode_balance(snap.balance)
 
     def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
+        if flight is not None and flight.error is not None:
+            raise own_error(flight.error)  # the read this caller waited for failed
         local = self._degraded()
         if local is not None:
             return (yield from local.read(ttl, flight, sync))
@@ -304,12 +374,15 @@ class RedisAccount:
             return
         token = flight.token
         if result is not None and token is not None:
+            # (A token that does not hold the lock stores the balance all the same.)
             text, total = encode_balance(result)
             try:
                 yield self._call("read_done", token, flight.start_seq, text, total)
             except BalanceUnavailable as exc:
                 logger.warning("could not store a balance read in Redis: %s", exc)
         self._finish(flight, result, error)
+        if result is not None and self.waiters:
+            self._wake_waiters()  # a new balance: their cost may fit now
         if result is None and token is not None:
             with contextlib.suppress(BalanceUnavailable):  # its lock expires on its own
                 yield self._call("read_failed", token)
@@ -322,6 +395,10 @@ class RedisAccount:
                 self._flights.remove(flight)
             if result is not None:
                 flight.result = result
+                if isinstance(flight, _RedisFlight) and (
+                    self._last is None or flight.start_seq >= self._last.start_seq
+                ):
+                    self._last = flight
             elif error is not None:
                 flight.error = error
             else:
@@ -350,6 +427,8 @@ class RedisAccount:
         enclosing: tuple[Reservation, ...],
         settle: bool,
     ) -> Ops[Reservation | Step]:
+        if flight is not None and flight.error is not None:
+            raise own_error(flight.error)  # the read this caller waited for failed
         local = self._degraded()
         if local is not None:
             mine = tuple(r for r in enclosing if not isinstance(r, _RedisReservation))
@@ -380,8 +459,10 @@ class RedisAccount:
             raise InsufficientCredits(cost, answer.available, balance, reserved=answer.reserved)
         # Wait: calls in flight, maybe in other processes, may settle. Look again soon.
         assert until is not None
-        pause = min(until, _monotonic() + _POLL_MAX)
-        return _LookAgain(cost, 0), False, pause
+        waiter = _LookAgain(cost, 0)
+        with self.lock:
+            self.waiters.append(waiter)
+        return waiter, False, min(until, _monotonic() + _POLL_MAX)
 
     def unchecked(self, cost: int) -> Ops[Reservation]:
         local = self._degraded()
@@ -398,7 +479,10 @@ class RedisAccount:
         return _RedisReservation(cost, None, -1, rid)
 
     def forget(self, waiter: Waiter) -> None:
-        """Nothing registered: a Redis waiter looks again on its own."""
+        """A waiter looked again (its pause ended) or gave up: drop it."""
+        with self.lock:
+            if waiter in self.waiters:
+                self.waiters.remove(waiter)
 
     # -- settling ------------------------------------------------------------------------
 
@@ -410,7 +494,7 @@ class RedisAccount:
             return None
         self._backend._release(reservation.id)
         try:
-            return (yield self._call(name, reservation.id, *args))
+            done = yield self._call(name, reservation.id, *args)
         except BalanceUnavailable as exc:
             logger.warning(
                 "could not settle a spend of %d credits in Redis (%s): its lease expires"
@@ -420,6 +504,9 @@ class RedisAccount:
                 self._backend.lease,
             )
             return None
+        if self.waiters:
+            self._wake_waiters()
+        return done
 
     def _local_account(self) -> Account:
         if self._local is None:
@@ -593,7 +680,11 @@ class RedisBackend:
         self._lease_ms = int(lease * 1000)
         self._url = url
         self._client = (
-            client if client is not None else redis_py.Redis.from_url(str(url), **_TIMEOUTS)
+            client
+            if client is not None
+            else redis_py.Redis(
+                connection_pool=redis_py.BlockingConnectionPool.from_url(str(url), **_POOL)
+            )
         )
         self._async_client = async_client
         self._loop_clients: weakref.WeakKeyDictionary[
@@ -633,7 +724,8 @@ class RedisBackend:
         if client is None:
             import redis.asyncio
 
-            client = redis.asyncio.Redis.from_url(self._url, **_TIMEOUTS)
+            pool = redis.asyncio.BlockingConnectionPool.from_url(self._url, **_POOL)
+            client = redis.asyncio.Redis(connection_pool=pool)
             self._loop_clients[loop] = client
         return client
 

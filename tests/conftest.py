@@ -57,3 +57,48 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
         yield client
     finally:
         client.close()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def each_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """Run the test once per state backend: guards built without a ``backend`` get an
+    in-memory one, or one in the session's real redis-server (a fresh key prefix per
+    test, so tests do not share state). Opt in with
+    ``pytestmark = pytest.mark.usefixtures("each_backend")``; mark tests that look
+    inside the memory backend ``@pytest.mark.memory_only``."""
+    kind = str(request.param)
+    if kind == "memory":
+        yield kind
+        return
+    import uuid
+
+    import creditguard._guard
+    from creditguard.redis import RedisBackend
+
+    url = request.getfixturevalue("redis_url")
+    backends: list[RedisBackend] = []
+
+    def make() -> RedisBackend:
+        backend = RedisBackend(url, prefix=f"test-{uuid.uuid4().hex[:12]}:")
+        backends.append(backend)
+        return backend
+
+    monkeypatch.setattr(creditguard._guard, "MemoryBackend", make)
+    yield kind
+    for backend in backends:
+        backend.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked ``memory_only`` looks inside the memory backend: it is collected for
+    that backend only (not collected, rather than skipped, for Redis)."""
+
+    def redis_only_inside(item: pytest.Item) -> bool:
+        callspec = getattr(item, "callspec", None)
+        return (
+            callspec is not None
+            and callspec.params.get("each_backend") == "redis"
+            and item.get_closest_marker("memory_only") is not None
+        )
+
+    items[:] = [item for item in items if not redis_only_inside(item)]

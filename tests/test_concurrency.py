@@ -20,7 +20,7 @@ from creditguard.testing import FakeLensmor
 
 from .helpers import Gate
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 
 
 def snapshot(guard: CreditGuard) -> tuple[CreditBalance | None, int, int]:
@@ -69,6 +69,7 @@ async def test_200_concurrent_async_callers_never_overspend() -> None:
     assert fake.balance_requests <= 10
 
 
+@pytest.mark.memory_only  # Redis: reads shared across processes: test_redis_processes.py
 async def test_refreshes_are_shared_between_calls_that_finish_together() -> None:
     fake = FakeLensmor(subscription_balance=10**6, gift_balance=0)
     fake.latency = 0.005
@@ -275,6 +276,7 @@ def test_threads_never_wait_for_a_task_led_read_but_share_one_of_their_own(
     assert gate.arrived == 2
 
 
+@pytest.mark.memory_only  # looks at the read in flight
 async def test_sync_call_inside_the_loop_does_not_deadlock(fake: FakeLensmor) -> None:
     fake.latency = 0.05
     guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)

@@ -24,7 +24,7 @@ from creditguard.testing import FakeLensmor
 
 from .helpers import Gate
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 
 
 def reserved(guard: CreditGuard) -> int:
@@ -218,6 +218,7 @@ def test_a_failed_spend_in_flight_wakes_the_waiter_which_reads_again(
 # -- async -------------------------------------------------------------------------------
 
 
+@pytest.mark.memory_only  # waits for a task blocked at admission
 async def test_async_waiter_is_admitted_after_the_spend_settles(
     fake100: FakeLensmor, in_flight: list[InFlight]
 ) -> None:

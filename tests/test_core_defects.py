@@ -38,7 +38,7 @@ from creditguard import (
 from creditguard._client import rate_limit_wait
 from creditguard.testing import FakeLensmor
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 
 # A retry budget far longer than the liveness bounds below: a waiter that only got out
 # through the budget would still fail these tests.
@@ -145,6 +145,7 @@ class StuckFirst(httpx.AsyncBaseTransport, httpx.BaseTransport):
         return self.fake.transport.handle_request(request)
 
 
+@pytest.mark.memory_only  # looks at how the memory backend shares one read
 def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever() -> None:
     fake = FakeLensmor()
     transport = StuckFirst(fake)
@@ -174,6 +175,7 @@ def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever() -> None
         loop.close()
 
 
+@pytest.mark.memory_only  # looks at how the memory backend shares one read
 def test_a_thread_waiting_on_a_stalled_sync_read_reads_on_its_own() -> None:
     fake = FakeLensmor()
     transport = StuckFirst(fake)
@@ -206,6 +208,7 @@ def test_a_thread_waiting_on_a_stalled_sync_read_reads_on_its_own() -> None:
 # -- 3. every caller gets its own exception ------------------------------------------------
 
 
+@pytest.mark.memory_only  # looks at how the memory backend shares one read
 async def test_every_waiter_of_a_failed_read_gets_its_own_exception() -> None:
     fake = FakeLensmor(latency=0.05)
     fake.fail_next(503, times=5)

@@ -25,7 +25,7 @@ from creditguard.testing import FakeLensmor
 
 from .helpers import Gate
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 
 
 def reserved(guard: CreditGuard) -> int:
@@ -182,6 +182,7 @@ def test_a_waiting_call_is_woken_to_settle_a_call_that_finished() -> None:
     assert reserved(guard) == 0
 
 
+@pytest.mark.memory_only  # Redis: expired leases do this job
 def test_too_many_finished_calls_waiting_are_released_and_the_cache_distrusted() -> None:
     fake = FakeLensmor()
     guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
@@ -265,6 +266,7 @@ async def test_an_async_block_is_admitted_on_a_balance_that_includes_calls_that_
     await guard.aclose()
 
 
+@pytest.mark.memory_only  # Redis: its lease renewer stops at RedisBackend.close()
 def test_nothing_is_left_running_after_close() -> None:
     fake = FakeLensmor()
     threads = threading.active_count()

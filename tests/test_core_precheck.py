@@ -23,7 +23,7 @@ from creditguard import (
 )
 from creditguard.testing import FakeLensmor, serve
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 
 AUTH = {"Authorization": "Bearer test-key"}
 
@@ -120,6 +120,7 @@ def test_refusals_from_the_precheck(setup: tuple[FakeLensmor, CreditGuard]) -> N
     assert guard._account.snapshot()[1:] == (0, 0)
 
 
+@pytest.mark.memory_only  # the Redis backend asks Lensmor every time (no cached look)
 def test_at_most_skips_the_precheck_while_the_cache_covers_it() -> None:
     fake = FakeLensmor(subscription_balance=5000, gift_balance=0)
     sent: list[str] = []

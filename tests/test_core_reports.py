@@ -16,10 +16,10 @@ import anyio
 import httpx
 import pytest
 
-from creditguard import CreditGuard, GuardEvent, InsufficientCredits
+from creditguard import CreditGuard, GuardEvent, InsufficientCredits, current_spend
 from creditguard.testing import FakeLensmor
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 
 AUTH = {"Authorization": "Bearer test-key"}
 
@@ -206,3 +206,22 @@ async def test_a_read_in_flight_is_not_overtaken_by_a_report() -> None:
             spend.report({"creditsUsed": 2000, "balanceAfter": None})
     assert spend.balance_after == fake.balance  # from a read that started after it
     assert guard._account.snapshot()[1:] == (0, 0)
+
+
+def test_a_report_made_inside_a_decorated_call_is_not_overwritten_by_its_return() -> None:
+    fake = FakeLensmor()
+    fake.add_event("ev-1")
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    http = client(fake)
+
+    @guard.requires_credits(2000)
+    def unlock() -> str:
+        spend = current_spend()
+        assert spend is not None
+        spend.report(http.post("/external/events/ev-1/unlock"))
+        return "done"  # not a report: the one handed over above stands
+
+    assert unlock() == "done"
+    assert fake.balance_requests == 1  # settled from the report: no refresh
+    assert guard.balance() == fake.balance
+    assert fake.balance_requests == 1

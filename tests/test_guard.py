@@ -26,6 +26,8 @@ from creditguard import (
 )
 from creditguard.testing import FakeLensmor
 
+pytestmark = pytest.mark.usefixtures("each_backend")
+
 NO_RETRY = RetryPolicy(attempts=1, deadline=1.0)
 
 
