@@ -67,6 +67,7 @@ RUNNABLE_PAGES = (
     "howto/many-keys.md",
     "howto/testing.md",
     "howto/reports.md",
+    "howto/workers.md",
 )
 SHOWN_URL = "http://127.0.0.1:8787"
 
@@ -181,8 +182,12 @@ def _close_guards(namespace: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize(("page", "backend"), _page_params())
-def test_page_examples_run(page: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_page_examples_run(
+    page: str, backend: str, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> None:
     assert (DOCS / page).exists(), f"docs/{page} is missing"
+    if "CREDITGUARD_REDIS_URL" in (DOCS / page).read_text(encoding="utf-8"):
+        monkeypatch.setenv("CREDITGUARD_REDIS_URL", request.getfixturevalue("redis_url"))
     page_blocks = blocks(page)
     assert any(b.lang == "python" and b.title is None for b in page_blocks), page
     _patch_anyio_run(monkeypatch, backend)
