@@ -1,0 +1,96 @@
+"""RedisBackend's own contract: configuration, its lease renewer's lifetime, and one
+guarded call per kind of caller (sync, asyncio, trio) sharing one account in Redis. The
+behaviour of the guard over Redis is the core suites' (``each_backend``); many processes
+are in ``test_redis_processes.py``."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+from creditguard import CreditGuard
+from creditguard.redis import RedisBackend
+from creditguard.testing import FakeLensmor
+
+
+def test_the_url_comes_from_the_environment(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CREDITGUARD_REDIS_URL", redis_url)
+    backend = RedisBackend(prefix="env-test:")
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
+    assert guard.balance().total_balance == fake.balance.total_balance
+    backend.close()
+
+
+def test_without_a_url_or_client_it_says_what_it_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CREDITGUARD_REDIS_URL", raising=False)
+    with pytest.raises(ValueError, match="CREDITGUARD_REDIS_URL"):
+        RedisBackend()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"lease": 0}, ValueError),
+        ({"lease": True}, ValueError),
+        ({"lease": "60"}, ValueError),
+        ({"fallback": "disk"}, ValueError),
+        ({"prefix": 1}, TypeError),
+    ],
+)
+def test_bad_arguments_are_refused(redis_url: str, kwargs: dict[str, object], error: type) -> None:
+    with pytest.raises(error):
+        RedisBackend(redis_url, **kwargs)  # type: ignore[arg-type]
+
+
+def test_repr_shows_no_url(redis_url: str) -> None:
+    backend = RedisBackend(redis_url.replace("redis://", "redis://:s3cret-pass@"))
+    assert "s3cret" not in repr(backend)
+    assert "127.0.0.1" not in repr(backend)
+    backend.close()
+
+
+def test_the_lease_renewer_runs_only_while_calls_are_in_flight_and_stops_at_close(
+    redis_url: str,
+) -> None:
+    backend = RedisBackend(redis_url, prefix="renewer-test:", lease=0.3)
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
+    before = {t.name for t in threading.enumerate()}
+    assert "creditguard-redis-leases" not in before
+    with guard.spend(10):
+        assert any(t.name == "creditguard-redis-leases" for t in threading.enumerate())
+        fake.charge(10)
+    backend.close()
+    assert not any(t.name == "creditguard-redis-leases" for t in threading.enumerate())
+
+
+def test_sync_asyncio_and_trio_callers_share_one_account(redis_url: str) -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    backend = RedisBackend(redis_url, prefix="kinds-test:")
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, ttl=60)
+
+    @guard.requires_credits(30)
+    async def unlock() -> None:
+        fake.charge(30)
+
+    @guard.requires_credits(30)
+    def unlock_sync() -> None:
+        fake.charge(30)
+
+    async def main() -> None:
+        await unlock()
+        await backend.aclose()
+
+    unlock_sync()
+    anyio.run(main, backend="asyncio")
+    anyio.run(main, backend="trio")
+    assert fake.balance.total_balance == 10
+    assert guard.balance().total_balance == 10
+    assert guard._account.snapshot()[1:] == (0, 0)
+    assert fake.balance_requests == 2  # the first read, and the one that settled the three
+    backend.close()
