@@ -1,27 +1,24 @@
-"""The guard: ``CreditGuard``, its operations, and the module-level ``requires_credits``.
+"""The guard: ``CreditGuard``, its logic (admission, settling, outcomes) written once as
+generators of steps, and the module-level ``requires_credits``.
 
-``Spend`` is in ``_spend.py``, the decorator machinery in ``_decorate.py``, ``Precheck`` in
-``_precheck.py`` and the configuration checks in ``_config.py``; all are importable from
-here as before. The admission and settling logic lives in :mod:`creditguard._state`; this
-module drives it
-from sync code (waiting on ``threading.Event``, reading through an httpx transport) and from
-async code (waiting on an anyio event of the caller's loop, reading through an httpx async
-transport).
+The account state it decides on is behind ``AccountState`` (``_protocols.py``: the memory
+backend in ``_state.py``, Redis in ``redis.py``); the two I/O edges that run the logic from
+sync and from async code are in ``_edges.py``; ``Spend`` is in ``_spend.py``, the decorator
+machinery in ``_decorate.py``, ``Precheck`` in ``_precheck.py``, the configuration checks
+in ``_config.py``, ``GuardEvent`` in ``_shared.py``; all are importable from here as before.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import dataclasses
 import logging
 import os
 import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Generator, Mapping
-from typing import Any, Literal, ParamSpec, TypeVar, cast, overload
+from collections.abc import Callable, Mapping
+from typing import Any, ParamSpec, TypeVar, cast, overload
 
 import httpx
 
@@ -34,30 +31,22 @@ from ._config import (
     _fingerprint,
 )
 from ._decorate import _CostDecorator, _Decorator, _decorator
+from ._edges import _Edges
 from ._errors import (
     ActionNotAllowed,
     AuthenticationError,
     BalanceUnavailable,
     InsufficientCredits,
     InvalidResponse,
-    RateLimited,
 )
 from ._models import CreditBalance, PrecheckResult
 from ._precheck import Cost, Precheck
+from ._protocols import AccountState, StateBackend
 from ._reports import is_insufficient_credits, parse_report
+from ._shared import GuardEvent, OnUnavailable, _Shared
 from ._spend import Spend, _current, current_spend
-from ._state import (
-    AccountState,
-    Call,
-    Flight,
-    MemoryBackend,
-    Ops,
-    Reservation,
-    StateBackend,
-    Step,
-    Waiter,
-    _Waitable,
-)
+from ._state import MemoryBackend
+from ._steps import Flight, Reservation, Step, Steps, Waiter
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -74,10 +63,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 T = TypeVar("T")
 
-# An operation on the account state: yields what it needs performed or waited for (a
-# ``Step``) or the backend I/O it needs (a ``Call``), and is sent back what was waited for
-# or the call's result (or has the read's or call's exception thrown in).
-_Steps = Generator["Step | Call", object, T]
 _monotonic = time.monotonic
 
 DEFAULT_BASE_URL = "https://platform.lensmor.com"
@@ -85,78 +70,7 @@ DEFAULT_BASE_URL = "https://platform.lensmor.com"
 logger = logging.getLogger("creditguard")
 
 
-OnUnavailable = Literal["deny", "allow"]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class GuardEvent:
-    """What the guard just did, for ``on_event`` observers.
-
-    ``kind`` is one of ``"admitted"``, ``"denied"`` (not enough credits), ``"unavailable"``
-    (refused because the balance could not be read, failing closed), ``"rejected"`` (the key
-    was refused), ``"unchecked"`` (admitted without a balance under
-    ``on_unavailable="allow"``), ``"spent"`` (with the balance before and after),
-    ``"failed"`` (the action raised), ``"cancelled"`` (cancelled in the action or in the
-    refresh after it) and ``"refresh_failed"``. ``account`` is the account's fingerprint,
-    never the key. ``charged`` (on ``"spent"``) is what the call cost, when its paid call
-    reported it.
-    """
-
-    kind: str
-    account: str
-    cost: int
-    balance_before: CreditBalance | None = None
-    balance_after: CreditBalance | None = None
-    available: int | None = None
-    error: BaseException | None = None
-    charged: int | None = None
-
-
-class _Shared:
-    """What every view of one guard shares: configuration, HTTP clients, state backend."""
-
-    __slots__ = (
-        "aclient",
-        "admission_timeout",
-        "backend",
-        "base_url",
-        "client",
-        "on_event",
-        "on_unavailable",
-        "read_budget",
-        "reader",
-        "ttl",
-    )
-
-    def __init__(
-        self,
-        *,
-        base_url: str,
-        ttl: float,
-        admission_timeout: float,
-        on_unavailable: OnUnavailable,
-        on_event: Callable[[GuardEvent], None] | None,
-        backend: StateBackend,
-        reader: _Reader,
-        client: BalanceClient,
-        aclient: AsyncBalanceClient,
-    ) -> None:
-        self.base_url = base_url
-        self.reader = reader
-        self.ttl = ttl
-        self.admission_timeout = admission_timeout
-        # The longest one balance read can take (its retry deadline plus one request
-        # timeout): a caller waiting for someone else's read waits no longer than that.
-        phases = [t for t in reader.timeout.as_dict().values() if t is not None]
-        self.read_budget = reader.policy.deadline + (max(phases) if phases else 0.0)
-        self.on_unavailable = on_unavailable
-        self.on_event = on_event
-        self.backend = backend
-        self.client = client
-        self.aclient = aclient
-
-
-class CreditGuard:
+class CreditGuard(_Edges):
     """Checks an account's credits before a paid action and reports what it spent.
 
     ``api_key`` defaults to ``LENSMOR_API_KEY``; ``base_url`` to ``LENSMOR_BASE_URL``, else
@@ -356,7 +270,7 @@ class CreditGuard:
     # whose outcome to look at (or has the read's exception thrown in). ``_drive`` runs
     # one from sync code, ``_adrive`` from async code: they are the only difference.
 
-    def _read(self, refresh: bool, sync: bool) -> _Steps[CreditBalance]:
+    def _read(self, refresh: bool, sync: bool) -> Steps[CreditBalance]:
         account = self._account
         if refresh:
             bumped, first = yield from account.bumped(sync)
@@ -374,7 +288,7 @@ class CreditGuard:
                 return step
             flight = cast(Flight, (yield step))
 
-    def _settle(self, after: int, step: Step, sync: bool) -> _Steps[CreditBalance]:
+    def _settle(self, after: int, step: Step, sync: bool) -> Steps[CreditBalance]:
         """A balance read that started at or after ``after``; ``step`` is the first read
         to wait on or perform."""
         account = self._account
@@ -397,7 +311,7 @@ class CreditGuard:
         self._admitted(spend, reservation)
         return True
 
-    def _admit(self, spend: Spend, sync: bool) -> _Steps[None]:
+    def _admit(self, spend: Spend, sync: bool) -> Steps[None]:
         account = self._account
         cost = spend.cost
         shared = self._shared
@@ -490,7 +404,7 @@ class CreditGuard:
                 self._account.unreserve(reservation)
             raise
 
-    def _exit(self, spend: Spend, exc: BaseException | None, sync: bool) -> _Steps[None]:
+    def _exit(self, spend: Spend, exc: BaseException | None, sync: bool) -> Steps[None]:
         account = self._account
         settlement, spend._reservation = spend._reservation, None
         if settlement is None:  # never admitted, or already given back
@@ -532,7 +446,7 @@ class CreditGuard:
 
     def _settled_from_report(
         self, spend: Spend, settlement: Reservation, result: object
-    ) -> _Steps[bool]:
+    ) -> Steps[bool]:
         """Settle ``spend`` from its paid call's own report, when it carries one that can
         stand in for a refresh (see :meth:`Account.settle_reported`)."""
         try:
@@ -563,200 +477,6 @@ class CreditGuard:
         self._spent(spend, after)
         return True
 
-    # -- the two I/O edges -------------------------------------------------------------
-
-    def _wait_until(self, waitable: _Waitable, until: float | None) -> float:
-        """When a wait gives up: a release is waited for until the caller's admission
-        deadline, someone else's read for at most the longest a read can take."""
-        if until is not None:
-            return until
-        return cast(Flight, waitable).started + self._shared.read_budget
-
-    def _gave_up(self, waitable: _Waitable) -> None:
-        """After a wait: if what was waited for did not finish in time (or the wait was
-        cancelled), stop waiting for it: a read that outlived the read budget is joined
-        no more; a waiter leaves the account's list."""
-        if waitable.done:
-            return
-        if isinstance(waitable, Waiter):
-            self._account.forget(waitable)
-        else:
-            self._account.overdue(cast(Flight, waitable))
-
-    def _drive(self, steps: _Steps[T]) -> T:
-        """Run an operation from sync code: reads through the sync transport, waits on a
-        thread event, performs the backend's calls with its sync client."""
-        account = self._account
-        try:
-            step = next(steps)
-            while True:
-                if step.__class__ is Call:
-                    try:
-                        done = step.run()
-                    except BaseException as exc:
-                        step = steps.throw(exc)
-                    else:
-                        step = steps.send(done)
-                    continue
-                waitable, lead, until = cast(Step, step)
-                try:
-                    if lead:
-                        flight = cast(Flight, waitable)
-                        watching = account.watch(flight)
-                        if watching is None:
-                            self._read_sync(flight)
-                        else:
-                            self._run(watching)
-                    else:
-                        waitable.wait(account.lock, self._wait_until(waitable, until))
-                        self._gave_up(waitable)
-                except BaseException as exc:
-                    step = steps.throw(exc)
-                else:
-                    step = steps.send(waitable)
-        except StopIteration as stop:
-            result: T = stop.value
-            return result
-
-    async def _adrive(self, steps: _Steps[T]) -> T:
-        """Run an operation from async code: reads with the async transport, waits on an
-        event of this loop, awaits the backend's calls. (The read is inline: no await hop
-        between caller and read.)"""
-        account = self._account
-        try:
-            step = next(steps)
-            while True:
-                if step.__class__ is Call:
-                    try:
-                        done = await step.arun()
-                    except BaseException as exc:
-                        step = steps.throw(exc)
-                    else:
-                        step = steps.send(done)
-                    continue
-                waitable, lead, until = cast(Step, step)
-                try:
-                    if lead and (watching := account.watch(cast(Flight, waitable))) is not None:
-                        await self._arun(watching)
-                    elif lead:
-                        flight = cast(Flight, waitable)
-                        try:
-                            self._check_rate_limit()
-                            result, wait = await self._shared.aclient.read(self._balance_request())
-                        except Exception as exc:
-                            await self._arecord(flight, None, exc)
-                            raise
-                        except BaseException:
-                            # Abandoned: a waiter leads the next. (No I/O while cancelled.)
-                            self._record_now(flight)
-                            raise
-                        if wait is not None:  # the rate limit is used up: none until reset
-                            account.block(wait)
-                        await self._arecord(flight, result, None)
-                        self._log_read(result)
-                    else:
-                        try:
-                            await waitable.await_done(
-                                account.lock, self._wait_until(waitable, until)
-                            )
-                        finally:
-                            self._gave_up(waitable)
-                except BaseException as exc:
-                    step = steps.throw(exc)
-                else:
-                    step = steps.send(waitable)
-        except StopIteration as stop:
-            value: T = stop.value
-            return value
-
-    def _balance_request(self) -> httpx.Request:
-        return self._shared.reader.request(self._account.fingerprint, self._key)
-
-    def _read_sync(self, flight: Flight) -> None:
-        """Perform the read ``flight`` from this thread and record how it ended."""
-        try:
-            self._check_rate_limit()
-            result, wait = self._shared.client.read(self._balance_request())
-        except Exception as exc:
-            self._record(flight, None, exc)
-            raise
-        except BaseException:
-            self._record_now(flight)
-            raise
-        if wait is not None:  # the answer used up the rate limit: no more until the reset
-            self._account.block(wait)
-        self._record(flight, result, None)
-        self._log_read(result)
-
-    def _record(
-        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
-    ) -> None:
-        """Record how a read ended, performing the backend's calls from sync code."""
-        self._run(self._account.record(flight, result, error))
-
-    async def _arecord(
-        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
-    ) -> None:
-        """Record how a read ended, awaiting the backend's calls."""
-        await self._arun(self._account.record(flight, result, error))
-
-    @staticmethod
-    def _run(ops: Ops[None]) -> None:
-        """Perform a backend operation's calls from sync code (their errors go back in)."""
-        try:
-            call = next(ops)
-            while True:
-                try:
-                    done = call.run()
-                except BaseException as exc:
-                    call = ops.throw(exc)
-                else:
-                    call = ops.send(done)
-        except StopIteration:
-            return
-
-    @staticmethod
-    async def _arun(ops: Ops[None]) -> None:
-        """Perform a backend operation's calls from async code."""
-        try:
-            call = next(ops)
-            while True:
-                try:
-                    done = await call.arun()
-                except BaseException as exc:
-                    call = ops.throw(exc)
-                else:
-                    call = ops.send(done)
-        except StopIteration:
-            return
-
-    def _record_now(self, flight: Flight) -> None:
-        """A read abandoned (cancelled, interrupted): record it without waiting for any
-        I/O; the backend's calls, if it needs some, are not made."""
-        ops = self._account.record(flight, None, None)
-        with contextlib.suppress(StopIteration):
-            next(ops)
-        ops.close()
-
-    def _check_rate_limit(self) -> None:
-        """Fail fast, without a request, while the service's rate limit is used up."""
-        left = self._account.blocked()
-        if left is not None:
-            raise RateLimited(
-                f"the credits service's rate limit is used up; retry after {left:.0f}s",
-                retry_after=left,
-            )
-
-    def _log_read(self, balance: CreditBalance) -> None:
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "read the balance of %s: %d total (%d subscription, %d gift)",
-                self._account.fingerprint,
-                balance.total_balance,
-                balance.subscription_balance,
-                balance.gift_balance,
-            )
-
     # -- outcomes ------------------------------------------------------------------
 
     def _denied(self, exc: InsufficientCredits) -> None:
@@ -769,7 +489,7 @@ class CreditGuard:
         if self._shared.on_event is not None:
             self._emit("denied", exc.required, exc.balance, available=exc.available, error=exc)
 
-    def _unavailable(self, spend: Spend, exc: BalanceUnavailable) -> _Steps[None]:
+    def _unavailable(self, spend: Spend, exc: BalanceUnavailable) -> Steps[None]:
         """Fail closed (re-raise) unless the guard was told to fail open."""
         if self._shared.on_unavailable != "allow":
             if self._shared.on_event is not None:

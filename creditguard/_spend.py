@@ -16,7 +16,7 @@ from ._precheck import Precheck
 if TYPE_CHECKING:
     from ._guard import CreditGuard
     from ._models import CreditBalance
-    from ._state import Reservation
+    from ._steps import Reservation
 
 __all__ = ["Spend", "current_spend"]
 

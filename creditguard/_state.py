@@ -25,21 +25,25 @@ credits that are already gone (as long as the guard is the only spender).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import copy
 import threading
 import time
 import weakref
-from collections.abc import Awaitable, Callable, Generator
-from typing import Protocol, TypeVar
+from collections.abc import Callable
 
-import anyio
-import anyio.lowlevel
 import cachetools
 
-from ._errors import BalanceUnavailable, InsufficientCredits
+from ._errors import InsufficientCredits
 from ._models import CreditBalance
+from ._protocols import AccountState, StateBackend
+from ._steps import (
+    Call,
+    Flight,
+    Ops,
+    Reservation,
+    Step,
+    Waiter,
+    own_error,
+)
 
 __all__ = [
     "Account",
@@ -62,181 +66,6 @@ MAX_SETTLING = 1024
 MAX_FLIGHTS = 2
 
 _monotonic = time.monotonic
-_get_ident = threading.get_ident
-
-
-class _Waitable:
-    """Something callers wait for, from threads and from tasks of any event loop.
-
-    Waiters register under the account lock; :meth:`_finish` (under the lock) hands back
-    the callbacks to run once the lock is released. Every wait is bounded by a deadline
-    (``time.monotonic()`` seconds) or by the caller's cancellation, and a waiter that
-    gives up leaves nothing registered.
-    """
-
-    __slots__ = ("_callbacks", "_event")
-
-    def __init__(self) -> None:
-        # Waiters register here; None once finished.
-        self._callbacks: list[Callable[[], None]] | None = []
-        # Made only when a thread waits (most waits have no sync waiter).
-        self._event: threading.Event | None = None
-
-    @property
-    def done(self) -> bool:
-        return self._callbacks is None
-
-    def wait(self, lock: threading.Lock, until: float) -> None:
-        """Block this thread until finished, or until the monotonic time ``until``."""
-        with lock:
-            if self._callbacks is None:
-                return
-            event = self._event
-            if event is None:
-                event = self._event = threading.Event()
-        timeout = until - _monotonic()
-        if timeout > 0:
-            event.wait(timeout)
-
-    async def await_done(self, lock: threading.Lock, until: float | None = None) -> None:
-        """Wait in the current task until finished (or until ``until``); whoever finishes
-        it may be a thread or a task of another loop."""
-        event = anyio.Event()
-        me = _get_ident()
-        native = anyio.lowlevel.current_token().native_token
-        call_soon: Callable[[Callable[[], object]], object] = (
-            native.call_soon_threadsafe
-            if isinstance(native, asyncio.AbstractEventLoop)
-            else native.run_sync_soon  # type: ignore[attr-defined]  # trio.lowlevel.TrioToken
-        )
-
-        def notify() -> None:
-            if _get_ident() == me:
-                event.set()
-            else:
-                # RuntimeError: that loop has closed, so nobody is waiting any more.
-                with contextlib.suppress(RuntimeError):
-                    call_soon(event.set)
-
-        with lock:
-            callbacks = self._callbacks
-            if callbacks is None:
-                return
-            callbacks.append(notify)
-        try:
-            if until is None:
-                await event.wait()
-            else:
-                with anyio.move_on_after(until - _monotonic()):
-                    await event.wait()
-        finally:
-            if not event.is_set():  # timed out or cancelled: leave no trace
-                with lock:
-                    callbacks = self._callbacks
-                    if callbacks is not None and notify in callbacks:
-                        callbacks.remove(notify)
-
-    def _finish(self) -> list[Callable[[], None]]:
-        """Under the account lock: mark finished and hand back the waiters to notify."""
-        callbacks = self._callbacks or []
-        self._callbacks = None
-        event = self._event
-        if event is not None:
-            callbacks.append(event.set)
-        return callbacks
-
-
-class Flight(_Waitable):
-    """One upstream balance read that any number of callers may wait on.
-
-    ``sync`` says whether sync code leads it. A thread never waits for a read led by a
-    task: that task's loop may be blocked by this very thread, or by a thread that waits
-    for this one (see :meth:`Account._join_or_lead`).
-    """
-
-    __slots__ = ("abandoned", "error", "result", "start_seq", "started", "sync")
-
-    def __init__(self, start_seq: int, sync: bool) -> None:
-        super().__init__()
-        self.start_seq = start_seq
-        self.sync = sync
-        self.started = _monotonic()
-        self.result: CreditBalance | None = None
-        self.error: BaseException | None = None
-        self.abandoned = False
-
-
-class Waiter(_Waitable):
-    """A call waiting at admission for spends in flight to settle. The account finishes
-    it when its decision may have changed: when ``cost`` now fits, or when no spend it
-    could wait for is ambiguous about the cached balance any more."""
-
-    __slots__ = ("cost", "own")
-
-    def __init__(self, cost: int, own: int) -> None:
-        super().__init__()
-        self.cost = cost
-        self.own = own  # ambiguous credits its own enclosing spends hold
-
-
-def own_error(error: BaseException) -> BaseException:
-    """A copy of a shared read's error for one caller, with the shared error as its cause.
-
-    Every caller of a failed read raises an exception of its own: re-raising one object
-    from many callers would grow its traceback with each of them and keep all their
-    frames alive.
-    """
-    try:
-        mine = copy.copy(error)
-    except Exception:  # an exception type that cannot be copied: wrap it
-        mine = BalanceUnavailable(f"the balance read failed: {error}")
-    mine.__cause__ = error
-    mine.__traceback__ = None
-    return mine
-
-
-class Reservation:
-    """The credits one admitted call holds, from admission until it is settled.
-
-    ``balance`` is what it was admitted on; ``gen`` the cached balance it was admitted
-    on (-1: none, or a read's result that was not cached), so the account knows which
-    reservations that balance certainly excludes. ``after`` is set when the action
-    finished: the reservation waits for a read that started at or after it.
-    """
-
-    __slots__ = ("after", "balance", "cost", "gen", "released")
-
-    def __init__(self, cost: int, balance: CreditBalance | None, gen: int) -> None:
-        self.cost = cost
-        self.balance = balance
-        self.gen = gen
-        self.after = 0
-        self.released = False
-
-
-# What an operation needs next: a read to perform (``lead``) or to wait for, or a
-# reservation release to wait for; ``until`` bounds a wait for a release (monotonic
-# seconds). A read's waiters are bounded by the guard's read budget instead.
-Step = tuple[_Waitable, bool, "float | None"]
-
-T = TypeVar("T")
-
-
-class Call:
-    """One operation of a backend that does I/O (a Redis script call), for the guard's
-    driver to perform at its edge: ``run()`` from sync code, ``await arun()`` from async
-    code. The memory backend never needs one."""
-
-    __slots__ = ("arun", "run")
-
-    def __init__(self, run: Callable[[], object], arun: Callable[[], Awaitable[object]]) -> None:
-        self.run = run
-        self.arun = arun
-
-
-# An operation on an account's state, as a generator: it yields the I/O it needs done
-# (``Call``) and is sent each result; its return value is the operation's result.
-Ops = Generator[Call, object, T]
 
 
 class Account:
@@ -849,101 +678,6 @@ def _after_report(
     if spent < 0 or spent > cached.total_balance:
         return None
     return cached.after_spending(spent)
-
-
-class AccountState(Protocol):
-    """The state of one account, as the guard drives it: the interface the memory backend
-    (:class:`Account`) and the Redis backend implement.
-
-    The operations the guard drives are ``Ops`` generators: they yield the I/O they need
-    (``Call``) and return a result, a reservation, or a ``Step`` (a balance read to lead or
-    join, or something to wait for until a deadline). Waiting is local to the process: a
-    ``Step``'s waitable is finished by this process's callers, or its deadline passes. The
-    plain methods make no request (``try_admit`` may answer ``None``: go the slow way).
-    """
-
-    fingerprint: str
-    lock: threading.Lock
-    released_at: float
-
-    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None: ...
-
-    def admit(
-        self,
-        cost: int,
-        ttl: float,
-        flight: Flight | None,
-        sync: bool,
-        until: float | None,
-        enclosing: tuple[Reservation, ...],
-        settle: bool,
-    ) -> Ops[Reservation | Step]: ...
-
-    def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]: ...
-
-    def read_after(
-        self, after: int, flight: Flight | None, sync: bool
-    ) -> Ops[CreditBalance | Step]: ...
-
-    def pending(self) -> Ops[int]: ...
-
-    def bumped(self, sync: bool) -> Ops[tuple[int, Step]]: ...
-
-    def begin(self, settlement: Reservation, sync: bool) -> Ops[Step]: ...
-
-    def defer(self, settlement: Reservation) -> Ops[None]: ...
-
-    def end(self, settlement: Reservation, failed: bool) -> Ops[None]: ...
-
-    def reported(
-        self,
-        reservation: Reservation,
-        charged: int | None,
-        total_after: int | None,
-        balance_after: CreditBalance | None,
-    ) -> Ops[CreditBalance | None]: ...
-
-    def drop(self, reservation: Reservation) -> Ops[None]: ...
-
-    def unchecked(self, cost: int) -> Ops[Reservation]: ...
-
-    def record(
-        self,
-        flight: Flight,
-        result: CreditBalance | None,
-        error: BaseException | None,
-    ) -> Ops[None]: ...
-
-    def watch(self, flight: Flight) -> Ops[None] | None:
-        """How to lead ``flight`` when the backend performs it itself (with Redis: another
-        process is reading, and this one watches for the result); ``None``: the leader
-        reads upstream."""
-        ...
-
-    def unreserve(self, reservation: Reservation) -> None: ...
-
-    def forget(self, waiter: Waiter) -> None: ...
-
-    def overdue(self, flight: Flight) -> None: ...
-
-    def block(self, seconds: float) -> None: ...
-
-    def blocked(self) -> float | None: ...
-
-    def invalidate(self) -> None: ...
-
-    def snapshot(self) -> tuple[CreditBalance | None, int, int]: ...
-
-    def fresh(self, ttl: float) -> bool: ...
-
-
-class StateBackend(Protocol):
-    """Where account state lives: :class:`MemoryBackend` keeps it in this process,
-    ``creditguard.redis.RedisBackend`` in Redis, shared by every process using it."""
-
-    def account(self, fingerprint: str) -> AccountState:
-        """The state of the account ``fingerprint``, created on first use."""
-        ...
 
 
 class MemoryBackend:

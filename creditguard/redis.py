@@ -52,17 +52,8 @@ from ._redis_state import (
     decode_balance,
     encode_balance,
 )
-from ._state import (
-    Account,
-    Call,
-    Flight,
-    Ops,
-    Reservation,
-    Step,
-    Waiter,
-    _after_report,
-    own_error,
-)
+from ._state import Account, _after_report
+from ._steps import Call, Flight, Ops, Reservation, Step, Waiter, own_error
 
 if TYPE_CHECKING:
     import redis as redis_py

@@ -1,0 +1,108 @@
+"""The interface between the guard and where account state lives: ``AccountState`` (one
+account; implemented by the memory backend's ``Account`` and by the Redis backend) and
+``StateBackend`` (where accounts live)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Protocol
+
+from ._models import CreditBalance
+from ._steps import Flight, Ops, Reservation, Step, Waiter
+
+__all__ = ["AccountState", "StateBackend"]
+
+
+class AccountState(Protocol):
+    """The state of one account, as the guard drives it: the interface the memory backend
+    (:class:`Account`) and the Redis backend implement.
+
+    The operations the guard drives are ``Ops`` generators: they yield the I/O they need
+    (``Call``) and return a result, a reservation, or a ``Step`` (a balance read to lead or
+    join, or something to wait for until a deadline). Waiting is local to the process: a
+    ``Step``'s waitable is finished by this process's callers, or its deadline passes. The
+    plain methods make no request (``try_admit`` may answer ``None``: go the slow way).
+    """
+
+    fingerprint: str
+    lock: threading.Lock
+    released_at: float
+
+    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None: ...
+
+    def admit(
+        self,
+        cost: int,
+        ttl: float,
+        flight: Flight | None,
+        sync: bool,
+        until: float | None,
+        enclosing: tuple[Reservation, ...],
+        settle: bool,
+    ) -> Ops[Reservation | Step]: ...
+
+    def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]: ...
+
+    def read_after(
+        self, after: int, flight: Flight | None, sync: bool
+    ) -> Ops[CreditBalance | Step]: ...
+
+    def pending(self) -> Ops[int]: ...
+
+    def bumped(self, sync: bool) -> Ops[tuple[int, Step]]: ...
+
+    def begin(self, settlement: Reservation, sync: bool) -> Ops[Step]: ...
+
+    def defer(self, settlement: Reservation) -> Ops[None]: ...
+
+    def end(self, settlement: Reservation, failed: bool) -> Ops[None]: ...
+
+    def reported(
+        self,
+        reservation: Reservation,
+        charged: int | None,
+        total_after: int | None,
+        balance_after: CreditBalance | None,
+    ) -> Ops[CreditBalance | None]: ...
+
+    def drop(self, reservation: Reservation) -> Ops[None]: ...
+
+    def unchecked(self, cost: int) -> Ops[Reservation]: ...
+
+    def record(
+        self,
+        flight: Flight,
+        result: CreditBalance | None,
+        error: BaseException | None,
+    ) -> Ops[None]: ...
+
+    def watch(self, flight: Flight) -> Ops[None] | None:
+        """How to lead ``flight`` when the backend performs it itself (with Redis: another
+        process is reading, and this one watches for the result); ``None``: the leader
+        reads upstream."""
+        ...
+
+    def unreserve(self, reservation: Reservation) -> None: ...
+
+    def forget(self, waiter: Waiter) -> None: ...
+
+    def overdue(self, flight: Flight) -> None: ...
+
+    def block(self, seconds: float) -> None: ...
+
+    def blocked(self) -> float | None: ...
+
+    def invalidate(self) -> None: ...
+
+    def snapshot(self) -> tuple[CreditBalance | None, int, int]: ...
+
+    def fresh(self, ttl: float) -> bool: ...
+
+
+class StateBackend(Protocol):
+    """Where account state lives: :class:`MemoryBackend` keeps it in this process,
+    ``creditguard.redis.RedisBackend`` in Redis, shared by every process using it."""
+
+    def account(self, fingerprint: str) -> AccountState:
+        """The state of the account ``fingerprint``, created on first use."""
+        ...
