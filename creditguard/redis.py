@@ -94,12 +94,13 @@ class _RedisFlight(Flight):
     own that it stores if Redis lets it), or, when another process reads (``remote``),
     watches Redis until that read's balance is stored (:meth:`RedisAccount.watch`)."""
 
-    __slots__ = ("remote", "token")
+    __slots__ = ("finished", "remote", "token")
 
     def __init__(self, start_seq: int, sync: bool, token: str | None) -> None:
         super().__init__(start_seq, sync)
         self.token = token
         self.remote = False
+        self.finished = 0.0
 
 
 def _sleep(seconds: float) -> Call:
@@ -225,7 +226,7 @@ class RedisAccount:
 
     # -- reads -------------------------------------------------------------------------
 
-    def _need_read(self, after: int, sync: bool) -> Ops[Step]:
+    def _need_read(self, after: int, sync: bool, looked: float | None = None) -> Ops[Step]:
         """A read that starts at ``seq >= after``: join one this process's callers share,
         or lead one: read for every process if no other process is reading, else watch
         Redis for that read's balance. (A thread joins only reads led by threads, as in
@@ -234,9 +235,16 @@ class RedisAccount:
             for joined in reversed(self._flights):
                 if joined.start_seq >= after and (joined.sync or not sync):
                     return joined, False, None
+            # A read of this process that came back after the caller looked at Redis (at
+            # ``looked``) and starts late enough: the caller's look raced with storing it.
             last = self._last
-            if last is not None and last.start_seq >= after:
-                return last, False, None  # it just came back (finished: no wait)
+            if (
+                looked is not None
+                and last is not None
+                and last.start_seq >= after
+                and last.finished >= looked
+            ):
+                return last, False, None  # finished: no wait
             flight = _RedisFlight(after, sync, None)  # seq only grows: it starts >= after
             self._flights.append(flight)
         token = os.urandom(12).hex()
@@ -303,6 +311,7 @@ class RedisAccount:
         local = self._degraded()
         if local is not None:
             return (yield from local.read(ttl, flight, sync))
+        looked = _monotonic()
         try:
             snap = cast(Snapshot, (yield self._call("state")))
         except BalanceUnavailable as exc:
@@ -315,7 +324,7 @@ class RedisAccount:
             return balance
         if flight is not None and flight.result is not None and flight.start_seq >= snap.floor:
             return flight.result
-        return (yield from self._need_read(snap.floor, sync))
+        return (yield from self._need_read(snap.floor, sync, looked))
 
     def read_after(
         self, after: int, flight: Flight | None, sync: bool
@@ -328,6 +337,7 @@ class RedisAccount:
         local = self._degraded()
         if local is not None:
             return (yield from local.read_after(after, flight, sync))
+        looked = _monotonic()
         try:
             snap = cast(Snapshot, (yield self._call("state")))
         except BalanceUnavailable as exc:
@@ -337,7 +347,7 @@ class RedisAccount:
             return (yield from local.read_after(after, flight, sync))
         if snap.balance is not None and snap.cached_seq >= max(after, snap.floor):
             return decode_balance(snap.balance)
-        return (yield from self._need_read(after, sync))
+        return (yield from self._need_read(after, sync, looked))
 
     def pending(self) -> Ops[int]:
         local = self._degraded()
@@ -389,6 +399,7 @@ class RedisAccount:
                 if isinstance(flight, _RedisFlight) and (
                     self._last is None or flight.start_seq >= self._last.start_seq
                 ):
+                    flight.finished = _monotonic()
                     self._last = flight
             elif error is not None:
                 flight.error = error
@@ -431,6 +442,7 @@ class RedisAccount:
         if flight is not None and flight.result is not None and flight.start_seq >= 0:
             waited_for = flight.start_seq
         ttl_ms = int(ttl * 1000)
+        looked = _monotonic()
         try:
             answer = yield self._call("admit", rid, cost, ttl_ms, settle, may_wait, own, waited_for)
         except BalanceUnavailable as exc:
@@ -444,7 +456,7 @@ class RedisAccount:
             self._backend._hold(self._redis, rid)
             return reservation
         if isinstance(answer, ReadNeeded):
-            return (yield from self._need_read(answer.after, sync))
+            return (yield from self._need_read(answer.after, sync, looked))
         if isinstance(answer, Refused):
             balance = decode_balance(answer.balance)
             raise InsufficientCredits(cost, answer.available, balance, reserved=answer.reserved)
