@@ -10,11 +10,17 @@ import shutil
 import statistics
 import subprocess
 import sys
+import uuid
 from collections.abc import Callable, Sequence
 from importlib import metadata
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import _redis
 
 from creditguard import CreditGuard, MemoryBackend
+
+if TYPE_CHECKING:
+    from creditguard.redis import RedisBackend
 
 T = TypeVar("T")
 
@@ -28,16 +34,58 @@ UPSTREAM_LATENCY = 0.005
 
 
 # --------------------------------------------------------------------------------------
-# Guard flavours: every scenario benchmarks each entry as a variant of that name.
-# A Redis backend adds one line, e.g.
-#     GUARDS["creditguard_redis"] = lambda **kw: CreditGuard(backend=RedisBackend(url), **kw)
+# Guard flavours: each entry is benchmarked as a variant of that name. The in-memory ones
+# run in every scenario; those on Redis (REDIS_FLAVOURS) in the scenarios that declare
+# ``USES_REDIS = True``, for which run.py starts a redis-server (see flavours()).
 
 
 def memory_guard(**kwargs: Any) -> CreditGuard:
     return CreditGuard(backend=MemoryBackend(), **kwargs)
 
 
-GUARDS: dict[str, Callable[..., CreditGuard]] = {"creditguard": memory_guard}
+class RedisBenchGuard(CreditGuard):
+    """A guard on a RedisBackend of its own, which closing the guard closes too (a guard
+    leaves a backend it was given open: it may be shared)."""
+
+    __slots__ = ("_redis_backend",)
+
+    def __init__(self, backend: RedisBackend, **kwargs: Any) -> None:
+        super().__init__(backend=backend, **kwargs)
+        self._redis_backend = backend
+
+    def close(self) -> None:
+        super().close()
+        self._redis_backend.close()
+
+    async def aclose(self) -> None:
+        await super().aclose()
+        await self._redis_backend.aclose()
+
+
+def redis_guard(**kwargs: Any) -> CreditGuard:
+    """A guard on the run's redis-server, with a key prefix of its own: every guard built
+    starts on a fresh account state, as a memory guard does."""
+    from creditguard.redis import RedisBackend
+
+    if _redis.SERVER.url is None:
+        raise RuntimeError(f"no redis-server for this run: {_redis.SERVER.missing}")
+    backend = RedisBackend(_redis.SERVER.url, prefix=f"bench-{uuid.uuid4().hex[:12]}:")
+    return RedisBenchGuard(backend, **kwargs)
+
+
+GUARDS: dict[str, Callable[..., CreditGuard]] = {
+    "creditguard": memory_guard,
+    "creditguard_redis": redis_guard,
+}
+REDIS_FLAVOURS = frozenset({"creditguard_redis"})
+
+
+def flavours(*, redis: bool = False) -> list[str]:
+    """The guard flavours a scenario benchmarks: the in-memory ones, and with ``redis``
+    (a scenario with ``USES_REDIS = True``) those on Redis too, when the run has a
+    redis-server (when not, run.py reports them missing)."""
+    with_redis = redis and _redis.SERVER.url is not None
+    return [name for name in GUARDS if with_redis or name not in REDIS_FLAVOURS]
 
 
 # --------------------------------------------------------------------------------------
@@ -58,6 +106,9 @@ class Settings:
     memory_keys: int
     async_levels: tuple[int, ...] = (1, 10, 100, 1000)
     thread_levels: tuple[int, ...] = (1, 8, 32)
+    # reads_per_call levels of the Redis flavours (None: the levels above)
+    redis_async_levels: tuple[int, ...] | None = None
+    redis_thread_levels: tuple[int, ...] | None = None
     e2e_concurrency: int = 100  # the level the e2e target is checked at
     # Also async10: below the point where the client process is CPU-bound, so the
     # latency a guard adds to each call shows in the throughput.
@@ -73,6 +124,12 @@ class Settings:
     admission_costs: tuple[int, ...] = (1, 10)  # credits per call
     admission_ttl_short: float = 0.05  # s: far below a burst's duration
     admission_ttl_long: float = 60.0  # s: outlives a burst
+    # processes: worker processes (spawned), each with this many asyncio tasks, each task
+    # making this many calls per burst; the short burst's balance pays for 1/demand of it.
+    processes_workers: int = 4
+    processes_tasks: int = 25
+    processes_calls: int = 10
+    processes_demand: int = 2
 
 
 MODES: dict[str, Settings] = {
@@ -87,6 +144,7 @@ MODES: dict[str, Settings] = {
         e2e_sync_calls=1200,
         e2e_sequential_calls=300,
         memory_keys=10_000,
+        processes_calls=20,
     ),
     "quick": Settings(
         "quick",
@@ -99,6 +157,7 @@ MODES: dict[str, Settings] = {
         e2e_sync_calls=300,
         e2e_sequential_calls=60,
         memory_keys=10_000,
+        processes_calls=8,
     ),
     "smoke": Settings(
         "smoke",
@@ -115,6 +174,11 @@ MODES: dict[str, Settings] = {
         admission_async=20,
         admission_threads=4,
         admission_costs=(1,),
+        processes_workers=2,
+        processes_tasks=4,
+        processes_calls=2,
+        redis_async_levels=(1, 100),
+        redis_thread_levels=(8,),
     ),
 }
 
@@ -266,7 +330,15 @@ def machine_info() -> dict[str, Any]:
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "versions": {
             dist: _version(dist)
-            for dist in ("creditguard", "httpx", "anyio", "trio", "uvicorn", "cachetools")
+            for dist in (
+                "creditguard",
+                "httpx",
+                "anyio",
+                "trio",
+                "uvicorn",
+                "cachetools",
+                "redis",
+            )
         },
         "git_commit": _git_commit(),
         "uncommitted_library_changes": _library_changes(),
@@ -283,7 +355,21 @@ def _fmt(value: float) -> str:
 
 
 # Extra fields shown as columns of a scenario's table: (field, column title).
+_OVERHEAD_EXTRAS = (("reads_per_call", "reads/call"), ("round_trips_per_call", "Redis RT"))
 TABLE_EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
+    "overhead_sync": _OVERHEAD_EXTRAS,
+    "overhead_async": _OVERHEAD_EXTRAS,
+    "overhead_async_trio": _OVERHEAD_EXTRAS,
+    "reads_per_call": (("round_trips_per_call", "Redis RT"),),
+    "processes": (
+        ("vs_bare", "vs bare"),
+        ("overspent", "overspent"),
+        ("refused", "refused"),
+        ("reads_per_call", "reads/call"),
+        ("round_trips_per_call", "Redis RT"),
+        ("paid_reads_per_call", "paid reads"),
+        ("paid_round_trips_per_call", "paid RT"),
+    ),
     "admission_efficiency": (
         ("false_refusals", "false ref."),
         ("overspent", "overspent"),
@@ -292,6 +378,18 @@ TABLE_EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
         ("refused_p99_ms", "ref. p99 ms"),
     ),
 }
+
+
+# The variants a run without Redis leaves out (for the note below).
+REDIS_VARIANTS = (*sorted(REDIS_FLAVOURS), "processes/redis")
+
+
+def _missing_note(results: dict[str, Any]) -> str | None:
+    """Why the Redis variants are not in the tables, when they were wanted but missing."""
+    reason = results.get("run", {}).get("redis", {}).get("missing")
+    if not reason:
+        return None
+    return f"missing: the Redis variants ({', '.join(REDIS_VARIANTS)}) did not run: {reason}"
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -318,6 +416,9 @@ def format_table(results: dict[str, Any]) -> str:
                     f" {'' if e.get(name) is None else _fmt(e[name]):>11}" for name, _ in extras
                 )
             lines.append(line)
+    missing = _missing_note(results)
+    if missing:
+        lines += ["", missing]
     if results.get("targets"):
         lines += ["", "targets (not asserted; medians from this run)"]
         for key, t in results["targets"].items():
@@ -350,6 +451,9 @@ def format_markdown(results: dict[str, Any]) -> str:
                 value = e.get(name)
                 row += f" {'' if value is None else _fmt(value)} |"
             lines.append(row)
+    missing = _missing_note(results)
+    if missing:
+        lines += ["", missing]
     if results.get("targets"):
         lines += ["", "**targets**", "", "| target | value | goal | status |", "|---|--:|---|---|"]
         for key, t in results["targets"].items():

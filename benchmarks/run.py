@@ -12,8 +12,12 @@ with the min and max over rounds. Variants:
   action, invalidated after it (no single flight, no reservations);
 * ``creditguard``: ``@guard.requires_credits(1)`` with the in-memory state backend.
 
-Every guard flavour in :data:`_harness.GUARDS` is benchmarked in every scenario, so a
-``creditguard_redis`` variant is one more entry there.
+Every guard flavour in :data:`_harness.GUARDS` is benchmarked as a variant of that name:
+the in-memory ones in every scenario, ``creditguard_redis`` (a ``RedisBackend``) in the
+scenarios whose module sets ``USES_REDIS = True`` (the overhead scenarios,
+``reads_per_call``, ``processes``). For those this file starts a throwaway redis-server on a
+free loopback port for the run and stops it at the end; without one (``redis-server`` not
+found, redis-py not installed) the Redis variants are left out and reported missing.
 
 Layout: ``_harness.py`` (settings, recorder, targets helpers, machine description,
 tables), ``_variants.py`` (upstreams, readers, hand-written guards, variant builders,
@@ -52,12 +56,14 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
-from _harness import (  # noqa: E402 - the modules next to this file
-    GUARDS,
+import _redis  # noqa: E402 - the modules next to this file
+from _harness import (  # noqa: E402
     MODES,
+    REDIS_VARIANTS,
     Recorder,
     Settings,
     Targets,
+    flavours,
     format_markdown,
     format_table,
     log,
@@ -73,6 +79,7 @@ ORDER = (
     "scenario_memory_10k_keys",
     "scenario_admission_efficiency",
     "scenario_adapters",
+    "scenario_processes",
 )
 
 Runner = Callable[[Settings, Recorder], None]
@@ -85,16 +92,30 @@ def scenario_modules() -> list[ModuleType]:
     return [importlib.import_module(name) for name in names]
 
 
+def scenario_names(module: ModuleType) -> tuple[str, ...]:
+    names = module.SCENARIO
+    return (names,) if isinstance(names, str) else tuple(names)
+
+
+def uses_redis(modules: Sequence[ModuleType]) -> set[str]:
+    """The scenarios that benchmark Redis variants (their module sets ``USES_REDIS``)."""
+    return {
+        name
+        for module in modules
+        if getattr(module, "USES_REDIS", False)
+        for name in scenario_names(module)
+    }
+
+
 def discover() -> tuple[dict[str, Runner], list[ModuleType]]:
     """Every scenario name with its runner, in run order, and the modules."""
     modules = scenario_modules()
     runners: dict[str, Runner] = {}
     for module in modules:
-        names = module.SCENARIO
-        for name in (names,) if isinstance(names, str) else names:
+        for name in scenario_names(module):
             if name in runners:
                 raise RuntimeError(f"scenario {name!r} is defined twice ({module.__name__})")
-            if isinstance(names, str):
+            if isinstance(module.SCENARIO, str):
                 runners[name] = module.run
             else:
                 runners[name] = functools.partial(module.run, scenario=name)
@@ -126,11 +147,20 @@ def run(
     machine = machine_info()
     started = time.perf_counter()
     durations: dict[str, float] = {}
-    for scenario in scenarios:
-        log(f"running {scenario} ({settings.mode}, {settings.rounds} rounds)...")
-        t0 = time.perf_counter()
-        runners[scenario](settings, rec)
-        durations[scenario] = round(time.perf_counter() - t0, 2)
+    redis_scenarios = uses_redis(modules) & set(scenarios)
+    with _redis.server_for_run(bool(redis_scenarios)) as server:
+        if server.missing:
+            log(f"warning: the Redis variants ({', '.join(REDIS_VARIANTS)}) will not run:")
+            log(f"  {server.missing}")
+        elif server.url:
+            log(f"redis-server {server.version} for this run at {server.url}")
+        redis_info = server.info() if redis_scenarios else None
+        measured = flavours(redis=bool(redis_scenarios))
+        for scenario in scenarios:
+            log(f"running {scenario} ({settings.mode}, {settings.rounds} rounds)...")
+            t0 = time.perf_counter()
+            runners[scenario](settings, rec)
+            durations[scenario] = round(time.perf_counter() - t0, 2)
     machine["loadavg_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return {
         "scenarios": rec.to_json(),
@@ -140,7 +170,8 @@ def run(
             "mode": settings.mode,
             "rounds": settings.rounds,
             "settings": dataclasses.asdict(settings),
-            "guards": list(GUARDS),
+            "guards": measured,
+            "redis": redis_info,
             "scenario_seconds": durations,
             "total_seconds": round(time.perf_counter() - started, 2),
             "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

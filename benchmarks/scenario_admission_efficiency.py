@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 
 import anyio
 import httpx
-from _harness import CHARGE_PATH, GUARDS, Recorder, Settings, Targets, rotated
+from _harness import CHARGE_PATH, Recorder, Settings, Targets, flavours, rotated
 from _variants import (
     AsyncCall,
     Sandbox,
@@ -52,7 +52,7 @@ from creditguard import InsufficientCredits
 
 SCENARIO = "admission_efficiency"
 STATS_PATH = "/sandbox/stats"  # the sandbox's counters: no balance read, no charge
-NAMES = ("cachetools", *GUARDS)
+NAMES = ("cachetools", *flavours())  # the in-memory flavours: no Redis here
 
 
 class ChargeRefused(Exception):
@@ -266,7 +266,7 @@ def targets(rec: Recorder, settings: Settings) -> Targets:
     """Per guard flavour, over every case and round: all the credits spent but less than
     one call's cost, no false refusal, no overspend."""
     out: Targets = {}
-    for g in GUARDS:
+    for g in flavours():
         variants = [v for v in rec.variants(SCENARIO) if v.startswith(f"{g}@")]
         if not variants:
             continue

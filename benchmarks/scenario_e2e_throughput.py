@@ -12,11 +12,11 @@ from collections.abc import Sequence
 import anyio
 import httpx
 from _harness import (
-    GUARDS,
     Recorder,
     Settings,
     Targets,
     add_target,
+    flavours,
     median_ratio,
     rotated,
 )
@@ -225,12 +225,12 @@ def _e2e_sequential(settings: Settings, rec: Recorder, sandbox: Sandbox, r: int)
         "one_read",
         "naive",
         "cachetools",
-        *GUARDS,
+        *flavours(),
         "http_read",
         # The action answering like Lensmor's event unlock (creditsUsed, balanceAfter):
         # the guard settles from that report, with no balance read after the first.
         "bare_report",
-        *(f"{g}_report" for g in GUARDS),
+        *(f"{g}_report" for g in flavours()),
     ]
     calls = settings.e2e_sequential_calls
     for kind in ("async", "threads"):
@@ -252,7 +252,7 @@ def _e2e_sequential(settings: Settings, rec: Recorder, sandbox: Sandbox, r: int)
 
 
 def run(settings: Settings, rec: Recorder) -> None:
-    names = ["bare", "naive", "cachetools", *GUARDS]
+    names = ["bare", "naive", "cachetools", *flavours()]
     threads = settings.e2e_threads
     with sandbox_process(settings.latency) as sandbox:
         for r in range(settings.rounds):
@@ -295,7 +295,7 @@ def _median_extra_reads(rec: Recorder, guarded: str, bare: str, one_read: str) -
 def targets(rec: Recorder, settings: Settings) -> Targets:
     out: Targets = {}
     target = functools.partial(add_target, out)
-    for g in GUARDS:
+    for g in flavours():
         for kind in ("async", "threads"):
             target(
                 f"{g}.e2e_sequential_{kind}_extra_reads",

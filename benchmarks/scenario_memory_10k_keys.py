@@ -8,7 +8,7 @@ from typing import Any
 
 import cachetools
 import httpx
-from _harness import API_KEY, BALANCE_PATH, BASE_URL, GUARDS, Recorder, Settings
+from _harness import API_KEY, BALANCE_PATH, BASE_URL, GUARDS, Recorder, Settings, flavours
 from _variants import BalanceReader, StaticUpstream, auth_headers
 
 SCENARIO = "memory_10k_keys"
@@ -19,7 +19,8 @@ def run(settings: Settings, rec: Recorder) -> None:
     n = settings.memory_keys
     keys = [f"bench-key-{i:06d}" for i in range(n)]
     for _ in range(settings.rounds):
-        for name, factory in GUARDS.items():
+        for name in flavours():
+            factory = GUARDS[name]
             guard = factory(
                 api_key=API_KEY, base_url=BASE_URL, transport=upstream.transport, ttl=3600
             )

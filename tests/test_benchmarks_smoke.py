@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +28,7 @@ SCENARIOS = {
     "e2e_throughput",
     "memory_10k_keys",
     "admission_efficiency",
+    "processes",
 }
 GUARDED = ("naive", "cachetools", "creditguard")
 ADMISSION_FIELDS = (
@@ -87,15 +89,25 @@ def test_json_shape(smoke: tuple[dict[str, Any], str]) -> None:
 
 def test_variants_named_as_documented(smoke: tuple[dict[str, Any], str]) -> None:
     scenarios = smoke[0]["scenarios"]
-    for name in ("overhead_sync", "overhead_async"):
+    for name in ("overhead_sync", "overhead_async", "overhead_async_trio"):
         expected = {"bare", "naive", "cachetools", "creditguard", "http_read"}
-        assert expected | {"creditguard_logic"} <= set(scenarios[name])
+        expected |= {"creditguard_redis", "creditguard_redis_read", "redis_ping", "redis_evalsha"}
+        assert expected | {"creditguard_logic", "creditguard_redis_logic"} <= set(scenarios[name])
     reads = scenarios["reads_per_call"]
     for variant in GUARDED:
         for level in ("async1", "async10", "async100", "async1000"):
             assert f"{variant}@{level}" in reads
         for level in ("threads1", "threads8", "threads32"):
             assert f"{variant}@{level}" in reads
+    # CI installs redis-server (.ci/run), so the run has one: the Redis flavour runs too
+    # (in a smoke run at fewer levels, to keep it short).
+    settings = smoke[0]["run"]["settings"]
+    redis_levels = [f"async{n}" for n in settings["redis_async_levels"]]
+    redis_levels += [f"threads{n}" for n in settings["redis_thread_levels"]]
+    assert redis_levels
+    assert {v for v in reads if v.startswith("creditguard_redis@")} == {
+        f"creditguard_redis@{level}" for level in redis_levels
+    }
     e2e = scenarios["e2e_throughput"]
     for variant in ("bare", "naive", "creditguard"):
         assert f"{variant}@async100" in e2e
@@ -113,6 +125,9 @@ def test_variants_named_as_documented(smoke: tuple[dict[str, Any], str]) -> None
         assert f"{variant}@async1" in e2e
         assert f"{variant}@threads1" in e2e
     assert "creditguard" in scenarios["memory_10k_keys"]
+    # Redis runs where it is meant to (the overhead scenarios, reads_per_call, processes).
+    for name in ("e2e_throughput", "memory_10k_keys", "admission_efficiency"):
+        assert not any("redis" in variant for variant in scenarios[name]), name
 
 
 def test_units(smoke: tuple[dict[str, Any], str]) -> None:
@@ -141,11 +156,88 @@ def test_the_harness_counts_reads(smoke: tuple[dict[str, Any], str]) -> None:
         assert e2e[f"creditguard_report@{kind}"]["reads_per_call"] < 0.5
 
 
+def test_redis_counts(smoke: tuple[dict[str, Any], str]) -> None:
+    """The run had its own redis-server, and the Redis variants count their round trips
+    and the commands Redis executed (no figure is judged here)."""
+    data = smoke[0]
+    assert data["run"]["redis"]["server"]
+    assert "creditguard_redis" in data["run"]["guards"]
+    scenarios = data["scenarios"]
+    for name in ("overhead_sync", "overhead_async"):
+        entries = scenarios[name]
+        for variant in ("creditguard_redis", "creditguard_redis_read", "redis_evalsha"):
+            assert entries[variant]["round_trips_per_call"] >= 1, (name, variant)
+            assert entries[variant]["redis_cmds_per_call"] >= 1, (name, variant)
+        assert entries["redis_ping"]["round_trips_per_call"] == 1.0
+        assert "round_trips_per_call" not in entries["creditguard"]
+    for variant, entry in scenarios["reads_per_call"].items():
+        assert ("round_trips_per_call" in entry) == variant.startswith("creditguard_redis@")
+
+
+def test_processes_shape(smoke: tuple[dict[str, Any], str]) -> None:
+    """bare, memory and redis side by side; the counts add up (no figure is judged)."""
+    data = smoke[0]
+    entries = data["scenarios"]["processes"]
+    settings = data["run"]["settings"]
+    assert list(entries) == ["bare", "memory", "redis"]
+    calls = settings["processes_workers"] * settings["processes_tasks"]
+    calls *= settings["processes_calls"]
+    for variant, entry in entries.items():
+        assert entry["unit"] == "calls/s", variant
+        assert entry["min"] > 0, variant
+        assert entry["calls"] == calls, variant
+        assert entry["balance"] == calls // settings["processes_demand"], variant
+        assert 0 <= entry["spent"] <= 1, variant
+        assert entry["overspent"] == entry["overspent_calls"], variant
+        assert entry["overspent"] + entry["refused"] <= calls, variant
+        for name in ("reads_per_call", "paid_reads_per_call", "short_seconds"):
+            assert math.isfinite(entry[name]), (variant, name)
+            assert entry[name] >= 0, (variant, name)
+        assert entry["paid_refused"] == 0, variant
+    # Unguarded, every call is made: the calls beyond the balance are all overspent.
+    assert entries["bare"]["overspent"] == calls - entries["bare"]["balance"]
+    assert entries["bare"]["refused"] == 0
+    for variant in ("memory", "redis"):
+        assert entries[variant]["vs_bare"] > 0
+    redis = entries["redis"]
+    for name in ("round_trips_per_call", "paid_round_trips_per_call"):
+        assert redis[name] >= 1, name
+    for name in ("redis_cmds_per_call", "paid_redis_cmds_per_call"):
+        assert redis[name] >= redis[name.replace("redis_cmds", "round_trips")], name
+
+
+def test_without_redis_server(tmp_path: Path) -> None:
+    """No redis-server: the Redis variants are reported missing, the others still run."""
+    out = tmp_path / "results.json"
+    env = {**os.environ, "REDIS_SERVER": str(tmp_path / "no-redis-server")}
+    args = ["--smoke", "--only", "overhead_sync", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=env,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert "no-redis-server" in data["run"]["redis"]["missing"]
+    assert data["run"]["guards"] == ["creditguard"]
+    entries = data["scenarios"]["overhead_sync"]
+    assert "creditguard" in entries
+    assert not any("redis" in variant for variant in entries)
+    assert "missing: the Redis variants" in proc.stdout
+    assert "Redis variants" in proc.stderr
+
+
 def test_table_printed(smoke: tuple[dict[str, Any], str]) -> None:
     _, stdout = smoke
     for scenario in SCENARIOS:
         assert scenario in stdout
     assert "creditguard@async1000" in stdout
+    assert "creditguard_redis@async100" in stdout
+    assert "missing:" not in stdout
     assert "creditguard@threads4_c1_ttl_short_demand1x" in stdout
 
 
@@ -214,6 +306,17 @@ def test_targets_reported(smoke: tuple[dict[str, Any], str]) -> None:
         entry = targets[f"creditguard.{key}"]
         assert math.isfinite(entry["value"])
         assert isinstance(entry["met"], bool)
+    for key in (
+        "creditguard_redis.round_trips_sync",
+        "creditguard_redis.round_trips_async",
+        "creditguard_redis.logic_sync_beyond_rt_us",
+        "creditguard_redis.logic_async_beyond_rt_us",
+        "processes.redis_overspent",
+        "processes.redis_reads_per_call",
+        "processes.redis_paid_round_trips",
+    ):
+        assert math.isfinite(targets[key]["value"]), key
+        assert isinstance(targets[key]["met"], bool), key
     admission = targets["creditguard.admission_efficiency"]
     assert 0 <= admission["value"] <= 1
     assert isinstance(admission["met"], bool)
