@@ -58,7 +58,8 @@ __all__ = [
     "Waiter",
 ]
 
-# Finished spends that may wait for a read at once (see Account.defer_settle).
+# Finished spends that may wait for a read at once (see Account.defer_settle; with Redis,
+# per process between two of its reads).
 MAX_SETTLING = 1024
 
 # Balance reads one account may have in progress at once. Two let a caller that needs a

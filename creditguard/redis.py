@@ -52,7 +52,7 @@ from ._redis_state import (
     decode_balance,
     encode_balance,
 )
-from ._state import Account, _after_report
+from ._state import MAX_SETTLING, Account, _after_report
 from ._steps import Call, Flight, Ops, Reservation, Step, Waiter, own_error
 
 if TYPE_CHECKING:
@@ -139,6 +139,7 @@ class RedisAccount:
         # milliseconds, and at once when a spend of this process settles).
         self.waiters: list[Waiter] = []
         self._blocked_until = 0.0
+        self._deferred = 0  # spends finished here since this process's last read
         self._local: Account | None = None  # fallback="memory", while Redis is down
         self._down_until = 0.0
         self._astates: weakref.WeakKeyDictionary[Any, RedisAccountState] = (
@@ -382,6 +383,8 @@ class RedisAccount:
             except BalanceUnavailable as exc:
                 logger.warning("could not store a balance read in Redis: %s", exc)
         self._finish(flight, result, error)
+        if result is not None:
+            self._deferred = 0
         if result is not None and self.waiters:
             self._wake_waiters()  # a new balance: their cost may fit now
         if result is None and token is not None:
@@ -527,6 +530,17 @@ class RedisAccount:
         if local is not None:
             return (yield from local.defer(settlement))
         yield from self._settle_call(settlement, "finish")
+        # Finished spends wait in Redis for a read, and the scripts that settle them look
+        # at each: past MAX_SETTLING of this process's since its last read, distrust the
+        # cached balance, so that the next call (in any process) reads and settles them.
+        with self.lock:
+            self._deferred += 1
+            full = self._deferred >= MAX_SETTLING
+            if full:
+                self._deferred = 0
+        if full:
+            with contextlib.suppress(BalanceUnavailable):
+                yield self._call("invalidate")
 
     def begin(self, settlement: Reservation, sync: bool) -> Ops[Step]:
         local = self._local_for(settlement)

@@ -94,3 +94,33 @@ def test_sync_asyncio_and_trio_callers_share_one_account(redis_url: str) -> None
     assert guard._account.snapshot()[1:] == (0, 0)
     assert fake.balance_requests == 2  # the first read, and the one that settled the three
     backend.close()
+
+
+def test_finished_spends_waiting_in_redis_are_bounded(redis_url: str) -> None:
+    """Spends that returned wait in Redis for a read; past MAX_SETTLING of one process
+    since its last read, the cached balance is distrusted, so the next call reads and that
+    read settles them all (the scripts that settle them stay small)."""
+    from creditguard._state import MAX_SETTLING
+
+    fake = FakeLensmor()
+    backend = RedisBackend(redis_url, prefix="bounded-test:")
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, ttl=60)
+
+    @guard.requires_credits(1)
+    def call() -> None:
+        fake.charge(1)
+
+    for _ in range(MAX_SETTLING - 1):
+        call()
+    cached, reserved, _ = guard._account.snapshot()
+    assert cached is not None
+    assert reserved == MAX_SETTLING - 1
+    call()  # the MAX_SETTLING-th: the cached balance is distrusted
+    assert guard._account.snapshot()[0] is None
+    assert fake.balance_requests == 1
+    call()  # reads, and the read settles every spend before it
+    assert fake.balance_requests == 2
+    assert guard._account.snapshot()[1] == 1  # only this call waits for a read now
+    assert guard.balance().total_balance == fake.balance.total_balance
+    assert guard._account.snapshot()[1] == 0
+    backend.close()
