@@ -140,6 +140,7 @@ class RedisAccount:
         self.waiters: list[Waiter] = []
         self._blocked_until = 0.0
         self._deferred = 0  # spends finished here since this process's last read
+        self._stale: list[str] = []  # read locks of abandoned reads, to give up
         self._local: Account | None = None  # fallback="memory", while Redis is down
         self._down_until = 0.0
         self._astates: weakref.WeakKeyDictionary[Any, RedisAccountState] = (
@@ -248,6 +249,9 @@ class RedisAccount:
                 return last, False, None  # finished: no wait
             flight = _RedisFlight(after, sync, None)  # seq only grows: it starts >= after
             self._flights.append(flight)
+            stale = bool(self._stale)
+        if stale:
+            yield from self._give_up_stale()
         token = os.urandom(12).hex()
         try:
             begun = cast(ReadBegun, (yield self._call("read_begin", token, _FLIGHT_MS)))
@@ -382,14 +386,33 @@ class RedisAccount:
                 yield self._call("read_done", token, flight.start_seq, text, total)
             except BalanceUnavailable as exc:
                 logger.warning("could not store a balance read in Redis: %s", exc)
+        if result is None and token is not None:
+            # Give up the lock in Redis. An abandoned read (cancelled) records without
+            # I/O: the next read of this process gives it up first.
+            with self.lock:
+                self._stale.append(token)
         self._finish(flight, result, error)
         if result is not None:
             self._deferred = 0
         if result is not None and self.waiters:
             self._wake_waiters()  # a new balance: their cost may fit now
         if result is None and token is not None:
-            with contextlib.suppress(BalanceUnavailable):  # its lock expires on its own
+            yield from self._give_up_stale()
+
+    def _give_up_stale(self) -> Ops[None]:
+        """Release the Redis read locks of this process's failed or abandoned reads."""
+        while True:
+            with self.lock:
+                if not self._stale:
+                    return
+                token = self._stale[-1]
+            # Taken off the list only once given up (the call may not be made: a read
+            # abandoned on cancellation records without I/O).
+            with contextlib.suppress(BalanceUnavailable):  # it expires on its own
                 yield self._call("read_failed", token)
+            with self.lock:
+                if token in self._stale:
+                    self._stale.remove(token)
 
     def _finish(
         self, flight: Flight, result: CreditBalance | None, error: BaseException | None

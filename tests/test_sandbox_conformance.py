@@ -781,7 +781,10 @@ def test_reference_lists_the_paid_endpoints() -> None:
     rows = re.findall(r"^\| `(GET|POST) (/[\w/{}-]+)[?`]", section, flags=re.MULTILINE)
     assert {path for _, path in rows} == {
         "/external/events/{id}/unlock",
+        "/external/events/{id}/visitors/unlock",
+        "/external/events/{id}/full-access/unlock",
         "/external/contacts/unlock",
+        "/external/contacts/unlock-phone",
         "/external/contacts/unlock-tasks/{taskId}",
         "/external/exhibitors/search-events",
         "/external/exhibitors/search-by-company-name",
