@@ -141,6 +141,9 @@ class RedisAccount:
         self._blocked_until = 0.0
         self._deferred = 0  # spends finished here since this process's last read
         self._stale: list[str] = []  # read locks of abandoned reads, to give up
+        # This process spent outside Redis (unchecked, or on the fallback) since Redis
+        # was last reachable: distrust its cached balance when it is back.
+        self._outside = False
         self._local: Account | None = None  # fallback="memory", while Redis is down
         self._down_until = 0.0
         self._astates: weakref.WeakKeyDictionary[Any, RedisAccountState] = (
@@ -209,16 +212,24 @@ class RedisAccount:
         """Redis failed: the local account to use instead (``fallback="memory"``), if any."""
         if self._backend.fallback != "memory":
             return None
-        self._local_account()
         if _monotonic() >= self._down_until:
             logger.warning(
-                "Redis is unavailable (%s): account %s runs on this process's memory"
-                " until it is back (fallback='memory'; other processes are not coordinated)",
+                "%s: account %s runs on this process's memory until it is back"
+                " (fallback='memory'; other processes are not coordinated)",
                 exc,
                 self.fingerprint,
             )
         self._down_until = _monotonic() + _RETRY_AFTER
+        self._outside = True
         return self._local_account()
+
+    def _rejoin(self) -> Ops[None]:
+        """Back on Redis after spending outside it (fail-open or fallback calls while it
+        was unreachable): its cached balance cannot include those spends, so it is
+        distrusted first. Raises :class:`BalanceUnavailable` if Redis is still down."""
+        if self._outside:
+            yield self._call("invalidate")
+            self._outside = False
 
     def _degraded(self) -> Account | None:
         """The local account while Redis was seen down a moment ago (fallback only)."""
@@ -318,6 +329,7 @@ class RedisAccount:
             return (yield from local.read(ttl, flight, sync))
         looked = _monotonic()
         try:
+            yield from self._rejoin()
             snap = cast(Snapshot, (yield self._call("state")))
         except BalanceUnavailable as exc:
             local = self._fallback(exc)
@@ -344,6 +356,7 @@ class RedisAccount:
             return (yield from local.read_after(after, flight, sync))
         looked = _monotonic()
         try:
+            yield from self._rejoin()
             snap = cast(Snapshot, (yield self._call("state")))
         except BalanceUnavailable as exc:
             local = self._fallback(exc)
@@ -359,6 +372,7 @@ class RedisAccount:
         if local is not None:
             return (yield from local.pending())
         try:
+            yield from self._rejoin()
             snap = cast(Snapshot, (yield self._call("state")))
         except BalanceUnavailable as exc:
             local = self._fallback(exc)
@@ -470,6 +484,7 @@ class RedisAccount:
         ttl_ms = int(ttl * 1000)
         looked = _monotonic()
         try:
+            yield from self._rejoin()
             answer = yield self._call("admit", rid, cost, ttl_ms, settle, may_wait, own, waited_for)
         except BalanceUnavailable as exc:
             local = self._fallback(exc)
@@ -503,6 +518,7 @@ class RedisAccount:
         except BalanceUnavailable as exc:
             # Failing open with Redis down: counted in this process only.
             local = self._fallback(exc) or self._local_account()
+            self._outside = True
             return (yield from local.unchecked(cost))
         self._backend._hold(self._redis, rid)
         return _RedisReservation(cost, None, -1, rid)
@@ -710,6 +726,12 @@ class RedisBackend:
                 raise ValueError("RedisBackend needs a url, a client, or CREDITGUARD_REDIS_URL")
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(
+                f"prefix must not contain '{{' or '}}' (got {prefix!r}): every key of an"
+                " account carries its fingerprint as the hash tag, so that Redis Cluster"
+                " keeps them in one slot"
+            )
         if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0.1:
             raise ValueError(f"lease must be a number of seconds above 0.1, got {lease!r}")
         if fallback not in (None, "memory"):
@@ -719,6 +741,7 @@ class RedisBackend:
         self.fallback = fallback
         self._lease_ms = int(lease * 1000)
         self._url = url
+        self._own_client = client is None
         self._client = (
             client
             if client is not None
@@ -808,7 +831,12 @@ class RedisBackend:
         renewer = self._renewer
         if renewer is not None:
             renewer.join(5)
+        self._close_sync()
+
+    def _close_sync(self) -> None:
         self._client.close()
+        if self._own_client:  # a pool it made: its connections too
+            self._client.connection_pool.disconnect()
 
     async def aclose(self) -> None:
         """:meth:`close`, and close the running loop's asyncio client."""
@@ -820,5 +848,5 @@ class RedisBackend:
             loop = asyncio.get_running_loop()
             client = self._loop_clients.pop(loop, None)
             if client is not None:
-                await client.aclose()
-        self._client.close()
+                await client.aclose(close_connection_pool=True)
+        self._close_sync()
