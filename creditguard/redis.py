@@ -144,6 +144,7 @@ class RedisAccount:
         # This process spent outside Redis (unchecked, or on the fallback) since Redis
         # was last reachable: distrust its cached balance when it is back.
         self._outside = False
+        self._decoded: tuple[str, CreditBalance] | None = None
         self._local: Account | None = None  # fallback="memory", while Redis is down
         self._down_until = 0.0
         self._astates: weakref.WeakKeyDictionary[Any, RedisAccountState] = (
@@ -152,6 +153,16 @@ class RedisAccount:
 
     def __repr__(self) -> str:
         return f"<RedisAccount {self.fingerprint}>"
+
+    def _decode(self, text: str) -> CreditBalance:
+        """The balance stored as ``text``; the last one decoded is kept (a balance is
+        immutable, and most admissions in a TTL see the same one)."""
+        last = self._decoded
+        if last is not None and last[0] == text:
+            return last[1]
+        balance = decode_balance(text)
+        self._decoded = (text, balance)
+        return balance
 
     @property
     def flights(self) -> list[_RedisFlight]:
@@ -304,7 +315,7 @@ class RedisAccount:
                 if snap.balance is not None and snap.cached_seq >= max(
                     flight.start_seq, snap.floor
                 ):
-                    self._finish(flight, decode_balance(snap.balance), None)
+                    self._finish(flight, self._decode(snap.balance), None)
                     return
                 if not snap.flight or _monotonic() >= give_up:
                     self._finish(flight, None, None)
@@ -319,7 +330,7 @@ class RedisAccount:
             return None
         if snap.age_ms >= ttl * 1000:
             return None
-        return decode_balance(snap.balance)
+        return self._decode(snap.balance)
 
     def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
         if flight is not None and flight.error is not None:
@@ -364,7 +375,7 @@ class RedisAccount:
                 raise
             return (yield from local.read_after(after, flight, sync))
         if snap.balance is not None and snap.cached_seq >= max(after, snap.floor):
-            return decode_balance(snap.balance)
+            return self._decode(snap.balance)
         return (yield from self._need_read(after, sync, looked))
 
     def pending(self) -> Ops[int]:
@@ -493,13 +504,13 @@ class RedisAccount:
             mine = tuple(r for r in enclosing if not isinstance(r, _RedisReservation))
             return (yield from local.admit(cost, ttl, flight, sync, until, mine, settle))
         if isinstance(answer, Admitted):
-            reservation = _RedisReservation(cost, decode_balance(answer.balance), answer.gen, rid)
+            reservation = _RedisReservation(cost, self._decode(answer.balance), answer.gen, rid)
             self._backend._hold(self._redis, rid)
             return reservation
         if isinstance(answer, ReadNeeded):
             return (yield from self._need_read(answer.after, sync, looked))
         if isinstance(answer, Refused):
-            balance = decode_balance(answer.balance)
+            balance = self._decode(answer.balance)
             raise InsufficientCredits(cost, answer.available, balance, reserved=answer.reserved)
         # Wait: calls in flight, maybe in other processes, may settle. Look again soon.
         assert until is not None
@@ -682,7 +693,7 @@ class RedisAccount:
             snap = self._redis.state()
         except self._backend._errors as exc:
             raise _unavailable(exc) from exc
-        balance = None if snap.balance is None else decode_balance(snap.balance)
+        balance = None if snap.balance is None else self._decode(snap.balance)
         return balance, snap.reserved, snap.inflight
 
     def fresh(self, ttl: float) -> bool:

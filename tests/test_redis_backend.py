@@ -6,6 +6,7 @@ are in ``test_redis_processes.py``."""
 from __future__ import annotations
 
 import threading
+import uuid
 
 import anyio
 import pytest
@@ -15,11 +16,17 @@ from creditguard.redis import RedisBackend
 from creditguard.testing import FakeLensmor
 
 
+def fresh_prefix(name: str) -> str:
+    """A key prefix no other test (or repetition of this one) uses: the session's Redis
+    keeps its data between tests."""
+    return f"{name}-{uuid.uuid4().hex[:12]}:"
+
+
 def test_the_url_comes_from_the_environment(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("CREDITGUARD_REDIS_URL", redis_url)
-    backend = RedisBackend(prefix="env-test:")
+    backend = RedisBackend(prefix=fresh_prefix("env-test"))
     fake = FakeLensmor()
     guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
     assert guard.balance().total_balance == fake.balance.total_balance
@@ -57,7 +64,7 @@ def test_repr_shows_no_url(redis_url: str) -> None:
 def test_the_lease_renewer_runs_only_while_calls_are_in_flight_and_stops_at_close(
     redis_url: str,
 ) -> None:
-    backend = RedisBackend(redis_url, prefix="renewer-test:", lease=0.3)
+    backend = RedisBackend(redis_url, prefix=fresh_prefix("renewer-test"), lease=0.3)
     fake = FakeLensmor()
     guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
     before = {t.name for t in threading.enumerate()}
@@ -71,7 +78,7 @@ def test_the_lease_renewer_runs_only_while_calls_are_in_flight_and_stops_at_clos
 
 def test_sync_asyncio_and_trio_callers_share_one_account(redis_url: str) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    backend = RedisBackend(redis_url, prefix="kinds-test:")
+    backend = RedisBackend(redis_url, prefix=fresh_prefix("kinds-test"))
     guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, ttl=60)
 
     @guard.requires_credits(30)
@@ -103,7 +110,7 @@ def test_finished_spends_waiting_in_redis_are_bounded(redis_url: str) -> None:
     from creditguard._state import MAX_SETTLING
 
     fake = FakeLensmor()
-    backend = RedisBackend(redis_url, prefix="bounded-test:")
+    backend = RedisBackend(redis_url, prefix=fresh_prefix("bounded-test"))
     guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, ttl=60)
 
     @guard.requires_credits(1)
