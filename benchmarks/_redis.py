@@ -19,15 +19,12 @@ import contextlib
 import dataclasses
 import os
 import shutil
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from typing import Any
 
-START_TIMEOUT = 10.0  # seconds for the server to answer PING
-STOP_TIMEOUT = 10.0  # seconds for it to exit after SIGTERM (then SIGKILL)
+from creditguard.redis import _POOL
+from creditguard.testing._redis_server import RedisServer as _Process
+from creditguard.testing._redis_server import RedisServerError
 
 
 @dataclasses.dataclass
@@ -46,53 +43,6 @@ class RedisServer:
 
 
 SERVER = RedisServer()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _pings(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def _terminate(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(STOP_TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def _spawn(binary: str, port: int, directory: str) -> subprocess.Popen[bytes]:
-    log = os.path.join(directory, f"redis-{port}.log")
-    args = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    args += ["--appendonly", "no", "--daemonize", "no", "--dir", directory, "--logfile", log]
-    try:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: S603
-    except OSError as exc:
-        raise RuntimeError(f"could not run {binary}: {exc}") from exc
-    deadline = time.monotonic() + START_TIMEOUT
-    while not _pings(port):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            _terminate(proc)
-            raise RuntimeError(f"redis-server did not start on port {port}: {_tail(log)}")
-        time.sleep(0.02)
-    return proc
-
-
-def _tail(path: str) -> str:
-    with contextlib.suppress(OSError), open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()[-500:].strip() or "(empty log)"
-    return "(no log)"
 
 
 def _version(url: str) -> str | None:
@@ -128,27 +78,20 @@ def server_for_run(needed: bool) -> Iterator[RedisServer]:
     if SERVER.missing is not None:
         yield SERVER
         return
-    assert binary is not None
-    with tempfile.TemporaryDirectory(prefix="creditguard-bench-redis-") as directory:
-        proc, error = None, None
-        for _ in range(5):  # a free port can be taken between the probe and the bind
-            port = _free_port()
-            try:
-                proc = _spawn(binary, port, directory)
-                break
-            except RuntimeError as exc:
-                error = exc
-        if proc is None:
-            SERVER.missing = str(error)
-            yield SERVER
-            return
-        try:
-            SERVER.url = f"redis://127.0.0.1:{port}/0"
-            SERVER.version = _version(SERVER.url)
-            yield SERVER
-        finally:
-            SERVER.url = None
-            _terminate(proc)
+    try:
+        server = _Process()
+        server.start()
+    except RedisServerError as exc:
+        SERVER.missing = str(exc)
+        yield SERVER
+        return
+    try:
+        SERVER.url = server.url
+        SERVER.version = _version(SERVER.url)
+        yield SERVER
+    finally:
+        SERVER.url = None
+        server.close()
 
 
 # --------------------------------------------------------------------------------------
@@ -156,12 +99,7 @@ def server_for_run(needed: bool) -> Iterator[RedisServer]:
 
 # As RedisBackend builds its clients from a URL: every round trip bounded, a bounded
 # pool per process (a caller beyond it waits its turn).
-CLIENT_OPTIONS: dict[str, Any] = {
-    "max_connections": 64,
-    "timeout": 30.0,
-    "socket_timeout": 2.0,
-    "socket_connect_timeout": 2.0,
-}
+CLIENT_OPTIONS: dict[str, Any] = dict(_POOL)
 
 
 def client(url: str) -> Any:

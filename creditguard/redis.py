@@ -332,21 +332,27 @@ class RedisAccount:
             return None
         return self._decode(snap.balance)
 
+    def _look(self) -> Ops[Snapshot | None]:
+        """The account's state in Redis, or ``None``: Redis is unreachable and the
+        fallback serves (``fallback="memory"``). Without a fallback, raises
+        :class:`BalanceUnavailable`."""
+        if self._degraded() is not None:
+            return None
+        try:
+            yield from self._rejoin()
+            return cast(Snapshot, (yield self._call("state")))
+        except BalanceUnavailable as exc:
+            if self._fallback(exc) is None:
+                raise
+            return None
+
     def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
         if flight is not None and flight.error is not None:
             raise own_error(flight.error)  # the read this caller waited for failed
-        local = self._degraded()
-        if local is not None:
-            return (yield from local.read(ttl, flight, sync))
         looked = _monotonic()
-        try:
-            yield from self._rejoin()
-            snap = cast(Snapshot, (yield self._call("state")))
-        except BalanceUnavailable as exc:
-            local = self._fallback(exc)
-            if local is None:
-                raise
-            return (yield from local.read(ttl, flight, sync))
+        snap = yield from self._look()
+        if snap is None:
+            return (yield from self._local_account().read(ttl, flight, sync))
         balance = self._fresh(snap, ttl)
         if balance is not None:
             return balance
@@ -362,34 +368,18 @@ class RedisAccount:
                 return flight.result
             if flight.error is not None:
                 raise own_error(flight.error)
-        local = self._degraded()
-        if local is not None:
-            return (yield from local.read_after(after, flight, sync))
         looked = _monotonic()
-        try:
-            yield from self._rejoin()
-            snap = cast(Snapshot, (yield self._call("state")))
-        except BalanceUnavailable as exc:
-            local = self._fallback(exc)
-            if local is None:
-                raise
-            return (yield from local.read_after(after, flight, sync))
+        snap = yield from self._look()
+        if snap is None:
+            return (yield from self._local_account().read_after(after, flight, sync))
         if snap.balance is not None and snap.cached_seq >= max(after, snap.floor):
             return self._decode(snap.balance)
         return (yield from self._need_read(after, sync, looked))
 
     def pending(self) -> Ops[int]:
-        local = self._degraded()
-        if local is not None:
-            return (yield from local.pending())
-        try:
-            yield from self._rejoin()
-            snap = cast(Snapshot, (yield self._call("state")))
-        except BalanceUnavailable as exc:
-            local = self._fallback(exc)
-            if local is None:
-                raise
-            return (yield from local.pending())
+        snap = yield from self._look()
+        if snap is None:
+            return (yield from self._local_account().pending())
         return snap.settling_after
 
     def bumped(self, sync: bool) -> Ops[tuple[int, Step]]:

@@ -40,7 +40,7 @@ def served(fake: FakeLensmor) -> Iterator[str]:
 def redis_url() -> Iterator[str]:
     """A redis-server of this test session (a real one, started on a free loopback port;
     the tests fail when it cannot be started); yields its URL."""
-    from tests.redis_server import redis_server
+    from creditguard.testing._redis_server import redis_server
 
     with redis_server() as url:
         yield url

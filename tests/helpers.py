@@ -1,4 +1,5 @@
-"""Test doubles: a transport that holds balance reads until the test releases them."""
+"""Test doubles (a transport that holds balance reads until the test releases them) and
+looks at a guard's account state."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import threading
 import anyio
 import anyio.to_thread
 import httpx
+
+from creditguard import CreditGuard
 
 
 class Gate(httpx.BaseTransport, httpx.AsyncBaseTransport):
@@ -53,3 +56,15 @@ class Gate(httpx.BaseTransport, httpx.AsyncBaseTransport):
         self._arrive()
         await anyio.to_thread.run_sync(self.opened.wait, 10, abandon_on_cancel=True)
         return httpx.Response(response.status_code, headers=response.headers, content=body)
+
+
+def reserved(guard: CreditGuard) -> int:
+    """The credits the guard's account holds for calls in flight or waiting for a read."""
+    return guard._account.snapshot()[1]
+
+
+def waiting_for_release(guard: CreditGuard) -> int:
+    """How many calls wait at admission for spends in flight to settle."""
+    account = guard._account
+    with account.lock:
+        return len(account.waiters)  # type: ignore[attr-defined]

@@ -22,20 +22,9 @@ import pytest
 from creditguard import CreditGuard, InsufficientCredits
 from creditguard.testing import FakeLensmor
 
-from .helpers import Gate
+from .helpers import Gate, reserved, waiting_for_release
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
-
-
-def reserved(guard: CreditGuard) -> int:
-    return guard._account.snapshot()[1]
-
-
-def waiting_for_release(guard: CreditGuard) -> int:
-    """How many calls wait at admission for spends in flight to settle."""
-    account = guard._account
-    with account.lock:
-        return len(account.waiters)
 
 
 @pytest.fixture

@@ -23,19 +23,9 @@ from creditguard import (
 from creditguard._state import MAX_SETTLING
 from creditguard.testing import FakeLensmor
 
-from .helpers import Gate
+from .helpers import Gate, reserved, waiting_for_release
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
-
-
-def reserved(guard: CreditGuard) -> int:
-    return guard._account.snapshot()[1]
-
-
-def waiting_for_release(guard: CreditGuard) -> int:
-    account = guard._account
-    with account.lock:
-        return len(account.waiters)
 
 
 def test_a_decorated_call_returns_without_a_refresh() -> None:

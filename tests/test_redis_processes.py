@@ -43,8 +43,8 @@ from creditguard import (
 from creditguard._client import BALANCE_PATH
 from creditguard.redis import RedisBackend
 from creditguard.testing import FakeLensmor, serve
+from creditguard.testing._redis_server import RedisServer
 from tests import redis_workers
-from tests.redis_server import RedisServer
 
 SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT = 30.0  # seconds a process gets to exit

@@ -38,7 +38,7 @@ from creditguard._redis_state import (
     decode_balance,
     encode_balance,
 )
-from tests.redis_server import RedisServer
+from creditguard.testing._redis_server import RedisServer
 from tests.strategies import FUZZ
 
 API_KEY = "sk_live_THIS-KEY-TEXT-MUST-NEVER-REACH-REDIS"

@@ -1,4 +1,5 @@
-"""A throwaway ``redis-server`` on a free loopback port, for tests against a real Redis.
+"""A throwaway ``redis-server`` on a free loopback port, for the project's tests and
+benchmarks against a real Redis (private: not part of ``creditguard.testing``).
 
 No persistence (``--save ''``, ``--appendonly no``), its files in a temporary directory.
 When ``redis-server`` cannot be found or does not answer, this raises: tests that need
@@ -112,7 +113,7 @@ class RedisServer:
             log,
         ]
         try:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: S603
         except OSError as e:
             raise RedisServerError(f"could not run {self.binary}: {e}") from e
         deadline = time.monotonic() + START_TIMEOUT
