@@ -18,15 +18,19 @@ if TYPE_CHECKING:
         AuthenticationError,
         BalanceUnavailable,
         CreditGuardError,
+        GateTimeout,
         InsecureTransportError,
         InsufficientCredits,
         InvalidResponse,
         RateLimited,
+        TaskPending,
+        UnknownHold,
     )
     from ._guard import (
         DEFAULT_BASE_URL,
         CreditGuard,
         GuardEvent,
+        Hold,
         Precheck,
         Spend,
         current_spend,
@@ -36,6 +40,16 @@ if TYPE_CHECKING:
     from ._models import CreditBalance, PrecheckResult
     from ._retry import RetryPolicy, parse_retry_after
     from ._state import MemoryBackend, StateBackend
+    from ._tasks import (
+        POLL_BACKOFF,
+        ContactUnlock,
+        apoll_unlock_task,
+        asubmit_contact_unlock,
+        aunlock_contacts,
+        poll_unlock_task,
+        submit_contact_unlock,
+        unlock_contacts,
+    )
 
 __version__ = "0.1.0"
 """The version of the package."""
@@ -43,6 +57,15 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "DEFAULT_BASE_URL": "._guard",
     "ActionNotAllowed": "._errors",
+    "ContactUnlock": "._tasks",
+    "POLL_BACKOFF": "._tasks",
+    "TaskPending": "._errors",
+    "apoll_unlock_task": "._tasks",
+    "asubmit_contact_unlock": "._tasks",
+    "aunlock_contacts": "._tasks",
+    "poll_unlock_task": "._tasks",
+    "submit_contact_unlock": "._tasks",
+    "unlock_contacts": "._tasks",
     "Precheck": "._guard",
     "PrecheckResult": "._models",
     "AuthenticationError": "._errors",
@@ -50,7 +73,9 @@ _EXPORTS = {
     "CreditBalance": "._models",
     "CreditGuard": "._guard",
     "CreditGuardError": "._errors",
+    "GateTimeout": "._errors",
     "GuardEvent": "._guard",
+    "Hold": "._guard",
     "InsecureTransportError": "._errors",
     "InsufficientCredits": "._errors",
     "InvalidResponse": "._errors",
@@ -59,6 +84,7 @@ _EXPORTS = {
     "RetryPolicy": "._retry",
     "Spend": "._guard",
     "StateBackend": "._state",
+    "UnknownHold": "._errors",
     "current_spend": "._guard",
     "default_guard": "._guard",
     "parse_retry_after": "._retry",
@@ -67,13 +93,17 @@ _EXPORTS = {
 
 __all__ = [
     "DEFAULT_BASE_URL",
+    "POLL_BACKOFF",
     "ActionNotAllowed",
     "AuthenticationError",
     "BalanceUnavailable",
+    "ContactUnlock",
     "CreditBalance",
     "CreditGuard",
     "CreditGuardError",
+    "GateTimeout",
     "GuardEvent",
+    "Hold",
     "InsecureTransportError",
     "InsufficientCredits",
     "InvalidResponse",
@@ -84,11 +114,19 @@ __all__ = [
     "RetryPolicy",
     "Spend",
     "StateBackend",
+    "TaskPending",
+    "UnknownHold",
     "__version__",
+    "apoll_unlock_task",
+    "asubmit_contact_unlock",
+    "aunlock_contacts",
     "current_spend",
     "default_guard",
     "parse_retry_after",
+    "poll_unlock_task",
     "requires_credits",
+    "submit_contact_unlock",
+    "unlock_contacts",
 ]
 
 

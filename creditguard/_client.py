@@ -221,16 +221,16 @@ class _Reader:
         "_last",
         "_lock",
         "_requests",
+        "api_url",
         "base_url",
         "policy",
-        "precheck_url",
         "timeout",
         "url",
     )
 
     def __init__(self, base_url: str, timeout: httpx.Timeout, policy: RetryPolicy) -> None:
         self.url = httpx.URL(base_url.rstrip("/") + BALANCE_PATH)
-        self.precheck_url = httpx.URL(base_url.rstrip("/") + PRECHECK_PATH)
+        self.api_url = base_url.rstrip("/")
         self.base_url = _display_url(base_url)
         self.timeout = timeout
         self.policy = policy
@@ -275,18 +275,30 @@ class _Reader:
         self, api_key: Secret, action_type: str, params: Mapping[str, Any]
     ) -> httpx.Request:
         """``POST /external/actions/precheck`` for one action (it never charges)."""
-        body = json.dumps({"action_type": action_type, "params": dict(params)}).encode()
+        return self.api_request(
+            api_key, "POST", PRECHECK_PATH, {"action_type": action_type, "params": dict(params)}
+        )
+
+    def api_request(
+        self, api_key: Secret, method: str, path: str, body: Mapping[str, Any] | None = None
+    ) -> httpx.Request:
+        """A request to Lensmor's API at ``path`` (JSON ``body``, if any), authorised with
+        the key, with the guard's timeouts."""
+        headers = {
+            "Authorization": f"Bearer {api_key.reveal()}",
+            "Accept": "application/json",
+            "Accept-Encoding": "identity",
+            "User-Agent": USER_AGENT,
+        }
+        content = None
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+            content = json.dumps(dict(body)).encode()
         return httpx.Request(
-            "POST",
-            self.precheck_url,
-            headers={
-                "Authorization": f"Bearer {api_key.reveal()}",
-                "Accept": "application/json",
-                "Accept-Encoding": "identity",
-                "Content-Type": "application/json",
-                "User-Agent": USER_AGENT,
-            },
-            content=body,
+            method,
+            self.api_url + path,
+            headers=headers,
+            content=content,
             extensions={"timeout": self.timeout.as_dict()},
         )
 

@@ -51,8 +51,9 @@ class _Edges:
             return
         if isinstance(waitable, Waiter):
             self._account.forget(waitable)
-        else:
-            self._account.overdue(cast(Flight, waitable))
+        elif isinstance(waitable, Flight):
+            self._account.overdue(waitable)
+        # (A turn at the gate is given up by the operation that waits for it.)
 
     def _drive(self, steps: Steps[T]) -> T:
         """Run an operation from sync code: reads through the sync transport, waits on a

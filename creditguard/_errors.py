@@ -13,10 +13,13 @@ __all__ = [
     "AuthenticationError",
     "BalanceUnavailable",
     "CreditGuardError",
+    "GateTimeout",
     "InsecureTransportError",
     "InsufficientCredits",
     "InvalidResponse",
     "RateLimited",
+    "TaskPending",
+    "UnknownHold",
 ]
 
 
@@ -115,3 +118,47 @@ class ActionNotAllowed(CreditGuardError):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (type(self), (self.reason_code, self.detail))
+
+
+class GateTimeout(CreditGuardError, TimeoutError):
+    """The call waited ``waited`` seconds for its turn at the account's gate
+    (``max_concurrent`` guarded actions in flight at once) without getting one, so it was
+    not run. Nothing was reserved and it left no place in the queue."""
+
+    def __init__(self, max_concurrent: int, waited: float) -> None:
+        self.max_concurrent = max_concurrent
+        self.waited = waited
+        super().__init__(
+            f"waited {waited:.1f}s for a turn: {max_concurrent} guarded action(s) of this"
+            " account already in flight"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.max_concurrent, self.waited))
+
+
+class UnknownHold(CreditGuardError, LookupError):
+    """No hold ``hold_id`` is open on this account: it was never taken here (or on another
+    account), it was settled or released already, or it expired (its credits are back
+    and the cached balance was distrusted)."""
+
+    def __init__(self, hold_id: str) -> None:
+        self.hold_id = hold_id
+        super().__init__(f"no open hold {hold_id!r} on this account (settled, released or expired)")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.hold_id,))
+
+
+class TaskPending(CreditGuardError, TimeoutError):
+    """A Lensmor task (``task_id``) had not ended after ``waited`` seconds of polling. Its
+    hold (``hold_id``, if any) is still open: poll again, or let it expire."""
+
+    def __init__(self, task_id: str, hold_id: str | None, waited: float) -> None:
+        self.task_id = task_id
+        self.hold_id = hold_id
+        self.waited = waited
+        super().__init__(f"task {task_id} had not ended after {waited:.0f}s of polling")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.task_id, self.hold_id, self.waited))

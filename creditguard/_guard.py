@@ -36,9 +36,12 @@ from ._errors import (
     ActionNotAllowed,
     AuthenticationError,
     BalanceUnavailable,
+    GateTimeout,
     InsufficientCredits,
     InvalidResponse,
+    UnknownHold,
 )
+from ._holds import Hold, look, take
 from ._models import CreditBalance, PrecheckResult
 from ._precheck import Cost, Precheck
 from ._protocols import AccountState, StateBackend
@@ -46,12 +49,13 @@ from ._reports import is_insufficient_credits, parse_report
 from ._shared import GuardEvent, OnUnavailable, _Shared
 from ._spend import Spend, _current, current_spend
 from ._state import MemoryBackend
-from ._steps import Flight, Reservation, Step, Steps, Waiter
+from ._steps import Flight, Reservation, Step, Steps, Turn, Waiter
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "CreditGuard",
     "GuardEvent",
+    "Hold",
     "Precheck",
     "Spend",
     "current_spend",
@@ -90,6 +94,16 @@ class CreditGuard(_Edges):
     balance that includes them, so it is refused only when the account really cannot
     pay. It waits while they keep settling, at most ``admission_timeout`` between two of
     them and ten times that in all. ``0`` refuses at once instead.
+
+    ``max_concurrent`` (``None``: no limit) is the account's gate: at most that many
+    guarded actions (spend blocks, decorated calls, holds until their ``with`` block ends)
+    of the account in flight at once, in this process with the memory backend and across
+    every process sharing a Redis backend. Lensmor answers ``409`` to a second credit
+    operation in progress for one key, so ``max_concurrent=1`` sends them one at a time.
+    Further callers wait their turn, in the order they came, for at most
+    ``gate_timeout`` seconds, then get :class:`GateTimeout`. Waiting holds no
+    reservation; a guarded call made inside another of the same account runs in the
+    enclosing one's turn.
     """
 
     __slots__ = ("_account", "_key", "_owner", "_shared")
@@ -109,8 +123,13 @@ class CreditGuard(_Edges):
         on_event: Callable[[GuardEvent], None] | None = None,
         verify: bool | ssl.SSLContext = True,
         allow_insecure_http: bool = False,
+        max_concurrent: int | None = None,
+        gate_timeout: float = 30.0,
     ) -> None:
         key = _check_key(api_key)
+        if max_concurrent is not None and (type(max_concurrent) is not int or max_concurrent < 1):
+            raise ValueError(f"max_concurrent must be an int >= 1 or None, got {max_concurrent!r}")
+        gate_timeout = _check_seconds("gate_timeout", gate_timeout)
         if base_url is None:
             base_url = os.environ.get("LENSMOR_BASE_URL") or DEFAULT_BASE_URL
         base_url = _check_base_url(base_url, allow_insecure_http)
@@ -147,6 +166,8 @@ class CreditGuard(_Edges):
                 verify=verify,
                 missing=transport is not None and async_transport is None,
             ),
+            max_concurrent=max_concurrent,
+            gate_timeout=gate_timeout,
         )
         self._owner = True
         self._bind(key)
@@ -191,6 +212,11 @@ class CreditGuard(_Edges):
     def admission_timeout(self) -> float:
         """Seconds a call may wait at admission for calls in flight to settle."""
         return self._shared.admission_timeout
+
+    @property
+    def max_concurrent(self) -> int | None:
+        """At most this many guarded actions of the account in flight (``None``: no gate)."""
+        return self._shared.max_concurrent
 
     def __repr__(self) -> str:
         return f"<CreditGuard account={self.account} base_url={self._shared.base_url!r}>"
@@ -302,6 +328,58 @@ class CreditGuard(_Edges):
                 return next_step
             step = next_step
 
+    def _take_turn(self, sync: bool) -> Steps[Turn | None]:
+        """A turn at the account's gate (``None``: no gate, or the caller runs inside an
+        enclosing guarded call of the account, whose turn it shares). Queued in order;
+        bounded by ``gate_timeout``; a caller that gives up (or is cancelled) leaves no
+        place in the queue."""
+        shared = self._shared
+        limit = shared.max_concurrent
+        if limit is None:
+            return None
+        account = self._account
+        outer = _current.get()
+        if outer is not None:
+            me = _caller()
+            while outer is not None:
+                turn = outer._turn
+                if (
+                    outer._active
+                    and turn is not None
+                    and outer._guard._account is account
+                    and turn.owner == me
+                ):
+                    return None
+                outer = outer._outer
+        turn = Turn(os.urandom(8).hex())
+        turn.owner = _caller()
+        started = _monotonic()
+        until = started + shared.gate_timeout
+        try:
+            while True:
+                step = yield from account.enter(turn, limit, sync, until)
+                if step is True:
+                    return turn
+                if _monotonic() >= until:
+                    raise GateTimeout(limit, _monotonic() - started)
+                yield cast(Step, step)
+        except BaseException:
+            yield from account.leave(turn)
+            raise
+
+    def _open(self, spend: Spend, sync: bool) -> Steps[None]:
+        """Take a turn at the gate, then admit ``spend`` (giving the turn back if it is
+        refused)."""
+        spend._turn = yield from self._take_turn(sync)
+        try:
+            if not self._admit_cached(spend):
+                yield from self._admit(spend, sync)
+        except BaseException:
+            turn, spend._turn = spend._turn, None
+            if turn is not None:
+                yield from self._account.leave(turn)
+            raise
+
     def _admit_cached(self, spend: Spend) -> bool:
         """The warm path, no generator: admit on a fresh cached balance that covers the
         cost with room for every reservation (anything else goes the slow way)."""
@@ -402,10 +480,16 @@ class CreditGuard(_Edges):
             reservation, spend._reservation = spend._reservation, None
             if reservation is not None:
                 self._account.unreserve(reservation)
+            turn, spend._turn = spend._turn, None
+            if turn is not None:
+                self._run(self._account.leave(turn))
             raise
 
     def _exit(self, spend: Spend, exc: BaseException | None, sync: bool) -> Steps[None]:
         account = self._account
+        turn, spend._turn = spend._turn, None
+        if turn is not None:  # the paid call is over: the next caller may make one
+            yield from account.leave(turn)
         settlement, spend._reservation = spend._reservation, None
         if settlement is None:  # never admitted, or already given back
             return
@@ -566,6 +650,43 @@ class CreditGuard(_Edges):
         runs with nothing reserved when that is nothing."""
         return Spend(self, cost)
 
+    def hold(self, cost: int | Precheck, *, expires_in: float = 600.0) -> Hold:
+        """Admit and reserve ``cost`` like :meth:`spend`, and keep it reserved past this
+        call until the work it pays for is done: ``hold.settle()`` then (or
+        ``hold.release()`` if nothing was charged). Use it for paid work that finishes
+        later, such as Lensmor's contact unlock tasks.
+
+        A hold nobody ends expires after ``expires_in`` seconds: its credits come back and
+        the cached balance is distrusted (what it spent is unknown). ``cost`` may be a
+        :class:`Precheck` (a hold is taken even when it says nothing will be charged, so
+        the work can be ended the same way). Raises what admission raises."""
+        expires_in = _check_seconds("expires_in", expires_in, positive=True)
+        spend = Spend(self, cost)
+        precheck = spend._precheck
+        if precheck is not None:
+            spend.cost = self._cost_of(precheck, precheck.params_for())
+        return self._drive(take(self, spend, expires_in, True))
+
+    async def ahold(self, cost: int | Precheck, *, expires_in: float = 600.0) -> Hold:
+        """Async :meth:`hold`."""
+        expires_in = _check_seconds("expires_in", expires_in, positive=True)
+        spend = Spend(self, cost)
+        precheck = spend._precheck
+        if precheck is not None:
+            spend.cost = await self._acost_of(precheck, precheck.params_for())
+        return await self._adrive(take(self, spend, expires_in, False))
+
+    def hold_by_id(self, hold_id: str) -> Hold:
+        """The open hold ``hold_id`` of this account, taken in this process or, with a
+        shared backend, in any other: settle or release it here. Raises
+        :class:`UnknownHold` when no such hold is open (never taken on this account,
+        already ended, or expired)."""
+        return self._drive(look(self, _check_hold_id(hold_id)))
+
+    async def ahold_by_id(self, hold_id: str) -> Hold:
+        """Async :meth:`hold_by_id`."""
+        return await self._adrive(look(self, _check_hold_id(hold_id)))
+
     @overload
     def requires_credits(self, cost: int | Precheck) -> _Decorator: ...
 
@@ -610,11 +731,33 @@ class CreditGuard(_Edges):
         await self.aclose()
 
 
+def _check_hold_id(hold_id: object) -> str:
+    if not isinstance(hold_id, str):
+        raise TypeError(f"a hold id is a str, got {type(hold_id).__name__}")
+    if not hold_id or len(hold_id) > 64 or not hold_id.isalnum() or not hold_id.isascii():
+        raise UnknownHold(hold_id[:64])
+    return hold_id
+
+
 def _refused_for_credits(exc: BaseException) -> bool:
     """Whether the action failed because Lensmor refused it for want of credits (402, or
     its ``INSUFFICIENT_CREDITS`` error body). Only the action's own exception counts: an
     app that wraps the refusal in an error of its own keeps its error."""
     return isinstance(exc, httpx.HTTPStatusError) and is_insufficient_credits(exc)
+
+
+def _caller() -> tuple[int, int]:
+    """Who is calling: this thread and, in an event loop, this task. A guarded call made
+    inside another by the same caller runs in its turn; one made by a task the enclosing
+    call started (which inherits its context) runs beside it, so it needs a turn."""
+    task: object = None
+    if asyncio._get_running_loop() is not None:
+        task = asyncio.current_task()
+    else:
+        trio = sys.modules.get("trio")
+        if trio is not None and trio.lowlevel.in_trio_run():
+            task = trio.lowlevel.current_task()
+    return threading.get_ident(), id(task)
 
 
 def _in_event_loop_thread() -> bool:

@@ -8,7 +8,7 @@ import threading
 from typing import Protocol
 
 from ._models import CreditBalance
-from ._steps import Flight, Ops, Reservation, Step, Waiter
+from ._steps import Flight, Kept, Ops, Reservation, Step, Turn, Waiter
 
 __all__ = ["AccountState", "StateBackend"]
 
@@ -75,6 +75,33 @@ class AccountState(Protocol):
         result: CreditBalance | None,
         error: BaseException | None,
     ) -> Ops[None]: ...
+
+    def enter(self, turn: Turn, limit: int, sync: bool, until: float) -> Ops[bool | Step]:
+        """Take a turn at the account's gate: ``True`` when ``turn`` has one (at most
+        ``limit`` in flight), else what to wait on before asking again."""
+        ...
+
+    def leave(self, turn: Turn) -> Ops[None]:
+        """Give the turn back, or leave the queue (twice: nothing)."""
+        ...
+
+    def keep(self, reservation: Reservation, expires_in: float, turn: Turn | None) -> Ops[Kept]:
+        """Keep ``reservation`` open as a hold, past its call, for ``expires_in`` seconds;
+        the hold has ``turn`` until it ends (or the turn is given back)."""
+        ...
+
+    def held(self, hold_id: str) -> Ops[Kept | None]:
+        """The open hold ``hold_id`` (``None``: unknown, ended or expired)."""
+        ...
+
+    def claim(self, hold_id: str) -> Ops[Kept | None]:
+        """End the hold ``hold_id`` so its caller settles or releases its reservation (at
+        most one caller gets it); ``None`` when it is not open."""
+        ...
+
+    def give_back(self, reservation: Reservation) -> Ops[None]:
+        """Release a reservation that spent nothing (no read needed, nothing distrusted)."""
+        ...
 
     def watch(self, flight: Flight) -> Ops[None] | None:
         """How to lead ``flight`` when the backend performs it itself (with Redis: another

@@ -49,6 +49,8 @@ class _Shared:
         "backend",
         "base_url",
         "client",
+        "gate_timeout",
+        "max_concurrent",
         "on_event",
         "on_unavailable",
         "read_budget",
@@ -68,8 +70,12 @@ class _Shared:
         reader: _Reader,
         client: BalanceClient,
         aclient: AsyncBalanceClient,
+        max_concurrent: int | None = None,
+        gate_timeout: float = 30.0,
     ) -> None:
         self.base_url = base_url
+        self.max_concurrent = max_concurrent
+        self.gate_timeout = gate_timeout
         self.reader = reader
         self.ttl = ttl
         self.admission_timeout = admission_timeout

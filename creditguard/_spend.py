@@ -16,7 +16,7 @@ from ._precheck import Precheck
 if TYPE_CHECKING:
     from ._guard import CreditGuard
     from ._models import CreditBalance
-    from ._steps import Reservation
+    from ._steps import Reservation, Turn
 
 __all__ = ["Spend", "current_spend"]
 
@@ -62,6 +62,7 @@ class Spend:
         "_precheck",
         "_reservation",
         "_result",
+        "_turn",
         "balance_after",
         "balance_before",
         "charged",
@@ -81,6 +82,7 @@ class Spend:
         self._outer: Spend | None = None  # the spend this one runs inside, if any
         self._reservation: Reservation | None = None  # held from admission to settling
         self._result: object = None  # the paid call's answer, to settle from its report
+        self._turn: Turn | None = None  # its turn at the gate (max_concurrent), if on
         self.charged: int | None = None
         self.cost = _check_cost(cost)
         self.balance_before: CreditBalance | None = None
@@ -135,7 +137,9 @@ class Spend:
             if not self.cost:  # nothing to charge: run with nothing reserved
                 self._activate()
                 return self
-        if not guard._admit_cached(self):
+        if guard._shared.max_concurrent is not None:
+            guard._drive(guard._open(self, True))
+        elif not guard._admit_cached(self):
             guard._drive(guard._admit(self, True))
         self._activate()
         return self
@@ -159,7 +163,9 @@ class Spend:
             if not self.cost:  # nothing to charge: run with nothing reserved
                 self._activate()
                 return self
-        if not guard._admit_cached(self):
+        if guard._shared.max_concurrent is not None:
+            await guard._adrive(guard._open(self, False))
+        elif not guard._admit_cached(self):
             await guard._adrive(guard._admit(self, False))
         self._activate()
         return self

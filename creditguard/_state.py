@@ -33,14 +33,17 @@ from collections.abc import Callable
 import cachetools
 
 from ._errors import InsufficientCredits
+from ._holding import LocalGate, LocalHolds
 from ._models import CreditBalance
 from ._protocols import AccountState, StateBackend
 from ._steps import (
     Call,
     Flight,
+    Kept,
     Ops,
     Reservation,
     Step,
+    Turn,
     Waiter,
     own_error,
 )
@@ -83,6 +86,8 @@ class Account:
         "fingerprint",
         "flights",
         "floor",
+        "gate",
+        "holds",
         "inflight",
         "lock",
         "released_at",
@@ -118,6 +123,9 @@ class Account:
         # No balance request before this (monotonic seconds): the service said the rate
         # limit is used up (X-RateLimit-Remaining: 0, or a 429's Retry-After).
         self.blocked_until = 0.0
+        # The gate (max_concurrent) and the holds open on this account.
+        self.gate = LocalGate()
+        self.holds = LocalHolds()
 
     def __repr__(self) -> str:
         return (
@@ -258,11 +266,13 @@ class Account:
         (always, with ``defer=False``, while finished spends wait for a read)."""
         with self.lock:
             cached = self.cached
+            now = _monotonic()
             if (
                 cached is None
                 or (not defer and self.settling)
                 or self.cached_seq < self.floor
-                or _monotonic() - self.cached_at >= ttl
+                or now - self.cached_at >= ttl
+                or now >= self.holds.due
                 or (cost > cached.total_balance - self.reserved and cost)
             ):
                 return None
@@ -563,6 +573,44 @@ class Account:
         self.cache_gen += 1
         self.excluded = 0
 
+    # -- holds and the gate --------------------------------------------------------
+
+    def expire_holds(self) -> None:
+        """Give back the credits of the holds whose time is up. What they spent is
+        unknown, so the cached balance is distrusted (and reads in flight with it)."""
+        with self.lock:
+            gone = self.holds.expired(_monotonic())
+            if not gone:
+                return
+            callbacks: list[Callable[[], None]] = []
+            for kept in gone:
+                self._unhold(kept.reservation)
+                if kept.turn is not None:
+                    callbacks += self.gate.leave(kept.turn)
+            self._invalidate()
+            callbacks += self._wake_released()
+        for notify in callbacks:
+            notify()
+
+    def _sweep(self) -> None:
+        if _monotonic() >= self.holds.due:
+            self.expire_holds()
+
+    def enter_gate(self, turn: Turn, limit: int, until: float) -> bool | Step:
+        """``turn`` has its turn at the gate (True), or the wait for it: until it is
+        handed one, ``until``, or the next hold expiry (which may free one)."""
+        self._sweep()
+        with self.lock:
+            if self.gate.enter(turn, limit):
+                return True
+            return turn, False, min(until, self.holds.due)
+
+    def leave_gate(self, turn: Turn) -> None:
+        with self.lock:
+            callbacks = self.gate.leave(turn)
+        for notify in callbacks:
+            notify()
+
     # The operations the guard drives, as ``Ops`` generators (see ``AccountState``). In memory
     # nothing needs I/O, so each returns at once; the ``yield`` after ``return`` only makes
     # them generators.
@@ -577,17 +625,55 @@ class Account:
         enclosing: tuple[Reservation, ...],
         settle: bool,
     ) -> Ops[Reservation | Step]:
+        self._sweep()
         return self.admit_step(cost, ttl, flight, sync, until, enclosing, settle)
         yield  # pragma: no cover
 
     def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
+        self._sweep()
         return self.read_step(ttl, flight, sync)
         yield  # pragma: no cover
 
     def read_after(
         self, after: int, flight: Flight | None, sync: bool
     ) -> Ops[CreditBalance | Step]:
+        self._sweep()
         return self.settle_step(after, flight, sync)
+        yield  # pragma: no cover
+
+    def enter(self, turn: Turn, limit: int, sync: bool, until: float) -> Ops[bool | Step]:
+        return self.enter_gate(turn, limit, until)
+        yield  # pragma: no cover
+
+    def leave(self, turn: Turn) -> Ops[None]:
+        self.leave_gate(turn)
+        return
+        yield  # pragma: no cover
+
+    def keep(self, reservation: Reservation, expires_in: float, turn: Turn | None) -> Ops[Kept]:
+        with self.lock:
+            return self.holds.keep(reservation, expires_in, turn)
+        yield  # pragma: no cover
+
+    def held(self, hold_id: str) -> Ops[Kept | None]:
+        self._sweep()
+        with self.lock:
+            return self.holds.open.get(hold_id)
+        yield  # pragma: no cover
+
+    def claim(self, hold_id: str) -> Ops[Kept | None]:
+        self._sweep()
+        with self.lock:
+            kept = self.holds.claim(hold_id)
+            callbacks = [] if kept is None or kept.turn is None else self.gate.leave(kept.turn)
+        for notify in callbacks:
+            notify()
+        return kept
+        yield  # pragma: no cover
+
+    def give_back(self, reservation: Reservation) -> Ops[None]:
+        self.unreserve(reservation)
+        return
         yield  # pragma: no cover
 
     def pending(self) -> Ops[int]:
@@ -647,6 +733,7 @@ class Account:
 
     def fresh(self, ttl: float) -> bool:
         """Whether a cached balance younger than ``ttl`` may be trusted (no request)."""
+        self._sweep()
         with self.lock:
             return (
                 self.cached is not None
@@ -656,6 +743,7 @@ class Account:
 
     def snapshot(self) -> tuple[CreditBalance | None, int, int]:
         """(cached balance, credits reserved, calls in flight), for tests and metrics."""
+        self._sweep()
         with self.lock:
             return self.cached, self.reserved, self.inflight
 

@@ -25,10 +25,12 @@ from ._models import CreditBalance
 __all__ = [
     "Call",
     "Flight",
+    "Kept",
     "Ops",
     "Reservation",
     "Step",
     "Steps",
+    "Turn",
     "Waiter",
     "own_error",
 ]
@@ -151,6 +153,22 @@ class Waiter(_Waitable):
         self.own = own  # ambiguous credits its own enclosing spends hold
 
 
+class Turn(_Waitable):
+    """A caller's place at the account's gate (``max_concurrent``): queued until it is
+    ``granted``, then one of the guarded actions in flight until it is given back
+    (``left``). ``token`` names it in a shared backend. The account finishes it when it is
+    granted (a backend that polls finishes nothing: its waits end at their deadline)."""
+
+    __slots__ = ("granted", "left", "owner", "token")
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.token = token
+        self.granted = False
+        self.left = False
+        self.owner: tuple[int, int] = (0, 0)  # the thread and task that took it
+
+
 def own_error(error: BaseException) -> BaseException:
     """A copy of a shared read's error for one caller, with the shared error as its cause.
 
@@ -184,6 +202,28 @@ class Reservation:
         self.gen = gen
         self.after = 0
         self.released = False
+
+
+class Kept:
+    """A hold: a reservation kept open past the call that took it, until it is settled or
+    released (by any process sharing the backend), or until it expires. ``expires_at`` is
+    the Unix time it expires at; ``turn`` the gate turn it still has, if any."""
+
+    __slots__ = ("due", "expires_at", "hold_id", "reservation", "turn")
+
+    def __init__(
+        self,
+        hold_id: str,
+        reservation: Reservation,
+        expires_at: float,
+        turn: Turn | None,
+        due: float = 0.0,
+    ) -> None:
+        self.hold_id = hold_id
+        self.reservation = reservation
+        self.expires_at = expires_at
+        self.turn = turn
+        self.due = due  # the monotonic time it expires at, where the backend keeps time
 
 
 # What an operation needs next: a read to perform (``lead``) or to wait for, or a

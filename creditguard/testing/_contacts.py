@@ -10,7 +10,9 @@ already unlocked, being unlocked, missing or invalid (not a digit string) are sk
 free; a batch with nothing chargeable answers ``status: "success"`` and no task. The whole
 chargeable batch is debited when the task is accepted (the submission; a ``402`` then
 checks the whole batch), and failed items are not refunded. A task completes on its
-``task_polls``-th poll. The answers carry no credit figures.
+``task_polls``-th poll (with ``task_debit="delivery"``, the batch is checked at submission
+and each delivered contact debited then, or failed with ``INSUFFICIENT_CREDITS`` when the
+credits went meanwhile). The answers carry no credit figures.
 """
 
 from __future__ import annotations
@@ -213,7 +215,10 @@ class _ContactDesk:
             return _json(201, {"status": "success", **skipped})
 
         def work() -> _Answer:
-            refused = self.api.pay(batch.cost, trace)
+            if self.api.task_debit == "submission":
+                refused = self.api.pay(batch.cost, trace)
+            else:  # checked now, debited per contact delivered
+                refused = self.api.refusal(batch.cost, trace)
             if refused is not None:
                 return refused
             task = _Task(self.api.task_id(), kind, batch.chargeable)
@@ -256,7 +261,22 @@ class _ContactDesk:
         for personnel_id in task.personnel_ids:
             contact = self.api.contacts[personnel_id]
             found = contact.delivers(kind)
-            if found is None:
+            unpaid = (
+                found is not None
+                and self.api.task_debit == "delivery"
+                and kind.cost > self.api.fake._credits.total
+            )
+            if unpaid:  # the credits went meanwhile: the contact is not delivered
+                contact.states[kind.name] = "locked"
+                task.items.append(
+                    {
+                        "personnelId": personnel_id,
+                        "status": "failed",
+                        kind.name: None,
+                        "errorCode": "INSUFFICIENT_CREDITS",
+                    }
+                )
+            elif found is None:
                 contact.states[kind.name] = "locked"
                 task.items.append(
                     {
@@ -271,6 +291,8 @@ class _ContactDesk:
                 task.items.append(
                     {"personnelId": personnel_id, "status": "unlocked", kind.name: found}
                 )
+                if self.api.task_debit == "delivery":
+                    self.api.pay(kind.cost, "")
 
     # -- precheck ------------------------------------------------------------------
 

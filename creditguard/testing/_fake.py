@@ -196,7 +196,11 @@ class FakeLensmor:
     charge Lensmor's published costs; see :meth:`add_event`, :meth:`add_contact` and
     :meth:`add_company` for what they find. With ``open_catalogue`` (the default) any event,
     any digit-string contact id and any company exists; without it only those added do. A
-    contact unlock task completes on its ``task_polls``-th poll. Without
+    contact unlock task completes on its ``task_polls``-th poll. ``task_debit`` says when a
+    task's credits leave the account (Lensmor does not publish it): ``"submission"`` (the
+    default) debits the whole chargeable batch when the task is accepted; ``"delivery"``
+    checks the batch at submission (a ``402`` as before) but debits each contact when the
+    task completes with it delivered (failed ones cost nothing). Without
     ``subscription_active`` the visitors and full-access unlocks answer Lensmor's ``200``
     ``USER_HAS_NO_FEATURE`` envelope (a free plan). ``full_access_balance_after="number"``
     has the full-access unlock report ``balanceAfter`` as the total balance alone, as one
@@ -237,6 +241,7 @@ class FakeLensmor:
         rate_limit_window: float = 60.0,
         subscription_active: bool = True,
         full_access_balance_after: Literal["object", "number"] = "object",
+        task_debit: Literal["submission", "delivery"] = "submission",
     ) -> None:
         addon = _credits_arg("addon_balance", addon_balance)
         addon_amt = addon if addon_amount is None else _credits_arg("addon_amount", addon_amount)
@@ -284,6 +289,7 @@ class FakeLensmor:
             task_polls=task_polls,
             open_catalogue=open_catalogue,
             subscription_active=bool(subscription_active),
+            task_debit=task_debit,
         )
         self.transport = _FakeTransport(self)
 

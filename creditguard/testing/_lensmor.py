@@ -141,11 +141,15 @@ class _PaidApi:
         task_polls: int,
         open_catalogue: bool,
         subscription_active: bool,
+        task_debit: str = "submission",
     ) -> None:
         if type(task_polls) is not int or task_polls < 1:
             raise ValueError(f"task_polls must be an int >= 1, got {task_polls!r}")
+        if task_debit not in ("submission", "delivery"):
+            raise ValueError(f"task_debit must be 'submission' or 'delivery', got {task_debit!r}")
         self.fake = fake
         self.task_polls = task_polls
+        self.task_debit = task_debit
         self.open_catalogue = open_catalogue
         self.subscription_active = subscription_active
         self.events: dict[str, _Event] = {}
@@ -267,6 +271,14 @@ class _PaidApi:
 
     def pay(self, cost: int, trace: str) -> _Answer | None:
         """Debit ``cost``, or the ``402`` to answer when the account cannot pay it."""
+        refused = self.refusal(cost, trace)
+        if refused is None:
+            self.fake._credits.spend(cost)
+            self.fake.charges += 1
+        return refused
+
+    def refusal(self, cost: int, trace: str) -> _Answer | None:
+        """The ``402`` to answer when the account cannot pay ``cost`` (else ``None``)."""
         credits = self.fake._credits
         if cost > credits.total:
             return api_error(
@@ -276,8 +288,6 @@ class _PaidApi:
                 trace,
                 details={"requiredCredits": cost, "availableCredits": credits.total},
             )
-        credits.spend(cost)
-        self.fake.charges += 1
         return None
 
     # -- exhibitor searches --------------------------------------------------------

@@ -1,0 +1,431 @@
+"""Lensmor's contact unlocks, which are tasks: hold the chargeable contacts' credits,
+submit, poll the task with the published back-off, settle the hold when the task ends.
+
+``unlock_contacts`` does it all in one call; ``submit_contact_unlock`` and
+``poll_unlock_task`` split it between a web process and a worker (the hold is ended by id,
+so with a shared backend any process can finish what another started). Each has an async
+twin; the logic is written once, as a generator of steps the guard's drivers run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+import httpx
+
+from ._client import _loads
+from ._config import _check_seconds
+from ._errors import (
+    AuthenticationError,
+    BalanceUnavailable,
+    CreditGuardError,
+    InvalidResponse,
+    TaskPending,
+    UnknownHold,
+)
+from ._holds import _end, _leave, look, take
+from ._models import CreditBalance
+from ._precheck import Precheck
+from ._retry import parse_retry_after
+from ._spend import Spend
+from ._steps import Call, Steps
+
+if TYPE_CHECKING:
+    from ._guard import CreditGuard
+
+__all__ = [
+    "POLL_BACKOFF",
+    "ContactUnlock",
+    "apoll_unlock_task",
+    "asubmit_contact_unlock",
+    "aunlock_contacts",
+    "poll_unlock_task",
+    "submit_contact_unlock",
+    "unlock_contacts",
+]
+
+logger = logging.getLogger("creditguard")
+_monotonic = time.monotonic
+
+POLL_BACKOFF: tuple[float, ...] = (3.0, 5.0, 10.0, 20.0)
+"""Lensmor's suggested waits between polls of a task (seconds); the last one repeats."""
+
+_MAX_CONTACTS = 1000
+
+
+@dataclasses.dataclass(frozen=True)
+class _Kind:
+    submit: str
+    task: str
+    cost: int
+    action_type: str
+    field: str
+
+
+_EMAIL = _Kind(
+    "/external/contacts/unlock",
+    "/external/contacts/unlock-tasks/",
+    15,
+    "unlock_contact_emails",
+    "email",
+)
+_PHONE = _Kind(
+    "/external/contacts/unlock-phone",
+    "/external/contacts/unlock-phone-tasks/",
+    150,
+    "unlock_contact_phones",
+    "phone",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ContactUnlock:
+    """Where a contact unlock stands.
+
+    ``status`` is ``"accepted"`` (submitted; the task runs and ``hold_id`` holds its
+    credits), ``"completed"`` or ``"failed"`` (the task ended; its hold was settled and
+    ``balance_after`` read after it), or ``"success"`` (nothing was chargeable, so no task:
+    see ``skipped``). ``items`` are the task's items as Lensmor reports them;
+    :attr:`delivered` maps each unlocked contact to its email (or phone number).
+    """
+
+    status: str
+    task_id: str | None
+    hold_id: str | None = None
+    phone: bool = False
+    skipped: tuple[str, ...] = ()
+    items: tuple[Mapping[str, Any], ...] = ()
+    balance_after: CreditBalance | None = None
+
+    @property
+    def delivered(self) -> dict[str, str]:
+        """The contacts delivered: personnel id to email (phone number for phones)."""
+        field = "phone" if self.phone else "email"
+        found: dict[str, str] = {}
+        for item in self.items:
+            value = item.get(field)
+            if item.get("status") == "unlocked" and isinstance(value, str) and value:
+                found[str(item.get("personnelId"))] = value
+        return found
+
+
+def _ids(personnel_ids: Sequence[str]) -> list[str]:
+    if isinstance(personnel_ids, str) or not isinstance(personnel_ids, Sequence):
+        raise TypeError("personnel_ids must be a sequence of str")
+    unique: list[str] = []
+    seen: set[str] = set()
+    for pid in personnel_ids:
+        if not isinstance(pid, str) or not pid:
+            raise TypeError("personnel_ids must be non-empty strings")
+        if pid not in seen:
+            seen.add(pid)
+            unique.append(pid)
+    if not unique or len(unique) > _MAX_CONTACTS:
+        raise ValueError(f"personnel_ids must name 1 to {_MAX_CONTACTS} contacts")
+    return unique
+
+
+def _cost(kind: _Kind, ids: list[str], event_id: str | None) -> Precheck:
+    """What to hold: the precheck's answer (already-unlocked contacts are free), or the
+    worst case while the cached balance covers it (no precheck then)."""
+    params: dict[str, Any] = {"personnel_ids": ids}
+    if event_id is not None:
+        params["event_id"] = event_id
+    return Precheck(kind.action_type, params, at_most=kind.cost * len(ids))
+
+
+def _body(ids: list[str], event_id: str | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"personnel_ids": ids}
+    if event_id is not None:
+        body["event_id"] = event_id
+    return body
+
+
+def _send(guard: CreditGuard, request: httpx.Request) -> Call:
+    shared = guard._shared
+    return Call(lambda: shared.client.send(request), lambda: shared.aclient.send(request))
+
+
+def _sleep(seconds: float) -> Call:
+    return Call(lambda: time.sleep(seconds), lambda: anyio.sleep(seconds))
+
+
+def _status_error(response: httpx.Response, body: bytes) -> httpx.HTTPStatusError:
+    """The answer as the ``httpx.HTTPStatusError`` ``raise_for_status()`` would raise (its
+    body kept, so a ``402`` is recognised; its request carries no key)."""
+    request = httpx.Request(response.request.method, response.request.url)
+    answer = httpx.Response(
+        response.status_code, headers=response.headers, content=body, request=request
+    )
+    return httpx.HTTPStatusError(
+        f"Lensmor answered {response.status_code} at {request.url.path}",
+        request=request,
+        response=answer,
+    )
+
+
+def _json(body: bytes, what: str) -> Mapping[str, Any]:
+    try:
+        data = _loads(body)
+    except (ValueError, RecursionError):
+        raise InvalidResponse(f"the {what} answer is not valid JSON") from None
+    if not isinstance(data, Mapping):
+        raise InvalidResponse(f"the {what} answer is not a JSON object")
+    return cast(Mapping[str, Any], data)
+
+
+def _submit(
+    guard: CreditGuard,
+    kind: _Kind,
+    ids: list[str],
+    event_id: str | None,
+    cost: int,
+    expires_in: float,
+    sync: bool,
+) -> Steps[ContactUnlock]:
+    hold = yield from take(guard, Spend(guard, cost), expires_in, sync)
+    request = guard._shared.reader.api_request(
+        guard._key, "POST", kind.submit, _body(ids, event_id)
+    )
+    try:
+        response, body = cast("tuple[httpx.Response, bytes]", (yield _send(guard, request)))
+        if response.status_code not in (200, 201):
+            raise _status_error(response, body)
+        answer = _json(body, "unlock")
+    except BaseException as exc:
+        # Refused (a 402 as InsufficientCredits), or its outcome is unknown: the hold
+        # ends as a failed spend, and the cached balance is distrusted.
+        yield from _leave(guard, hold, exc, sync)
+        raise
+    yield from _leave(guard, hold, None, sync)  # the paid call is over: next caller's turn
+    skipped = tuple(str(p) for p in answer.get("skipped_personnel_ids") or ())
+    task_id = answer.get("task_id")
+    phone = kind is _PHONE
+    if answer.get("status") != "accepted" or not isinstance(task_id, str) or not task_id:
+        yield from _end(guard, hold, None, True, sync)  # nothing chargeable: no task
+        return ContactUnlock("success", None, None, phone, skipped)
+    return ContactUnlock("accepted", task_id, hold.id, phone, skipped)
+
+
+def _waits(backoff: Sequence[float]) -> Iterator[float]:
+    yield from backoff
+    while True:
+        yield backoff[-1]
+
+
+def _poll(
+    guard: CreditGuard,
+    kind: _Kind,
+    task_id: str,
+    hold_id: str | None,
+    backoff: Sequence[float],
+    timeout: float,
+    sync: bool,
+) -> Steps[ContactUnlock]:
+    started = _monotonic()
+    deadline = started + timeout
+    path = kind.task + urllib.parse.quote(task_id, safe="")
+    reader = guard._shared.reader
+    waits = _waits(backoff)
+    wait = next(waits)
+    while True:
+        if _monotonic() + wait > deadline:
+            raise TaskPending(task_id, hold_id, _monotonic() - started)
+        yield _sleep(wait)
+        wait = next(waits)
+        request = reader.api_request(guard._key, "GET", path)
+        try:
+            response, body = cast("tuple[httpx.Response, bytes]", (yield _send(guard, request)))
+        except BalanceUnavailable as exc:  # the service is unreachable: poll again later
+            logger.warning("polling task %s on %s failed: %s", task_id, guard.account, exc)
+            continue
+        status = response.status_code
+        if status == 200:
+            answer = _json(body, "task")
+            task_status = answer.get("taskStatus")
+            if task_status in ("completed", "failed"):
+                break
+            continue
+        if status == 429 or status >= 500:
+            after = parse_retry_after(response.headers.get("retry-after"))
+            if after is not None and after > wait:
+                wait = after
+            continue
+        if status in (401, 403):
+            raise AuthenticationError(f"the task poll was refused ({status})", status_code=status)
+        error = _status_error(response, body)
+        if hold_id is not None:  # the task is gone: what it charged is unknown
+            yield from _drop(guard, hold_id, error, sync)
+        raise error
+    items = tuple(i for i in answer.get("items") or () if isinstance(i, Mapping))
+    balance: CreditBalance | None = None
+    if hold_id is not None:
+        try:
+            hold = yield from look(guard, hold_id)
+            balance = yield from _end(guard, hold, None, False, sync)
+        except UnknownHold:
+            logger.warning(
+                "the hold of task %s on %s ended before the task did (it expired): reading"
+                " the balance instead",
+                task_id,
+                guard.account,
+            )
+            balance = yield from guard._read(True, sync)
+    return ContactUnlock(
+        str(task_status), task_id, hold_id, kind is _PHONE, items=items, balance_after=balance
+    )
+
+
+def _drop(guard: CreditGuard, hold_id: str, error: BaseException, sync: bool) -> Steps[None]:
+    try:
+        hold = yield from look(guard, hold_id)
+        yield from _leave(guard, hold, error, sync)
+    except (UnknownHold, CreditGuardError):
+        pass
+
+
+def _checks(
+    phone: bool, backoff: Sequence[float], max_wait: float | None, default: float
+) -> tuple[_Kind, tuple[float, ...], float]:
+    waits = tuple(_check_seconds("backoff", b, positive=True) for b in backoff)
+    if not waits:
+        raise ValueError("backoff must name at least one wait")
+    limit = default if max_wait is None else _check_seconds("max_wait", max_wait, positive=True)
+    return (_PHONE if phone else _EMAIL), waits, limit
+
+
+def _task_id(task_id: object) -> str:
+    if not isinstance(task_id, str) or not task_id or len(task_id) > 200:
+        raise TypeError("task_id must be a non-empty str")
+    return task_id
+
+
+def submit_contact_unlock(
+    guard: CreditGuard,
+    personnel_ids: Sequence[str],
+    *,
+    phone: bool = False,
+    event_id: str | None = None,
+    expires_in: float = 600.0,
+) -> ContactUnlock:
+    """Hold the credits of the chargeable contacts and submit their unlock
+    (``POST /external/contacts/unlock``, or ``unlock-phone``); return at once.
+
+    What is held is the precheck's answer (contacts already unlocked are free), or the
+    worst case (15, or 150, per contact) while the cached balance covers it. The
+    submission runs in its turn at the gate (``max_concurrent``). On ``"accepted"`` the
+    hold stays open for ``expires_in`` seconds: end it with :func:`poll_unlock_task` (any
+    process, by ``hold_id``). With nothing chargeable the hold is released at once and the
+    status is ``"success"``. A ``402`` raises :class:`InsufficientCredits`; any other
+    refusal the ``httpx.HTTPStatusError`` it is (the hold is ended and the cached balance
+    distrusted)."""
+    ids = _ids(personnel_ids)
+    kind = _PHONE if phone else _EMAIL
+    expires_in = _check_seconds("expires_in", expires_in, positive=True)
+    precheck = _cost(kind, ids, event_id)
+    cost = guard._cost_of(precheck, precheck.params_for())
+    return guard._drive(_submit(guard, kind, ids, event_id, cost, expires_in, True))
+
+
+async def asubmit_contact_unlock(
+    guard: CreditGuard,
+    personnel_ids: Sequence[str],
+    *,
+    phone: bool = False,
+    event_id: str | None = None,
+    expires_in: float = 600.0,
+) -> ContactUnlock:
+    """Async :func:`submit_contact_unlock`."""
+    ids = _ids(personnel_ids)
+    kind = _PHONE if phone else _EMAIL
+    expires_in = _check_seconds("expires_in", expires_in, positive=True)
+    precheck = _cost(kind, ids, event_id)
+    cost = await guard._acost_of(precheck, precheck.params_for())
+    return await guard._adrive(_submit(guard, kind, ids, event_id, cost, expires_in, False))
+
+
+def poll_unlock_task(
+    guard: CreditGuard,
+    task_id: str,
+    *,
+    phone: bool = False,
+    hold_id: str | None = None,
+    backoff: Sequence[float] = POLL_BACKOFF,
+    max_wait: float | None = None,
+) -> ContactUnlock:
+    """Poll the task ``task_id`` (``GET /external/contacts/unlock-tasks/{id}``, or
+    ``unlock-phone-tasks``) with Lensmor's back-off until it is ``completed`` or
+    ``failed``, then settle the hold ``hold_id`` (when given) with a balance read after it
+    ended: ``balance_after`` includes whatever the task charged.
+
+    ``backoff`` are the waits before each poll (the last repeats; a ``Retry-After`` longer
+    than the next wait is honoured); ``max_wait`` (600 s by default) bounds the whole wait,
+    after which :class:`TaskPending` is raised and the hold is left open (poll again, or
+    let it expire). Unreachable service and ``5xx`` answers are polled through."""
+    kind, waits, limit = _checks(phone, backoff, max_wait, 600.0)
+    task = _task_id(task_id)
+    return guard._drive(_poll(guard, kind, task, hold_id, waits, limit, True))
+
+
+async def apoll_unlock_task(
+    guard: CreditGuard,
+    task_id: str,
+    *,
+    phone: bool = False,
+    hold_id: str | None = None,
+    backoff: Sequence[float] = POLL_BACKOFF,
+    max_wait: float | None = None,
+) -> ContactUnlock:
+    """Async :func:`poll_unlock_task`."""
+    kind, waits, limit = _checks(phone, backoff, max_wait, 600.0)
+    task = _task_id(task_id)
+    return await guard._adrive(_poll(guard, kind, task, hold_id, waits, limit, False))
+
+
+def unlock_contacts(
+    guard: CreditGuard,
+    personnel_ids: Sequence[str],
+    *,
+    phone: bool = False,
+    event_id: str | None = None,
+    expires_in: float = 600.0,
+    backoff: Sequence[float] = POLL_BACKOFF,
+    max_wait: float | None = None,
+) -> ContactUnlock:
+    """Unlock contacts' emails (or ``phone`` numbers) and wait for the task:
+    :func:`submit_contact_unlock`, then :func:`poll_unlock_task` (``max_wait`` defaults to
+    ``expires_in``, the life of the hold)."""
+    kind, waits, limit = _checks(phone, backoff, max_wait, expires_in)
+    unlock = submit_contact_unlock(
+        guard, personnel_ids, phone=phone, event_id=event_id, expires_in=expires_in
+    )
+    if unlock.task_id is None:
+        return unlock
+    return guard._drive(_poll(guard, kind, unlock.task_id, unlock.hold_id, waits, limit, True))
+
+
+async def aunlock_contacts(
+    guard: CreditGuard,
+    personnel_ids: Sequence[str],
+    *,
+    phone: bool = False,
+    event_id: str | None = None,
+    expires_in: float = 600.0,
+    backoff: Sequence[float] = POLL_BACKOFF,
+    max_wait: float | None = None,
+) -> ContactUnlock:
+    """Async :func:`unlock_contacts`."""
+    kind, waits, limit = _checks(phone, backoff, max_wait, expires_in)
+    unlock = await asubmit_contact_unlock(
+        guard, personnel_ids, phone=phone, event_id=event_id, expires_in=expires_in
+    )
+    if unlock.task_id is None:
+        return unlock
+    poll = _poll(guard, kind, unlock.task_id, unlock.hold_id, waits, limit, False)
+    return await guard._adrive(poll)

@@ -1,0 +1,216 @@
+"""Lensmor's contact unlocks are tasks: the helper holds the chargeable contacts' credits,
+submits, polls the task with the published back-off and settles the hold when it ends.
+Against the sandbox's task endpoints, including one that debits per delivered contact
+(when Lensmor debits is not published)."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from creditguard import (
+    POLL_BACKOFF,
+    ContactUnlock,
+    CreditGuard,
+    InsufficientCredits,
+    TaskPending,
+    UnknownHold,
+    apoll_unlock_task,
+    asubmit_contact_unlock,
+    aunlock_contacts,
+    poll_unlock_task,
+    submit_contact_unlock,
+    unlock_contacts,
+)
+from creditguard.testing import FakeLensmor
+
+from .helpers import reserved
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+
+FAST = (0.001,)  # the tests poll at once; Lensmor's back-off is POLL_BACKOFF
+IDS = ["1001", "1002", "1003", "1004"]
+
+
+def _guard(fake: FakeLensmor, **kwargs: object) -> CreditGuard:
+    return CreditGuard(
+        fake.api_key,
+        transport=fake.transport,
+        ttl=60,
+        admission_timeout=0,
+        **kwargs,  # type: ignore[arg-type]
+    )
+
+
+def test_the_published_back_off() -> None:
+    assert POLL_BACKOFF == (3.0, 5.0, 10.0, 20.0)
+
+
+def test_unlock_contacts_holds_submits_polls_and_settles() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake)
+    unlock = unlock_contacts(guard, IDS + ["1001"], backoff=FAST)  # duplicates removed
+    assert isinstance(unlock, ContactUnlock)
+    assert unlock.status == "completed"
+    assert unlock.task_id is not None and unlock.hold_id is not None
+    assert set(unlock.delivered) == set(fake.unlocked_contacts) == set(IDS)
+    assert unlock.balance_after is not None
+    assert unlock.balance_after.total_balance == 1000 - 15 * len(IDS)
+    assert reserved(guard) == 0
+    with pytest.raises(UnknownHold):  # settled
+        guard.hold_by_id(unlock.hold_id)
+
+
+def test_nothing_chargeable_means_no_task_and_nothing_held() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake)
+    unlock_contacts(guard, IDS, backoff=FAST)
+    again = unlock_contacts(guard, IDS, backoff=FAST)
+    assert again.status == "success" and again.task_id is None and again.hold_id is None
+    assert set(again.skipped) == set(IDS)
+    assert reserved(guard) == 0
+    assert guard.balance(refresh=True).total_balance == 1000 - 15 * len(IDS)
+
+
+def test_an_account_that_cannot_pay_is_refused_before_submitting() -> None:
+    fake = FakeLensmor(subscription_balance=50, gift_balance=0)
+    guard = _guard(fake)
+    with pytest.raises(InsufficientCredits) as refused:
+        unlock_contacts(guard, IDS, backoff=FAST)
+    assert refused.value.required == 60
+    assert fake.unlocked_contacts == {} and fake.charges == 0
+    assert reserved(guard) == 0
+
+
+def test_a_402_at_submission_is_insufficient_credits() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake)
+    guard.balance()
+    fake.spend_outside(950)  # the web app spent it; the cache still says 1000
+    with pytest.raises(InsufficientCredits) as refused:
+        unlock_contacts(guard, IDS, backoff=FAST)
+    assert isinstance(refused.value.__cause__, httpx.HTTPStatusError)
+    assert refused.value.__cause__.response.status_code == 402
+    assert reserved(guard) == 0
+
+
+def test_submit_in_one_thread_poll_in_another() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake)
+    submitted = submit_contact_unlock(guard, IDS[:2])
+    assert submitted.status == "accepted"
+    assert reserved(guard) == 30
+    assert submitted.task_id is not None
+    results: list[ContactUnlock] = []
+
+    def worker(task_id: str, hold_id: str | None) -> None:
+        results.append(poll_unlock_task(guard, task_id, hold_id=hold_id, backoff=FAST))
+
+    thread = threading.Thread(target=worker, args=(submitted.task_id, submitted.hold_id))
+    thread.start()
+    thread.join()
+    (done,) = results
+    assert done.status == "completed" and set(done.delivered) == set(IDS[:2])
+    assert done.balance_after is not None and done.balance_after.total_balance == 970
+    assert reserved(guard) == 0
+
+
+def test_a_task_still_running_at_max_wait_leaves_its_hold_open() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0, task_polls=50)
+    guard = _guard(fake)
+    submitted = submit_contact_unlock(guard, IDS)
+    assert submitted.task_id is not None
+    with pytest.raises(TaskPending) as pending:
+        poll_unlock_task(
+            guard, submitted.task_id, hold_id=submitted.hold_id, backoff=(0.01,), max_wait=0.05
+        )
+    assert pending.value.task_id == submitted.task_id
+    assert pending.value.hold_id == submitted.hold_id
+    assert reserved(guard) == 60
+    done = poll_unlock_task(guard, submitted.task_id, hold_id=submitted.hold_id, backoff=FAST)
+    assert done.status == "completed"
+    assert reserved(guard) == 0
+
+
+def test_a_task_that_is_gone_ends_its_hold() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake)
+    hold = guard.hold(30)
+    with pytest.raises(httpx.HTTPStatusError) as gone:
+        poll_unlock_task(guard, "999999", hold_id=hold.id, backoff=FAST)
+    assert gone.value.response.status_code == 404
+    assert reserved(guard) == 0
+
+
+def test_phone_unlocks() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake)
+    unlock = unlock_contacts(guard, IDS[:2], phone=True, backoff=FAST)
+    assert unlock.status == "completed" and unlock.phone
+    assert set(unlock.delivered) == set(fake.unlocked_phones)
+    assert unlock.balance_after is not None
+    assert unlock.balance_after.total_balance == 1000 - 150 * 2
+
+
+def test_bad_input_is_refused_before_any_request() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake)
+    for bad in ([], "1001", [1001], [""]):
+        with pytest.raises((TypeError, ValueError)):
+            unlock_contacts(guard, bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        unlock_contacts(guard, IDS, backoff=())
+    with pytest.raises(ValueError):
+        unlock_contacts(guard, IDS, backoff=(0,))
+    with pytest.raises(TypeError):
+        poll_unlock_task(guard, "")
+    assert fake.charges == 0
+
+
+def test_spend_around_a_task_lets_calls_in_on_credits_the_task_will_take() -> None:
+    """Why holds: when a task is debited as it delivers, a spend around its submission
+    settles before the charge, and a second call is admitted on credits the first task is
+    about to take. A hold keeps them until the task ends."""
+    base = "https://platform.lensmor.com"
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0, task_debit="delivery")
+    guard = _guard(fake)
+    client = httpx.Client(
+        transport=fake.transport,
+        base_url=base,
+        headers={"Authorization": f"Bearer {fake.api_key}"},
+    )
+    tasks = []
+    for batch in (IDS, ["2001", "2002", "2003", "2004"]):
+        with guard.spend(60):
+            answer = client.post("/external/contacts/unlock", json={"personnel_ids": batch})
+            tasks.append(answer.json()["task_id"])  # both admitted on 100 credits
+    for task_id in tasks:
+        poll_unlock_task(guard, task_id, backoff=FAST)
+    assert len(fake.unlocked_contacts) < 8  # the second task ran out of credits
+
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0, task_debit="delivery")
+    guard = _guard(fake)
+    first = submit_contact_unlock(guard, IDS)
+    with pytest.raises(InsufficientCredits):  # the first task's 60 are still held
+        submit_contact_unlock(guard, ["2001", "2002", "2003", "2004"])
+    assert first.task_id is not None
+    done = poll_unlock_task(guard, first.task_id, hold_id=first.hold_id, backoff=FAST)
+    assert done.balance_after is not None and done.balance_after.total_balance == 40
+    assert set(fake.unlocked_contacts) == set(IDS)
+
+
+async def test_async_unlocks() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake)
+    unlock = await aunlock_contacts(guard, IDS, backoff=FAST)
+    assert unlock.status == "completed" and set(unlock.delivered) == set(IDS)
+    assert unlock.balance_after is not None and unlock.balance_after.total_balance == 940
+    submitted = await asubmit_contact_unlock(guard, ["3001"])
+    assert submitted.task_id is not None
+    done = await apoll_unlock_task(
+        guard, submitted.task_id, hold_id=submitted.hold_id, backoff=FAST
+    )
+    assert done.balance_after is not None and done.balance_after.total_balance == 925
+    assert reserved(guard) == 0
