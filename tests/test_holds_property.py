@@ -1,0 +1,127 @@
+"""Hypothesis: holds, spends, settles, releases and expiries interleaved never admit more
+than the balance. Every charge the model makes is one the guard admitted, and the sandbox
+refuses (raises) any charge the account cannot pay, so an overspend fails the run.
+
+Time is the test's: the memory backend's clock is replaced, so a hold expires exactly when
+the machine says."""
+
+from __future__ import annotations
+
+from unittest import mock
+
+import pytest
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import creditguard._holding
+import creditguard._state
+from creditguard import CreditGuard, Hold, InsufficientCredits
+from creditguard.testing import FakeLensmor
+
+from .helpers import reserved
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _Open:
+    def __init__(self, hold: Hold, due: float) -> None:
+        self.hold = hold
+        self.due = due
+        self.charged = 0
+
+
+class HoldsMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = _Clock()
+        self.patches = [
+            mock.patch.object(creditguard._state, "_monotonic", self.clock),
+            mock.patch.object(creditguard._holding, "_monotonic", self.clock),
+        ]
+        for patch in self.patches:
+            patch.start()
+        self.fake = FakeLensmor(subscription_balance=200, gift_balance=0)
+        self.guard = CreditGuard(
+            self.fake.api_key, transport=self.fake.transport, ttl=10_000, admission_timeout=0
+        )
+        self.open: list[_Open] = []
+        self.spent = 0
+
+    def teardown(self) -> None:
+        for patch in self.patches:
+            patch.stop()
+
+    def _charge(self, n: int) -> None:
+        self.fake.charge(n)  # raises when the account cannot pay: an overspend
+        self.spent += n
+
+    @rule(cost=st.integers(0, 120), charge=st.integers(0, 120))
+    def spend(self, cost: int, charge: int) -> None:
+        try:
+            spend = self.guard.spend(cost)
+            spend.__enter__()
+        except InsufficientCredits:
+            return
+        try:
+            self._charge(min(cost, charge))
+        finally:
+            spend.__exit__(None, None, None)
+
+    @rule(cost=st.integers(0, 120), life=st.integers(1, 100))
+    def hold(self, cost: int, life: int) -> None:
+        try:
+            hold = self.guard.hold(cost, expires_in=life)
+        except InsufficientCredits:
+            return
+        self.open.append(_Open(hold, self.clock.now + life))
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data(), charge=st.integers(0, 120))
+    def work(self, data: st.DataObject, charge: int) -> None:
+        held = data.draw(st.sampled_from(self.open))
+        n = min(held.hold.cost - held.charged, charge)
+        self._charge(n)
+        held.charged += n
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data())
+    def settle(self, data: st.DataObject) -> None:
+        held = data.draw(st.sampled_from(self.open))
+        self.open.remove(held)
+        after = held.hold.settle()
+        assert after is not None
+        assert after.total_balance == 200 - self.spent
+
+    @precondition(lambda self: any(not h.charged for h in self.open))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        held = data.draw(st.sampled_from([h for h in self.open if not h.charged]))
+        self.open.remove(held)
+        held.hold.release()
+
+    @precondition(lambda self: self.open)
+    @rule(data=st.data())
+    def expire(self, data: st.DataObject) -> None:
+        held = data.draw(st.sampled_from(self.open))
+        self.clock.now = max(self.clock.now, held.due)
+        for other in list(self.open):
+            if other.due <= self.clock.now:
+                self.open.remove(other)
+
+    @invariant()
+    def holds_hold_what_they_say(self) -> None:
+        assert reserved(self.guard) == sum(h.hold.cost for h in self.open)
+        assert self.fake.balance.total_balance == 200 - self.spent >= 0
+
+
+HoldsMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+test_holds_never_admit_more_than_the_balance = pytest.mark.filterwarnings("error")(
+    HoldsMachine.TestCase
+)
