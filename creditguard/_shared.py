@@ -25,7 +25,8 @@ class GuardEvent:
     was refused), ``"unchecked"`` (admitted without a balance under
     ``on_unavailable="allow"``), ``"spent"`` (with the balance before and after),
     ``"failed"`` (the action raised), ``"cancelled"`` (cancelled in the action or in the
-    refresh after it) and ``"refresh_failed"``. ``account`` is the account's fingerprint,
+    refresh after it), ``"refresh_failed"`` and ``"released"`` (a hold ended with nothing
+    charged). ``account`` is the account's fingerprint,
     never the key. ``charged`` (on ``"spent"``) is what the call cost, when its paid call
     reported it.
     """

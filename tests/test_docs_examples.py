@@ -68,6 +68,7 @@ RUNNABLE_PAGES = (
     "howto/testing.md",
     "howto/reports.md",
     "howto/workers.md",
+    "howto/long-running.md",
 )
 SHOWN_URL = "http://127.0.0.1:8787"
 
