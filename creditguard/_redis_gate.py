@@ -1,0 +1,263 @@
+"""The gate (``max_concurrent``) and the holds of one account in Redis: Lua scripts, each
+one atomic step, with a sync method (``redis.Redis``) and an async twin
+(``redis.asyncio``, named with a leading ``a``) per operation. No waiting here: a caller
+that has no turn yet asks again (see ``redis.RedisAccount``).
+
+Keys (every one carries the account's fingerprint ``F`` as the hash tag, as in
+``_redis_state``):
+
+* ``<prefix>{F}:gate``   sorted set: turn token -> expiry (ms): the turns taken. A turn
+  is a lease: the process that has it renews it; a hold's turn lives as long as the hold.
+* ``<prefix>{F}:queue``  sorted set: turn token -> ticket: the callers waiting, in order.
+* ``<prefix>{F}:alive``  sorted set: turn token -> expiry (ms) of a waiter's last look; a
+  waiter that stopped looking (its process died) leaves the queue when it passes.
+* ``<prefix>{F}:ticket`` counter: the next ticket.
+* ``<prefix>{F}:hold:<id>`` hash, one per open hold: ``cost``, ``gen``, ``balance`` (the
+  balance it was admitted on, as ``_redis_state.encode_balance`` writes it, or ``""``),
+  ``turn`` (its gate turn, or ``""``). The hold's reservation is the reservation ``<id>``
+  of ``_redis_state`` (in ``res`` and ``lease``), its lease set to the hold's expiry; the
+  key expires soon after it.
+
+Time is the server's (``TIME``, ms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+if TYPE_CHECKING:
+    from redis.commands.core import AsyncScript, Script
+
+    from ._redis_state import AsyncClient, SyncClient
+
+__all__ = ["HoldInfo", "RedisGate"]
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function fmt(n) return string.format('%d', n) end
+"""
+
+_SCRIPTS: dict[str, str] = {
+    # KEYS: gate, queue, alive, ticket. ARGV: token, limit, lease_ms, alive_ms.
+    # 1: the turn is the caller's (taken now, or before); 0: it waits in the queue.
+    "enter": _NOW
+    + """
+local gate, queue, alive = KEYS[1], KEYS[2], KEYS[3]
+local token, limit = ARGV[1], tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', gate, '-inf', fmt(now))
+local dead = redis.call('ZRANGEBYSCORE', alive, '-inf', fmt(now), 'LIMIT', 0, 100)
+for _, d in ipairs(dead) do
+  redis.call('ZREM', queue, d)
+  redis.call('ZREM', alive, d)
+end
+if redis.call('ZSCORE', gate, token) then return 1 end
+if not redis.call('ZSCORE', queue, token) then
+  redis.call('ZADD', queue, fmt(redis.call('INCR', KEYS[4])), token)
+end
+local free = limit - redis.call('ZCARD', gate)
+if free > 0 and redis.call('ZRANK', queue, token) < free then
+  redis.call('ZREM', queue, token)
+  redis.call('ZREM', alive, token)
+  redis.call('ZADD', gate, fmt(now + tonumber(ARGV[3])), token)
+  return 1
+end
+redis.call('ZADD', alive, fmt(now + tonumber(ARGV[4])), token)
+return 0
+""",
+    # KEYS: gate, queue, alive. ARGV: token. Give the turn back, or leave the queue.
+    "leave": """
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('ZREM', KEYS[3], ARGV[1])
+return 1
+""",
+    # KEYS: gate. ARGV: lease_ms, tokens... Renew the turns still taken.
+    "renew_turns": _NOW
+    + """
+local due = fmt(now + tonumber(ARGV[1]))
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], 'XX', due, ARGV[i])
+end
+return 1
+""",
+    # KEYS: res, lease, hold, gate. ARGV: id, expires_ms, cost, gen, balance, turn.
+    # Keep the reservation ``id`` open as a hold; its expiry (Unix ms), or nil when the
+    # reservation is gone (its lease expired).
+    "keep": _NOW
+    + """
+local id = ARGV[1]
+if redis.call('HEXISTS', KEYS[1], id) == 0 then return false end
+local due = now + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[2], fmt(due), id)
+redis.call('HSET', KEYS[3], 'cost', ARGV[3], 'gen', ARGV[4], 'balance', ARGV[5],
+           'turn', ARGV[6])
+redis.call('PEXPIREAT', KEYS[3], fmt(due + 60000))
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], 'XX', fmt(due), ARGV[6]) end
+return fmt(due)
+""",
+    # KEYS: res, lease, hold, gate. ARGV: id, claim (0/1), lease_ms.
+    # The open hold {cost, gen, balance, expiry}, or nil (unknown, ended or expired). With
+    # claim, it ends: its reservation is an ordinary one again (leased for lease_ms, to
+    # be settled by the caller) and its turn is given back.
+    "hold": _NOW
+    + """
+local id = ARGV[1]
+local info = redis.call('HMGET', KEYS[3], 'cost', 'gen', 'balance', 'turn')
+if not info[1] then return false end
+local due = tonumber(redis.call('ZSCORE', KEYS[2], id))
+if not due or due <= now or redis.call('HEXISTS', KEYS[1], id) == 0 then
+  redis.call('DEL', KEYS[3])
+  return false
+end
+if ARGV[2] == '1' then
+  redis.call('DEL', KEYS[3])
+  redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARGV[3])), id)
+  if info[4] ~= '' then redis.call('ZREM', KEYS[4], info[4]) end
+end
+return {info[1], info[2], info[3], fmt(due)}
+""",
+}
+
+
+class HoldInfo(NamedTuple):
+    """An open hold as Redis has it: ``balance`` as stored (``""``: none), ``expires_ms``
+    the Unix time (ms) it expires at."""
+
+    cost: int
+    gen: int
+    balance: str
+    expires_ms: int
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _info(answer: Any) -> HoldInfo | None:
+    if not answer:
+        return None
+    cost, gen, balance, due = answer
+    return HoldInfo(int(cost), int(gen), _text(balance), int(due))
+
+
+def _token(name: str, value: str) -> str:
+    if not isinstance(value, str) or not value or not value.isascii() or not value.isalnum():
+        raise ValueError(f"{name} must be a non-empty ASCII alphanumeric str, got {value!r}")
+    return value
+
+
+class RedisGate:
+    """The gate and holds of one account in Redis; every method is one script call (or
+    one command). ``client`` serves the sync methods, ``async_client`` their async twins;
+    either may be ``None`` when that side is unused."""
+
+    __slots__ = ("_async", "_async_scripts", "_base", "_scripts", "_sync", "gate_keys")
+
+    def __init__(
+        self,
+        client: SyncClient | None,
+        async_client: AsyncClient | None,
+        prefix: str,
+        fingerprint: str,
+    ) -> None:
+        self._sync = client
+        self._async = async_client
+        self._base = f"{prefix}{{{fingerprint}}}:"
+        base = self._base
+        self.gate_keys = (base + "gate", base + "queue", base + "alive", base + "ticket")
+        self._scripts: dict[str, Script] = {}
+        self._async_scripts: dict[str, AsyncScript] = {}
+
+    def _hold_keys(self, hold_id: str) -> list[str]:
+        base = self._base
+        return [base + "res", base + "lease", base + "hold:" + _token("hold_id", hold_id)]
+
+    def _run(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            if self._sync is None:
+                raise RuntimeError("this RedisGate has no sync client")
+            script = self._scripts[name] = self._sync.register_script(_SCRIPTS[name])
+        return script(keys=keys, args=args)
+
+    async def _arun(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
+        script = self._async_scripts.get(name)
+        if script is None:
+            if self._async is None:
+                raise RuntimeError("this RedisGate has no async client")
+            script = self._async_scripts[name] = self._async.register_script(_SCRIPTS[name])
+        return await script(keys=keys, args=args)
+
+    # -- the gate ----------------------------------------------------------------------
+
+    def _enter_args(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> list[str | int]:
+        return [_token("token", token), limit, lease_ms, alive_ms]
+
+    def enter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> bool:
+        """Take a turn (True), or stand in the queue (False: ask again within ``alive_ms``)."""
+        args = self._enter_args(token, limit, lease_ms, alive_ms)
+        return bool(self._run("enter", self.gate_keys, args))
+
+    async def aenter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> bool:
+        args = self._enter_args(token, limit, lease_ms, alive_ms)
+        return bool(await self._arun("enter", self.gate_keys, args))
+
+    def leave(self, token: str) -> None:
+        """Give the turn back, or leave the queue."""
+        self._run("leave", self.gate_keys[:3], [_token("token", token)])
+
+    async def aleave(self, token: str) -> None:
+        await self._arun("leave", self.gate_keys[:3], [_token("token", token)])
+
+    def renew_turns(self, tokens: Sequence[str], lease_ms: int) -> None:
+        """Renew the turns ``tokens`` that are still taken."""
+        args: list[str | int] = [lease_ms, *(_token("token", t) for t in tokens)]
+        self._run("renew_turns", self.gate_keys[:1], args)
+
+    def queued(self) -> int:
+        """How many callers wait in the queue."""
+        assert self._sync is not None
+        return int(self._sync.zcard(self.gate_keys[1]))
+
+    # -- holds -------------------------------------------------------------------------
+
+    def _keep_args(
+        self, hold_id: str, expires_ms: int, cost: int, gen: int, balance: str, turn: str
+    ) -> tuple[list[str], list[str | int]]:
+        keys = [*self._hold_keys(hold_id), self.gate_keys[0]]
+        args: list[str | int] = [
+            hold_id,
+            expires_ms,
+            cost,
+            gen,
+            balance,
+            turn and _token("turn", turn),
+        ]
+        return keys, args
+
+    def keep(
+        self, hold_id: str, expires_ms: int, cost: int, gen: int, balance: str, turn: str
+    ) -> int | None:
+        """Keep reservation ``hold_id`` open as a hold for ``expires_ms``; its expiry (Unix
+        ms), or ``None`` when the reservation is gone."""
+        keys, args = self._keep_args(hold_id, expires_ms, cost, gen, balance, turn)
+        due = self._run("keep", keys, args)
+        return None if due is None else int(due)
+
+    async def akeep(
+        self, hold_id: str, expires_ms: int, cost: int, gen: int, balance: str, turn: str
+    ) -> int | None:
+        keys, args = self._keep_args(hold_id, expires_ms, cost, gen, balance, turn)
+        due = await self._arun("keep", keys, args)
+        return None if due is None else int(due)
+
+    def hold(self, hold_id: str, claim: bool, lease_ms: int) -> HoldInfo | None:
+        """The open hold ``hold_id`` (ending it, with ``claim``), or ``None``."""
+        keys = [*self._hold_keys(hold_id), self.gate_keys[0]]
+        return _info(self._run("hold", keys, [hold_id, int(claim), lease_ms]))
+
+    async def ahold(self, hold_id: str, claim: bool, lease_ms: int) -> HoldInfo | None:
+        keys = [*self._hold_keys(hold_id), self.gate_keys[0]]
+        return _info(await self._arun("hold", keys, [hold_id, int(claim), lease_ms]))
