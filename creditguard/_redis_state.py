@@ -15,9 +15,10 @@ the key) carries the hash tag ``{F}``, so that all of them live in one Redis Clu
 and every script can name them all in ``KEYS``:
 
 * ``<prefix>{F}:state``  hash: ``seq``, ``floor``, ``cached`` (the balance as the JSON of
-  ``CreditBalance.to_api()``; absent when none), ``cached_total``, ``cached_seq``,
-  ``cached_at`` (ms), ``cache_gen``, ``reserved``, ``inflight``, ``blocked_until`` (ms),
-  ``flight_seq`` (the ``seq`` the read in progress started at);
+  ``CreditBalance.to_api()``; absent when none), ``cached_total``, ``cache_id`` (a random
+  name of the cached balance: the token of the read, or the reservation id, that brought
+  it), ``cached_seq``, ``cached_at`` (ms), ``cache_gen``, ``reserved``, ``inflight``,
+  ``blocked_until`` (ms), ``flight_seq`` (the ``seq`` the read in progress started at);
 * ``<prefix>{F}:res``    hash: reservation id -> ``"cost:gen:after"``;
 * ``<prefix>{F}:lease``  sorted set: reservation id -> lease expiry (ms);
 * ``<prefix>{F}:flight`` string: the token of the caller leading the read in progress
@@ -30,14 +31,25 @@ Leases
 A reservation is leased for ``lease_ms``: a process that holds one for longer must
 :meth:`~RedisAccountState.renew` it. Every operation first removes the reservations whose
 lease expired (their process died, or lost Redis for longer than the lease) and, if there
-were any, hard-invalidates: an expired lease is a spend whose outcome nobody knows.
+were any, hard-invalidates: an expired lease is a spend whose outcome nobody knows. The
+one exception is :meth:`~RedisAccountState.finish`, which decides nothing (it marks a
+spend finished): the next operation removes them.
+
+Calls
+-----
+Each operation is one ``EVALSHA`` through the client's ``execute_command`` (keys sent as
+bytes, encoded once); on ``NOSCRIPT`` (a restarted server, a failover) the script is
+loaded again and the call repeated. An admission sends the balance only when it is not
+the one the caller names as known (``known``, the ``cache_id`` of the last balance it was
+sent): most admissions in a TTL are answered with the cache generation alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ._models import CreditBalance
@@ -47,7 +59,6 @@ if TYPE_CHECKING:
     import redis.asyncio
     import redis.asyncio.cluster
     import redis.cluster
-    from redis.commands.core import AsyncScript, Script
 
     SyncClient = redis.Redis | redis.cluster.RedisCluster
     AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
@@ -70,25 +81,88 @@ DEFAULT_PREFIX = "creditguard:"
 
 # -- the scripts -------------------------------------------------------------------------
 #
-# Every script starts with _PRELUDE: it names the keys, reads the server's time and the
-# numeric state fields into S, and defines the helpers. A script changes S (and sets
-# ``dirty``) and ends with flush(), which writes S back in one HSET. Lua numbers are
-# doubles: exact up to 2^53, far beyond any credit count, seq or millisecond time here;
-# they are written with '%d' (tostring would switch to exponents past 14 digits).
+# _HEAD names the keys, reads the server's time and defines sweep(): it removes the
+# reservations whose lease expired, if any did. The two scripts of every guarded call
+# are written out: "admit" sweeps, reads the fields it needs in one HMGET and writes
+# only what it changes; "finish" only marks a spend finished (it decides nothing, so it
+# leaves expired leases to the next operation that does). The others sweep first and
+# then follow _HELPERS: S holds the state fields they read (one HMGET
+# of the fields the script names; any other field is read on first use), changed in
+# place, and flush() writes back in one HSET only the fields whose value changed (and
+# stores or drops the cached balance). Lua numbers are doubles: exact up to 2^53, far
+# beyond any credit count, seq or millisecond time here; they are written with '%d'
+# (tostring would switch to exponents past 14 digits).
 
-_PRELUDE = """
+_KEYS = """
 local K_STATE, K_RES, K_LEASE, K_FLIGHT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local function fmt(n) return string.format('%d', n) end
+"""
+
+_HEAD = (
+    _KEYS
+    + """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function fmt(n) return string.format('%d', n) end
-local F = {'seq', 'floor', 'cached_total', 'cached_seq', 'cached_at', 'cache_gen',
-           'reserved', 'inflight', 'blocked_until'}
-local raw = redis.call('HMGET', K_STATE, unpack(F))
-local S = {}
-for i, name in ipairs(F) do S[name] = tonumber(raw[i]) or 0 end
-local cached = raw[3] and true or false  -- a balance is cached
-local new_json = nil                     -- the balance to cache, set by this script
-local dirty = false
+
+-- Expired leases: spends of unknown outcome. Their credits are no longer counted and
+-- every read that started before now is distrusted (hard invalidation). (One ZCOUNT when
+-- none expired: the common case.)
+local function sweep()
+  local due = '(' .. fmt(now)
+  if redis.call('ZCOUNT', K_LEASE, '-inf', due) == 0 then return end
+  local gone = redis.call('ZRANGEBYSCORE', K_LEASE, '-inf', due)
+  local cost, n = 0, 0
+  for _, id in ipairs(gone) do
+    local rec = redis.call('HGET', K_RES, id)
+    if rec then
+      cost = cost + tonumber(string.match(rec, '^%d+'))
+      n = n + 1
+      redis.call('HDEL', K_RES, id)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', K_LEASE, '-inf', due)
+  local raw = redis.call('HMGET', K_STATE, 'seq', 'cache_gen', 'reserved', 'inflight')
+  local seq = fmt((tonumber(raw[1]) or 0) + 1)
+  redis.call('HSET', K_STATE, 'seq', seq, 'floor', seq,
+             'cache_gen', fmt((tonumber(raw[2]) or 0) + 1),
+             'reserved', fmt((tonumber(raw[3]) or 0) - cost),
+             'inflight', fmt((tonumber(raw[4]) or 0) - n))
+  redis.call('HDEL', K_STATE, 'cached', 'cached_total', 'cache_id')
+end
+"""
+)
+
+_HELPERS = """
+local S, O = {}, {}    -- the state fields: as changed by this script, as read
+local cached = nil     -- a balance is cached (nil: not looked at yet)
+local cache_op = nil   -- what flush() does to the cached balance: 'store' or 'drop'
+local new_json = nil   -- the balance to cache, set by this script, and its id
+local new_id = nil
+
+-- read the fields not read yet, in one HMGET
+local function load(...)
+  local names = {}
+  for _, name in ipairs({...}) do
+    if rawget(S, name) == nil then names[#names + 1] = name end
+  end
+  if #names == 0 then return end
+  local raw = redis.call('HMGET', K_STATE, unpack(names))
+  for i, name in ipairs(names) do
+    local v = tonumber(raw[i]) or 0
+    S[name] = v
+    O[name] = v
+    if name == 'cached_total' and cached == nil then cached = raw[i] and true or false end
+  end
+end
+setmetatable(S, {__index = function(_, name)
+  load(name)
+  return rawget(S, name)
+end})
+
+local function is_cached()
+  if cached == nil then load('cached_total') end
+  return cached
+end
 
 local function parse(rec)
   local c, g, a = string.match(rec, '^(%d+):(%-?%d+):(%d+)$')
@@ -102,7 +176,6 @@ local function unhold(id, cost)
   redis.call('ZREM', K_LEASE, id)
   S.reserved = S.reserved - cost
   S.inflight = S.inflight - 1
-  dirty = true
 end
 
 -- a spend that settled, or whose outcome is known: no older read may be trusted
@@ -117,164 +190,207 @@ local function invalidate()
   S.floor = S.seq
   S.cache_gen = S.cache_gen + 1
   cached = false
+  cache_op = 'drop'
   new_json = nil
-  dirty = true
 end
 
-local function store(json, total, start, at)
+-- cache a balance; ``id`` names it (the random token of the read, or reservation id, that
+-- brought it): a caller that knows the balance of that id is not sent it again
+local function store(json, total, start, at, id)
+  S.cache_gen = S.cache_gen + 1
   cached = true
+  cache_op = 'store'
   new_json = json
+  new_id = id
   S.cached_total = total
   S.cached_seq = start
   S.cached_at = at
-  S.cache_gen = S.cache_gen + 1
-  dirty = true
 end
 
 local function cached_json()
-  if not cached then return '' end
+  if not is_cached() then return '' end
   if new_json then return new_json end
   return redis.call('HGET', K_STATE, 'cached') or ''
 end
 
--- expired leases: spends of unknown outcome
-local function sweep()
-  local gone = redis.call('ZRANGEBYSCORE', K_LEASE, '-inf', '(' .. fmt(now))
-  if #gone == 0 then return end
-  for _, id in ipairs(gone) do
-    local rec = redis.call('HGET', K_RES, id)
-    if rec then
-      local c = parse(rec)
-      unhold(id, c)
-    else
-      redis.call('ZREM', K_LEASE, id)
-    end
-  end
-  invalidate()
-end
-
 local function flush()
-  if not dirty then return end
   local args = {}
-  for _, name in ipairs(F) do
-    if name ~= 'cached_total' then
+  for name, v in pairs(S) do
+    if v ~= O[name] and name ~= 'cached_total' then
       args[#args + 1] = name
-      args[#args + 1] = fmt(S[name])
+      args[#args + 1] = fmt(v)
     end
   end
-  if cached then
+  if cache_op == 'store' then
+    args[#args + 1] = 'cached'
+    args[#args + 1] = new_json
     args[#args + 1] = 'cached_total'
     args[#args + 1] = fmt(S.cached_total)
-    if new_json then
-      args[#args + 1] = 'cached'
-      args[#args + 1] = new_json
-    end
-  else
-    redis.call('HDEL', K_STATE, 'cached', 'cached_total')
+    args[#args + 1] = 'cache_id'
+    args[#args + 1] = new_id
+  elseif cache_op == 'drop' then
+    redis.call('HDEL', K_STATE, 'cached', 'cached_total', 'cache_id')
   end
-  redis.call('HSET', K_STATE, unpack(args))
+  if #args > 0 then redis.call('HSET', K_STATE, unpack(args)) end
 end
 
-local function trusted() return cached and S.cached_seq >= S.floor end
-
-sweep()
+local function trusted() return is_cached() and S.cached_seq >= S.floor end
 """
 
-_SCRIPTS: dict[str, str] = {
-    # ARGV: id, cost, ttl_ms, settle, may_wait, waited_for (-1: none), lease_ms, own ids...
-    "admit": """
-local id, cost, ttl, waited = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[6])
-if not trusted()
-   or (now - S.cached_at >= ttl and not (waited >= 0 and S.cached_seq >= waited)) then
-  flush()
-  return {'read', S.floor}
+# The scripts of every guarded call, with the keys they use (a prefix of the four).
+_DIRECT: dict[str, tuple[int, str]] = {
+    # ARGV[1]: 'cost ttl_ms <settle><may_wait> waited_for lease_ms id known', one string
+    # (waited_for -1: none; known: the cache_id of the balance the caller has, or empty);
+    # ARGV[2...]: own ids
+    "admit": (
+        3,
+        _HEAD
+        + """
+local cost, ttl, settle, may_wait, waited, lease, id, known = string.match(ARGV[1],
+  '^(%d+) (%d+) ([01])([01]) (%-?%d+) (%d+) (%S+) (%S*)$')
+cost, ttl, waited = tonumber(cost), tonumber(ttl), tonumber(waited)
+sweep()
+local raw = redis.call('HMGET', K_STATE, 'cached_total', 'cached_seq', 'floor', 'cached_at',
+                       'cache_gen', 'reserved', 'inflight', 'cache_id')
+local total = tonumber(raw[1])  -- nil: no balance cached
+local cseq, floor = tonumber(raw[2]) or 0, tonumber(raw[3]) or 0
+if not total or cseq < floor
+   or (now - (tonumber(raw[4]) or 0) >= ttl and not (waited >= 0 and cseq >= waited)) then
+  return {'read', floor}
 end
-local total, reserved = S.cached_total, S.reserved
+local gen, reserved = raw[5] or '0', tonumber(raw[6]) or 0  -- (gen as stored: '%d')
 if cost == 0 or cost <= total - reserved then
-  if redis.call('HEXISTS', K_RES, id) == 1 then
-    flush()
+  if redis.call('HSETNX', K_RES, id, fmt(cost) .. ':' .. gen .. ':0') == 0 then
     return redis.error_reply('creditguard: reservation id already in use')
   end
-  redis.call('HSET', K_RES, id, record(cost, S.cache_gen, 0))
-  redis.call('ZADD', K_LEASE, fmt(now + tonumber(ARGV[7])), id)
-  S.reserved = reserved + cost
-  S.inflight = S.inflight + 1
-  dirty = true
-  flush()
-  return {'ok', cached_json(), S.cache_gen}
+  redis.call('ZADD', K_LEASE, fmt(now + tonumber(lease)), id)
+  redis.call('HSET', K_STATE, 'reserved', fmt(reserved + cost),
+             'inflight', fmt((tonumber(raw[7]) or 0) + 1))
+  -- the caller has this balance: its generation alone says so
+  if known ~= '' and raw[8] == known then return tonumber(gen) end
+  return {'ok', redis.call('HGET', K_STATE, 'cached') or '', tonumber(gen), raw[8] or ''}
 end
+-- It does not fit: settle finished spends first, wait for ambiguous ones, or refuse.
 local own_ids = {}
-for i = 8, #ARGV do own_ids[ARGV[i]] = true end
+for i = 2, #ARGV do own_ids[ARGV[i]] = true end
 local newest, excluded, own = 0, 0, 0
 local all = redis.call('HGETALL', K_RES)
 for i = 1, #all, 2 do
-  local c, g, a = parse(all[i + 1])
+  local c, g, a = string.match(all[i + 1], '^(%d+):(%-?%d+):(%d+)$')
+  c, g, a = tonumber(c), tonumber(g), tonumber(a)
   if a > newest then newest = a end
-  if g == S.cache_gen then
+  if g == tonumber(gen) then
     excluded = excluded + c
   elseif own_ids[all[i]] then
     own = own + c
   end
 end
-flush()
-if newest > 0 and ARGV[4] == '1' then return {'read', newest} end
+if newest > 0 and settle == '1' then return {'read', newest} end
 local ambiguous = reserved - excluded
-if ambiguous > own and ARGV[5] == '1' then return {'wait', ambiguous, own} end
+if ambiguous > own and may_wait == '1' then return {'wait', ambiguous, own} end
 local available = total - reserved
 if available < 0 then available = 0 end
-return {'refuse', available, reserved, cached_json()}
+return {'refuse', available, reserved, redis.call('HGET', K_STATE, 'cached') or ''}
 """,
+    ),
+    # ARGV: id
+    "finish": (
+        2,
+        _KEYS
+        + """
+local rec = redis.call('HGET', K_RES, ARGV[1])
+if not rec then return 0 end
+local seq = redis.call('HINCRBY', K_STATE, 'seq', 1)
+redis.call('HSET', K_RES, ARGV[1], string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
+return seq
+""",
+    ),
+}
+
+# The others: _HEAD, _HELPERS, a load() of the fields the body reads, then the body.
+_SCRIPTS: dict[str, tuple[tuple[str, ...], str]] = {
     # ARGV: id, cost, lease_ms
-    "reserve_unchecked": """
-if redis.call('HEXISTS', K_RES, ARGV[1]) == 1 then
-  flush()
+    "reserve_unchecked": (
+        ("reserved", "inflight"),
+        """
+local cost = tonumber(ARGV[2])
+if redis.call('HSETNX', K_RES, ARGV[1], record(cost, -1, 0)) == 0 then
   return redis.error_reply('creditguard: reservation id already in use')
 end
-local cost = tonumber(ARGV[2])
-redis.call('HSET', K_RES, ARGV[1], record(cost, -1, 0))
 redis.call('ZADD', K_LEASE, fmt(now + tonumber(ARGV[3])), ARGV[1])
 S.reserved = S.reserved + cost
 S.inflight = S.inflight + 1
-dirty = true
 flush()
 return 1
 """,
+    ),
     # ARGV: token, budget_ms
-    "read_begin": """
+    "read_begin": (
+        ("seq",),
+        """
 if redis.call('SET', K_FLIGHT, ARGV[1], 'NX', 'PX', ARGV[2]) then
-  redis.call('HSET', K_STATE, 'flight_seq', fmt(S.seq))
+  S.flight_seq = S.seq
   flush()
   return {1, S.seq}
 end
-flush()
-return {0, tonumber(redis.call('HGET', K_STATE, 'flight_seq')) or 0}
+return {0, S.flight_seq}
 """,
+    ),
     # ARGV: token, start_seq, balance json, total
-    "read_done": """
+    "read_done": (
+        ("cached_total", "cached_seq", "floor", "cache_gen", "reserved", "inflight"),
+        """
 local start = tonumber(ARGV[2])
-if start >= S.floor and (not cached or start >= S.cached_seq) then
-  store(ARGV[3], tonumber(ARGV[4]), start, now)
+if start >= S.floor and (not is_cached() or start >= S.cached_seq) then
+  store(ARGV[3], tonumber(ARGV[4]), start, now, ARGV[1])
 end
-local released = 0
+-- release the spends that finished before it started, in a few commands however many
+local ids, cost, newest = {}, 0, 0
 local all = redis.call('HGETALL', K_RES)
 for i = 1, #all, 2 do
-  local c, g, a = parse(all[i + 1])
+  local c, a = string.match(all[i + 1], '^(%d+):%-?%d+:(%d+)$')
+  a = tonumber(a)
   if a > 0 and a <= start then
-    release(all[i], c, a)
-    released = released + 1
+    ids[#ids + 1] = all[i]
+    cost = cost + tonumber(c)
+    if a > newest then newest = a end
   end
+end
+for i = 1, #ids, 1000 do
+  local last = math.min(i + 999, #ids)
+  redis.call('HDEL', K_RES, unpack(ids, i, last))
+  redis.call('ZREM', K_LEASE, unpack(ids, i, last))
+end
+if #ids > 0 then
+  S.reserved = S.reserved - cost
+  S.inflight = S.inflight - #ids
+  if newest > S.floor then S.floor = newest end
 end
 if redis.call('GET', K_FLIGHT) == ARGV[1] then redis.call('DEL', K_FLIGHT) end
 flush()
-return released
+return #ids
 """,
+    ),
     # ARGV: token
-    "read_failed": """
+    "read_failed": (
+        (),
+        """
 if redis.call('GET', K_FLIGHT) == ARGV[1] then redis.call('DEL', K_FLIGHT) end
-flush()
 return 0
 """,
-    "state": """
+    ),
+    "state": (
+        (
+            "cached_total",
+            "cached_seq",
+            "cached_at",
+            "floor",
+            "seq",
+            "reserved",
+            "inflight",
+            "cache_gen",
+        ),
+        """
 local settling, newest = 0, 0
 local all = redis.call('HGETALL', K_RES)
 for i = 1, #all, 2 do
@@ -284,28 +400,16 @@ for i = 1, #all, 2 do
     if a > newest then newest = a end
   end
 end
-flush()
 local age = -1
-if cached then age = now - S.cached_at end
-return {cached and 1 or 0, cached_json(), S.cached_seq, age, S.floor, S.seq, S.reserved,
+if is_cached() then age = now - S.cached_at end
+return {is_cached() and 1 or 0, cached_json(), S.cached_seq, age, S.floor, S.seq, S.reserved,
         S.inflight, settling, newest, redis.call('EXISTS', K_FLIGHT), S.cache_gen}
 """,
-    # ARGV: id
-    "finish": """
-local rec = redis.call('HGET', K_RES, ARGV[1])
-if not rec then
-  flush()
-  return 0
-end
-local c, g = parse(rec)
-S.seq = S.seq + 1
-dirty = true
-redis.call('HSET', K_RES, ARGV[1], record(c, g, S.seq))
-flush()
-return S.seq
-""",
+    ),
     # ARGV: id, invalidate
-    "release": """
+    "release": (
+        ("reserved", "inflight", "floor"),
+        """
 local rec = redis.call('HGET', K_RES, ARGV[1])
 if rec then
   local c, g, a = parse(rec)
@@ -315,36 +419,55 @@ if ARGV[2] == '1' then invalidate() end
 flush()
 return rec and 1 or 0
 """,
+    ),
     # ARGV: id, expected_gen, balance json, total
-    "settle_alone": """
+    "settle_alone": (
+        (
+            "cached_total",
+            "cached_seq",
+            "cached_at",
+            "floor",
+            "seq",
+            "reserved",
+            "inflight",
+            "cache_gen",
+        ),
+        """
 local rec = redis.call('HGET', K_RES, ARGV[1])
-local done = 0
 if rec and trusted() and S.inflight == 1 and redis.call('EXISTS', K_FLIGHT) == 0 then
   local c, g, a = parse(rec)
   if a == 0 and g == S.cache_gen and g == tonumber(ARGV[2]) then
     S.seq = S.seq + 1
     S.floor = S.seq
-    store(ARGV[3], tonumber(ARGV[4]), S.seq, S.cached_at)  -- its age is the read's
+    store(ARGV[3], tonumber(ARGV[4]), S.seq, S.cached_at, ARGV[1])  -- its age is the read's
     unhold(ARGV[1], c)
-    done = 1
+    flush()
+    return 1
   end
 end
-flush()
-return done
+return 0
 """,
-    "invalidate": """
+    ),
+    "invalidate": (
+        ("seq", "cache_gen"),
+        """
 invalidate()
 flush()
 return S.seq
 """,
-    "bump": """
+    ),
+    "bump": (
+        ("seq",),
+        """
 S.seq = S.seq + 1
-dirty = true
 flush()
 return S.seq
 """,
+    ),
     # ARGV: lease_ms, ids...
-    "renew": """
+    "renew": (
+        (),
+        """
 local n = 0
 local expiry = fmt(now + tonumber(ARGV[1]))
 for i = 2, #ARGV do
@@ -353,28 +476,53 @@ for i = 2, #ARGV do
     n = n + 1
   end
 end
-flush()
 return n
 """,
+    ),
     # ARGV: ms
-    "block": """
+    "block": (
+        ("blocked_until",),
+        """
 local until_ms = now + tonumber(ARGV[1])
-if until_ms > S.blocked_until then
-  S.blocked_until = until_ms
-  dirty = true
-end
+if until_ms > S.blocked_until then S.blocked_until = until_ms end
 flush()
 return S.blocked_until
 """,
-    "blocked": """
-flush()
+    ),
+    "blocked": (
+        ("blocked_until",),
+        """
 local left = S.blocked_until - now
 if left < 0 then left = 0 end
 return left
 """,
+    ),
 }
 
-SCRIPTS: dict[str, str] = {name: _PRELUDE + body for name, body in _SCRIPTS.items()}
+
+def _script(fields: tuple[str, ...], body: str) -> str:
+    load = "load(" + ", ".join(f"'{name}'" for name in fields) + ")\n" if fields else ""
+    return _HEAD + "sweep()\n" + _HELPERS + load + body
+
+
+SCRIPTS: dict[str, str] = {
+    **{name: text for name, (_, text) in _DIRECT.items()},
+    **{name: _script(*script) for name, script in _SCRIPTS.items()},
+}
+# how many of the account's keys each script is given (the others: all four)
+NKEYS: dict[str, int] = {name: n for name, (n, _) in _DIRECT.items()}
+# what EVALSHA names them by (SCRIPT LOAD answers the same)
+SHAS: dict[str, str] = {
+    name: hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+    for name, text in SCRIPTS.items()
+}
+
+
+def _no_script(exc: Exception) -> bool:
+    """``exc`` is Redis saying it does not know the script (``NOSCRIPT``)."""
+    from redis.exceptions import NoScriptError
+
+    return isinstance(exc, NoScriptError)
 
 
 # -- results -----------------------------------------------------------------------------
@@ -389,12 +537,15 @@ class ReadNeeded(NamedTuple):
 
 
 class Admitted(NamedTuple):
-    """Reserved: ``balance`` (JSON) is what it was admitted on, ``gen`` its cache
-    generation (pass it to :meth:`RedisAccountState.settle_alone`)."""
+    """Reserved: ``balance`` (JSON) is what it was admitted on, or ``None`` when that is
+    the balance the caller named as known; ``gen`` its cache generation (pass it to
+    :meth:`RedisAccountState.settle_alone`); ``cache_id`` its name (``""``: none), to pass
+    as ``known`` to the next admission."""
 
     kind: Literal["ok"]
-    balance: str
+    balance: str | None
     gen: int
+    cache_id: str
 
 
 class WaitNeeded(NamedTuple):
@@ -454,10 +605,12 @@ def _int(value: object) -> int:
     return int(_text(value))
 
 
-def _admit_result(raw: Any) -> AdmitResult:
+def _admit_result(raw: Any, known: str) -> AdmitResult:
+    if type(raw) is int:  # admitted on the balance the caller knows: its generation
+        return Admitted("ok", None, raw, known)
     kind = _text(raw[0])
     if kind == "ok":
-        return Admitted("ok", _text(raw[1]), _int(raw[2]))
+        return Admitted("ok", _text(raw[1]), _int(raw[2]), _text(raw[3]))
     if kind == "read":
         return ReadNeeded("read", _int(raw[1]))
     if kind == "wait":
@@ -509,6 +662,19 @@ def _ident(name: str, value: object) -> str:
     return value
 
 
+def _name(name: str, value: object) -> str:
+    """A reservation id or read token: a non-empty str without whitespace (it travels in
+    the admission's one-string argument, and names the balance it brings, ``cache_id``)."""
+    if type(value) is not str or value.split() != [value]:
+        raise ValueError(f"{name} must be a non-empty str without whitespace, got {value!r}")
+    return value
+
+
+def _head(sha: str, keys: tuple[str | bytes, ...]) -> tuple[str | bytes, ...]:
+    """The start of an EVALSHA of ``sha`` on ``keys``."""
+    return ("EVALSHA", sha, str(len(keys)).encode(), *keys)
+
+
 def _flag(value: bool) -> str:
     return "1" if value else "0"
 
@@ -526,7 +692,7 @@ class RedisAccountState:
     ``lease_ms`` is how long a reservation lives unless renewed.
     """
 
-    __slots__ = ("_async", "_async_scripts", "_scripts", "_sync", "fingerprint", "keys", "lease_ms")
+    __slots__ = ("_async", "_heads", "_sync", "fingerprint", "keys", "lease_ms")
 
     def __init__(
         self,
@@ -555,28 +721,42 @@ class RedisAccountState:
             base + "lease",
             base + "flight",
         )
-        self._scripts: dict[str, Script] = {}
-        self._async_scripts: dict[str, AsyncScript] = {}
+        # what precedes the arguments of each script's EVALSHA, encoded once
+        keys = tuple(key.encode() for key in self.keys)
+        self._heads: dict[str, tuple[str | bytes, ...]] = {
+            name: _head(SHAS[name], keys[: NKEYS.get(name, 4)]) for name in SCRIPTS
+        }
 
     def __repr__(self) -> str:
         return f"<RedisAccountState {self.keys[0]}>"
 
     def _run(self, name: str, args: Sequence[str | int]) -> Any:
-        script = self._scripts.get(name)
-        if script is None:
-            if self._sync is None:
-                raise RuntimeError("this RedisAccountState has no sync client")
-            script = self._scripts[name] = self._sync.register_script(SCRIPTS[name])
-        # redis-py's Script: EVALSHA, and on NOSCRIPT (a restarted server) load it again
-        return script(keys=self.keys, args=args)
+        client = self._sync
+        if client is None:
+            raise RuntimeError("this RedisAccountState has no sync client")
+        head = self._heads[name]
+        execute: Callable[..., Any] = client.execute_command
+        try:
+            return execute(*head, *args)
+        except Exception as exc:
+            if not _no_script(exc):
+                raise
+        # NOSCRIPT: a restarted server (or another node) does not know it yet
+        sha = _text(client.script_load(SCRIPTS[name]))
+        return execute(*_head(sha, head[3:]), *args)
 
     async def _arun(self, name: str, args: Sequence[str | int]) -> Any:
-        script = self._async_scripts.get(name)
-        if script is None:
-            if self._async is None:
-                raise RuntimeError("this RedisAccountState has no async client")
-            script = self._async_scripts[name] = self._async.register_script(SCRIPTS[name])
-        return await script(keys=self.keys, args=args)
+        client = self._async
+        if client is None:
+            raise RuntimeError("this RedisAccountState has no async client")
+        head = self._heads[name]
+        try:
+            return await client.execute_command(*head, *args)
+        except Exception as exc:
+            if not _no_script(exc):
+                raise
+        sha = _text(await client.script_load(SCRIPTS[name]))
+        return await client.execute_command(*_head(sha, head[3:]), *args)
 
     # -- admission -----------------------------------------------------------------------
 
@@ -589,22 +769,19 @@ class RedisAccountState:
         may_wait: bool,
         own_ids: Sequence[str],
         waited_for: int | None,
+        known: str,
     ) -> list[str | int]:
-        _ident("res_id", res_id)
         waited = -1 if waited_for is None else _count("waited_for", waited_for)
-        args: list[str | int] = [
-            res_id,
-            _count("cost", cost),
-            _count("ttl_ms", ttl_ms),
-            _flag(settle),
-            _flag(may_wait),
-            waited,
-            self.lease_ms,
-        ]
+        # one string: each argument costs redis-py's encoder more than its text
+        call = (
+            f"{_count('cost', cost)} {_count('ttl_ms', ttl_ms)} {_flag(settle)}{_flag(may_wait)}"
+            f" {waited} {self.lease_ms} {_name('res_id', res_id)} {known and _name('known', known)}"
+        )
+        if not own_ids:
+            return [call]
         if isinstance(own_ids, str):
             raise TypeError("own_ids must be a sequence of reservation ids, not a str")
-        args += [_ident("own_ids", r) for r in own_ids]
-        return args
+        return [call, *(_name("own_ids", r) for r in own_ids)]
 
     def admit(
         self,
@@ -615,6 +792,7 @@ class RedisAccountState:
         may_wait: bool,
         own_ids: Sequence[str] = (),
         waited_for: int | None = None,
+        known: str = "",
     ) -> AdmitResult:
         """Decide a call of ``cost`` on the cached balance (see ``Account.admit``).
 
@@ -623,10 +801,12 @@ class RedisAccountState:
         after ``waited_for``: the caller just waited for a read that started there (so
         ``ttl_ms=0`` admits on the read each caller waits for). On success the
         reservation ``res_id`` is recorded with a lease. ``own_ids``: the reservations of
-        the caller's enclosing spends (they cannot settle while it waits).
+        the caller's enclosing spends (they cannot settle while it waits). ``known``: the
+        ``cache_id`` of the balance the caller already has (from an earlier
+        :class:`Admitted`); admitted on that one, the answer's ``balance`` is ``None``.
         """
-        args = self._admit_args(res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for)
-        return _admit_result(self._run("admit", args))
+        args = self._admit_args(res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for, known)
+        return _admit_result(self._run("admit", args), known)
 
     async def aadmit(
         self,
@@ -637,10 +817,11 @@ class RedisAccountState:
         may_wait: bool,
         own_ids: Sequence[str] = (),
         waited_for: int | None = None,
+        known: str = "",
     ) -> AdmitResult:
         """Async twin of :meth:`admit`."""
-        args = self._admit_args(res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for)
-        return _admit_result(await self._arun("admit", args))
+        args = self._admit_args(res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for, known)
+        return _admit_result(await self._arun("admit", args), known)
 
     def reserve_unchecked(self, res_id: str, cost: int) -> None:
         """Fail-open admission: count ``cost`` as in flight with no balance to check
@@ -652,7 +833,7 @@ class RedisAccountState:
         await self._arun("reserve_unchecked", self._unchecked_args(res_id, cost))
 
     def _unchecked_args(self, res_id: str, cost: int) -> list[str | int]:
-        return [_ident("res_id", res_id), _count("cost", cost), self.lease_ms]
+        return [_name("res_id", res_id), _count("cost", cost), self.lease_ms]
 
     # -- reads ---------------------------------------------------------------------------
 
@@ -680,11 +861,11 @@ class RedisAccountState:
 
     def read_failed(self, token: str) -> None:
         """A read failed (or was abandoned): give up the flight if ``token`` holds it."""
-        self._run("read_failed", [_ident("token", token)])
+        self._run("read_failed", [_name("token", token)])
 
     async def aread_failed(self, token: str) -> None:
         """Async twin of :meth:`read_failed`."""
-        await self._arun("read_failed", [_ident("token", token)])
+        await self._arun("read_failed", [_name("token", token)])
 
     def state(self) -> Snapshot:
         """The account's state now (after removing expired leases)."""
@@ -699,20 +880,20 @@ class RedisAccountState:
     def finish(self, res_id: str) -> int:
         """The action of ``res_id`` finished; a later read settles it. Returns the ``seq``
         that read must start at (0: the reservation is gone, its lease expired)."""
-        return _int(self._run("finish", [_ident("res_id", res_id)]))
+        return _int(self._run("finish", [_name("res_id", res_id)]))
 
     async def afinish(self, res_id: str) -> int:
         """Async twin of :meth:`finish`."""
-        return _int(await self._arun("finish", [_ident("res_id", res_id)]))
+        return _int(await self._arun("finish", [_name("res_id", res_id)]))
 
     def release(self, res_id: str, invalidate: bool = False) -> bool:
         """Drop ``res_id`` (its action never ran, or its outcome is known); with
         ``invalidate``, hard-invalidate too. Returns whether it was still held."""
-        return _int(self._run("release", [_ident("res_id", res_id), _flag(invalidate)])) == 1
+        return _int(self._run("release", [_name("res_id", res_id), _flag(invalidate)])) == 1
 
     async def arelease(self, res_id: str, invalidate: bool = False) -> bool:
         """Async twin of :meth:`release`."""
-        args = [_ident("res_id", res_id), _flag(invalidate)]
+        args = [_name("res_id", res_id), _flag(invalidate)]
         return _int(await self._arun("release", args)) == 1
 
     def settle_alone(
@@ -759,7 +940,7 @@ class RedisAccountState:
 
     def _renew_args(self, res_ids: Sequence[str]) -> list[str | int]:
         args: list[str | int] = [self.lease_ms]
-        args += [_ident("res_id", r) for r in res_ids]
+        args += [_name("res_id", r) for r in res_ids]
         return args
 
     # -- rate limit ----------------------------------------------------------------------
@@ -785,12 +966,12 @@ class RedisAccountState:
 def _read_begin_args(token: str, budget_ms: int) -> list[str | int]:
     if type(budget_ms) is not int or budget_ms < 1:
         raise ValueError(f"budget_ms must be an int >= 1, got {budget_ms!r}")
-    return [_ident("token", token), budget_ms]
+    return [_name("token", token), budget_ms]
 
 
 def _read_done_args(token: str, start_seq: int, balance_json: str, total: int) -> list[str | int]:
     return [
-        _ident("token", token),
+        _name("token", token),
         _count("start_seq", start_seq),
         _ident("balance_json", balance_json),
         _count("total", total),
@@ -801,7 +982,7 @@ def _settle_args(res_id: str, gen: int, after_json: str, after_total: int) -> li
     if type(gen) is not int:
         raise ValueError(f"expected_gen must be an int, got {gen!r}")
     return [
-        _ident("res_id", res_id),
+        _name("res_id", res_id),
         gen,
         _ident("after_json", after_json),
         _count("after_total", after_total),

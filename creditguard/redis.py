@@ -145,6 +145,9 @@ class RedisAccount:
         # was last reachable: distrust its cached balance when it is back.
         self._outside = False
         self._decoded: tuple[str, CreditBalance] | None = None
+        # The balance the last admission was sent, by its name in Redis (``cache_id``):
+        # admissions on the same one are answered without it.
+        self._known: tuple[str, CreditBalance] | None = None
         self._local: Account | None = None  # fallback="memory", while Redis is down
         self._down_until = 0.0
         self._astates: weakref.WeakKeyDictionary[Any, RedisAccountState] = (
@@ -483,10 +486,21 @@ class RedisAccount:
         if flight is not None and flight.result is not None and flight.start_seq >= 0:
             waited_for = flight.start_seq
         ttl_ms = int(ttl * 1000)
+        known = self._known
         looked = _monotonic()
         try:
             yield from self._rejoin()
-            answer = yield self._call("admit", rid, cost, ttl_ms, settle, may_wait, own, waited_for)
+            answer = yield self._call(
+                "admit",
+                rid,
+                cost,
+                ttl_ms,
+                settle,
+                may_wait,
+                own,
+                waited_for,
+                "" if known is None else known[0],
+            )
         except BalanceUnavailable as exc:
             local = self._fallback(exc)
             if local is None:
@@ -494,7 +508,14 @@ class RedisAccount:
             mine = tuple(r for r in enclosing if not isinstance(r, _RedisReservation))
             return (yield from local.admit(cost, ttl, flight, sync, until, mine, settle))
         if isinstance(answer, Admitted):
-            reservation = _RedisReservation(cost, self._decode(answer.balance), answer.gen, rid)
+            if answer.balance is None:  # admitted on the balance this process knows
+                assert known is not None
+                balance = known[1]
+            else:
+                balance = self._decode(answer.balance)
+                if answer.cache_id:
+                    self._known = (answer.cache_id, balance)
+            reservation = _RedisReservation(cost, balance, answer.gen, rid)
             self._backend._hold(self._redis, rid)
             return reservation
         if isinstance(answer, ReadNeeded):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import uuid
+from typing import Any
 
 import anyio
 import pytest
@@ -130,4 +131,47 @@ def test_finished_spends_waiting_in_redis_are_bounded(redis_url: str) -> None:
     assert guard._account.snapshot()[1] == 1  # only this call waits for a read now
     assert guard.balance().total_balance == fake.balance.total_balance
     assert guard._account.snapshot()[1] == 0
+    backend.close()
+
+
+def test_admissions_on_a_balance_already_here_are_answered_without_it(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first admission on a balance brings it; the next ones on the same balance are
+    answered with its generation alone, and still see it as ``balance_before``."""
+    from creditguard import current_spend
+    from creditguard._redis_state import RedisAccountState
+
+    answers: list[str] = []  # what each admission was answered: its kind, or "gen"
+    run = RedisAccountState._run
+
+    def spy(self: RedisAccountState, name: str, args: Any) -> Any:
+        answer = run(self, name, args)
+        if name == "admit":
+            answers.append("gen" if isinstance(answer, int) else answer[0].decode())
+        return answer
+
+    monkeypatch.setattr(RedisAccountState, "_run", spy)
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    backend = RedisBackend(redis_url, prefix=fresh_prefix("known-test"))
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, ttl=60)
+    seen: list[int | None] = []
+
+    @guard.requires_credits(10)
+    def call() -> None:
+        spend = current_spend()
+        assert spend is not None
+        seen.append(None if spend.balance_before is None else spend.balance_before.total_balance)
+        fake.charge(10)
+
+    call()
+    call()
+    call()
+    assert seen == [100, 100, 100]
+    assert answers == ["read", "ok", "gen", "gen"]
+    assert guard.balance(refresh=True).total_balance == 70  # a new read: a new balance
+    call()
+    call()
+    assert seen[3:] == [70, 70]
+    assert answers[4:] == ["ok", "gen"]
     backend.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import json
 import multiprocessing
@@ -29,6 +30,8 @@ from creditguard._config import _fingerprint
 from creditguard._models import CreditBalance
 from creditguard._redis_state import (
     DEFAULT_PREFIX,
+    SCRIPTS,
+    SHAS,
     Admitted,
     ReadBegun,
     ReadNeeded,
@@ -205,7 +208,7 @@ def test_admit_records_the_reservation(acct: RedisAccountState, redis_client: re
     store(acct, 10)
     before = server_ms(redis_client)
     result = ok(acct.admit("a", 4, TTL, True, True))
-    assert result == ("ok", bjson(10), 1)
+    assert result == ("ok", bjson(10), 1, raw_hash(redis_client, acct.keys[0])["cache_id"])
     assert decode_balance(result.balance) == balance(10)
     assert records(redis_client, acct) == {"a": (4, 1, 0)}
     expiry = redis_client.zscore(acct.keys[2], "a")
@@ -217,6 +220,68 @@ def test_admit_records_the_reservation(acct: RedisAccountState, redis_client: re
     assert acct.state().reserved == 10
     with pytest.raises(redis.ResponseError, match="already in use"):
         acct.admit("b", 0, TTL, True, True)
+
+
+def test_admit_answers_a_known_balance_with_its_generation(
+    acct: RedisAccountState, redis_client: redis.Redis
+) -> None:
+    def cache_id() -> str:
+        return raw_hash(redis_client, acct.keys[0])["cache_id"]
+
+    store(acct, 10)
+    first = ok(acct.admit("a", 1, TTL, True, True))
+    assert first == ("ok", bjson(10), 1, cache_id())
+    # the caller names it: the answer leaves it out
+    assert acct.admit("b", 1, TTL, True, True, known=first.cache_id) == ("ok", None, 1, cache_id())
+    # another name, or none: sent again
+    assert acct.admit("c", 1, TTL, True, True, known="other") == first
+    # a new read is a new balance, with a new name, whatever the caller knew
+    store(acct, 9)
+    second = ok(acct.admit("d", 1, TTL, True, True, known=first.cache_id))
+    assert second == ("ok", bjson(9), 2, cache_id())
+    assert second.cache_id != first.cache_id
+    # a balance a call reported is named by its reservation id
+    for rid in "abcd":
+        acct.release(rid)
+    gen = ok(acct.admit("e", 2, TTL, True, True, known=second.cache_id)).gen
+    assert acct.settle_alone("e", gen, bjson(7), 7)
+    third = ok(acct.admit("f", 1, TTL, True, True, known=second.cache_id))
+    assert third == ("ok", bjson(7), 3, "e")
+    # refusals and reads do not depend on it
+    assert acct.admit("g", 7, TTL, True, True, known="e") == ("refuse", 6, 1, bjson(7))
+    acct.invalidate()
+    assert acct.admit("g", 1, TTL, True, True, known="e") == ("read", acct.state().floor)
+    assert "cache_id" not in raw_hash(redis_client, acct.keys[0])
+
+
+def test_a_known_balance_is_sent_again_once_redis_lost_it(
+    acct: RedisAccountState, redis_client: redis.Redis
+) -> None:
+    store(acct, 10)
+    known = ok(acct.admit("a", 1, TTL, True, True)).cache_id
+    redis_client.flushdb()  # a restart without persistence: the generations start over
+    store(acct, 3)
+    again = ok(acct.admit("a", 1, TTL, True, True, known=known))
+    assert (again.balance, again.gen) == (bjson(3), 1)
+    assert again.cache_id != known
+
+
+def test_ids_and_tokens_have_no_whitespace(acct: RedisAccountState) -> None:
+    store(acct, 10)
+    for bad in ("", "a b", "a\tb", " a", "a\n", 1):
+        with pytest.raises(ValueError, match="without whitespace"):
+            acct.admit(bad, 1, TTL, True, True)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="without whitespace"):
+            acct.read_begin(bad, BUDGET)  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="without whitespace"):
+            acct.finish(bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="without whitespace"):
+        acct.admit("a", 1, TTL, True, True, known="k k")
+    with pytest.raises(ValueError, match="without whitespace"):
+        acct.admit("a", 1, TTL, True, True, own_ids=["o o"])
+    with pytest.raises(TypeError, match="own_ids"):
+        acct.admit("a", 1, TTL, True, True, own_ids="ab")
+    assert acct.state().inflight == 0
 
 
 def test_a_free_call_is_admitted_whatever_is_reserved(acct: RedisAccountState) -> None:
@@ -499,33 +564,128 @@ def test_renew(acct: RedisAccountState, redis_client: redis.Redis) -> None:
     assert acct.renew([]) == 0
 
 
-@pytest.mark.parametrize("op", ["state", "blocked", "admit"])
-def test_an_expired_lease_returns_its_credits_and_invalidates(
-    redis_client: redis.Redis, op: str
-) -> None:
-    acct = RedisAccountState(redis_client, None, DEFAULT_PREFIX, FP, 300)
+def _expired(redis_client: redis.Redis, lease_ms: int = 300) -> RedisAccountState:
+    """An account with a cached balance of 10 and two spends in flight, "a" (6) and "b"
+    (4, finished), whose leases have both expired (nothing has looked since)."""
+    acct = RedisAccountState(redis_client, None, DEFAULT_PREFIX, FP, lease_ms)
     store(acct, 10)
     ok(acct.admit("a", 6, TTL, True, True))
     ok(acct.admit("b", 4, TTL, True, True))
     assert acct.finish("b") == 1
     assert raw_hash(redis_client, acct.keys[0])["reserved"] == "10"  # (no sweep here)
     poll(lambda: redis_client.zcount(acct.keys[2], "-inf", f"({server_ms(redis_client)}") == 2)
-    if op == "state":
-        acct.state()
-    elif op == "blocked":
-        acct.blocked()
-    else:
-        assert acct.admit("c", 1, TTL, True, True) == ("read", 2)
-    # every op sweeps first: the raw state already shows it
+    return acct
+
+
+# Every operation but finish, with what it answers once the leases are swept.
+_SWEEPING: dict[str, Callable[[RedisAccountState], object]] = {
+    "admit": lambda acct: acct.admit("c", 1, TTL, True, True) == ("read", 2),
+    "reserve_unchecked": lambda acct: acct.reserve_unchecked("u", 1) is None,
+    "read_begin": lambda acct: acct.read_begin("t", BUDGET) == (True, 2),
+    "read_done": lambda acct: acct.read_done("t", 1, bjson(3), 3) == 0,  # started before
+    "read_failed": lambda acct: acct.read_failed("t") is None,
+    "state": lambda acct: acct.state().reserved == 0,
+    "release": lambda acct: acct.release("a") is False,
+    "settle_alone": lambda acct: acct.settle_alone("a", 1, bjson(3), 3) is False,
+    "invalidate": lambda acct: acct.invalidate() is None,
+    "bump": lambda acct: acct.bump() == 3,
+    "renew": lambda acct: acct.renew(["a", "b"]) == 0,
+    "block": lambda acct: acct.block(10) is None,
+    "blocked": lambda acct: acct.blocked() is None,
+}
+
+
+@pytest.mark.parametrize("op", sorted(_SWEEPING))
+def test_an_expired_lease_returns_its_credits_and_invalidates(
+    redis_client: redis.Redis, op: str
+) -> None:
+    acct = _expired(redis_client)
+    assert _SWEEPING[op](acct)
+    # every op (but finish) sweeps first: the raw state already shows it
     raw = raw_hash(redis_client, acct.keys[0])
-    assert (raw["reserved"], raw["inflight"]) == ("0", "0")
-    assert raw["seq"] == raw["floor"] == "2"
+    left = records(redis_client, acct)
+    assert set(left) <= {"u"}  # (an unchecked reservation made after the sweep)
+    assert (int(raw["reserved"]), int(raw["inflight"])) == (len(left), len(left))
+    assert int(raw["seq"]) >= int(raw["floor"]) >= 2
     assert "cached" not in raw
     assert "cached_total" not in raw
-    assert records(redis_client, acct) == {}
-    assert redis_client.zcard(acct.keys[2]) == 0
+    assert "cache_id" not in raw
+    assert redis_client.zcard(acct.keys[2]) == len(left)
+    acct.read_failed("t")  # (the flight read_begin took)
     store(acct, 10)  # the credits are back
-    ok(acct.admit("c", 10, TTL, True, True))
+    ok(acct.admit("c", 10 - len(left), TTL, True, True))
+
+
+def test_finish_leaves_expired_leases_to_the_next_operation(redis_client: redis.Redis) -> None:
+    acct = _expired(redis_client)
+    # finish decides nothing: it marks the spend, expired or not...
+    assert acct.finish("a") == 2
+    assert records(redis_client, acct) == {"a": (6, 1, 2), "b": (4, 1, 1)}
+    assert raw_hash(redis_client, acct.keys[0])["reserved"] == "10"
+    assert "cached" in raw_hash(redis_client, acct.keys[0])
+    # ...and the next operation removes both and distrusts the cached balance
+    assert acct.admit("c", 1, TTL, True, True) == ("read", 3)
+    snap = acct.state()
+    assert (snap.reserved, snap.inflight, snap.settling, snap.balance) == (0, 0, 0, None)
+    assert snap.seq == snap.floor == 3
+    assert redis_client.zcard(acct.keys[2]) == 0
+    # a finish after the sweep finds nothing
+    assert acct.finish("a") == 0
+
+
+def test_only_expired_leases_are_swept(redis_client: redis.Redis) -> None:
+    acct = RedisAccountState(redis_client, None, DEFAULT_PREFIX, FP, 60_000)
+    store(acct, 10)
+    ok(acct.admit("a", 6, TTL, True, True))
+    ok(acct.admit("b", 4, TTL, True, True))
+    # b's lease expires (as a process that stopped renewing it); a's does not
+    redis_client.zadd(acct.keys[2], {"b": server_ms(redis_client) - 1})
+    redis_client.zadd(acct.keys[2], {"stray": server_ms(redis_client) - 1})  # no record
+    assert acct.admit("c", 1, TTL, True, True) == ("read", 1)
+    assert records(redis_client, acct) == {"a": (6, 1, 0)}
+    assert redis_client.zrange(acct.keys[2], 0, -1) == [b"a"]
+    snap = acct.state()
+    assert (snap.reserved, snap.inflight, snap.balance, snap.floor) == (6, 1, None, 1)
+    # nothing more is due: operations leave the state as it is
+    before = dump(redis_client)
+    acct.state()
+    acct.blocked()
+    acct.read_failed("t")
+    assert dump(redis_client) == before
+
+
+def test_admission_writes_only_what_it_changes(
+    acct: RedisAccountState, redis_client: redis.Redis
+) -> None:
+    store(acct, 10)
+    acct.block(60_000)
+    before = raw_hash(redis_client, acct.keys[0])
+    ok(acct.admit("a", 4, TTL, True, True))
+    after = raw_hash(redis_client, acct.keys[0])
+    assert {k for k in after if after[k] != before.get(k)} == {"reserved", "inflight"}
+    assert set(before) <= set(after)
+    assert (after["reserved"], after["inflight"]) == ("4", "1")
+    seq = int(after.get("seq", 0))
+    assert acct.finish("a") == seq + 1
+    finished = raw_hash(redis_client, acct.keys[0])
+    assert {k for k in finished if finished[k] != after.get(k)} == {"seq"}
+
+
+def test_a_read_releases_any_number_of_finished_spends(
+    acct: RedisAccountState, redis_client: redis.Redis
+) -> None:
+    n = 2_500  # more than one batch of the script's deletions
+    store(acct, n + 5)
+    for i in range(n):
+        ok(acct.admit(f"s{i}", 1, TTL, True, True))
+        acct.finish(f"s{i}")
+    ok(acct.admit("last", 2, TTL, True, True))  # in flight: stays
+    seq = acct.state().seq
+    assert acct.read_done("t", seq, bjson(5), 5) == n
+    assert records(redis_client, acct) == {"last": (2, 1, 0)}
+    assert redis_client.zrange(acct.keys[2], 0, -1) == [b"last"]
+    snap = acct.state()
+    assert (snap.reserved, snap.inflight, snap.floor, snap.balance) == (2, 1, seq, bjson(5))
 
 
 def test_a_renewed_lease_does_not_expire(redis_client: redis.Redis) -> None:
@@ -573,7 +733,12 @@ def test_scripts_are_loaded_again_after_a_restart() -> None:
         port = server.port
         server.restart()
         assert server.port == port
-        assert client.script_exists(*(acct._scripts[n].sha for n in acct._scripts)) == [False] * 3
+        used = ("read_begin", "read_done", "admit")
+        assert client.script_exists(*(SHAS[n] for n in used)) == [False] * 3
+        assert (
+            SHAS["admit"]
+            == hashlib.sha1(SCRIPTS["admit"].encode(), usedforsecurity=False).hexdigest()
+        )
         assert acct.admit("a", 5, TTL, True, True) == ("read", 0)  # state lost, fail closed
         store(acct, 5)
         ok(acct.admit("a", 5, TTL, True, True))
@@ -689,6 +854,28 @@ async def test_async_settle_alone(redis_url: str, redis_client: redis.Redis) -> 
         assert await acct.asettle_alone("a", gen, bjson(7), 7)
         snap = await acct.astate()  # decoded from str answers as well as bytes
         assert (snap.balance, snap.reserved, snap.cached_seq) == (bjson(7), 0, 1)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_async_calls_load_the_scripts_again(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    client = redis.asyncio.Redis.from_url(redis_url, decode_responses=True)
+    try:
+        acct = RedisAccountState(None, client, DEFAULT_PREFIX, FP)
+        begun = await acct.aread_begin("t", BUDGET)
+        await acct.aread_done("t", begun.start_seq, bjson(10), 10)
+        first = ok(await acct.aadmit("a", 1, TTL, True, True))
+        assert first == ("ok", bjson(10), 1, "t")
+        redis_client.script_flush()  # as a failover to a server that never saw them
+        known = await acct.aadmit("b", 1, TTL, True, True, known="t")
+        assert known == ("ok", None, 1, "t")
+        redis_client.script_flush()
+        assert await acct.afinish("b") == 1
+        assert (await acct.astate()).reserved == 2
     finally:
         await client.aclose()
 
