@@ -279,14 +279,16 @@ class CreditGuard(_Edges):
             return cost.at_most
         result = self.precheck(cost.action_type, params)
         short = not result.allowed and result.reason_code == "insufficient_balance"
-        return self._precheck_decision(result, self.balance().total_balance if short else None)
+        # Lensmor says the balance is short: the cached one may not know yet, so read.
+        available = self.balance(refresh=True).total_balance if short else None
+        return self._precheck_decision(result, available)
 
     async def _acost_of(self, cost: Precheck, params: Mapping[str, Any]) -> int:
         if cost.at_most is not None and self._covers(cost.at_most):
             return cost.at_most
         result = await self.aprecheck(cost.action_type, params)
         short = not result.allowed and result.reason_code == "insufficient_balance"
-        available = (await self.abalance()).total_balance if short else None
+        available = (await self.abalance(refresh=True)).total_balance if short else None
         return self._precheck_decision(result, available)
 
     # -- the logic, once ---------------------------------------------------------------

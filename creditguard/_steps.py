@@ -159,7 +159,7 @@ class Turn(_Waitable):
     (``left``). ``token`` names it in a shared backend. The account finishes it when it is
     granted (a backend that polls finishes nothing: its waits end at their deadline)."""
 
-    __slots__ = ("granted", "left", "owner", "token")
+    __slots__ = ("granted", "left", "looks", "owner", "remote", "token")
 
     def __init__(self, token: str) -> None:
         super().__init__()
@@ -167,6 +167,8 @@ class Turn(_Waitable):
         self.granted = False
         self.left = False
         self.owner: tuple[int, int] = (0, 0)  # the thread and task that took it
+        self.remote = False  # asked for in a shared backend (not this process's memory)
+        self.looks = 0  # how many times it asked, in a backend that is polled
 
 
 def own_error(error: BaseException) -> BaseException:

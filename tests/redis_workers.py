@@ -24,7 +24,7 @@ import httpx
 from creditguard import CreditGuard, InsufficientCredits
 from creditguard.redis import RedisBackend
 
-__all__ = ["CHARGE_PATH", "hold_a_spend", "race"]
+__all__ = ["CHARGE_PATH", "gated_searches", "hold_a_spend", "race", "take_a_hold"]
 
 CHARGE_PATH = "/sandbox/charge"
 START_TIMEOUT = 60.0  # seconds a worker waits for the others before giving up
@@ -202,3 +202,85 @@ def hold_a_spend(
     finally:
         guard.close()
         backend.close()
+
+
+def take_a_hold(
+    redis_url: str, base_url: str, api_key: str, cost: int, expires_in: float, conn: Any
+) -> None:
+    """Take a hold of ``cost`` that expires in ``expires_in`` seconds and send its id; then
+    wait for the parent's word: ``"exit"`` leaves it open and exits (another process ends
+    it by id), or the parent kills this process meanwhile."""
+    backend = RedisBackend(redis_url)
+    guard = CreditGuard(
+        api_key, base_url=base_url, allow_insecure_http=True, backend=backend, ttl=60
+    )
+    try:
+        hold = guard.hold(cost, expires_in=expires_in)
+        before = hold.balance_before
+        conn.send(("held", hold.id, None if before is None else before.total_balance))
+        if conn.poll(HOLD_TIMEOUT):
+            conn.recv()
+        conn.send(("exiting", None, None))
+    except BaseException as exc:
+        conn.send(("error", repr(exc), None))
+        raise
+    finally:
+        guard.close()
+        backend.close()
+
+
+def gated_searches(
+    redis_url: str,
+    base_url: str,
+    api_key: str,
+    calls: int,
+    width: int,
+    max_concurrent: int | None,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """Make ``calls`` guarded exhibitor searches (50 credits, a real paid call to the
+    sandbox), ``width`` threads at a time, on a guard with ``max_concurrent``; put the
+    statuses the sandbox answered on ``results``."""
+    backend = RedisBackend(redis_url)
+    guard = CreditGuard(
+        api_key,
+        base_url=base_url,
+        allow_insecure_http=True,
+        backend=backend,
+        ttl=60,
+        max_concurrent=max_concurrent,
+        gate_timeout=60,
+    )
+    statuses: list[int] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+    headers = {"Authorization": f"Bearer {api_key}"}
+    try:
+        with httpx.Client(base_url=base_url, headers=headers, timeout=30) as http:
+
+            def run(n: int) -> None:
+                for _ in range(n):
+                    try:
+                        with guard.spend(50):
+                            answer = http.post(
+                                "/external/exhibitors/search-by-company-name",
+                                json={"company_name": "Acme"},
+                            )
+                        with lock:
+                            statuses.append(answer.status_code)
+                    except Exception:
+                        with lock:
+                            errors.append(traceback.format_exc(limit=6))
+
+            barrier.wait(START_TIMEOUT)
+            shares = [calls // width + (i < calls % width) for i in range(width)]
+            threads = [threading.Thread(target=run, args=(n,)) for n in shares]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(120)
+    finally:
+        guard.close()
+        backend.close()
+    results.put({"statuses": statuses, "errors": errors})

@@ -226,14 +226,21 @@ async def test_tasks_wait_their_turn_without_blocking_the_loop() -> None:
     most = 0
     done = 0
     ticks = 0
+    entered = 0
+    two_in = anyio.Event()
 
     async def call() -> None:
-        nonlocal in_flight, most, done
+        nonlocal in_flight, most, done, entered
         async with guard.spend(1):
             in_flight += 1
+            entered += 1
             most = max(most, in_flight)
-            for _ in range(3):
-                await anyio.lowlevel.checkpoint()
+            if in_flight == 2:
+                two_in.set()
+            if entered <= 2:  # the first two stay until both are in: two turns at once
+                with anyio.fail_after(10):
+                    await two_in.wait()
+            await anyio.lowlevel.checkpoint()
             in_flight -= 1
         done += 1
 
