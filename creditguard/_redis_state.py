@@ -40,8 +40,10 @@ Calls
 Each operation is one ``EVALSHA`` through the client's ``execute_command`` (keys sent as
 bytes, encoded once); on ``NOSCRIPT`` (a restarted server, a failover) the script is
 loaded again and the call repeated. An admission sends the balance only when it is not
-the one the caller names as known (``known``, the ``cache_id`` of the last balance it was
-sent): most admissions in a TTL are answered with the cache generation alone.
+the one the caller names as known (``known``: the tag of the last balance it was sent,
+``cache_id:cache_gen``; any change of the cached balance changes the generation, whatever
+wrote it, and a balance stored after Redis lost its state has a new ``cache_id``): most
+admissions in a TTL are answered with the cache generation alone.
 """
 
 from __future__ import annotations
@@ -86,12 +88,12 @@ DEFAULT_PREFIX = "creditguard:"
 # are written out: "admit" sweeps, reads the fields it needs in one HMGET and writes
 # only what it changes; "finish" only marks a spend finished (it decides nothing, so it
 # leaves expired leases to the next operation that does). The others sweep first and
-# then follow _HELPERS: S holds the state fields they read (one HMGET
-# of the fields the script names; any other field is read on first use), changed in
-# place, and flush() writes back in one HSET only the fields whose value changed (and
-# stores or drops the cached balance). Lua numbers are doubles: exact up to 2^53, far
-# beyond any credit count, seq or millisecond time here; they are written with '%d'
-# (tostring would switch to exponents past 14 digits).
+# then follow _HELPERS: S holds the state fields they read (one HMGET of the fields the
+# script names; any other field is read on first use), changed in place, and flush()
+# writes back in one HSET only the fields whose value changed (and stores or drops the
+# cached balance). Lua numbers are doubles: exact up to 2^53, far beyond any credit
+# count, seq or millisecond time here; they are written with '%d' (tostring would switch
+# to exponents past 14 digits).
 
 _KEYS = """
 local K_STATE, K_RES, K_LEASE, K_FLIGHT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -240,7 +242,7 @@ local function trusted() return is_cached() and S.cached_seq >= S.floor end
 # The scripts of every guarded call, with the keys they use (a prefix of the four).
 _DIRECT: dict[str, tuple[int, str]] = {
     # ARGV[1]: 'cost ttl_ms <settle><may_wait> waited_for lease_ms id known', one string
-    # (waited_for -1: none; known: the cache_id of the balance the caller has, or empty);
+    # (waited_for -1: none; known: the tag of the balance the caller has, or empty);
     # ARGV[2...]: own ids
     "admit": (
         3,
@@ -266,9 +268,11 @@ if cost == 0 or cost <= total - reserved then
   redis.call('ZADD', K_LEASE, fmt(now + tonumber(lease)), id)
   redis.call('HSET', K_STATE, 'reserved', fmt(reserved + cost),
              'inflight', fmt((tonumber(raw[7]) or 0) + 1))
+  -- the balance's tag: its name and generation ('': unnamed)
+  local tag = raw[8] and raw[8] .. ':' .. gen or ''
   -- the caller has this balance: its generation alone says so
-  if known ~= '' and raw[8] == known then return tonumber(gen) end
-  return {'ok', redis.call('HGET', K_STATE, 'cached') or '', tonumber(gen), raw[8] or ''}
+  if tag ~= '' and tag == known then return tonumber(gen) end
+  return {'ok', redis.call('HGET', K_STATE, 'cached') or '', tonumber(gen), tag}
 end
 -- It does not fit: settle finished spends first, wait for ambiguous ones, or refuse.
 local own_ids = {}
@@ -539,13 +543,13 @@ class ReadNeeded(NamedTuple):
 class Admitted(NamedTuple):
     """Reserved: ``balance`` (JSON) is what it was admitted on, or ``None`` when that is
     the balance the caller named as known; ``gen`` its cache generation (pass it to
-    :meth:`RedisAccountState.settle_alone`); ``cache_id`` its name (``""``: none), to pass
-    as ``known`` to the next admission."""
+    :meth:`RedisAccountState.settle_alone`); ``tag`` names it (``cache_id:cache_gen``;
+    ``""``: unnamed), to pass as ``known`` to the next admission."""
 
     kind: Literal["ok"]
     balance: str | None
     gen: int
-    cache_id: str
+    tag: str
 
 
 class WaitNeeded(NamedTuple):
@@ -672,7 +676,7 @@ def _name(name: str, value: object) -> str:
 
 def _head(sha: str, keys: tuple[str | bytes, ...]) -> tuple[str | bytes, ...]:
     """The start of an EVALSHA of ``sha`` on ``keys``."""
-    return ("EVALSHA", sha, str(len(keys)).encode(), *keys)
+    return ("EVALSHA", sha.encode(), str(len(keys)).encode(), *keys)
 
 
 def _flag(value: bool) -> str:
@@ -802,7 +806,7 @@ class RedisAccountState:
         ``ttl_ms=0`` admits on the read each caller waits for). On success the
         reservation ``res_id`` is recorded with a lease. ``own_ids``: the reservations of
         the caller's enclosing spends (they cannot settle while it waits). ``known``: the
-        ``cache_id`` of the balance the caller already has (from an earlier
+        ``tag`` of the balance the caller already has (from an earlier
         :class:`Admitted`); admitted on that one, the answer's ``balance`` is ``None``.
         """
         args = self._admit_args(res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for, known)

@@ -111,6 +111,12 @@ def dump(client: redis.Redis) -> dict[str, object]:
     return out
 
 
+def tag(client: redis.Redis, acct: RedisAccountState) -> str:
+    """The tag of the cached balance (``cache_id:cache_gen``), as admissions name it."""
+    raw = raw_hash(client, acct.keys[0])
+    return f"{raw['cache_id']}:{raw['cache_gen']}"
+
+
 def server_ms(client: redis.Redis) -> int:
     seconds, micros = client.time()
     return seconds * 1000 + micros // 1000
@@ -208,7 +214,7 @@ def test_admit_records_the_reservation(acct: RedisAccountState, redis_client: re
     store(acct, 10)
     before = server_ms(redis_client)
     result = ok(acct.admit("a", 4, TTL, True, True))
-    assert result == ("ok", bjson(10), 1, raw_hash(redis_client, acct.keys[0])["cache_id"])
+    assert result == ("ok", bjson(10), 1, tag(redis_client, acct))
     assert decode_balance(result.balance) == balance(10)
     assert records(redis_client, acct) == {"a": (4, 1, 0)}
     expiry = redis_client.zscore(acct.keys[2], "a")
@@ -225,32 +231,30 @@ def test_admit_records_the_reservation(acct: RedisAccountState, redis_client: re
 def test_admit_answers_a_known_balance_with_its_generation(
     acct: RedisAccountState, redis_client: redis.Redis
 ) -> None:
-    def cache_id() -> str:
-        return raw_hash(redis_client, acct.keys[0])["cache_id"]
-
     store(acct, 10)
     first = ok(acct.admit("a", 1, TTL, True, True))
-    assert first == ("ok", bjson(10), 1, cache_id())
+    assert first == ("ok", bjson(10), 1, tag(redis_client, acct))
+    assert first.tag.endswith(":1")
     # the caller names it: the answer leaves it out
-    assert acct.admit("b", 1, TTL, True, True, known=first.cache_id) == ("ok", None, 1, cache_id())
-    # another name, or none: sent again
-    assert acct.admit("c", 1, TTL, True, True, known="other") == first
-    # a new read is a new balance, with a new name, whatever the caller knew
+    assert acct.admit("b", 1, TTL, True, True, known=first.tag) == ("ok", None, 1, first.tag)
+    # another tag, or none: sent again
+    assert acct.admit("c", 1, TTL, True, True, known="other:1") == first
+    # a new read is a new balance, with a new tag, whatever the caller knew
     store(acct, 9)
-    second = ok(acct.admit("d", 1, TTL, True, True, known=first.cache_id))
-    assert second == ("ok", bjson(9), 2, cache_id())
-    assert second.cache_id != first.cache_id
+    second = ok(acct.admit("d", 1, TTL, True, True, known=first.tag))
+    assert second == ("ok", bjson(9), 2, tag(redis_client, acct))
+    assert second.tag != first.tag
     # a balance a call reported is named by its reservation id
     for rid in "abcd":
         acct.release(rid)
-    gen = ok(acct.admit("e", 2, TTL, True, True, known=second.cache_id)).gen
+    gen = ok(acct.admit("e", 2, TTL, True, True, known=second.tag)).gen
     assert acct.settle_alone("e", gen, bjson(7), 7)
-    third = ok(acct.admit("f", 1, TTL, True, True, known=second.cache_id))
-    assert third == ("ok", bjson(7), 3, "e")
+    third = ok(acct.admit("f", 1, TTL, True, True, known=second.tag))
+    assert third == ("ok", bjson(7), 3, "e:3")
     # refusals and reads do not depend on it
-    assert acct.admit("g", 7, TTL, True, True, known="e") == ("refuse", 6, 1, bjson(7))
+    assert acct.admit("g", 7, TTL, True, True, known="e:3") == ("refuse", 6, 1, bjson(7))
     acct.invalidate()
-    assert acct.admit("g", 1, TTL, True, True, known="e") == ("read", acct.state().floor)
+    assert acct.admit("g", 1, TTL, True, True, known="e:3") == ("read", acct.state().floor)
     assert "cache_id" not in raw_hash(redis_client, acct.keys[0])
 
 
@@ -258,12 +262,30 @@ def test_a_known_balance_is_sent_again_once_redis_lost_it(
     acct: RedisAccountState, redis_client: redis.Redis
 ) -> None:
     store(acct, 10)
-    known = ok(acct.admit("a", 1, TTL, True, True)).cache_id
+    known = ok(acct.admit("a", 1, TTL, True, True)).tag
     redis_client.flushdb()  # a restart without persistence: the generations start over
     store(acct, 3)
     again = ok(acct.admit("a", 1, TTL, True, True, known=known))
     assert (again.balance, again.gen) == (bjson(3), 1)
-    assert again.cache_id != known
+    assert again.tag != known
+
+
+def test_a_balance_changed_without_a_name_is_sent_again(
+    acct: RedisAccountState, redis_client: redis.Redis
+) -> None:
+    """A writer that does not name the balances it stores (an older version of these
+    scripts, during a rolling deploy) still moves the generation: the tag changes."""
+    store(acct, 10)
+    known = ok(acct.admit("a", 1, TTL, True, True)).tag
+    redis_client.hset(acct.keys[0], mapping={"cached": bjson(8), "cached_total": 8})
+    redis_client.hincrby(acct.keys[0], "cache_gen", 1)
+    again = ok(acct.admit("b", 1, TTL, True, True, known=known))
+    assert (again.balance, again.gen) == (bjson(8), 2)
+    assert again.tag != known
+    redis_client.hdel(acct.keys[0], "cache_id")  # unnamed: never answered without it
+    unnamed = ok(acct.admit("c", 1, TTL, True, True, known=again.tag))
+    assert unnamed == ("ok", bjson(8), 2, "")
+    assert ok(acct.admit("d", 1, TTL, True, True, known=":2")) == ("ok", bjson(8), 2, "")
 
 
 def test_ids_and_tokens_have_no_whitespace(acct: RedisAccountState) -> None:
@@ -869,10 +891,10 @@ async def test_async_calls_load_the_scripts_again(
         begun = await acct.aread_begin("t", BUDGET)
         await acct.aread_done("t", begun.start_seq, bjson(10), 10)
         first = ok(await acct.aadmit("a", 1, TTL, True, True))
-        assert first == ("ok", bjson(10), 1, "t")
+        assert first == ("ok", bjson(10), 1, "t:1")
         redis_client.script_flush()  # as a failover to a server that never saw them
-        known = await acct.aadmit("b", 1, TTL, True, True, known="t")
-        assert known == ("ok", None, 1, "t")
+        known = await acct.aadmit("b", 1, TTL, True, True, known="t:1")
+        assert known == ("ok", None, 1, "t:1")
         redis_client.script_flush()
         assert await acct.afinish("b") == 1
         assert (await acct.astate()).reserved == 2
