@@ -3,9 +3,9 @@
 The sandbox, in a process of its own over loopback HTTP (``latency = 0.005``), holds the
 key's credit operation while a paid call runs and answers ``409 STATE_CONFLICT`` to any
 other paid call meanwhile, as Lensmor does. 8 asyncio tasks each make guarded exhibitor
-searches (``POST /external/exhibitors/search-by-company-name``, 50 credits) inside
-``async with guard.spend(50)``. Variants, side by side in one run (the order rotating from
-round to round), each on a fresh account:
+searches (``POST /external/exhibitors/search-by-company-name``, 50 credits), each a
+function decorated with ``guard.requires_credits(50)``. Variants, side by side in one run
+(the order rotating from round to round), each on a fresh account:
 
 * ``no_gate``: the guard without a gate: searches overlap;
 * ``gate_1``: ``max_concurrent=1`` on the memory backend;
@@ -68,12 +68,12 @@ async def _burst(kind: str, url: str, redis_url: str | None, per_task: int) -> d
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             headers = auth_headers()
 
+            @guard.requires_credits(50)
+            async def search() -> httpx.Response:
+                return await client.post(SEARCH, json={"company_name": "Acme"}, headers=headers)
+
             async def call() -> None:
-                async with guard.spend(50):
-                    answer = await client.post(
-                        SEARCH, json={"company_name": "Acme"}, headers=headers
-                    )
-                statuses[answer.status_code] += 1
+                statuses[(await search()).status_code] += 1
 
             await guard.abalance()  # read before the burst, not counted
             seconds = await run_tasks(call, TASKS, per_task)
