@@ -41,6 +41,8 @@ import sniffio
 
 from ._errors import BalanceUnavailable, InsufficientCredits
 from ._models import CreditBalance
+from ._redis_gate import HoldInfo, RedisGate
+from ._redis_holds import GateOps
 from ._redis_state import (
     DEFAULT_PREFIX,
     Admitted,
@@ -120,8 +122,9 @@ def _unavailable(exc: Exception) -> BalanceUnavailable:
     return error
 
 
-class RedisAccount:
-    """The guard state of one account, in Redis (see the module's docstring)."""
+class RedisAccount(GateOps):
+    """The guard state of one account, in Redis (see the module's docstring); its gate and
+    holds operations are in ``_redis_holds``."""
 
     def __init__(self, backend: RedisBackend, fingerprint: str) -> None:
         self.fingerprint = fingerprint
@@ -150,6 +153,8 @@ class RedisAccount:
         self._known: tuple[str, CreditBalance] | None = None
         self._local: Account | None = None  # fallback="memory", while Redis is down
         self._down_until = 0.0
+        self._gate = RedisGate(backend._client, None, backend.prefix, fingerprint)
+        self._agates: weakref.WeakKeyDictionary[Any, RedisGate] = weakref.WeakKeyDictionary()
         self._astates: weakref.WeakKeyDictionary[Any, RedisAccountState] = (
             weakref.WeakKeyDictionary()
         )
@@ -185,7 +190,16 @@ class RedisAccount:
     def _call(self, name: str, *args: Any) -> Call:
         """One script call, as a ``Call`` for the guard's driver; Redis errors become
         :class:`BalanceUnavailable` naming Redis."""
-        sync_op: Callable[..., Any] = getattr(self._redis, name)
+        return self._script_call(self._redis, self._async_state, name, args)
+
+    def _gate_call(self, name: str, *args: Any) -> Call:
+        """One call of the gate's and holds' scripts (``_redis_gate``), as :meth:`_call`."""
+        return self._script_call(self._gate, self._async_gate, name, args)
+
+    def _script_call(
+        self, target: object, async_target: Callable[[Any], object], name: str, args: Any
+    ) -> Call:
+        sync_op: Callable[..., Any] = getattr(target, name)
         backend = self._backend
 
         def run() -> object:
@@ -203,13 +217,30 @@ class RedisAccount:
                 try:
                     if client is None:  # trio, or no asyncio client: the sync one, in a thread
                         return await anyio.to_thread.run_sync(lambda: sync_op(*args))
-                    result: object = await getattr(self._async_state(client), "a" + name)(*args)
+                    result: object = await getattr(async_target(client), "a" + name)(*args)
                     return result
                 except backend._errors as exc:
                     raise _unavailable(exc) from exc
             raise AssertionError("unreachable")  # pragma: no cover - for type checkers
 
         return Call(run, arun)
+
+    def _async_gate(self, client: redis_asyncio.Redis) -> RedisGate:
+        """The account's gate and holds scripts on an asyncio client (one per loop)."""
+        gate = self._agates.get(client)
+        if gate is None:
+            gate = self._agates[client] = RedisGate(
+                None, client, self._backend.prefix, self.fingerprint
+            )
+        return gate
+
+    def _encode(self, balance: CreditBalance) -> str:
+        return encode_balance(balance)[0]
+
+    def _reservation(self, info: HoldInfo, hold_id: str) -> Reservation:
+        """A hold's reservation, as this process settles it."""
+        balance = self._decode(info.balance) if info.balance else None
+        return _RedisReservation(info.cost, balance, info.gen, hold_id)
 
     def _async_state(self, client: redis_asyncio.Redis) -> RedisAccountState:
         """The account's scripts on an asyncio client (one per event loop)."""
@@ -781,8 +812,10 @@ class RedisBackend:
             weakref.WeakValueDictionary()
         )
         self._lock = threading.Lock()
-        # Reservations in flight in this process, whose leases the renewer keeps alive.
+        # Reservations in flight in this process, whose leases the renewer keeps alive,
+        # and the gate turns taken here (renewed the same way).
         self._held: dict[str, RedisAccountState] = {}
+        self._turns: dict[str, RedisGate] = {}
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -817,35 +850,54 @@ class RedisBackend:
 
     # -- leases --------------------------------------------------------------------------
 
+    def _keep_turn(self, account: RedisAccount, token: str) -> None:
+        with self._lock:
+            self._turns[token] = account._gate
+            self._start_renewer()
+
+    def _drop_turn(self, token: str) -> None:
+        with self._lock:
+            self._turns.pop(token, None)
+
     def _hold(self, state: RedisAccountState, rid: str) -> None:
         with self._lock:
             self._held[rid] = state
-            if self._renewer is None or not self._renewer.is_alive():
-                self._stop.clear()
-                self._renewer = threading.Thread(
-                    target=self._renew, name="creditguard-redis-leases", daemon=True
-                )
-                self._renewer.start()
+            self._start_renewer()
+
+    def _start_renewer(self) -> None:
+        """Under the lock: make sure the renewer runs."""
+        if self._renewer is None or not self._renewer.is_alive():
+            self._stop.clear()
+            self._renewer = threading.Thread(
+                target=self._renew, name="creditguard-redis-leases", daemon=True
+            )
+            self._renewer.start()
 
     def _release(self, rid: str) -> None:
         with self._lock:
             self._held.pop(rid, None)
 
     def _renew(self) -> None:
-        """Every third of a lease, renew the leases of the calls in flight here."""
+        """Every third of a lease, renew the leases of the calls in flight here, and the
+        gate turns they have."""
         while not self._stop.wait(self.lease / 3):
             with self._lock:
                 held: dict[RedisAccountState, list[str]] = {}
                 for rid, state in self._held.items():
                     held.setdefault(state, []).append(rid)
-                if not held:
+                turns: dict[RedisGate, list[str]] = {}
+                for token, gate in self._turns.items():
+                    turns.setdefault(gate, []).append(token)
+                if not held and not turns:
                     self._renewer = None
                     return
-            for state, rids in held.items():
-                try:
+            try:
+                for state, rids in held.items():
                     state.renew(rids)
-                except self._errors as exc:
-                    logger.warning("could not renew leases in Redis: %s", exc)
+                for gate, tokens in turns.items():
+                    gate.renew_turns(tokens, self._lease_ms)
+            except self._errors as exc:
+                logger.warning("could not renew leases in Redis: %s", exc)
 
     def close(self) -> None:
         """Stop renewing leases and close the sync client (asyncio clients: see
