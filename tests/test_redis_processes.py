@@ -37,6 +37,7 @@ from creditguard import (
     AuthenticationError,
     BalanceUnavailable,
     CreditGuard,
+    GateTimeout,
     InsufficientCredits,
     current_spend,
 )
@@ -593,6 +594,11 @@ async def _async_activity(guard: CreditGuard, fake: FakeLensmor, event: str) -> 
         await guard.abalance(refresh=True)
 
 
+def _gate_times_out(guard: CreditGuard) -> None:
+    with pytest.raises(GateTimeout), guard.spend(1):
+        pytest.fail("two turns at a gate of one")
+
+
 def test_no_redis_key_or_value_contains_the_api_key(
     redis_url: str, redis_client: redis.Redis
 ) -> None:
@@ -620,10 +626,24 @@ def test_no_redis_key_or_value_contains_the_api_key(
             pytest.fail("admitted with a key the sandbox refuses")
         with pytest.raises(AuthenticationError):
             rejected.balance(refresh=True)
-        # Dumped with a reservation held (its id in the reservations and the leases).
-        with guards["sync"].spend(10):
+        # Dumped with a reservation held (its id in the reservations and the leases), a
+        # hold open, a gate turn taken and a caller queued for one.
+        gated = CreditGuard(
+            fakes["sync"].api_key,
+            transport=fakes["sync"].transport,
+            backend=backend,
+            max_concurrent=1,
+            gate_timeout=0.05,
+        )
+        hold = guards["sync"].hold(15)
+        with gated.spend(10):
             fakes["sync"].charge(10)
+            queued = threading.Thread(target=_gate_times_out, args=(gated,))
+            queued.start()
+            queued.join()
             contents = dump(redis_client)
+        hold.release()
+        gated.close()
     finally:
         for guard in guards.values():
             guard.close()
@@ -635,6 +655,8 @@ def test_no_redis_key_or_value_contains_the_api_key(
         assert account in everything
     assert any(":res" in k for k in contents)
     assert any(":lease" in k for k in contents)
+    assert any(":hold:" in k for k in contents)
+    assert any(k.endswith(":gate") for k in contents)
     for key in SECRET_KEYS.values():
         for form in (key, key.encode().hex(), base64.b64encode(key.encode()).decode()):
             assert form not in everything
