@@ -154,9 +154,11 @@ def test_a_caller_that_waits_too_long_gets_gate_timeout_and_leaves_no_trace() ->
         thread.join()
         assert _queued(guard) == 0
         assert reserved(guard) == 10
-    assert len(errors) == 1 and isinstance(errors[0], GateTimeout)
+    assert len(errors) == 1
+    assert isinstance(errors[0], GateTimeout)
     assert isinstance(errors[0], TimeoutError)
-    assert errors[0].max_concurrent == 1 and errors[0].waited >= 0.2
+    assert errors[0].max_concurrent == 1
+    assert errors[0].waited >= 0.2
     with guard.spend(5):  # the turn is free at once
         pass
 
@@ -179,9 +181,8 @@ def test_a_guarded_call_inside_another_shares_its_turn() -> None:
 def test_a_hold_has_its_turn_until_its_block_ends_or_it_ends() -> None:
     fake = FakeLensmor()
     guard = _guard(fake, max_concurrent=1, gate_timeout=0.1)
-    with guard.hold(10) as hold:
-        with pytest.raises(GateTimeout):
-            _other_thread(guard)
+    with guard.hold(10) as hold, pytest.raises(GateTimeout):
+        _other_thread(guard)
     _other_thread(guard)  # the block ended: its turn is back
     hold.release()
     second = guard.hold(10)  # no block: the turn is held until the hold ends
@@ -211,9 +212,9 @@ def _other_thread(guard: CreditGuard) -> None:
 def test_bad_max_concurrent() -> None:
     fake = FakeLensmor()
     for bad in (0, -1, 1.5, True, "2"):
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="max_concurrent"):
             _guard(fake, max_concurrent=bad)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="gate_timeout"):
         _guard(fake, max_concurrent=1, gate_timeout=-1)
     assert _guard(fake, max_concurrent=3).max_concurrent == 3
     assert _guard(fake).max_concurrent is None
@@ -255,7 +256,8 @@ async def test_tasks_wait_their_turn_without_blocking_the_loop() -> None:
         for _ in range(10):
             tg.start_soon(call)
     assert most == 2
-    assert done == 10 and ticks > 0
+    assert done == 10
+    assert ticks > 0
     assert reserved(guard) == 0
 
 
@@ -280,9 +282,11 @@ async def test_a_task_cancelled_while_waiting_leaves_no_trace() -> None:
 
 
 async def _aqueued(guard: CreditGuard, n: int) -> None:
-    with anyio.fail_after(10):
-        while _queued(guard) < n:
-            await anyio.sleep(0.002)
+    for _ in range(5000):  # what is queued may be in Redis: looked at, not awaited
+        if _queued(guard) >= n:
+            return
+        await anyio.sleep(0.002)
+    raise AssertionError(f"fewer than {n} callers queued")
 
 
 async def test_a_thread_hands_its_turn_to_a_task() -> None:

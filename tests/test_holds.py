@@ -46,19 +46,21 @@ def test_a_hold_keeps_its_credits_until_settled() -> None:
     fake, _, guard = _setup()
     hold = guard.hold(60)
     assert isinstance(hold, Hold)
-    assert isinstance(hold.id, str) and hold.id
+    assert isinstance(hold.id, str)
+    assert hold.id
     assert hold.cost == 60
-    assert hold.balance_before is not None and hold.balance_before.total_balance == 100
+    assert hold.balance_before is not None
+    assert hold.balance_before.total_balance == 100
     assert hold.expires_at > time.time()
     assert reserved(guard) == 60
     # The work is charged later (a task): its credits stay held meanwhile.
-    with pytest.raises(InsufficientCredits) as refused:
-        with guard.spend(50):
-            pass
+    with pytest.raises(InsufficientCredits) as refused, guard.spend(50):
+        pass
     assert refused.value.available == 40
     fake.charge(55)
     after = hold.settle()
-    assert after is not None and after.total_balance == 45
+    assert after is not None
+    assert after.total_balance == 45
     assert hold.balance_after == after
     assert reserved(guard) == 0
     with guard.spend(45) as spend:
@@ -74,7 +76,8 @@ def test_settling_reads_a_balance_that_includes_the_work() -> None:
     assert guard.balance().total_balance == 100  # the cache does not know yet
     after = hold.settle()
     assert gate.arrived == reads + 1  # one read, started after settle() was called
-    assert after is not None and after.total_balance == 70
+    assert after is not None
+    assert after.total_balance == 70
     assert guard.balance().total_balance == 70
 
 
@@ -134,7 +137,7 @@ def test_hold_by_id_gives_the_same_hold_to_another_thread() -> None:
 
 
 def test_unknown_and_malformed_hold_ids() -> None:
-    fake, _, guard = _setup()
+    _fake, _, guard = _setup()
     with pytest.raises(UnknownHold) as unknown:
         guard.hold_by_id("0" * 24)
     assert unknown.value.hold_id == "0" * 24
@@ -152,9 +155,9 @@ def test_unknown_and_malformed_hold_ids() -> None:
 
 def test_bad_input_is_refused_before_any_request() -> None:
     _, gate, guard = _setup()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expires_in"):
         guard.hold(10, expires_in=0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="expires_in"):
         guard.hold(10, expires_in=float("inf"))
     with pytest.raises((ValueError, TypeError)):
         guard.hold(-1)
@@ -166,7 +169,8 @@ def test_a_hold_settles_from_the_report_given_to_it() -> None:
     hold = guard.hold(60)
     reads = gate.arrived
     after = hold.settle({"creditsUsed": 45, "balanceAfter": 55})
-    assert after is not None and after.total_balance == 55
+    assert after is not None
+    assert after.total_balance == 55
     assert hold.charged == 45
     assert gate.arrived == reads  # the report stood in for a read
     assert reserved(guard) == 0
@@ -179,14 +183,14 @@ def test_the_with_block_is_the_submission() -> None:
     assert reserved(guard) == 50  # the hold outlives its block
     fake.charge(50)
     after = hold.settle()
-    assert after is not None and after.total_balance == 50
+    assert after is not None
+    assert after.total_balance == 50
 
 
 def test_a_block_that_raises_ends_the_hold_and_keeps_the_error() -> None:
     _, gate, guard = _setup()
-    with pytest.raises(RuntimeError, match="submission failed"):
-        with guard.hold(50) as hold:
-            raise RuntimeError("submission failed")
+    with pytest.raises(RuntimeError, match="submission failed"), guard.hold(50) as hold:
+        raise RuntimeError("submission failed")
     assert reserved(guard) == 0
     with pytest.raises(UnknownHold):
         hold.settle()
@@ -201,15 +205,14 @@ def test_a_402_from_the_submission_is_insufficient_credits() -> None:
     response = httpx.Response(
         402, json={"errorKey": "INSUFFICIENT_CREDITS", "message": "no"}, request=request
     )
-    with pytest.raises(InsufficientCredits) as refused:
-        with guard.hold(50):
-            raise httpx.HTTPStatusError("402", request=request, response=response)
+    with pytest.raises(InsufficientCredits) as refused, guard.hold(50):
+        raise httpx.HTTPStatusError("402", request=request, response=response)
     assert isinstance(refused.value.__cause__, httpx.HTTPStatusError)
     assert reserved(guard) == 0
 
 
 def test_a_hold_is_refused_like_a_spend() -> None:
-    _, gate, guard = _setup()
+    _, _gate, guard = _setup()
     with pytest.raises(InsufficientCredits):
         guard.hold(101)
     assert reserved(guard) == 0
@@ -229,13 +232,15 @@ def test_a_hold_may_cost_what_the_precheck_says() -> None:
 
 
 async def test_async_holds() -> None:
-    fake, gate, guard = _setup()
+    fake, _gate, guard = _setup()
     hold = await guard.ahold(60, expires_in=30)
-    assert hold.cost == 60 and reserved(guard) == 60
+    assert hold.cost == 60
+    assert reserved(guard) == 60
     found = await guard.ahold_by_id(hold.id)
     fake.charge(20)
     after = await found.asettle()
-    assert after is not None and after.total_balance == 80
+    assert after is not None
+    assert after.total_balance == 80
     async with await guard.ahold(30) as second:
         pass
     assert reserved(guard) == 30

@@ -91,9 +91,11 @@ def test_a_hold_is_kept_looked_at_and_ended_once(redis_client: redis.Redis) -> N
     _reserve(redis_client, "r1", 30)
     assert gate.enter("turn1", 1, 60_000, 2_000)
     due = gate.keep("r1", 10_000, 30, 4, "BAL", "turn1")
-    assert due is not None and abs(due / 1000 - time.time() - 10) < 2
+    assert due is not None
+    assert abs(due / 1000 - time.time() - 10) < 2
     info = gate.hold("r1", False, 60_000)
-    assert info is not None and (info.cost, info.gen, info.balance) == (30, 4, "BAL")
+    assert info is not None
+    assert (info.cost, info.gen, info.balance) == (30, 4, "BAL")
     assert info.expires_ms == due
     assert not gate.enter("other", 1, 60_000, 2_000)  # the hold has the turn
     claimed = gate.hold("r1", True, 60_000)
@@ -112,13 +114,14 @@ def test_an_expired_hold_is_unknown_and_its_turn_is_free(redis_client: redis.Red
     assert gate.hold("r2", False, 60_000) is None
     assert gate.enter("next", 1, 60_000, 2_000)
     snap = state.state()  # the expired lease is swept: credits back, cache distrusted
-    assert snap.reserved == 0 and snap.balance is None
+    assert snap.reserved == 0
+    assert snap.balance is None
 
 
 def test_keeping_a_reservation_that_is_gone(redis_client: redis.Redis) -> None:
     gate = _gate(redis_client)
     assert gate.keep("nope", 10_000, 5, 0, "", "") is None
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="hold_id"):
         gate.hold("bad:id", False, 1000)
 
 
@@ -129,7 +132,8 @@ def test_every_key_is_in_the_account_slot(redis_client: redis.Redis) -> None:
     gate.enter("b", 1, 60_000, 2_000)
     gate.keep("r3", 10_000, 10, 0, "", "")
     keys = redis_client.keys("t:*")
-    assert any(b"hold:" in k for k in keys) and any(b":queue" in k for k in keys)
+    assert any(b"hold:" in k for k in keys)
+    assert any(b":queue" in k for k in keys)
     assert len({key_slot(k) for k in keys}) == 1
 
 

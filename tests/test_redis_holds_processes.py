@@ -61,7 +61,8 @@ def test_a_hold_taken_in_one_process_is_settled_in_another(
             assert (hold.cost, hold.balance_before) == (60, fake.balance)
             fake.charge(45)  # the work the hold paid for, charged late
             after = hold.settle()
-            assert after is not None and after.total_balance == 55
+            assert after is not None
+            assert after.total_balance == 55
             with pytest.raises(UnknownHold):
                 guard.hold_by_id(hold_id)
             with guard.spend(55):

@@ -51,10 +51,11 @@ def test_the_published_back_off() -> None:
 def test_unlock_contacts_holds_submits_polls_and_settles() -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
     guard = _guard(fake)
-    unlock = unlock_contacts(guard, IDS + ["1001"], backoff=FAST)  # duplicates removed
+    unlock = unlock_contacts(guard, [*IDS, "1001"], backoff=FAST)  # duplicates removed
     assert isinstance(unlock, ContactUnlock)
     assert unlock.status == "completed"
-    assert unlock.task_id is not None and unlock.hold_id is not None
+    assert unlock.task_id is not None
+    assert unlock.hold_id is not None
     assert set(unlock.delivered) == set(fake.unlocked_contacts) == set(IDS)
     assert unlock.balance_after is not None
     assert unlock.balance_after.total_balance == 1000 - 15 * len(IDS)
@@ -68,7 +69,9 @@ def test_nothing_chargeable_means_no_task_and_nothing_held() -> None:
     guard = _guard(fake)
     unlock_contacts(guard, IDS, backoff=FAST)
     again = unlock_contacts(guard, IDS, backoff=FAST)
-    assert again.status == "success" and again.task_id is None and again.hold_id is None
+    assert again.status == "success"
+    assert again.task_id is None
+    assert again.hold_id is None
     assert set(again.skipped) == set(IDS)
     assert reserved(guard) == 0
     assert guard.balance(refresh=True).total_balance == 1000 - 15 * len(IDS)
@@ -80,7 +83,8 @@ def test_an_account_that_cannot_pay_is_refused_before_submitting() -> None:
     with pytest.raises(InsufficientCredits) as refused:
         unlock_contacts(guard, IDS, backoff=FAST)
     assert refused.value.required == 60
-    assert fake.unlocked_contacts == {} and fake.charges == 0
+    assert fake.unlocked_contacts == {}
+    assert fake.charges == 0
     assert reserved(guard) == 0
 
 
@@ -119,8 +123,10 @@ def test_submit_in_one_thread_poll_in_another() -> None:
     thread.start()
     thread.join()
     (done,) = results
-    assert done.status == "completed" and set(done.delivered) == set(IDS[:2])
-    assert done.balance_after is not None and done.balance_after.total_balance == 970
+    assert done.status == "completed"
+    assert set(done.delivered) == set(IDS[:2])
+    assert done.balance_after is not None
+    assert done.balance_after.total_balance == 970
     assert reserved(guard) == 0
 
 
@@ -155,7 +161,8 @@ def test_phone_unlocks() -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
     guard = _guard(fake)
     unlock = unlock_contacts(guard, IDS[:2], phone=True, backoff=FAST)
-    assert unlock.status == "completed" and unlock.phone
+    assert unlock.status == "completed"
+    assert unlock.phone
     assert set(unlock.delivered) == set(fake.unlocked_phones)
     assert unlock.balance_after is not None
     assert unlock.balance_after.total_balance == 1000 - 150 * 2
@@ -167,9 +174,9 @@ def test_bad_input_is_refused_before_any_request() -> None:
     for bad in ([], "1001", [1001], [""]):
         with pytest.raises((TypeError, ValueError)):
             unlock_contacts(guard, bad)  # type: ignore[arg-type]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="backoff"):
         unlock_contacts(guard, IDS, backoff=())
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="backoff"):
         unlock_contacts(guard, IDS, backoff=(0,))
     with pytest.raises(TypeError):
         poll_unlock_task(guard, "")
@@ -204,7 +211,8 @@ def test_spend_around_a_task_lets_calls_in_on_credits_the_task_will_take() -> No
         submit_contact_unlock(guard, ["2001", "2002", "2003", "2004"])
     assert first.task_id is not None
     done = poll_unlock_task(guard, first.task_id, hold_id=first.hold_id, backoff=FAST)
-    assert done.balance_after is not None and done.balance_after.total_balance == 40
+    assert done.balance_after is not None
+    assert done.balance_after.total_balance == 40
     assert set(fake.unlocked_contacts) == set(IDS)
 
 
@@ -212,12 +220,15 @@ async def test_async_unlocks() -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
     guard = _guard(fake)
     unlock = await aunlock_contacts(guard, IDS, backoff=FAST)
-    assert unlock.status == "completed" and set(unlock.delivered) == set(IDS)
-    assert unlock.balance_after is not None and unlock.balance_after.total_balance == 940
+    assert unlock.status == "completed"
+    assert set(unlock.delivered) == set(IDS)
+    assert unlock.balance_after is not None
+    assert unlock.balance_after.total_balance == 940
     submitted = await asubmit_contact_unlock(guard, ["3001"])
     assert submitted.task_id is not None
     done = await apoll_unlock_task(
         guard, submitted.task_id, hold_id=submitted.hold_id, backoff=FAST
     )
-    assert done.balance_after is not None and done.balance_after.total_balance == 925
+    assert done.balance_after is not None
+    assert done.balance_after.total_balance == 925
     assert reserved(guard) == 0
