@@ -883,7 +883,8 @@ class RedisAccountState:
 
     def finish(self, res_id: str) -> int:
         """The action of ``res_id`` finished; a later read settles it. Returns the ``seq``
-        that read must start at (0: the reservation is gone, its lease expired)."""
+        that read must start at (0: the reservation is gone: its lease expired and an
+        operation removed it). The one operation that leaves expired leases to the next."""
         return _int(self._run("finish", [_name("res_id", res_id)]))
 
     async def afinish(self, res_id: str) -> int:
