@@ -32,7 +32,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
@@ -743,6 +743,23 @@ class RedisAccount(GateOps):
         return False  # no request here: callers that need to know ask Redis through Ops
 
 
+async def _closer(
+    client: redis_asyncio.Redis, owner: weakref.ref[RedisBackend], loop: object
+) -> AsyncGenerator[None, None]:
+    """Closes ``client`` (and its pool) when the event loop it was made for shuts down,
+    and forgets it: advanced once inside that loop, the loop's async-generator hooks
+    finalize it then."""
+    try:
+        yield
+    finally:
+        backend = owner()
+        if backend is not None:
+            backend._loop_clients.pop(loop, None)  # type: ignore[call-overload]
+            backend._closers.pop(loop, None)  # type: ignore[call-overload]
+        with contextlib.suppress(Exception):  # a connection already broken
+            await client.aclose(close_connection_pool=True)
+
+
 class RedisBackend:
     """Account state in Redis (or Valkey), shared by every process that uses the same
     server and ``prefix``.
@@ -804,6 +821,9 @@ class RedisBackend:
             )
         )
         self._async_client = async_client
+        self._closers: weakref.WeakKeyDictionary[
+            asyncio.AbstractEventLoop, AsyncGenerator[None, None]
+        ] = weakref.WeakKeyDictionary()
         self._loop_clients: weakref.WeakKeyDictionary[
             asyncio.AbstractEventLoop, redis_asyncio.Redis
         ] = weakref.WeakKeyDictionary()
@@ -846,6 +866,12 @@ class RedisBackend:
             pool = redis.asyncio.BlockingConnectionPool.from_url(self._url, **_POOL)
             client = redis.asyncio.Redis(connection_pool=pool)
             self._loop_clients[loop] = client
+            # Closed by its loop when the loop shuts down (asyncio.run, anyio.run: they
+            # finalize the async generators still alive), so its sockets never outlive it.
+            closer = _closer(client, weakref.ref(self), loop)
+            with contextlib.suppress(StopIteration):
+                closer.asend(None).send(None)
+            self._closers[loop] = closer
         return client
 
     # -- leases --------------------------------------------------------------------------
@@ -922,6 +948,9 @@ class RedisBackend:
         if sniffio.current_async_library() == "asyncio":
             loop = asyncio.get_running_loop()
             client = self._loop_clients.pop(loop, None)
-            if client is not None:
+            closer = self._closers.pop(loop, None)
+            if closer is not None:
+                await closer.aclose()  # closes the client
+            elif client is not None:
                 await client.aclose(close_connection_pool=True)
         self._close_sync()

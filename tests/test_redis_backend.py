@@ -5,8 +5,10 @@ are in ``test_redis_processes.py``."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import uuid
+import warnings
 from typing import Any
 
 import anyio
@@ -175,3 +177,28 @@ def test_admissions_on_a_balance_already_here_are_answered_without_it(
     assert seen[3:] == [70, 70]
     assert answers[4:] == ["ok", "gen"]
     backend.close()
+
+
+def test_an_event_loops_redis_client_closes_with_the_loop(redis_url: str) -> None:
+    """The asyncio client made for a loop is closed when that loop shuts down: no socket
+    is left for the garbage collector (a ResourceWarning) after ``anyio.run`` returns."""
+    fake = FakeLensmor()
+    backend = RedisBackend(redis_url, prefix=f"loop-{uuid.uuid4().hex[:10]}:")
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
+
+    async def main() -> None:
+        async with guard.spend(10):
+            pass
+
+    try:
+        for _ in range(2):  # two loops, one after the other
+            anyio.run(main, backend="asyncio")
+            assert backend._loop_clients == {}  # closed and forgotten with its loop
+        assert guard.balance().total_balance > 0
+    finally:
+        guard.close()
+        backend.close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
