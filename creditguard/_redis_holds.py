@@ -21,16 +21,16 @@ if TYPE_CHECKING:
     from ._state import Account
     from .redis import RedisAccount
 
-__all__ = ["GateOps"]
+__all__ = ["POLL_FIRST", "POLL_MAX", "GateOps"]
 
 logger = logging.getLogger("creditguard")
 _monotonic = time.monotonic
 
 # A waiter in the queue that has not looked for this long (its process died) loses its
-# place; live waiters look at least every _POLL_MAX.
+# place; live waiters look at least every POLL_MAX (``redis.py``'s pauses between looks).
 _ALIVE_MS = 5_000
-_POLL_FIRST = 0.002
-_POLL_MAX = 0.02
+POLL_FIRST = 0.002
+POLL_MAX = 0.02
 
 
 class _TurnWaiter(Waiter):
@@ -80,7 +80,7 @@ class GateOps:
             backend._keep_turn(me, turn.token)
             return True
         turn.looks += 1
-        pause = min(_POLL_MAX, _POLL_FIRST * (2 ** min(turn.looks, 8)))
+        pause = min(POLL_MAX, POLL_FIRST * (2 ** min(turn.looks, 8)))
         waiter = _TurnWaiter(0, 0)
         with me.lock:
             me.waiters.append(waiter)

@@ -300,6 +300,16 @@ def _checks(
     return (_PHONE if phone else _EMAIL), waits, limit
 
 
+def _submission(
+    personnel_ids: Sequence[str], phone: bool, event_id: str | None, expires_in: float
+) -> tuple[_Kind, list[str], float, Precheck]:
+    """A submission's arguments, checked before any request, and what to hold for it."""
+    ids = _ids(personnel_ids)
+    kind = _PHONE if phone else _EMAIL
+    expires_in = _check_seconds("expires_in", expires_in, positive=True)
+    return kind, ids, expires_in, _cost(kind, ids, event_id)
+
+
 def _task_id(task_id: object) -> str:
     if not isinstance(task_id, str) or not task_id or len(task_id) > 200:
         raise TypeError("task_id must be a non-empty str")
@@ -325,10 +335,7 @@ def submit_contact_unlock(
     status is ``"success"``. A ``402`` raises :class:`InsufficientCredits`; any other
     refusal the ``httpx.HTTPStatusError`` it is (the hold is ended and the cached balance
     distrusted)."""
-    ids = _ids(personnel_ids)
-    kind = _PHONE if phone else _EMAIL
-    expires_in = _check_seconds("expires_in", expires_in, positive=True)
-    precheck = _cost(kind, ids, event_id)
+    kind, ids, expires_in, precheck = _submission(personnel_ids, phone, event_id, expires_in)
     cost = guard._cost_of(precheck, precheck.params_for())
     return guard._drive(_submit(guard, kind, ids, event_id, cost, expires_in, True))
 
@@ -342,10 +349,7 @@ async def asubmit_contact_unlock(
     expires_in: float = 600.0,
 ) -> ContactUnlock:
     """Async :func:`submit_contact_unlock`."""
-    ids = _ids(personnel_ids)
-    kind = _PHONE if phone else _EMAIL
-    expires_in = _check_seconds("expires_in", expires_in, positive=True)
-    precheck = _cost(kind, ids, event_id)
+    kind, ids, expires_in, precheck = _submission(personnel_ids, phone, event_id, expires_in)
     cost = await guard._acost_of(precheck, precheck.params_for())
     return await guard._adrive(_submit(guard, kind, ids, event_id, cost, expires_in, False))
 

@@ -42,7 +42,7 @@ import sniffio
 from ._errors import BalanceUnavailable, InsufficientCredits
 from ._models import CreditBalance
 from ._redis_gate import HoldInfo, RedisGate
-from ._redis_holds import GateOps
+from ._redis_holds import POLL_FIRST, POLL_MAX, GateOps
 from ._redis_state import (
     DEFAULT_PREFIX,
     Admitted,
@@ -67,9 +67,10 @@ logger = logging.getLogger("creditguard")
 _monotonic = time.monotonic
 
 # How long a caller waits between two looks at Redis while another process reads the
-# balance, or while calls in flight elsewhere settle: short first, then longer.
-_POLL_FIRST = 0.002
-_POLL_MAX = 0.02
+# balance, or while calls in flight elsewhere settle (or a turn at the gate frees): short
+# first, then longer.
+_POLL_FIRST = POLL_FIRST
+_POLL_MAX = POLL_MAX
 # The longest a read may hold the cross-process read lock (then another process leads).
 _FLIGHT_MS = 10_000
 # After Redis failed, how long the fallback serves before Redis is tried again.
