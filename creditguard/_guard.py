@@ -365,6 +365,17 @@ class CreditGuard(_Edges):
                 if _monotonic() >= until:
                     raise GateTimeout(limit, _monotonic() - started)
                 yield cast(Step, step)
+        except BalanceUnavailable as exc:  # the gate's backend is unreachable
+            yield from account.leave(turn)
+            if shared.on_unavailable != "allow":
+                raise
+            logger.warning(
+                "the gate of %s is unavailable (%s); running without a turn"
+                " (on_unavailable='allow')",
+                account.fingerprint,
+                exc,
+            )
+            return None
         except BaseException:
             yield from account.leave(turn)
             raise

@@ -6,6 +6,7 @@ are in ``test_redis_processes.py``."""
 from __future__ import annotations
 
 import gc
+import socket
 import threading
 import uuid
 import warnings
@@ -14,7 +15,7 @@ from typing import Any
 import anyio
 import pytest
 
-from creditguard import CreditGuard
+from creditguard import BalanceUnavailable, CreditGuard
 from creditguard.redis import RedisBackend
 from creditguard.testing import FakeLensmor
 
@@ -202,3 +203,35 @@ def test_an_event_loops_redis_client_closes_with_the_loop(redis_url: str) -> Non
         warnings.simplefilter("always", ResourceWarning)
         gc.collect()
     assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+def _nothing_listens() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"
+
+
+@pytest.mark.parametrize("policy", ["deny", "allow"])
+def test_the_gate_follows_the_policy_when_redis_is_unreachable(policy: str) -> None:
+    fake = FakeLensmor()
+    backend = RedisBackend(_nothing_listens())
+    guard = CreditGuard(
+        fake.api_key,
+        transport=fake.transport,
+        backend=backend,
+        max_concurrent=1,
+        on_unavailable=policy,  # type: ignore[arg-type]
+    )
+    ran = []
+    try:
+        if policy == "deny":
+            with pytest.raises(BalanceUnavailable, match="Redis"), guard.spend(10):
+                ran.append(1)
+        else:
+            with guard.spend(10):  # no turn and no balance: run unchecked, logged
+                ran.append(1)
+    finally:
+        guard.close()
+        backend.close()
+    assert ran == ([] if policy == "deny" else [1])
