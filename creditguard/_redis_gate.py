@@ -41,7 +41,8 @@ local function fmt(n) return string.format('%d', n) end
 
 _SCRIPTS: dict[str, str] = {
     # KEYS: gate, queue, alive, ticket. ARGV: token, limit, lease_ms, alive_ms.
-    # 1: the turn is the caller's (taken now, or before); 0: it waits in the queue.
+    # 0: the turn is the caller's (taken now, or before); else the caller waits in the
+    # queue, and the answer is its ticket (the lower, the sooner its turn).
     "enter": _NOW
     + """
 local gate, queue, alive = KEYS[1], KEYS[2], KEYS[3]
@@ -52,19 +53,21 @@ for _, d in ipairs(dead) do
   redis.call('ZREM', queue, d)
   redis.call('ZREM', alive, d)
 end
-if redis.call('ZSCORE', gate, token) then return 1 end
-if not redis.call('ZSCORE', queue, token) then
-  redis.call('ZADD', queue, fmt(redis.call('INCR', KEYS[4])), token)
+if redis.call('ZSCORE', gate, token) then return 0 end
+local ticket = redis.call('ZSCORE', queue, token)
+if not ticket then
+  ticket = redis.call('INCR', KEYS[4])
+  redis.call('ZADD', queue, fmt(ticket), token)
 end
 local free = limit - redis.call('ZCARD', gate)
 if free > 0 and redis.call('ZRANK', queue, token) < free then
   redis.call('ZREM', queue, token)
   redis.call('ZREM', alive, token)
   redis.call('ZADD', gate, fmt(now + tonumber(ARGV[3])), token)
-  return 1
+  return 0
 end
 redis.call('ZADD', alive, fmt(now + tonumber(ARGV[4])), token)
-return 0
+return tonumber(ticket)
 """,
     # KEYS: gate, queue, alive. ARGV: token. Give the turn back, or leave the queue.
     "leave": """
@@ -195,14 +198,15 @@ class RedisGate:
     def _enter_args(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> list[str | int]:
         return [_token("token", token), limit, lease_ms, alive_ms]
 
-    def enter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> bool:
-        """Take a turn (True), or stand in the queue (False: ask again within ``alive_ms``)."""
+    def enter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> int:
+        """Take a turn (0), or stand in the queue: the caller's ticket (ask again within
+        ``alive_ms``; the lowest ticket is next)."""
         args = self._enter_args(token, limit, lease_ms, alive_ms)
-        return bool(self._run("enter", self.gate_keys, args))
+        return int(self._run("enter", self.gate_keys, args))
 
-    async def aenter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> bool:
+    async def aenter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> int:
         args = self._enter_args(token, limit, lease_ms, alive_ms)
-        return bool(await self._arun("enter", self.gate_keys, args))
+        return int(await self._arun("enter", self.gate_keys, args))
 
     def leave(self, token: str) -> None:
         """Give the turn back, or leave the queue."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._errors import BalanceUnavailable
 from ._redis_gate import HoldInfo
@@ -34,7 +34,8 @@ POLL_MAX = 0.02
 
 
 class _TurnWaiter(Waiter):
-    """A caller waiting for a turn: it looks at Redis again when this ends."""
+    """A caller waiting for a turn: it looks at Redis again when this ends. Its ``cost``
+    is its ticket in the queue."""
 
     __slots__ = ()
 
@@ -75,13 +76,13 @@ class GateOps:
                 raise
             return (yield from local.enter(turn, limit, sync, until))
         turn.remote = True
-        if got:
+        if got == 0:
             turn.granted = True
             backend._keep_turn(me, turn.token)
             return True
         turn.looks += 1
         pause = min(POLL_MAX, POLL_FIRST * (2 ** min(turn.looks, 8)))
-        waiter = _TurnWaiter(0, 0)
+        waiter = _TurnWaiter(cast(int, got), 0)  # its ticket: the lowest is next
         with me.lock:
             me.waiters.append(waiter)
         return waiter, False, min(until, _monotonic() + pause)
@@ -101,7 +102,22 @@ class GateOps:
             logger.warning(
                 "could not give back a turn in Redis (%s): it expires with its lease", exc
             )
-        self._wake_waiters()  # callers of this process waiting for a turn look now
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        """A turn of this process was given back: the caller of this process that waits
+        for one with the lowest ticket looks at Redis now (the others keep to their
+        pauses, rather than all asking for the one turn at once)."""
+        me = self._me()
+        with me.lock:
+            waiting = [w for w in me.waiters if isinstance(w, _TurnWaiter) and not w.done]
+            if not waiting:
+                return
+            first = min(waiting, key=lambda w: w.cost)
+            me.waiters.remove(first)
+            callbacks = first._finish()
+        for notify in callbacks:
+            notify()
 
     def queued(self) -> int:
         """How many callers wait for a turn (for tests and metrics)."""
