@@ -17,7 +17,7 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
 import httpx
@@ -330,6 +330,15 @@ class CreditGuard(_Edges):
                 return next_step
             step = next_step
 
+    def _enclosing(self) -> Iterator[Spend]:
+        """The spends of this account that the caller runs inside, innermost first."""
+        account = self._account
+        outer = _current.get()
+        while outer is not None:
+            if outer._active and outer._guard._account is account:
+                yield outer
+            outer = outer._outer
+
     def _take_turn(self, sync: bool) -> Steps[Turn | None]:
         """A turn at the account's gate (``None``: no gate, or the caller runs inside an
         enclosing guarded call of the account, whose turn it shares). Queued in order;
@@ -340,19 +349,11 @@ class CreditGuard(_Edges):
         if limit is None:
             return None
         account = self._account
-        outer = _current.get()
-        if outer is not None:
+        if _current.get() is not None:
             me = _caller()
-            while outer is not None:
-                turn = outer._turn
-                if (
-                    outer._active
-                    and turn is not None
-                    and outer._guard._account is account
-                    and turn.owner == me
-                ):
+            for outer in self._enclosing():
+                if outer._turn is not None and outer._turn.owner == me:
                     return None
-                outer = outer._outer
         turn = Turn(os.urandom(8).hex())
         turn.owner = _caller()
         started = _monotonic()
@@ -417,12 +418,7 @@ class CreditGuard(_Edges):
         deadline: float | None = None  # set when this call first waits for settling
         cap = 0.0
         # This caller's own enclosing spends: they cannot settle while it waits.
-        enclosing: list[Reservation] = []
-        outer = _current.get()
-        while outer is not None:
-            if outer._active and outer._guard._account is account and outer._reservation:
-                enclosing.append(outer._reservation)
-            outer = outer._outer
+        enclosing = [o._reservation for o in self._enclosing() if o._reservation]
         flight: Flight | None = None
         try:
             if not spend._defer:

@@ -127,16 +127,14 @@ def take(guard: CreditGuard, spend: Spend, expires_in: float, sync: bool) -> Ste
     """Wait for a turn (when the gate is on), admit ``spend`` and keep its reservation
     open as a hold; on any failure, nothing is left reserved or queued."""
     account = guard._account
-    turn = yield from guard._take_turn(sync)
+    yield from guard._open(spend, sync)  # as a spend block enters
+    turn, spend._turn = spend._turn, None  # the hold's now
+    reservation, spend._reservation = spend._reservation, None
     try:
-        if not guard._admit_cached(spend):
-            yield from guard._admit(spend, sync)
-        reservation = spend._reservation
         if reservation is None:  # pragma: no cover - admission always reserves or raises
             raise RuntimeError("admitted without a reservation")
         kept = yield from account.keep(reservation, expires_in, turn)
     except BaseException:
-        reservation, spend._reservation = spend._reservation, None
         if reservation is not None:
             yield from account.give_back(reservation)
         if turn is not None:
@@ -153,23 +151,37 @@ def look(guard: CreditGuard, hold_id: str) -> Steps[Hold]:
     return Hold(guard, kept, None)
 
 
-def _spend_of(guard: CreditGuard, hold: Hold, kept: Kept) -> Spend:
-    """The hold's reservation as a spend whose action has finished, for the guard to
+def _spend_of(guard: CreditGuard, kept: Kept) -> Spend:
+    """A hold's reservation as a spend whose action has finished, for the guard to
     settle or drop like any other."""
-    spend = Spend(guard, kept.reservation.cost)
+    reservation = kept.reservation
+    spend = Spend(guard, reservation.cost)
     spend._entered = True
-    spend._reservation = kept.reservation
-    spend.balance_before = hold.balance_before
+    spend._reservation = reservation
+    spend.balance_before = reservation.balance
     return spend
+
+
+def _give_turn(guard: CreditGuard, hold: Hold) -> Steps[None]:
+    """Give back the gate turn this hold object has, if any."""
+    turn, hold._turn = hold._turn, None
+    if turn is not None:
+        yield from guard._account.leave(turn)
+
+
+def fail(guard: CreditGuard, hold_id: str, exc: BaseException, sync: bool) -> Steps[None]:
+    """End the hold ``hold_id``, if it is open, as a spend whose action raised ``exc``
+    (its charge unknown; a ``402`` raises :class:`InsufficientCredits`)."""
+    kept = yield from guard._account.claim(hold_id)
+    if kept is not None:
+        yield from guard._exit(_spend_of(guard, kept), exc, sync)
 
 
 def _end(
     guard: CreditGuard, hold: Hold, report: object, release: bool, sync: bool
 ) -> Steps[CreditBalance | None]:
     account = guard._account
-    turn, hold._turn = hold._turn, None
-    if turn is not None:
-        yield from account.leave(turn)
+    yield from _give_turn(guard, hold)
     kept = yield from account.claim(hold.id)
     if kept is None:
         raise UnknownHold(hold.id)
@@ -177,7 +189,7 @@ def _end(
         yield from account.give_back(kept.reservation)
         guard._emit("released", hold.cost, hold.balance_before)
         return None
-    spend = _spend_of(guard, hold, kept)
+    spend = _spend_of(guard, kept)
     spend._result = report
     yield from guard._exit(spend, None, sync)
     hold.balance_after = spend.balance_after
@@ -188,12 +200,6 @@ def _end(
 def _leave(guard: CreditGuard, hold: Hold, exc: BaseException | None, sync: bool) -> Steps[None]:
     """The end of a hold's ``with`` block: give its turn back; if the block raised, end
     the hold as a failed spend (its charge is unknown)."""
-    account = guard._account
-    turn, hold._turn = hold._turn, None
-    if turn is not None:
-        yield from account.leave(turn)
-    if exc is None:
-        return
-    kept = yield from account.claim(hold.id)
-    if kept is not None:
-        yield from guard._exit(_spend_of(guard, hold, kept), exc, sync)
+    yield from _give_turn(guard, hold)
+    if exc is not None:
+        yield from fail(guard, hold.id, exc, sync)

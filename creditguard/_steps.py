@@ -33,6 +33,7 @@ __all__ = [
     "Turn",
     "Waiter",
     "own_error",
+    "pause",
 ]
 
 _monotonic = time.monotonic
@@ -246,6 +247,12 @@ class Call:
     def __init__(self, run: Callable[[], object], arun: Callable[[], Awaitable[object]]) -> None:
         self.run = run
         self.arun = arun
+
+
+def pause(seconds: float) -> Call:
+    """A pause, as a ``Call`` the driver performs at its edge (a thread sleeps; a task
+    sleeps in its loop)."""
+    return Call(lambda: time.sleep(seconds), lambda: anyio.sleep(seconds))
 
 
 # An operation on an account's state, as a generator: it yields the I/O it needs done

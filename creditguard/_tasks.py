@@ -16,7 +16,6 @@ import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
-import anyio
 import httpx
 
 from ._client import _loads
@@ -24,17 +23,16 @@ from ._config import _check_seconds
 from ._errors import (
     AuthenticationError,
     BalanceUnavailable,
-    CreditGuardError,
     InvalidResponse,
     TaskPending,
     UnknownHold,
 )
-from ._holds import _end, _leave, look, take
+from ._holds import _end, _leave, fail, look, take
 from ._models import CreditBalance
 from ._precheck import Precheck
 from ._retry import parse_retry_after
 from ._spend import Spend
-from ._steps import Call, Steps
+from ._steps import Call, Steps, pause
 
 if TYPE_CHECKING:
     from ._guard import CreditGuard
@@ -152,10 +150,6 @@ def _send(guard: CreditGuard, request: httpx.Request) -> Call:
     return Call(lambda: shared.client.send(request), lambda: shared.aclient.send(request))
 
 
-def _sleep(seconds: float) -> Call:
-    return Call(lambda: time.sleep(seconds), lambda: anyio.sleep(seconds))
-
-
 def _status_error(response: httpx.Response, body: bytes) -> httpx.HTTPStatusError:
     """The answer as the ``httpx.HTTPStatusError`` ``raise_for_status()`` would raise (its
     body kept, so a ``402`` is recognised; its request carries no key)."""
@@ -237,7 +231,7 @@ def _poll(
     while True:
         if _monotonic() + wait > deadline:
             raise TaskPending(task_id, hold_id, _monotonic() - started)
-        yield _sleep(wait)
+        yield pause(wait)
         wait = next(waits)
         request = reader.api_request(guard._key, "GET", path)
         try:
@@ -261,7 +255,7 @@ def _poll(
             raise AuthenticationError(f"the task poll was refused ({status})", status_code=status)
         error = _status_error(response, body)
         if hold_id is not None:  # the task is gone: what it charged is unknown
-            yield from _drop(guard, hold_id, error, sync)
+            yield from fail(guard, hold_id, error, sync)
         raise error
     items = tuple(i for i in answer.get("items") or () if isinstance(i, Mapping))
     balance: CreditBalance | None = None
@@ -280,14 +274,6 @@ def _poll(
     return ContactUnlock(
         str(task_status), task_id, hold_id, kind is _PHONE, items=items, balance_after=balance
     )
-
-
-def _drop(guard: CreditGuard, hold_id: str, error: BaseException, sync: bool) -> Steps[None]:
-    try:
-        hold = yield from look(guard, hold_id)
-        yield from _leave(guard, hold, error, sync)
-    except (UnknownHold, CreditGuardError):
-        pass
 
 
 def _checks(

@@ -56,6 +56,7 @@ from ._redis_state import (
 )
 from ._state import MAX_SETTLING, Account, _after_report
 from ._steps import Call, Flight, Ops, Reservation, Step, Waiter, own_error
+from ._steps import pause as pause_call
 
 if TYPE_CHECKING:
     import redis as redis_py
@@ -104,11 +105,6 @@ class _RedisFlight(Flight):
         self.token = token
         self.remote = False
         self.finished = 0.0
-
-
-def _sleep(seconds: float) -> Call:
-    """A pause, as a ``Call`` the driver performs at its edge."""
-    return Call(lambda: time.sleep(seconds), lambda: anyio.sleep(seconds))
 
 
 class _LookAgain(Waiter):
@@ -345,7 +341,7 @@ class RedisAccount(GateOps):
         give_up = _monotonic() + _FLIGHT_MS / 1000
         try:
             while True:
-                yield _sleep(pause)
+                yield pause_call(pause)
                 snap = cast(Snapshot, (yield self._call("state")))
                 if snap.balance is not None and snap.cached_seq >= max(
                     flight.start_seq, snap.floor
