@@ -26,9 +26,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-if TYPE_CHECKING:
-    from redis.commands.core import AsyncScript, Script
+from ._redis_state import aevalsha, eval_head, evalsha, sha_of
 
+if TYPE_CHECKING:
     from ._redis_state import AsyncClient, SyncClient
 
 __all__ = ["HoldInfo", "RedisGate"]
@@ -124,6 +124,9 @@ return {info[1], info[2], info[3], fmt(due)}
 }
 
 
+_SHAS = {name: sha_of(text) for name, text in _SCRIPTS.items()}
+
+
 class HoldInfo(NamedTuple):
     """An open hold as Redis has it: ``balance`` as stored (``""``: none), ``expires_ms``
     the Unix time (ms) it expires at."""
@@ -156,7 +159,7 @@ class RedisGate:
     one command). ``client`` serves the sync methods, ``async_client`` their async twins;
     either may be ``None`` when that side is unused."""
 
-    __slots__ = ("_async", "_async_scripts", "_base", "_scripts", "_sync", "gate_keys")
+    __slots__ = ("_async", "_base", "_sync", "gate_keys")
 
     def __init__(
         self,
@@ -170,28 +173,21 @@ class RedisGate:
         self._base = f"{prefix}{{{fingerprint}}}:"
         base = self._base
         self.gate_keys = (base + "gate", base + "queue", base + "alive", base + "ticket")
-        self._scripts: dict[str, Script] = {}
-        self._async_scripts: dict[str, AsyncScript] = {}
 
     def _hold_keys(self, hold_id: str) -> list[str]:
         base = self._base
         return [base + "res", base + "lease", base + "hold:" + _token("hold_id", hold_id)]
 
     def _run(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        script = self._scripts.get(name)
-        if script is None:
-            if self._sync is None:
-                raise RuntimeError("this RedisGate has no sync client")
-            script = self._scripts[name] = self._sync.register_script(_SCRIPTS[name])
-        return script(keys=keys, args=args)
+        if self._sync is None:
+            raise RuntimeError("this RedisGate has no sync client")
+        return evalsha(self._sync, eval_head(_SHAS[name], tuple(keys)), _SCRIPTS[name], args)
 
     async def _arun(self, name: str, keys: Sequence[str], args: Sequence[str | int]) -> Any:
-        script = self._async_scripts.get(name)
-        if script is None:
-            if self._async is None:
-                raise RuntimeError("this RedisGate has no async client")
-            script = self._async_scripts[name] = self._async.register_script(_SCRIPTS[name])
-        return await script(keys=keys, args=args)
+        if self._async is None:
+            raise RuntimeError("this RedisGate has no async client")
+        head = eval_head(_SHAS[name], tuple(keys))
+        return await aevalsha(self._async, head, _SCRIPTS[name], args)
 
     # -- the gate ----------------------------------------------------------------------
 

@@ -504,6 +504,11 @@ return left
 }
 
 
+def sha_of(text: str) -> str:
+    """The name EVALSHA knows a script by (SCRIPT LOAD answers the same)."""
+    return hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
+
+
 def _script(fields: tuple[str, ...], body: str) -> str:
     load = "load(" + ", ".join(f"'{name}'" for name in fields) + ")\n" if fields else ""
     return _HEAD + "sweep()\n" + _HELPERS + load + body
@@ -516,10 +521,7 @@ SCRIPTS: dict[str, str] = {
 # how many of the account's keys each script is given (the others: all four)
 NKEYS: dict[str, int] = {name: n for name, (n, _) in _DIRECT.items()}
 # what EVALSHA names them by (SCRIPT LOAD answers the same)
-SHAS: dict[str, str] = {
-    name: hashlib.sha1(text.encode(), usedforsecurity=False).hexdigest()
-    for name, text in SCRIPTS.items()
-}
+SHAS: dict[str, str] = {name: sha_of(text) for name, text in SCRIPTS.items()}
 
 
 def _no_script(exc: Exception) -> bool:
@@ -674,9 +676,33 @@ def _name(name: str, value: object) -> str:
     return value
 
 
-def _head(sha: str, keys: tuple[str | bytes, ...]) -> tuple[str | bytes, ...]:
+def eval_head(sha: str, keys: tuple[str | bytes, ...]) -> tuple[str | bytes, ...]:
     """The start of an EVALSHA of ``sha`` on ``keys``."""
     return ("EVALSHA", sha.encode(), str(len(keys)).encode(), *keys)
+
+
+def evalsha(client: SyncClient, head: tuple[str | bytes, ...], text: str, args: Any) -> Any:
+    """One script call: ``head`` (from :func:`eval_head`) and ``args``; on ``NOSCRIPT`` (a
+    restarted server, another node) the script ``text`` is loaded and called again."""
+    execute: Callable[..., Any] = client.execute_command
+    try:
+        return execute(*head, *args)
+    except Exception as exc:
+        if not _no_script(exc):
+            raise
+    sha = _text(client.script_load(text))
+    return execute(*eval_head(sha, head[3:]), *args)
+
+
+async def aevalsha(client: AsyncClient, head: tuple[str | bytes, ...], text: str, args: Any) -> Any:
+    """Async :func:`evalsha`."""
+    try:
+        return await client.execute_command(*head, *args)
+    except Exception as exc:
+        if not _no_script(exc):
+            raise
+    sha = _text(await client.script_load(text))
+    return await client.execute_command(*eval_head(sha, head[3:]), *args)
 
 
 def _flag(value: bool) -> str:
@@ -728,7 +754,7 @@ class RedisAccountState:
         # what precedes the arguments of each script's EVALSHA, encoded once
         keys = tuple(key.encode() for key in self.keys)
         self._heads: dict[str, tuple[str | bytes, ...]] = {
-            name: _head(SHAS[name], keys[: NKEYS.get(name, 4)]) for name in SCRIPTS
+            name: eval_head(SHAS[name], keys[: NKEYS.get(name, 4)]) for name in SCRIPTS
         }
 
     def __repr__(self) -> str:
@@ -738,29 +764,13 @@ class RedisAccountState:
         client = self._sync
         if client is None:
             raise RuntimeError("this RedisAccountState has no sync client")
-        head = self._heads[name]
-        execute: Callable[..., Any] = client.execute_command
-        try:
-            return execute(*head, *args)
-        except Exception as exc:
-            if not _no_script(exc):
-                raise
-        # NOSCRIPT: a restarted server (or another node) does not know it yet
-        sha = _text(client.script_load(SCRIPTS[name]))
-        return execute(*_head(sha, head[3:]), *args)
+        return evalsha(client, self._heads[name], SCRIPTS[name], args)
 
     async def _arun(self, name: str, args: Sequence[str | int]) -> Any:
         client = self._async
         if client is None:
             raise RuntimeError("this RedisAccountState has no async client")
-        head = self._heads[name]
-        try:
-            return await client.execute_command(*head, *args)
-        except Exception as exc:
-            if not _no_script(exc):
-                raise
-        sha = _text(await client.script_load(SCRIPTS[name]))
-        return await client.execute_command(*_head(sha, head[3:]), *args)
+        return await aevalsha(client, self._heads[name], SCRIPTS[name], args)
 
     # -- admission -----------------------------------------------------------------------
 
