@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._errors import (
         ActionNotAllowed,
+        AdmissionTimeout,
         AuthenticationError,
         BalanceUnavailable,
         CreditGuardError,
@@ -68,6 +69,7 @@ _EXPORTS = {
     "unlock_contacts": "._tasks",
     "Precheck": "._guard",
     "PrecheckResult": "._models",
+    "AdmissionTimeout": "._errors",
     "AuthenticationError": "._errors",
     "BalanceUnavailable": "._errors",
     "CreditBalance": "._models",
@@ -95,6 +97,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "POLL_BACKOFF",
     "ActionNotAllowed",
+    "AdmissionTimeout",
     "AuthenticationError",
     "BalanceUnavailable",
     "ContactUnlock",

@@ -72,8 +72,15 @@ def _check_base_url(base_url: str, allow_insecure_http: bool) -> str:
     return str(url.copy_with(path=url.path.rstrip("/") or "/")).rstrip("/")
 
 
+# The longest duration (seconds) any setting or call takes: about 31.7 years. Durations
+# reach Redis scripts as milliseconds, which Lua keeps exact (and prints with %d) only
+# well below 2**53; a duration beyond this bound is a mistake, refused at the edge.
+MAX_SECONDS = 1_000_000_000.0
+
+
 def _check_seconds(name: str, value: object, *, positive: bool = False) -> float:
-    """A finite number of seconds (>= 0, or > 0 with ``positive``), as a float."""
+    """A finite number of seconds (>= 0, or > 0 with ``positive``; at most
+    ``MAX_SECONDS``), as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number of seconds, got {type(value).__name__}")
     try:
@@ -83,6 +90,8 @@ def _check_seconds(name: str, value: object, *, positive: bool = False) -> float
     if not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be a finite number of seconds {bound}, got {value!r}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"{name} must be at most {MAX_SECONDS:.0f} seconds, got {value!r}")
     return seconds
 
 

@@ -10,6 +10,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ActionNotAllowed",
+    "AdmissionTimeout",
     "AuthenticationError",
     "BalanceUnavailable",
     "CreditGuardError",
@@ -67,6 +68,47 @@ def _rebuild_insufficient(
     required: int, available: int, balance: CreditBalance | None, reserved: int
 ) -> InsufficientCredits:
     return InsufficientCredits(required, available, balance, reserved=reserved)
+
+
+class AdmissionTimeout(CreditGuardError, TimeoutError):
+    """The account could pay for the call if the guarded calls in flight charged nothing,
+    but not if they charged what they reserved, and they did not settle within
+    ``admission_timeout``: the call was not run and nothing was reserved. It is not a
+    refusal for credits (that is :class:`InsufficientCredits`): retry later.
+
+    ``required`` is the call's cost, ``available`` what the account could pay at that
+    moment beside the calls in flight (balance minus ``reserved``), ``reserved`` the
+    credits those calls hold, ``retry_after`` a suggested wait in seconds.
+    """
+
+    def __init__(
+        self,
+        required: int,
+        available: int,
+        *,
+        reserved: int = 0,
+        retry_after: float = 1.0,
+    ) -> None:
+        self.required = required
+        self.available = available
+        self.reserved = reserved
+        self.retry_after = retry_after
+        super().__init__(
+            f"{required} credits required: {available} free beside {reserved} reserved by"
+            " calls in flight, which did not settle in time; retry later"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_admission_timeout,
+            (self.required, self.available, self.reserved, self.retry_after),
+        )
+
+
+def _rebuild_admission_timeout(
+    required: int, available: int, reserved: int, retry_after: float
+) -> AdmissionTimeout:
+    return AdmissionTimeout(required, available, reserved=reserved, retry_after=retry_after)
 
 
 class AuthenticationError(CreditGuardError):
