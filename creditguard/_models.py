@@ -17,7 +17,7 @@ from typing import Any
 
 from ._errors import InsufficientCredits, InvalidResponse
 
-__all__ = ["CreditBalance", "PrecheckResult"]
+__all__ = ["AccountSnapshot", "CreditBalance", "OpenHold", "PrecheckResult"]
 
 # (python attribute, documented camelCase field): the counts every published version sends
 _INT_FIELDS = (
@@ -374,3 +374,37 @@ class PrecheckResult:
             biz_code=data["biz_code"],
             detail=dict(detail),
         )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OpenHold:
+    """One open hold of an account: its ``id``, ``cost`` and when it expires
+    (``expires_at``, Unix seconds)."""
+
+    id: str
+    cost: int
+    expires_at: float
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AccountSnapshot:
+    """What the guard holds for one account at one moment (``guard.snapshot()``): the
+    same on both backends; over Redis, the whole account across every process.
+
+    ``balance`` is the cached balance (``None``: none cached, or no longer trusted);
+    ``reserved`` and ``in_flight`` the credits and count of guarded calls in flight (holds
+    not included); ``held`` and ``holds`` the credits and count of open holds;
+    ``settling`` the finished calls whose credits wait for a read that includes them;
+    ``gate_waiting`` the callers queued for a turn at the gate; ``backend`` ``"memory"``
+    or ``"redis"``; ``open_holds`` each open hold.
+    """
+
+    balance: CreditBalance | None
+    reserved: int
+    in_flight: int
+    held: int
+    holds: int
+    settling: int
+    gate_waiting: int
+    backend: str
+    open_holds: tuple[OpenHold, ...] = ()

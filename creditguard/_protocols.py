@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 from typing import Protocol
 
-from ._models import CreditBalance
+from ._models import AccountSnapshot, CreditBalance
 from ._steps import Flight, Kept, Ops, Reservation, Step, Turn, Waiter
 
 __all__ = ["AccountState", "StateBackend"]
@@ -48,6 +48,16 @@ class AccountState(Protocol):
     ) -> Ops[CreditBalance | Step]: ...
 
     def pending(self) -> Ops[int]: ...
+
+    def committed(self) -> Ops[int]:
+        """The credits of the account's open holds: commitments that will not settle while
+        a caller waits (a refusal may count them as spent; see docs/consistency.md)."""
+        ...
+
+    def survey(self) -> Ops[AccountSnapshot]:
+        """What the account holds now (over Redis: across every process); no upstream
+        request."""
+        ...
 
     def bumped(self, sync: bool) -> Ops[tuple[int, Step]]: ...
 
