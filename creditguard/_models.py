@@ -392,9 +392,10 @@ class AccountSnapshot:
     same on both backends; over Redis, the whole account across every process.
 
     ``balance`` is the cached balance (``None``: none cached, or no longer trusted);
-    ``reserved`` and ``in_flight`` the credits and count of guarded calls in flight (holds
-    not included); ``held`` and ``holds`` the credits and count of open holds;
-    ``settling`` the finished calls whose credits wait for a read that includes them;
+    ``reserved`` and ``in_flight`` the credits and count of guarded calls in flight,
+    those that returned and wait for a read that includes them included (holds are
+    not); ``held`` and ``holds`` the credits and count of open holds; ``settling`` how
+    many of the calls in flight have returned and wait for that read;
     ``gate_waiting`` the callers queued for a turn at the gate; ``backend`` ``"memory"``
     or ``"redis"``; ``open_holds`` each open hold.
     """
