@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 import weakref
@@ -37,8 +38,8 @@ from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
 import anyio.to_thread
-import sniffio
 
+from ._config import _check_seconds
 from ._errors import BalanceUnavailable, InsufficientCredits
 from ._models import CreditBalance
 from ._redis_gate import HoldInfo, RedisGate
@@ -111,6 +112,24 @@ class _LookAgain(Waiter):
     """Decide again after a short wait: calls in flight (maybe elsewhere) may settle."""
 
     __slots__ = ()
+
+
+def _on_asyncio() -> bool:
+    """Whether the running task is asyncio's (not trio's, nor a thread without a loop).
+    Trio is looked for first (a trio run may be hosted by an asyncio loop); no sniffio."""
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            pass
+        else:
+            return False
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
 
 
 def _unavailable(exc: Exception) -> BalanceUnavailable:
@@ -800,7 +819,8 @@ class RedisBackend:
                 " account carries its fingerprint as the hash tag, so that Redis Cluster"
                 " keeps them in one slot"
             )
-        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0.1:
+        lease = _check_seconds("lease", lease, positive=True)
+        if not lease > 0.1:
             raise ValueError(f"lease must be a number of seconds above 0.1, got {lease!r}")
         if fallback not in (None, "memory"):
             raise ValueError(f"fallback must be None or 'memory', got {fallback!r}")
@@ -849,7 +869,7 @@ class RedisBackend:
 
     def _async_client_here(self) -> redis_asyncio.Redis | None:
         """The asyncio client for the running loop, or ``None`` under trio."""
-        if sniffio.current_async_library() != "asyncio":
+        if not _on_asyncio():
             return None
         if self._async_client is not None:
             return self._async_client
@@ -942,7 +962,7 @@ class RedisBackend:
         renewer = self._renewer
         if renewer is not None:
             await anyio.to_thread.run_sync(renewer.join, 5)
-        if sniffio.current_async_library() == "asyncio":
+        if _on_asyncio():
             loop = asyncio.get_running_loop()
             client = self._loop_clients.pop(loop, None)
             closer = self._closers.pop(loop, None)
