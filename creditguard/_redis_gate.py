@@ -12,8 +12,9 @@ Keys (every one carries the account's fingerprint ``F`` as the hash tag, as in
 * ``<prefix>{F}:alive``  sorted set: turn token -> expiry (ms) of a waiter's last look; a
   waiter that stopped looking (its process died) leaves the queue when it passes.
 * ``<prefix>{F}:ticket`` counter: the next ticket.
-* ``<prefix>{F}:hold:<id>`` hash, one per open hold (its record in ``res`` ends in ``:h``): ``cost``, ``gen``, ``balance`` (the
-  balance it was admitted on, as ``_redis_state.encode_balance`` writes it, or ``""``),
+* ``<prefix>{F}:hold:<id>`` hash, one per open hold (its record in ``res`` ends in ``:h``):
+  ``cost``, ``gen``, ``balance`` (the balance it was admitted on, as
+  ``_redis_state.encode_balance`` writes it, or ``""``),
   ``turn`` (its gate turn, or ``""``). The hold's reservation is the reservation ``<id>``
   of ``_redis_state`` (in ``res`` and ``lease``), its lease set to the hold's expiry; the
   key expires soon after it.

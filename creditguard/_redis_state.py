@@ -283,12 +283,13 @@ def _read_begun(raw: Any) -> ReadBegun:
 
 def _survey(raw: Any) -> Survey:
     trusted, text = _int(raw[0]) == 1, _text(raw[1])
-    counts = [_int(v) for v in raw[2:8]]
+    reserved, in_flight, held, holds, settling, waiting = (_int(v) for v in raw[2:8])
     rest = raw[8:]
-    holds = tuple(
+    open_holds = tuple(
         (_text(rest[i]), _int(rest[i + 1]), _int(rest[i + 2])) for i in range(0, len(rest), 3)
     )
-    return Survey(text if trusted else None, *counts, holds)
+    balance = text if trusted else None
+    return Survey(balance, reserved, in_flight, held, holds, settling, waiting, open_holds)
 
 
 def _snapshot(raw: Any) -> Snapshot:
