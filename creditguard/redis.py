@@ -503,7 +503,7 @@ class RedisAccount(GateOps):
             self._deferred = 0
         if result is not None and self.waiters:
             self._wake_waiters()  # a new balance: their cost may fit now
-        if result is None and token is not None:
+        if stale:
             yield from self._give_up_stale()
 
     def _give_up_stale(self) -> Ops[None]:
