@@ -284,22 +284,56 @@ def test_a_redis_that_does_not_say_its_policy_is_fine(caplog: pytest.LogCaptureF
 # -- cancellation (item 8) ---------------------------------------------------------------
 
 
+def _pause_before(
+    monkeypatch: pytest.MonkeyPatch, cls: type, name: str, admin: redis.Redis
+) -> None:
+    """Pause Redis (600 ms) just before the first call of ``cls.name`` and its async twin:
+    that script reaches Redis, and runs when Redis wakes up, after its caller gave up."""
+    sync_op, async_op = getattr(cls, name), getattr(cls, "a" + name)
+    paused: list[int] = []
+
+    def pause() -> None:
+        if not paused:
+            paused.append(1)
+            admin.execute_command("CLIENT", "PAUSE", 600)
+
+    def paused_sync(self: object, *args: object) -> object:
+        pause()
+        return sync_op(self, *args)
+
+    async def paused_async(self: object, *args: object) -> object:
+        pause()
+        return await async_op(self, *args)
+
+    monkeypatch.setattr(cls, name, paused_sync)
+    monkeypatch.setattr(cls, "a" + name, paused_async)
+
+
 @pytest.mark.anyio
+@pytest.mark.parametrize("how", ["url", "client"])
 @pytest.mark.parametrize("gate", [False, True], ids=["admission", "gate"])
 async def test_a_cancelled_caller_leaves_nothing_in_redis(
     redis_url: str,
     redis_client: redis.Redis,
     backends: list[RedisBackend],
     anyio_backend: str,
+    monkeypatch: pytest.MonkeyPatch,
     gate: bool,
+    how: str,
 ) -> None:
-    """Redis paused past the caller's timeout: the script still runs when Redis wakes
-    up. Cut by ``asyncio.wait_for`` (asyncio's own cancellation, which anyio's shield
-    does not hold) or by trio's ``move_on_after``, what it did is accounted for: no
-    reservation and no turn at the gate is left for a lease."""
+    """Redis paused past the caller's timeout just as the admission (or the turn at the
+    gate) is asked for: the script still runs when Redis wakes up. Cut by
+    ``asyncio.wait_for`` (asyncio's own cancellation, which anyio's shield does not hold)
+    or by trio's ``move_on_after``, what it did is accounted for: no reservation and no
+    turn is left for a lease. (``how``: a backend from a URL, whose asyncio client runs
+    on the loop, or from a sync client, run in a worker thread.)"""
     prefix = fresh_prefix("cancelled")
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    backend = _backend(backends, redis_url, prefix)
+    if how == "url":
+        backend = _backend(backends, redis_url, prefix)
+    else:
+        backend = RedisBackend(client=redis.Redis.from_url(redis_url), prefix=prefix)
+        backends.append(backend)
     guard = CreditGuard(
         fake.api_key,
         transport=fake.transport,
@@ -308,7 +342,7 @@ async def test_a_cancelled_caller_leaves_nothing_in_redis(
         max_concurrent=1 if gate else None,
         gate_timeout=5,
     )
-    assert (await guard.abalance()).total_balance == 100  # warm: the call's first script
+    assert (await guard.abalance()).total_balance == 100
     ran: list[int] = []
 
     async def call() -> None:
@@ -317,20 +351,24 @@ async def test_a_cancelled_caller_leaves_nothing_in_redis(
             ran.append(1)
 
     admin = redis.Redis.from_url(redis_url)
-    try:
-        admin.execute_command("CLIENT", "PAUSE", 600)
-        if anyio_backend == "asyncio":
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(call(), 0.3)
+    with monkeypatch.context() as patch:
+        if gate:
+            _pause_before(patch, RedisGate, "enter", admin)
         else:
-            import trio
+            _pause_before(patch, RedisAccountState, "admit", admin)
+        try:
+            if anyio_backend == "asyncio":
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(call(), 0.3)
+            else:
+                import trio
 
-            with trio.move_on_after(0.3):
-                await call()
-    finally:
-        admin.close()
+                with trio.move_on_after(0.3):
+                    await call()
+        finally:
+            admin.close()
     assert ran == []
-    snap = await guard.asnapshot()
+    snap = await guard.asnapshot()  # (after the pause: Redis ran the script first)
     assert (snap.reserved, snap.in_flight, snap.gate_waiting) == (0, 0, 0)
     gate_key = f"{prefix}{{{guard._account.fingerprint}}}:gate"
     assert redis_client.zcard(gate_key) == 0
@@ -376,13 +414,15 @@ def test_every_key_of_an_account_expires_when_idle(
     guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, max_concurrent=2)
     with guard.spend(10):
         fake.charge(10)
-    hold = guard.hold(20, expires_in=7_200)  # two hours: longer than the idle time
+    guard.balance(refresh=True)
     keys = _keys(redis_client, prefix)
     assert keys
-    now_ms = int(redis_client.time()[0]) * 1000
     for key in keys:
-        left = redis_client.pttl(key)
-        assert left > 0, f"{key} never expires"
+        assert redis_client.pttl(key) > 0, f"{key} never expires"
+    hold = guard.hold(20, expires_in=7_200)  # two hours: longer than the idle time
+    now_ms = int(redis_client.time()[0]) * 1000
+    for key in _keys(redis_client, prefix):
+        assert redis_client.pttl(key) > 0, f"{key} never expires"
     for name in ("state", "res", "lease"):
         key = f"{prefix}{{{guard._account.fingerprint}}}:{name}"
         assert redis_client.pexpiretime(key) > now_ms + 7_200_000  # outlives the hold
