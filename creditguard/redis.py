@@ -20,7 +20,14 @@ never blocked by a Redis round trip.
 Reservations are leases (``lease`` seconds): a background thread renews the leases of the
 calls this process has in flight, so a worker killed mid-action (SIGKILL) strands its
 credits for at most ``lease`` seconds, after which the cached balance is distrusted (its
-spend is unknown). :meth:`RedisBackend.close` stops that thread.
+spend is unknown). :meth:`RedisBackend.close` stops that thread. The renewer also records
+again the reservations Redis lost (a restart, a flush, an eviction): see ``_redis_leases``.
+
+A script call is never cut in two by a cancellation: anyio's shield holds anyio's and
+trio's, but not asyncio's own (``asyncio.wait_for``, ``Task.cancel``), so under asyncio the
+call runs in a task of its own; a caller cancelled meanwhile waits for it and undoes what
+the script did for it (``_undo``: a reservation, a turn, a read lock) before the
+cancellation goes on (``_redis_leases.uncut``).
 """
 
 from __future__ import annotations
