@@ -468,3 +468,27 @@ def test_a_snapshot_sees_every_process(
         assert refused.value.available == 50  # 100 - 30 held - its own 20
     hold.release()
     assert first.snapshot().holds == 0
+
+
+def test_a_snapshot_on_the_fallback_is_this_processs(backends: list[RedisBackend]) -> None:
+    """Redis unreachable with ``fallback="memory"``: the snapshot (and the gate's look at
+    the open holds) answer from this process's memory."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    backend = _backend(backends, f"redis://127.0.0.1:{port}/0", "down:", fallback="memory")
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, max_concurrent=2)
+    hold = guard.hold(30, expires_in=600)
+    with guard.spend(20):
+        snap = guard.snapshot()
+        assert snap.backend == "memory"
+        assert (snap.reserved, snap.in_flight, snap.held, snap.holds) == (20, 1, 30, 1)
+        from creditguard import InsufficientCredits
+
+        with pytest.raises(InsufficientCredits), guard.spend(51):
+            pytest.fail("admitted beyond the balance less the holds and its own spend")
+    hold.release()
+    assert guard.snapshot().holds == 0
