@@ -77,6 +77,21 @@ class Report:
     unlimited: bool | None = None
     already_unlocked: bool | None = None
 
+    def contradiction(self, before: CreditBalance) -> str | None:
+        """What makes this report impossible after ``before``, the balance the call was
+        admitted on (``None``: nothing). The total after can be at most the total before
+        less the charge: lower is possible (the Lensmor web app spends from the same
+        pool), higher is not (a charge the total does not show, or credits that appeared
+        from nowhere). A report that contradicts it must not be cached."""
+        total_after = self.total_after
+        if total_after is None:
+            return None
+        charged = self.charged or 0
+        if total_after <= before.total_balance - charged:
+            return None
+        said = "" if not charged else f" less the {charged} charged"
+        return f"a total of {total_after} after it, above the {before.total_balance} before{said}"
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ApiErrorInfo:
