@@ -149,7 +149,7 @@ def parse_report(result: object) -> Report | None:
     non-null ``balanceAfter``): exhibitor searches, contact unlock submissions.
 
     Raises :class:`InvalidResponse` for credit figures of the wrong shape: a count that is
-    not a non-negative whole number, a ``balanceAfter`` that is neither null, a number nor
+    not a whole number from 0 to 2**53 - 1, a ``balanceAfter`` that is neither null, a number nor
     an object, one without its required fields, or whose buckets do not add up to its
     ``totalBalance`` (``subscriptionBalance + permanentBalance``, plus ``addonBalance``
     when that is among its extra properties; for a whole balance, its three buckets).

@@ -28,7 +28,7 @@ from ._errors import (
     UnknownHold,
 )
 from ._holds import _end, _leave, fail, look, take
-from ._models import CreditBalance
+from ._models import _MAX_COUNT, CreditBalance
 from ._precheck import Precheck
 from ._retry import parse_retry_after
 from ._spend import Spend
@@ -198,10 +198,11 @@ def _is_task_id(value: object) -> TypeGuard[str]:
 
 
 def _personnel_id(value: object) -> str | None:
-    """A contact's id as Lensmor sends it (a string, or a whole number), as a str."""
+    """A contact's id as Lensmor sends it (a string, or a whole number from 0 to
+    2**53 - 1), as a str; ``None`` for anything else."""
     if isinstance(value, str) and value:
         return value
-    if type(value) is int:
+    if type(value) is int and 0 <= value <= _MAX_COUNT:
         return str(value)
     return None
 

@@ -279,6 +279,7 @@ TASKS = "/external/contacts/unlock-tasks/"
         _replace(skipped_personnel_ids={"1001": 1}),
         _replace(skipped_personnel_ids=[None]),
         _replace(skipped_personnel_ids=[["1001"]]),
+        _replace(skipped_personnel_ids=[2**53]),
         _replace(status=5),
         _replace(status=None),
         _replace(status="queued"),
@@ -347,6 +348,8 @@ def test_a_submission_answer_without_a_task_id_keeps_the_hold(
         _replace(taskStatus="completed", items="1001"),
         _replace(taskStatus="completed", items={"personnelId": "1001"}),
         _replace(taskStatus="completed", items=[5]),
+        _replace(taskStatus="completed", items=[{"personnelId": 2**53, "status": "unlocked"}]),
+        _replace(taskStatus="completed", items=[{"personnelId": -1, "status": "unlocked"}]),
         _replace(taskStatus="failed", items=[{"personnelId": None, "status": "failed"}]),
         _replace(taskStatus="completed", items=[{"personnelId": "1001", "status": 1}]),
         _replace(
