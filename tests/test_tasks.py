@@ -6,6 +6,7 @@ Against the sandbox's task endpoints, including one that debits per delivered co
 from __future__ import annotations
 
 import json
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -298,6 +299,8 @@ def test_a_malformed_submission_answer_keeps_the_hold_and_the_task_id(
     assert task_id is not None
     assert hold_id is not None
     assert task_id in str(bad.value)
+    again = pickle.loads(pickle.dumps(bad.value))  # noqa: S301 - as a worker queue would
+    assert (again.task_id, again.hold_id, str(again)) == (task_id, hold_id, str(bad.value))
     assert reserved(guard) == 60
     assert guard.hold_by_id(hold_id).cost == 60
     done = poll_unlock_task(guard, task_id, hold_id=hold_id, backoff=FAST)
