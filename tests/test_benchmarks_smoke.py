@@ -236,9 +236,9 @@ def test_run_without_a_redis_scenario(tmp_path: Path) -> None:
     memory_10k_keys``) has no Redis entry (``run.redis`` is ``None``): its tables print, as
     text and as Markdown, with no note of missing Redis variants."""
     out = tmp_path / "results.json"
+    args = ["--smoke", "--only", "memory_10k_keys", "--json", str(out)]
     proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--only", "memory_10k_keys"]
-        + ["--json", str(out)],
+        [sys.executable, str(BENCHMARKS / "run.py"), *args],
         capture_output=True,
         text=True,
         timeout=120,
