@@ -836,8 +836,11 @@ class RedisBackend(LeaseKeeper):
     ``url`` defaults to ``CREDITGUARD_REDIS_URL``. Or pass ``client`` (a ``redis.Redis``,
     including one from a Sentinel, or a ``redis.cluster.RedisCluster``) and, for asyncio,
     ``async_client`` (``redis.asyncio``; without it, one is made per event loop from
-    ``url``, or the sync client runs in a worker thread). ``lease`` (seconds) is how long
-    a call's reservation outlives its process. ``fallback="memory"``: while Redis is
+    ``url``, or the sync client runs in a worker thread). ``lease`` (seconds, above 0.1
+    and at most ``MAX_SECONDS``) is how long a call's reservation outlives its process.
+    The first account used asks Redis for its ``maxmemory-policy`` in the background and
+    logs a warning unless it is ``noeviction`` (an evicting Redis may drop the guard's
+    keys; see "Running many workers"). ``fallback="memory"``: while Redis is
     unreachable, keep this process running on state of its own (logged; processes are
     then not coordinated); by default the guard's ``on_unavailable`` policy applies, with
     a :class:`~creditguard.BalanceUnavailable` that names Redis.
