@@ -40,17 +40,18 @@ import threading
 import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.to_thread
 
 from ._config import _check_seconds
 from ._errors import AdmissionTimeout, BalanceUnavailable, InsufficientCredits
-from ._models import AccountSnapshot, CreditBalance, OpenHold
+from ._models import CreditBalance
 from ._redis_gate import HoldInfo, RedisGate
 from ._redis_holds import POLL_FIRST, POLL_MAX, GateOps
 from ._redis_leases import LeaseKeeper, check_eviction, on_asyncio, uncut
+from ._redis_reads import ReadOps, _RedisFlight
 from ._redis_state import (
     DEFAULT_PREFIX,
     Admitted,
@@ -59,15 +60,12 @@ from ._redis_state import (
     ReadNeeded,
     RedisAccountState,
     Refused,
-    Snapshot,
-    Survey,
     WaitNeeded,
     decode_balance,
     encode_balance,
 )
 from ._state import MAX_SETTLING, Account, _after_report
 from ._steps import Call, Flight, Ops, Reservation, Step, Waiter, own_error
-from ._steps import pause as pause_call
 
 if TYPE_CHECKING:
     import redis as redis_py
@@ -83,8 +81,6 @@ _monotonic = time.monotonic
 # first, then longer.
 _POLL_FIRST = POLL_FIRST
 _POLL_MAX = POLL_MAX
-# The longest a read may hold the cross-process read lock (then another process leads).
-_FLIGHT_MS = 10_000
 # After Redis failed, how long the fallback serves before Redis is tried again.
 _RETRY_AFTER = 1.0
 # Clients made from a URL: every Redis round trip is bounded, and so are the connections
@@ -101,21 +97,6 @@ class _RedisReservation(Reservation):
     def __init__(self, cost: int, balance: CreditBalance | None, gen: int, rid: str) -> None:
         super().__init__(cost, balance, gen)
         self.id = rid
-
-
-class _RedisFlight(Flight):
-    """A balance read this process's callers share. Its leader either reads for every
-    process (it holds the lock in Redis as ``token``; with ``token`` None, a read of its
-    own that it stores if Redis lets it), or, when another process reads (``remote``),
-    watches Redis until that read's balance is stored (:meth:`RedisAccount.watch`)."""
-
-    __slots__ = ("finished", "remote", "token")
-
-    def __init__(self, start_seq: int, sync: bool, token: str | None) -> None:
-        super().__init__(start_seq, sync)
-        self.token = token
-        self.remote = False
-        self.finished = 0.0
 
 
 class _LookAgain(Waiter):
@@ -142,9 +123,9 @@ def _unavailable(exc: Exception) -> BalanceUnavailable:
     return error
 
 
-class RedisAccount(GateOps):
-    """The guard state of one account, in Redis (see the module's docstring); its gate and
-    holds operations are in ``_redis_holds``."""
+class RedisAccount(GateOps, ReadOps):
+    """The guard state of one account, in Redis (see the module's docstring); its reads
+    are in ``_redis_reads``, its gate and holds operations in ``_redis_holds``."""
 
     def __init__(self, backend: RedisBackend, fingerprint: str) -> None:
         self.fingerprint = fingerprint
@@ -191,11 +172,6 @@ class RedisAccount(GateOps):
         balance = decode_balance(text)
         self._decoded = (text, balance)
         return balance
-
-    @property
-    def flights(self) -> list[_RedisFlight]:
-        """The reads this process's callers share, oldest first."""
-        return self._flights
 
     def _wake_waiters(self) -> None:
         """A spend of this process settled (or finished): its waiters look again now."""
@@ -307,252 +283,6 @@ class RedisAccount(GateOps):
         if self._local is not None and _monotonic() < self._down_until:
             return self._local
         return None
-
-    # -- reads -------------------------------------------------------------------------
-
-    def _need_read(self, after: int, sync: bool, looked: float | None = None) -> Ops[Step]:
-        """A read that starts at ``seq >= after``: join one this process's callers share,
-        or lead one: read for every process if no other process is reading, else watch
-        Redis for that read's balance. (A thread joins only reads led by threads, as in
-        memory: a task's loop may be blocked by the very thread waiting for it.)"""
-        with self.lock:
-            for joined in reversed(self._flights):
-                if joined.start_seq >= after and (joined.sync or not sync):
-                    return joined, False, None
-            # A read of this process that came back after the caller looked at Redis (at
-            # ``looked``) and starts late enough: the caller's look raced with storing it.
-            last = self._last
-            if (
-                looked is not None
-                and last is not None
-                and last.start_seq >= after
-                and last.finished >= looked
-            ):
-                return last, False, None  # finished: no wait
-            flight = _RedisFlight(after, sync, None)  # seq only grows: it starts >= after
-            self._flights.append(flight)
-            stale = bool(self._stale)
-        if stale:
-            yield from self._give_up_stale()
-        token = os.urandom(12).hex()
-        try:
-            begun = cast(ReadBegun, (yield self._call("read_begin", token, _FLIGHT_MS)))
-        except BaseException as exc:
-            self._finish(flight, None, exc if isinstance(exc, Exception) else None)
-            raise
-        if begun.lead:
-            flight.token = token
-            flight.start_seq = begun.start_seq
-        elif sync:
-            # Another process, or a task of this one, reads. A thread never waits for a
-            # task's read (the task's loop may be blocked by this very thread): it reads
-            # on its own and stores the result like any read. Its start is ``after``, a
-            # lower bound of where it really starts, so it settles nothing it may miss.
-            flight.token = token
-        else:
-            flight.remote = True
-        return flight, True, None
-
-    def watch(self, flight: Flight) -> Ops[None] | None:
-        """How to lead ``flight`` when another process performs the read: watch Redis
-        until its balance is stored; ``None``: read upstream as usual."""
-        if isinstance(flight, _RedisFlight) and flight.remote:
-            return self._watch(flight)
-        return None
-
-    def _watch(self, flight: _RedisFlight) -> Ops[None]:
-        """Look at Redis every few milliseconds (backing off) until a balance read at or
-        after ``flight.start_seq`` is stored, then finish ``flight`` with it. If the
-        other process's read ends without one (it failed, or its process died and its
-        lock expired), or the read budget runs out, finish it as abandoned: a waiter
-        leads the next read."""
-        pause = _POLL_FIRST
-        give_up = _monotonic() + _FLIGHT_MS / 1000
-        try:
-            while True:
-                yield pause_call(pause)
-                snap = cast(Snapshot, (yield self._call("state")))
-                if snap.balance is not None and snap.cached_seq >= max(
-                    flight.start_seq, snap.floor
-                ):
-                    self._finish(flight, self._decode(snap.balance), None)
-                    return
-                if not snap.flight or _monotonic() >= give_up:
-                    self._finish(flight, None, None)
-                    return
-                pause = min(pause * 2, _POLL_MAX)
-        except BaseException as exc:
-            self._finish(flight, None, exc if isinstance(exc, Exception) else None)
-            raise
-
-    def _fresh(self, snap: Snapshot, ttl: float) -> CreditBalance | None:
-        if snap.balance is None or snap.age_ms is None or snap.cached_seq < snap.floor:
-            return None
-        if snap.age_ms >= ttl * 1000:
-            return None
-        return self._decode(snap.balance)
-
-    def _look(self) -> Ops[Snapshot | None]:
-        """The account's state in Redis, or ``None``: Redis is unreachable and the
-        fallback serves (``fallback="memory"``). Without a fallback, raises
-        :class:`BalanceUnavailable`."""
-        if self._degraded() is not None:
-            return None
-        try:
-            yield from self._rejoin()
-            return cast(Snapshot, (yield self._call("state")))
-        except BalanceUnavailable as exc:
-            if self._fallback(exc) is None:
-                raise
-            return None
-
-    def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
-        if flight is not None and flight.error is not None:
-            raise own_error(flight.error)  # the read this caller waited for failed
-        looked = _monotonic()
-        snap = yield from self._look()
-        if snap is None:
-            return (yield from self._local_account().read(ttl, flight, sync))
-        balance = self._fresh(snap, ttl)
-        if balance is not None:
-            return balance
-        if flight is not None and flight.result is not None and flight.start_seq >= snap.floor:
-            return flight.result
-        return (yield from self._need_read(snap.floor, sync, looked))
-
-    def read_after(
-        self, after: int, flight: Flight | None, sync: bool
-    ) -> Ops[CreditBalance | Step]:
-        if flight is not None and flight.start_seq >= after:
-            if flight.result is not None:
-                return flight.result
-            if flight.error is not None:
-                raise own_error(flight.error)
-        looked = _monotonic()
-        snap = yield from self._look()
-        if snap is None:
-            return (yield from self._local_account().read_after(after, flight, sync))
-        if snap.balance is not None and snap.cached_seq >= max(after, snap.floor):
-            return self._decode(snap.balance)
-        return (yield from self._need_read(after, sync, looked))
-
-    def pending(self) -> Ops[int]:
-        snap = yield from self._look()
-        if snap is None:
-            return (yield from self._local_account().pending())
-        return snap.settling_after
-
-    def committed(self) -> Ops[int]:
-        local = self._degraded()
-        if local is None:
-            try:
-                return cast(int, (yield self._call("committed")))
-            except BalanceUnavailable as exc:
-                local = self._fallback(exc)
-                if local is None:
-                    raise
-        return (yield from local.committed())
-
-    def survey(self) -> Ops[AccountSnapshot]:
-        local = self._degraded()
-        if local is None:
-            try:
-                got = cast(Survey, (yield self._call("survey")))
-            except BalanceUnavailable as exc:
-                local = self._fallback(exc)
-                if local is None:
-                    raise
-            else:
-                return AccountSnapshot(
-                    balance=None if got.balance is None else self._decode(got.balance),
-                    reserved=got.reserved,
-                    in_flight=got.in_flight,
-                    held=got.held,
-                    holds=got.holds,
-                    settling=got.settling,
-                    gate_waiting=got.gate_waiting,
-                    backend="redis",
-                    open_holds=tuple(
-                        OpenHold(hid, cost, due / 1000) for hid, cost, due in got.open_holds
-                    ),
-                )
-        return (yield from local.survey())
-
-    def bumped(self, sync: bool) -> Ops[tuple[int, Step]]:
-        seq = cast(int, (yield self._call("bump")))
-        return seq, (yield from self._need_read(seq, sync))
-
-    def record(
-        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
-    ) -> Ops[None]:
-        if not isinstance(flight, _RedisFlight):  # a read of the fallback's own
-            if self._local is not None:
-                yield from self._local.record(flight, result, error)
-            return
-        token = flight.token
-        stale = result is None and token is not None
-        try:
-            if result is not None and token is not None:
-                # (A token that does not hold the lock stores the balance all the same.)
-                text, total = encode_balance(result)
-                yield self._call("read_done", token, flight.start_seq, text, total)
-        except Exception as exc:  # whatever it is, the read is finished below
-            logger.warning("could not store a balance read in Redis: %s", exc)
-            stale = token is not None  # its lock in Redis: given up below
-        finally:
-            if stale:
-                # Give up the lock in Redis. An abandoned read (cancelled) records
-                # without I/O: the next read of this process gives it up first.
-                with self.lock:
-                    self._stale.append(cast(str, token))
-            self._finish(flight, result, error)
-        if result is not None:
-            self._deferred = 0
-        if result is not None and self.waiters:
-            self._wake_waiters()  # a new balance: their cost may fit now
-        if stale:
-            yield from self._give_up_stale()
-
-    def _give_up_stale(self) -> Ops[None]:
-        """Release the Redis read locks of this process's failed or abandoned reads."""
-        while True:
-            with self.lock:
-                if not self._stale:
-                    return
-                token = self._stale[-1]
-            # Taken off the list only once given up (the call may not be made: a read
-            # abandoned on cancellation records without I/O).
-            with contextlib.suppress(BalanceUnavailable):  # it expires on its own
-                yield self._call("read_failed", token)
-            with self.lock:
-                if token in self._stale:
-                    self._stale.remove(token)
-
-    def _finish(
-        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
-    ) -> None:
-        with self.lock:
-            if flight in self._flights:
-                self._flights.remove(flight)
-            if result is not None:
-                flight.result = result
-                if isinstance(flight, _RedisFlight) and (
-                    self._last is None or flight.start_seq >= self._last.start_seq
-                ):
-                    flight.finished = _monotonic()
-                    self._last = flight
-            elif error is not None:
-                flight.error = error
-            else:
-                flight.abandoned = True
-            callbacks = flight._finish()
-        for notify in callbacks:
-            notify()
-
-    def overdue(self, flight: Flight) -> None:
-        with self.lock:
-            if flight in self._flights:
-                self._flights.remove(flight)
 
     # -- admission -----------------------------------------------------------------------
 

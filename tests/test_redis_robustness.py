@@ -383,6 +383,7 @@ async def test_a_cancelled_caller_leaves_nothing_in_redis(
 def test_a_read_that_cannot_be_recorded_still_finishes(
     redis_url: str, backends: list[RedisBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import creditguard._redis_reads
     import creditguard.redis
 
     backend = _backend(backends, redis_url, fresh_prefix("record"))
@@ -392,7 +393,7 @@ def test_a_read_that_cannot_be_recorded_still_finishes(
     def broken(balance: object) -> tuple[str, int]:
         raise ValueError("cannot encode")
 
-    monkeypatch.setattr(creditguard.redis, "encode_balance", broken)
+    monkeypatch.setattr(creditguard._redis_reads, "encode_balance", broken)
     assert guard.balance().total_balance == 100
     account = guard._account
     assert isinstance(account, creditguard.redis.RedisAccount)
