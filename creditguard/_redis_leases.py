@@ -3,8 +3,9 @@ the lease renewer (``LeaseKeeper``, a base class of ``RedisBackend``), the scrip
 that no cancellation can cut in two (:func:`uncut`), and the start-up check of Redis's
 eviction policy (:func:`check_eviction`).
 
-Leases. A background thread renews, every third of a lease, the leases of the
-reservations this process has in flight and of the gate turns it has. A renewal never
+Leases. A background thread renews, every third of a lease (and at least every
+``CHECK_EVERY`` seconds), the leases of the reservations this process has in flight and of
+the gate turns it has. A renewal never
 shortens a lease (a hold's, set by the hold, may be longer). When Redis no longer has a
 reservation this process still has in flight (Redis restarted without persistence, was
 flushed, or evicted the account's keys), the renewal records it again and distrusts the
@@ -39,6 +40,11 @@ __all__ = ["LeaseKeeper", "check_eviction", "on_asyncio", "uncut"]
 
 logger = logging.getLogger("creditguard")
 T = TypeVar("T")
+
+# The longest the renewer goes without looking at Redis while this process has calls in
+# flight: Redis may have lost them (a restart, a flush), and until they are recorded again
+# other processes admit on books without them.
+CHECK_EVERY = 1.0
 
 
 def on_asyncio() -> bool:
@@ -167,8 +173,9 @@ class LeaseKeeper:
             self._renewer.start()
 
     def _renew(self) -> None:
-        """Every third of a lease, :meth:`renew_once`, until nothing is held here."""
-        while not self._stop.wait(self.lease / 3):
+        """Every third of a lease (at least every ``CHECK_EVERY`` seconds),
+        :meth:`renew_once`, until nothing is held here."""
+        while not self._stop.wait(min(self.lease / 3, CHECK_EVERY)):
             try:
                 if not self.renew_once():
                     return

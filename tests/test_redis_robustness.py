@@ -223,6 +223,34 @@ def test_a_flush_does_not_forget_the_reservations_in_flight(
     assert second.balance().total_balance == 40
 
 
+def test_the_renewer_restores_on_its_own(
+    redis_url: str,
+    redis_client: redis.Redis,
+    backends: list[RedisBackend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from creditguard._redis_leases import LeaseKeeper
+
+    restored = threading.Event()
+    original = LeaseKeeper._restored
+
+    def spy(self: LeaseKeeper, state: RedisAccountState, ids: list[str]) -> None:
+        original(self, state, ids)
+        restored.set()
+
+    monkeypatch.setattr(LeaseKeeper, "_restored", spy)
+    prefix = fresh_prefix("renewer-restores")
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, backend=_backend(backends, redis_url, prefix)
+    )
+    with guard.spend(60):
+        redis_client.flushdb()
+        assert restored.wait(30), "the renewer never recorded the lost reservation again"
+        snap = guard.snapshot()
+        assert (snap.reserved, snap.in_flight, snap.balance) == (60, 1, None)
+
+
 @pytest.mark.parametrize("lost", ["state", "res", "lease"])
 def test_losing_any_one_key_of_an_account_keeps_the_books(
     redis_url: str, redis_client: redis.Redis, backends: list[RedisBackend], lost: str
