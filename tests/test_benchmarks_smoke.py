@@ -231,6 +231,39 @@ def test_without_redis_server(tmp_path: Path) -> None:
     assert "Redis variants" in proc.stderr
 
 
+def test_run_without_a_redis_scenario(tmp_path: Path) -> None:
+    """A run none of whose scenarios wants Redis (``--only adapters``, ``--only
+    memory_10k_keys``) has no Redis entry (``run.redis`` is ``None``): its tables print, as
+    text and as Markdown, with no note of missing Redis variants."""
+    out = tmp_path / "results.json"
+    args = ["--smoke", "--only", "memory_10k_keys", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["run"]["redis"] is None
+    assert list(data["scenarios"]) == ["memory_10k_keys"]
+    assert "memory_10k_keys" in proc.stdout
+    assert "missing:" not in proc.stdout
+    shown = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--from-json", str(out), "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr[-4000:]
+    assert "**memory_10k_keys**" in shown.stdout
+    assert "missing:" not in shown.stdout
+
+
 def test_table_printed(smoke: tuple[dict[str, Any], str]) -> None:
     _, stdout = smoke
     for scenario in SCENARIOS:

@@ -60,6 +60,7 @@ from creditguard.testing import FakeLensmor, serve
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RUNNABLE_PAGES = (
+    "../README.md",
     "index.md",
     "tutorial.md",
     "howto/sync.md",
