@@ -231,10 +231,10 @@ def test_allow_insecure_http_lets_the_command_use_plain_http(
 ) -> None:
     """The flag reaches the guard (over loopback here, so nothing leaves the machine;
     what it changes for other hosts is the guard's own, tested with the guard)."""
-    from creditguard import _cli
+    from creditguard import CreditGuard, _cli
 
     seen: list[bool] = []
-    original = _cli.CreditGuard
+    original = CreditGuard
 
     def spy(*args: object, allow_insecure_http: bool = False, **kwargs: object) -> object:
         seen.append(allow_insecure_http)
