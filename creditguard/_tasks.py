@@ -194,7 +194,9 @@ def _said(value: object) -> str:
 
 
 def _is_task_id(value: object) -> TypeGuard[str]:
-    return isinstance(value, str) and 0 < len(value) <= _MAX_TASK_ID
+    """A task id: a printable string (it reaches messages and log lines) of 1 to 200
+    characters."""
+    return isinstance(value, str) and 0 < len(value) <= _MAX_TASK_ID and value.isprintable()
 
 
 def _personnel_id(value: object) -> str | None:

@@ -231,10 +231,10 @@ def test_allow_insecure_http_lets_the_command_use_plain_http(
 ) -> None:
     """The flag reaches the guard (over loopback here, so nothing leaves the machine;
     what it changes for other hosts is the guard's own, tested with the guard)."""
-    from creditguard import _cli
+    from creditguard import CreditGuard, _cli
 
     seen: list[bool] = []
-    original = _cli.CreditGuard
+    original = CreditGuard
 
     def spy(*args: object, allow_insecure_http: bool = False, **kwargs: object) -> object:
         seen.append(allow_insecure_http)
@@ -540,4 +540,58 @@ def test_status_with_a_bad_redis_url_says_so_without_credentials(
     err = capsys.readouterr().err
     assert "--redis-url" in err
     assert "'mysql://db.test/0'" in err
+    assert "s3cr3t" not in err
+
+
+def test_status_over_redis_shows_what_every_process_holds(
+    served: str, fake: FakeLensmor, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another guard (its own RedisBackend, as another process has) holds credits: the
+    command, with the deployment's Redis, shows them."""
+    import uuid
+
+    from creditguard import CreditGuard
+    from creditguard.redis import RedisBackend
+
+    prefix = f"cli-{uuid.uuid4().hex[:8]}:"
+    backend = RedisBackend(redis_url, prefix=prefix)
+    monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
+    monkeypatch.setenv("LENSMOR_BASE_URL", served)
+    argv = ["status", "--redis-url", redis_url, "--prefix", prefix]
+    try:
+        with CreditGuard(fake.api_key, base_url=served, backend=backend) as guard:
+            hold = guard.hold(60, expires_in=600)
+            out = io.StringIO()
+            assert main([*argv, "--json"], out=out) == 0
+            status = json.loads(out.getvalue())
+            table = io.StringIO()
+            assert main(argv, out=table) == 0
+            hold.release()
+            after = io.StringIO()
+            assert main([*argv, "--json"], out=after) == 0
+    finally:
+        backend.close()
+    assert status["backend"] == "redis"
+    assert status["account"] == guard.account
+    assert status["balance"] == fake.balance.to_api()
+    assert (status["held"], status["holds"], status["reserved"]) == (60, 1, 0)
+    (shown,) = status["open_holds"]
+    assert (shown["id"], shown["cost"]) == (hold.id, 60)
+    assert 0 < shown["expires_in"] <= 600
+    assert "(redis backend)" in table.getvalue()
+    assert "60 credits by 1 open hold" in table.getvalue()
+    assert hold.id in table.getvalue()
+    assert redis_url not in table.getvalue()
+    released = json.loads(after.getvalue())
+    assert (released["held"], released["open_holds"]) == (0, [])
+
+
+def test_status_with_an_unreachable_redis_says_so(
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
+    url = f"redis://:s3cr3t@127.0.0.1:{_free_port()}/0"
+    assert main(["status", "--redis-url", url], out=io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("creditguard: ")
     assert "s3cr3t" not in err

@@ -318,6 +318,8 @@ def test_a_malformed_submission_answer_keeps_the_hold_and_the_task_id(
         _replace(task_id=None),
         _replace(task_id=""),
         _replace(task_id=["t"]),
+        _replace(task_id="t-1\nERROR forged log line"),
+        _replace(task_id="t" * 201),
         lambda answer: b"<html>accepted</html>",
         lambda answer: [answer],
         lambda answer: b"\xff\xfe",

@@ -429,3 +429,43 @@ def test_a_hostile_task_answer_is_invalid_response_and_keeps_the_hold(change: An
     assert done.status in ("completed", "failed")
     assert isinstance(done.delivered, dict)
     assert hostile.held() == 0
+
+
+# -- what a paid call's report may leave in the cache ----------------------------------
+
+
+@settings(FUZZ, max_examples=200)
+@given(
+    st.none() | st.integers(min_value=0, max_value=200),
+    st.none() | st.integers(min_value=0, max_value=300),
+    st.integers(min_value=0, max_value=100),
+)
+@example(10, 100, 10)  # a charge the total does not show
+@example(10, 1000, 10)  # a total that grew tenfold
+def test_a_report_never_caches_more_than_the_balance_before_less_its_charge(
+    charged: int | None, total: int | None, actual: int
+) -> None:
+    """Whatever a paid call reports, the guard caches at most the balance it was admitted
+    on less the reported charge; a report above that settles with a read (the truth)."""
+    from creditguard.testing import FakeLensmor
+
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    assert guard.balance().total_balance == 100
+    report: dict[str, Any] = {}
+    if charged is not None:
+        report["creditsUsed"] = charged
+    if total is not None:
+        report["balanceAfter"] = {
+            "totalBalance": total,
+            "subscriptionBalance": total,
+            "permanentBalance": 0,
+        }
+    with guard.spend(100) as spend:
+        fake.charge(actual)
+        spend.report(report)
+    cached = guard.balance().total_balance  # no read: what the spend left in the cache
+    real = fake.balance.total_balance
+    assert cached == real or cached <= 100 - (charged or 0)
+    if total is not None and total > 100 - (charged or 0):
+        assert cached == real
