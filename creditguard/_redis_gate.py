@@ -27,7 +27,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._redis_state import aevalsha, eval_head, evalsha, lua_sections, sha_of
+from ._redis_state import aevalsha, duration_ms, eval_head, evalsha, lua_sections, sha_of
 
 if TYPE_CHECKING:
     from ._redis_state import AsyncClient, SyncClient
@@ -108,7 +108,10 @@ class RedisGate:
     # -- the gate ----------------------------------------------------------------------
 
     def _enter_args(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> list[str | int]:
-        return [_token("token", token), limit, lease_ms, alive_ms]
+        if type(limit) is not int or not 1 <= limit <= 2**31:
+            raise ValueError(f"limit must be an int from 1 to 2**31, got {limit!r}")
+        lease_ms = duration_ms("lease_ms", lease_ms)
+        return [_token("token", token), limit, lease_ms, duration_ms("alive_ms", alive_ms)]
 
     def enter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> int:
         """Take a turn (0), or stand in the queue: the caller's ticket (ask again within
@@ -129,7 +132,10 @@ class RedisGate:
 
     def renew_turns(self, tokens: Sequence[str], lease_ms: int) -> None:
         """Renew the turns ``tokens`` that are still taken."""
-        args: list[str | int] = [lease_ms, *(_token("token", t) for t in tokens)]
+        args: list[str | int] = [
+            duration_ms("lease_ms", lease_ms),
+            *(_token("token", t) for t in tokens),
+        ]
         self._run("renew_turns", self.gate_keys, args)
 
     def queued(self) -> int:
@@ -145,7 +151,7 @@ class RedisGate:
         keys = [*self._hold_keys(hold_id), self.gate_keys[0], self._base + "state"]
         args: list[str | int] = [
             hold_id,
-            expires_ms,
+            duration_ms("expires_ms", expires_ms),
             cost,
             gen,
             balance,
@@ -172,8 +178,10 @@ class RedisGate:
     def hold(self, hold_id: str, claim: bool, lease_ms: int) -> HoldInfo | None:
         """The open hold ``hold_id`` (ending it, with ``claim``), or ``None``."""
         keys = [*self._hold_keys(hold_id), self.gate_keys[0]]
-        return _info(self._run("hold", keys, [hold_id, int(claim), lease_ms]))
+        args: list[str | int] = [hold_id, int(claim), duration_ms("lease_ms", lease_ms)]
+        return _info(self._run("hold", keys, args))
 
     async def ahold(self, hold_id: str, claim: bool, lease_ms: int) -> HoldInfo | None:
         keys = [*self._hold_keys(hold_id), self.gate_keys[0]]
-        return _info(await self._arun("hold", keys, [hold_id, int(claim), lease_ms]))
+        args: list[str | int] = [hold_id, int(claim), duration_ms("lease_ms", lease_ms)]
+        return _info(await self._arun("hold", keys, args))

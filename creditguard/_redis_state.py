@@ -317,6 +317,19 @@ def decode_balance(text: str) -> CreditBalance:
     return CreditBalance.from_api(json.loads(text))
 
 
+# The longest duration a script is given, in ms (``_config.MAX_SECONDS``): added to the
+# server's time it stays far below 2**53, where Lua's doubles and '%d' are exact.
+MAX_MS = 1_000_000_000_000
+
+
+def duration_ms(name: str, value: object, low: int = 1) -> int:
+    """A duration in ms a script may add to the time: an int from ``low`` to
+    :data:`MAX_MS`."""
+    if type(value) is not int or not low <= value <= MAX_MS:
+        raise ValueError(f"{name} must be an int of ms from {low} to {MAX_MS}, got {value!r}")
+    return value
+
+
 def _count(name: str, value: object) -> int:
     # Lua numbers are doubles: every count stays where they are exact
     if type(value) is not int or not 0 <= value <= 2**53:
@@ -399,8 +412,7 @@ class RedisAccountState:
         _ident("fingerprint", fingerprint)
         if "{" in fingerprint or "}" in fingerprint:
             raise ValueError("fingerprint must not contain '{' or '}' (it is the hash tag)")
-        if type(lease_ms) is not int or lease_ms < 1:
-            raise ValueError(f"lease_ms must be an int >= 1, got {lease_ms!r}")
+        lease_ms = duration_ms("lease_ms", lease_ms)
         self._sync = client
         self._async = async_client
         self.fingerprint = fingerprint
@@ -655,11 +667,11 @@ class RedisAccountState:
     def block(self, ms: int) -> None:
         """Make no balance request for ``ms`` milliseconds from now (server time), in any
         process: the rate limit is used up. A later block never shortens an earlier one."""
-        self._run("block", [_count("ms", ms)])
+        self._run("block", [duration_ms("ms", ms, 0)])
 
     async def ablock(self, ms: int) -> None:
         """Async twin of :meth:`block`."""
-        await self._arun("block", [_count("ms", ms)])
+        await self._arun("block", [duration_ms("ms", ms, 0)])
 
     def blocked(self) -> int | None:
         """Milliseconds left before a balance request may be made, or ``None``."""
@@ -671,9 +683,7 @@ class RedisAccountState:
 
 
 def _read_begin_args(token: str, budget_ms: int) -> list[str | int]:
-    if type(budget_ms) is not int or budget_ms < 1:
-        raise ValueError(f"budget_ms must be an int >= 1, got {budget_ms!r}")
-    return [_name("token", token), budget_ms]
+    return [_name("token", token), duration_ms("budget_ms", budget_ms)]
 
 
 def _read_done_args(token: str, start_seq: int, balance_json: str, total: int) -> list[str | int]:

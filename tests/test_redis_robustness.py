@@ -521,3 +521,30 @@ def test_a_snapshot_on_the_fallback_is_this_processs(backends: list[RedisBackend
             pytest.fail("admitted beyond the balance less the holds and its own spend")
     hold.release()
     assert guard.snapshot().holds == 0
+
+
+def test_no_script_is_given_a_duration_it_would_print_wrongly(redis_client: redis.Redis) -> None:
+    """Every duration a script adds to the server's time is bounded where Lua's doubles
+    and ``'%d'`` are exact (``MAX_MS``): past it, a ``ValueError`` before any script."""
+    from creditguard._redis_state import MAX_MS
+
+    with pytest.raises(ValueError, match="lease_ms"):
+        RedisAccountState(redis_client, None, "p:", "acct", sys.maxsize * 1000)
+    acct = RedisAccountState(redis_client, None, fresh_prefix("bounds"), "acct", MAX_MS)
+    with pytest.raises(ValueError, match="budget_ms"):
+        acct.read_begin("t", MAX_MS + 1)
+    with pytest.raises(ValueError, match="ms"):
+        acct.block(sys.maxsize)
+    gate = RedisGate(redis_client, None, fresh_prefix("bounds"), "acct")
+    with pytest.raises(ValueError, match="lease_ms"):
+        gate.enter("t", 1, sys.maxsize, 1_000)
+    with pytest.raises(ValueError, match="lease_ms"):
+        gate.renew_turns(["t"], sys.maxsize)
+    with pytest.raises(ValueError, match="expires_ms"):
+        gate.keep("h", sys.maxsize, 1, 0, "", "")
+    # the longest allowed: an expiry in the future, written exactly
+    now_ms = int(redis_client.time()[0]) * 1000
+    acct.reserve_unchecked("r", 1)
+    score = redis_client.zscore(acct.keys[2], "r")
+    assert score is not None
+    assert score >= now_ms + MAX_MS
