@@ -56,14 +56,17 @@ redis.call('ZREM', KEYS[3], ARGV[1])
 return 1
 
 --@ renew_turns
--- KEYS: gate, queue, alive, ticket. ARGV: lease_ms, tokens... Renew the turns still
--- taken, never shortening one (a hold's turn lives as long as the hold).
+-- KEYS: gate, queue, alive, ticket. ARGV: lease_ms, tokens... Renew the turns of this
+-- process, never shortening one (a hold's turn lives as long as the hold); a turn Redis
+-- lost (a restart, a flush, an eviction) is taken again. The tokens taken again.
 local due = fmt(now + tonumber(ARGV[1]))
+local again = {}
 for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', 'GT', due, ARGV[i])
+  if not redis.call('ZSCORE', KEYS[1], ARGV[i]) then again[#again + 1] = ARGV[i] end
+  redis.call('ZADD', KEYS[1], 'GT', due, ARGV[i])
 end
 touch(KEYS, {KEYS[1], KEYS[3]})
-return 1
+return again
 
 --@ keep
 -- KEYS: res, lease, hold, gate, state. ARGV: id, expires_ms, cost, gen, balance, turn.

@@ -130,13 +130,14 @@ class RedisGate:
     async def aleave(self, token: str) -> None:
         await self._arun("leave", self.gate_keys[:3], [_token("token", token)])
 
-    def renew_turns(self, tokens: Sequence[str], lease_ms: int) -> None:
-        """Renew the turns ``tokens`` that are still taken."""
+    def renew_turns(self, tokens: Sequence[str], lease_ms: int) -> list[str]:
+        """Renew the turns ``tokens`` of this process (never shortening one), taking
+        again those Redis lost; returns the tokens taken again."""
         args: list[str | int] = [
             duration_ms("lease_ms", lease_ms),
             *(_token("token", t) for t in tokens),
         ]
-        self._run("renew_turns", self.gate_keys, args)
+        return [_text(t) for t in self._run("renew_turns", self.gate_keys, args)]
 
     def queued(self) -> int:
         """How many callers wait in the queue."""

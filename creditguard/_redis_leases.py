@@ -207,7 +207,12 @@ class LeaseKeeper:
                 self._restored(state, restored)
         for gate, tokens in turns.items():
             try:
-                gate.renew_turns(tokens, self._lease_ms)
+                again = gate.renew_turns(tokens, self._lease_ms)
+                # One given back while it was being taken again: give it back (again).
+                with self._lock:
+                    gone = [token for token in again if token not in self._turns]
+                for token in gone:
+                    gate.leave(token)
             except self._errors as exc:
                 logger.warning("could not renew gate turns in Redis: %s", exc)
         return True

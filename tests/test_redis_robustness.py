@@ -223,6 +223,36 @@ def test_a_flush_does_not_forget_the_reservations_in_flight(
     assert second.balance().total_balance == 40
 
 
+def test_a_flush_does_not_forget_the_turns_at_the_gate(
+    redis_url: str, redis_client: redis.Redis, backends: list[RedisBackend]
+) -> None:
+    from creditguard import GateTimeout
+
+    prefix = fresh_prefix("turns-flushed")
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guards = [
+        CreditGuard(
+            fake.api_key,
+            transport=fake.transport,
+            backend=_backend(backends, redis_url, prefix),
+            max_concurrent=1,
+            gate_timeout=0.2,
+        )
+        for _ in range(2)
+    ]
+    with guards[0].spend(10):
+        redis_client.flushdb()
+        backend = guards[0]._shared.backend
+        assert isinstance(backend, RedisBackend)
+        backend.renew_once()
+        with pytest.raises(GateTimeout), guards[1].spend(10):
+            pytest.fail("two paid calls at once through a gate of one")
+    with guards[1].spend(10):  # given back as usual
+        pass
+    backend.renew_once()  # nothing in flight here any more: no turn is taken again
+    assert redis_client.zcard(f"{prefix}{{{guards[0]._account.fingerprint}}}:gate") == 0
+
+
 def test_the_renewer_restores_on_its_own(
     redis_url: str,
     redis_client: redis.Redis,
