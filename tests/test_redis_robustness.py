@@ -435,6 +435,57 @@ async def test_a_cancelled_caller_leaves_nothing_in_redis(
     assert ran == [1]
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's own cancellation
+@pytest.mark.parametrize("gate", [False, True], ids=["admission", "gate"])
+async def test_an_answer_lost_to_asyncio_cancellation_is_undone(
+    redis_url: str,
+    redis_client: redis.Redis,
+    backends: list[RedisBackend],
+    monkeypatch: pytest.MonkeyPatch,
+    gate: bool,
+) -> None:
+    """The script ran on the loop's asyncio client, and its answer is slow to come back:
+    ``asyncio.wait_for`` cancels the caller meanwhile. The answer is awaited all the
+    same and what the script did is undone."""
+    prefix = fresh_prefix("lost-answer")
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(
+        fake.api_key,
+        transport=fake.transport,
+        backend=_backend(backends, redis_url, prefix),
+        ttl=60,
+        max_concurrent=1 if gate else None,
+    )
+    assert (await guard.abalance()).total_balance == 100
+    cls, name = (RedisGate, "aenter") if gate else (RedisAccountState, "aadmit")
+    script = getattr(cls, name)
+    answered = asyncio.Event()
+
+    async def slow_answer(self: object, *args: object) -> object:
+        result = await script(self, *args)  # the script ran
+        await asyncio.sleep(0.6)  # its answer is on its way
+        answered.set()
+        return result
+
+    ran: list[int] = []
+    with monkeypatch.context() as patch:
+        patch.setattr(cls, name, slow_answer)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(guard_call(guard, ran), 0.3)
+    assert answered.is_set()  # the cancelled caller waited for the answer
+    assert ran == []
+    snap = await guard.asnapshot()
+    assert (snap.reserved, snap.in_flight) == (0, 0)
+    assert redis_client.zcard(f"{prefix}{{{guard._account.fingerprint}}}:gate") == 0
+
+
+async def guard_call(guard: CreditGuard, ran: list[int]) -> None:
+    async with guard.spend(60):
+        await anyio.lowlevel.checkpoint()
+        ran.append(1)
+
+
 # -- a read is always finished (item 9, Redis side) --------------------------------------
 
 
