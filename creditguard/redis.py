@@ -7,10 +7,11 @@ credits, and read the balance upstream about once per TTL between them.
 
 The state and its rules live in Redis (:mod:`creditguard._redis_state`: one Lua script per
 change, so every decision is atomic); this module plugs them into the guard as an
-``AccountState``. Reads are shared across processes with a lock in Redis: the process that
-takes it reads, the others look again every few milliseconds until its balance is stored
-(bounded: if the leader dies its lock expires and another takes over). Waiting is polling,
-not pub/sub, so a lost message can never strand a caller.
+``AccountState``; its reads are in ``_redis_reads``, its gate and holds in ``_redis_holds``.
+Reads are shared across processes with a lock in Redis: the process that takes it reads,
+the others look again every few milliseconds until its balance is stored (bounded: if the
+leader dies its lock expires and another takes over). Waiting is polling, not pub/sub, so
+a lost message can never strand a caller.
 
 From sync code the guard uses redis-py's ``redis.Redis``; from asyncio, ``redis.asyncio``
 (one client per event loop when built from a URL); from trio, which ``redis.asyncio`` does
@@ -49,7 +50,7 @@ from ._config import _check_seconds
 from ._errors import AdmissionTimeout, BalanceUnavailable, InsufficientCredits
 from ._models import CreditBalance
 from ._redis_gate import HoldInfo, RedisGate
-from ._redis_holds import POLL_FIRST, POLL_MAX, GateOps
+from ._redis_holds import POLL_MAX, GateOps
 from ._redis_leases import LeaseKeeper, check_eviction, on_asyncio, uncut
 from ._redis_reads import ReadOps, _RedisFlight
 from ._redis_state import (
@@ -76,10 +77,8 @@ __all__ = ["RedisBackend"]
 logger = logging.getLogger("creditguard")
 _monotonic = time.monotonic
 
-# How long a caller waits between two looks at Redis while another process reads the
-# balance, or while calls in flight elsewhere settle (or a turn at the gate frees): short
-# first, then longer.
-_POLL_FIRST = POLL_FIRST
+# The longest a caller waits before it looks at Redis again while calls in flight
+# elsewhere settle (it looks at once when a spend of this process settles).
 _POLL_MAX = POLL_MAX
 # After Redis failed, how long the fallback serves before Redis is tried again.
 _RETRY_AFTER = 1.0
