@@ -18,6 +18,10 @@ from typing import Any
 
 import pytest
 
+# The tests that read the module's one smoke run go to one pytest-xdist worker (with
+# ``--dist loadgroup``), so that the run is made once.
+pytestmark = pytest.mark.xdist_group("benchmarks_smoke")
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
