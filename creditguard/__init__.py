@@ -38,7 +38,7 @@ if TYPE_CHECKING:
         default_guard,
         requires_credits,
     )
-    from ._models import CreditBalance, PrecheckResult
+    from ._models import AccountSnapshot, CreditBalance, OpenHold, PrecheckResult
     from ._retry import RetryPolicy, parse_retry_after
     from ._state import MemoryBackend, StateBackend
     from ._tasks import (
@@ -69,6 +69,7 @@ _EXPORTS = {
     "unlock_contacts": "._tasks",
     "Precheck": "._guard",
     "PrecheckResult": "._models",
+    "AccountSnapshot": "._models",
     "AdmissionTimeout": "._errors",
     "AuthenticationError": "._errors",
     "BalanceUnavailable": "._errors",
@@ -82,6 +83,7 @@ _EXPORTS = {
     "InsufficientCredits": "._errors",
     "InvalidResponse": "._errors",
     "MemoryBackend": "._state",
+    "OpenHold": "._models",
     "RateLimited": "._errors",
     "RetryPolicy": "._retry",
     "Spend": "._guard",
@@ -96,6 +98,7 @@ _EXPORTS = {
 __all__ = [
     "DEFAULT_BASE_URL",
     "POLL_BACKOFF",
+    "AccountSnapshot",
     "ActionNotAllowed",
     "AdmissionTimeout",
     "AuthenticationError",
@@ -111,6 +114,7 @@ __all__ = [
     "InsufficientCredits",
     "InvalidResponse",
     "MemoryBackend",
+    "OpenHold",
     "Precheck",
     "PrecheckResult",
     "RateLimited",

@@ -34,6 +34,7 @@ from ._decorate import _CostDecorator, _Decorator, _decorator
 from ._edges import _Edges
 from ._errors import (
     ActionNotAllowed,
+    AdmissionTimeout,
     AuthenticationError,
     BalanceUnavailable,
     GateTimeout,
@@ -42,14 +43,14 @@ from ._errors import (
     UnknownHold,
 )
 from ._holds import Hold, look, take
-from ._models import CreditBalance, PrecheckResult
+from ._models import AccountSnapshot, CreditBalance, PrecheckResult
 from ._precheck import Cost, Precheck
 from ._protocols import AccountState, StateBackend
 from ._reports import is_insufficient_credits, parse_report
 from ._shared import GuardEvent, OnUnavailable, _Shared
 from ._spend import Spend, _current, current_spend
 from ._state import MemoryBackend
-from ._steps import Flight, Reservation, Step, Steps, Turn, Waiter
+from ._steps import Flight, Reservation, Step, Steps, Turn, Waiter, own_credits
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -231,6 +232,17 @@ class CreditGuard(_Edges):
         """Async :meth:`balance`: the same cache, read through an httpx async transport."""
         return await self._adrive(self._read(refresh, False))
 
+    def snapshot(self) -> AccountSnapshot:
+        """What the guard holds for this account now: the cached balance, the credits
+        reserved by guarded calls in flight, the open holds, the finished calls waiting
+        for a read and the callers queued at the gate (over Redis: across every process).
+        Makes no request to Lensmor."""
+        return self._drive(self._account.survey())
+
+    async def asnapshot(self) -> AccountSnapshot:
+        """Async :meth:`snapshot`."""
+        return await self._adrive(self._account.survey())
+
     def invalidate(self) -> None:
         """Forget the cached balance; reads already in flight will not be trusted."""
         self._account.invalidate()
@@ -384,6 +396,8 @@ class CreditGuard(_Edges):
     def _open(self, spend: Spend, sync: bool) -> Steps[None]:
         """Take a turn at the gate, then admit ``spend`` (giving the turn back if it is
         refused)."""
+        if self._shared.max_concurrent is not None and spend.cost:
+            yield from self._payable(spend, sync)
         spend._turn = yield from self._take_turn(sync)
         try:
             if not self._admit_cached(spend):
@@ -393,6 +407,27 @@ class CreditGuard(_Edges):
             if turn is not None:
                 yield from self._account.leave(turn)
             raise
+
+    def _payable(self, spend: Spend, sync: bool) -> Steps[None]:
+        """Before queueing at the gate: refuse a call the account cannot pay even if the
+        calls in flight charge nothing (its turn would only make it wait to be refused).
+        A balance that cannot be read decides nothing here: admission, after the turn,
+        applies ``on_unavailable``."""
+        try:
+            balance = yield from self._read(False, sync)
+        except BalanceUnavailable:
+            return
+        except AuthenticationError as exc:
+            if self._shared.on_event is not None:
+                self._emit("rejected", spend.cost, error=exc)
+            raise
+        held = yield from self._account.committed()
+        own = own_credits(tuple(o._reservation for o in self._enclosing() if o._reservation))
+        free = balance.total_balance - held - own
+        if spend.cost > free:
+            refusal = InsufficientCredits(spend.cost, max(0, free), balance, reserved=held)
+            self._denied(refusal)
+            raise refusal
 
     def _admit_cached(self, spend: Spend) -> bool:
         """The warm path, no generator: admit on a fresh cached balance that covers the
@@ -408,17 +443,15 @@ class CreditGuard(_Edges):
         cost = spend.cost
         shared = self._shared
         ttl = shared.ttl
-        # How long this call may wait for spends in flight to settle: while they keep
-        # settling, up to admission_timeout between two releases, and ten times that in
-        # all, counted from when it first waits for them (waiting for a balance read is
-        # bounded by the read budget, and does not count here). A thread that runs an
-        # event loop never waits for them: they may be tasks of the loop it blocks.
+        # How long this call may wait for calls in flight to settle: admission_timeout in
+        # all, counted from when it first waits for them (a balance read, bounded by the
+        # read budget, does not start the window, and nothing restarts it). A thread that
+        # runs an event loop never waits for them: they may be tasks of the loop it blocks.
         wait = shared.admission_timeout
         may_wait = wait > 0 and not (sync and _in_event_loop_thread())
         deadline: float | None = None  # set when this call first waits for settling
-        cap = 0.0
         # This caller's own enclosing spends: they cannot settle while it waits.
-        enclosing = [o._reservation for o in self._enclosing() if o._reservation]
+        enclosing = tuple(o._reservation for o in self._enclosing() if o._reservation)
         flight: Flight | None = None
         try:
             if not spend._defer:
@@ -433,30 +466,21 @@ class CreditGuard(_Edges):
                 until = None
                 if may_wait:
                     until = deadline if deadline is not None else _monotonic() + wait
-                # Read to settle finished spends on the first look (or after a wait), and
-                # again only while this call may still wait: bounded like a wait.
+                # Read to settle finished spends on the first look, and again only while
+                # this call may still wait.
                 settle = flight is None or (until is not None and _monotonic() < until)
-                step = yield from account.admit(
-                    cost, ttl, flight, sync, until, tuple(enclosing), settle
-                )
+                step = yield from account.admit(cost, ttl, flight, sync, until, enclosing, settle)
                 if isinstance(step, Reservation):
                     break
-                if deadline is None and until is not None:
-                    deadline, cap = until, until + 9 * wait
+                if deadline is None and isinstance(step[0], Waiter):
+                    deadline = until
                 waited = yield step
                 flight = waited if isinstance(waited, Flight) else None
-                if flight is not None and deadline is not None:
-                    # A balance read (bounded by the read budget) never uses up the wait
-                    # for calls in flight: look again with a full window after it.
-                    deadline = min(max(deadline, _monotonic() + wait), cap)
-                if isinstance(waited, Waiter) and until is not None and not waited.done:
-                    # Timed out. Calls in flight that are still settling (one released
-                    # its reservation lately) are worth waiting for a while longer.
-                    now = _monotonic()
-                    if now - account.released_at < wait and now < cap:
-                        deadline = min(now + wait, cap)
         except InsufficientCredits as exc:
             self._denied(exc)
+            raise
+        except AdmissionTimeout as exc:
+            self._busy(exc)
             raise
         except BalanceUnavailable as exc:
             yield from self._unavailable(spend, exc)
@@ -559,6 +583,14 @@ class CreditGuard(_Edges):
                 charged,
             )
         before = settlement.balance
+        contradiction = None if before is None else report.contradiction(before)
+        if contradiction is not None:  # never cached: the refresh after spending is the truth
+            logger.warning(
+                "ignoring a credits report on %s that contradicts the balance before the call: %s",
+                self.account,
+                contradiction,
+            )
+            return False
         after = yield from self._account.reported(
             settlement, charged, report.total_after, report.balance_after
         )
@@ -581,6 +613,17 @@ class CreditGuard(_Edges):
         )
         if self._shared.on_event is not None:
             self._emit("denied", exc.required, exc.balance, available=exc.available, error=exc)
+
+    def _busy(self, exc: AdmissionTimeout) -> None:
+        logger.info(
+            "%s credits on %s not admitted in time: %s free beside %s reserved by calls in flight",
+            exc.required,
+            self._account.fingerprint,
+            exc.available,
+            exc.reserved,
+        )
+        if self._shared.on_event is not None:
+            self._emit("busy", exc.required, available=exc.available, error=exc)
 
     def _unavailable(self, spend: Spend, exc: BalanceUnavailable) -> Steps[None]:
         """Fail closed (re-raise) unless the guard was told to fail open."""

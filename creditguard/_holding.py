@@ -71,12 +71,14 @@ class LocalGate:
 
 
 class LocalHolds:
-    """The holds open on one account, by id, and when the next one expires."""
+    """The holds open on one account, by id, their credits, and when the next one
+    expires."""
 
-    __slots__ = ("due", "open")
+    __slots__ = ("credits", "due", "open")
 
     def __init__(self) -> None:
         self.open: dict[str, Kept] = {}
+        self.credits = 0  # the costs of the open holds, added up
         self.due = math.inf  # the monotonic time the next hold expires at
 
     def keep(self, reservation: Reservation, expires_in: float, turn: Turn | None) -> Kept:
@@ -85,6 +87,7 @@ class LocalHolds:
         due = _monotonic() + expires_in
         kept = Kept(hold_id, reservation, time.time() + expires_in, turn, due)
         self.open[hold_id] = kept
+        self.credits += reservation.cost
         if due < self.due:
             self.due = due
         return kept
@@ -93,8 +96,10 @@ class LocalHolds:
         """Under the lock: end the hold (it is being settled or released), or ``None``
         when it is not open."""
         kept = self.open.pop(hold_id, None)
-        if kept is not None and kept.due <= self.due:
-            self.due = min((k.due for k in self.open.values()), default=math.inf)
+        if kept is not None:
+            self.credits -= kept.reservation.cost
+            if kept.due <= self.due:
+                self.due = min((k.due for k in self.open.values()), default=math.inf)
         return kept
 
     def expired(self, now: float) -> list[Kept]:
@@ -102,5 +107,6 @@ class LocalHolds:
         gone = [k for k in self.open.values() if k.due <= now]
         for kept in gone:
             del self.open[kept.hold_id]
+            self.credits -= kept.reservation.cost
         self.due = min((k.due for k in self.open.values()), default=math.inf)
         return gone

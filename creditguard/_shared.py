@@ -20,7 +20,8 @@ OnUnavailable = Literal["deny", "allow"]
 class GuardEvent:
     """What the guard just did, for ``on_event`` observers.
 
-    ``kind`` is one of ``"admitted"``, ``"denied"`` (not enough credits), ``"unavailable"``
+    ``kind`` is one of ``"admitted"``, ``"denied"`` (not enough credits), ``"busy"``
+    (calls in flight did not settle within ``admission_timeout``), ``"unavailable"``
     (refused because the balance could not be read, failing closed), ``"rejected"`` (the key
     was refused), ``"unchecked"`` (admitted without a balance under
     ``on_unavailable="allow"``), ``"spent"`` (with the balance before and after),

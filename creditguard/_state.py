@@ -32,9 +32,9 @@ from collections.abc import Callable
 
 import cachetools
 
-from ._errors import InsufficientCredits
+from ._errors import AdmissionTimeout, InsufficientCredits
 from ._holding import LocalGate, LocalHolds
-from ._models import CreditBalance
+from ._models import AccountSnapshot, CreditBalance, OpenHold
 from ._protocols import AccountState, StateBackend
 from ._steps import (
     Call,
@@ -45,6 +45,7 @@ from ._steps import (
     Step,
     Turn,
     Waiter,
+    own_credits,
     own_error,
 )
 
@@ -82,7 +83,6 @@ class Account:
         "cached",
         "cached_at",
         "cached_seq",
-        "excluded",
         "fingerprint",
         "flights",
         "floor",
@@ -107,11 +107,9 @@ class Account:
         self.cached_at = 0.0
         self.reserved = 0
         self.inflight = 0
-        # Counts the balances cached; ``excluded`` is what the reservations admitted on
-        # the current one hold: a read that came back before they were admitted cannot
-        # include their charges (the others may or may not: ambiguous).
+        # Counts the balances cached: a reservation admitted on the current one knows
+        # that balance cannot include its charge (see settle_reported).
         self.cache_gen = 0
-        self.excluded = 0
         # Reads in progress, oldest first (at most MAX_FLIGHTS).
         self.flights: list[Flight] = []
         # Spends waiting for a read that includes them (their credits still reserved).
@@ -235,7 +233,6 @@ class Account:
         self.cached_seq = start
         self.cached_at = _monotonic()
         self.cache_gen += 1
-        self.excluded = 0
 
     def read_step(self, ttl: float, flight: Flight | None, sync: bool) -> CreditBalance | Step:
         """A balance through the cache, or the read to wait on / perform."""
@@ -247,19 +244,20 @@ class Account:
 
     # -- admission -----------------------------------------------------------------
     #
-    # With a trusted balance B and R credits reserved by spends in flight, a call of
+    # With a trusted balance B, R credits reserved by everything in flight (guarded calls
+    # and holds), H the credits of open holds and O the caller's own enclosing spends
+    # (a guarded call made inside another: they cannot settle while it waits), a call of
     # cost c is decided as follows (see docs/consistency.md, "Exact admission"):
     #
     # * c <= B - R: admitted. Safe whatever B includes of the spends in flight.
-    # * otherwise, if B is unambiguous about every spend in flight that may settle
-    #   (each was admitted after B's read came back, so B cannot include its charge),
-    #   B - R is exactly what the account can pay once they settle: refused, with
-    #   that as ``available``. The caller's own enclosing spends (a guarded call made
-    #   inside another) cannot settle while it waits, so they do not count here.
-    # * otherwise B may already include charges still counted in R (a read that
-    #   overlapped those spends): neither answer is known. Wait until a spend settles
-    #   (its reservation is released by a read that includes it) and decide again,
-    #   until ``until``; then refuse, saying what is available now.
+    # * c > B - H - O: refused. Holds are commitments that will not settle while the
+    #   caller waits; the other calls in flight may charge nothing, fail or charge less,
+    #   so they never stand in the way of a refusal: the account cannot pay even if they
+    #   charge nothing.
+    # * otherwise only calls in flight stand in the way: read first if finished spends
+    #   wait for one (they may have cost less than declared), else wait until one
+    #   settles and decide again, until ``until``; then ``AdmissionTimeout`` (busy, not
+    #   insufficient).
 
     def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
         """Fast path: admit on a fresh cached balance, or ``None`` to go the slow way
@@ -278,7 +276,6 @@ class Account:
                 return None
             self.reserved += cost
             self.inflight += 1
-            self.excluded += cost
             return Reservation(cost, cached, self.cache_gen)
 
     def admit_step(
@@ -297,8 +294,10 @@ class Account:
         (monotonic seconds; ``None``: it may not wait); ``enclosing`` the reservations
         of the caller's own enclosing spends. ``settle``: when the cost does not fit
         and finished spends wait for a read (see :meth:`defer_settle`), perform or join
-        that read and decide again. Raises :class:`InsufficientCredits` (nothing
-        reserved) when the account cannot pay.
+        that read and decide again. Raises :class:`InsufficientCredits` when the account
+        cannot pay even if the calls in flight charge nothing, and
+        :class:`AdmissionTimeout` when only they stand in the way and the caller may not
+        wait any longer (nothing reserved either way).
         """
         with self.lock:
             balance = self._usable(flight, ttl)
@@ -306,29 +305,27 @@ class Account:
                 return self._join_or_lead(self.floor, sync)
             total = balance.total_balance
             reserved = self.reserved
-            cached = balance is self.cached
-            gen = self.cache_gen if cached else -1
             if cost <= total - reserved or not cost:  # a free call always fits
                 self.reserved = reserved + cost
                 self.inflight += 1
-                if cached:
-                    self.excluded += cost
+                gen = self.cache_gen if balance is self.cached else -1
                 return Reservation(cost, balance, gen)
+            own = own_credits(enclosing)
+            committed = self.holds.credits + own
+            if cost > total - committed:
+                raise InsufficientCredits(
+                    cost, max(0, total - committed), balance, reserved=reserved
+                )
             settling = self.settling
             if settling and settle:
                 # Spends that finished and wait for a read hold credits a read would
                 # show (they may have cost less than declared): read, then decide.
                 return self._join_or_lead(settling[-1].after, sync)
-            ambiguous = reserved - (self.excluded if cached else 0)
-            own = 0
-            for r in enclosing:
-                if not r.released and (r.gen != gen or not cached):
-                    own += r.cost
-            if ambiguous > own and until is not None and _monotonic() < until:
+            if until is not None and _monotonic() < until:
                 waiter = Waiter(cost, own)
                 self.waiters.append(waiter)
                 return waiter, False, until
-            raise InsufficientCredits(cost, max(0, total - reserved), balance, reserved=reserved)
+            raise AdmissionTimeout(cost, max(0, total - reserved), reserved=reserved)
 
     def forget(self, waiter: Waiter) -> None:
         """A waiter gave up (its wait timed out, or it was cancelled): drop it."""
@@ -356,16 +353,15 @@ class Account:
         self.released_at = _monotonic()
         self.reserved -= reservation.cost
         self.inflight -= 1
-        if reservation.gen == self.cache_gen:
-            self.excluded -= reservation.cost
         reservation.released = True
 
     # -- settling ------------------------------------------------------------------
 
     def _wake_released(self) -> list[Callable[[], None]]:
         """Under the lock: reservations or the cached balance changed. Finish the waiters
-        whose decision may have changed (the cost now fits, or nothing they could wait
-        for is ambiguous any more, or there is no trusted balance left to decide on) and
+        whose decision may have changed (the cost now fits, or the account can no longer
+        pay it even if the calls in flight charge nothing, or there is no trusted balance
+        left to decide on) and
         hand back what to notify. The others keep waiting: a wake that cannot change a
         decision would only cost them a look."""
         waiters = self.waiters
@@ -373,17 +369,17 @@ class Account:
             return []
         cached = self.cached
         if cached is None or self.cached_seq < self.floor:
-            wake_all, room, ambiguous = True, 0, 0
+            wake_all, room, free = True, 0, 0
         else:
             room = cached.total_balance - self.reserved
-            ambiguous = self.reserved - self.excluded
+            free = cached.total_balance - self.holds.credits
             wake_all = False
         callbacks: list[Callable[[], None]] = []
         keep: list[Waiter] = []
         for waiter in waiters:
             if waiter.done:
                 continue  # gave up (timed out or cancelled) and looked again
-            if wake_all or waiter.cost <= room or ambiguous <= waiter.own:
+            if wake_all or waiter.cost <= room or waiter.cost > free - waiter.own:
                 callbacks += waiter._finish()
             else:
                 keep.append(waiter)
@@ -546,7 +542,6 @@ class Account:
                 self.cached = after
                 self.cached_seq = self.seq
                 self.cache_gen += 1
-                self.excluded = 0
                 self._unhold(reservation)
             callbacks = self._wake_released()
         for notify in callbacks:
@@ -571,7 +566,6 @@ class Account:
         self.floor = self.seq
         self.cached = None
         self.cache_gen += 1
-        self.excluded = 0
 
     # -- holds and the gate --------------------------------------------------------
 
@@ -680,6 +674,46 @@ class Account:
         return self.pending_after()
         yield  # pragma: no cover
 
+    def committed(self) -> Ops[int]:
+        self._sweep()
+        return self.holds.credits
+        yield  # pragma: no cover
+
+    def survey(self) -> Ops[AccountSnapshot]:
+        self._sweep()
+        with self.lock:
+            trusted = self.cached is not None and self.cached_seq >= self.floor
+            holds = self.holds
+            open_holds = tuple(
+                OpenHold(k.hold_id, k.reservation.cost, k.expires_at) for k in holds.open.values()
+            )
+            return AccountSnapshot(
+                balance=self.cached if trusted else None,
+                reserved=self.reserved - holds.credits,
+                in_flight=self.inflight - len(open_holds),
+                held=holds.credits,
+                holds=len(open_holds),
+                settling=len(self.settling),
+                gate_waiting=len(self.gate.queue),
+                backend="memory",
+                open_holds=open_holds,
+            )
+        yield  # pragma: no cover
+
+    def busy(self) -> bool:
+        """Whether anything is in flight, held, settling or queued on the account: its
+        state must not be forgotten."""
+        self._sweep()
+        with self.lock:
+            return bool(
+                self.inflight
+                or self.settling
+                or self.waiters
+                or self.gate.active
+                or self.gate.queue
+                or self.holds.open
+            )
+
     def bumped(self, sync: bool) -> Ops[tuple[int, Step]]:
         return self.bump(sync)
         yield  # pragma: no cover
@@ -772,15 +806,19 @@ def _after_report(
 class MemoryBackend:
     """Account state in this process.
 
-    The ``max_accounts`` most recently used accounts stay cached; an account evicted
-    while calls are still in flight on it stays alive (and shared) until they finish,
-    so eviction never forgets a reservation.
+    The ``max_accounts`` most recently used idle accounts stay cached. An account that
+    is busy (calls in flight, finished calls waiting for a read, open holds, callers
+    at its gate) is never forgotten: pushed out of the recent ones, it is kept aside
+    until it is idle again. So memory is bounded by ``max_accounts`` idle accounts plus
+    the accounts with work in flight, which holds bound by expiring.
     """
 
     def __init__(self, max_accounts: int = 10_000) -> None:
         if type(max_accounts) is not int or max_accounts < 1:
             raise ValueError(f"max_accounts must be an int >= 1, got {max_accounts!r}")
-        self._recent: cachetools.LRUCache[str, Account] = cachetools.LRUCache(max_accounts)
+        # Accounts pushed out of the recent ones while busy, until they are idle.
+        self._busy: dict[str, Account] = {}
+        self._recent = _Recent(max_accounts, self._busy)
         self._live: weakref.WeakValueDictionary[str, Account] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
 
@@ -790,8 +828,30 @@ class MemoryBackend:
             account = self._live.get(fingerprint)
             if account is None:
                 account = self._live[fingerprint] = Account(fingerprint)
+            busy = self._busy
+            if busy:
+                busy.pop(fingerprint, None)
+                if busy:  # look at one kept aside (in turn): forget it if idle now
+                    name = next(iter(busy))
+                    kept = busy.pop(name)
+                    if kept.busy():
+                        busy[name] = kept
             self._recent[fingerprint] = account
             return account
 
     def __len__(self) -> int:
         return len(self._live)
+
+
+class _Recent(cachetools.LRUCache[str, Account]):
+    """The most recently used accounts; one pushed out while busy is kept in ``busy``."""
+
+    def __init__(self, maxsize: int, busy: dict[str, Account]) -> None:
+        super().__init__(maxsize)
+        self._busy = busy
+
+    def popitem(self) -> tuple[str, Account]:
+        name, account = super().popitem()
+        if account.busy():
+            self._busy[name] = account
+        return name, account

@@ -143,15 +143,15 @@ class Flight(_Waitable):
 
 class Waiter(_Waitable):
     """A call waiting at admission for spends in flight to settle. The account finishes
-    it when its decision may have changed: when ``cost`` now fits, or when no spend it
-    could wait for is ambiguous about the cached balance any more."""
+    it when its decision may have changed: when ``cost`` now fits, or when the account
+    can no longer pay it even if the calls in flight charge nothing."""
 
     __slots__ = ("cost", "own")
 
     def __init__(self, cost: int, own: int) -> None:
         super().__init__()
         self.cost = cost
-        self.own = own  # ambiguous credits its own enclosing spends hold
+        self.own = own  # credits its own enclosing spends hold (see own_credits)
 
 
 class Turn(_Waitable):
@@ -205,6 +205,12 @@ class Reservation:
         self.gen = gen
         self.after = 0
         self.released = False
+
+
+def own_credits(enclosing: tuple[Reservation, ...]) -> int:
+    """The credits a caller's own enclosing spends still hold: they cannot settle while
+    it waits, so its admission counts them as committed, like holds."""
+    return sum(r.cost for r in enclosing if not r.released)
 
 
 class Kept:

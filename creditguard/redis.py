@@ -20,7 +20,14 @@ never blocked by a Redis round trip.
 Reservations are leases (``lease`` seconds): a background thread renews the leases of the
 calls this process has in flight, so a worker killed mid-action (SIGKILL) strands its
 credits for at most ``lease`` seconds, after which the cached balance is distrusted (its
-spend is unknown). :meth:`RedisBackend.close` stops that thread.
+spend is unknown). :meth:`RedisBackend.close` stops that thread. The renewer also records
+again the reservations Redis lost (a restart, a flush, an eviction): see ``_redis_leases``.
+
+A script call is never cut in two by a cancellation: anyio's shield holds anyio's and
+trio's, but not asyncio's own (``asyncio.wait_for``, ``Task.cancel``), so under asyncio the
+call runs in a task of its own; a caller cancelled meanwhile waits for it and undoes what
+the script did for it (``_undo``: a reservation, a turn, a read lock) before the
+cancellation goes on (``_redis_leases.uncut``).
 """
 
 from __future__ import annotations
@@ -32,25 +39,29 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 import anyio
 import anyio.to_thread
-import sniffio
 
-from ._errors import BalanceUnavailable, InsufficientCredits
-from ._models import CreditBalance
+from ._config import _check_seconds
+from ._errors import AdmissionTimeout, BalanceUnavailable, InsufficientCredits
+from ._models import AccountSnapshot, CreditBalance, OpenHold
 from ._redis_gate import HoldInfo, RedisGate
 from ._redis_holds import POLL_FIRST, POLL_MAX, GateOps
+from ._redis_leases import LeaseKeeper, check_eviction, on_asyncio, uncut
 from ._redis_state import (
     DEFAULT_PREFIX,
     Admitted,
+    Busy,
     ReadBegun,
     ReadNeeded,
     RedisAccountState,
     Refused,
     Snapshot,
+    Survey,
+    WaitNeeded,
     decode_balance,
     encode_balance,
 )
@@ -111,6 +122,18 @@ class _LookAgain(Waiter):
     """Decide again after a short wait: calls in flight (maybe elsewhere) may settle."""
 
     __slots__ = ()
+
+
+def _undo(name: str, args: tuple[Any, ...], result: object) -> tuple[str, tuple[Any, ...]] | None:
+    """The call that undoes script call ``name(*args)`` that answered ``result``, when
+    its caller was cancelled before it saw the answer; ``None``: nothing to undo."""
+    if (name == "admit" and isinstance(result, Admitted)) or name == "reserve_unchecked":
+        return "release", (args[0], False)  # the reservation: its action never ran
+    if name == "read_begin" and isinstance(result, ReadBegun) and result.lead:
+        return "read_failed", (args[0],)  # the read lock: nobody reads
+    if name == "enter" and result == 0:
+        return "leave", (args[0],)  # the turn at the gate
+    return None
 
 
 def _unavailable(exc: Exception) -> BalanceUnavailable:
@@ -196,29 +219,35 @@ class RedisAccount(GateOps):
     def _script_call(
         self, target: object, async_target: Callable[[Any], object], name: str, args: Any
     ) -> Call:
-        sync_op: Callable[..., Any] = getattr(target, name)
         backend = self._backend
 
         def run() -> object:
             try:
-                return sync_op(*args)
+                return getattr(target, name)(*args)
             except backend._errors as exc:
                 raise _unavailable(exc) from exc
 
-        async def arun() -> object:
+        async def once(op: str, op_args: tuple[Any, ...]) -> object:
             client = backend._async_client_here()
-            # Shielded: a call cut short by a cancellation would leave Redis changed with
-            # nobody knowing (a reservation, a read lock). Each is bounded by the client's
-            # socket timeouts.
-            with anyio.CancelScope(shield=True):
-                try:
-                    if client is None:  # trio, or no asyncio client: the sync one, in a thread
-                        return await anyio.to_thread.run_sync(lambda: sync_op(*args))
-                    result: object = await getattr(async_target(client), "a" + name)(*args)
-                    return result
-                except backend._errors as exc:
-                    raise _unavailable(exc) from exc
-            raise AssertionError("unreachable")  # pragma: no cover - for type checkers
+            try:
+                if client is None:  # trio, or no asyncio client: the sync one, in a thread
+                    sync_op = getattr(target, op)
+                    return await anyio.to_thread.run_sync(lambda: sync_op(*op_args))
+                result: object = await getattr(async_target(client), "a" + op)(*op_args)
+                return result
+            except backend._errors as exc:
+                raise _unavailable(exc) from exc
+
+        def undo(result: object) -> Awaitable[object] | None:
+            call = _undo(name, args, result)
+            return None if call is None else once(*call)
+
+        async def arun() -> object:
+            # Uncut: a call cut short by a cancellation (anyio's, trio's or asyncio's own)
+            # would leave Redis changed with nobody knowing (a reservation, a turn, a read
+            # lock): it finishes, and what it did is undone if its caller is gone. Each
+            # call is bounded by the client's socket timeouts.
+            return await uncut(lambda: once(name, args), undo)
 
         return Call(run, arun)
 
@@ -413,6 +442,42 @@ class RedisAccount(GateOps):
             return (yield from self._local_account().pending())
         return snap.settling_after
 
+    def committed(self) -> Ops[int]:
+        local = self._degraded()
+        if local is None:
+            try:
+                return cast(int, (yield self._call("committed")))
+            except BalanceUnavailable as exc:
+                local = self._fallback(exc)
+                if local is None:
+                    raise
+        return (yield from local.committed())
+
+    def survey(self) -> Ops[AccountSnapshot]:
+        local = self._degraded()
+        if local is None:
+            try:
+                got = cast(Survey, (yield self._call("survey")))
+            except BalanceUnavailable as exc:
+                local = self._fallback(exc)
+                if local is None:
+                    raise
+            else:
+                return AccountSnapshot(
+                    balance=None if got.balance is None else self._decode(got.balance),
+                    reserved=got.reserved,
+                    in_flight=got.in_flight,
+                    held=got.held,
+                    holds=got.holds,
+                    settling=got.settling,
+                    gate_waiting=got.gate_waiting,
+                    backend="redis",
+                    open_holds=tuple(
+                        OpenHold(hid, cost, due / 1000) for hid, cost, due in got.open_holds
+                    ),
+                )
+        return (yield from local.survey())
+
     def bumped(self, sync: bool) -> Ops[tuple[int, Step]]:
         seq = cast(int, (yield self._call("bump")))
         return seq, (yield from self._need_read(seq, sync))
@@ -425,24 +490,27 @@ class RedisAccount(GateOps):
                 yield from self._local.record(flight, result, error)
             return
         token = flight.token
-        if result is not None and token is not None:
-            # (A token that does not hold the lock stores the balance all the same.)
-            text, total = encode_balance(result)
-            try:
+        stale = result is None and token is not None
+        try:
+            if result is not None and token is not None:
+                # (A token that does not hold the lock stores the balance all the same.)
+                text, total = encode_balance(result)
                 yield self._call("read_done", token, flight.start_seq, text, total)
-            except BalanceUnavailable as exc:
-                logger.warning("could not store a balance read in Redis: %s", exc)
-        if result is None and token is not None:
-            # Give up the lock in Redis. An abandoned read (cancelled) records without
-            # I/O: the next read of this process gives it up first.
-            with self.lock:
-                self._stale.append(token)
-        self._finish(flight, result, error)
+        except Exception as exc:  # whatever it is, the read is finished below
+            logger.warning("could not store a balance read in Redis: %s", exc)
+            stale = token is not None  # its lock in Redis: given up below
+        finally:
+            if stale:
+                # Give up the lock in Redis. An abandoned read (cancelled) records
+                # without I/O: the next read of this process gives it up first.
+                with self.lock:
+                    self._stale.append(cast(str, token))
+            self._finish(flight, result, error)
         if result is not None:
             self._deferred = 0
         if result is not None and self.waiters:
             self._wake_waiters()  # a new balance: their cost may fit now
-        if result is None and token is not None:
+        if stale:
             yield from self._give_up_stale()
 
     def _give_up_stale(self) -> Ops[None]:
@@ -545,16 +613,19 @@ class RedisAccount(GateOps):
                 if answer.tag:
                     self._known = (answer.tag, balance)
             reservation = _RedisReservation(cost, balance, answer.gen, rid)
-            self._backend._hold(self._redis, rid)
+            self._backend._hold(self._redis, rid, cost)
             return reservation
         if isinstance(answer, ReadNeeded):
             return (yield from self._need_read(answer.after, sync, looked))
         if isinstance(answer, Refused):
             balance = self._decode(answer.balance)
             raise InsufficientCredits(cost, answer.available, balance, reserved=answer.reserved)
+        if isinstance(answer, Busy):
+            raise AdmissionTimeout(cost, answer.available, reserved=answer.reserved)
         # Wait: calls in flight, maybe in other processes, may settle. Look again soon.
         assert until is not None
-        waiter = _LookAgain(cost, 0)
+        assert isinstance(answer, WaitNeeded)
+        waiter = _LookAgain(cost, answer.own)
         with self.lock:
             self.waiters.append(waiter)
         return waiter, False, min(until, _monotonic() + _POLL_MAX)
@@ -571,7 +642,7 @@ class RedisAccount(GateOps):
             local = self._fallback(exc) or self._local_account()
             self._outside = True
             return (yield from local.unchecked(cost))
-        self._backend._hold(self._redis, rid)
+        self._backend._hold(self._redis, rid, cost)
         return _RedisReservation(cost, None, -1, rid)
 
     def forget(self, waiter: Waiter) -> None:
@@ -693,7 +764,8 @@ class RedisAccount(GateOps):
             reservation.released = True
             return after
         assert isinstance(reservation, _RedisReservation)
-        self._backend._hold(self._redis, reservation.id)  # still held: settle with a read
+        # still held: settle with a read
+        self._backend._hold(self._redis, reservation.id, reservation.cost)
         return None
 
     def unreserve(self, reservation: Reservation) -> None:
@@ -757,7 +829,7 @@ async def _closer(
             await client.aclose(close_connection_pool=True)
 
 
-class RedisBackend:
+class RedisBackend(LeaseKeeper):
     """Account state in Redis (or Valkey), shared by every process that uses the same
     server and ``prefix``.
 
@@ -800,10 +872,12 @@ class RedisBackend:
                 " account carries its fingerprint as the hash tag, so that Redis Cluster"
                 " keeps them in one slot"
             )
-        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0.1:
+        lease = _check_seconds("lease", lease, positive=True)
+        if not lease > 0.1:
             raise ValueError(f"lease must be a number of seconds above 0.1, got {lease!r}")
         if fallback not in (None, "memory"):
             raise ValueError(f"fallback must be None or 'memory', got {fallback!r}")
+        super().__init__()
         self.prefix = prefix
         self.lease = float(lease)
         self.fallback = fallback
@@ -828,13 +902,9 @@ class RedisBackend:
         self._accounts: weakref.WeakValueDictionary[str, RedisAccount] = (
             weakref.WeakValueDictionary()
         )
-        self._lock = threading.Lock()
-        # Reservations in flight in this process, whose leases the renewer keeps alive,
-        # and the gate turns taken here (renewed the same way).
-        self._held: dict[str, RedisAccountState] = {}
-        self._turns: dict[str, RedisGate] = {}
-        self._renewer: threading.Thread | None = None
-        self._stop = threading.Event()
+        # Redis's eviction policy, checked once in the background (see check_eviction).
+        self.eviction_checked = threading.Event()
+        self._eviction_check: threading.Thread | None = None
 
     def __repr__(self) -> str:
         return f"<RedisBackend prefix={self.prefix!r} lease={self.lease:g}>"
@@ -845,11 +915,22 @@ class RedisBackend:
             account = self._accounts.get(fingerprint)
             if account is None:
                 account = self._accounts[fingerprint] = RedisAccount(self, fingerprint)
+            if self._eviction_check is None:  # once, without blocking the caller
+                self._eviction_check = threading.Thread(
+                    target=self._check_eviction, name="creditguard-redis-policy", daemon=True
+                )
+                self._eviction_check.start()
             return account
+
+    def _check_eviction(self) -> None:
+        try:
+            check_eviction(self._client)
+        finally:
+            self.eviction_checked.set()
 
     def _async_client_here(self) -> redis_asyncio.Redis | None:
         """The asyncio client for the running loop, or ``None`` under trio."""
-        if sniffio.current_async_library() != "asyncio":
+        if not on_asyncio():
             return None
         if self._async_client is not None:
             return self._async_client
@@ -871,57 +952,6 @@ class RedisBackend:
             self._closers[loop] = closer
         return client
 
-    # -- leases --------------------------------------------------------------------------
-
-    def _keep_turn(self, account: RedisAccount, token: str) -> None:
-        with self._lock:
-            self._turns[token] = account._gate
-            self._start_renewer()
-
-    def _drop_turn(self, token: str) -> None:
-        with self._lock:
-            self._turns.pop(token, None)
-
-    def _hold(self, state: RedisAccountState, rid: str) -> None:
-        with self._lock:
-            self._held[rid] = state
-            self._start_renewer()
-
-    def _start_renewer(self) -> None:
-        """Under the lock: make sure the renewer runs."""
-        if self._renewer is None or not self._renewer.is_alive():
-            self._stop.clear()
-            self._renewer = threading.Thread(
-                target=self._renew, name="creditguard-redis-leases", daemon=True
-            )
-            self._renewer.start()
-
-    def _release(self, rid: str) -> None:
-        with self._lock:
-            self._held.pop(rid, None)
-
-    def _renew(self) -> None:
-        """Every third of a lease, renew the leases of the calls in flight here, and the
-        gate turns they have."""
-        while not self._stop.wait(self.lease / 3):
-            with self._lock:
-                held: dict[RedisAccountState, list[str]] = {}
-                for rid, state in self._held.items():
-                    held.setdefault(state, []).append(rid)
-                turns: dict[RedisGate, list[str]] = {}
-                for token, gate in self._turns.items():
-                    turns.setdefault(gate, []).append(token)
-                if not held and not turns:
-                    self._renewer = None
-                    return
-            try:
-                for state, rids in held.items():
-                    state.renew(rids)
-                for gate, tokens in turns.items():
-                    gate.renew_turns(tokens, self._lease_ms)
-            except self._errors as exc:
-                logger.warning("could not renew leases in Redis: %s", exc)
-
     def close(self) -> None:
         """Stop renewing leases and close the sync client (asyncio clients: see
         :meth:`aclose`)."""
@@ -942,7 +972,7 @@ class RedisBackend:
         renewer = self._renewer
         if renewer is not None:
             await anyio.to_thread.run_sync(renewer.join, 5)
-        if sniffio.current_async_library() == "asyncio":
+        if on_asyncio():
             loop = asyncio.get_running_loop()
             client = self._loop_clients.pop(loop, None)
             closer = self._closers.pop(loop, None)

@@ -19,7 +19,7 @@ import anyio.lowlevel
 import anyio.to_thread
 import pytest
 
-from creditguard import CreditGuard, InsufficientCredits
+from creditguard import AdmissionTimeout, CreditGuard, InsufficientCredits
 from creditguard.testing import FakeLensmor
 
 from .helpers import Gate, reserved, waiting_for_release
@@ -105,13 +105,31 @@ def test_a_call_the_account_can_pay_waits_for_spends_in_flight_instead_of_being_
     assert reserved(guard) == 0
 
 
-def test_a_refusal_says_exactly_what_the_account_can_pay(
+def test_a_refusal_is_decided_at_once_when_the_balance_cannot_pay(
     fake100: FakeLensmor, in_flight: list[InFlight]
 ) -> None:
-    """The cached 40 may or may not include the 60 in flight: the refusal waits for the
-    spend to settle, then says what is really there (40), not "0 available"."""
+    """The cached 40 may or may not include the 60 in flight; either way the account
+    cannot pay 50 even if the 60 charge nothing: refused at once, saying 40 available
+    (not "0 available"), without waiting for the call in flight."""
     guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
-    spend = overlapping(guard, fake100, in_flight)
+    overlapping(guard, fake100, in_flight)
+    with pytest.raises(InsufficientCredits) as info, guard.spend(50):
+        pytest.fail("must not run")
+    assert (info.value.required, info.value.available, info.value.reserved) == (50, 40, 60)
+    assert waiting_for_release(guard) == 0
+    assert reserved(guard) == 60  # the refused call holds nothing
+
+
+def test_a_call_only_calls_in_flight_stand_in_the_way_of_waits_then_is_decided(
+    fake100: FakeLensmor, in_flight: list[InFlight]
+) -> None:
+    """100 credits, 60 reserved by a call in flight admitted after the read: 50 does not
+    fit beside it, but the account could pay it if the 60 charged nothing. It waits for
+    the call to settle, then is decided on what it left: 40, refused."""
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    assert guard.balance().total_balance == 100
+    spend = InFlight(guard, fake100, 60)
+    in_flight.append(spend)
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(lambda: guard.spend(50).__enter__())
         while waiting_for_release(guard) == 0:
@@ -124,47 +142,81 @@ def test_a_refusal_says_exactly_what_the_account_can_pay(
     assert reserved(guard) == 0
 
 
-def test_a_refusal_needs_no_wait_when_the_balance_excludes_every_spend_in_flight(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+def test_calls_in_flight_that_fail_upstream_leave_their_credits_to_the_waiters(
+    fake100: FakeLensmor,
 ) -> None:
-    """Spends admitted after the cached read came back cannot be in it: B - R is exact,
-    so a call that does not fit is refused at once."""
+    """20 concurrent spend(10) on 100 credits; the first 10 admitted fail upstream and
+    charge nothing. No call is refused: the other 10 wait, are admitted and spend the
+    100 (never "0 available (100 reserved by calls in flight)")."""
     guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
-    assert guard.balance().total_balance == 100
-    spend = InFlight(guard, fake100, 60)
-    in_flight.append(spend)
-    with pytest.raises(InsufficientCredits) as info, guard.spend(50):
-        pytest.fail("must not run")
-    assert (info.value.available, info.value.reserved) == (40, 60)
-    assert waiting_for_release(guard) == 0
-    spend.finish()
+    guard.balance()
+    admitted = threading.Semaphore(0)
+    fail_now = threading.Event()
+    failing = threading.BoundedSemaphore(10)
+    refused: list[BaseException] = []
+    spent: list[int] = []
+
+    def call() -> None:
+        try:
+            with guard.spend(10):
+                if failing.acquire(blocking=False):  # one of the first 10 admitted
+                    admitted.release()
+                    assert fail_now.wait(10)
+                    raise RuntimeError("upstream 409: nothing charged")
+                fake100.charge(10)
+                spent.append(10)
+        except RuntimeError:
+            pass
+        except BaseException as exc:  # pragma: no cover - reported by the test
+            refused.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(20)]
+    for t in threads:
+        t.start()
+    for _ in range(10):
+        assert admitted.acquire(timeout=10)
+    while waiting_for_release(guard) < 10:  # the other ten wait for the ten in flight
+        assert not refused, refused
+        threading.Event().wait(0.001)
+    fail_now.set()
+    for t in threads:
+        t.join(10)
+    assert refused == []
+    assert sum(spent) == 100
+    assert fake100.balance.total_balance == 0
 
 
-def test_the_wait_is_bounded_then_refused_with_what_is_available_now(
+def test_the_wait_is_bounded_then_busy_not_insufficient(
     fake100: FakeLensmor, in_flight: list[InFlight]
 ) -> None:
+    """The calls in flight do not settle within admission_timeout: AdmissionTimeout
+    (retry later), never a false InsufficientCredits, and nothing reserved."""
     guard = CreditGuard(
         fake100.api_key, transport=fake100.transport, ttl=60, admission_timeout=0.05
     )
     spend = overlapping(guard, fake100, in_flight)
-    with pytest.raises(InsufficientCredits) as info, guard.spend(30):
+    with pytest.raises(AdmissionTimeout) as info, guard.spend(30):
         pytest.fail("must not run")
+    assert not isinstance(info.value, InsufficientCredits)
     assert (info.value.required, info.value.available, info.value.reserved) == (30, 0, 60)
-    assert "60 reserved by calls in flight" in str(info.value)
-    assert reserved(guard) == 60  # the refused call holds nothing
+    assert info.value.retry_after > 0
+    assert reserved(guard) == 60  # the call that gave up holds nothing
+    assert waiting_for_release(guard) == 0
     spend.finish()
     assert guard.requires_credits(30)(lambda: fake100.charge(30))() is not None
 
 
-def test_admission_timeout_zero_refuses_at_once(
+def test_admission_timeout_zero_is_busy_at_once(
     fake100: FakeLensmor, in_flight: list[InFlight]
 ) -> None:
     guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, admission_timeout=0)
     spend = overlapping(guard, fake100, in_flight)
-    with pytest.raises(InsufficientCredits) as info, guard.spend(30):
+    with pytest.raises(AdmissionTimeout) as info, guard.spend(30):
         pytest.fail("must not run")
     assert (info.value.available, info.value.reserved) == (0, 60)
     assert waiting_for_release(guard) == 0
+    with pytest.raises(InsufficientCredits), guard.spend(41):  # 40 cannot pay it at all
+        pytest.fail("must not run")
     spend.finish()
 
 
@@ -311,11 +363,11 @@ async def test_burst_of_excess_demand_spends_every_credit(ttl: float) -> None:
     assert ran == 100
     assert len(refused) == 100
     assert fake.balance.total_balance == 0
-    # Each refusal was decided when the balance, less the credits of calls admitted
-    # after it was read (which it cannot include), left less than the cost.
+    # Each refusal was true: the balance it was decided on could not pay the call even
+    # if every call in flight charged nothing.
     for exc in refused:
         assert exc.balance is not None
-        assert exc.available == max(0, exc.balance.total_balance - exc.reserved) == 0
+        assert exc.available == exc.balance.total_balance == 0
     await guard.abalance()  # the calls returned; this read settles them
     assert reserved(guard) == 0
     assert fake.balance_requests < 200  # waiting callers share the reads that settle
@@ -345,17 +397,18 @@ def test_steady_threads_spend_every_credit_and_never_refuse_while_credits_remain
             f.result(60)
     assert fake.balance.total_balance == 0
     assert len(refused) == 160 - 100
-    # Every refusal was decided on a balance that could not pay for the call once the
-    # calls admitted after it was read had been paid.
+    # Every refusal was true: the balance it was decided on could not pay for the call
+    # even if every call in flight charged nothing.
     for exc in refused:
         assert exc.balance is not None
-        assert exc.available == max(0, exc.balance.total_balance - exc.reserved) < 10
+        assert exc.available == exc.balance.total_balance < 10
+    guard.balance()  # the calls returned; this read settles them
     assert reserved(guard) == 0
 
 
 def test_a_waiter_keeps_waiting_while_calls_in_flight_keep_settling() -> None:
-    """Six calls in flight settle one every half second, three seconds in all; a call
-    that waits for them with a 2 s bound is not refused at 2 s: they are settling."""
+    """Six calls in flight settle one every tenth of a second; a call that waits for them
+    with a 2 s bound is admitted once they all have (12 - 6 = 6 fit exactly)."""
     fake = FakeLensmor(subscription_balance=12, gift_balance=0)
     guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, admission_timeout=2)
     spends = [InFlight(guard, fake, 1) for _ in range(6)]  # each has charged its credit
@@ -368,7 +421,7 @@ def test_a_waiter_keeps_waiting_while_calls_in_flight_keep_settling() -> None:
                 assert not future.done(), future.exception()
                 threading.Event().wait(0.001)
             for spend in spends:
-                threading.Event().wait(0.5)
+                threading.Event().wait(0.1)
                 spend.finish()
             future.result(10)  # admitted once they all settled: 12 - 6 = 6 fit exactly
     finally:
@@ -404,30 +457,27 @@ def test_time_spent_waiting_for_a_read_does_not_use_up_the_admission_wait(
     assert fake100.balance.total_balance == 0
 
 
-def test_a_read_after_waking_does_not_use_up_the_admission_wait(
+def test_no_read_restarts_the_admission_window(
     fake100: FakeLensmor, in_flight: list[InFlight]
 ) -> None:
-    """A waiting call woken to a dropped cache reads again; that read (held here longer
-    than admission_timeout) must not leave it refused on the double count it waits out."""
-    gate = Gate(fake100.transport)
-    gate.open()
-    guard = CreditGuard(fake100.api_key, transport=gate, ttl=60, admission_timeout=0.5)
-    spend = overlapping(guard, fake100, in_flight)  # cached 40, 60 in flight, ambiguous
+    """admission_timeout bounds the whole wait: a waiting call woken again and again to a
+    dropped cache reads again each time, and still gives up (AdmissionTimeout) once its
+    window, counted from when it first waited, is over."""
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, admission_timeout=0.3)
+    spend = overlapping(guard, fake100, in_flight)  # cached 40, 60 in flight
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(lambda: guard.requires_credits(40)(lambda: fake100.charge(40))())
         while waiting_for_release(guard) == 0:
             assert not future.done(), future.exception()
             threading.Event().wait(0.001)
-        gate.close_gate()
-        arrived = gate.arrived
-        with pytest.raises(RuntimeError), guard.spend(0):  # a failed call drops the cache:
-            raise RuntimeError("failed")  # the waiter wakes and reads again
-        gate.wait_arrivals(arrived + 1)
-        threading.Event().wait(0.8)  # its read is held longer than admission_timeout
-        gate.open()
-        while waiting_for_release(guard) == 0:  # waits again: the 60 are still ambiguous
-            assert not future.done(), future.exception()
-            threading.Event().wait(0.001)
-        spend.finish()
-        future.result(10)
-    assert fake100.balance.total_balance == 0
+        wakes = 0
+        while not future.done() and wakes < 400:  # 4 s of wakes: ten windows and more
+            with pytest.raises(RuntimeError), guard.spend(0):  # a failed call drops the
+                raise RuntimeError("failed")  # cache: the waiter wakes and reads again
+            wakes += 1
+            threading.Event().wait(0.01)
+        with pytest.raises(AdmissionTimeout):
+            future.result(10)
+    assert wakes < 400
+    assert reserved(guard) == 60
+    spend.finish()

@@ -13,7 +13,7 @@ import anyio.to_thread
 import httpx
 import pytest
 
-from creditguard import CreditGuard, CreditGuardError, GateTimeout
+from creditguard import CreditGuard, CreditGuardError, GateTimeout, InsufficientCredits
 from creditguard.testing import FakeLensmor
 
 from .helpers import reserved
@@ -315,4 +315,30 @@ async def test_a_thread_hands_its_turn_to_a_task() -> None:
         leave.set()
         with anyio.fail_after(10):
             await got_turn.wait()
+    assert reserved(guard) == 0
+
+
+def test_a_call_the_account_cannot_pay_is_refused_before_it_queues() -> None:
+    """One guarded call has the only turn; a call the balance cannot pay even if the
+    call in flight charges nothing is refused at once, not after waiting for a turn it
+    would only be refused in."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = _guard(fake, max_concurrent=1, gate_timeout=60)
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def holder() -> None:
+        with guard.spend(10):
+            inside.set()
+            assert leave.wait(10)
+
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(holder)
+        assert inside.wait(10)
+        refused = pool.submit(lambda: guard.spend(101).__enter__())
+        with pytest.raises(InsufficientCredits) as info:
+            refused.result(10)
+        assert (info.value.required, info.value.available) == (101, 100)
+        leave.set()
+        held.result(10)
     assert reserved(guard) == 0

@@ -12,6 +12,7 @@ import pytest
 
 import creditguard
 from creditguard import (
+    AdmissionTimeout,
     AuthenticationError,
     BalanceUnavailable,
     CreditBalance,
@@ -253,8 +254,11 @@ def test_insufficient_credits_does_not_run(fake: FakeLensmor) -> None:
 
 
 @pytest.mark.anyio
-async def test_available_subtracts_in_flight_reservations(fake: FakeLensmor) -> None:
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+async def test_calls_in_flight_make_a_call_busy_never_refused(fake: FakeLensmor) -> None:
+    """30,000 of 30,050 credits are reserved by a call in flight, which may yet charge
+    nothing: a call of 51 is not refused for credits (AdmissionTimeout, busy), one the
+    account cannot pay even if it charges nothing is (InsufficientCredits)."""
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0)
     inside = anyio.Event()
     leave = anyio.Event()
 
@@ -266,10 +270,15 @@ async def test_available_subtracts_in_flight_reservations(fake: FakeLensmor) -> 
     async with anyio.create_task_group() as tg:
         tg.start_soon(hold)
         await inside.wait()
-        with pytest.raises(InsufficientCredits) as info:
+        with pytest.raises(AdmissionTimeout) as busy:
             async with guard.spend(51):
-                pass
-        assert info.value.available == 50
+                pytest.fail("must not run")
+        assert (busy.value.required, busy.value.available, busy.value.reserved) == (51, 50, 30000)
+        assert not isinstance(busy.value, InsufficientCredits)
+        with pytest.raises(InsufficientCredits) as info:
+            async with guard.spend(30051):
+                pytest.fail("must not run")
+        assert info.value.available == 30050
         assert info.value.balance is not None
         assert info.value.balance.total_balance == 30050
         async with guard.spend(50):

@@ -5,8 +5,10 @@ cached balance distrusted); any caller sharing the backend ends it by id."""
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import anyio
 import httpx
@@ -18,6 +20,7 @@ from creditguard import (
     GuardEvent,
     Hold,
     InsufficientCredits,
+    MemoryBackend,
     Precheck,
     UnknownHold,
 )
@@ -274,3 +277,49 @@ async def test_a_hold_cancelled_while_admitted_leaves_nothing() -> None:
     assert reserved(guard) == 0
     hold = await guard.ahold(100)  # everything is there
     await hold.arelease()
+
+
+def test_a_refusal_beside_an_open_hold_is_decided_at_once() -> None:
+    """A hold is a commitment that will not settle while a caller waits: a call that only
+    fits if the hold charged nothing is refused at once, however long admission may wait
+    (before, it waited ten times admission_timeout)."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    # A short TTL: the balance is read again while the caller waits.
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0.05, admission_timeout=5)
+    hold = guard.hold(60)
+    threading.Event().wait(0.06)
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(lambda: guard.spend(50).__enter__())
+        with pytest.raises(InsufficientCredits) as refused:
+            future.result(10)
+    assert (refused.value.required, refused.value.available) == (50, 40)
+    assert reserved(guard) == 60
+    hold.release()
+
+
+@pytest.mark.memory_only  # the memory backend's bound on accounts
+def test_an_account_with_an_open_hold_is_never_evicted() -> None:
+    """MemoryBackend keeps its max_accounts most recent accounts; an account with an open
+    hold pushed out of them is kept aside until it is idle: the hold stays findable by id
+    and its credits stay held."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    backend = MemoryBackend(max_accounts=2)
+    root = CreditGuard("another-key", transport=fake.transport, ttl=60, backend=backend)
+    tenant = root.for_key(fake.api_key)
+    hold_id = tenant.hold(60).id
+    del tenant
+    for i in range(50):  # push it out of the recent accounts
+        root.for_key(f"key-{i}")
+    gc.collect()
+    tenant = root.for_key(fake.api_key)
+    with pytest.raises(InsufficientCredits) as refused, tenant.spend(50):
+        pytest.fail("must not run")
+    assert refused.value.available == 40
+    hold = tenant.hold_by_id(hold_id)
+    assert hold.cost == 60
+    hold.release()
+    del tenant, hold, refused
+    for i in range(50, 100):  # idle now: it may be forgotten like any other
+        root.for_key(f"key-{i}")
+    gc.collect()
+    assert len(backend) <= 3

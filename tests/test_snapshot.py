@@ -1,0 +1,95 @@
+"""``guard.snapshot()`` / ``asnapshot()``: what the guard holds for one account, the same
+on both backends (over Redis, across every process), with no request to Lensmor."""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import anyio
+import pytest
+
+from creditguard import AccountSnapshot, CreditGuard, OpenHold
+from creditguard.testing import FakeLensmor
+
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+
+
+def _guard(fake: FakeLensmor, **kwargs: object) -> CreditGuard:
+    return CreditGuard(fake.api_key, transport=fake.transport, ttl=60, **kwargs)  # type: ignore[arg-type]
+
+
+def test_a_fresh_account_holds_nothing() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = _guard(fake)
+    snap = guard.snapshot()
+    assert isinstance(snap, AccountSnapshot)
+    assert snap.balance is None
+    assert (snap.reserved, snap.in_flight, snap.held, snap.holds) == (0, 0, 0, 0)
+    assert (snap.settling, snap.gate_waiting, snap.open_holds) == (0, 0, ())
+    assert snap.backend in ("memory", "redis")
+    assert fake.balance_requests == 0  # no request to Lensmor
+
+
+def test_calls_in_flight_holds_settling_and_the_gate_queue() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = _guard(fake, max_concurrent=1, gate_timeout=10)
+    hold = guard.hold(30, expires_in=120)
+    snap = guard.snapshot()
+    assert snap.balance is not None
+    assert snap.balance.total_balance == 100
+    assert (snap.held, snap.holds) == (30, 1)
+    assert snap.open_holds == (OpenHold(hold.id, 30, snap.open_holds[0].expires_at),)
+    assert 0 < snap.open_holds[0].expires_at - time.time() <= 120
+    hold.release()  # gives its turn back
+
+    inside = threading.Event()
+    leave = threading.Event()
+
+    def in_flight() -> None:
+        with guard.spend(20):
+            inside.set()
+            assert leave.wait(10)
+
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(in_flight)
+        assert inside.wait(10)
+        second = pool.submit(lambda: guard.requires_credits(5)(lambda: None)())
+        deadline = time.monotonic() + 10
+        while guard.snapshot().gate_waiting == 0:
+            assert time.monotonic() < deadline
+            threading.Event().wait(0.005)
+        snap = guard.snapshot()
+        assert (snap.reserved, snap.in_flight, snap.gate_waiting) == (20, 1, 1)
+        assert (snap.held, snap.holds) == (0, 0)
+        leave.set()
+        first.result(10)
+        second.result(10)
+    snap = guard.snapshot()  # the decorated call returned: it waits for a read
+    assert (snap.reserved, snap.in_flight, snap.settling) == (5, 1, 1)
+    guard.balance()
+    snap = guard.snapshot()
+    assert (snap.reserved, snap.in_flight, snap.settling) == (0, 0, 0)
+
+
+async def test_asnapshot() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = _guard(fake)
+    inside = anyio.Event()
+    leave = anyio.Event()
+
+    async def in_flight() -> None:
+        async with guard.spend(40):
+            inside.set()
+            await leave.wait()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(in_flight)
+        await inside.wait()
+        snap = await guard.asnapshot()
+        assert (snap.reserved, snap.in_flight) == (40, 1)
+        assert snap.balance is not None
+        leave.set()
+    snap = await guard.asnapshot()
+    assert (snap.reserved, snap.in_flight) == (0, 0)
