@@ -18,6 +18,10 @@ from typing import Any
 
 import pytest
 
+# The tests that read the module's one smoke run go to one pytest-xdist worker (with
+# ``--dist loadgroup``), so that the run is made once.
+pytestmark = pytest.mark.xdist_group("benchmarks_smoke")
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -290,6 +294,12 @@ def test_plot_reads_the_json(smoke: tuple[dict[str, Any], str]) -> None:
     relative = plot.relative_throughput(data)
     assert [level for level, _ in relative["creditguard"]][:2] == ["async1", "threads1"]
     assert "bare" not in relative
+    admission = plot.admission_series(data)
+    assert set(admission) == {"cachetools", "creditguard"}
+    assert all(0 <= spent <= 1 for rows in admission.values() for _, spent, _, _ in rows)
+    assert [row[0] for row in plot.processes_series(data)] == ["bare", "memory", "redis"]
+    assert [row[0] for row in plot.gate_series(data)] == ["no_gate", "gate_1", "gate_1_redis"]
+    assert "fastapi" in [row[0] for row in plot.adapters_series(data)]
 
 
 def test_admission_efficiency_shape(smoke: tuple[dict[str, Any], str]) -> None:
