@@ -34,9 +34,9 @@ import anyio
 
 if TYPE_CHECKING:
     from ._redis_gate import RedisGate
-    from ._redis_state import RedisAccountState, SyncClient
+    from ._redis_state import AsyncClient, RedisAccountState, SyncClient
 
-__all__ = ["LeaseKeeper", "check_eviction", "on_asyncio", "uncut"]
+__all__ = ["LeaseKeeper", "acheck_eviction", "check_eviction", "on_asyncio", "uncut"]
 
 logger = logging.getLogger("creditguard")
 T = TypeVar("T")
@@ -111,7 +111,22 @@ def check_eviction(client: SyncClient) -> str | None:
     try:
         answer = client.config_get("maxmemory-policy")
     except Exception as exc:
-        logger.debug("could not ask Redis for its maxmemory-policy: %s", exc)
+        return _policy(None, exc)
+    return _policy(answer, None)
+
+
+async def acheck_eviction(client: AsyncClient) -> str | None:
+    """Async :func:`check_eviction`."""
+    try:
+        answer = await client.config_get("maxmemory-policy")
+    except Exception as exc:
+        return _policy(None, exc)
+    return _policy(answer, None)
+
+
+def _policy(answer: object, error: Exception | None) -> str | None:
+    if error is not None:
+        logger.debug("could not ask Redis for its maxmemory-policy: %s", error)
         return None
     policy = answer.get("maxmemory-policy") if isinstance(answer, dict) else None
     if isinstance(policy, bytes):

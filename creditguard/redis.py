@@ -51,7 +51,7 @@ from ._errors import AdmissionTimeout, BalanceUnavailable, InsufficientCredits
 from ._models import CreditBalance
 from ._redis_gate import HoldInfo, RedisGate
 from ._redis_holds import POLL_MAX, GateOps
-from ._redis_leases import LeaseKeeper, check_eviction, on_asyncio, uncut
+from ._redis_leases import LeaseKeeper, acheck_eviction, check_eviction, on_asyncio, uncut
 from ._redis_reads import ReadOps, _RedisFlight
 from ._redis_state import (
     DEFAULT_PREFIX,
@@ -198,6 +198,7 @@ class RedisAccount(GateOps, ReadOps):
 
         def run() -> object:
             try:
+                backend._check_eviction()
                 return getattr(target, name)(*args)
             except backend._errors as exc:
                 raise _unavailable(exc) from exc
@@ -207,7 +208,13 @@ class RedisAccount(GateOps, ReadOps):
             try:
                 if client is None:  # trio, or no asyncio client: the sync one, in a thread
                     sync_op = getattr(target, op)
-                    return await anyio.to_thread.run_sync(lambda: sync_op(*op_args))
+
+                    def in_thread() -> object:
+                        backend._check_eviction()
+                        return sync_op(*op_args)
+
+                    return await anyio.to_thread.run_sync(in_thread)
+                await backend._acheck_eviction(client)
                 result: object = await getattr(async_target(client), "a" + op)(*op_args)
                 return result
             except backend._errors as exc:
@@ -567,8 +574,8 @@ class RedisBackend(LeaseKeeper):
     ``async_client`` (``redis.asyncio``; without it, one is made per event loop from
     ``url``, or the sync client runs in a worker thread). ``lease`` (seconds, above 0.1
     and at most ``MAX_SECONDS``) is how long a call's reservation outlives its process.
-    The first account used asks Redis for its ``maxmemory-policy`` in the background and
-    logs a warning unless it is ``noeviction`` (an evicting Redis may drop the guard's
+    The first script call asks Redis for its ``maxmemory-policy`` first and logs a warning
+    unless it is ``noeviction`` (an evicting Redis may drop the guard's
     keys; see "Running many workers"). ``fallback="memory"``: while Redis is
     unreachable, keep this process running on state of its own (logged; processes are
     then not coordinated); by default the guard's ``on_unavailable`` policy applies, with
@@ -634,9 +641,10 @@ class RedisBackend(LeaseKeeper):
         self._accounts: weakref.WeakValueDictionary[str, RedisAccount] = (
             weakref.WeakValueDictionary()
         )
-        # Redis's eviction policy, checked once in the background (see check_eviction).
+        # Redis's eviction policy, asked once, before the first script call (on the same
+        # connection: see check_eviction).
         self.eviction_checked = threading.Event()
-        self._eviction_check: threading.Thread | None = None
+        self._eviction_asked = False
 
     def __repr__(self) -> str:
         return f"<RedisBackend prefix={self.prefix!r} lease={self.lease:g}>"
@@ -647,18 +655,29 @@ class RedisBackend(LeaseKeeper):
             account = self._accounts.get(fingerprint)
             if account is None:
                 account = self._accounts[fingerprint] = RedisAccount(self, fingerprint)
-            if self._eviction_check is None:  # once, without blocking the caller
-                self._eviction_check = threading.Thread(
-                    target=self._check_eviction, name="creditguard-redis-policy", daemon=True
-                )
-                self._eviction_check.start()
             return account
 
+    def _ask_eviction(self) -> bool:
+        """Whether the caller asks Redis for its eviction policy now (the first call)."""
+        if self._eviction_asked:
+            return False
+        with self._lock:
+            first, self._eviction_asked = not self._eviction_asked, True
+        return first
+
     def _check_eviction(self) -> None:
-        try:
-            check_eviction(self._client)
-        finally:
-            self.eviction_checked.set()
+        if self._ask_eviction():
+            try:
+                check_eviction(self._client)
+            finally:
+                self.eviction_checked.set()
+
+    async def _acheck_eviction(self, client: redis_asyncio.Redis) -> None:
+        if self._ask_eviction():
+            try:
+                await acheck_eviction(client)
+            finally:
+                self.eviction_checked.set()
 
     def _async_client_here(self) -> redis_asyncio.Redis | None:
         """The asyncio client for the running loop, or ``None`` under trio."""

@@ -312,16 +312,18 @@ def test_an_evicting_redis_is_warned_about(
         redis_client.config_set("maxmemory-policy", "allkeys-lru")
         with caplog.at_level(logging.WARNING, logger="creditguard"):
             backend = RedisBackend(redis_url, prefix=fresh_prefix("evicting"))
-            backend.account("acct")
-            assert backend.eviction_checked.wait(30)
+            fake = FakeLensmor()
+            CreditGuard(fake.api_key, transport=fake.transport, backend=backend).balance()
+            assert backend.eviction_checked.is_set()
             backend.close()
         assert "allkeys-lru" in caplog.text
         caplog.clear()
         redis_client.config_set("maxmemory-policy", "noeviction")
         with caplog.at_level(logging.WARNING, logger="creditguard"):
             backend = RedisBackend(redis_url, prefix=fresh_prefix("evicting"))
-            backend.account("acct")
-            assert backend.eviction_checked.wait(30)
+            fake = FakeLensmor()
+            CreditGuard(fake.api_key, transport=fake.transport, backend=backend).balance()
+            assert backend.eviction_checked.is_set()
             backend.close()
         assert "maxmemory-policy" not in caplog.text
     finally:
