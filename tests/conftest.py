@@ -155,3 +155,19 @@ def pytest_testnodedown(node: Any, error: object) -> None:
     _deselected_reported = True
     if nodeids:
         node.config.hook.pytest_deselected(items=[_Deselected(n) for n in nodeids])
+
+
+@pytest.fixture(autouse=True)
+def _no_spend_left_current() -> Iterator[None]:
+    """A test that leaves a guarded block entered in this thread's context (never exited)
+    would make it the ``current_spend()`` of every later test run by this process: such a
+    test errors here, and the block is dropped from the context."""
+    from creditguard._spend import _current
+
+    assert _current.get() is None or not _current.get()._active  # type: ignore[union-attr]
+    yield
+    left = _current.get()
+    while left is not None and not left._active:
+        left = left._outer
+    _current.set(None)
+    assert left is None, f"the test left a guarded block entered: {left!r}"
