@@ -19,6 +19,7 @@ from typing import Any
 from ._errors import CreditGuardError
 from ._guard import CreditGuard, Spend
 from ._web import (
+    BAD_PATH,
     ActionFailed,
     CostSpec,
     GuardSpec,
@@ -28,6 +29,8 @@ from ._web import (
     charged,
     middleware_cost,
     problem_for,
+    route_path,
+    undecidable,
 )
 
 __all__ = ["SPEND_KEY", "ActionFailed", "CreditGuardMiddleware", "send_problem"]
@@ -58,8 +61,11 @@ class CreditGuardMiddleware:
     / 500 when it cannot, and settles the spend once the response's last body message is
     sent.
 
-    ``cost`` prices a request: a mapping of route patterns (``"POST /events/{id}/unlock"``)
-    to ints, a callable of the ASGI ``scope`` returning an int (sync or async), or ``None``
+    ``cost`` prices a request: a mapping of route patterns (``"POST /events/{id}/unlock"``,
+    matched against the path the app routes on: ``scope["path"]`` less
+    ``scope["root_path"]``, so inside a ``Mount("/api", ...)`` the patterns leave out
+    ``/api``; a path holding control characters is answered 400) to ints, a callable of
+    the ASGI ``scope`` returning an int (sync or async), or ``None``
     (nothing is paid). ``guard`` is a :class:`~creditguard.CreditGuard`, or a callable of
     the ``scope`` (sync or async) returning the guard of the request's tenant.
     ``on_error(scope, error)`` may return an ASGI app (a Starlette ``Response``) that
@@ -95,7 +101,11 @@ class CreditGuardMiddleware:
             return
         cost = self._cost
         if cost.routes is not None:
-            amount = cost.routes.cost(scope["method"], scope["path"])
+            path = route_path(scope)
+            if undecidable(path):
+                await send_problem(BAD_PATH, send)
+                return
+            amount = cost.routes.cost(scope["method"], path)
         elif cost.func is not None:
             amount = await acall_cost(cost.func, scope)
         else:

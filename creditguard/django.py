@@ -25,6 +25,7 @@ import importlib
 import sys
 import threading
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar, cast
 
 from ._errors import CreditGuardError
@@ -177,43 +178,45 @@ def _refusal(
     return response
 
 
-def _settle_on_close(response: Any, spend: Spend, charge_when: Callable[[int], bool]) -> None:
-    """End ``spend`` when Django closes ``response`` (after the last byte was sent)."""
+# The spends of the request being handled in this context that wait for its response to
+# be finished. Django sends ``request_finished`` when it closes the response it sends
+# (after the last byte), whatever response that is: an outer middleware may have replaced
+# the one the view answered (``ConditionalGetMiddleware``'s 304), and the replaced one is
+# never closed. The WSGI server closes the response in the request's thread; Django's ASGI
+# handler closes it in a copy of the request's context: both see this variable.
+_waiting: ContextVar[list[Spend] | None] = ContextVar("creditguard_waiting", default=None)
+_connected = False
+
+
+def _settle_when_finished(response: Any, spend: Spend, charge_when: Callable[[int], bool]) -> None:
+    """End ``spend`` when Django finishes the request (``request_finished``), charged;
+    at once, failed, when ``charge_when`` does not charge ``response``'s status."""
+    global _connected
     status = response.status_code
     if not charge_when(status):
         spend.__exit__(ActionFailed, ActionFailed(status), None)
         return
-    response.close = _SettleOnClose(response, spend)
+    if not _connected:
+        _django("django.core.signals").request_finished.connect(
+            _finished, dispatch_uid="creditguard.django.finished"
+        )
+        _connected = True
+    waiting = _waiting.get()
+    if waiting is None:
+        waiting = []
+        _waiting.set(waiting)
+    waiting.append(spend)
 
 
-class _SettleOnClose:
-    """``response.close`` while a spend waits for it: closes the response, then settles.
-
-    On its first call it also takes itself off the response (putting back what it
-    replaced), so the response does not refer to it, and no reference cycle is left."""
-
-    __slots__ = ("_close", "_previous", "_response", "_spend")
-
-    def __init__(self, response: Any, spend: Spend) -> None:
-        self._close = response.close
-        self._previous = vars(response).get("close")  # an instance attribute, if any
-        self._response: Any = response
-        self._spend: Spend | None = spend
-
-    def __call__(self) -> None:
-        try:
-            self._close()
-        finally:
-            spend = self._spend
-            if spend is not None:
-                self._spend = None
-                attributes = vars(self._response)
-                if attributes.get("close") is self:
-                    if self._previous is None:
-                        del attributes["close"]
-                    else:
-                        attributes["close"] = self._previous
-                spend.__exit__(None, None, None)
+def _finished(**kwargs: Any) -> None:
+    """``request_finished`` receiver: the request's response was closed; charge its spends."""
+    waiting = _waiting.get()
+    if not waiting:
+        return
+    spends = waiting[:]
+    waiting.clear()
+    for spend in spends:
+        spend.__exit__(None, None, None)
 
 
 class _Guarding:
@@ -264,7 +267,7 @@ class _Guarding:
         except BaseException:
             spend.__exit__(*sys.exc_info())
             raise
-        _settle_on_close(response, spend, charge_when)
+        _settle_when_finished(response, spend, charge_when)
         return response
 
     async def arun(
@@ -290,7 +293,7 @@ class _Guarding:
         except BaseException:
             await spend.__aexit__(*sys.exc_info())
             raise
-        _settle_on_close(response, spend, charge_when)
+        _settle_when_finished(response, spend, charge_when)
         return response
 
 
@@ -356,7 +359,8 @@ def requires_credits(
     one; by default :func:`guard_from_settings`. ``on_error`` and ``charge_when`` default
     to the ``CREDITGUARD`` setting's ``ON_ERROR`` and ``CHARGE_WHEN``. The view finds its
     :class:`~creditguard.Spend` in ``request.creditguard_spend``; the spend is settled
-    when Django closes the response.
+    when Django finishes the request (``request_finished``: the response it sends,
+    whichever it is, was closed).
     """
     cost_of: Callable[[Any], int] | None = None
     static = 0
