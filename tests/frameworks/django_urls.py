@@ -65,6 +65,30 @@ async def adecorated(request: Any) -> HttpResponse:
     return HttpResponse("adecorated")
 
 
+def page(request: Any) -> HttpResponse:
+    """A priced GET (the tests price it): the same body every time, so an ETag holds."""
+    seen.append(getattr(request, "creditguard_spend", None))
+    state["fake"].charge(10)
+    return HttpResponse("the same page")
+
+
+@requires_credits(10)
+def decorated_page(request: Any) -> HttpResponse:
+    seen.append(request.creditguard_spend)
+    state["fake"].charge(10)
+    return HttpResponse("the same decorated page")
+
+
+def item(request: Any, item_id: int) -> HttpResponse:
+    seen.append(getattr(request, "creditguard_spend", None))
+    return HttpResponse(f"item {item_id}")
+
+
+def files(request: Any, rest: str) -> HttpResponse:
+    seen.append(getattr(request, "creditguard_spend", None))
+    return HttpResponse(f"file {rest}")
+
+
 urlpatterns = [
     path("events/<str:event_id>/unlock", unlock),
     path("async/events/<str:event_id>/unlock", aunlock),
@@ -74,4 +98,8 @@ urlpatterns = [
     path("free", free),
     path("decorated", decorated),
     path("adecorated", adecorated),
+    path("page", page),
+    path("decorated-page", decorated_page),
+    path("items/<int:item_id>", item),
+    path("files/<path:rest>", files),
 ]

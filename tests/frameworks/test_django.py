@@ -211,3 +211,71 @@ def test_middleware_is_sync_and_async_capable() -> None:
     with override_settings(CREDITGUARD={}):
         assert iscoroutinefunction(CreditGuardMiddleware(get_response))
         assert not iscoroutinefunction(CreditGuardMiddleware(lambda request: HttpResponse()))
+
+
+CONDITIONAL = [
+    "django.middleware.http.ConditionalGetMiddleware",
+    "creditguard.django.CreditGuardMiddleware",
+]
+PAGE_COSTS = {"GET /page": 10}
+
+
+def _conditional_gets(client: Client, path: str) -> list[int]:
+    """A GET, then two GETs answered 304 by ``ConditionalGetMiddleware`` (outside ours):
+    it replaces the response the view answered, and only the one it sends is closed."""
+    first = client.get(path)
+    etag = first["ETag"]
+    return [first.status_code] + [
+        client.get(path, headers={"If-None-Match": etag}).status_code for _ in range(2)
+    ]
+
+
+def test_a_response_replaced_by_an_outer_middleware_still_settles(
+    guard: CreditGuard, fake: FakeLensmor, events: Recorder
+) -> None:
+    with override_settings(
+        MIDDLEWARE=CONDITIONAL, CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}
+    ):
+        assert _conditional_gets(Client(), "/page") == [200, 304, 304]
+    assert events.kinds == ["admitted", "spent"] * 3
+    assert fake.balance.total_balance == 0
+
+
+def test_a_decorated_view_behind_a_replacing_middleware_settles(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    with override_settings(MIDDLEWARE=CONDITIONAL, CREDITGUARD={"GUARD": guard}):
+        assert _conditional_gets(Client(), "/decorated-page") == [200, 304, 304]
+    assert events.kinds == ["admitted", "spent"] * 3
+
+
+# Django's async stack (asgiref) runs on asyncio only.
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_replaced_responses_settle_in_the_async_stack(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    with override_settings(
+        MIDDLEWARE=CONDITIONAL, CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}
+    ):
+        client = AsyncClient()
+        first = await client.get("/page")
+        again = await client.get("/page", headers={"If-None-Match": first["ETag"]})
+    assert (first.status_code, again.status_code) == (200, 304)
+    assert events.kinds == ["admitted", "spent"] * 2
+
+
+def test_head_is_priced_as_its_get(guard: CreditGuard, events: Recorder, views: list[Any]) -> None:
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}):
+        assert Client().head("/page").status_code == 200
+    assert events.kinds == ["admitted", "spent"]
+    assert views[0] is not None
+
+
+def test_converters_in_cost_patterns(guard: CreditGuard, views: list[Any]) -> None:
+    costs = {"GET /items/{item_id:int}": 1, "GET /files/{rest:path}": 1}
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": costs}):
+        assert Client().get("/items/12").content == b"item 12"
+        assert Client().get("/files/a/b.txt").content == b"file a/b.txt"
+    assert all(spend is not None for spend in views)
+    assert len(views) == 2
