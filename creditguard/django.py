@@ -31,10 +31,12 @@ from typing import Any, ParamSpec, TypeVar, cast
 from ._errors import CreditGuardError
 from ._guard import CreditGuard, Spend
 from ._web import (
+    BAD_PATH,
     PROBLEM_CONTENT_TYPE,
     ActionFailed,
     CostOf,
     GuardSpec,
+    Problem,
     charged,
     check_cost,
     check_guard_spec,
@@ -43,6 +45,7 @@ from ._web import (
     is_async_callable,
     problem_for,
     resolve_guard,
+    undecidable,
 )
 
 __all__ = [
@@ -161,8 +164,6 @@ def guard_from_settings(request: Any = None) -> CreditGuard:
 def _refusal(
     request: Any, exc: CreditGuardError, on_error: Callable[[Any, CreditGuardError], Any] | None
 ) -> Any:
-    HttpResponse = _django("django.http").HttpResponse
-
     if on_error is not None:
         answer = on_error(request, exc)
         if answer is not None:
@@ -170,6 +171,13 @@ def _refusal(
     problem = problem_for(exc)
     if problem is None:  # pragma: no cover - every CreditGuardError has an answer
         raise exc
+    return _answer(problem)
+
+
+def _answer(problem: Problem) -> Any:
+    """``problem`` as an ``HttpResponse``."""
+    HttpResponse = _django("django.http").HttpResponse
+
     response = HttpResponse(
         problem.content(), status=problem.status, content_type=PROBLEM_CONTENT_TYPE
     )
@@ -301,6 +309,8 @@ class CreditGuardMiddleware:
     """Django middleware pricing every request by the ``CREDITGUARD["COSTS"]`` setting (a
     mapping of route patterns, matched against ``request.method`` and
     ``request.path_info``, or a callable of the request; a dotted path to either works).
+    With a mapping, a path holding control characters is answered 400 (a ``re_path``
+    ending in ``$`` would route it when the pattern does not match it).
 
     The guard comes from the setting (see :func:`guard_from_settings`); ``ON_ERROR``
     (``callable(request, error) -> HttpResponse | None``) replaces the problem JSON
@@ -323,9 +333,13 @@ class CreditGuardMiddleware:
         _settings()  # a bad setting fails at startup, not at the first request
 
     def _amount(self, request: Any) -> int | None:
+        """The request's cost; ``-1`` when its path cannot be priced (answered 400)."""
         costs = _settings().costs
         if costs.routes is not None:
-            return costs.routes.cost(request.method, request.path_info)
+            path = request.path_info
+            if undecidable(path):
+                return -1
+            return costs.routes.cost(request.method, path)
         if costs.func is not None:
             return check_cost(costs.func(request))
         return None
@@ -336,12 +350,16 @@ class CreditGuardMiddleware:
         amount = self._amount(request)
         if not amount:
             return self.get_response(request)
+        if amount < 0:
+            return _answer(BAD_PATH)
         return self._guarding.run(request, amount, self.get_response, (request,), {})
 
     async def __acall__(self, request: Any) -> Any:
         amount = self._amount(request)
         if not amount:
             return await self.get_response(request)
+        if amount < 0:
+            return _answer(BAD_PATH)
         return await self._guarding.arun(request, amount, self.get_response, (request,), {})
 
 
