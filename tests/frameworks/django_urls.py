@@ -89,6 +89,16 @@ def files(request: Any, rest: str) -> HttpResponse:
     return HttpResponse(f"file {rest}")
 
 
+def held(request: Any) -> HttpResponse:
+    """Held until the test releases it (``state["held"]``)."""
+    state["held"].hold()
+    return HttpResponse("done")
+
+
+def other(request: Any, n: int) -> HttpResponse:
+    return HttpResponse("ran")
+
+
 urlpatterns = [
     path("events/<str:event_id>/unlock", unlock),
     path("async/events/<str:event_id>/unlock", aunlock),
@@ -102,4 +112,6 @@ urlpatterns = [
     path("decorated-page", decorated_page),
     path("items/<int:item_id>", item),
     path("files/<path:rest>", files),
+    path("held", held),
+    path("other/<int:n>", other),
 ]
