@@ -52,6 +52,7 @@ __all__ = [
     "SPEND_ATTRIBUTE",
     "ActionFailed",
     "CreditGuardMiddleware",
+    "current_spend",
     "guard_from_settings",
     "requires_credits",
 ]
@@ -149,6 +150,13 @@ def _forget(*, setting: str, **kwargs: Any) -> None:
     if setting == SETTING:
         with _config_lock:
             _config = None
+
+
+def current_spend(request: Any) -> Spend | None:
+    """The :class:`~creditguard.Spend` of ``request`` (``request.creditguard_spend``, set
+    by the middleware or :func:`requires_credits`), or ``None`` when it is not guarded."""
+    spend = getattr(request, SPEND_ATTRIBUTE, None)
+    return spend if isinstance(spend, Spend) else None
 
 
 def guard_from_settings(request: Any = None) -> CreditGuard:
@@ -376,9 +384,9 @@ def requires_credits(
     ``guard``: a :class:`~creditguard.CreditGuard` or a callable of the request returning
     one; by default :func:`guard_from_settings`. ``on_error`` and ``charge_when`` default
     to the ``CREDITGUARD`` setting's ``ON_ERROR`` and ``CHARGE_WHEN``. The view finds its
-    :class:`~creditguard.Spend` in ``request.creditguard_spend``; the spend is settled
-    when Django finishes the request (``request_finished``: the response it sends,
-    whichever it is, was closed).
+    :class:`~creditguard.Spend` with :func:`current_spend` (``request.creditguard_spend``);
+    the spend is settled when Django finishes the request (``request_finished``: the
+    response it sends, whichever it is, was closed).
     """
     cost_of: Callable[[Any], int] | None = None
     static = 0

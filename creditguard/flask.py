@@ -39,7 +39,13 @@ if TYPE_CHECKING:
     from flask import Flask, Request, Response
     from flask.typing import ResponseReturnValue
 
-__all__ = ["EXTENSION_KEY", "ActionFailed", "CreditGuardExtension", "requires_credits"]
+__all__ = [
+    "EXTENSION_KEY",
+    "ActionFailed",
+    "CreditGuardExtension",
+    "current_spend",
+    "requires_credits",
+]
 
 P = ParamSpec("P")
 
@@ -214,6 +220,18 @@ def _settle_leftover(error: BaseException | None) -> None:
         pending.exit(ActionFailed(0))
 
 
+def current_spend() -> Spend | None:
+    """The :class:`~creditguard.Spend` of the request being handled
+    (``flask.g.creditguard_spend``, set by :func:`requires_credits`), or ``None`` outside
+    a guarded view."""
+    from flask import has_app_context
+
+    if not has_app_context():
+        return None
+    spend = getattr(_load_flask().g(), "creditguard_spend", None)
+    return spend if isinstance(spend, Spend) else None
+
+
 def requires_credits(
     cost: int | Callable[[Request], int],
     *,
@@ -232,7 +250,8 @@ def requires_credits(
     ``Response``...) that answers instead of the problem JSON, or ``None``.
     ``charge_when(status)``: whether a response is charged (default ``status < 400``).
 
-    The view finds its :class:`~creditguard.Spend` in ``flask.g.creditguard_spend``. The
+    The view finds its :class:`~creditguard.Spend` with :func:`current_spend` (it is
+    ``flask.g.creditguard_spend``). The
     spend is settled when the WSGI server closes the response (``call_on_close``), after
     the last byte was sent; a view that raises, or answers a status ``charge_when`` does
     not charge, ends it as failed.

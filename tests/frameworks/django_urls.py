@@ -9,6 +9,7 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import path
 
 from creditguard import current_spend
+from creditguard.django import current_spend as spend_of
 from creditguard.django import requires_credits
 
 # What the views saw, for the tests to look at; the sandbox the views charge.
@@ -67,7 +68,7 @@ async def adecorated(request: Any) -> HttpResponse:
 
 def page(request: Any) -> HttpResponse:
     """A priced GET (the tests price it): the same body every time, so an ETag holds."""
-    seen.append(getattr(request, "creditguard_spend", None))
+    seen.append(spend_of(request))
     state["fake"].charge(10)
     return HttpResponse("the same page")
 

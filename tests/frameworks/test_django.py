@@ -279,3 +279,18 @@ def test_converters_in_cost_patterns(guard: CreditGuard, views: list[Any]) -> No
         assert Client().get("/files/a/b.txt").content == b"file a/b.txt"
     assert all(spend is not None for spend in views)
     assert len(views) == 2
+
+
+def test_current_spend_accessor(guard: CreditGuard, views: list[Any]) -> None:
+    from django.test import RequestFactory
+
+    from creditguard import Spend
+    from creditguard.django import current_spend
+
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}):
+        assert Client().get("/page").status_code == 200
+    assert isinstance(views[0], Spend)
+    request = RequestFactory().get("/page")
+    assert current_spend(request) is None
+    request.creditguard_spend = views[0]
+    assert current_spend(request) is views[0]

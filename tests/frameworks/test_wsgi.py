@@ -300,3 +300,18 @@ def test_head_is_priced_as_its_get(server: Server, events: Recorder) -> None:
     status, _, _, _ = server.call(environ("HEAD", "/files/a.txt"))
     assert status == 200
     assert events.kinds == ["admitted", "spent"]
+
+
+def test_an_unreachable_credit_state_store_is_named(fake: FakeLensmor, seen: list[Any]) -> None:
+    from creditguard.redis import RedisBackend
+
+    backend = RedisBackend("redis://127.0.0.1:1/0")  # nothing listens there
+    with CreditGuard(fake.api_key, transport=fake.transport, backend=backend) as guard:
+        app = CreditGuardMiddleware(plain_app(fake, seen), guard=guard, cost=COSTS)
+        status, _, body, _ = Server(app).call(environ("POST", "/events/e/unlock"))
+    problem = json.loads(body)
+    assert status == 503
+    assert problem["error"] == "balance_unavailable"
+    assert problem["detail"] == "the credit state store is unavailable right now"
+    assert "Lensmor" not in problem["detail"]
+    assert seen == []
