@@ -60,11 +60,12 @@ def _http_exception(exc: CreditGuardError, request: Request) -> BaseException:
     handlers = request.scope.get("starlette.exception_handlers")
     if isinstance(handlers, tuple) and handlers and isinstance(handlers[0], dict):
         handlers[0].setdefault(CreditsRefused, _answer)
-    return CreditsRefused(problem)
+    refused: BaseException = CreditsRefused(problem)
+    return refused
 
 
 def _refused_class() -> type[Exception]:
-    from starlette.exceptions import HTTPException
+    from fastapi import HTTPException
 
     class CreditsRefused(HTTPException):
         """The guard refused the request: ``problem`` is the answer (status, headers,
