@@ -133,6 +133,26 @@ def _source(pattern: str, path: str) -> str:
     return "".join(parts)
 
 
+def unnamed(template: str) -> str:
+    """``template`` with its parameters' names left out (``{:int}``; ``{:str}`` for a
+    plain ``{name}``): two spellings of one route compare equal."""
+    return _PARAM.sub(
+        lambda m: "{:" + (m[2] if m[2] not in (None, "string") else "str") + "}", template
+    )
+
+
+_ANGLE = re.compile(r"<(?:([A-Za-z_][A-Za-z0-9_]*):)?([A-Za-z_][A-Za-z0-9_]*)>")
+
+
+def angle_template(route: str) -> str | None:
+    """A Django or Flask route (``events/<str:event_id>/unlock``) in ``{name}`` syntax,
+    with a leading ``/``; ``None`` for a regular expression route (``re_path``)."""
+    if any(ch in route for ch in "^$()[]\\*+?|"):
+        return None
+    converted = _ANGLE.sub(lambda m: "{" + m[2] + (":" + m[1] if m[1] else "") + "}", route)
+    return converted if converted.startswith("/") else "/" + converted
+
+
 def undecidable(path: str) -> bool:
     """Whether ``path`` (percent-decoded) holds characters a route parser may read
     differently from ours (control characters: a regex's ``$`` matches before a final
@@ -172,7 +192,7 @@ class Routes:
     in the mapping's order, so the first pattern that matches wins).
     """
 
-    __slots__ = ("_exact", "_matchers", "_other")
+    __slots__ = ("_exact", "_matchers", "_other", "_templates")
 
     def __init__(self, costs: Mapping[str, int]) -> None:
         # path -> {method or None: cost}
@@ -187,11 +207,15 @@ class Routes:
                 raise ValueError(f"route pattern {pattern!r}: a malformed {{parameter}}")
             parsed.append((pattern, method, path, check_cost(cost)))
         head = {path for _, method, path, _ in parsed if method == "HEAD"}
+        # (method or None, the path with its parameters unnamed) -> cost: what a route a
+        # framework resolved costs (:meth:`route_cost`).
+        self._templates: dict[tuple[str | None, str], int] = {}
         for pattern, method, path, amount in parsed:
             methods = [method]
             if method == "GET" and path not in head:
                 methods.append("HEAD")  # HEAD runs the GET handler
             for each in methods:
+                self._templates.setdefault((each, unnamed(path)), amount)
                 if _PARAM.search(path):
                     templates.append((each, _source(pattern, path), amount))
                 else:
@@ -232,6 +256,20 @@ class Routes:
             if match is not None:
                 return matcher[1][match.lastindex or 0]
         return None
+
+    def route_cost(self, method: str, route: str, path: str) -> int | None:
+        """The cost of a request the framework routed to ``route`` (its template, in
+        ``{name}`` syntax, with any mount prefix): the pattern naming that template (its
+        parameters' names aside) when one does, else :meth:`cost` of the ``path``. So a
+        route the framework picks over another pattern's match (routes are tried in
+        their order) costs what its own pattern says."""
+        key = unnamed(route)
+        found = self._templates.get((method, key))
+        if found is None:
+            found = self._templates.get((None, key))
+        if found is not None:
+            return found
+        return self.cost(method, path)
 
     def __bool__(self) -> bool:
         return bool(self._exact or self._matchers or self._other)

@@ -37,6 +37,7 @@ from ._web import (
     CostOf,
     GuardSpec,
     Problem,
+    angle_template,
     charged,
     check_cost,
     check_guard_spec,
@@ -167,6 +168,18 @@ def guard_from_settings(request: Any = None) -> CreditGuard:
     if isinstance(spec, CreditGuard):
         return spec
     return resolve_guard(spec, request)
+
+
+def _route_of(request: Any, path: str) -> str | None:
+    """The route Django will run for ``path`` (as ``request.resolver_match.route`` will
+    say, in ``{name}`` syntax), or ``None``: no match, or a ``re_path`` route."""
+    urls = _django("django.urls")
+    try:
+        match = urls.resolve(path, getattr(request, "urlconf", None))
+    except urls.Resolver404:
+        return None
+    route = getattr(match, "route", None)
+    return angle_template(route) if isinstance(route, str) and route else None
 
 
 def _refusal(
@@ -317,8 +330,11 @@ class CreditGuardMiddleware:
     """Django middleware pricing every request by the ``CREDITGUARD["COSTS"]`` setting (a
     mapping of route patterns, matched against ``request.method`` and
     ``request.path_info``, or a callable of the request; a dotted path to either works).
-    With a mapping, a path holding control characters is answered 400 (a ``re_path``
-    ending in ``$`` would route it when the pattern does not match it).
+    With a mapping, the route Django resolves the path to (``resolver_match.route``) is
+    priced by the pattern naming it, when one does, so URL patterns tried in their order
+    cannot send a request to a priced view that another pattern prices lower; a path
+    holding control characters is answered 400 (a ``re_path`` ending in ``$`` would
+    route it when the pattern does not match it).
 
     The guard comes from the setting (see :func:`guard_from_settings`); ``ON_ERROR``
     (``callable(request, error) -> HttpResponse | None``) replaces the problem JSON
@@ -347,7 +363,10 @@ class CreditGuardMiddleware:
             path = request.path_info
             if undecidable(path):
                 return -1
-            return costs.routes.cost(request.method, path)
+            route = _route_of(request, path)
+            if route is None:
+                return costs.routes.cost(request.method, path)
+            return costs.routes.route_cost(request.method, route, path)
         if costs.func is not None:
             return check_cost(costs.func(request))
         return None

@@ -100,6 +100,17 @@ def other(request: Any, n: int) -> HttpResponse:
     return HttpResponse("ran")
 
 
+def shadow(request: Any, name: str) -> HttpResponse:
+    """Priced; listed before ``shadow/free``, so Django runs it for that path too."""
+    seen.append(spend_of(request))
+    return HttpResponse(f"shadow {name}")
+
+
+def shadow_free(request: Any) -> HttpResponse:  # pragma: no cover - shadowed
+    seen.append("free view")
+    return HttpResponse("free")
+
+
 urlpatterns = [
     path("events/<str:event_id>/unlock", unlock),
     path("async/events/<str:event_id>/unlock", aunlock),
@@ -115,4 +126,6 @@ urlpatterns = [
     path("files/<path:rest>", files),
     path("held", held),
     path("other/<int:n>", other),
+    path("shadow/<str:name>", shadow),
+    path("shadow/free", shadow_free),
 ]

@@ -294,3 +294,15 @@ def test_current_spend_accessor(guard: CreditGuard, views: list[Any]) -> None:
     assert current_spend(request) is None
     request.creditguard_spend = views[0]
     assert current_spend(request) is views[0]
+
+
+def test_the_route_django_runs_is_priced_by_its_own_pattern(
+    guard: CreditGuard, events: Recorder, views: list[Any]
+) -> None:
+    # Django tries its URL patterns in order: "shadow/<str:name>" takes /shadow/free,
+    # which the cost mapping's literal pattern prices 0.
+    costs = {"GET /shadow/{who}": 10, "GET /shadow/free": 0}
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": costs}):
+        assert Client().get("/shadow/free").content == b"shadow free"
+    assert views[0] is not None
+    assert events.kinds == ["admitted", "spent"]
