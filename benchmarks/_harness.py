@@ -386,7 +386,9 @@ REDIS_VARIANTS = (*sorted(REDIS_FLAVOURS), "processes/redis")
 
 def _missing_note(results: dict[str, Any]) -> str | None:
     """Why the Redis variants are not in the tables, when they were wanted but missing."""
-    reason = results.get("run", {}).get("redis", {}).get("missing")
+    # ``run.redis`` is None when no scenario of the run wanted Redis (``--only adapters``).
+    redis = (results.get("run") or {}).get("redis") or {}
+    reason = redis.get("missing")
     if not reason:
         return None
     return f"missing: the Redis variants ({', '.join(REDIS_VARIANTS)}) did not run: {reason}"

@@ -5,10 +5,14 @@ Usage::
 
     python benchmarks/plot.py results.json -o docs/img/benchmarks.png
 
-Three panels: upstream reads per guarded call against concurrency (log-log), the
-sequential per-call time of each variant next to ``bare`` (overhead_sync and
-overhead_async), and end-to-end throughput over loopback HTTP relative to the bare action
-at each concurrency. The data extraction
+Seven panels, each drawn when its scenario is in the result. Top row: upstream reads per
+guarded call against concurrency (log-log), the sequential per-call time of each variant
+next to ``bare`` (overhead_sync and overhead_async), and end-to-end throughput over
+loopback HTTP relative to the bare action at each concurrency. Bottom row: admission
+efficiency (credits spent of those available, per case, creditguard beside cachetools),
+worker processes (bare, memory, Redis: throughput and overspent calls), the gate (guarded
+calls and searches served per second, the share answered 409) and the framework adapters
+(each one's own work per request against the 10 µs target). The data extraction
 functions do not need matplotlib (the smoke test uses them).
 """
 
@@ -99,6 +103,50 @@ def relative_throughput(data: dict[str, Any]) -> dict[str, list[tuple[str, float
     return out
 
 
+def admission_series(data: dict[str, Any]) -> dict[str, list[tuple[str, float, float, float]]]:
+    """``{guard: [(case, spent/available median, overspent calls, false refusals), ...]}``
+    for ``admission_efficiency``, the case being the variant's name after ``@``."""
+    out: dict[str, list[tuple[str, float, float, float]]] = {}
+    for name, entry in data["scenarios"].get("admission_efficiency", {}).items():
+        guard, _, case = name.partition("@")
+        out.setdefault(guard, []).append(
+            (
+                case,
+                entry["median"],
+                entry.get("overspent_calls", 0.0),
+                entry.get("false_refusals", 0.0),
+            )
+        )
+    return out
+
+
+def processes_series(data: dict[str, Any]) -> list[tuple[str, float, float, float]]:
+    """``[(variant, calls/s, overspent calls, calls), ...]`` of ``processes``."""
+    return [
+        (name, e["median"], e.get("overspent_calls", 0.0), e.get("calls", 0.0))
+        for name, e in data["scenarios"].get("processes", {}).items()
+    ]
+
+
+def gate_series(data: dict[str, Any]) -> list[tuple[str, float, float, float]]:
+    """``[(variant, guarded calls/s, searches served/s, share answered 409), ...]``."""
+    return [
+        (name, e["median"], e.get("ok_per_s", 0.0), e.get("share_409", 0.0))
+        for name, e in data["scenarios"].get("gate", {}).items()
+    ]
+
+
+def adapters_series(data: dict[str, Any]) -> list[tuple[str, float, float]]:
+    """``[(adapter, own µs per request, added µs per request), ...]`` of ``adapters``."""
+    return [
+        (name, e.get("own_us", 0.0), e["median"])
+        for name, e in data["scenarios"].get("adapters", {}).items()
+    ]
+
+
+ADAPTER_TARGET_US = 10.0
+
+
 def render(data: dict[str, Any], out: Path) -> None:
     import matplotlib
 
@@ -118,12 +166,23 @@ def render(data: dict[str, Any], out: Path) -> None:
     def colour(variant: str) -> str:
         return colours.get(variant.removesuffix("_logic"), "#bcbd22")
 
-    fig, (ax_reads, ax_over, ax_e2e) = plt.subplots(1, 3, figsize=(14, 4.4))
+    fig = plt.figure(figsize=(17, 9.6))
+    grid = fig.add_gridspec(2, 12)
+    ax_reads = fig.add_subplot(grid[0, 0:4])
+    ax_over = fig.add_subplot(grid[0, 4:8])
+    ax_e2e = fig.add_subplot(grid[0, 8:12])
+    ax_adm = fig.add_subplot(grid[1, 0:4])
+    ax_proc = fig.add_subplot(grid[1, 4:6])
+    ax_gate = fig.add_subplot(grid[1, 6:9])
+    ax_adapt = fig.add_subplot(grid[1, 9:12])
     machine = data.get("machine", {})
     run = data.get("run", {})
+    commit = machine.get("git_commit") or "?"
+    when = str(run.get("finished_at", "?"))[:10]
     fig.suptitle(
         f"creditguard benchmarks ({run.get('mode', '?')} run, {run.get('rounds', '?')} rounds;"
-        f" Python {machine.get('python', '?')}, {machine.get('usable_cpus', '?')} CPUs)",
+        f" library at {str(commit)[:7]}, {when}; Python {machine.get('python', '?')},"
+        f" {machine.get('usable_cpus', '?')} shared CPUs)",
         fontsize=10,
     )
 
@@ -201,10 +260,114 @@ def render(data: dict[str, Any], out: Path) -> None:
     ax_e2e.grid(True, axis="y", alpha=0.3)
     ax_e2e.legend(fontsize=7)
 
+    _admission_panel(ax_adm, data, colour)
+    _processes_panel(ax_proc, data, colours)
+    _gate_panel(ax_gate, data)
+    _adapters_panel(ax_adapt, data)
+
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=80, pil_kwargs={"optimize": True})
     plt.close(fig)
+
+
+def _absent(ax: Any, scenario: str) -> None:
+    ax.text(0.5, 0.5, f"{scenario}: not in this run", ha="center", va="center", fontsize=9)
+    ax.set_axis_off()
+
+
+def _admission_panel(ax: Any, data: dict[str, Any], colour: Any) -> None:
+    """Credits spent of those available per case (1.0: exact), one bar per guard."""
+    series = admission_series(data)
+    if not series:
+        _absent(ax, "admission_efficiency")
+        return
+    cases = list(dict.fromkeys(case for rows in series.values() for case, *_ in rows))
+    width = 0.8 / len(series)
+    for i, (guard, rows) in enumerate(series.items()):
+        by_case = {case: rest for case, *rest in rows}
+        xs = [j + i * width for j, case in enumerate(cases) if case in by_case]
+        ys = [by_case[case][0] for case in cases if case in by_case]
+        ax.bar(xs, ys, width=width, label=guard, color=colour(guard))
+        for x, case in zip(xs, [c for c in cases if c in by_case], strict=True):
+            over = by_case[case][1]
+            if over:
+                ax.text(x, 1.01, f"+{over:g}", ha="center", va="bottom", fontsize=6, rotation=90)
+    ax.axhline(1.0, color="#7f7f7f", linewidth=1, linestyle=":")
+    ax.set_xticks([j + width * (len(series) - 1) / 2 for j in range(len(cases))])
+    ax.set_xticklabels(
+        [c.replace("_ttl_", " ").replace("_demand1x", " 1x") for c in cases],
+        fontsize=6,
+        rotation=60,
+        ha="right",
+    )
+    ax.set_ylim(0, 1.25)
+    ax.set_ylabel("credits spent / available (median)")
+    ax.set_title("admission efficiency (+N: calls overspent)", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right", ncol=2)
+
+
+def _processes_panel(ax: Any, data: dict[str, Any], colours: dict[str, str]) -> None:
+    """Four worker processes: calls per second per variant, overspent calls written in."""
+    rows = processes_series(data)
+    if not rows:
+        _absent(ax, "processes")
+        return
+    names = [r[0] for r in rows]
+    palette = {"bare": colours["bare"], "memory": "#ff7f0e", "redis": "#2ca02c"}
+    ax.bar(names, [r[1] for r in rows], color=[palette.get(n, "#1f77b4") for n in names])
+    top = max(r[1] for r in rows)
+    for x, (_, per_s, over, calls) in enumerate(rows):
+        ax.text(x, per_s + top * 0.02, f"{over:g} of {calls:g}\noverspent", ha="center", fontsize=7)
+    ax.set_ylim(0, top * 1.3)
+    ax.set_ylabel("calls per second (paid burst)")
+    ax.set_title("4 worker processes", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def _gate_panel(ax: Any, data: dict[str, Any]) -> None:
+    """max_concurrent=1: guarded calls and searches served per second, share answered 409."""
+    rows = gate_series(data)
+    if not rows:
+        _absent(ax, "gate")
+        return
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], width=0.4, label="guarded calls/s")
+    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], width=0.4, label="searches served/s")
+    top = max(max(r[1], r[2]) for r in rows)
+    for x, row in zip(xs, rows, strict=True):
+        ax.text(x, max(row[1], row[2]) + top * 0.02, f"409: {row[3]:.0%}", ha="center", fontsize=7)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels([r[0] for r in rows], fontsize=8)
+    ax.set_ylim(0, top * 1.2)
+    ax.set_ylabel("per second")
+    ax.set_title("the gate: paid calls one at a time", fontsize=10)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def _adapters_panel(ax: Any, data: dict[str, Any]) -> None:
+    """Each adapter's own work per request, against the target."""
+    rows = adapters_series(data)
+    if not rows:
+        _absent(ax, "adapters")
+        return
+    ys = range(len(rows))
+    own = [r[1] for r in rows]
+    ax.barh(list(ys), own, color=["#2ca02c" if v <= ADAPTER_TARGET_US else "#d62728" for v in own])
+    for y, row in zip(ys, rows, strict=True):
+        ax.text(max(row[1], 0), y, f"  {row[1]:.1f} (adds {row[2]:.0f})", va="center", fontsize=7)
+    ax.axvline(ADAPTER_TARGET_US, color="#7f7f7f", linestyle=":", linewidth=1)
+    ax.axvline(0, color="black", linewidth=0.5)
+    ax.set_yticks(list(ys))
+    ax.set_yticklabels([r[0] for r in rows], fontsize=8)
+    ax.invert_yaxis()
+    right = max(max(own), ADAPTER_TARGET_US) * 1.8
+    ax.set_xlim(min(min(own), 0) * 1.2, right)
+    ax.set_xlabel("adapter's own µs per request (target <= 10; adds: µs over bare app)")
+    ax.set_title("framework adapters", fontsize=10)
+    ax.grid(True, axis="x", alpha=0.3)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

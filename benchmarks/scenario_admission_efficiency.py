@@ -22,12 +22,21 @@ Figures per run (one variant per case, medians over rounds):
 * ``reads_per_call``: balance requests the sandbox served, per call made (admitted or
   refused);
 * ``refused_p50_ms``, ``refused_p99_ms``: how long a refused call took to be refused
-  (present when some call was refused).
+  (present when some call was refused);
+* ``busy``: calls answered ``AdmissionTimeout`` (calls in flight did not settle within
+  ``admission_timeout``; not a refusal, but a call that did not run);
+* ``failed``: admitted calls whose paid call failed upstream and charged nothing.
+
+The ``_fail33`` variants make one admitted call in three fail upstream (a 409, say),
+charging nothing: a guard that refuses on credits reserved by calls in flight would refuse
+calls the account can pay; the demand is twice what the balance pays for, so the calls
+that succeed still want more than the balance.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import statistics
 import time
@@ -48,7 +57,7 @@ from _variants import (
     sandbox_process,
 )
 
-from creditguard import InsufficientCredits
+from creditguard import AdmissionTimeout, InsufficientCredits
 
 SCENARIO = "admission_efficiency"
 STATS_PATH = "/sandbox/stats"  # the sandbox's counters: no balance read, no charge
@@ -59,11 +68,28 @@ class ChargeRefused(Exception):
     """The sandbox refused a paid call: the account could not pay for it (HTTP 402)."""
 
 
-def paid_call(client: httpx.Client, cost: int) -> SyncCall:
-    """The guarded action: a real paid call charging ``cost`` credits."""
+class UpstreamFailed(Exception):
+    """The paid call failed upstream and charged nothing (a 409 or a 5xx, say)."""
+
+
+def _failing(fail_every: int) -> Callable[[], bool]:
+    """Whether the next paid call fails upstream: one in ``fail_every`` (0: none)."""
+    if not fail_every:
+        return lambda: False
+    counter = itertools.count(1)
+    return lambda: next(counter) % fail_every == 0
+
+
+def paid_call(client: httpx.Client, cost: int, fail_every: int = 0) -> SyncCall:
+    """The guarded action: a real paid call charging ``cost`` credits (or, one in
+    ``fail_every``, failing upstream before it charges)."""
     params, headers = {"credits": str(cost)}, auth_headers()
+    fails = _failing(fail_every)
 
     def charge() -> None:
+        if fails():
+            time.sleep(0.005)  # the failed call's round trip
+            raise UpstreamFailed
         response = client.post(CHARGE_PATH, params=params, headers=headers)
         if response.status_code == 402:
             raise ChargeRefused
@@ -72,10 +98,14 @@ def paid_call(client: httpx.Client, cost: int) -> SyncCall:
     return charge
 
 
-def async_paid_call(client: httpx.AsyncClient, cost: int) -> AsyncCall:
+def async_paid_call(client: httpx.AsyncClient, cost: int, fail_every: int = 0) -> AsyncCall:
     params, headers = {"credits": str(cost)}, auth_headers()
+    fails = _failing(fail_every)
 
     async def charge() -> None:
+        if fails():
+            await anyio.sleep(0.005)  # the failed call's round trip
+            raise UpstreamFailed
         response = await client.post(CHARGE_PATH, params=params, headers=headers)
         if response.status_code == 402:
             raise ChargeRefused
@@ -93,13 +123,19 @@ class Case:
     ttl: float
     calls_paid: int  # calls the starting balance pays for
     demand: int  # calls made / calls_paid
+    fail_every: int = 0  # one admitted call in this many fails upstream (0: none)
 
     @property
     def label(self) -> str:
         """``async200_c1_ttl_short``: callers, credits per call, TTL; with a suffix such as
-        ``_demand1x`` when the demand is not twice what the balance pays for."""
+        ``_demand1x`` when the demand is not twice what the balance pays for, and
+        ``_fail33`` when one call in three fails upstream."""
         label = f"{self.kind}{self.workers}_c{self.cost}_ttl_{self.ttl_name}"
-        return label if self.demand == 2 else f"{label}_demand{self.demand}x"
+        if self.demand != 2:
+            label = f"{label}_demand{self.demand}x"
+        if self.fail_every:
+            label = f"{label}_fail{100 // self.fail_every}"
+        return label
 
     @property
     def balance(self) -> int:
@@ -123,6 +159,8 @@ def cases(settings: Settings) -> Iterator[Case]:
                 ):
                     paid = settings.admission_calls_paid
                     yield Case(kind, workers, cost, ttl_name, ttl, paid, demand)
+                    if demand == 2:
+                        yield Case(kind, workers, cost, ttl_name, ttl, paid, demand, 3)
 
 
 @dataclasses.dataclass
@@ -131,33 +169,44 @@ class Tally:
 
     paid: list[float] = dataclasses.field(default_factory=list)
     refused: list[float] = dataclasses.field(default_factory=list)  # InsufficientCredits
+    busy: list[float] = dataclasses.field(default_factory=list)  # AdmissionTimeout
+    failed: list[float] = dataclasses.field(default_factory=list)  # failed upstream
     overcharged: list[float] = dataclasses.field(default_factory=list)  # sandbox said 402
+
+    def _outcome(self, error: BaseException | None) -> list[float]:
+        if error is None:
+            return self.paid
+        if isinstance(error, InsufficientCredits):
+            return self.refused
+        if isinstance(error, AdmissionTimeout):
+            return self.busy
+        if isinstance(error, UpstreamFailed):
+            return self.failed
+        if isinstance(error, ChargeRefused):
+            return self.overcharged
+        raise error
 
     def counted(self, call: SyncCall) -> Callable[[], None]:
         def attempt() -> None:
             start = time.perf_counter()
+            error: BaseException | None = None
             try:
                 call()
-            except InsufficientCredits:
-                self.refused.append(time.perf_counter() - start)
-            except ChargeRefused:
-                self.overcharged.append(time.perf_counter() - start)
-            else:
-                self.paid.append(time.perf_counter() - start)
+            except (InsufficientCredits, AdmissionTimeout, UpstreamFailed, ChargeRefused) as e:
+                error = e
+            self._outcome(error).append(time.perf_counter() - start)
 
         return attempt
 
     def acounted(self, call: AsyncCall) -> AsyncCall:
         async def attempt() -> None:
             start = time.perf_counter()
+            error: BaseException | None = None
             try:
                 await call()
-            except InsufficientCredits:
-                self.refused.append(time.perf_counter() - start)
-            except ChargeRefused:
-                self.overcharged.append(time.perf_counter() - start)
-            else:
-                self.paid.append(time.perf_counter() - start)
+            except (InsufficientCredits, AdmissionTimeout, UpstreamFailed, ChargeRefused) as e:
+                error = e
+            self._outcome(error).append(time.perf_counter() - start)
 
         return attempt
 
@@ -170,7 +219,7 @@ def _burst_threads(name: str, sandbox: Sandbox, case: Case, tally: Tally) -> Mea
     with httpx.Client(base_url=sandbox.url, timeout=30) as client:
         variant = build_sync(
             name,
-            paid_call(client, case.cost),
+            paid_call(client, case.cost, case.fail_every),
             client=client,
             base_url=sandbox.url,
             transport=None,
@@ -193,7 +242,7 @@ async def _burst_tasks(name: str, sandbox: Sandbox, case: Case, tally: Tally) ->
     async with httpx.AsyncClient(base_url=sandbox.url, timeout=30) as client:
         variant = build_async(
             name,
-            async_paid_call(client, case.cost),
+            async_paid_call(client, case.cost, case.fail_every),
             client=client,
             base_url=sandbox.url,
             transport=None,
@@ -232,7 +281,8 @@ def measure(name: str, sandbox: Sandbox, case: Case, rec: Recorder) -> None:
     (reads0, charges0, start), (reads1, charges1, left) = before, after
     calls = case.workers * case.per_worker
     paid, refused, overcharged = len(tally.paid), len(tally.refused), len(tally.overcharged)
-    assert paid + refused + overcharged == calls, (paid, refused, overcharged, calls)
+    busy, failed = len(tally.busy), len(tally.failed)
+    assert paid + refused + overcharged + busy + failed == calls, (paid, refused, busy, calls)
     assert charges1 - charges0 == paid, (charges1 - charges0, paid)
     spent = start - left
     assert spent == paid * case.cost, (spent, paid, case.cost)
@@ -242,6 +292,8 @@ def measure(name: str, sandbox: Sandbox, case: Case, rec: Recorder) -> None:
         "overspent_calls": overcharged,
         "reads_per_call": (reads1 - reads0) / calls,
         "refused": refused,
+        "busy": busy,
+        "failed": failed,
         "calls": calls,
         "balance": start,
         "unspent": left,
@@ -277,16 +329,20 @@ def targets(rec: Recorder, settings: Settings) -> Targets:
                 rec.extras(SCENARIO, variant, "cost"),
                 rec.extras(SCENARIO, variant, "false_refusals"),
                 rec.extras(SCENARIO, variant, "overspent"),
+                rec.extras(SCENARIO, variant, "busy"),
                 strict=True,
             )
-            for unspent, cost, false_refusals, overspent in rounds:
+            for unspent, cost, false_refusals, overspent, busy in rounds:
                 met = met and unspent < cost and false_refusals == 0 and overspent == 0
+                met = met and busy == 0
             worst = min(worst, *rec.values(SCENARIO, variant))
         out[f"{g}.admission_efficiency"] = {
             "what": "credits spent / credits available, the worst run over every case and"
-            " round (twice and exactly the demand the balance pays for, asyncio and threads,"
-            " 1- and 10-credit calls, TTL short and long); met when every run leaves less"
-            " than one call's cost unspent, with no false refusal and no overspend",
+            " round (twice and exactly the demand the balance pays for, and twice with one"
+            " admitted call in three failing upstream; asyncio and threads, 1- and"
+            " 10-credit calls, TTL short and long); met when every run leaves less than one"
+            " call's cost unspent, with no false refusal, no AdmissionTimeout and no"
+            " overspend",
             "value": worst,
             "target": "100% (within one call's cost), 0 false refusals, 0 overspend",
             "met": met,

@@ -1,4 +1,4 @@
-"""The ``creditguard`` command: ``balance``, ``demo`` and ``sandbox``.
+"""The ``creditguard`` command: ``balance``, ``status``, ``demo`` and ``sandbox``.
 
 Exit status: 0 on success, 1 for an error of the guard (one line on stderr, in terms of
 the environment variables and flags, not of Python arguments), 2 for a usage error, 130
@@ -9,25 +9,33 @@ head -2``), as for a command ended by SIGPIPE, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import json
 import os
 import shlex
+import socket
 import sys
-from collections.abc import Sequence
-from typing import TextIO
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any, TextIO
 
 import httpx
 
 from ._errors import (
     AuthenticationError,
+    BalanceUnavailable,
     CreditGuardError,
     InsecureTransportError,
 )
 from ._guard import DEFAULT_BASE_URL, CreditGuard
 from ._models import CreditBalance
+from ._status import redis_backend, shown_url, status_json, status_table, survey
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a command the pipe ended
 SANDBOX_KEY = "test-key"  # the sandbox's built-in test key (FakeLensmor's default)
+WAITING_NOTE_AFTER = 1.0  # seconds without an answer before saying the command is waiting
 
 
 def _fmt_balance(balance: CreditBalance) -> str:
@@ -64,14 +72,16 @@ def _in_cli_terms(message: str) -> str:
     return message
 
 
-def _guard_from_env(allow_insecure_http: bool) -> CreditGuard:
+def _guard_from_env(allow_insecure_http: bool, backend: object = None) -> CreditGuard:
     """The guard of ``LENSMOR_API_KEY`` at ``LENSMOR_BASE_URL``, with errors that speak of
     those variables and of the command's flags."""
-    if not os.environ.get("LENSMOR_API_KEY"):
+    key = os.environ.get("LENSMOR_API_KEY")
+    if not key:
         raise CreditGuardError("no API key: set the LENSMOR_API_KEY environment variable")
     base_url = os.environ.get("LENSMOR_BASE_URL") or DEFAULT_BASE_URL
+    options: dict[str, Any] = {} if backend is None else {"backend": backend}
     try:
-        return CreditGuard(base_url=base_url, allow_insecure_http=allow_insecure_http)
+        return CreditGuard(base_url=base_url, allow_insecure_http=allow_insecure_http, **options)
     except InsecureTransportError:
         host = httpx.URL(base_url).host
         raise CreditGuardError(
@@ -80,23 +90,78 @@ def _guard_from_env(allow_insecure_http: bool) -> CreditGuard:
             " --allow-insecure-http"
         ) from None
     except CreditGuardError as exc:
-        raise CreditGuardError(_in_cli_terms(str(exc))) from None
+        message = _in_cli_terms(str(exc))
+        if "LENSMOR_BASE_URL" in message:
+            message += f"; got {shown_url(base_url, key)}"
+        raise CreditGuardError(message) from None
 
 
-def _cmd_balance(args: argparse.Namespace, out: TextIO) -> int:
-    with _guard_from_env(args.allow_insecure_http) as guard:
+@contextlib.contextmanager
+def _waiting_note(url: str) -> Iterator[None]:
+    """Say on stderr that the command is waiting for ``url``, once it has waited
+    ``WAITING_NOTE_AFTER`` seconds (a stalled service is not a hung command)."""
+
+    def note() -> None:
+        with contextlib.suppress(OSError, ValueError):
+            print(
+                f"creditguard: waiting for the credits service at {url}...",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    timer = threading.Timer(WAITING_NOTE_AFTER, note)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+def _read_balance(guard: CreditGuard) -> CreditBalance:
+    with _waiting_note(guard.base_url):
         try:
-            balance = guard.balance()
+            return guard.balance()
         except AuthenticationError as exc:
             raise AuthenticationError(
                 f"{exc}; check LENSMOR_API_KEY", status_code=exc.status_code
             ) from None
+
+
+def _cmd_balance(args: argparse.Namespace, out: TextIO) -> int:
+    with _guard_from_env(args.allow_insecure_http) as guard:
+        balance = _read_balance(guard)
         if args.json:
             print(json.dumps(balance.to_api(), indent=2), file=out)
         else:
             print(f"Lensmor credits at {guard.base_url}", file=out)
             print(_fmt_balance(balance), file=out)
     return 0
+
+
+def _cmd_status(args: argparse.Namespace, out: TextIO) -> int:
+    backend = None if args.redis_url is None else redis_backend(args.redis_url, args.prefix)
+    try:
+        with _guard_from_env(args.allow_insecure_http, backend) as guard:
+            snapshot = survey(guard, args.redis_url)
+            error: str | None = None
+            if snapshot.balance is None:  # none cached (a fresh process): read it
+                try:
+                    _read_balance(guard)
+                except AuthenticationError:
+                    raise
+                except BalanceUnavailable as exc:
+                    error = str(exc)
+                snapshot = survey(guard, args.redis_url)
+            now = time.time()
+            if args.json:
+                print(json.dumps(status_json(guard, snapshot, error, now), indent=2), file=out)
+            else:
+                print(status_table(guard, snapshot, error, now), file=out)
+    finally:
+        if backend is not None:
+            backend.close()
+    return 0 if error is None else 1
 
 
 def _cmd_demo(args: argparse.Namespace, out: TextIO) -> int:
@@ -113,10 +178,26 @@ def _shown_key(key: str) -> str:
     return "<the key given with --api-key>"
 
 
-def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
-    import contextlib
-    import threading
+def _port_in_use(host: str, port: int) -> bool:
+    """Whether another program listens on ``host``:``port`` (binding as the server would)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
+
+def _port_taken(host: str, port: int) -> str:
+    return (
+        f"port {port} on {host} is in use: pick another with --port, or pass --port 0 for"
+        " any free port (the banner shows which)"
+    )
+
+
+def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
     from .testing import FAULTS, FakeLensmor, serve
 
     try:
@@ -139,6 +220,8 @@ def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
         task_polls=args.task_polls,
         rate_limit=args.rate_limit,
     )
+    if args.port and _port_in_use(args.host, args.port):
+        raise CreditGuardError(_port_taken(args.host, args.port))
     retry_after = None if args.retry_after is None else {"Retry-After": args.retry_after}
     for fault, times in args.fail:
         fake.fail_next(fault, times=times, headers=retry_after if fault == 429 else None)
@@ -148,6 +231,8 @@ def _cmd_sandbox(args: argparse.Namespace, out: TextIO) -> int:
                 serve(fake.app, host=args.host, port=args.port, log_level="warning")
             )
         except RuntimeError:
+            if args.port and _port_in_use(args.host, args.port):
+                raise CreditGuardError(_port_taken(args.host, args.port)) from None
             raise CreditGuardError(
                 f"could not serve the sandbox on {args.host}:{args.port}"
             ) from None
@@ -194,9 +279,17 @@ def _fault_spec(text: str) -> tuple[int | str, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _refuse_negative(text: str) -> None:
+    """A negative number is refused in those words (not as "not a decimal number")."""
+    digits = text.strip()[1:].replace(".", "", 1)
+    if text.strip().startswith("-") and digits.isascii() and digits.isdigit():
+        raise argparse.ArgumentTypeError(f"the value must not be negative, got {text.strip()}")
+
+
 def _seconds(text: str) -> float:
     from .testing._fake import _seconds as seconds
 
+    _refuse_negative(text)
     try:
         return seconds(text)
     except ValueError as exc:
@@ -206,6 +299,7 @@ def _seconds(text: str) -> float:
 def _non_negative(text: str) -> int:
     from .testing._fake import _count
 
+    _refuse_negative(text)
     try:
         return _count(text, "the value")
     except ValueError as exc:
@@ -244,6 +338,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="creditguard",
         description="Check Lensmor credits before paid API calls.",
     )
+    from . import __version__
+
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p_balance = sub.add_parser(
         "balance", help="show the balance of LENSMOR_API_KEY (at LENSMOR_BASE_URL)"
@@ -256,6 +355,31 @@ def build_parser() -> argparse.ArgumentParser:
         " (a sandbox on another machine): the key then travels in clear text",
     )
     p_balance.set_defaults(run=_cmd_balance)
+    p_status = sub.add_parser(
+        "status",
+        help="what the guard holds for LENSMOR_API_KEY's account: balance, calls in flight,"
+        " open holds, gate queue",
+    )
+    p_status.add_argument(
+        "--redis-url",
+        default=None,
+        metavar="URL",
+        help="look at the deployment sharing this Redis (RedisBackend); without it, this"
+        " process's memory, which shows only the balance",
+    )
+    p_status.add_argument(
+        "--prefix",
+        default=None,
+        metavar="PREFIX",
+        help="the key prefix the deployment's RedisBackend uses (default: its default)",
+    )
+    p_status.add_argument("--json", action="store_true", help="print JSON")
+    p_status.add_argument(
+        "--allow-insecure-http",
+        action="store_true",
+        help="allow a plain http:// LENSMOR_BASE_URL to a host that is not a loopback address",
+    )
+    p_status.set_defaults(run=_cmd_status)
     p_demo = sub.add_parser("demo", help="guarded unlocks against the offline sandbox")
     p_demo.set_defaults(run=_cmd_demo)
     p_sandbox = sub.add_parser("sandbox", help="serve the sandbox over HTTP (needs uvicorn)")

@@ -23,6 +23,7 @@ __all__ = ["run_demo"]
 BASE_URL = "https://sandbox.invalid"
 EVENT = Precheck("unlock_event_contacts", lambda event_id: {"event_id": event_id}, at_most=2000)
 EMAILS = Precheck("unlock_contact_emails", lambda ids: {"personnel_ids": ids})
+READS = "reads so far"  # the balance reads made since the demo started, a running total
 
 
 def _money(n: int) -> str:
@@ -99,7 +100,7 @@ def run_demo(out: TextIO) -> int:
     )
     start = guard.balance()
     print(f"starting balance: {_buckets(start)}; {_resets(start, now)}\n", file=out)
-    print(f"  {'step':<48}{'how':<9}{'charged':>8}   {'balance after':<29}reads", file=out)
+    print(f"  {'step':<48}{'how':<9}{'charged':>8}   {'balance after':<29}{READS}", file=out)
     before = start.total_balance
 
     def row(step: str, how: str, charged: str | None = None) -> None:
@@ -108,7 +109,8 @@ def run_demo(out: TextIO) -> int:
         spent = _money(before - after.total_balance) if charged is None else charged
         before = after.total_balance
         print(
-            f"  {step:<48}{how:<9}{spent:>8}   {_buckets(after):<29}{fake.balance_requests:>5}",
+            f"  {step:<48}{how:<9}{spent:>8}   {_buckets(after):<29}"
+            f"{fake.balance_requests:>{len(READS)}}",
             file=out,
         )
 

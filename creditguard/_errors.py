@@ -139,7 +139,25 @@ class RateLimited(BalanceUnavailable):
 
 
 class InvalidResponse(BalanceUnavailable):
-    """The credits service answered with something that is not the documented JSON."""
+    """The credits service answered with something that is not the documented JSON.
+
+    Raised by the contact unlock helpers for a submission or task answer of the wrong
+    shape, ``task_id`` and ``hold_id`` name the task and the hold it was about (``None``
+    when unknown, and always ``None`` elsewhere). The hold is left open: poll the task
+    again, or settle or release the hold by id (``guard.hold_by_id(hold_id)``).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status_code: int | None = None,
+        task_id: str | None = None,
+        hold_id: str | None = None,
+    ) -> None:
+        self.task_id = task_id
+        self.hold_id = hold_id
+        super().__init__(message, status_code=status_code)
 
 
 class InsecureTransportError(CreditGuardError, ValueError):

@@ -583,6 +583,14 @@ class CreditGuard(_Edges):
                 charged,
             )
         before = settlement.balance
+        contradiction = None if before is None else report.contradiction(before)
+        if contradiction is not None:  # never cached: the refresh after spending is the truth
+            logger.warning(
+                "ignoring a credits report on %s that contradicts the balance before the call: %s",
+                self.account,
+                contradiction,
+            )
+            return False
         after = yield from self._account.reported(
             settlement, charged, report.total_after, report.balance_after
         )

@@ -4,7 +4,8 @@ Two published shapes: API 0.22 sends seven fields (``totalAmount``, ``totalBalan
 subscription and gift buckets, ``resetAt``); API 0.24 and later add an add-on bucket
 (``addonAmount``, ``addonBalance``, ``addonExpireAt``). Every count is typed ``number`` in the
 published schema, so a whole number sent as a JSON float (``30050.0``) is accepted as the int
-it stands for; a fraction, NaN, an infinity, a bool, a string or a negative count is not.
+it stands for; a fraction, NaN, an infinity, a bool, a string, a negative count or one above
+2**53 - 1 (beyond what a double holds exactly) is not.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ _ADDON_FIELDS = ("addonAmount", "addonBalance", "addonExpireAt")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 # 9999-12-31T23:59:59.999Z, the last millisecond a datetime can hold
 _MAX_MS = 253_402_300_799_999
+# The largest count taken from the service: 2**53 - 1, the last integer a double holds
+# exactly (the Redis backend's Lua scripts count in doubles). A count above it is out of
+# range: InvalidResponse at parse time, the same on every backend, and no backend sees it.
+_MAX_COUNT = 2**53 - 1
 
 
 def _require_count(data: Mapping[str, Any], field: str) -> int:
@@ -51,8 +56,17 @@ def _count(value: object, field: str) -> int:
     elif type(value) is not int:
         raise InvalidResponse(f"{field!r} must be an integer, got {type(value).__name__}")
     if value < 0:
-        raise InvalidResponse(f"{field!r} must not be negative, got {value}")
+        raise InvalidResponse(f"{field!r} must not be negative, got {_shown(value)}")
+    if value > _MAX_COUNT:
+        raise InvalidResponse(f"{field!r} is out of range (above 2**53 - 1): {_shown(value)}")
     return value
+
+
+def _shown(value: int) -> str:
+    """An int for an error message (one too long to print is described)."""
+    if -(10**30) < value < 10**30:
+        return str(value)
+    return f"a {value.bit_length()}-bit {'negative ' if value < 0 else ''}number"
 
 
 def _timestamp(value: object, field: str) -> datetime | None:
@@ -70,9 +84,9 @@ def _timestamp(value: object, field: str) -> datetime | None:
             f"{field!r} must be an integer (ms) or null, got {type(value).__name__}"
         )
     if value < 0:
-        raise InvalidResponse(f"{field!r} must not be negative, got {value}")
+        raise InvalidResponse(f"{field!r} must not be negative, got {_shown(value)}")
     if value > _MAX_MS:
-        raise InvalidResponse(f"{field!r} is out of range: {value}")
+        raise InvalidResponse(f"{field!r} is out of range: {_shown(value)}")
     return _datetime_from_ms(value)
 
 
@@ -128,8 +142,8 @@ class CreditBalance:
         """Validate and convert the service's JSON object; raise :class:`InvalidResponse`.
 
         Both published shapes are accepted: with the add-on fields (API 0.24+) and without
-        them (0 and ``None`` then). Counts are non-negative whole numbers (ints, or floats
-        with no fractional part); timestamps are whole milliseconds or null. Fields this
+        them (0 and ``None`` then). Counts are whole numbers from 0 to 2**53 - 1 (ints, or
+        floats with no fractional part); timestamps are whole milliseconds or null. Fields this
         version does not know are ignored. The buckets are not checked against the total:
         see :meth:`after_spending` for what happens when they disagree.
         """
@@ -152,12 +166,12 @@ class CreditBalance:
         else:
             if (
                 type(ta) is type(tb) is type(sa) is type(sb) is type(ga) is type(gb) is int
-                and ta >= 0
-                and tb >= 0
-                and sa >= 0
-                and sb >= 0
-                and ga >= 0
-                and gb >= 0
+                and 0 <= ta <= _MAX_COUNT
+                and 0 <= tb <= _MAX_COUNT
+                and 0 <= sa <= _MAX_COUNT
+                and 0 <= sb <= _MAX_COUNT
+                and 0 <= ga <= _MAX_COUNT
+                and 0 <= gb <= _MAX_COUNT
                 and (reset is None or (type(reset) is int and 0 <= reset <= _MAX_MS))
             ):
                 reset_at = (
@@ -184,8 +198,8 @@ class CreditBalance:
                         return cls._from_api_checked(data)
                     if not (
                         type(aa) is type(ab) is int
-                        and aa >= 0
-                        and ab >= 0
+                        and 0 <= aa <= _MAX_COUNT
+                        and 0 <= ab <= _MAX_COUNT
                         and (ae is None or (type(ae) is int and 0 <= ae <= _MAX_MS))
                     ):
                         return cls._from_api_checked(data)

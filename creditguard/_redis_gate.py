@@ -12,8 +12,9 @@ Keys (every one carries the account's fingerprint ``F`` as the hash tag, as in
 * ``<prefix>{F}:alive``  sorted set: turn token -> expiry (ms) of a waiter's last look; a
   waiter that stopped looking (its process died) leaves the queue when it passes.
 * ``<prefix>{F}:ticket`` counter: the next ticket.
-* ``<prefix>{F}:hold:<id>`` hash, one per open hold: ``cost``, ``gen``, ``balance`` (the
-  balance it was admitted on, as ``_redis_state.encode_balance`` writes it, or ``""``),
+* ``<prefix>{F}:hold:<id>`` hash, one per open hold (its record in ``res`` ends in ``:h``):
+  ``cost``, ``gen``, ``balance`` (the balance it was admitted on, as
+  ``_redis_state.encode_balance`` writes it, or ``""``),
   ``turn`` (its gate turn, or ``""``). The hold's reservation is the reservation ``<id>``
   of ``_redis_state`` (in ``res`` and ``lease``), its lease set to the hold's expiry; the
   key expires soon after it.
@@ -26,104 +27,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from ._redis_state import aevalsha, eval_head, evalsha, sha_of
+from ._redis_state import aevalsha, duration_ms, eval_head, evalsha, lua_sections, sha_of
 
 if TYPE_CHECKING:
     from ._redis_state import AsyncClient, SyncClient
 
 __all__ = ["HoldInfo", "RedisGate"]
 
-_NOW = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function fmt(n) return string.format('%d', n) end
-"""
-
+_SECTIONS = lua_sections("_redis_gate.lua")
 _SCRIPTS: dict[str, str] = {
-    # KEYS: gate, queue, alive, ticket. ARGV: token, limit, lease_ms, alive_ms.
-    # 0: the turn is the caller's (taken now, or before); else the caller waits in the
-    # queue, and the answer is its ticket (the lower, the sooner its turn).
-    "enter": _NOW
-    + """
-local gate, queue, alive = KEYS[1], KEYS[2], KEYS[3]
-local token, limit = ARGV[1], tonumber(ARGV[2])
-redis.call('ZREMRANGEBYSCORE', gate, '-inf', fmt(now))
-local dead = redis.call('ZRANGEBYSCORE', alive, '-inf', fmt(now), 'LIMIT', 0, 100)
-for _, d in ipairs(dead) do
-  redis.call('ZREM', queue, d)
-  redis.call('ZREM', alive, d)
-end
-if redis.call('ZSCORE', gate, token) then return 0 end
-local ticket = redis.call('ZSCORE', queue, token)
-if not ticket then
-  ticket = redis.call('INCR', KEYS[4])
-  redis.call('ZADD', queue, fmt(ticket), token)
-end
-local free = limit - redis.call('ZCARD', gate)
-if free > 0 and redis.call('ZRANK', queue, token) < free then
-  redis.call('ZREM', queue, token)
-  redis.call('ZREM', alive, token)
-  redis.call('ZADD', gate, fmt(now + tonumber(ARGV[3])), token)
-  return 0
-end
-redis.call('ZADD', alive, fmt(now + tonumber(ARGV[4])), token)
-return tonumber(ticket)
-""",
-    # KEYS: gate, queue, alive. ARGV: token. Give the turn back, or leave the queue.
-    "leave": """
-redis.call('ZREM', KEYS[1], ARGV[1])
-redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('ZREM', KEYS[3], ARGV[1])
-return 1
-""",
-    # KEYS: gate. ARGV: lease_ms, tokens... Renew the turns still taken.
-    "renew_turns": _NOW
-    + """
-local due = fmt(now + tonumber(ARGV[1]))
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], 'XX', due, ARGV[i])
-end
-return 1
-""",
-    # KEYS: res, lease, hold, gate. ARGV: id, expires_ms, cost, gen, balance, turn.
-    # Keep the reservation ``id`` open as a hold; its expiry (Unix ms), or nil when the
-    # reservation is gone (its lease expired).
-    "keep": _NOW
-    + """
-local id = ARGV[1]
-if redis.call('HEXISTS', KEYS[1], id) == 0 then return false end
-local due = now + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[2], fmt(due), id)
-redis.call('HSET', KEYS[3], 'cost', ARGV[3], 'gen', ARGV[4], 'balance', ARGV[5],
-           'turn', ARGV[6])
-redis.call('PEXPIREAT', KEYS[3], fmt(due + 60000))
-if ARGV[6] ~= '' then redis.call('ZADD', KEYS[4], 'XX', fmt(due), ARGV[6]) end
-return fmt(due)
-""",
-    # KEYS: res, lease, hold, gate. ARGV: id, claim (0/1), lease_ms.
-    # The open hold {cost, gen, balance, expiry}, or nil (unknown, ended or expired). With
-    # claim, it ends: its reservation is an ordinary one again (leased for lease_ms, to
-    # be settled by the caller) and its turn is given back.
-    "hold": _NOW
-    + """
-local id = ARGV[1]
-local info = redis.call('HMGET', KEYS[3], 'cost', 'gen', 'balance', 'turn')
-if not info[1] then return false end
-local due = tonumber(redis.call('ZSCORE', KEYS[2], id))
-if not due or due <= now or redis.call('HEXISTS', KEYS[1], id) == 0 then
-  redis.call('DEL', KEYS[3])
-  return false
-end
-if ARGV[2] == '1' then
-  redis.call('DEL', KEYS[3])
-  redis.call('ZADD', KEYS[2], fmt(now + tonumber(ARGV[3])), id)
-  if info[4] ~= '' then redis.call('ZREM', KEYS[4], info[4]) end
-end
-return {info[1], info[2], info[3], fmt(due)}
-""",
+    name: _SECTIONS["_now"][1] + text
+    for name, (_, text) in _SECTIONS.items()
+    if not name.startswith("_")
 }
-
-
 _SHAS = {name: sha_of(text) for name, text in _SCRIPTS.items()}
 
 
@@ -192,7 +108,10 @@ class RedisGate:
     # -- the gate ----------------------------------------------------------------------
 
     def _enter_args(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> list[str | int]:
-        return [_token("token", token), limit, lease_ms, alive_ms]
+        if type(limit) is not int or not 1 <= limit <= 2**31:
+            raise ValueError(f"limit must be an int from 1 to 2**31, got {limit!r}")
+        lease_ms = duration_ms("lease_ms", lease_ms)
+        return [_token("token", token), limit, lease_ms, duration_ms("alive_ms", alive_ms)]
 
     def enter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> int:
         """Take a turn (0), or stand in the queue: the caller's ticket (ask again within
@@ -211,10 +130,14 @@ class RedisGate:
     async def aleave(self, token: str) -> None:
         await self._arun("leave", self.gate_keys[:3], [_token("token", token)])
 
-    def renew_turns(self, tokens: Sequence[str], lease_ms: int) -> None:
-        """Renew the turns ``tokens`` that are still taken."""
-        args: list[str | int] = [lease_ms, *(_token("token", t) for t in tokens)]
-        self._run("renew_turns", self.gate_keys[:1], args)
+    def renew_turns(self, tokens: Sequence[str], lease_ms: int) -> list[str]:
+        """Renew the turns ``tokens`` of this process (never shortening one), taking
+        again those Redis lost; returns the tokens taken again."""
+        args: list[str | int] = [
+            duration_ms("lease_ms", lease_ms),
+            *(_token("token", t) for t in tokens),
+        ]
+        return [_text(t) for t in self._run("renew_turns", self.gate_keys, args)]
 
     def queued(self) -> int:
         """How many callers wait in the queue."""
@@ -226,10 +149,10 @@ class RedisGate:
     def _keep_args(
         self, hold_id: str, expires_ms: int, cost: int, gen: int, balance: str, turn: str
     ) -> tuple[list[str], list[str | int]]:
-        keys = [*self._hold_keys(hold_id), self.gate_keys[0]]
+        keys = [*self._hold_keys(hold_id), self.gate_keys[0], self._base + "state"]
         args: list[str | int] = [
             hold_id,
-            expires_ms,
+            duration_ms("expires_ms", expires_ms),
             cost,
             gen,
             balance,
@@ -256,8 +179,10 @@ class RedisGate:
     def hold(self, hold_id: str, claim: bool, lease_ms: int) -> HoldInfo | None:
         """The open hold ``hold_id`` (ending it, with ``claim``), or ``None``."""
         keys = [*self._hold_keys(hold_id), self.gate_keys[0]]
-        return _info(self._run("hold", keys, [hold_id, int(claim), lease_ms]))
+        args: list[str | int] = [hold_id, int(claim), duration_ms("lease_ms", lease_ms)]
+        return _info(self._run("hold", keys, args))
 
     async def ahold(self, hold_id: str, claim: bool, lease_ms: int) -> HoldInfo | None:
         keys = [*self._hold_keys(hold_id), self.gate_keys[0]]
-        return _info(await self._arun("hold", keys, [hold_id, int(claim), lease_ms]))
+        args: list[str | int] = [hold_id, int(claim), duration_ms("lease_ms", lease_ms)]
+        return _info(await self._arun("hold", keys, args))

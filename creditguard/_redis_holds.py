@@ -78,7 +78,7 @@ class GateOps:
         turn.remote = True
         if got == 0:
             turn.granted = True
-            backend._keep_turn(me, turn.token)
+            backend._keep_turn(me._gate, turn.token)
             return True
         turn.looks += 1
         pause = min(POLL_MAX, POLL_FIRST * (2 ** min(turn.looks, 8)))
@@ -159,7 +159,7 @@ class GateOps:
             return None
         reservation = self._reservation(info, hold_id)
         if claim:  # an ordinary reservation again, until its caller settles it
-            me._backend._hold(me._redis, hold_id)
+            me._backend._hold(me._redis, hold_id, info.cost)
         return Kept(hold_id, reservation, info.expires_ms / 1000, None)
 
     def held(self, hold_id: str) -> Ops[Kept | None]:

@@ -77,6 +77,21 @@ class Report:
     unlimited: bool | None = None
     already_unlocked: bool | None = None
 
+    def contradiction(self, before: CreditBalance) -> str | None:
+        """What makes this report impossible after ``before``, the balance the call was
+        admitted on (``None``: nothing). The total after can be at most the total before
+        less the charge: lower is possible (the Lensmor web app spends from the same
+        pool), higher is not (a charge the total does not show, or credits that appeared
+        from nowhere). A report that contradicts it must not be cached."""
+        total_after = self.total_after
+        if total_after is None:
+            return None
+        charged = self.charged or 0
+        if total_after <= before.total_balance - charged:
+            return None
+        said = "" if not charged else f" less the {charged} charged"
+        return f"a total of {total_after} after it, above the {before.total_balance} before{said}"
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ApiErrorInfo:
@@ -134,7 +149,7 @@ def parse_report(result: object) -> Report | None:
     non-null ``balanceAfter``): exhibitor searches, contact unlock submissions.
 
     Raises :class:`InvalidResponse` for credit figures of the wrong shape: a count that is
-    not a non-negative whole number, a ``balanceAfter`` that is neither null, a number nor
+    not a whole number from 0 to 2**53 - 1, a ``balanceAfter`` that is neither null, a number nor
     an object, one without its required fields, or whose buckets do not add up to its
     ``totalBalance`` (``subscriptionBalance + permanentBalance``, plus ``addonBalance``
     when that is among its extra properties; for a whole balance, its three buckets).

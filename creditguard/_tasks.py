@@ -14,7 +14,7 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
 import httpx
 
@@ -28,7 +28,7 @@ from ._errors import (
     UnknownHold,
 )
 from ._holds import _end, _leave, fail, look, take
-from ._models import CreditBalance
+from ._models import _MAX_COUNT, CreditBalance
 from ._precheck import Precheck
 from ._retry import parse_retry_after
 from ._spend import Spend
@@ -55,6 +55,7 @@ POLL_BACKOFF: tuple[float, ...] = (3.0, 5.0, 10.0, 20.0)
 """Lensmor's suggested waits between polls of a task (seconds); the last one repeats."""
 
 _MAX_CONTACTS = 1000
+_MAX_TASK_ID = 200  # longest task id taken from an answer or a caller
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,14 +165,135 @@ def _status_error(response: httpx.Response, body: bytes) -> httpx.HTTPStatusErro
     )
 
 
-def _json(body: bytes, what: str) -> Mapping[str, Any]:
+def _json(body: bytes, what: str, task_id: str | None, hold_id: str | None) -> Mapping[str, Any]:
     try:
         data = _loads(body)
     except (ValueError, RecursionError):
-        raise InvalidResponse(f"the {what} answer is not valid JSON") from None
+        raise _invalid(f"the {what} answer is not valid JSON", task_id, hold_id) from None
     if not isinstance(data, Mapping):
-        raise InvalidResponse(f"the {what} answer is not a JSON object")
+        raise _invalid(f"the {what} answer is not a JSON object", task_id, hold_id)
     return cast(Mapping[str, Any], data)
+
+
+def _invalid(message: str, task_id: str | None, hold_id: str | None) -> InvalidResponse:
+    """A malformed answer about a task: the hold stays open, so the exception says which
+    task and which hold (the caller can poll again, or settle or release the hold)."""
+    if task_id is not None:
+        message += f" (task {task_id}"
+        message += ")" if hold_id is None else f", hold {hold_id})"
+    elif hold_id is not None:
+        message += f" (hold {hold_id})"
+    return InvalidResponse(message, task_id=task_id, hold_id=hold_id)
+
+
+def _said(value: object) -> str:
+    """What the service sent, for an error message: a type, or a short text."""
+    if isinstance(value, str):
+        return repr(value[:40])
+    return type(value).__name__
+
+
+def _is_task_id(value: object) -> TypeGuard[str]:
+    """A task id: a printable string (it reaches messages and log lines) of 1 to 200
+    characters."""
+    return isinstance(value, str) and 0 < len(value) <= _MAX_TASK_ID and value.isprintable()
+
+
+def _personnel_id(value: object) -> str | None:
+    """A contact's id as Lensmor sends it (a string, or a whole number from 0 to
+    2**53 - 1), as a str; ``None`` for anything else."""
+    if isinstance(value, str) and value:
+        return value
+    if type(value) is int and 0 <= value <= _MAX_COUNT:
+        return str(value)
+    return None
+
+
+def _submitted(answer: Mapping[str, Any], hold_id: str) -> tuple[str | None, tuple[str, ...]]:
+    """The submission's task id (``None``: nothing chargeable, no task) and the contacts
+    it skipped; :class:`InvalidResponse` for an answer of the wrong shape."""
+    status = answer.get("status")
+    raw_task = answer.get("task_id")
+    task_id = raw_task if _is_task_id(raw_task) else None
+    if not isinstance(status, str):
+        raise _invalid(
+            f"the unlock answer's 'status' must be a string, got {_said(status)}", task_id, hold_id
+        )
+    raw_skipped = answer.get("skipped_personnel_ids")
+    if raw_skipped is None:
+        raw_skipped = []
+    if not isinstance(raw_skipped, list):
+        raise _invalid(
+            f"the unlock answer's 'skipped_personnel_ids' must be a list, got {_said(raw_skipped)}",
+            task_id,
+            hold_id,
+        )
+    skipped: list[str] = []
+    for value in raw_skipped:
+        pid = _personnel_id(value)
+        if pid is None:
+            raise _invalid(
+                f"the unlock answer skips a contact id of the wrong type: {_said(value)}",
+                task_id,
+                hold_id,
+            )
+        skipped.append(pid)
+    if status == "accepted":
+        if task_id is None:
+            raise _invalid(
+                f"an accepted unlock's 'task_id' must be a non-empty string, got {_said(raw_task)}",
+                None,
+                hold_id,
+            )
+        return task_id, tuple(skipped)
+    if status == "success":  # nothing chargeable: no task
+        return None, tuple(skipped)
+    raise _invalid(f"unknown unlock status {_said(status)}", task_id, hold_id)
+
+
+def _ended(
+    answer: Mapping[str, Any], field: str, task_id: str, hold_id: str | None
+) -> tuple[str | None, tuple[Mapping[str, Any], ...]]:
+    """The task's status when it ended (``completed`` or ``failed``; ``None``: still
+    running) and its items; :class:`InvalidResponse` for an answer of the wrong shape."""
+    status = answer.get("taskStatus")
+    if not isinstance(status, str):
+        raise _invalid(
+            f"the task answer's 'taskStatus' must be a string, got {_said(status)}",
+            task_id,
+            hold_id,
+        )
+    if status not in ("completed", "failed"):
+        return None, ()
+    raw_items = answer.get("items")
+    if raw_items is None:
+        raw_items = []
+    if not isinstance(raw_items, list):
+        raise _invalid(
+            f"the task answer's 'items' must be a list, got {_said(raw_items)}", task_id, hold_id
+        )
+    items: list[Mapping[str, Any]] = []
+    for item in raw_items:
+        problem = _item_problem(item, field)
+        if problem is not None:
+            raise _invalid(f"a task item {problem}", task_id, hold_id)
+        items.append(dict(item))
+    return status, tuple(items)
+
+
+def _item_problem(item: object, field: str) -> str | None:
+    """What is wrong with one task item (``None``: nothing)."""
+    if not isinstance(item, Mapping):
+        return f"must be an object, got {_said(item)}"
+    if _personnel_id(item.get("personnelId")) is None:
+        return f"lacks its 'personnelId', got {_said(item.get('personnelId'))}"
+    if not isinstance(item.get("status"), str):
+        return f"lacks its string 'status', got {_said(item.get('status'))}"
+    for name in (field, "errorCode"):
+        value = item.get(name)
+        if value is not None and not isinstance(value, str):
+            return f"'{name}' must be a string or null, got {_said(value)}"
+    return None
 
 
 def _submit(
@@ -191,17 +313,18 @@ def _submit(
         response, body = cast("tuple[httpx.Response, bytes]", (yield _send(guard, request)))
         if response.status_code not in (200, 201):
             raise _status_error(response, body)
-        answer = _json(body, "unlock")
     except BaseException as exc:
         # Refused (a 402 as InsufficientCredits), or its outcome is unknown: the hold
         # ends as a failed spend, and the cached balance is distrusted.
         yield from _leave(guard, hold, exc, sync)
         raise
     yield from _leave(guard, hold, None, sync)  # the paid call is over: next caller's turn
-    skipped = tuple(str(p) for p in answer.get("skipped_personnel_ids") or ())
-    task_id = answer.get("task_id")
+    # Lensmor accepted the submission: whatever its answer looks like, a task may run and
+    # charge, so a malformed answer leaves the hold open (its id and the task's, when the
+    # answer names one, are on the InvalidResponse).
+    task_id, skipped = _submitted(_json(body, "unlock", None, hold.id), hold.id)
     phone = kind is _PHONE
-    if answer.get("status") != "accepted" or not isinstance(task_id, str) or not task_id:
+    if task_id is None:
         yield from _end(guard, hold, None, True, sync)  # nothing chargeable: no task
         return ContactUnlock("success", None, None, phone, skipped)
     return ContactUnlock("accepted", task_id, hold.id, phone, skipped)
@@ -241,9 +364,9 @@ def _poll(
             continue
         status = response.status_code
         if status == 200:
-            answer = _json(body, "task")
-            task_status = answer.get("taskStatus")
-            if task_status in ("completed", "failed"):
+            answer = _json(body, "task", task_id, hold_id)
+            task_status, items = _ended(answer, kind.field, task_id, hold_id)
+            if task_status is not None:
                 break
             continue
         if status == 429 or status >= 500:
@@ -257,7 +380,6 @@ def _poll(
         if hold_id is not None:  # the task is gone: what it charged is unknown
             yield from fail(guard, hold_id, error, sync)
         raise error
-    items = tuple(i for i in answer.get("items") or () if isinstance(i, Mapping))
     balance: CreditBalance | None = None
     if hold_id is not None:
         try:
@@ -272,7 +394,7 @@ def _poll(
             )
             balance = yield from guard._read(True, sync)
     return ContactUnlock(
-        str(task_status), task_id, hold_id, kind is _PHONE, items=items, balance_after=balance
+        task_status, task_id, hold_id, kind is _PHONE, items=items, balance_after=balance
     )
 
 
@@ -297,7 +419,7 @@ def _submission(
 
 
 def _task_id(task_id: object) -> str:
-    if not isinstance(task_id, str) or not task_id or len(task_id) > 200:
+    if not _is_task_id(task_id):
         raise TypeError("task_id must be a non-empty str")
     return task_id
 
@@ -320,7 +442,9 @@ def submit_contact_unlock(
     process, by ``hold_id``). With nothing chargeable the hold is released at once and the
     status is ``"success"``. A ``402`` raises :class:`InsufficientCredits`; any other
     refusal the ``httpx.HTTPStatusError`` it is (the hold is ended and the cached balance
-    distrusted)."""
+    distrusted). An accepted submission whose answer is of the wrong shape raises
+    :class:`InvalidResponse` and leaves the hold open: its ``hold_id`` (and ``task_id``,
+    when the answer named a task) say what to poll, settle or release."""
     kind, ids, expires_in, precheck = _submission(personnel_ids, phone, event_id, expires_in)
     cost = guard._cost_of(precheck, precheck.params_for())
     return guard._drive(_submit(guard, kind, ids, event_id, cost, expires_in, True))
@@ -357,7 +481,10 @@ def poll_unlock_task(
     ``backoff`` are the waits before each poll (the last repeats; a ``Retry-After`` longer
     than the next wait is honoured); ``max_wait`` (600 s by default) bounds the whole wait,
     after which :class:`TaskPending` is raised and the hold is left open (poll again, or
-    let it expire). Unreachable service and ``5xx`` answers are polled through."""
+    let it expire). Unreachable service and ``5xx`` answers are polled through. A task
+    answer of the wrong shape raises :class:`InvalidResponse` whose ``task_id`` and
+    ``hold_id`` are this call's; the hold is left open (poll again, or settle or release
+    it by id)."""
     kind, waits, limit = _checks(phone, backoff, max_wait, 600.0)
     task = _task_id(task_id)
     return guard._drive(_poll(guard, kind, task, hold_id, waits, limit, True))

@@ -7,10 +7,11 @@ credits, and read the balance upstream about once per TTL between them.
 
 The state and its rules live in Redis (:mod:`creditguard._redis_state`: one Lua script per
 change, so every decision is atomic); this module plugs them into the guard as an
-``AccountState``. Reads are shared across processes with a lock in Redis: the process that
-takes it reads, the others look again every few milliseconds until its balance is stored
-(bounded: if the leader dies its lock expires and another takes over). Waiting is polling,
-not pub/sub, so a lost message can never strand a caller.
+``AccountState``; its reads are in ``_redis_reads``, its gate and holds in ``_redis_holds``.
+Reads are shared across processes with a lock in Redis: the process that takes it reads,
+the others look again every few milliseconds until its balance is stored (bounded: if the
+leader dies its lock expires and another takes over). Waiting is polling, not pub/sub, so
+a lost message can never strand a caller.
 
 From sync code the guard uses redis-py's ``redis.Redis``; from asyncio, ``redis.asyncio``
 (one client per event loop when built from a URL); from trio, which ``redis.asyncio`` does
@@ -20,7 +21,14 @@ never blocked by a Redis round trip.
 Reservations are leases (``lease`` seconds): a background thread renews the leases of the
 calls this process has in flight, so a worker killed mid-action (SIGKILL) strands its
 credits for at most ``lease`` seconds, after which the cached balance is distrusted (its
-spend is unknown). :meth:`RedisBackend.close` stops that thread.
+spend is unknown). :meth:`RedisBackend.close` stops that thread. The renewer also records
+again the reservations Redis lost (a restart, a flush, an eviction): see ``_redis_leases``.
+
+A script call is never cut in two by a cancellation: anyio's shield holds anyio's and
+trio's, but not asyncio's own (``asyncio.wait_for``, ``Task.cancel``), so under asyncio the
+call runs in a task of its own; a caller cancelled meanwhile waits for it and undoes what
+the script did for it (``_undo``: a reservation, a turn, a read lock) before the
+cancellation goes on (``_redis_leases.uncut``).
 """
 
 from __future__ import annotations
@@ -32,31 +40,33 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import AsyncGenerator, Callable
-from typing import TYPE_CHECKING, Any, Literal, cast
+from collections.abc import AsyncGenerator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 import anyio.to_thread
-import sniffio
 
-from ._errors import BalanceUnavailable, InsufficientCredits
+from ._config import _check_seconds
+from ._errors import AdmissionTimeout, BalanceUnavailable, InsufficientCredits
 from ._models import CreditBalance
 from ._redis_gate import HoldInfo, RedisGate
-from ._redis_holds import POLL_FIRST, POLL_MAX, GateOps
+from ._redis_holds import POLL_MAX, GateOps
+from ._redis_leases import LeaseKeeper, acheck_eviction, check_eviction, on_asyncio, uncut
+from ._redis_reads import ReadOps, _RedisFlight
 from ._redis_state import (
     DEFAULT_PREFIX,
     Admitted,
+    Busy,
     ReadBegun,
     ReadNeeded,
     RedisAccountState,
     Refused,
-    Snapshot,
+    WaitNeeded,
     decode_balance,
     encode_balance,
 )
 from ._state import MAX_SETTLING, Account, _after_report
 from ._steps import Call, Flight, Ops, Reservation, Step, Waiter, own_error
-from ._steps import pause as pause_call
 
 if TYPE_CHECKING:
     import redis as redis_py
@@ -67,13 +77,9 @@ __all__ = ["RedisBackend"]
 logger = logging.getLogger("creditguard")
 _monotonic = time.monotonic
 
-# How long a caller waits between two looks at Redis while another process reads the
-# balance, or while calls in flight elsewhere settle (or a turn at the gate frees): short
-# first, then longer.
-_POLL_FIRST = POLL_FIRST
+# The longest a caller waits before it looks at Redis again while calls in flight
+# elsewhere settle (it looks at once when a spend of this process settles).
 _POLL_MAX = POLL_MAX
-# The longest a read may hold the cross-process read lock (then another process leads).
-_FLIGHT_MS = 10_000
 # After Redis failed, how long the fallback serves before Redis is tried again.
 _RETRY_AFTER = 1.0
 # Clients made from a URL: every Redis round trip is bounded, and so are the connections
@@ -92,25 +98,22 @@ class _RedisReservation(Reservation):
         self.id = rid
 
 
-class _RedisFlight(Flight):
-    """A balance read this process's callers share. Its leader either reads for every
-    process (it holds the lock in Redis as ``token``; with ``token`` None, a read of its
-    own that it stores if Redis lets it), or, when another process reads (``remote``),
-    watches Redis until that read's balance is stored (:meth:`RedisAccount.watch`)."""
-
-    __slots__ = ("finished", "remote", "token")
-
-    def __init__(self, start_seq: int, sync: bool, token: str | None) -> None:
-        super().__init__(start_seq, sync)
-        self.token = token
-        self.remote = False
-        self.finished = 0.0
-
-
 class _LookAgain(Waiter):
     """Decide again after a short wait: calls in flight (maybe elsewhere) may settle."""
 
     __slots__ = ()
+
+
+def _undo(name: str, args: tuple[Any, ...], result: object) -> tuple[str, tuple[Any, ...]] | None:
+    """The call that undoes script call ``name(*args)`` that answered ``result``, when
+    its caller was cancelled before it saw the answer; ``None``: nothing to undo."""
+    if (name == "admit" and isinstance(result, Admitted)) or name == "reserve_unchecked":
+        return "release", (args[0], False)  # the reservation: its action never ran
+    if name == "read_begin" and isinstance(result, ReadBegun) and result.lead:
+        return "read_failed", (args[0],)  # the read lock: nobody reads
+    if name == "enter" and result == 0:
+        return "leave", (args[0],)  # the turn at the gate
+    return None
 
 
 def _unavailable(exc: Exception) -> BalanceUnavailable:
@@ -119,9 +122,9 @@ def _unavailable(exc: Exception) -> BalanceUnavailable:
     return error
 
 
-class RedisAccount(GateOps):
-    """The guard state of one account, in Redis (see the module's docstring); its gate and
-    holds operations are in ``_redis_holds``."""
+class RedisAccount(GateOps, ReadOps):
+    """The guard state of one account, in Redis (see the module's docstring); its reads
+    are in ``_redis_reads``, its gate and holds operations in ``_redis_holds``."""
 
     def __init__(self, backend: RedisBackend, fingerprint: str) -> None:
         self.fingerprint = fingerprint
@@ -169,11 +172,6 @@ class RedisAccount(GateOps):
         self._decoded = (text, balance)
         return balance
 
-    @property
-    def flights(self) -> list[_RedisFlight]:
-        """The reads this process's callers share, oldest first."""
-        return self._flights
-
     def _wake_waiters(self) -> None:
         """A spend of this process settled (or finished): its waiters look again now."""
         with self.lock:
@@ -196,29 +194,42 @@ class RedisAccount(GateOps):
     def _script_call(
         self, target: object, async_target: Callable[[Any], object], name: str, args: Any
     ) -> Call:
-        sync_op: Callable[..., Any] = getattr(target, name)
         backend = self._backend
 
         def run() -> object:
             try:
-                return sync_op(*args)
+                backend._check_eviction()
+                return getattr(target, name)(*args)
             except backend._errors as exc:
                 raise _unavailable(exc) from exc
 
-        async def arun() -> object:
+        async def once(op: str, op_args: tuple[Any, ...]) -> object:
             client = backend._async_client_here()
-            # Shielded: a call cut short by a cancellation would leave Redis changed with
-            # nobody knowing (a reservation, a read lock). Each is bounded by the client's
-            # socket timeouts.
-            with anyio.CancelScope(shield=True):
-                try:
-                    if client is None:  # trio, or no asyncio client: the sync one, in a thread
-                        return await anyio.to_thread.run_sync(lambda: sync_op(*args))
-                    result: object = await getattr(async_target(client), "a" + name)(*args)
-                    return result
-                except backend._errors as exc:
-                    raise _unavailable(exc) from exc
-            raise AssertionError("unreachable")  # pragma: no cover - for type checkers
+            try:
+                if client is None:  # trio, or no asyncio client: the sync one, in a thread
+                    sync_op = getattr(target, op)
+
+                    def in_thread() -> object:
+                        backend._check_eviction()
+                        return sync_op(*op_args)
+
+                    return await anyio.to_thread.run_sync(in_thread)
+                await backend._acheck_eviction(client)
+                result: object = await getattr(async_target(client), "a" + op)(*op_args)
+                return result
+            except backend._errors as exc:
+                raise _unavailable(exc) from exc
+
+        def undo(result: object) -> Awaitable[object] | None:
+            call = _undo(name, args, result)
+            return None if call is None else once(*call)
+
+        async def arun() -> object:
+            # Uncut: a call cut short by a cancellation (anyio's, trio's or asyncio's own)
+            # would leave Redis changed with nobody knowing (a reservation, a turn, a read
+            # lock): it finishes, and what it did is undone if its caller is gone. Each
+            # call is bounded by the client's socket timeouts.
+            return await uncut(lambda: once(name, args), undo)
 
         return Call(run, arun)
 
@@ -279,213 +290,6 @@ class RedisAccount(GateOps):
             return self._local
         return None
 
-    # -- reads -------------------------------------------------------------------------
-
-    def _need_read(self, after: int, sync: bool, looked: float | None = None) -> Ops[Step]:
-        """A read that starts at ``seq >= after``: join one this process's callers share,
-        or lead one: read for every process if no other process is reading, else watch
-        Redis for that read's balance. (A thread joins only reads led by threads, as in
-        memory: a task's loop may be blocked by the very thread waiting for it.)"""
-        with self.lock:
-            for joined in reversed(self._flights):
-                if joined.start_seq >= after and (joined.sync or not sync):
-                    return joined, False, None
-            # A read of this process that came back after the caller looked at Redis (at
-            # ``looked``) and starts late enough: the caller's look raced with storing it.
-            last = self._last
-            if (
-                looked is not None
-                and last is not None
-                and last.start_seq >= after
-                and last.finished >= looked
-            ):
-                return last, False, None  # finished: no wait
-            flight = _RedisFlight(after, sync, None)  # seq only grows: it starts >= after
-            self._flights.append(flight)
-            stale = bool(self._stale)
-        if stale:
-            yield from self._give_up_stale()
-        token = os.urandom(12).hex()
-        try:
-            begun = cast(ReadBegun, (yield self._call("read_begin", token, _FLIGHT_MS)))
-        except BaseException as exc:
-            self._finish(flight, None, exc if isinstance(exc, Exception) else None)
-            raise
-        if begun.lead:
-            flight.token = token
-            flight.start_seq = begun.start_seq
-        elif sync:
-            # Another process, or a task of this one, reads. A thread never waits for a
-            # task's read (the task's loop may be blocked by this very thread): it reads
-            # on its own and stores the result like any read. Its start is ``after``, a
-            # lower bound of where it really starts, so it settles nothing it may miss.
-            flight.token = token
-        else:
-            flight.remote = True
-        return flight, True, None
-
-    def watch(self, flight: Flight) -> Ops[None] | None:
-        """How to lead ``flight`` when another process performs the read: watch Redis
-        until its balance is stored; ``None``: read upstream as usual."""
-        if isinstance(flight, _RedisFlight) and flight.remote:
-            return self._watch(flight)
-        return None
-
-    def _watch(self, flight: _RedisFlight) -> Ops[None]:
-        """Look at Redis every few milliseconds (backing off) until a balance read at or
-        after ``flight.start_seq`` is stored, then finish ``flight`` with it. If the
-        other process's read ends without one (it failed, or its process died and its
-        lock expired), or the read budget runs out, finish it as abandoned: a waiter
-        leads the next read."""
-        pause = _POLL_FIRST
-        give_up = _monotonic() + _FLIGHT_MS / 1000
-        try:
-            while True:
-                yield pause_call(pause)
-                snap = cast(Snapshot, (yield self._call("state")))
-                if snap.balance is not None and snap.cached_seq >= max(
-                    flight.start_seq, snap.floor
-                ):
-                    self._finish(flight, self._decode(snap.balance), None)
-                    return
-                if not snap.flight or _monotonic() >= give_up:
-                    self._finish(flight, None, None)
-                    return
-                pause = min(pause * 2, _POLL_MAX)
-        except BaseException as exc:
-            self._finish(flight, None, exc if isinstance(exc, Exception) else None)
-            raise
-
-    def _fresh(self, snap: Snapshot, ttl: float) -> CreditBalance | None:
-        if snap.balance is None or snap.age_ms is None or snap.cached_seq < snap.floor:
-            return None
-        if snap.age_ms >= ttl * 1000:
-            return None
-        return self._decode(snap.balance)
-
-    def _look(self) -> Ops[Snapshot | None]:
-        """The account's state in Redis, or ``None``: Redis is unreachable and the
-        fallback serves (``fallback="memory"``). Without a fallback, raises
-        :class:`BalanceUnavailable`."""
-        if self._degraded() is not None:
-            return None
-        try:
-            yield from self._rejoin()
-            return cast(Snapshot, (yield self._call("state")))
-        except BalanceUnavailable as exc:
-            if self._fallback(exc) is None:
-                raise
-            return None
-
-    def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
-        if flight is not None and flight.error is not None:
-            raise own_error(flight.error)  # the read this caller waited for failed
-        looked = _monotonic()
-        snap = yield from self._look()
-        if snap is None:
-            return (yield from self._local_account().read(ttl, flight, sync))
-        balance = self._fresh(snap, ttl)
-        if balance is not None:
-            return balance
-        if flight is not None and flight.result is not None and flight.start_seq >= snap.floor:
-            return flight.result
-        return (yield from self._need_read(snap.floor, sync, looked))
-
-    def read_after(
-        self, after: int, flight: Flight | None, sync: bool
-    ) -> Ops[CreditBalance | Step]:
-        if flight is not None and flight.start_seq >= after:
-            if flight.result is not None:
-                return flight.result
-            if flight.error is not None:
-                raise own_error(flight.error)
-        looked = _monotonic()
-        snap = yield from self._look()
-        if snap is None:
-            return (yield from self._local_account().read_after(after, flight, sync))
-        if snap.balance is not None and snap.cached_seq >= max(after, snap.floor):
-            return self._decode(snap.balance)
-        return (yield from self._need_read(after, sync, looked))
-
-    def pending(self) -> Ops[int]:
-        snap = yield from self._look()
-        if snap is None:
-            return (yield from self._local_account().pending())
-        return snap.settling_after
-
-    def bumped(self, sync: bool) -> Ops[tuple[int, Step]]:
-        seq = cast(int, (yield self._call("bump")))
-        return seq, (yield from self._need_read(seq, sync))
-
-    def record(
-        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
-    ) -> Ops[None]:
-        if not isinstance(flight, _RedisFlight):  # a read of the fallback's own
-            if self._local is not None:
-                yield from self._local.record(flight, result, error)
-            return
-        token = flight.token
-        if result is not None and token is not None:
-            # (A token that does not hold the lock stores the balance all the same.)
-            text, total = encode_balance(result)
-            try:
-                yield self._call("read_done", token, flight.start_seq, text, total)
-            except BalanceUnavailable as exc:
-                logger.warning("could not store a balance read in Redis: %s", exc)
-        if result is None and token is not None:
-            # Give up the lock in Redis. An abandoned read (cancelled) records without
-            # I/O: the next read of this process gives it up first.
-            with self.lock:
-                self._stale.append(token)
-        self._finish(flight, result, error)
-        if result is not None:
-            self._deferred = 0
-        if result is not None and self.waiters:
-            self._wake_waiters()  # a new balance: their cost may fit now
-        if result is None and token is not None:
-            yield from self._give_up_stale()
-
-    def _give_up_stale(self) -> Ops[None]:
-        """Release the Redis read locks of this process's failed or abandoned reads."""
-        while True:
-            with self.lock:
-                if not self._stale:
-                    return
-                token = self._stale[-1]
-            # Taken off the list only once given up (the call may not be made: a read
-            # abandoned on cancellation records without I/O).
-            with contextlib.suppress(BalanceUnavailable):  # it expires on its own
-                yield self._call("read_failed", token)
-            with self.lock:
-                if token in self._stale:
-                    self._stale.remove(token)
-
-    def _finish(
-        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
-    ) -> None:
-        with self.lock:
-            if flight in self._flights:
-                self._flights.remove(flight)
-            if result is not None:
-                flight.result = result
-                if isinstance(flight, _RedisFlight) and (
-                    self._last is None or flight.start_seq >= self._last.start_seq
-                ):
-                    flight.finished = _monotonic()
-                    self._last = flight
-            elif error is not None:
-                flight.error = error
-            else:
-                flight.abandoned = True
-            callbacks = flight._finish()
-        for notify in callbacks:
-            notify()
-
-    def overdue(self, flight: Flight) -> None:
-        with self.lock:
-            if flight in self._flights:
-                self._flights.remove(flight)
-
     # -- admission -----------------------------------------------------------------------
 
     def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
@@ -545,16 +349,19 @@ class RedisAccount(GateOps):
                 if answer.tag:
                     self._known = (answer.tag, balance)
             reservation = _RedisReservation(cost, balance, answer.gen, rid)
-            self._backend._hold(self._redis, rid)
+            self._backend._hold(self._redis, rid, cost)
             return reservation
         if isinstance(answer, ReadNeeded):
             return (yield from self._need_read(answer.after, sync, looked))
         if isinstance(answer, Refused):
             balance = self._decode(answer.balance)
             raise InsufficientCredits(cost, answer.available, balance, reserved=answer.reserved)
+        if isinstance(answer, Busy):
+            raise AdmissionTimeout(cost, answer.available, reserved=answer.reserved)
         # Wait: calls in flight, maybe in other processes, may settle. Look again soon.
         assert until is not None
-        waiter = _LookAgain(cost, 0)
+        assert isinstance(answer, WaitNeeded)
+        waiter = _LookAgain(cost, answer.own)
         with self.lock:
             self.waiters.append(waiter)
         return waiter, False, min(until, _monotonic() + _POLL_MAX)
@@ -571,7 +378,7 @@ class RedisAccount(GateOps):
             local = self._fallback(exc) or self._local_account()
             self._outside = True
             return (yield from local.unchecked(cost))
-        self._backend._hold(self._redis, rid)
+        self._backend._hold(self._redis, rid, cost)
         return _RedisReservation(cost, None, -1, rid)
 
     def forget(self, waiter: Waiter) -> None:
@@ -693,7 +500,8 @@ class RedisAccount(GateOps):
             reservation.released = True
             return after
         assert isinstance(reservation, _RedisReservation)
-        self._backend._hold(self._redis, reservation.id)  # still held: settle with a read
+        # still held: settle with a read
+        self._backend._hold(self._redis, reservation.id, reservation.cost)
         return None
 
     def unreserve(self, reservation: Reservation) -> None:
@@ -757,15 +565,18 @@ async def _closer(
             await client.aclose(close_connection_pool=True)
 
 
-class RedisBackend:
+class RedisBackend(LeaseKeeper):
     """Account state in Redis (or Valkey), shared by every process that uses the same
     server and ``prefix``.
 
     ``url`` defaults to ``CREDITGUARD_REDIS_URL``. Or pass ``client`` (a ``redis.Redis``,
     including one from a Sentinel, or a ``redis.cluster.RedisCluster``) and, for asyncio,
     ``async_client`` (``redis.asyncio``; without it, one is made per event loop from
-    ``url``, or the sync client runs in a worker thread). ``lease`` (seconds) is how long
-    a call's reservation outlives its process. ``fallback="memory"``: while Redis is
+    ``url``, or the sync client runs in a worker thread). ``lease`` (seconds, above 0.1
+    and at most ``MAX_SECONDS``) is how long a call's reservation outlives its process.
+    The first script call asks Redis for its ``maxmemory-policy`` first and logs a warning
+    unless it is ``noeviction`` (an evicting Redis may drop the guard's
+    keys; see "Running many workers"). ``fallback="memory"``: while Redis is
     unreachable, keep this process running on state of its own (logged; processes are
     then not coordinated); by default the guard's ``on_unavailable`` policy applies, with
     a :class:`~creditguard.BalanceUnavailable` that names Redis.
@@ -800,10 +611,12 @@ class RedisBackend:
                 " account carries its fingerprint as the hash tag, so that Redis Cluster"
                 " keeps them in one slot"
             )
-        if isinstance(lease, bool) or not isinstance(lease, (int, float)) or not lease > 0.1:
+        lease = _check_seconds("lease", lease, positive=True)
+        if not lease > 0.1:
             raise ValueError(f"lease must be a number of seconds above 0.1, got {lease!r}")
         if fallback not in (None, "memory"):
             raise ValueError(f"fallback must be None or 'memory', got {fallback!r}")
+        super().__init__()
         self.prefix = prefix
         self.lease = float(lease)
         self.fallback = fallback
@@ -828,13 +641,10 @@ class RedisBackend:
         self._accounts: weakref.WeakValueDictionary[str, RedisAccount] = (
             weakref.WeakValueDictionary()
         )
-        self._lock = threading.Lock()
-        # Reservations in flight in this process, whose leases the renewer keeps alive,
-        # and the gate turns taken here (renewed the same way).
-        self._held: dict[str, RedisAccountState] = {}
-        self._turns: dict[str, RedisGate] = {}
-        self._renewer: threading.Thread | None = None
-        self._stop = threading.Event()
+        # Redis's eviction policy, asked once, before the first script call (on the same
+        # connection: see check_eviction).
+        self.eviction_checked = threading.Event()
+        self._eviction_asked = False
 
     def __repr__(self) -> str:
         return f"<RedisBackend prefix={self.prefix!r} lease={self.lease:g}>"
@@ -847,9 +657,31 @@ class RedisBackend:
                 account = self._accounts[fingerprint] = RedisAccount(self, fingerprint)
             return account
 
+    def _ask_eviction(self) -> bool:
+        """Whether the caller asks Redis for its eviction policy now (the first call)."""
+        if self._eviction_asked:
+            return False
+        with self._lock:
+            first, self._eviction_asked = not self._eviction_asked, True
+        return first
+
+    def _check_eviction(self) -> None:
+        if self._ask_eviction():
+            try:
+                check_eviction(self._client)
+            finally:
+                self.eviction_checked.set()
+
+    async def _acheck_eviction(self, client: redis_asyncio.Redis) -> None:
+        if self._ask_eviction():
+            try:
+                await acheck_eviction(client)
+            finally:
+                self.eviction_checked.set()
+
     def _async_client_here(self) -> redis_asyncio.Redis | None:
         """The asyncio client for the running loop, or ``None`` under trio."""
-        if sniffio.current_async_library() != "asyncio":
+        if not on_asyncio():
             return None
         if self._async_client is not None:
             return self._async_client
@@ -871,57 +703,6 @@ class RedisBackend:
             self._closers[loop] = closer
         return client
 
-    # -- leases --------------------------------------------------------------------------
-
-    def _keep_turn(self, account: RedisAccount, token: str) -> None:
-        with self._lock:
-            self._turns[token] = account._gate
-            self._start_renewer()
-
-    def _drop_turn(self, token: str) -> None:
-        with self._lock:
-            self._turns.pop(token, None)
-
-    def _hold(self, state: RedisAccountState, rid: str) -> None:
-        with self._lock:
-            self._held[rid] = state
-            self._start_renewer()
-
-    def _start_renewer(self) -> None:
-        """Under the lock: make sure the renewer runs."""
-        if self._renewer is None or not self._renewer.is_alive():
-            self._stop.clear()
-            self._renewer = threading.Thread(
-                target=self._renew, name="creditguard-redis-leases", daemon=True
-            )
-            self._renewer.start()
-
-    def _release(self, rid: str) -> None:
-        with self._lock:
-            self._held.pop(rid, None)
-
-    def _renew(self) -> None:
-        """Every third of a lease, renew the leases of the calls in flight here, and the
-        gate turns they have."""
-        while not self._stop.wait(self.lease / 3):
-            with self._lock:
-                held: dict[RedisAccountState, list[str]] = {}
-                for rid, state in self._held.items():
-                    held.setdefault(state, []).append(rid)
-                turns: dict[RedisGate, list[str]] = {}
-                for token, gate in self._turns.items():
-                    turns.setdefault(gate, []).append(token)
-                if not held and not turns:
-                    self._renewer = None
-                    return
-            try:
-                for state, rids in held.items():
-                    state.renew(rids)
-                for gate, tokens in turns.items():
-                    gate.renew_turns(tokens, self._lease_ms)
-            except self._errors as exc:
-                logger.warning("could not renew leases in Redis: %s", exc)
-
     def close(self) -> None:
         """Stop renewing leases and close the sync client (asyncio clients: see
         :meth:`aclose`)."""
@@ -942,7 +723,7 @@ class RedisBackend:
         renewer = self._renewer
         if renewer is not None:
             await anyio.to_thread.run_sync(renewer.join, 5)
-        if sniffio.current_async_library() == "asyncio":
+        if on_asyncio():
             loop = asyncio.get_running_loop()
             client = self._loop_clients.pop(loop, None)
             closer = self._closers.pop(loop, None)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -89,9 +89,14 @@ def each_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         backend.close()
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """A test marked ``memory_only`` looks inside the memory backend: it is collected for
-    that backend only (not collected, rather than skipped, for Redis)."""
+    that backend only. Its Redis combination is deselected (pytest's summary counts it
+    among the deselected), not skipped.
+
+    The slow tests (marked ``slow``, and the ones that share a module fixture through an
+    ``xdist_group``) go first, so that pytest-xdist's workers start on them and the short
+    tests fill in around them (the order of the others is kept)."""
 
     def redis_only_inside(item: pytest.Item) -> bool:
         callspec = getattr(item, "callspec", None)
@@ -101,4 +106,40 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             and item.get_closest_marker("memory_only") is not None
         )
 
-    items[:] = [item for item in items if not redis_only_inside(item)]
+    deselected = [item for item in items if redis_only_inside(item)]
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+    workeroutput = getattr(config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: tell the controller (below)
+        workeroutput["creditguard_deselected"] = [item.nodeid for item in deselected]
+    kept = [item for item in items if not redis_only_inside(item)]
+
+    def rank(item: pytest.Item) -> int:
+        if item.get_closest_marker("slow") is not None:
+            return 0
+        return 1 if item.get_closest_marker("xdist_group") is not None else 2
+
+    items[:] = sorted(kept, key=rank)  # stable: the order within a rank is kept
+
+
+_deselected_reported = False
+
+
+class _Deselected:
+    """A test a worker deselected, as the controller knows it (by its node id)."""
+
+    def __init__(self, nodeid: str) -> None:
+        self.nodeid = nodeid
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    """Under pytest-xdist the workers collect and deselect; the controller's summary
+    counts what they deselected (once: every worker collects the same tests)."""
+    global _deselected_reported
+    nodeids = getattr(node, "workeroutput", {}).get("creditguard_deselected")
+    if _deselected_reported or nodeids is None:
+        return
+    _deselected_reported = True
+    if nodeids:
+        node.config.hook.pytest_deselected(items=[_Deselected(n) for n in nodeids])

@@ -18,6 +18,10 @@ from typing import Any
 
 import pytest
 
+# The tests that read the module's one smoke run go to one pytest-xdist worker (with
+# ``--dist loadgroup``), so that the run is made once.
+pytestmark = pytest.mark.xdist_group("benchmarks_smoke")
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
@@ -37,6 +41,8 @@ ADMISSION_FIELDS = (
     "overspent_calls",
     "reads_per_call",
     "refused",
+    "busy",
+    "failed",
     "calls",
     "balance",
     "unspent",
@@ -231,6 +237,39 @@ def test_without_redis_server(tmp_path: Path) -> None:
     assert "Redis variants" in proc.stderr
 
 
+def test_run_without_a_redis_scenario(tmp_path: Path) -> None:
+    """A run none of whose scenarios wants Redis (``--only adapters``, ``--only
+    memory_10k_keys``) has no Redis entry (``run.redis`` is ``None``): its tables print, as
+    text and as Markdown, with no note of missing Redis variants."""
+    out = tmp_path / "results.json"
+    args = ["--smoke", "--only", "memory_10k_keys", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    data = json.loads(out.read_text(encoding="utf-8"))
+    assert data["run"]["redis"] is None
+    assert list(data["scenarios"]) == ["memory_10k_keys"]
+    assert "memory_10k_keys" in proc.stdout
+    assert "missing:" not in proc.stdout
+    shown = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "run.py"), "--from-json", str(out), "--markdown"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        check=False,
+    )
+    assert shown.returncode == 0, shown.stderr[-4000:]
+    assert "**memory_10k_keys**" in shown.stdout
+    assert "missing:" not in shown.stdout
+
+
 def test_table_printed(smoke: tuple[dict[str, Any], str]) -> None:
     _, stdout = smoke
     for scenario in SCENARIOS:
@@ -255,11 +294,18 @@ def test_plot_reads_the_json(smoke: tuple[dict[str, Any], str]) -> None:
     relative = plot.relative_throughput(data)
     assert [level for level, _ in relative["creditguard"]][:2] == ["async1", "threads1"]
     assert "bare" not in relative
+    admission = plot.admission_series(data)
+    assert set(admission) == {"cachetools", "creditguard"}
+    assert all(0 <= spent <= 1 for rows in admission.values() for _, spent, _, _ in rows)
+    assert [row[0] for row in plot.processes_series(data)] == ["bare", "memory", "redis"]
+    assert [row[0] for row in plot.gate_series(data)] == ["no_gate", "gate_1", "gate_1_redis"]
+    assert "fastapi" in [row[0] for row in plot.adapters_series(data)]
 
 
 def test_admission_efficiency_shape(smoke: tuple[dict[str, Any], str]) -> None:
     """One variant per guard and case, named ``<guard>@<async|threads><N>_c<cost>_ttl_<short|
-    long>`` (twice the demand the balance pays for) or with a ``_demand<D>x`` suffix, with
+    long>`` (twice the demand the balance pays for) or with a ``_demand<D>x`` suffix, and at
+    twice the demand also with ``_fail33`` (one admitted call in three fails upstream), with
     every documented figure; the counts add up (no figure is judged here)."""
     data = smoke[0]
     entries = data["scenarios"]["admission_efficiency"]
@@ -273,6 +319,7 @@ def test_admission_efficiency_shape(smoke: tuple[dict[str, Any], str]) -> None:
         for ttl in ("short", "long")
         for demand in settings["admission_demands"]
     }
+    expected |= {f"{variant}_fail33" for variant in expected if "_demand" not in variant}
     assert set(entries) == expected
     for variant, entry in entries.items():
         assert entry["unit"] == "spent/available", variant
@@ -286,6 +333,7 @@ def test_admission_efficiency_shape(smoke: tuple[dict[str, Any], str]) -> None:
         demand = int(variant.split("_demand")[1][:-1]) if "_demand" in variant else 2
         assert entry["calls"] >= demand * settings["admission_calls_paid"], variant
         assert entry["overspent"] == entry["overspent_calls"] * cost, variant
+        assert entry["failed"] == 0 or variant.endswith("_fail33"), variant
         if entry["refused"] > 0:  # the refusal latencies exist when something was refused
             assert entry["refused_p50_ms"] <= entry["refused_p99_ms"], variant
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -228,10 +231,10 @@ def test_allow_insecure_http_lets_the_command_use_plain_http(
 ) -> None:
     """The flag reaches the guard (over loopback here, so nothing leaves the machine;
     what it changes for other hosts is the guard's own, tested with the guard)."""
-    from creditguard import _cli
+    from creditguard import CreditGuard, _cli
 
     seen: list[bool] = []
-    original = _cli.CreditGuard
+    original = CreditGuard
 
     def spy(*args: object, allow_insecure_http: bool = False, **kwargs: object) -> object:
         seen.append(allow_insecure_http)
@@ -330,3 +333,265 @@ def test_demo_is_a_lensmor_workflow_with_the_balance_after_each_step() -> None:
     assert " 0 " in again
     assert "refused" in text
     assert "InsufficientCredits" in text
+
+
+def test_the_docs_show_the_demo_as_it_ships() -> None:
+    """docs/index.md shows the demo's output: it is what the demo prints (a running total
+    of balance reads, labelled as one)."""
+    from pathlib import Path
+
+    out = io.StringIO()
+    assert main(["demo"], out=out) == 0
+    page = (Path(__file__).parent.parent / "docs" / "index.md").read_text()
+    shown = page.split("$ creditguard demo\n", 1)[1].split("```", 1)[0]
+    assert shown == out.getvalue()
+    assert "reads so far" in shown
+
+
+# -- the version, sandbox flags, URLs, a stalled service ------------------------------
+
+
+def test_version_prints_the_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from creditguard import __version__
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.strip() == f"creditguard {__version__}"
+
+
+def test_a_port_in_use_says_so_and_suggests_any_free_port(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["sandbox", "--port", str(port)], out=io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert f"port {port} on 127.0.0.1 is in use" in err
+    assert "--port 0" in err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--latency", "-1"],
+        ["--latency", "-0.5"],
+        ["--stall-seconds", "-2"],
+        ["--gift", "-5"],
+        ["--subscription", "-1"],
+    ],
+)
+def test_a_negative_value_is_refused_as_negative(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(["sandbox", *argv])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[0]}: the value must not be negative, got {argv[1]}" in err
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("ftp://alice:s3cr3t@example.test/x", "'ftp://example.test/x'"),
+        ("https://alice:s3cr3t@example.test", "'https://example.test'"),
+        ("https://example.test/?token=s3cr3t#alice", "'https://example.test/?...'"),
+        ("https://alice@s3cr3t@", "'https://'"),
+    ],
+)
+def test_a_bad_base_url_is_echoed_without_credentials(
+    url: str, shown: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_balance(monkeypatch, capsys, LENSMOR_API_KEY="sk-hidden", LENSMOR_BASE_URL=url)
+    assert code == 1
+    assert "LENSMOR_BASE_URL" in err
+    assert f"got {shown}" in err
+    assert "s3cr3t" not in err
+    assert "alice" not in err
+
+
+def test_a_url_holding_the_key_is_echoed_without_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, err = _run_balance(
+        monkeypatch, capsys, LENSMOR_API_KEY="sk-hidden", LENSMOR_BASE_URL="ftp://sk-hidden.test"
+    )
+    assert code == 1
+    assert "got 'ftp://[redacted].test'" in err
+    assert "sk-hidden" not in err
+
+
+class _Stderr(io.StringIO):
+    """Standard error that tells the test when the command says it is waiting."""
+
+    def __init__(self, said: threading.Event) -> None:
+        super().__init__()
+        self.said = said
+
+    def write(self, text: str) -> int:
+        written = super().write(text)
+        if "waiting for the credits service" in self.getvalue():
+            self.said.set()
+        return written
+
+
+def test_a_stalled_service_is_said_to_be_waited_for(
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service answers only once the command has said, on stderr, that it waits."""
+    import anyio.to_thread
+
+    from creditguard import _cli
+    from creditguard.testing import serve
+
+    said = threading.Event()
+
+    async def stalled(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            await anyio.to_thread.run_sync(said.wait, 30)
+        await fake.app(scope, receive, send)
+
+    stderr = _Stderr(said)
+    monkeypatch.setattr(_cli, "WAITING_NOTE_AFTER", 0.05)
+    monkeypatch.setattr(sys, "stderr", stderr)
+    with serve(stalled) as url:
+        monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
+        monkeypatch.setenv("LENSMOR_BASE_URL", url)
+        out = io.StringIO()
+        assert main(["balance"], out=out) == 0
+    assert stderr.getvalue() == f"creditguard: waiting for the credits service at {url}...\n"
+    assert "30,050" in out.getvalue()
+
+
+def test_the_waiting_note_is_one_second_by_default() -> None:
+    from creditguard import _cli
+
+    assert _cli.WAITING_NOTE_AFTER == 1.0
+
+
+# -- creditguard status --------------------------------------------------------------
+
+
+def test_status_of_a_fresh_process_shows_the_balance(
+    served: str, fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
+    monkeypatch.setenv("LENSMOR_BASE_URL", served)
+    out = io.StringIO()
+    assert main(["status"], out=out) == 0
+    text = out.getvalue()
+    assert "(memory backend)" in text
+    assert "balance     30,050 credits" in text
+    assert "0 credits by 0 guarded calls in flight" in text
+    assert "0 credits by 0 open holds" in text
+    assert "0 callers waiting" in text
+    assert fake.api_key not in text
+    out = io.StringIO()
+    assert main(["status", "--json"], out=out) == 0
+    status = json.loads(out.getvalue())
+    assert status["balance"] == fake.balance.to_api()
+    assert status["backend"] == "memory"
+    assert status["balance_error"] is None
+    assert (status["reserved"], status["held"], status["gate_waiting"]) == (0, 0, 0)
+    assert status["open_holds"] == []
+
+
+def test_status_shows_the_open_holds(served: str, fake: FakeLensmor) -> None:
+    import time
+
+    from creditguard import CreditGuard
+    from creditguard._status import status_json, status_table
+
+    with CreditGuard(fake.api_key, base_url=served) as guard:
+        hold = guard.hold(60, expires_in=600)
+        snapshot = guard.snapshot()
+        now = time.time()
+        table = status_table(guard, snapshot, None, now)
+        status = status_json(guard, snapshot, None, now)
+    assert "60 credits by 1 open hold" in table
+    assert hold.id in table
+    assert "9m 5" in table or "10m 00s" in table  # expires in about ten minutes
+    (shown,) = status["open_holds"]
+    assert (shown["id"], shown["cost"]) == (hold.id, 60)
+    assert 590 <= shown["expires_in"] <= 600
+
+
+def test_status_says_when_the_balance_cannot_be_read(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"http://127.0.0.1:{_free_port()}"
+    monkeypatch.setenv("LENSMOR_API_KEY", "sk-secret")
+    monkeypatch.setenv("LENSMOR_BASE_URL", url)
+    out = io.StringIO()
+    assert main(["status"], out=out) == 1
+    assert "balance     unavailable: could not reach the credits service" in out.getvalue()
+    assert "sk-secret" not in out.getvalue() + capsys.readouterr().err
+
+
+def test_status_with_a_bad_redis_url_says_so_without_credentials(
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
+    code = main(["status", "--redis-url", "mysql://root:s3cr3t@db.test/0"], out=io.StringIO())
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--redis-url" in err
+    assert "'mysql://db.test/0'" in err
+    assert "s3cr3t" not in err
+
+
+def test_status_over_redis_shows_what_every_process_holds(
+    served: str, fake: FakeLensmor, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another guard (its own RedisBackend, as another process has) holds credits: the
+    command, with the deployment's Redis, shows them."""
+    import uuid
+
+    from creditguard import CreditGuard
+    from creditguard.redis import RedisBackend
+
+    prefix = f"cli-{uuid.uuid4().hex[:8]}:"
+    backend = RedisBackend(redis_url, prefix=prefix)
+    monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
+    monkeypatch.setenv("LENSMOR_BASE_URL", served)
+    argv = ["status", "--redis-url", redis_url, "--prefix", prefix]
+    try:
+        with CreditGuard(fake.api_key, base_url=served, backend=backend) as guard:
+            hold = guard.hold(60, expires_in=600)
+            out = io.StringIO()
+            assert main([*argv, "--json"], out=out) == 0
+            status = json.loads(out.getvalue())
+            table = io.StringIO()
+            assert main(argv, out=table) == 0
+            hold.release()
+            after = io.StringIO()
+            assert main([*argv, "--json"], out=after) == 0
+    finally:
+        backend.close()
+    assert status["backend"] == "redis"
+    assert status["account"] == guard.account
+    assert status["balance"] == fake.balance.to_api()
+    assert (status["held"], status["holds"], status["reserved"]) == (60, 1, 0)
+    (shown,) = status["open_holds"]
+    assert (shown["id"], shown["cost"]) == (hold.id, 60)
+    assert 0 < shown["expires_in"] <= 600
+    assert "(redis backend)" in table.getvalue()
+    assert "60 credits by 1 open hold" in table.getvalue()
+    assert hold.id in table.getvalue()
+    assert redis_url not in table.getvalue()
+    released = json.loads(after.getvalue())
+    assert (released["held"], released["open_holds"]) == (0, [])
+
+
+def test_status_with_an_unreachable_redis_says_so(
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
+    url = f"redis://:s3cr3t@127.0.0.1:{_free_port()}/0"
+    assert main(["status", "--redis-url", url], out=io.StringIO()) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("creditguard: ")
+    assert "s3cr3t" not in err

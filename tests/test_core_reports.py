@@ -137,6 +137,83 @@ def test_spending_by_the_web_app_shows_in_the_reported_balance() -> None:
     assert guard.balance() == fake.balance
 
 
+def _short(total: int) -> dict[str, object]:
+    return {
+        "totalBalance": total,
+        "subscriptionBalance": total,
+        "permanentBalance": 0,
+        "unlimited": False,
+    }
+
+
+def _whole(total: int) -> dict[str, object]:
+    balance = FakeLensmor(subscription_balance=total, gift_balance=0).balance.to_api()
+    return {**balance, "totalAmount": max(total, 1000)}
+
+
+@pytest.mark.parametrize(
+    "report",
+    [
+        {"creditsSpent": 10, "balanceAfter": _whole(1000)},  # it was 100
+        {"creditsUsed": 10, "balanceAfter": _short(100)},  # a charge the total does not show
+        {"creditsUsed": 10, "balanceAfter": _short(95)},  # less than the charge
+        {"totalCreditsUsed": 10, "balanceAfter": 100},
+        {"creditsUsed": 0, "balanceAfter": _short(150)},
+        {"balanceAfter": _short(150)},
+    ],
+)
+def test_a_report_that_contradicts_the_balance_before_is_not_cached(
+    report: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The total after a call is at most the total before less the charge. A report
+    above that settles with a refresh: 91 credits are refused on the 90 left."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    assert guard.balance().total_balance == 100
+    with caplog.at_level(logging.WARNING, logger="creditguard"), guard.spend(10) as spend:
+        fake.charge(10)
+        spend.report(report)
+    assert "contradicts the balance before" in caplog.text
+    assert spend.balance_after is not None
+    assert spend.balance_after.total_balance == 90  # the refresh's
+    assert guard.balance().total_balance == 90
+    with pytest.raises(InsufficientCredits), guard.spend(91):
+        pytest.fail("admitted 91 on the 90 left")
+    assert guard._account.snapshot()[1:] == (0, 0)
+
+
+def test_a_decorated_call_whose_report_contradicts_is_settled_by_a_refresh() -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    answer = {"creditsSpent": 10, "balanceAfter": _whole(1000)}
+
+    @guard.requires_credits(10)
+    def unlock() -> dict[str, object]:
+        fake.charge(10)
+        return answer
+
+    assert unlock() is answer  # the result is never lost
+    assert guard.balance().total_balance == 90
+    with pytest.raises(InsufficientCredits), guard.spend(91):
+        pytest.fail("admitted 91 on the 90 left")
+
+
+def test_a_total_below_the_charge_is_the_web_app_spending_too() -> None:
+    """Lower than the balance before less the charge is legitimate (the web app shares
+    the pool): it is cached with no read."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    assert guard.balance().total_balance == 100
+    reads = fake.balance_requests
+    with guard.spend(10) as spend:
+        fake.charge(10)
+        fake.spend_outside(5)
+        spend.report({"creditsUsed": 10, "balanceAfter": _short(85)})
+    assert spend.charged == 10
+    assert guard.balance().total_balance == 85
+    assert fake.balance_requests == reads
+
+
 def test_report_outside_the_block_is_refused() -> None:
     fake = FakeLensmor()
     guard = CreditGuard(fake.api_key, transport=fake.transport)
@@ -169,8 +246,9 @@ def test_concurrent_calls_settle_with_refreshes_and_never_overspend() -> None:
         list(pool.map(call, range(16)))
     assert fake.balance.total_balance == 0
     assert refused == 6
-    assert guard._account.snapshot()[1:] == (0, 0)
+    # Decorated calls return before their refresh: the last ones settle at the next read.
     assert guard.balance() == fake.balance
+    assert guard._account.snapshot()[1:] == (0, 0)
 
 
 async def test_async_unlocks_settle_from_the_report() -> None:

@@ -60,6 +60,7 @@ from creditguard.testing import FakeLensmor, serve
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RUNNABLE_PAGES = (
+    "../README.md",
     "index.md",
     "tutorial.md",
     "howto/sync.md",
@@ -461,6 +462,10 @@ def test_reference_documents_every_cli_option() -> None:
     text = _reference_text()
     parser = build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command")
+    for action in parser._actions:  # the command's own: --version
+        for option in action.option_strings:
+            if option not in ("-h", "--help"):
+                assert f"creditguard {option}" in text, f"creditguard {option} undocumented"
     for name, sub in subparsers.choices.items():  # type: ignore[union-attr]
         assert f"creditguard {name}" in text, name
         for action in sub._actions:
@@ -475,7 +480,7 @@ def test_reference_documents_no_cli_option_that_does_not_exist() -> None:
     subparsers = next(a for a in parser._actions if a.dest == "command")
     options = {
         option
-        for sub in subparsers.choices.values()  # type: ignore[union-attr]
+        for sub in [parser, *subparsers.choices.values()]  # type: ignore[union-attr]
         for action in sub._actions
         for option in action.option_strings
     }

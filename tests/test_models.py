@@ -1,16 +1,21 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
 import math
 import pickle
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from creditguard import CreditBalance, InsufficientCredits, InvalidResponse
+from creditguard import CreditBalance, CreditGuard, InsufficientCredits, InvalidResponse, Precheck
+from creditguard.testing import FakeLensmor
 
 DOC_EXAMPLE = {
     "totalAmount": 35050,
@@ -167,8 +172,30 @@ def test_whole_float_timestamps() -> None:
 
 
 def test_large_whole_float_is_an_exact_int() -> None:
-    b = CreditBalance.from_api({**DOC_EXAMPLE, "totalAmount": 2.0**60})
-    assert b.total_amount == 2**60
+    b = CreditBalance.from_api({**DOC_EXAMPLE, "totalAmount": 2.0**52})
+    assert b.total_amount == 2**52
+
+
+@pytest.mark.parametrize("value", [2**53 - 1, float(2**53 - 1)])
+@pytest.mark.parametrize("field", COUNT_FIELDS)
+def test_the_largest_count_a_double_holds_exactly(field: str, value: int | float) -> None:
+    b = CreditBalance.from_api({**DOC_EXAMPLE_ADDON, field: value})
+    assert b.to_api()[field] == 2**53 - 1
+
+
+@pytest.mark.parametrize(
+    "huge",
+    [2**53, 2.0**53, 2**60, 2.0**60, 10**30, 1e30, 10**400],
+    ids=["2**53", "2.0**53", "2**60", "2.0**60", "10**30", "1e30", "10**400"],
+)
+@pytest.mark.parametrize("field", COUNT_FIELDS)
+def test_a_count_beyond_2_to_the_53_is_out_of_range(field: str, huge: int | float) -> None:
+    """Beyond 2**53 - 1 a double (the Redis backend's Lua) is not exact: out of range at
+    parse time, whichever backend the guard has."""
+    with pytest.raises(InvalidResponse, match=f"{field}.*out of range"):
+        CreditBalance.from_api({**DOC_EXAMPLE_ADDON, field: huge})
+    with pytest.raises(InvalidResponse, match=f"{field}.*out of range"):
+        CreditBalance.from_api({**DOC_EXAMPLE_ADDON, "extra": 1, field: huge})  # slow path
 
 
 # -- the add-on bucket (API 0.24+) ---------------------------------------------------------
@@ -426,3 +453,109 @@ def test_spending_conserves_credits(data: dict[str, Any], n: int) -> None:
     assert a.gift_balance == min(b.gift_balance, a.total_balance)  # gift goes last
     assert min(a.subscription_balance, a.addon_balance, a.gift_balance) >= 0
     assert a.to_api().keys() == data.keys()
+
+
+# -- out-of-range numbers at the public API, on both backends --------------------------
+
+BEYOND = 2**53  # the first integer past those a double (the Redis backend's Lua) holds exactly
+
+
+def _rewriting(
+    fake: FakeLensmor, path: str, change: Callable[[Any], Any], times: int = 1
+) -> httpx.MockTransport:
+    """The sandbox, with its first ``times`` answers at ``path`` changed by ``change``."""
+    left = [times]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        response = fake.transport.handle_request(request)
+        body = response.read()
+        if left[0] and request.url.path == path and response.is_success:
+            left[0] -= 1
+            body = json.dumps(change(json.loads(body))).encode()
+        return httpx.Response(response.status_code, content=body)
+
+    return httpx.MockTransport(handler)
+
+
+def _guard_with(transport: httpx.MockTransport, fake: FakeLensmor) -> CreditGuard:
+    return CreditGuard(fake.api_key, transport=transport, ttl=60)
+
+
+@pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("field", ["totalBalance", "totalAmount", "giftBalance"])
+@pytest.mark.parametrize("huge", [BEYOND, float(BEYOND), 2**64])
+def test_a_balance_beyond_2_to_the_53_is_invalid_and_the_read_ends(
+    field: str, huge: int | float
+) -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    change: Callable[[Any], Any] = lambda answer: {**answer, field: huge}  # noqa: E731
+    guard = _guard_with(_rewriting(fake, "/external/credits/balance", change, times=2), fake)
+    with pytest.raises(InvalidResponse, match="out of range"):
+        guard.balance()
+    with pytest.raises(InvalidResponse, match="out of range"), guard.spend(10):
+        pytest.fail("admitted on a balance out of range")
+    assert guard._account.snapshot()[1:] == (0, 0)
+    assert guard.balance() == fake.balance  # the failed reads ended: the next one is served
+    with guard.spend(10):
+        fake.charge(10)
+    assert guard.balance().total_balance == 90
+
+
+@pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize(
+    "answer",
+    [
+        {"creditsUsed": BEYOND, "balanceAfter": None},
+        {"creditsSpent": BEYOND},
+        {"totalCreditsUsed": 10, "balanceAfter": float(BEYOND)},
+        {
+            "creditsSpent": 10,
+            "balanceAfter": {
+                **FakeLensmor(subscription_balance=90, gift_balance=0).balance.to_api(),
+                "totalAmount": 2**60,
+            },
+        },
+    ],
+)
+def test_a_report_beyond_2_to_the_53_is_ignored_and_the_result_kept(
+    answer: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+
+    @guard.requires_credits(10)
+    def unlock() -> dict[str, Any]:
+        fake.charge(10)
+        return answer
+
+    with caplog.at_level(logging.WARNING, logger="creditguard"):
+        assert unlock() is answer
+    assert "malformed credits report" in caplog.text
+    assert guard.balance() == fake.balance  # settled with a refresh
+    assert guard.balance().total_balance == 90
+    assert guard._account.snapshot()[1:] == (0, 0)
+
+
+@pytest.mark.usefixtures("each_backend")
+@pytest.mark.parametrize("credits", [BEYOND, float(BEYOND), 10**30])
+def test_a_precheck_beyond_2_to_the_53_is_invalid_on_every_backend(credits: int | float) -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    change: Callable[[Any], Any] = lambda answer: {**answer, "credits": credits}  # noqa: E731
+    guard = _guard_with(_rewriting(fake, "/external/actions/precheck", change, times=2), fake)
+    params = {"personnel_ids": ["1001"]}
+    with pytest.raises(InvalidResponse, match=r"credits.*out of range"):
+        guard.precheck("unlock_contact_emails", params)
+    with (
+        pytest.raises(InvalidResponse, match=r"credits.*out of range"),
+        guard.spend(Precheck("unlock_contact_emails", params)),
+    ):
+        pytest.fail("admitted on a precheck out of range")
+    assert guard._account.snapshot()[1:] == (0, 0)
+    assert guard.precheck("unlock_contact_emails", params).credits == 15
+
+
+def test_a_count_too_long_to_print_is_described() -> None:
+    with pytest.raises(InvalidResponse, match=r"out of range.*-bit number"):
+        CreditBalance.from_api({**DOC_EXAMPLE, "totalBalance": 10**5000})
+    with pytest.raises(InvalidResponse, match=r"negative.*-bit negative number"):
+        CreditBalance.from_api({**DOC_EXAMPLE, "totalBalance": -(10**5000)})

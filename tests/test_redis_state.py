@@ -28,11 +28,13 @@ from redis.crc import key_slot
 
 from creditguard._config import _fingerprint
 from creditguard._models import CreditBalance
+from creditguard._redis_gate import RedisGate
 from creditguard._redis_state import (
     DEFAULT_PREFIX,
     SCRIPTS,
     SHAS,
     Admitted,
+    Busy,
     ReadBegun,
     ReadNeeded,
     RedisAccountState,
@@ -252,7 +254,7 @@ def test_admit_answers_a_known_balance_with_its_generation(
     third = ok(acct.admit("f", 1, TTL, True, True, known=second.tag))
     assert third == ("ok", bjson(7), 3, "e:3")
     # refusals and reads do not depend on it
-    assert acct.admit("g", 7, TTL, True, True, known="e:3") == ("refuse", 6, 1, bjson(7))
+    assert acct.admit("g", 8, TTL, True, True, known="e:3") == ("refuse", 7, 1, bjson(7))
     acct.invalidate()
     assert acct.admit("g", 1, TTL, True, True, known="e:3") == ("read", acct.state().floor)
     assert "cache_id" not in raw_hash(redis_client, acct.keys[0])
@@ -346,51 +348,68 @@ def test_admit_settles_finished_spends_first(acct: RedisAccountState) -> None:
     second = acct.finish("b")
     assert second == first + 1
     assert acct.admit("c", 4, TTL, True, True) == ("read", second)  # the newest of them
-    # without settle: they are admitted on the cached balance, so it excludes them
-    assert acct.admit("c", 4, TTL, False, True) == ("refuse", 2, 8, bjson(10))
+    # without settle: only calls in flight stand in the way: wait, or busy
+    assert acct.admit("c", 4, TTL, False, True) == ("wait", 0, 0)
+    assert acct.admit("c", 4, TTL, False, False) == Busy("busy", 2, 8)
     ok(acct.admit("c", 2, TTL, True, True))  # it fits: no read needed
     snap = acct.state()
     assert (snap.settling, snap.settling_after) == (2, second)
 
 
-def test_admit_waits_while_the_balance_is_ambiguous(
+def test_admit_waits_when_only_calls_in_flight_stand_in_the_way(
     acct: RedisAccountState, redis_client: redis.Redis
 ) -> None:
     store(acct, 10)
     ok(acct.admit("a", 6, TTL, True, True))  # admitted on gen 1
-    store(acct, 8)  # a read that may include a's charge: a is ambiguous about it
-    ok(acct.admit("b", 1, TTL, True, True))  # admitted on gen 2: excluded from it
+    store(acct, 8)  # a read that may include a's charge
+    ok(acct.admit("b", 1, TTL, True, True))  # admitted on gen 2
     snap = acct.state()
     assert (snap.cache_gen, snap.reserved) == (2, 7)
-    assert acct.admit("c", 2, TTL, True, True) == WaitNeeded("wait", 6, 0)
-    # may not wait: refused with what is available now
-    assert acct.admit("c", 2, TTL, True, False) == Refused("refuse", 1, 7, bjson(8))
-    # the caller's own enclosing spend cannot settle while it waits
-    assert acct.admit("c", 2, TTL, True, True, own_ids=["a"]) == ("refuse", 1, 7, bjson(8))
-    # an own spend that is excluded does not count as own
-    assert acct.admit("c", 2, TTL, True, True, own_ids=["b", "gone"]) == ("wait", 6, 0)
+    # 2 > 8 - 7, but the account could pay if the calls in flight charged nothing
+    assert acct.admit("c", 2, TTL, True, True) == WaitNeeded("wait", 0, 0)
+    # may not wait: busy, with what is available beside the calls in flight
+    assert acct.admit("c", 2, TTL, True, False) == Busy("busy", 1, 7)
+    # the caller's own enclosing spend cannot settle while it waits: it counts as spent
+    assert acct.admit("c", 2, TTL, True, True, own_ids=["a"]) == ("wait", 0, 6)
+    assert acct.admit("c", 3, TTL, True, True, own_ids=["a"]) == ("refuse", 2, 7, bjson(8))
+    assert acct.admit("c", 2, TTL, True, True, own_ids=["b", "gone"]) == ("wait", 0, 1)
     assert "c" not in records(redis_client, acct)
     assert acct.state().reserved == 7
 
 
-def test_unchecked_reservations_are_always_ambiguous(
+def test_unchecked_reservations_are_calls_in_flight(
     acct: RedisAccountState, redis_client: redis.Redis
 ) -> None:
     acct.reserve_unchecked("u", 3)
     assert records(redis_client, acct) == {"u": (3, -1, 0)}
     store(acct, 4)
     ok(acct.admit("a", 1, TTL, True, True))
-    assert acct.admit("b", 1, TTL, True, True) == ("wait", 3, 0)
+    assert acct.admit("b", 1, TTL, True, True) == ("wait", 0, 0)
     with pytest.raises(redis.ResponseError, match="already in use"):
         acct.reserve_unchecked("u", 1)
 
 
-def test_admit_refuses_when_nothing_is_ambiguous(acct: RedisAccountState) -> None:
+def test_admit_refuses_what_the_account_cannot_pay_beside_its_holds(
+    acct: RedisAccountState, redis_client: redis.Redis
+) -> None:
     store(acct, 10)
     ok(acct.admit("a", 7, TTL, True, True))
-    assert acct.admit("b", 4, TTL, True, True) == Refused("refuse", 3, 7, bjson(10))
-    store(acct, 2)  # charges went elsewhere: a is ambiguous; reserved over the balance
+    assert acct.admit("b", 4, TTL, True, True) == ("wait", 0, 0)
+    assert acct.admit("b", 4, TTL, True, False) == ("busy", 3, 7)
+    assert acct.admit("b", 11, TTL, True, True) == Refused("refuse", 10, 7, bjson(10))
+    # a hold is a commitment: what it holds is spent for a refusal
+    gate = RedisGate(redis_client, None, DEFAULT_PREFIX, FP)
+    assert gate.keep("a", 600_000, 7, 1, "", "") is not None
+    assert acct.committed() == 7
+    assert acct.admit("b", 4, TTL, True, True) == ("refuse", 3, 7, bjson(10))
+    ok(acct.admit("b", 3, TTL, True, True))  # it fits beside them all
+    assert acct.release("b")
+    store(acct, 2)  # charges went elsewhere: reserved over the balance
     assert acct.admit("b", 4, TTL, True, False) == ("refuse", 0, 7, bjson(2))
+    # claimed, it is a call in flight again
+    assert gate.hold("a", True, 60_000) is not None
+    assert acct.committed() == 0
+    assert acct.admit("b", 2, TTL, True, False) == ("busy", 0, 7)
 
 
 # -- reads -------------------------------------------------------------------------------
@@ -663,11 +682,12 @@ def test_only_expired_leases_are_swept(redis_client: redis.Redis) -> None:
     # b's lease expires (as a process that stopped renewing it); a's does not
     redis_client.zadd(acct.keys[2], {"b": server_ms(redis_client) - 1})
     redis_client.zadd(acct.keys[2], {"stray": server_ms(redis_client) - 1})  # no record
-    assert acct.admit("c", 1, TTL, True, True) == ("read", 1)
+    # (the stray lease is a lost record: the books are repaired, and distrusted, first)
+    assert acct.admit("c", 1, TTL, True, True) == ("read", 2)
     assert records(redis_client, acct) == {"a": (6, 1, 0)}
     assert redis_client.zrange(acct.keys[2], 0, -1) == [b"a"]
     snap = acct.state()
-    assert (snap.reserved, snap.inflight, snap.balance, snap.floor) == (6, 1, None, 1)
+    assert (snap.reserved, snap.inflight, snap.balance, snap.floor) == (6, 1, None, 2)
     # nothing more is due: operations leave the state as it is
     before = dump(redis_client)
     acct.state()
@@ -776,11 +796,11 @@ def _race(url: str, fingerprint: str, tries: int, barrier: Any, results: Any) ->
     barrier.wait(60)
     admitted = 0
     for i in range(tries):
-        result = acct.admit(f"{os.getpid()}-{i}", 1, TTL, True, True)
+        result = acct.admit(f"{os.getpid()}-{i}", 1, TTL, True, False)
         if isinstance(result, Admitted):
             admitted += 1
         else:
-            assert isinstance(result, Refused), result
+            assert isinstance(result, Busy), result
     results.put(admitted)
     client.close()
 
@@ -810,7 +830,8 @@ def test_processes_never_admit_more_than_the_balance(
     assert sum(counts) == k
     snap = acct.state()
     assert (snap.reserved, snap.inflight) == (k, k)
-    assert acct.admit("late", 1, TTL, True, True) == ("refuse", 0, k, bjson(k))
+    assert acct.admit("late", 1, TTL, True, False) == ("busy", 0, k)
+    assert acct.admit("late", k + 1, TTL, True, True) == ("refuse", k, k, bjson(k))
 
 
 # -- async twins -------------------------------------------------------------------------
@@ -831,9 +852,13 @@ async def test_async_twins(redis_url: str, redis_client: redis.Redis) -> None:
         assert not (await acct.astate()).flight
         gen = ok(await acct.aadmit("a", 3, TTL, True, True)).gen
         ok(await acct.aadmit("b", 4, TTL, True, True))
-        assert await acct.aadmit("c", 4, TTL, True, False) == ("refuse", 3, 7, bjson(10))
+        assert await acct.aadmit("c", 4, TTL, True, False) == ("busy", 3, 7)
+        assert await acct.aadmit("c", 11, TTL, True, False) == ("refuse", 10, 7, bjson(10))
+        assert await acct.acommitted() == 0
+        survey = await acct.asurvey()
+        assert survey == (bjson(10), 7, 2, 0, 0, 0, 0, ())
         await acct.areserve_unchecked("u", 1)
-        assert await acct.aadmit("c", 4, TTL, True, True) == ("wait", 1, 0)
+        assert await acct.aadmit("c", 4, TTL, True, True) == ("wait", 0, 0)
         assert await acct.arelease("u")
         assert await acct.arenew(["a", "b", "gone"]) == 2
         assert not await acct.asettle_alone("a", gen, bjson(7), 7)  # b is in flight too
@@ -841,7 +866,7 @@ async def test_async_twins(redis_url: str, redis_client: redis.Redis) -> None:
         assert after == 1
         assert await acct.aread_done("x", after, bjson(6), 6) == 1
         assert not await acct.asettle_alone("a", gen, bjson(3), 3)  # the read may include a
-        assert await acct.aadmit("c", 4, TTL, True, True) == ("wait", 3, 0)
+        assert await acct.aadmit("c", 4, TTL, True, True) == ("wait", 0, 0)
         assert (await acct.aread_begin("t2", BUDGET)).lead
         await acct.aread_failed("t2")
         snap = await acct.astate()

@@ -5,7 +5,11 @@ Against the sandbox's task endpoints, including one that debits per delivered co
 
 from __future__ import annotations
 
+import json
+import pickle
 import threading
+from collections.abc import Callable
+from typing import Any
 
 import httpx
 import pytest
@@ -15,6 +19,7 @@ from creditguard import (
     ContactUnlock,
     CreditGuard,
     InsufficientCredits,
+    InvalidResponse,
     TaskPending,
     UnknownHold,
     apoll_unlock_task,
@@ -35,13 +40,40 @@ IDS = ["1001", "1002", "1003", "1004"]
 
 
 def _guard(fake: FakeLensmor, **kwargs: object) -> CreditGuard:
-    return CreditGuard(
-        fake.api_key,
-        transport=fake.transport,
-        ttl=60,
-        admission_timeout=0,
-        **kwargs,  # type: ignore[arg-type]
-    )
+    options: dict[str, Any] = {"transport": fake.transport, **kwargs}
+    return CreditGuard(fake.api_key, ttl=60, admission_timeout=0, **options)
+
+
+class Rewrite:
+    """The sandbox, with its answers at paths starting ``prefix`` rewritten (the first
+    ``times`` of them) by ``change``: the decoded answer in, the new answer out (bytes are
+    sent as they are). Serves sync and async clients."""
+
+    def __init__(
+        self,
+        fake: FakeLensmor,
+        prefix: str,
+        change: Callable[[Any], object],
+        times: int = 1,
+    ) -> None:
+        self.fake = fake
+        self.prefix = prefix
+        self.change = change
+        self.times = times
+        self.transport = httpx.MockTransport(self.answer)
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        response = self.fake.transport.handle_request(request)
+        body = response.read()
+        if self.times and request.url.path.startswith(self.prefix) and response.is_success:
+            self.times -= 1
+            changed = self.change(json.loads(body))
+            body = changed if isinstance(changed, bytes) else json.dumps(changed).encode()
+        return httpx.Response(response.status_code, content=body)
+
+
+def _replace(**fields: object) -> Callable[[Any], object]:
+    return lambda answer: {**answer, **fields}
 
 
 def test_the_published_back_off() -> None:
@@ -231,4 +263,170 @@ async def test_async_unlocks() -> None:
     )
     assert done.balance_after is not None
     assert done.balance_after.total_balance == 925
+    assert reserved(guard) == 0
+
+
+SUBMIT = "/external/contacts/unlock"
+TASKS = "/external/contacts/unlock-tasks/"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _replace(skipped_personnel_ids=5),
+        _replace(skipped_personnel_ids=True),
+        _replace(skipped_personnel_ids=1.5),
+        _replace(skipped_personnel_ids="1001"),
+        _replace(skipped_personnel_ids={"1001": 1}),
+        _replace(skipped_personnel_ids=[None]),
+        _replace(skipped_personnel_ids=[["1001"]]),
+        _replace(skipped_personnel_ids=[2**53]),
+        _replace(status=5),
+        _replace(status=None),
+        _replace(status="queued"),
+    ],
+)
+def test_a_malformed_submission_answer_keeps_the_hold_and_the_task_id(
+    change: Callable[[Any], object],
+) -> None:
+    """The submission was accepted: a task may run and charge. A malformed answer is
+    InvalidResponse naming the task and the hold, which stays open: the caller polls."""
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake, transport=Rewrite(fake, SUBMIT, change).transport)
+    with pytest.raises(InvalidResponse) as bad:
+        submit_contact_unlock(guard, IDS)
+    task_id, hold_id = bad.value.task_id, bad.value.hold_id
+    assert task_id is not None
+    assert hold_id is not None
+    assert task_id in str(bad.value)
+    again = pickle.loads(pickle.dumps(bad.value))  # noqa: S301 - as a worker queue would
+    assert (again.task_id, again.hold_id, str(again)) == (task_id, hold_id, str(bad.value))
+    assert reserved(guard) == 60
+    assert guard.hold_by_id(hold_id).cost == 60
+    done = poll_unlock_task(guard, task_id, hold_id=hold_id, backoff=FAST)
+    assert done.status == "completed"
+    assert set(done.delivered) == set(IDS)
+    assert done.balance_after is not None
+    assert done.balance_after.total_balance == 940
+    assert reserved(guard) == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _replace(task_id=5),
+        _replace(task_id=None),
+        _replace(task_id=""),
+        _replace(task_id=["t"]),
+        _replace(task_id="t-1\nERROR forged log line"),
+        _replace(task_id="t" * 201),
+        lambda answer: b"<html>accepted</html>",
+        lambda answer: [answer],
+        lambda answer: b"\xff\xfe",
+    ],
+)
+def test_a_submission_answer_without_a_task_id_keeps_the_hold(
+    change: Callable[[Any], object],
+) -> None:
+    """No task id to poll: the hold stays open for the caller to settle (a read after
+    the work) or release by id; it is never released as if nothing were chargeable."""
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake, transport=Rewrite(fake, SUBMIT, change).transport)
+    with pytest.raises(InvalidResponse) as bad:
+        submit_contact_unlock(guard, IDS)
+    assert bad.value.task_id is None
+    hold_id = bad.value.hold_id
+    assert hold_id is not None
+    assert reserved(guard) == 60
+    after = guard.hold_by_id(hold_id).settle()
+    assert after is not None
+    assert after.total_balance == 940  # the sandbox debits at submission
+    assert reserved(guard) == 0
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        _replace(taskStatus="completed", items=5),
+        _replace(taskStatus="completed", items=True),
+        _replace(taskStatus="completed", items=1.5),
+        _replace(taskStatus="completed", items="1001"),
+        _replace(taskStatus="completed", items={"personnelId": "1001"}),
+        _replace(taskStatus="completed", items=[5]),
+        _replace(taskStatus="completed", items=[{"personnelId": 2**53, "status": "unlocked"}]),
+        _replace(taskStatus="completed", items=[{"personnelId": -1, "status": "unlocked"}]),
+        _replace(taskStatus="failed", items=[{"personnelId": None, "status": "failed"}]),
+        _replace(taskStatus="completed", items=[{"personnelId": "1001", "status": 1}]),
+        _replace(
+            taskStatus="completed",
+            items=[{"personnelId": "1001", "status": "unlocked", "email": 5}],
+        ),
+        _replace(
+            taskStatus="completed",
+            items=[{"personnelId": "1001", "status": "failed", "errorCode": ["X"]}],
+        ),
+        _replace(taskStatus=5),
+        _replace(taskStatus=None),
+        lambda answer: b"not json",
+        lambda answer: [answer],
+    ],
+)
+def test_a_malformed_task_answer_keeps_the_hold_and_names_the_task(
+    change: Callable[[Any], object],
+) -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    guard = _guard(fake, transport=Rewrite(fake, TASKS, change).transport)
+    submitted = submit_contact_unlock(guard, IDS)
+    assert submitted.task_id is not None
+    with pytest.raises(InvalidResponse) as bad:
+        poll_unlock_task(guard, submitted.task_id, hold_id=submitted.hold_id, backoff=FAST)
+    assert bad.value.task_id == submitted.task_id
+    assert bad.value.hold_id == submitted.hold_id
+    assert reserved(guard) == 60  # the hold is still open: poll again
+    done = poll_unlock_task(guard, submitted.task_id, hold_id=submitted.hold_id, backoff=FAST)
+    assert done.status == "completed"
+    assert set(done.delivered) == set(IDS)
+    assert reserved(guard) == 0
+
+
+def test_unlock_contacts_keeps_the_ids_of_a_malformed_task_answer() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    change = _replace(taskStatus="completed", items=5)
+    guard = _guard(fake, transport=Rewrite(fake, TASKS, change).transport)
+    with pytest.raises(InvalidResponse) as bad:
+        unlock_contacts(guard, IDS, backoff=FAST)
+    assert bad.value.task_id is not None
+    assert bad.value.hold_id is not None
+    done = poll_unlock_task(guard, bad.value.task_id, hold_id=bad.value.hold_id, backoff=FAST)
+    assert done.status == "completed"
+    assert reserved(guard) == 0
+
+
+def test_task_answers_with_numeric_ids_and_unknown_fields_are_accepted() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+
+    def numeric(answer: Any) -> object:
+        items = [
+            {**item, "personnelId": int(item["personnelId"]), "x": [1]} for item in answer["items"]
+        ]
+        return {**answer, "items": items, "extra": {"a": None}}
+
+    guard = _guard(fake, transport=Rewrite(fake, TASKS, numeric, times=100).transport)
+    unlock = unlock_contacts(guard, IDS, backoff=FAST)
+    assert unlock.status == "completed"
+    assert set(unlock.delivered) == set(IDS)
+
+
+async def test_async_malformed_answers_keep_the_hold() -> None:
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    change = _replace(skipped_personnel_ids=1.5)
+    guard = _guard(fake, transport=Rewrite(fake, SUBMIT, change).transport)
+    with pytest.raises(InvalidResponse) as bad:
+        await asubmit_contact_unlock(guard, IDS)
+    task_id, hold_id = bad.value.task_id, bad.value.hold_id
+    assert task_id is not None
+    assert hold_id is not None
+    assert reserved(guard) == 60
+    done = await apoll_unlock_task(guard, task_id, hold_id=hold_id, backoff=FAST)
+    assert done.status == "completed"
     assert reserved(guard) == 0

@@ -43,7 +43,7 @@ near_miss = st.dictionaries(
     json_values | st.integers() | st.floats(),
     max_size=12,
 )
-_count = st.integers(min_value=0, max_value=2**63)
+_count = st.integers(min_value=0, max_value=2**53 - 1)  # the range a double holds exactly
 _timestamp = st.none() | st.integers(min_value=0, max_value=253_402_300_799_999)
 valid_022 = st.fixed_dictionaries({**{name: _count for name in FIELDS[:-1]}, "resetAt": _timestamp})
 valid_024 = st.fixed_dictionaries(
@@ -110,7 +110,7 @@ def test_from_api_field_missing(data: dict[str, Any], name: str) -> None:
 @given(valid, st.data())
 def test_from_api_accepts_whole_floats(data: dict[str, Any], draw: st.DataObject) -> None:
     """Counts and timestamps sent as JSON floats with no fraction are the ints they stand
-    for (a float above 2**53 stands for the int it holds, not for the one it came from)."""
+    for."""
     sent = {
         k: v if v is None or not draw.draw(st.booleans()) else float(v) for k, v in data.items()
     }
@@ -307,3 +307,165 @@ def test_parse_retry_after_with_a_naive_now_never_raises(value: str, now: dateti
     header date without one; it must not raise ``TypeError``."""
     seconds = parse_retry_after(value, now=now)
     assert seconds is None or 0 <= seconds <= 1e9
+
+
+# -- contact unlock task answers -------------------------------------------------------
+
+_IDS = ["1001", "1002", "1003", "1004"]
+_SUBMIT_FIELDS = ("status", "task_id", "skipped_personnel_ids", "skipped_detail")
+_TASK_FIELDS = ("taskId", "taskStatus", "items")
+_ITEM_FIELDS = ("personnelId", "status", "email", "errorCode")
+
+
+class _Hostile:
+    """The sandbox, with its answers at paths starting ``prefix`` replaced by ``change``
+    of the genuine answer (bytes are sent as they are)."""
+
+    def __init__(self, prefix: str, change: Any) -> None:
+        from creditguard.testing import FakeLensmor
+
+        self.fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+        self.prefix = prefix
+        self.change = change
+        self.guard = CreditGuard(
+            self.fake.api_key, transport=httpx.MockTransport(self.answer), ttl=60
+        )
+
+    def answer(self, request: httpx.Request) -> httpx.Response:
+        response = self.fake.transport.handle_request(request)
+        body = response.read()
+        if request.url.path.startswith(self.prefix) and response.is_success:
+            changed = self.change(json.loads(body))
+            body = changed if isinstance(changed, bytes) else json.dumps(changed).encode()
+        return httpx.Response(response.status_code, content=body)
+
+    def held(self) -> int:
+        return self.guard._account.snapshot()[1]
+
+
+def _changes(fields: tuple[str, ...], values: Any) -> Any:
+    """Replace some of the answer's fields (or add fields of the same names), or send a
+    value of any shape instead of the answer."""
+    return st.dictionaries(st.sampled_from(fields) | st.text(max_size=8), values, max_size=4).map(
+        lambda fields: lambda answer: {**answer, **fields}
+    ) | json_values.map(lambda value: lambda answer: value)
+
+
+_items = st.lists(
+    st.dictionaries(st.sampled_from(_ITEM_FIELDS), json_values, max_size=4) | json_values,
+    max_size=3,
+)
+_submit_changes = _changes(_SUBMIT_FIELDS, json_values | st.lists(json_values, max_size=3))
+_task_changes = _changes(
+    _TASK_FIELDS,
+    json_values | _items | st.sampled_from(["completed", "failed", "pending"]),
+)
+
+
+@settings(FUZZ, max_examples=150)
+@given(_submit_changes)
+@example(lambda answer: {**answer, "skipped_personnel_ids": 5})
+@example(lambda answer: {**answer, "skipped_personnel_ids": True})
+@example(lambda answer: {**answer, "task_id": 5})
+@example(lambda answer: b"\xff")
+def test_a_hostile_submission_answer_is_invalid_response_and_keeps_the_hold(
+    change: Any,
+) -> None:
+    """Whatever an accepted submission answers: a ContactUnlock, or InvalidResponse with
+    the hold still open and named (and the task, when the answer named one)."""
+    from creditguard import ContactUnlock, submit_contact_unlock
+
+    hostile = _Hostile("/external/contacts/unlock", change)
+    unlock: ContactUnlock | InvalidResponse
+    try:
+        unlock = submit_contact_unlock(hostile.guard, _IDS)
+    except InvalidResponse as exc:
+        unlock = exc
+    if isinstance(unlock, InvalidResponse):
+        assert unlock.hold_id is not None
+        assert hostile.guard.hold_by_id(unlock.hold_id).cost == 60
+        assert unlock.task_id is None or isinstance(unlock.task_id, str)
+        assert hostile.held() == 60
+        return
+    assert all(isinstance(pid, str) for pid in unlock.skipped)
+    if unlock.status == "accepted":
+        assert isinstance(unlock.task_id, str)
+        assert hostile.held() == 60
+    else:
+        assert unlock.status == "success"
+        assert hostile.held() == 0
+
+
+@settings(FUZZ, max_examples=150)
+@given(_task_changes)
+@example(lambda answer: {**answer, "taskStatus": "completed", "items": 5})
+@example(lambda answer: {**answer, "taskStatus": "completed", "items": True})
+@example(lambda answer: {**answer, "taskStatus": "completed", "items": 1.5})
+@example(lambda answer: {**answer, "taskStatus": "completed", "items": [{"email": 5}]})
+def test_a_hostile_task_answer_is_invalid_response_and_keeps_the_hold(change: Any) -> None:
+    """Whatever a task poll answers: a ContactUnlock whose hold was settled, TaskPending,
+    or InvalidResponse naming the task and its hold, which stays open."""
+    from creditguard import ContactUnlock, TaskPending, poll_unlock_task, submit_contact_unlock
+
+    hostile = _Hostile("/external/contacts/unlock-tasks/", change)
+    submitted = submit_contact_unlock(hostile.guard, _IDS)
+    assert submitted.task_id is not None
+    assert submitted.hold_id is not None
+    done: ContactUnlock | InvalidResponse | TaskPending
+    try:
+        done = poll_unlock_task(
+            hostile.guard,
+            submitted.task_id,
+            hold_id=submitted.hold_id,
+            backoff=(0.001,),
+            max_wait=0.005,
+        )
+    except (InvalidResponse, TaskPending) as exc:
+        done = exc
+    if not isinstance(done, ContactUnlock):
+        assert (done.task_id, done.hold_id) == (submitted.task_id, submitted.hold_id)
+        assert hostile.held() == 60
+        return
+    assert done.status in ("completed", "failed")
+    assert isinstance(done.delivered, dict)
+    assert hostile.held() == 0
+
+
+# -- what a paid call's report may leave in the cache ----------------------------------
+
+
+@settings(FUZZ, max_examples=200)
+@given(
+    st.none() | st.integers(min_value=0, max_value=200),
+    st.none() | st.integers(min_value=0, max_value=300),
+    st.integers(min_value=0, max_value=100),
+)
+@example(10, 100, 10)  # a charge the total does not show
+@example(10, 1000, 10)  # a total that grew tenfold
+def test_a_report_never_caches_more_than_the_balance_before_less_its_charge(
+    charged: int | None, total: int | None, actual: int
+) -> None:
+    """Whatever a paid call reports, the guard caches at most the balance it was admitted
+    on less the reported charge; a report above that settles with a read (the truth)."""
+    from creditguard.testing import FakeLensmor
+
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    assert guard.balance().total_balance == 100
+    report: dict[str, Any] = {}
+    if charged is not None:
+        report["creditsUsed"] = charged
+    if total is not None:
+        report["balanceAfter"] = {
+            "totalBalance": total,
+            "subscriptionBalance": total,
+            "permanentBalance": 0,
+        }
+    with guard.spend(100) as spend:
+        fake.charge(actual)
+        spend.report(report)
+    cached = guard.balance().total_balance  # no read: what the spend left in the cache
+    real = fake.balance.total_balance
+    assert cached == real or cached <= 100 - (charged or 0)
+    if total is not None and total > 100 - (charged or 0):
+        assert cached == real

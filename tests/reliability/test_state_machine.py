@@ -45,6 +45,7 @@ from hypothesis.stateful import (
 
 import creditguard._state as state_module
 from creditguard import (
+    AdmissionTimeout,
     BalanceUnavailable,
     CreditBalance,
     CreditGuard,
@@ -52,6 +53,7 @@ from creditguard import (
     RetryPolicy,
     Spend,
 )
+from creditguard._steps import own_credits
 from creditguard.testing import FakeLensmor
 
 from .support import reads_in_flight
@@ -269,14 +271,26 @@ class GuardMachine(RuleBasedStateMachine):
         self.opens[self.next_id] = Open(cost, spend, mode)
         self.next_id += 1
 
-    def refused(self, cost: int, exc: BaseException, faults_before: bool) -> None:
+    def own(self) -> int:
+        """The credits of the caller's own enclosing blocks: sync blocks entered in this
+        thread and left open enclose the next one, and the portal's tasks start in a copy
+        of this thread's context, so they enclose those too."""
+        return own_credits(tuple(o._reservation for o in self.guard._enclosing() if o._reservation))
+
+    def refused(self, cost: int, exc: BaseException, faults_before: bool, own: int) -> None:
         if isinstance(exc, InsufficientCredits):
             self.note("denied")
             assert exc.required == cost > exc.available >= 0
             if not self.tainted:
-                # Denied on the true balance minus exactly what is in flight: no more.
+                # A true refusal: the account cannot pay even if every call in flight but
+                # the caller's own enclosing ones charges nothing.
                 assert exc.balance == self.fake.balance
-                assert exc.available == max(0, self.fake.balance.total_balance - self.in_block())
+                assert exc.available == max(0, self.fake.balance.total_balance - own)
+                assert cost > self.fake.balance.total_balance - own
+        elif isinstance(exc, AdmissionTimeout):
+            self.note("busy")
+            assert exc.required == cost
+            assert exc.reserved > 0  # only calls in flight stood in the way
         elif isinstance(exc, BalanceUnavailable):
             self.note("unavailable")
             assert faults_before, f"unavailable without a fault: {exc!r}"
@@ -307,10 +321,11 @@ class GuardMachine(RuleBasedStateMachine):
     def begin_sync(self, cost: int) -> None:
         faults = self.pending_faults()
         spend = self.guard.spend(cost)
+        own = self.own()
         try:
             spend.__enter__()
         except Exception as exc:
-            self.refused(cost, exc, faults)
+            self.refused(cost, exc, faults, own)
         else:
             self.admitted(cost, "sync", spend)
 
@@ -327,7 +342,7 @@ class GuardMachine(RuleBasedStateMachine):
             self._cancel_leader(leader_cost, cost if variant == "with waiter" else None)
 
     def _begin_async(self, cost: int) -> None:
-        faults = self.pending_faults()
+        faults, own = self.pending_faults(), self.own()
         admitted: concurrent.futures.Future[Spend] = concurrent.futures.Future()
         box: dict[str, Any] = {}
         done = self.portal.start_task_soon(_actor, self.guard, cost, admitted, box)
@@ -335,7 +350,7 @@ class GuardMachine(RuleBasedStateMachine):
             spend = admitted.result(WAIT)
         except Exception as exc:
             done.exception(WAIT)
-            self.refused(cost, exc, faults)
+            self.refused(cost, exc, faults, own)
         else:
             self.admitted(cost, "async", spend)
             self.opens[self.next_id - 1].box = box
@@ -437,7 +452,7 @@ class GuardMachine(RuleBasedStateMachine):
         waiter_admitted: concurrent.futures.Future[Spend] = concurrent.futures.Future()
         waiter_box: dict[str, Any] = {}
         waiter = None
-        faults = self.pending_faults()
+        faults, own = self.pending_faults(), self.own()
         if waiter_cost is not None:
             waiter = self.portal.start_task_soon(
                 _actor, self.guard, waiter_cost, waiter_admitted, waiter_box
@@ -456,7 +471,7 @@ class GuardMachine(RuleBasedStateMachine):
                 spend = waiter_admitted.result(WAIT)
             except Exception as exc:
                 waiter.exception(WAIT)
-                self.refused(waiter_cost, exc, faults)
+                self.refused(waiter_cost, exc, faults, own)
             else:
                 self.admitted(waiter_cost, "async", spend)
                 self.opens[self.next_id - 1].box = waiter_box
@@ -508,7 +523,7 @@ class GuardMachine(RuleBasedStateMachine):
         """A balance read is answered, then delayed; meanwhile the balance changes (or the
         guard is told it may have). When the stale answer arrives it must not be trusted
         beyond what the guard still reserves."""
-        faults = self.pending_faults()
+        faults, own = self.pending_faults(), self.own()
         if event.startswith("async admission"):
             # No usable cache: the caller's admission must wait on the read in flight.
             self.guard.invalidate()
@@ -578,7 +593,7 @@ class GuardMachine(RuleBasedStateMachine):
                 spend = admitted.result(WAIT)
             except Exception as exc:
                 done.exception(WAIT)
-                self.refused(cost, exc, faults)
+                self.refused(cost, exc, faults, own)
             else:
                 self.admitted(cost, "async", spend)
                 self.opens[self.next_id - 1].box = box
