@@ -278,3 +278,25 @@ def test_current_spend_accessor(guard: CreditGuard) -> None:
     assert found[0].cost == 10
     assert found[1] is None
     assert flask_spend() is None  # outside any request
+
+
+def test_a_response_dropped_unclosed_by_an_outer_layer_ends_its_spend(
+    app: Flask, events: Recorder
+) -> None:
+    import gc
+
+    from werkzeug.test import Client
+
+    inner = app.wsgi_app
+
+    def replacing(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        """A WSGI layer outside Flask that answers its own body and never closes Flask's."""
+        b"".join(inner(environ, lambda status, headers, exc_info=None: lambda data: None))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"replaced"]
+
+    app.wsgi_app = replacing  # type: ignore[method-assign]
+    response = Client(app).post("/events/e/unlock")
+    gc.collect()
+    assert response.get_data() == b"replaced"
+    assert events.kinds == ["admitted", "failed"]  # released, not stranded
