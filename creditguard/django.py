@@ -20,10 +20,12 @@ Sync and async (ASGI) both. See ``docs/howto/django.md``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar, cast
@@ -207,45 +209,120 @@ def _answer(problem: Problem) -> Any:
     return response
 
 
-# The spends of the request being handled in this context that wait for its response to
-# be finished. Django sends ``request_finished`` when it closes the response it sends
-# (after the last byte), whatever response that is: an outer middleware may have replaced
-# the one the view answered (``ConditionalGetMiddleware``'s 304), and the replaced one is
-# never closed. The WSGI server closes the response in the request's thread; Django's ASGI
-# handler closes it in a copy of the request's context: both see this variable.
-_waiting: ContextVar[list[Spend] | None] = ContextVar("creditguard_waiting", default=None)
+# The spends of the requests being handled that wait for their response to be finished.
+# Django closes the response it sends after the last byte, whatever response that is: a
+# middleware outside this one may have replaced the one the view answered
+# (``ConditionalGetMiddleware``'s 304), and the replaced one is never closed. So a spend
+# does not wait on its response:
+#
+# * under the WSGI handler (and Django's test clients), the response is closed, and
+#   ``request_finished`` sent, in the request's own context (thread): the spend waits in
+#   a list of that context (made at ``request_started``), charged at ``request_finished``;
+# * under the ASGI handler, the view runs in a task of its own, which ends once the
+#   response is sent (or the client is gone), and the response is closed outside it: the
+#   spend is charged when that task is done (a sync view, run in a worker thread, has
+#   no task: its spend is charged when the handler releases the request, after closing
+#   the response; at the latest when it is garbage collected).
+_waiting: ContextVar[list[_Waiting] | None] = ContextVar("creditguard_waiting", default=None)
 _connected = False
+_connect_lock = threading.Lock()
+_settling: set[asyncio.Task[None]] = set()  # settle tasks started from the event loop
 
 
-def _settle_when_finished(response: Any, spend: Spend, charge_when: Callable[[int], bool]) -> None:
-    """End ``spend`` when Django finishes the request (``request_finished``), charged;
-    at once, failed, when ``charge_when`` does not charge ``response``'s status."""
+class _Waiting:
+    """One spend waiting for its request's end; settled (charged) once."""
+
+    __slots__ = ("done", "spend")
+
+    def __init__(self, spend: Spend) -> None:
+        self.spend = spend
+        self.done = False
+
+    def settle(self) -> None:
+        if not self.done:
+            self.done = True
+            self.spend.__exit__(None, None, None)
+
+    async def asettle(self) -> None:
+        if not self.done:
+            self.done = True
+            await self.spend.__aexit__(None, None, None)
+
+    def settle_soon(self) -> None:
+        """Settle now, or, on an event loop's thread, in a task (no blocking read)."""
+        if self.done:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.settle()
+            return
+        task = loop.create_task(self.asettle())
+        _settling.add(task)
+        task.add_done_callback(_settling.discard)
+
+
+def _connect() -> None:
+    """Connect the ``request_started`` / ``request_finished`` receivers, once."""
     global _connected
+    if _connected:
+        return
+    with _connect_lock:
+        if not _connected:
+            signals = _django("django.core.signals")
+            signals.request_started.connect(_started, dispatch_uid="creditguard.django.started")
+            signals.request_finished.connect(_finished, dispatch_uid="creditguard.django.finished")
+            _connected = True
+
+
+def _started(**kwargs: Any) -> None:
+    """``request_started`` receiver: a new list of waiting spends for this context; a
+    spend still waiting in it lost its request's end, and ends as failed."""
+    left = _waiting.get()
+    _waiting.set([])
+    for waiting in left or ():
+        if not waiting.done:
+            waiting.done = True
+            waiting.spend.__exit__(ActionFailed, ActionFailed(0), None)
+
+
+def _settle_when_finished(
+    request: Any, response: Any, spend: Spend, charge_when: Callable[[int], bool]
+) -> None:
+    """End ``spend`` when Django finishes ``request``, charged; at once, failed, when
+    ``charge_when`` does not charge ``response``'s status."""
     status = response.status_code
     if not charge_when(status):
         spend.__exit__(ActionFailed, ActionFailed(status), None)
         return
-    if not _connected:
-        _django("django.core.signals").request_finished.connect(
-            _finished, dispatch_uid="creditguard.django.finished"
-        )
-        _connected = True
-    waiting = _waiting.get()
-    if waiting is None:
-        waiting = []
-        _waiting.set(waiting)
-    waiting.append(spend)
+    _connect()
+    waiting = _Waiting(spend)
+    found = _waiting.get()
+    if found is None:  # no request_started seen in this context (a view called directly)
+        found = []
+        _waiting.set(found)
+    found.append(waiting)
+    if hasattr(request, "scope"):  # an ASGIRequest: its view runs in a task of its own
+        try:
+            task = asyncio.current_task()
+        except RuntimeError:  # a sync view, in a worker thread
+            task = None
+        if task is not None:  # it ends once the response is sent (or the client gone)
+            task.add_done_callback(lambda _: waiting.settle_soon())
+        else:  # the handler releases the request once the response is closed
+            weakref.finalize(request, waiting.settle_soon)
 
 
 def _finished(**kwargs: Any) -> None:
-    """``request_finished`` receiver: the request's response was closed; charge its spends."""
-    waiting = _waiting.get()
-    if not waiting:
+    """``request_finished`` receiver: this context's request is finished; charge the
+    spends waiting for it."""
+    found = _waiting.get()
+    if not found:
         return
-    spends = waiting[:]
-    waiting.clear()
-    for spend in spends:
-        spend.__exit__(None, None, None)
+    waiting = found[:]
+    found.clear()
+    for each in waiting:
+        each.settle()
 
 
 class _Guarding:
@@ -262,6 +339,7 @@ class _Guarding:
         check_guard_spec(guard, optional=True)
         check_hook("on_error", on_error)
         check_hook("charge_when", charge_when)
+        _connect()  # before the first request starts
         self.guard = guard
         self.on_error = on_error
         self.charge_when = charge_when
@@ -296,7 +374,7 @@ class _Guarding:
         except BaseException:
             spend.__exit__(*sys.exc_info())
             raise
-        _settle_when_finished(response, spend, charge_when)
+        _settle_when_finished(request, response, spend, charge_when)
         return response
 
     async def arun(
@@ -322,7 +400,7 @@ class _Guarding:
         except BaseException:
             await spend.__aexit__(*sys.exc_info())
             raise
-        _settle_when_finished(response, spend, charge_when)
+        _settle_when_finished(request, response, spend, charge_when)
         return response
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from django.http import HttpResponse
 from django.test import AsyncClient, Client, override_settings
@@ -306,3 +307,51 @@ def test_the_route_django_runs_is_priced_by_its_own_pattern(
         assert Client().get("/shadow/free").content == b"shadow free"
     assert views[0] is not None
     assert events.kinds == ["admitted", "spent"]
+
+
+def test_replaced_responses_settle_under_a_real_asgi_server(fake: FakeLensmor) -> None:
+    """Django's ASGI handler runs the view in a task of its own and closes the response
+    (``request_finished``) outside it: the spend still settles, 304 or not."""
+    import threading
+
+    from django.core.asgi import get_asgi_application
+
+    from creditguard import GuardEvent, RetryPolicy
+    from creditguard.testing import serve
+
+    kinds: list[str] = []
+    settled = threading.Event()
+
+    def on_event(event: GuardEvent) -> None:
+        kinds.append(event.kind)
+        if kinds.count("spent") + kinds.count("failed") == 2:
+            settled.set()
+
+    with (
+        CreditGuard(
+            fake.api_key,
+            transport=fake.transport,
+            ttl=60,
+            on_event=on_event,
+            retry=RetryPolicy(attempts=1),
+        ) as guard,
+        override_settings(
+            MIDDLEWARE=CONDITIONAL, CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}
+        ),
+    ):
+        django_app = get_asgi_application()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":  # Django's handler takes HTTP only
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            await django_app(scope, receive, send)
+
+        with serve(app) as url, httpx.Client(base_url=url) as http:
+            first = http.get("/page")
+            again = http.get("/page", headers={"If-None-Match": first.headers["ETag"]})
+            assert settled.wait(15), kinds
+    assert (first.status_code, again.status_code) == (200, 304)
+    assert sorted(kinds) == ["admitted", "admitted", "spent", "spent"]
