@@ -90,11 +90,10 @@ def exercise(url: str) -> None:
         assert refused.status_code == 402
         assert refused.headers["content-type"] == "application/problem+json"
         problem = refused.json()
-        assert (problem["error"], problem["required"], problem["available"]) == (
-            "insufficient_credits",
-            10,
-            0,
-        )
+        assert (problem["error"], problem["required"]) == ("insufficient_credits", 10)
+        # 0, or 5 while the contacts unlock's spend (settled once its response is sent)
+        # is still in flight: the cost exceeds the balance either way.
+        assert problem["available"] in (0, 5)
 
 
 @pytest.mark.parametrize(
