@@ -5,7 +5,7 @@ Configured from the environment, read at import (so ``--preload`` builds it in t
 ``LENSMOR_BASE_URL`` and ``LENSMOR_API_KEY``; ``DEPLOY_BACKEND`` (``memory`` or ``redis``,
 the latter on ``CREDITGUARD_REDIS_URL``); ``DEPLOY_MAX_CONCURRENT`` (``0``: no gate);
 ``DEPLOY_READ_AT_IMPORT`` (``1``: read the balance at import, which ``--preload`` makes in
-the master, before the fork).
+the master, before the fork); ``DEPLOY_PAID`` (below).
 
 ``POST /search`` answers 200 ``{"upstream": 201}`` when Lensmor served (and charged) the
 search, 502 ``{"upstream": <status>}`` when Lensmor refused it (402: the guard let through
@@ -25,6 +25,10 @@ from creditguard.flask import CreditGuardExtension, requires_credits
 
 SEARCH_COST = 50
 SEARCH_PATH = "/external/exhibitors/search-by-company-name"
+# "search": the exhibitor search, which Lensmor runs one at a time per key (409 to an
+# overlapping one); "charge": the sandbox's /sandbox/charge, which has no such limit, to see
+# what the guard alone does with concurrent calls.
+PAID = os.environ.get("DEPLOY_PAID", "search")
 
 options: dict[str, Any] = {"ttl": 5}
 if os.environ.get("DEPLOY_BACKEND", "memory") == "redis":
@@ -50,5 +54,8 @@ lensmor = httpx.Client(
 @app.post("/search")
 @requires_credits(SEARCH_COST)
 def search() -> tuple[dict[str, int], int]:
-    answer = lensmor.post(SEARCH_PATH, json={"company_name": "Acme"})
+    if PAID == "charge":
+        answer = lensmor.post("/sandbox/charge", params={"credits": SEARCH_COST})
+    else:
+        answer = lensmor.post(SEARCH_PATH, json={"company_name": "Acme"})
     return {"upstream": answer.status_code}, 200 if answer.is_success else 502

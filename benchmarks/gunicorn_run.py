@@ -30,10 +30,11 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -46,6 +47,7 @@ API_KEY = "test-key"
 class Variant:
     name: str
     backend: str  # "memory" or "redis"
+    paid: str = "search"  # the paid call: "search" (409 when overlapping) or "charge" (never)
     max_concurrent: int = 0
     preload: bool = False
     max_requests: int = 0  # gunicorn restarts a worker after this many requests (0: never)
@@ -53,12 +55,18 @@ class Variant:
 
 
 VARIANTS = (
-    Variant("memory", "memory"),
-    Variant("redis", "redis"),
-    Variant("redis_preload", "redis", preload=True),
-    Variant("redis_preload_read", "redis", preload=True, read_at_import=True),
-    Variant("redis_restarts", "redis", max_requests=20),
-    Variant("redis_gate1", "redis", max_concurrent=1),
+    # What the guard does with concurrent calls, on a paid call Lensmor would not refuse
+    # for overlapping (the sandbox's /sandbox/charge).
+    Variant("charge_memory", "memory", paid="charge"),
+    Variant("charge_redis", "redis", paid="charge"),
+    Variant("charge_redis_preload", "redis", paid="charge", preload=True),
+    Variant("charge_redis_preload_read", "redis", paid="charge", preload=True, read_at_import=True),
+    Variant("charge_redis_restarts", "redis", paid="charge", max_requests=50),
+    # Lensmor's one credit operation at a time: the exhibitor search answers 409 when another
+    # paid call of the key is in progress.
+    Variant("search_memory", "memory"),
+    Variant("search_redis", "redis"),
+    Variant("search_redis_gate1", "redis", max_concurrent=1),
 )
 
 
@@ -111,9 +119,10 @@ def sandbox(paid: int, latency: float) -> Iterator[str]:
 
 @contextlib.contextmanager
 def gunicorn(
-    workers: int, variant: Variant, lensmor: str, redis_url: str | None
+    workers: int, variant: Variant, lensmor: str, redis_url: str | None, log: IO[bytes]
 ) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    """gunicorn with ``workers`` sync workers serving deploy_app:app; yields its URL."""
+    """gunicorn with ``workers`` sync workers serving deploy_app:app, its log to ``log``;
+    yields its URL."""
     port = free_port()
     command = [sys.executable, "-m", "gunicorn", "--workers", str(workers)]
     command += ["--worker-class", "sync", "--bind", f"127.0.0.1:{port}"]
@@ -130,10 +139,11 @@ def gunicorn(
         "DEPLOY_BACKEND": variant.backend,
         "DEPLOY_MAX_CONCURRENT": str(variant.max_concurrent),
         "DEPLOY_READ_AT_IMPORT": "1" if variant.read_at_import else "0",
+        "DEPLOY_PAID": variant.paid,
     }
     if redis_url is not None:
         env["CREDITGUARD_REDIS_URL"] = redis_url
-    proc = subprocess.Popen(command, env=env)  # noqa: S603
+    proc = subprocess.Popen(command, env=env, stderr=log)  # noqa: S603
     url = f"http://127.0.0.1:{port}"
     try:
         wait_until_up(url, proc, "gunicorn")
@@ -191,15 +201,15 @@ def run_variant(
 
         with contextlib.closing(redis.Redis.from_url(redis_url)) as client:
             client.flushdb()
-    with (
-        sandbox(paid, latency) as lensmor,
-        gunicorn(workers, variant, lensmor, redis_url) as (
-            url,
-            _,
-        ),
-    ):
-        counts = load(url, requests, concurrency)
-        left = balance(lensmor)
+    with tempfile.TemporaryFile() as log:
+        with (
+            sandbox(paid, latency) as lensmor,
+            gunicorn(workers, variant, lensmor, redis_url, log) as (url, _),
+        ):
+            counts = load(url, requests, concurrency)
+            left = balance(lensmor)
+        log.seek(0)  # gunicorn has stopped: its workers' whole log
+        logged = log.read().decode(errors="replace")
     return {
         "variant": variant.name,
         "workers": workers,
@@ -209,6 +219,8 @@ def run_variant(
         **counts,
         "overspent_credits": counts["overspent"] * SEARCH_COST,
         "left": left,
+        # the guard's warnings that a balance read after a call failed, in the workers' log
+        "failed_refreshes": logged.count("the balance refresh after it failed"),
     }
 
 
@@ -241,10 +253,11 @@ def main(argv: list[str] | None = None) -> int:
                 )
             )
     columns = ("variant", "per_s", "served", "overspent", "overspent_credits", "conflict")
-    columns += ("refused", "other", "left")
-    print(" ".join(f"{c:>17}" for c in columns))
+    columns += ("refused", "other", "left", "failed_refreshes")
+    width = max(len(c) for c in (*columns, *(r["variant"] for r in rows)))
+    print(" ".join(f"{c:>{width}}" for c in columns))
     for row in rows:
-        print(" ".join(f"{row[c]!s:>17}" for c in columns))
+        print(" ".join(f"{row[c]!s:>{width}}" for c in columns))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -94,9 +94,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     that backend only. Its Redis combination is deselected (pytest's summary counts it
     among the deselected), not skipped.
 
-    The slow tests (marked ``slow``, and the ones that share a module fixture through an
-    ``xdist_group``) go first, so that pytest-xdist's workers start on them and the short
-    tests fill in around them (the order of the others is kept)."""
+    The order is for pytest-xdist's two workers (``--maxschedchunk 1``: each is handed its
+    next test when it finishes one, so the order is the order they start in). The slow tests
+    (marked ``slow``) go first, so that the short tests fill in around them; then the first
+    test that reads the benchmark smoke run (``smoke``, made once per session under a lock),
+    so that one worker makes it early while the other goes on; the other tests that read it
+    go last, when it is there to read. The order within each of these is kept."""
 
     def redis_only_inside(item: pytest.Item) -> bool:
         callspec = getattr(item, "callspec", None)
@@ -114,12 +117,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         workeroutput["creditguard_deselected"] = [item.nodeid for item in deselected]
     kept = [item for item in items if not redis_only_inside(item)]
 
+    first_smoke = next((item for item in kept if "smoke" in _fixtures(item)), None)
+
     def rank(item: pytest.Item) -> int:
         if item.get_closest_marker("slow") is not None:
             return 0
-        return 1 if item.get_closest_marker("xdist_group") is not None else 2
+        if item is first_smoke:
+            return 1
+        return 3 if "smoke" in _fixtures(item) else 2
 
     items[:] = sorted(kept, key=rank)  # stable: the order within a rank is kept
+
+
+def _fixtures(item: pytest.Item) -> list[str]:
+    names: list[str] = getattr(item, "fixturenames", [])
+    return names
 
 
 _deselected_reported = False

@@ -6,6 +6,7 @@ It never looks at how fast anything was: timings are not asserted here or anywhe
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import math
@@ -17,10 +18,6 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-
-# The tests that read the module's one smoke run go to one pytest-xdist worker (with
-# ``--dist loadgroup``), so that the run is made once.
-pytestmark = pytest.mark.xdist_group("benchmarks_smoke")
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -53,17 +50,28 @@ ADMISSION_FIELDS = (
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
-    out = tmp_path_factory.mktemp("bench") / "results.json"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--json", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=ROOT,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(out.read_text(encoding="utf-8")), proc.stdout
+    """One smoke run per test session, shared by the pytest-xdist workers: the first worker
+    to need it runs it under a lock; the others wait for it and read what it wrote."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / "bench-smoke-results.json"
+    done = shared / "bench-smoke-done.json"
+    with (shared / "bench-smoke.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not done.exists():
+            proc = subprocess.run(
+                [sys.executable, str(BENCHMARKS / "run.py"), "--smoke", "--json", str(out)],
+                capture_output=True,
+                text=True,
+                timeout=900,  # against a hang only: about a minute, more on a busy machine
+                cwd=ROOT,
+                check=False,
+            )
+            outcome = {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+            done.write_text(json.dumps(outcome), encoding="utf-8")
+    outcome = json.loads(done.read_text(encoding="utf-8"))
+    assert outcome["returncode"] == 0, outcome["stderr"][-4000:]
+    return json.loads(out.read_text(encoding="utf-8")), str(outcome["stdout"])
 
 
 def _load_plot() -> ModuleType:

@@ -38,7 +38,7 @@ def test_two_gunicorn_workers_over_redis_spend_exactly_the_balance(redis_url: st
     run = _load_run()
     paid, requests = 10, 20
     row = run.run_variant(
-        run.Variant("redis_gate1", "redis", max_concurrent=1),
+        run.Variant("search_redis_gate1", "redis", max_concurrent=1),
         workers=2,
         paid=paid,
         requests=requests,
