@@ -20,15 +20,18 @@ from typing import Any
 
 from ._config import _check_cost
 from ._errors import (
+    AdmissionTimeout,
     AuthenticationError,
     BalanceUnavailable,
     CreditGuardError,
+    GateTimeout,
     InsufficientCredits,
     RateLimited,
 )
 from ._guard import CreditGuard
 
 __all__ = [
+    "BAD_PATH",
     "PROBLEM_CONTENT_TYPE",
     "ActionFailed",
     "Problem",
@@ -37,6 +40,8 @@ __all__ = [
     "check_cost",
     "default_guard",
     "problem_for",
+    "route_path",
+    "undecidable",
 ]
 
 logger = logging.getLogger("creditguard.web")
@@ -91,50 +96,130 @@ def is_async_callable(func: object) -> bool:
 
 # -- route patterns --------------------------------------------------------------------
 
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::(path))?\}")
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z_]+))?\}")
 _METHOD = re.compile(r"[A-Z]+")
 
+# What each converter of a route template matches: for each, the widest of what Starlette,
+# Django and Flask route with a converter of that name, so that every path a framework
+# routes to the template is priced by it.
+_UUID = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_CONVERTERS = {
+    None: "[^/]+",
+    "str": "[^/]+",
+    "string": "[^/]+",
+    "int": "[0-9]+",
+    "float": "[0-9]+(?:\\.[0-9]+)?",
+    "uuid": _UUID,
+    "slug": "[-a-zA-Z0-9_]+",
+    "path": ".*",
+}
 
-def _source(path: str) -> str:
+
+def _source(pattern: str, path: str) -> str:
     """The regular expression of a templated path (no capturing groups)."""
     parts: list[str] = []
     last = 0
     for match in _PARAM.finditer(path):
+        converter = _CONVERTERS.get(match[2])
+        if converter is None:
+            raise ValueError(
+                f"route pattern {pattern!r}: unknown converter {match[2]!r} (known:"
+                f" {', '.join(sorted(c for c in _CONVERTERS if c))})"
+            )
         parts.append(re.escape(path[last : match.start()]))
-        parts.append(".+" if match[2] else "[^/]+")
+        parts.append(converter)
         last = match.end()
     parts.append(re.escape(path[last:]))
     return "".join(parts)
 
 
+def unnamed(template: str) -> str:
+    """``template`` with its parameters' names left out (``{:int}``; ``{:str}`` for a
+    plain ``{name}``): two spellings of one route compare equal."""
+    return _PARAM.sub(
+        lambda m: "{:" + (m[2] if m[2] not in (None, "string") else "str") + "}", template
+    )
+
+
+_ANGLE = re.compile(r"<(?:([A-Za-z_][A-Za-z0-9_]*):)?([A-Za-z_][A-Za-z0-9_]*)>")
+
+
+def angle_template(route: str) -> str | None:
+    """A Django or Flask route (``events/<str:event_id>/unlock``) in ``{name}`` syntax,
+    with a leading ``/``; ``None`` for a regular expression route (``re_path``)."""
+    if any(ch in route for ch in "^$()[]\\*+?|"):
+        return None
+    converted = _ANGLE.sub(lambda m: "{" + m[2] + (":" + m[1] if m[1] else "") + "}", route)
+    return converted if converted.startswith("/") else "/" + converted
+
+
+def undecidable(path: str) -> bool:
+    """Whether ``path`` (percent-decoded) holds characters a route parser may read
+    differently from ours (control characters: a regex's ``$`` matches before a final
+    newline): a middleware pricing by path refuses such a request (400)."""
+    return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path)
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path an ASGI app routes on: ``scope["path"]`` less ``scope["root_path"]``
+    (the prefix a ``Mount`` or the server's ``--root-path`` put in front), as Starlette
+    computes it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    if path[len(root)] == "/":
+        return path[len(root) :]
+    return path
+
+
 class Routes:
     """Costs by route pattern: ``{"POST /events/{event_id}/unlock": 10, "/search": 2}``.
 
-    A pattern is an optional HTTP method (upper case) and a path. ``{name}`` matches one
-    path segment, ``{name:path}`` the rest of the path. Without a method, a pattern
-    matches every method. Literal patterns win over templated ones; templated ones are
-    tried in the mapping's order. A request no pattern matches is free.
+    A pattern is an optional HTTP method (upper case) and a path. ``{name}`` (or
+    ``{name:str}``) matches one path segment, ``{name:path}`` the rest of the path (maybe
+    empty), ``{name:int}``, ``{name:float}``, ``{name:uuid}`` and ``{name:slug}`` what the
+    frameworks' converters of those names match; another converter is a ``ValueError``.
+    Without a method, a pattern matches every method. A ``GET`` pattern prices ``HEAD``
+    too (the frameworks answer HEAD with the GET handler), unless a ``HEAD`` pattern names
+    the same path. Literal patterns win over templated ones; templated ones are tried in
+    the mapping's order. A request no pattern matches is free.
 
     Everything is compiled once: literal patterns are a dict lookup by path, then method;
     the templated patterns a method can match are one regular expression (an alternation
     in the mapping's order, so the first pattern that matches wins).
     """
 
-    __slots__ = ("_exact", "_matchers", "_other")
+    __slots__ = ("_exact", "_matchers", "_other", "_templates")
 
     def __init__(self, costs: Mapping[str, int]) -> None:
         # path -> {method or None: cost}
         self._exact: dict[str, dict[str | None, int]] = {}
         templates: list[tuple[str | None, str, int]] = []
+        parsed: list[tuple[str, str | None, str, int]] = []
         for pattern, cost in costs.items():
             if not isinstance(pattern, str):
                 raise TypeError(f"a route pattern must be a str, got {type(pattern).__name__}")
             method, path = self._split(pattern)
-            amount = check_cost(cost)
-            if _PARAM.search(path):
-                templates.append((method, _source(path), amount))
-            else:
-                self._exact.setdefault(path, {}).setdefault(method, amount)
+            if "{" in _PARAM.sub("", path) or "}" in _PARAM.sub("", path):
+                raise ValueError(f"route pattern {pattern!r}: a malformed {{parameter}}")
+            parsed.append((pattern, method, path, check_cost(cost)))
+        head = {path for _, method, path, _ in parsed if method == "HEAD"}
+        # (method or None, the path with its parameters unnamed) -> cost: what a route a
+        # framework resolved costs (:meth:`route_cost`).
+        self._templates: dict[tuple[str | None, str], int] = {}
+        for pattern, method, path, amount in parsed:
+            methods = [method]
+            if method == "GET" and path not in head:
+                methods.append("HEAD")  # HEAD runs the GET handler
+            for each in methods:
+                self._templates.setdefault((each, unnamed(path)), amount)
+                if _PARAM.search(path):
+                    templates.append((each, _source(pattern, path), amount))
+                else:
+                    self._exact.setdefault(path, {}).setdefault(each, amount)
         # method -> (alternation of the templates it can match, their costs in order); the
         # methods no template names share ``_other`` (the method-less templates).
         self._matchers: dict[str, _Matcher | None] = {}
@@ -171,6 +256,20 @@ class Routes:
             if match is not None:
                 return matcher[1][match.lastindex or 0]
         return None
+
+    def route_cost(self, method: str, route: str, path: str) -> int | None:
+        """The cost of a request the framework routed to ``route`` (its template, in
+        ``{name}`` syntax, with any mount prefix): the pattern naming that template (its
+        parameters' names aside) when one does, else :meth:`cost` of the ``path``. So a
+        route the framework picks over another pattern's match (routes are tried in
+        their order) costs what its own pattern says."""
+        key = unnamed(route)
+        found = self._templates.get((method, key))
+        if found is None:
+            found = self._templates.get((None, key))
+        if found is not None:
+            return found
+        return self.cost(method, path)
 
     def __bool__(self) -> bool:
         return bool(self._exact or self._matchers or self._other)
@@ -291,26 +390,53 @@ class Problem:
         return [("content-type", PROBLEM_CONTENT_TYPE), *self.headers]
 
 
-def _retry_after(exc: BalanceUnavailable) -> tuple[tuple[str, str], ...]:
-    if isinstance(exc, RateLimited) and exc.retry_after is not None:
-        seconds = exc.retry_after
-        if math.isfinite(seconds) and seconds >= 0:
-            return (("retry-after", str(math.ceil(seconds))),)
+BAD_PATH = Problem(
+    400,
+    {
+        "type": "about:blank",
+        "title": "Bad Request",
+        "status": 400,
+        "detail": "the request path holds control characters",
+        "error": "bad_path",
+    },
+)
+"""The answer of a middleware pricing by path to a path it cannot decide
+(:func:`undecidable`)."""
+
+
+def _seconds(seconds: float | None) -> tuple[tuple[str, str], ...]:
+    """A ``Retry-After`` header of ``seconds`` (rounded up), none when unknown."""
+    if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+        return (("retry-after", str(math.ceil(seconds))),)
     return ()
+
+
+def _store_down(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the credit state store (Redis) being unreachable."""
+    cause = exc.__cause__
+    while cause is not None:
+        if type(cause).__module__.split(".")[0] == "redis":
+            return True
+        cause = cause.__cause__
+    return False
 
 
 def problem_for(exc: BaseException) -> Problem | None:
     """The answer for ``exc``, or ``None`` when it is not a guard error (re-raise it).
 
-    * :class:`InsufficientCredits`: 402 ``insufficient_credits`` with ``required`` and
-      ``available``;
-    * :class:`BalanceUnavailable` (rate limited, invalid response, unreachable): 503
-      ``balance_unavailable``, with ``Retry-After`` when the service said how long;
+    * :class:`InsufficientCredits`: 402 ``insufficient_credits`` with ``required``,
+      ``available`` and ``reserved`` (credits held by calls in flight);
+    * :class:`AdmissionTimeout` (calls in flight stand in the way and did not settle in
+      time) and :class:`GateTimeout` (no turn at the account's gate in time): 503
+      ``credits_busy`` with ``Retry-After``;
+    * :class:`BalanceUnavailable` (the Lensmor balance cannot be read: rate limited,
+      invalid response, unreachable; or the credit state store, Redis, is unreachable):
+      503 ``balance_unavailable``, with ``Retry-After`` when the service said how long;
     * any other :class:`CreditGuardError` (a rejected key, no key, an insecure base URL):
       500 ``credits_misconfigured``; the details go to the log, never to the client.
 
     Bodies are RFC 9457 problem details (``type``, ``title``, ``status``, ``detail``) plus
-    the ``error`` code and, for 402, ``required`` and ``available``.
+    the ``error`` code and the figures above, sent as ``application/problem+json``.
     """
     if isinstance(exc, InsufficientCredits):
         return Problem(
@@ -326,20 +452,49 @@ def problem_for(exc: BaseException) -> Problem | None:
                 "error": "insufficient_credits",
                 "required": exc.required,
                 "available": exc.available,
+                "reserved": exc.reserved,
             },
         )
+    if isinstance(exc, AdmissionTimeout | GateTimeout):
+        body: dict[str, Any] = {
+            "type": "about:blank",
+            "title": "Service Unavailable",
+            "status": 503,
+            "error": "credits_busy",
+        }
+        if isinstance(exc, AdmissionTimeout):
+            body["detail"] = (
+                f"this request needs {exc.required} Lensmor credits; {exc.available} are"
+                f" free beside {exc.reserved} held by requests in flight: retry later"
+            )
+            body.update(required=exc.required, available=exc.available, reserved=exc.reserved)
+            wait: float = exc.retry_after
+        else:
+            body["detail"] = "too many paid requests of this account in flight: retry later"
+            wait = 1.0
+        logger.info("Lensmor credits busy: %s", exc)
+        return Problem(503, body, _seconds(wait) or (("retry-after", "1"),))
     if isinstance(exc, BalanceUnavailable):
-        logger.warning("Lensmor credits balance unavailable: %s", exc)
+        store = _store_down(exc)
+        logger.warning(
+            "%s: %s",
+            "credit state store unavailable" if store else "Lensmor credits balance unavailable",
+            exc,
+        )
         return Problem(
             503,
             {
                 "type": "about:blank",
                 "title": "Service Unavailable",
                 "status": 503,
-                "detail": "the Lensmor credits balance cannot be checked right now",
+                "detail": (
+                    "the credit state store is unavailable right now"
+                    if store
+                    else "the Lensmor credits balance cannot be checked right now"
+                ),
                 "error": "balance_unavailable",
             },
-            _retry_after(exc),
+            _seconds(exc.retry_after) if isinstance(exc, RateLimited) else (),
         )
     if isinstance(exc, CreditGuardError):
         what = (

@@ -19,6 +19,7 @@ from typing import Any
 from ._errors import CreditGuardError
 from ._guard import CreditGuard, Spend
 from ._web import (
+    BAD_PATH,
     ActionFailed,
     CostSpec,
     GuardSpec,
@@ -28,6 +29,8 @@ from ._web import (
     charged,
     middleware_cost,
     problem_for,
+    route_path,
+    undecidable,
 )
 
 __all__ = ["SPEND_KEY", "ActionFailed", "CreditGuardMiddleware", "send_problem"]
@@ -58,8 +61,11 @@ class CreditGuardMiddleware:
     / 500 when it cannot, and settles the spend once the response's last body message is
     sent.
 
-    ``cost`` prices a request: a mapping of route patterns (``"POST /events/{id}/unlock"``)
-    to ints, a callable of the ASGI ``scope`` returning an int (sync or async), or ``None``
+    ``cost`` prices a request: a mapping of route patterns (``"POST /events/{id}/unlock"``,
+    matched against the path the app routes on: ``scope["path"]`` less
+    ``scope["root_path"]``, so inside a ``Mount("/api", ...)`` the patterns leave out
+    ``/api``; a path holding control characters is answered 400) to ints, a callable of
+    the ASGI ``scope`` returning an int (sync or async), or ``None``
     (nothing is paid). ``guard`` is a :class:`~creditguard.CreditGuard`, or a callable of
     the ``scope`` (sync or async) returning the guard of the request's tenant.
     ``on_error(scope, error)`` may return an ASGI app (a Starlette ``Response``) that
@@ -95,7 +101,15 @@ class CreditGuardMiddleware:
             return
         cost = self._cost
         if cost.routes is not None:
-            amount = cost.routes.cost(scope["method"], scope["path"])
+            path = route_path(scope)
+            if undecidable(path):
+                await send_problem(BAD_PATH, send)
+                return
+            route = starlette_route(self.app, scope)
+            if route is None:
+                amount = cost.routes.cost(scope["method"], path)
+            else:
+                amount = cost.routes.route_cost(scope["method"], route, path)
         elif cost.func is not None:
             amount = await acall_cost(cost.func, scope)
         else:
@@ -142,6 +156,51 @@ class CreditGuardMiddleware:
         if problem is None:  # pragma: no cover - every CreditGuardError has an answer
             raise exc
         await send_problem(problem, send)
+
+
+def _router_of(app: object) -> list[Any] | None:
+    """The routes of the Starlette (or FastAPI) router ``app`` ends in, following the
+    ``.app`` of the middlewares in front of it; ``None`` when there is none."""
+    for _ in range(32):
+        routes = getattr(app, "routes", None)
+        if isinstance(routes, list):
+            return routes
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def starlette_route(app: object, scope: Scope) -> str | None:
+    """The template (``/api/events/{event_id}/unlock``, mount prefixes included, relative
+    to where ``app`` is mounted) of the route a Starlette router in ``app`` will run for
+    ``scope``: its routes tried in order with ``route.matches(scope)``, as the router
+    does, into mounts. ``None`` when ``app`` has no Starlette router, or the
+    request does not end at a ``Route`` (no match, a method the route does not take, a
+    mounted app of another kind): the path's patterns price it then."""
+    routes = _router_of(app)
+    if routes is None:
+        return None
+    try:
+        from starlette.routing import Match, Mount, Route
+    except ImportError:  # pragma: no cover - routes without Starlette
+        return None
+    prefix = ""
+    scope = dict(scope)
+    while True:
+        for candidate in routes:
+            match, child = candidate.matches(scope)
+            if match is Match.FULL:
+                break
+        else:
+            return None
+        if isinstance(candidate, Route):
+            return prefix + candidate.path
+        if not isinstance(candidate, Mount) or not candidate.routes:
+            return None
+        scope.update(child)
+        prefix += candidate.path
+        routes = candidate.routes
 
 
 class _Response:

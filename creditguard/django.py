@@ -20,20 +20,26 @@ Sync and async (ASGI) both. See ``docs/howto/django.md``.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import importlib
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Mapping
+from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar, cast
 
 from ._errors import CreditGuardError
 from ._guard import CreditGuard, Spend
 from ._web import (
+    BAD_PATH,
     PROBLEM_CONTENT_TYPE,
     ActionFailed,
     CostOf,
     GuardSpec,
+    Problem,
+    angle_template,
     charged,
     check_cost,
     check_guard_spec,
@@ -42,12 +48,14 @@ from ._web import (
     is_async_callable,
     problem_for,
     resolve_guard,
+    undecidable,
 )
 
 __all__ = [
     "SPEND_ATTRIBUTE",
     "ActionFailed",
     "CreditGuardMiddleware",
+    "current_spend",
     "guard_from_settings",
     "requires_credits",
 ]
@@ -147,6 +155,13 @@ def _forget(*, setting: str, **kwargs: Any) -> None:
             _config = None
 
 
+def current_spend(request: Any) -> Spend | None:
+    """The :class:`~creditguard.Spend` of ``request`` (``request.creditguard_spend``, set
+    by the middleware or :func:`requires_credits`), or ``None`` when it is not guarded."""
+    spend = getattr(request, SPEND_ATTRIBUTE, None)
+    return spend if isinstance(spend, Spend) else None
+
+
 def guard_from_settings(request: Any = None) -> CreditGuard:
     """The guard the ``CREDITGUARD`` setting describes (for ``request``, when ``GUARD`` is
     a callable): ``GUARD``; else one built from ``API_KEY``, ``BASE_URL`` and ``OPTIONS``;
@@ -157,11 +172,21 @@ def guard_from_settings(request: Any = None) -> CreditGuard:
     return resolve_guard(spec, request)
 
 
+def _route_of(request: Any, path: str) -> str | None:
+    """The route Django will run for ``path`` (as ``request.resolver_match.route`` will
+    say, in ``{name}`` syntax), or ``None``: no match, or a ``re_path`` route."""
+    urls = _django("django.urls")
+    try:
+        match = urls.resolve(path, getattr(request, "urlconf", None))
+    except urls.Resolver404:
+        return None
+    route = getattr(match, "route", None)
+    return angle_template(route) if isinstance(route, str) and route else None
+
+
 def _refusal(
     request: Any, exc: CreditGuardError, on_error: Callable[[Any, CreditGuardError], Any] | None
 ) -> Any:
-    HttpResponse = _django("django.http").HttpResponse
-
     if on_error is not None:
         answer = on_error(request, exc)
         if answer is not None:
@@ -169,6 +194,13 @@ def _refusal(
     problem = problem_for(exc)
     if problem is None:  # pragma: no cover - every CreditGuardError has an answer
         raise exc
+    return _answer(problem)
+
+
+def _answer(problem: Problem) -> Any:
+    """``problem`` as an ``HttpResponse``."""
+    HttpResponse = _django("django.http").HttpResponse
+
     response = HttpResponse(
         problem.content(), status=problem.status, content_type=PROBLEM_CONTENT_TYPE
     )
@@ -177,43 +209,120 @@ def _refusal(
     return response
 
 
-def _settle_on_close(response: Any, spend: Spend, charge_when: Callable[[int], bool]) -> None:
-    """End ``spend`` when Django closes ``response`` (after the last byte was sent)."""
+# The spends of the requests being handled that wait for their response to be finished.
+# Django closes the response it sends after the last byte, whatever response that is: a
+# middleware outside this one may have replaced the one the view answered
+# (``ConditionalGetMiddleware``'s 304), and the replaced one is never closed. So a spend
+# does not wait on its response:
+#
+# * under the WSGI handler (and Django's test clients), the response is closed, and
+#   ``request_finished`` sent, in the request's own context (thread): the spend waits in
+#   a list of that context (made at ``request_started``), charged at ``request_finished``;
+# * under the ASGI handler, the view runs in a task of its own, which ends once the
+#   response is sent (or the client is gone), and the response is closed outside it: the
+#   spend is charged when that task is done (a sync view, run in a worker thread, has
+#   no task: its spend is charged when the handler releases the request, after closing
+#   the response; at the latest when it is garbage collected).
+_waiting: ContextVar[list[_Waiting] | None] = ContextVar("creditguard_waiting", default=None)
+_connected = False
+_connect_lock = threading.Lock()
+_settling: set[asyncio.Task[None]] = set()  # settle tasks started from the event loop
+
+
+class _Waiting:
+    """One spend waiting for its request's end; settled (charged) once."""
+
+    __slots__ = ("done", "spend")
+
+    def __init__(self, spend: Spend) -> None:
+        self.spend = spend
+        self.done = False
+
+    def settle(self) -> None:
+        if not self.done:
+            self.done = True
+            self.spend.__exit__(None, None, None)
+
+    async def asettle(self) -> None:
+        if not self.done:
+            self.done = True
+            await self.spend.__aexit__(None, None, None)
+
+    def settle_soon(self) -> None:
+        """Settle now, or, on an event loop's thread, in a task (no blocking read)."""
+        if self.done:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.settle()
+            return
+        task = loop.create_task(self.asettle())
+        _settling.add(task)
+        task.add_done_callback(_settling.discard)
+
+
+def _connect() -> None:
+    """Connect the ``request_started`` / ``request_finished`` receivers, once."""
+    global _connected
+    if _connected:
+        return
+    with _connect_lock:
+        if not _connected:
+            signals = _django("django.core.signals")
+            signals.request_started.connect(_started, dispatch_uid="creditguard.django.started")
+            signals.request_finished.connect(_finished, dispatch_uid="creditguard.django.finished")
+            _connected = True
+
+
+def _started(**kwargs: Any) -> None:
+    """``request_started`` receiver: a new list of waiting spends for this context; a
+    spend still waiting in it lost its request's end, and ends as failed."""
+    left = _waiting.get()
+    _waiting.set([])
+    for waiting in left or ():
+        if not waiting.done:
+            waiting.done = True
+            waiting.spend.__exit__(ActionFailed, ActionFailed(0), None)
+
+
+def _settle_when_finished(
+    request: Any, response: Any, spend: Spend, charge_when: Callable[[int], bool]
+) -> None:
+    """End ``spend`` when Django finishes ``request``, charged; at once, failed, when
+    ``charge_when`` does not charge ``response``'s status."""
     status = response.status_code
     if not charge_when(status):
         spend.__exit__(ActionFailed, ActionFailed(status), None)
         return
-    response.close = _SettleOnClose(response, spend)
-
-
-class _SettleOnClose:
-    """``response.close`` while a spend waits for it: closes the response, then settles.
-
-    On its first call it also takes itself off the response (putting back what it
-    replaced), so the response does not refer to it, and no reference cycle is left."""
-
-    __slots__ = ("_close", "_previous", "_response", "_spend")
-
-    def __init__(self, response: Any, spend: Spend) -> None:
-        self._close = response.close
-        self._previous = vars(response).get("close")  # an instance attribute, if any
-        self._response: Any = response
-        self._spend: Spend | None = spend
-
-    def __call__(self) -> None:
+    _connect()
+    waiting = _Waiting(spend)
+    found = _waiting.get()
+    if found is None:  # no request_started seen in this context (a view called directly)
+        found = []
+        _waiting.set(found)
+    found.append(waiting)
+    if hasattr(request, "scope"):  # an ASGIRequest: its view runs in a task of its own
         try:
-            self._close()
-        finally:
-            spend = self._spend
-            if spend is not None:
-                self._spend = None
-                attributes = vars(self._response)
-                if attributes.get("close") is self:
-                    if self._previous is None:
-                        del attributes["close"]
-                    else:
-                        attributes["close"] = self._previous
-                spend.__exit__(None, None, None)
+            task = asyncio.current_task()
+        except RuntimeError:  # a sync view, in a worker thread
+            task = None
+        if task is not None:  # it ends once the response is sent (or the client gone)
+            task.add_done_callback(lambda _: waiting.settle_soon())
+        else:  # the handler releases the request once the response is closed
+            weakref.finalize(request, waiting.settle_soon)
+
+
+def _finished(**kwargs: Any) -> None:
+    """``request_finished`` receiver: this context's request is finished; charge the
+    spends waiting for it."""
+    found = _waiting.get()
+    if not found:
+        return
+    waiting = found[:]
+    found.clear()
+    for each in waiting:
+        each.settle()
 
 
 class _Guarding:
@@ -230,6 +339,7 @@ class _Guarding:
         check_guard_spec(guard, optional=True)
         check_hook("on_error", on_error)
         check_hook("charge_when", charge_when)
+        _connect()  # before the first request starts
         self.guard = guard
         self.on_error = on_error
         self.charge_when = charge_when
@@ -264,7 +374,7 @@ class _Guarding:
         except BaseException:
             spend.__exit__(*sys.exc_info())
             raise
-        _settle_on_close(response, spend, charge_when)
+        _settle_when_finished(request, response, spend, charge_when)
         return response
 
     async def arun(
@@ -290,7 +400,7 @@ class _Guarding:
         except BaseException:
             await spend.__aexit__(*sys.exc_info())
             raise
-        _settle_on_close(response, spend, charge_when)
+        _settle_when_finished(request, response, spend, charge_when)
         return response
 
 
@@ -298,6 +408,11 @@ class CreditGuardMiddleware:
     """Django middleware pricing every request by the ``CREDITGUARD["COSTS"]`` setting (a
     mapping of route patterns, matched against ``request.method`` and
     ``request.path_info``, or a callable of the request; a dotted path to either works).
+    With a mapping, the route Django resolves the path to (``resolver_match.route``) is
+    priced by the pattern naming it, when one does, so URL patterns tried in their order
+    cannot send a request to a priced view that another pattern prices lower; a path
+    holding control characters is answered 400 (a ``re_path`` ending in ``$`` would
+    route it when the pattern does not match it).
 
     The guard comes from the setting (see :func:`guard_from_settings`); ``ON_ERROR``
     (``callable(request, error) -> HttpResponse | None``) replaces the problem JSON
@@ -320,9 +435,16 @@ class CreditGuardMiddleware:
         _settings()  # a bad setting fails at startup, not at the first request
 
     def _amount(self, request: Any) -> int | None:
+        """The request's cost; ``-1`` when its path cannot be priced (answered 400)."""
         costs = _settings().costs
         if costs.routes is not None:
-            return costs.routes.cost(request.method, request.path_info)
+            path = request.path_info
+            if undecidable(path):
+                return -1
+            route = _route_of(request, path)
+            if route is None:
+                return costs.routes.cost(request.method, path)
+            return costs.routes.route_cost(request.method, route, path)
         if costs.func is not None:
             return check_cost(costs.func(request))
         return None
@@ -333,12 +455,16 @@ class CreditGuardMiddleware:
         amount = self._amount(request)
         if not amount:
             return self.get_response(request)
+        if amount < 0:
+            return _answer(BAD_PATH)
         return self._guarding.run(request, amount, self.get_response, (request,), {})
 
     async def __acall__(self, request: Any) -> Any:
         amount = self._amount(request)
         if not amount:
             return await self.get_response(request)
+        if amount < 0:
+            return _answer(BAD_PATH)
         return await self._guarding.arun(request, amount, self.get_response, (request,), {})
 
 
@@ -355,8 +481,9 @@ def requires_credits(
     ``guard``: a :class:`~creditguard.CreditGuard` or a callable of the request returning
     one; by default :func:`guard_from_settings`. ``on_error`` and ``charge_when`` default
     to the ``CREDITGUARD`` setting's ``ON_ERROR`` and ``CHARGE_WHEN``. The view finds its
-    :class:`~creditguard.Spend` in ``request.creditguard_spend``; the spend is settled
-    when Django closes the response.
+    :class:`~creditguard.Spend` with :func:`current_spend` (``request.creditguard_spend``);
+    the spend is settled when Django finishes the request (``request_finished``: the
+    response it sends, whichever it is, was closed).
     """
     cost_of: Callable[[Any], int] | None = None
     static = 0

@@ -27,8 +27,10 @@ from typing import TYPE_CHECKING, Any
 from ._errors import CreditGuardError
 from ._guard import CreditGuard, Spend
 from ._web import (
+    PROBLEM_CONTENT_TYPE,
     ActionFailed,
     GuardSpec,
+    Problem,
     aresolve_guard,
     charged,
     check_cost,
@@ -41,19 +43,54 @@ from ._web import (
 
 if TYPE_CHECKING:
     from starlette.requests import Request
+    from starlette.responses import Response
 
-__all__ = ["ActionFailed", "RequireCredits"]
+__all__ = ["ActionFailed", "CreditsRefused", "RequireCredits"]
 
 OnError = Callable[["Request", CreditGuardError], BaseException]
 
 
-def _http_exception(exc: CreditGuardError) -> BaseException:
-    from fastapi import HTTPException
-
+def _http_exception(exc: CreditGuardError, request: Request) -> BaseException:
+    """The exception answering ``exc``: a :class:`CreditsRefused` (an ``HTTPException``),
+    whose handler (registered in the app's handlers the first time) answers the problem
+    JSON as it is, top level, as every adapter does."""
     problem = problem_for(exc)
     if problem is None:  # pragma: no cover - every CreditGuardError has an answer
         return exc
-    return HTTPException(problem.status, detail=problem.body, headers=dict(problem.headers))
+    handlers = request.scope.get("starlette.exception_handlers")
+    if isinstance(handlers, tuple) and handlers and isinstance(handlers[0], dict):
+        handlers[0].setdefault(CreditsRefused, _answer)
+    refused: BaseException = CreditsRefused(problem)
+    return refused
+
+
+def _refused_class() -> type[Exception]:
+    from fastapi import HTTPException
+
+    class CreditsRefused(HTTPException):
+        """The guard refused the request: ``problem`` is the answer (status, headers,
+        body); ``detail`` is its body."""
+
+        def __init__(self, problem: Problem) -> None:
+            super().__init__(problem.status, detail=problem.body, headers=dict(problem.headers))
+            self.problem = problem
+
+    return CreditsRefused
+
+
+CreditsRefused: Any = _refused_class()
+
+
+def _answer(request: Request, exc: Exception) -> Response:
+    from starlette.responses import Response
+
+    problem: Problem = exc.problem  # type: ignore[attr-defined]
+    return Response(
+        problem.content(),
+        status_code=problem.status,
+        headers=dict(problem.headers),
+        media_type=PROBLEM_CONTENT_TYPE,
+    )
 
 
 class RequireCredits:
@@ -66,10 +103,12 @@ class RequireCredits:
     the process-wide default guard built from ``LENSMOR_API_KEY`` and ``LENSMOR_BASE_URL``
     (the one ``creditguard.requires_credits`` uses).
 
-    Refusals are raised as ``HTTPException`` with the problem JSON as ``detail``: 402
-    ``insufficient_credits``, 503 ``balance_unavailable`` (with ``Retry-After``) or 500
-    ``credits_misconfigured``. ``on_error(request, error)`` returns the exception to raise
-    instead (your own ``HTTPException``, or ``error`` itself for an app exception handler).
+    Refusals are raised as :data:`CreditsRefused` (an ``HTTPException``), answered with
+    the same top-level ``application/problem+json`` body as every adapter: 402
+    ``insufficient_credits``, 503 ``credits_busy`` or ``balance_unavailable`` (with
+    ``Retry-After``) or 500 ``credits_misconfigured``. ``on_error(request, error)``
+    returns the exception to raise instead (your own ``HTTPException``, or ``error``
+    itself for an app exception handler).
 
     The spend is settled after the response has been sent (FastAPI >= 0.118 runs the exit
     of dependencies with ``yield`` then). When the endpoint, or anything after it, raises,
@@ -150,7 +189,7 @@ class RequireCredits:
         except CreditGuardError as exc:
             if self._on_error is not None:
                 raise self._on_error(request, exc) from None
-            raise _http_exception(exc) from None
+            raise _http_exception(exc, request) from None
         if not amount:
             yield spend  # free: nothing reserved, nothing to settle
             return

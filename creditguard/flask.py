@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
@@ -39,7 +40,13 @@ if TYPE_CHECKING:
     from flask import Flask, Request, Response
     from flask.typing import ResponseReturnValue
 
-__all__ = ["EXTENSION_KEY", "ActionFailed", "CreditGuardExtension", "requires_credits"]
+__all__ = [
+    "EXTENSION_KEY",
+    "ActionFailed",
+    "CreditGuardExtension",
+    "current_spend",
+    "requires_credits",
+]
 
 P = ParamSpec("P")
 
@@ -134,7 +141,8 @@ class _Pending:
     def __init__(self, spend: Spend, charge_when: Callable[[int], bool]) -> None:
         self.spend = spend
         self.charge_when = charge_when
-        self.response: Response | None = None
+        # Weakly: the response must be collectable when dropped unclosed (see attach).
+        self.response: weakref.ref[Response] | None = None
         self.attached = 0  # how many responses it was attached to
         self.done = False
 
@@ -151,12 +159,20 @@ class _Pending:
 
     def attach(self, response: Response) -> None:
         """Settle when ``response`` is closed (after the server sent its last byte)."""
-        if self.response is response:
+        if self.response is not None and self.response() is response:
             return
-        self.response = response
+        self.response = weakref.ref(response)
         self.attached += 1
         # Not a closure over ``response``: that would be a reference cycle.
         response.call_on_close(functools.partial(self._closed, self.attached))
+        # A WSGI layer outside Flask may drop the response unclosed (PEP 3333 asks it to
+        # close it): when the response is collected unclosed, the spend ends as failed
+        # (released, cached balance distrusted) rather than stay reserved.
+        weakref.finalize(response, self._dropped, self.attached)
+
+    def _dropped(self, attachment: int) -> None:
+        if attachment == self.attached:
+            self.exit(ActionFailed(0))
 
     def _closed(self, attachment: int) -> None:
         """A response this spend was attached to closed: settle if it is the last one."""
@@ -194,7 +210,7 @@ def _adopt_final_response(response: Response) -> Response:
     """``after_request``: an earlier handler may have replaced the response the view's
     spend was attached to; settle on the one that will be sent."""
     pending: _Pending | None = getattr(_load_flask().g(), _PENDING, None)
-    if pending is not None and pending.response is not None and not pending.done:
+    if pending is not None and pending.attached and not pending.done:
         if pending.charge_when(response.status_code):
             pending.attach(response)
         else:
@@ -210,8 +226,20 @@ def _settle_leftover(error: BaseException | None) -> None:
         return
     if error is not None:  # the response the spend waits on will not be sent
         pending.exit(error)
-    elif pending.response is None:
+    elif not pending.attached:
         pending.exit(ActionFailed(0))
+
+
+def current_spend() -> Spend | None:
+    """The :class:`~creditguard.Spend` of the request being handled
+    (``flask.g.creditguard_spend``, set by :func:`requires_credits`), or ``None`` outside
+    a guarded view."""
+    from flask import has_app_context
+
+    if not has_app_context():
+        return None
+    spend = getattr(_load_flask().g(), "creditguard_spend", None)
+    return spend if isinstance(spend, Spend) else None
 
 
 def requires_credits(
@@ -232,7 +260,8 @@ def requires_credits(
     ``Response``...) that answers instead of the problem JSON, or ``None``.
     ``charge_when(status)``: whether a response is charged (default ``status < 400``).
 
-    The view finds its :class:`~creditguard.Spend` in ``flask.g.creditguard_spend``. The
+    The view finds its :class:`~creditguard.Spend` with :func:`current_spend` (it is
+    ``flask.g.creditguard_spend``). The
     spend is settled when the WSGI server closes the response (``call_on_close``), after
     the last byte was sent; a view that raises, or answers a status ``charge_when`` does
     not charge, ends it as failed.

@@ -21,6 +21,7 @@ from typing import Any
 from ._errors import CreditGuardError
 from ._guard import CreditGuard, Spend
 from ._web import (
+    BAD_PATH,
     ActionFailed,
     CostSpec,
     GuardSpec,
@@ -30,6 +31,7 @@ from ._web import (
     middleware_cost,
     problem_for,
     resolve_guard,
+    undecidable,
 )
 
 __all__ = ["SPEND_KEY", "ActionFailed", "CreditGuardMiddleware", "problem_app"]
@@ -43,7 +45,12 @@ ExcInfo = tuple[type[BaseException], BaseException, TracebackType | None]
 SPEND_KEY = "creditguard.spend"
 """The key of the request's :class:`~creditguard.Spend` in the WSGI ``environ``."""
 
-_REASONS = {402: "Payment Required", 500: "Internal Server Error", 503: "Service Unavailable"}
+_REASONS = {
+    400: "Bad Request",
+    402: "Payment Required",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def problem_app(problem: Problem) -> WSGIApp:
@@ -63,7 +70,8 @@ class CreditGuardMiddleware:
     / 500 when it cannot, and settles the spend when the server closes the response.
 
     ``cost``: a mapping of route patterns (``"POST /events/{id}/unlock"``, matched against
-    ``REQUEST_METHOD`` and ``PATH_INFO``) to ints, a callable of the ``environ`` returning
+    ``REQUEST_METHOD`` and ``PATH_INFO``; a path holding control characters is answered
+    400) to ints, a callable of the ``environ`` returning
     an int, or ``None``. ``guard``: a :class:`~creditguard.CreditGuard`, or a callable of
     the ``environ`` returning the guard of the request's tenant. ``on_error(environ,
     error)`` may return a WSGI app (a Werkzeug ``Response``, say) that answers instead of
@@ -96,7 +104,10 @@ class CreditGuardMiddleware:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         cost = self._cost
         if cost.routes is not None:
-            amount = cost.routes.cost(environ["REQUEST_METHOD"], environ.get("PATH_INFO") or "/")
+            path = environ.get("PATH_INFO") or "/"
+            if undecidable(path):
+                return problem_app(BAD_PATH)(environ, start_response)
+            amount = cost.routes.cost(environ["REQUEST_METHOD"], path)
         elif cost.func is not None:
             amount = check_cost(cost.func(environ))
         else:
@@ -198,6 +209,14 @@ class SettledResponse:
             self._error = exc
             raise
 
+    def __del__(self) -> None:
+        # Dropped without ``close()`` (a WSGI layer outside this one replaced the response
+        # and broke PEP 3333's promise to close it): the reservation is not stranded; the
+        # spend ends as failed (released, cached balance distrusted).
+        if not self.closed:
+            self.closed = True
+            self._end(self._error or ActionFailed(0))
+
     def close(self) -> None:
         if self.closed:
             return
@@ -215,7 +234,8 @@ class SettledResponse:
         spend = self._spend
         if error is not None:
             spend.__exit__(type(error), error, error.__traceback__)
-        elif self.status and self._charge_when(self.status):
+            return
+        if self.status and self._charge_when(self.status):
             spend.__exit__(None, None, None)
         else:
             failed = ActionFailed(self.status)

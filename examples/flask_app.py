@@ -14,9 +14,9 @@ from __future__ import annotations
 import os
 
 import httpx
-from flask import Flask, g, request
+from flask import Flask, request
 
-from creditguard.flask import CreditGuardExtension, requires_credits
+from creditguard.flask import CreditGuardExtension, current_spend, requires_credits
 
 app = Flask(__name__)
 app.config.update(
@@ -52,7 +52,8 @@ def unlock_event(event_id: str) -> dict[str, str]:
 @app.post("/contacts/unlock")
 @requires_credits(lambda req: 5 * len(req.args.getlist("id")))
 def unlock_contacts() -> dict[str, int | None]:
-    spend = g.creditguard_spend
+    spend = current_spend()
+    assert spend is not None  # requires_credits set it
     paid_call(spend.cost)
     before = spend.balance_before.total_balance if spend.balance_before else None
     return {"cost": spend.cost, "balance_before": before, "ids": len(request.args)}

@@ -9,6 +9,7 @@ from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import path
 
 from creditguard import current_spend
+from creditguard.django import current_spend as spend_of
 from creditguard.django import requires_credits
 
 # What the views saw, for the tests to look at; the sandbox the views charge.
@@ -65,6 +66,51 @@ async def adecorated(request: Any) -> HttpResponse:
     return HttpResponse("adecorated")
 
 
+def page(request: Any) -> HttpResponse:
+    """A priced GET (the tests price it): the same body every time, so an ETag holds."""
+    seen.append(spend_of(request))
+    state["fake"].charge(10)
+    return HttpResponse("the same page")
+
+
+@requires_credits(10)
+def decorated_page(request: Any) -> HttpResponse:
+    seen.append(request.creditguard_spend)
+    state["fake"].charge(10)
+    return HttpResponse("the same decorated page")
+
+
+def item(request: Any, item_id: int) -> HttpResponse:
+    seen.append(getattr(request, "creditguard_spend", None))
+    return HttpResponse(f"item {item_id}")
+
+
+def files(request: Any, rest: str) -> HttpResponse:
+    seen.append(getattr(request, "creditguard_spend", None))
+    return HttpResponse(f"file {rest}")
+
+
+def held(request: Any) -> HttpResponse:
+    """Held until the test releases it (``state["held"]``)."""
+    state["held"].hold()
+    return HttpResponse("done")
+
+
+def other(request: Any, n: int) -> HttpResponse:
+    return HttpResponse("ran")
+
+
+def shadow(request: Any, name: str) -> HttpResponse:
+    """Priced; listed before ``shadow/free``, so Django runs it for that path too."""
+    seen.append(spend_of(request))
+    return HttpResponse(f"shadow {name}")
+
+
+def shadow_free(request: Any) -> HttpResponse:  # pragma: no cover - shadowed
+    seen.append("free view")
+    return HttpResponse("free")
+
+
 urlpatterns = [
     path("events/<str:event_id>/unlock", unlock),
     path("async/events/<str:event_id>/unlock", aunlock),
@@ -74,4 +120,12 @@ urlpatterns = [
     path("free", free),
     path("decorated", decorated),
     path("adecorated", adecorated),
+    path("page", page),
+    path("decorated-page", decorated_page),
+    path("items/<int:item_id>", item),
+    path("files/<path:rest>", files),
+    path("held", held),
+    path("other/<int:n>", other),
+    path("shadow/<str:name>", shadow),
+    path("shadow/free", shadow_free),
 ]

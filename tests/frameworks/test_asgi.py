@@ -473,3 +473,48 @@ def test_problem_bodies_are_compact_json() -> None:
     assert problem is not None
     assert json.loads(problem.content())["required"] == 10
     assert problem_for(ValueError("not ours")) is None
+
+
+def shadowing_app(seen: list[Any]) -> Starlette:
+    """``/items/{name}`` is listed first: Starlette runs it for ``/items/free`` too."""
+
+    async def item(request: Request) -> Response:
+        seen.append(request.scope.get("state", {}).get(SPEND_KEY))
+        return PlainTextResponse("item")
+
+    async def free(request: Request) -> Response:  # pragma: no cover - shadowed
+        seen.append("free endpoint")
+        return PlainTextResponse("free")
+
+    return Starlette(routes=[Route("/items/{name}", item), Route("/items/free", free)])
+
+
+async def test_the_route_starlette_runs_is_priced_by_its_own_pattern(
+    guard: CreditGuard, events: Recorder, seen: list[Any]
+) -> None:
+    costs = {"GET /items/{item}": 10, "GET /items/free": 0}
+    app = CreditGuardMiddleware(shadowing_app(seen), guard=guard, cost=costs)
+    async with client(app) as http:
+        assert (await http.get("/items/free")).text == "item"
+        assert (await http.head("/items/free")).status_code == 200
+    assert len(seen) == 2
+    assert all(isinstance(spend, Spend) for spend in seen)
+    assert events.kinds == ["admitted", "spent"] * 2
+
+
+async def test_routes_are_resolved_into_mounts_and_behind_root_path(
+    guard: CreditGuard, events: Recorder, seen: list[Any]
+) -> None:
+    from starlette.routing import Mount
+
+    costs = {"GET /api/items/{item}": 10, "GET /api/items/free": 0}
+    inner = shadowing_app(seen)
+    app = CreditGuardMiddleware(
+        Starlette(routes=[Mount("/api", app=inner)]), guard=guard, cost=costs
+    )
+    transport = httpx.ASGITransport(app=app, root_path="/prefix")
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        # The server's root_path is in scope["path"]; the app routes on what follows it.
+        assert (await http.get("/prefix/api/items/free")).text == "item"
+    assert [type(spend) for spend in seen] == [Spend]
+    assert events.kinds == ["admitted", "spent"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import httpx
 import pytest
 from django.http import HttpResponse
 from django.test import AsyncClient, Client, override_settings
@@ -211,3 +212,146 @@ def test_middleware_is_sync_and_async_capable() -> None:
     with override_settings(CREDITGUARD={}):
         assert iscoroutinefunction(CreditGuardMiddleware(get_response))
         assert not iscoroutinefunction(CreditGuardMiddleware(lambda request: HttpResponse()))
+
+
+CONDITIONAL = [
+    "django.middleware.http.ConditionalGetMiddleware",
+    "creditguard.django.CreditGuardMiddleware",
+]
+PAGE_COSTS = {"GET /page": 10}
+
+
+def _conditional_gets(client: Client, path: str) -> list[int]:
+    """A GET, then two GETs answered 304 by ``ConditionalGetMiddleware`` (outside ours):
+    it replaces the response the view answered, and only the one it sends is closed."""
+    first = client.get(path)
+    etag = first["ETag"]
+    return [first.status_code] + [
+        client.get(path, headers={"If-None-Match": etag}).status_code for _ in range(2)
+    ]
+
+
+def test_a_response_replaced_by_an_outer_middleware_still_settles(
+    guard: CreditGuard, fake: FakeLensmor, events: Recorder
+) -> None:
+    with override_settings(
+        MIDDLEWARE=CONDITIONAL, CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}
+    ):
+        assert _conditional_gets(Client(), "/page") == [200, 304, 304]
+    assert events.kinds == ["admitted", "spent"] * 3
+    assert fake.balance.total_balance == 0
+
+
+def test_a_decorated_view_behind_a_replacing_middleware_settles(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    with override_settings(MIDDLEWARE=CONDITIONAL, CREDITGUARD={"GUARD": guard}):
+        assert _conditional_gets(Client(), "/decorated-page") == [200, 304, 304]
+    assert events.kinds == ["admitted", "spent"] * 3
+
+
+# Django's async stack (asgiref) runs on asyncio only.
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_replaced_responses_settle_in_the_async_stack(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    with override_settings(
+        MIDDLEWARE=CONDITIONAL, CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}
+    ):
+        client = AsyncClient()
+        first = await client.get("/page")
+        again = await client.get("/page", headers={"If-None-Match": first["ETag"]})
+    assert (first.status_code, again.status_code) == (200, 304)
+    assert events.kinds == ["admitted", "spent"] * 2
+
+
+def test_head_is_priced_as_its_get(guard: CreditGuard, events: Recorder, views: list[Any]) -> None:
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}):
+        assert Client().head("/page").status_code == 200
+    assert events.kinds == ["admitted", "spent"]
+    assert views[0] is not None
+
+
+def test_converters_in_cost_patterns(guard: CreditGuard, views: list[Any]) -> None:
+    costs = {"GET /items/{item_id:int}": 1, "GET /files/{rest:path}": 1}
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": costs}):
+        assert Client().get("/items/12").content == b"item 12"
+        assert Client().get("/files/a/b.txt").content == b"file a/b.txt"
+    assert all(spend is not None for spend in views)
+    assert len(views) == 2
+
+
+def test_current_spend_accessor(guard: CreditGuard, views: list[Any]) -> None:
+    from django.test import RequestFactory
+
+    from creditguard import Spend
+    from creditguard.django import current_spend
+
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}):
+        assert Client().get("/page").status_code == 200
+    assert isinstance(views[0], Spend)
+    request = RequestFactory().get("/page")
+    assert current_spend(request) is None
+    request.creditguard_spend = views[0]
+    assert current_spend(request) is views[0]
+
+
+def test_the_route_django_runs_is_priced_by_its_own_pattern(
+    guard: CreditGuard, events: Recorder, views: list[Any]
+) -> None:
+    # Django tries its URL patterns in order: "shadow/<str:name>" takes /shadow/free,
+    # which the cost mapping's literal pattern prices 0.
+    costs = {"GET /shadow/{who}": 10, "GET /shadow/free": 0}
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": costs}):
+        assert Client().get("/shadow/free").content == b"shadow free"
+    assert views[0] is not None
+    assert events.kinds == ["admitted", "spent"]
+
+
+def test_replaced_responses_settle_under_a_real_asgi_server(fake: FakeLensmor) -> None:
+    """Django's ASGI handler runs the view in a task of its own and closes the response
+    (``request_finished``) outside it: the spend still settles, 304 or not."""
+    import threading
+
+    from django.core.asgi import get_asgi_application
+
+    from creditguard import GuardEvent, RetryPolicy
+    from creditguard.testing import serve
+
+    kinds: list[str] = []
+    settled = threading.Event()
+
+    def on_event(event: GuardEvent) -> None:
+        kinds.append(event.kind)
+        if kinds.count("spent") + kinds.count("failed") == 2:
+            settled.set()
+
+    with (
+        CreditGuard(
+            fake.api_key,
+            transport=fake.transport,
+            ttl=60,
+            on_event=on_event,
+            retry=RetryPolicy(attempts=1),
+        ) as guard,
+        override_settings(
+            MIDDLEWARE=CONDITIONAL, CREDITGUARD={"GUARD": guard, "COSTS": PAGE_COSTS}
+        ),
+    ):
+        django_app = get_asgi_application()
+
+        async def app(scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] == "lifespan":  # Django's handler takes HTTP only
+                while (await receive())["type"] != "lifespan.shutdown":
+                    await send({"type": "lifespan.startup.complete"})
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+            await django_app(scope, receive, send)
+
+        with serve(app) as url, httpx.Client(base_url=url) as http:
+            first = http.get("/page")
+            again = http.get("/page", headers={"If-None-Match": first.headers["ETag"]})
+            assert settled.wait(15), kinds
+    assert (first.status_code, again.status_code) == (200, 304)
+    assert sorted(kinds) == ["admitted", "admitted", "spent", "spent"]

@@ -122,16 +122,16 @@ async def test_callable_cost_receives_the_request(app: FastAPI, fake: FakeLensmo
         assert (await http.post("/bulk", params={"n": 3})).json() == 15
         refused = await http.post("/bulk", params={"n": 4})
     assert refused.status_code == 402
+    assert refused.headers["content-type"] == "application/problem+json"
     assert refused.json() == {
-        "detail": {
-            "type": "about:blank",
-            "title": "Payment Required",
-            "status": 402,
-            "detail": "this request needs 20 Lensmor credits; 15 are available",
-            "error": "insufficient_credits",
-            "required": 20,
-            "available": 15,
-        }
+        "type": "about:blank",
+        "title": "Payment Required",
+        "status": 402,
+        "detail": "this request needs 20 Lensmor credits; 15 are available",
+        "error": "insufficient_credits",
+        "required": 20,
+        "available": 15,
+        "reserved": 0,
     }
     assert fake.balance.total_balance == 15
 
@@ -146,9 +146,9 @@ async def test_503_with_retry_after_and_500_for_a_rejected_key(
         rejected = await http.post("/events/e/unlock")
     assert unavailable.status_code == 503
     assert unavailable.headers["retry-after"] == "12"
-    assert unavailable.json()["detail"]["error"] == "balance_unavailable"
+    assert unavailable.json()["error"] == "balance_unavailable"
     assert rejected.status_code == 500
-    assert rejected.json()["detail"]["error"] == "credits_misconfigured"
+    assert rejected.json()["error"] == "credits_misconfigured"
     assert fake.api_key not in rejected.text
     assert seen == []
 

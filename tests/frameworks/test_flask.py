@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from flask import Flask, Response, g, request, stream_with_context
 
-from creditguard import CreditGuard, CreditGuardError, current_spend
+from creditguard import CreditGuard, CreditGuardError, Spend, current_spend
 from creditguard.flask import EXTENSION_KEY, ActionFailed, CreditGuardExtension, requires_credits
 from creditguard.testing import FakeLensmor
 
@@ -252,3 +252,51 @@ def test_module_then_framework_import() -> None:
     assert flask.Flask is Flask
     assert creditguard.flask.requires_credits is requires_credits
     assert json.loads("{}") == {}
+
+
+def test_current_spend_accessor(guard: CreditGuard) -> None:
+    from creditguard.flask import current_spend as flask_spend
+
+    app = Flask(__name__)
+    CreditGuardExtension(app, guard=guard)
+    found: list[Any] = []
+
+    @app.get("/paid")
+    @requires_credits(10)
+    def paid() -> str:
+        found.append(flask_spend())
+        return "paid"
+
+    @app.get("/plain")
+    def plain() -> str:
+        found.append(flask_spend())
+        return "plain"
+
+    client = app.test_client()
+    assert client.get("/paid").status_code == client.get("/plain").status_code == 200
+    assert isinstance(found[0], Spend)
+    assert found[0].cost == 10
+    assert found[1] is None
+    assert flask_spend() is None  # outside any request
+
+
+def test_a_response_dropped_unclosed_by_an_outer_layer_ends_its_spend(
+    app: Flask, events: Recorder
+) -> None:
+    import gc
+
+    from werkzeug.test import Client
+
+    inner = app.wsgi_app
+
+    def replacing(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        """A WSGI layer outside Flask that answers its own body and never closes Flask's."""
+        b"".join(inner(environ, lambda status, headers, exc_info=None: lambda data: None))
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"replaced"]
+
+    app.wsgi_app = replacing  # type: ignore[method-assign]
+    response = Client(app).post("/events/e/unlock")
+    gc.collect()
+    assert response.get_data() == b"replaced"
+    assert events.kinds == ["admitted", "failed"]  # released, not stranded

@@ -121,3 +121,41 @@ def test_django_response_is_freed_without_the_cycle_collector(
     response.close()  # a second close does not settle again
     del response
     assert refs[0]() is None
+
+
+def test_converters_match_what_the_frameworks_route() -> None:
+    uuid = "123e4567-e89b-12d3-a456-426614174000"
+    routes = Routes(
+        {
+            "GET /items/{id:int}": 1,
+            "GET /items/{slug:slug}": 2,
+            "GET /users/{id:uuid}": 3,
+            "GET /prices/{p:float}": 4,
+            "GET /names/{name:str}": 5,
+            "GET /files/{rest:path}": 6,
+        }
+    )
+    assert routes.cost("GET", "/items/42") == 1
+    assert routes.cost("GET", "/items/a-b_c") == 2
+    assert routes.cost("GET", "/items/a.b") is None
+    assert routes.cost("GET", f"/users/{uuid}") == 3
+    assert routes.cost("GET", f"/users/{uuid.upper()}") == 3
+    assert routes.cost("GET", "/users/42") is None
+    assert (routes.cost("GET", "/prices/1.5"), routes.cost("GET", "/prices/2")) == (4, 4)
+    assert routes.cost("GET", "/names/x") == 5
+    assert routes.cost("GET", "/names/x/y") is None
+    assert routes.cost("GET", "/files/") == 6  # Starlette's {p:path} may be empty
+    assert routes.cost("GET", "/files/a/b") == 6
+
+
+@pytest.mark.parametrize("pattern", ["/a/{x:nope}", "/a/{x", "/a/x}", "GET /a/{x:int"])
+def test_unknown_converters_and_malformed_parameters_are_refused(pattern: str) -> None:
+    with pytest.raises(ValueError, match=r"converter|malformed"):
+        Routes({pattern: 1})
+
+
+def test_head_is_priced_as_its_get_unless_named() -> None:
+    routes = Routes({"GET /a": 1, "GET /b/{x}": 2, "GET /c": 3, "HEAD /c": 0, "POST /d": 4})
+    assert (routes.cost("HEAD", "/a"), routes.cost("HEAD", "/b/1")) == (1, 2)
+    assert (routes.cost("HEAD", "/c"), routes.cost("GET", "/c")) == (0, 3)
+    assert routes.cost("HEAD", "/d") is None

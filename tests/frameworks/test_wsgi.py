@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import sys
@@ -275,3 +276,42 @@ def test_arguments_are_checked(guard: CreditGuard) -> None:
         CreditGuardMiddleware(plain_app(FakeLensmor(), []), guard=guard, cost=3)
     with pytest.raises(ValueError, match="start with"):
         CreditGuardMiddleware(plain_app(FakeLensmor(), []), guard=guard, cost={"GET x": 3})
+
+
+def test_a_response_dropped_unclosed_by_an_outer_layer_ends_its_spend(
+    fake: FakeLensmor, guard: CreditGuard, events: Recorder, seen: list[Any]
+) -> None:
+    guarded = CreditGuardMiddleware(plain_app(fake, seen), guard=guard, cost=COSTS)
+
+    def replacing(env: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        """A layer outside ours that answers its own body and never closes ours."""
+        inner = guarded(env, lambda status, headers, exc_info=None: lambda data: None)
+        b"".join(inner)
+        start_response("200 OK", [("Content-Type", "text/plain")])
+        return [b"replaced"]
+
+    status, _, body, _ = Server(replacing).call(environ("POST", "/events/e/unlock"))
+    gc.collect()
+    assert (status, body) == (200, b"replaced")
+    assert events.kinds == ["admitted", "failed"]  # released, not stranded
+
+
+def test_head_is_priced_as_its_get(server: Server, events: Recorder) -> None:
+    status, _, _, _ = server.call(environ("HEAD", "/files/a.txt"))
+    assert status == 200
+    assert events.kinds == ["admitted", "spent"]
+
+
+def test_an_unreachable_credit_state_store_is_named(fake: FakeLensmor, seen: list[Any]) -> None:
+    from creditguard.redis import RedisBackend
+
+    backend = RedisBackend("redis://127.0.0.1:1/0")  # nothing listens there
+    with CreditGuard(fake.api_key, transport=fake.transport, backend=backend) as guard:
+        app = CreditGuardMiddleware(plain_app(fake, seen), guard=guard, cost=COSTS)
+        status, _, body, _ = Server(app).call(environ("POST", "/events/e/unlock"))
+    problem = json.loads(body)
+    assert status == 503
+    assert problem["error"] == "balance_unavailable"
+    assert problem["detail"] == "the credit state store is unavailable right now"
+    assert "Lensmor" not in problem["detail"]
+    assert seen == []

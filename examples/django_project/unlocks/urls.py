@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import httpx
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
 from django.views.decorators.csrf import csrf_exempt
 
-from creditguard.django import guard_from_settings, requires_credits
+from creditguard.django import current_spend, guard_from_settings, requires_credits
 
 
 async def paid_call(credits: int) -> None:
@@ -38,9 +37,10 @@ async def unlock_event(request: HttpRequest, event_id: str) -> JsonResponse:
 
 @csrf_exempt
 @requires_credits(lambda request: 5 * len(request.GET.getlist("id")))
-async def unlock_contacts(request: Any) -> JsonResponse:
+async def unlock_contacts(request: HttpRequest) -> JsonResponse:
     """Priced by the decorator: 5 credits per contact id."""
-    spend = request.creditguard_spend
+    spend = current_spend(request)
+    assert spend is not None  # requires_credits set it
     await paid_call(spend.cost)
     return JsonResponse({"cost": spend.cost})
 
