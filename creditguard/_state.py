@@ -701,13 +701,13 @@ class Account:
         yield  # pragma: no cover
 
     def busy(self) -> bool:
-        """Whether anything is in flight, held, settling or queued on the account: its
-        state must not be forgotten."""
+        """Whether a call is in flight, a hold open or a caller waiting on the account: its
+        state must not be forgotten. Calls that returned and wait for a read do not count:
+        an account made anew reads a balance that includes them."""
         self._sweep()
         with self.lock:
             return bool(
-                self.inflight
-                or self.settling
+                self.inflight > len(self.settling)
                 or self.waiters
                 or self.gate.active
                 or self.gate.queue
