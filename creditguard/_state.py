@@ -807,10 +807,11 @@ class MemoryBackend:
     """Account state in this process.
 
     The ``max_accounts`` most recently used idle accounts stay cached. An account that
-    is busy (calls in flight, finished calls waiting for a read, open holds, callers
-    at its gate) is never forgotten: pushed out of the recent ones, it is kept aside
-    until it is idle again. So memory is bounded by ``max_accounts`` idle accounts plus
-    the accounts with work in flight, which holds bound by expiring.
+    is busy (calls in flight, open holds, callers waiting at admission or at its gate)
+    is never forgotten: pushed out of the recent ones, it is kept aside until it is idle
+    again. (Calls that returned and only wait for a read do not keep it: an account made
+    anew reads a balance that includes them.) So memory is bounded by ``max_accounts``
+    idle accounts plus the accounts with work in flight, which holds bound by expiring.
     """
 
     def __init__(self, max_accounts: int = 10_000) -> None:
