@@ -223,9 +223,11 @@ def test_report_outside_the_block_is_refused() -> None:
 
 
 def test_concurrent_calls_settle_with_refreshes_and_never_overspend() -> None:
-    # (no sandbox latency: overlapping paid calls of one key would get Lensmor's 409)
+    # Overlapping paid calls of one key get Lensmor's 409 (the sandbox too, when two
+    # threads are inside its handler at once): the gate sends them one at a time, while
+    # the callers, their admissions and their refreshes still run concurrently.
     fake = FakeLensmor(subscription_balance=20_000, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, max_concurrent=1)
     http = client(fake)
     refused = 0
     lock = threading.Lock()
