@@ -13,7 +13,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._errors import (
+    from creditguard.backends.memory.account import MemoryBackend, StateBackend
+    from creditguard.core.errors import (
         ActionNotAllowed,
         AdmissionTimeout,
         AuthenticationError,
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
         TaskPending,
         UnknownHold,
     )
-    from ._guard import (
+    from creditguard.core.models import AccountSnapshot, CreditBalance, OpenHold, PrecheckResult
+    from creditguard.guard.guard import (
         DEFAULT_BASE_URL,
         CreditGuard,
         GuardEvent,
@@ -38,10 +40,8 @@ if TYPE_CHECKING:
         default_guard,
         requires_credits,
     )
-    from ._models import AccountSnapshot, CreditBalance, OpenHold, PrecheckResult
-    from ._retry import RetryPolicy, parse_retry_after
-    from ._state import MemoryBackend, StateBackend
-    from ._tasks import (
+    from creditguard.lensmor.retry import RetryPolicy, parse_retry_after
+    from creditguard.lensmor.tasks import (
         POLL_BACKOFF,
         ContactUnlock,
         apoll_unlock_task,
@@ -56,43 +56,43 @@ __version__ = "0.1.0"
 """The version of the package."""
 
 _EXPORTS = {
-    "DEFAULT_BASE_URL": "._guard",
-    "ActionNotAllowed": "._errors",
-    "ContactUnlock": "._tasks",
-    "POLL_BACKOFF": "._tasks",
-    "TaskPending": "._errors",
-    "apoll_unlock_task": "._tasks",
-    "asubmit_contact_unlock": "._tasks",
-    "aunlock_contacts": "._tasks",
-    "poll_unlock_task": "._tasks",
-    "submit_contact_unlock": "._tasks",
-    "unlock_contacts": "._tasks",
-    "Precheck": "._guard",
-    "PrecheckResult": "._models",
-    "AccountSnapshot": "._models",
-    "AdmissionTimeout": "._errors",
-    "AuthenticationError": "._errors",
-    "BalanceUnavailable": "._errors",
-    "CreditBalance": "._models",
-    "CreditGuard": "._guard",
-    "CreditGuardError": "._errors",
-    "GateTimeout": "._errors",
-    "GuardEvent": "._guard",
-    "Hold": "._guard",
-    "InsecureTransportError": "._errors",
-    "InsufficientCredits": "._errors",
-    "InvalidResponse": "._errors",
-    "MemoryBackend": "._state",
-    "OpenHold": "._models",
-    "RateLimited": "._errors",
-    "RetryPolicy": "._retry",
-    "Spend": "._guard",
-    "StateBackend": "._state",
-    "UnknownHold": "._errors",
-    "current_spend": "._guard",
-    "default_guard": "._guard",
-    "parse_retry_after": "._retry",
-    "requires_credits": "._guard",
+    "DEFAULT_BASE_URL": "creditguard.guard.guard",
+    "ActionNotAllowed": "creditguard.core.errors",
+    "ContactUnlock": "creditguard.lensmor.tasks",
+    "POLL_BACKOFF": "creditguard.lensmor.tasks",
+    "TaskPending": "creditguard.core.errors",
+    "apoll_unlock_task": "creditguard.lensmor.tasks",
+    "asubmit_contact_unlock": "creditguard.lensmor.tasks",
+    "aunlock_contacts": "creditguard.lensmor.tasks",
+    "poll_unlock_task": "creditguard.lensmor.tasks",
+    "submit_contact_unlock": "creditguard.lensmor.tasks",
+    "unlock_contacts": "creditguard.lensmor.tasks",
+    "Precheck": "creditguard.lensmor.precheck",
+    "PrecheckResult": "creditguard.core.models",
+    "AccountSnapshot": "creditguard.core.models",
+    "AdmissionTimeout": "creditguard.core.errors",
+    "AuthenticationError": "creditguard.core.errors",
+    "BalanceUnavailable": "creditguard.core.errors",
+    "CreditBalance": "creditguard.core.models",
+    "CreditGuard": "creditguard.guard.guard",
+    "CreditGuardError": "creditguard.core.errors",
+    "GateTimeout": "creditguard.core.errors",
+    "GuardEvent": "creditguard.core.engine",
+    "Hold": "creditguard.guard.hold",
+    "InsecureTransportError": "creditguard.core.errors",
+    "InsufficientCredits": "creditguard.core.errors",
+    "InvalidResponse": "creditguard.core.errors",
+    "MemoryBackend": "creditguard.backends.memory.account",
+    "OpenHold": "creditguard.core.models",
+    "RateLimited": "creditguard.core.errors",
+    "RetryPolicy": "creditguard.lensmor.retry",
+    "Spend": "creditguard.guard.spend",
+    "StateBackend": "creditguard.core.roles",
+    "UnknownHold": "creditguard.core.errors",
+    "current_spend": "creditguard.guard.spend",
+    "default_guard": "creditguard.guard.guard",
+    "parse_retry_after": "creditguard.lensmor.retry",
+    "requires_credits": "creditguard.guard.guard",
 }
 
 __all__ = [
@@ -141,7 +141,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'creditguard' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    value = getattr(importlib.import_module(module), name)
     globals()[name] = value
     return value
 

@@ -1,5 +1,5 @@
 """``python -m creditguard``: the command-line interface."""
 
-from ._cli import main
+from creditguard.cli.main import main
 
 raise SystemExit(main())

@@ -72,7 +72,7 @@ def each_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         return
     import uuid
 
-    import creditguard._guard
+    import creditguard.guard.guard
     from creditguard.redis import RedisBackend
 
     url = request.getfixturevalue("redis_url")
@@ -83,7 +83,7 @@ def each_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         backends.append(backend)
         return backend
 
-    monkeypatch.setattr(creditguard._guard, "MemoryBackend", make)
+    monkeypatch.setattr(creditguard.guard.guard, "MemoryBackend", make)
     yield kind
     for backend in backends:
         backend.close()
@@ -162,7 +162,7 @@ def _no_spend_left_current() -> Iterator[None]:
     """A test that leaves a guarded block entered in this thread's context (never exited)
     would make it the ``current_spend()`` of every later test run by this process: such a
     test errors here, and the block is dropped from the context."""
-    from creditguard._spend import _current
+    from creditguard.guard.spend import _current
 
     assert _current.get() is None or not _current.get()._active  # type: ignore[union-attr]
     yield

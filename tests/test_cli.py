@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from creditguard._cli import EXIT_BROKEN_PIPE, build_parser, main
+from creditguard.cli.main import EXIT_BROKEN_PIPE, build_parser, main
 from creditguard.testing import FakeLensmor
 
 
@@ -231,7 +231,8 @@ def test_allow_insecure_http_lets_the_command_use_plain_http(
 ) -> None:
     """The flag reaches the guard (over loopback here, so nothing leaves the machine;
     what it changes for other hosts is the guard's own, tested with the guard)."""
-    from creditguard import CreditGuard, _cli
+    from creditguard import CreditGuard
+    from creditguard.cli import main as _cli
 
     seen: list[bool] = []
     original = CreditGuard
@@ -295,7 +296,7 @@ def test_demo_runs_on_trio_when_it_is_there() -> None:
 
 def test_balance_table_shows_the_add_on_bucket_of_newer_servers() -> None:
     from creditguard import CreditBalance
-    from creditguard._cli import _fmt_balance
+    from creditguard.cli.main import _fmt_balance
 
     newer = CreditBalance.from_api(
         {
@@ -444,7 +445,7 @@ def test_a_stalled_service_is_said_to_be_waited_for(
     """The service answers only once the command has said, on stderr, that it waits."""
     import anyio.to_thread
 
-    from creditguard import _cli
+    from creditguard.cli import main as _cli
     from creditguard.testing import serve
 
     said = threading.Event()
@@ -467,7 +468,7 @@ def test_a_stalled_service_is_said_to_be_waited_for(
 
 
 def test_the_waiting_note_is_one_second_by_default() -> None:
-    from creditguard import _cli
+    from creditguard.cli import main as _cli
 
     assert _cli.WAITING_NOTE_AFTER == 1.0
 
@@ -503,7 +504,7 @@ def test_status_shows_the_open_holds(served: str, fake: FakeLensmor) -> None:
     import time
 
     from creditguard import CreditGuard
-    from creditguard._status import status_json, status_table
+    from creditguard.cli.status import status_json, status_table
 
     with CreditGuard(fake.api_key, base_url=served) as guard:
         hold = guard.hold(60, expires_in=600)

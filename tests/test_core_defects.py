@@ -35,7 +35,7 @@ from creditguard import (
     Spend,
     current_spend,
 )
-from creditguard._client import rate_limit_wait
+from creditguard.lensmor.client import rate_limit_wait
 from creditguard.testing import FakeLensmor
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]

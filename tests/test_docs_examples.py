@@ -54,7 +54,7 @@ from creditguard import (
     InsufficientCredits,
     RetryPolicy,
 )
-from creditguard._cli import build_parser, main
+from creditguard.cli.main import build_parser, main
 from creditguard.testing import FakeLensmor, serve
 
 ROOT = Path(__file__).resolve().parent.parent

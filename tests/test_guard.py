@@ -492,7 +492,7 @@ def test_module_level_decorator(monkeypatch: pytest.MonkeyPatch, fake: FakeLensm
         return 1
 
     assert paid() == 1
-    monkeypatch.setattr("creditguard._guard._default", None)
+    monkeypatch.setattr("creditguard.guard.guard._default", None)
     monkeypatch.delenv("LENSMOR_API_KEY", raising=False)
 
     @requires_credits(3)  # no guard yet, and no key: decoration must still work
@@ -501,7 +501,7 @@ def test_module_level_decorator(monkeypatch: pytest.MonkeyPatch, fake: FakeLensm
 
     with pytest.raises(CreditGuardError, match="LENSMOR_API_KEY"):
         later()
-    monkeypatch.setattr("creditguard._guard._default", guard)
+    monkeypatch.setattr("creditguard.guard.guard._default", guard)
     assert later() == 2
 
 

@@ -22,8 +22,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import creditguard._holding
-import creditguard._state
+import creditguard.backends.memory.account
+import creditguard.backends.memory.commitments
 from creditguard import CreditGuard, Hold, InsufficientCredits
 from creditguard.testing import FakeLensmor
 
@@ -62,8 +62,10 @@ class HoldsMachine(RuleBasedStateMachine):
             )
         else:
             self.patches = [
-                mock.patch.object(creditguard._state, "_monotonic", self.clock),
-                mock.patch.object(creditguard._holding, "_monotonic", self.clock),
+                mock.patch.object(creditguard.backends.memory.account, "_monotonic", self.clock),
+                mock.patch.object(
+                    creditguard.backends.memory.commitments, "_monotonic", self.clock
+                ),
             ]
         for patch in self.patches:
             patch.start()

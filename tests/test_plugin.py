@@ -46,7 +46,7 @@ def test_users_suite_gets_the_fixture(pytester: pytest.Pytester) -> None:
 def test_plugin_module_imports_nothing_heavy() -> None:
     code = (
         "import sys, creditguard.testing._plugin as p; "
-        "heavy = [m for m in ('httpx', 'anyio', 'uvicorn', 'creditguard._guard') "
+        "heavy = [m for m in ('httpx', 'anyio', 'uvicorn', 'creditguard.guard.guard') "
         "if m in sys.modules]; print(heavy)"
     )
     out = subprocess.run(

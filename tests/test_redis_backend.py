@@ -111,7 +111,7 @@ def test_finished_spends_waiting_in_redis_are_bounded(redis_url: str) -> None:
     """Spends that returned wait in Redis for a read; past MAX_SETTLING of one process
     since its last read, the cached balance is distrusted, so the next call reads and that
     read settles them all (the scripts that settle them stay small)."""
-    from creditguard._state import MAX_SETTLING
+    from creditguard.backends.memory.account import MAX_SETTLING
 
     fake = FakeLensmor()
     backend = RedisBackend(redis_url, prefix=fresh_prefix("bounded-test"))
@@ -143,7 +143,7 @@ def test_admissions_on_a_balance_already_here_are_answered_without_it(
     """The first admission on a balance brings it; the next ones on the same balance are
     answered with its generation alone, and still see it as ``balance_before``."""
     from creditguard import current_spend
-    from creditguard._redis_state import RedisAccountState
+    from creditguard.backends.redis.scripts import RedisAccountState
 
     answers: list[str] = []  # what each admission was answered: its kind, or "gen"
     run = RedisAccountState._run

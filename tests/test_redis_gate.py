@@ -10,8 +10,8 @@ import redis
 import redis.asyncio
 from redis.crc import key_slot
 
-from creditguard._redis_gate import RedisGate
-from creditguard._redis_state import RedisAccountState
+from creditguard.backends.redis.gate import RedisGate
+from creditguard.backends.redis.scripts import RedisAccountState
 
 pytestmark = pytest.mark.anyio
 

@@ -42,7 +42,7 @@ from creditguard import (
     InsufficientCredits,
     current_spend,
 )
-from creditguard._client import BALANCE_PATH
+from creditguard.lensmor.client import BALANCE_PATH
 from creditguard.redis import RedisBackend
 from creditguard.testing import FakeLensmor, serve
 from creditguard.testing._redis_server import RedisServer
@@ -92,7 +92,7 @@ def reap(procs: list[Any]) -> None:
 
 
 def keys_of(account: str, prefix: str = PREFIX) -> dict[str, str]:
-    """The Redis keys of ``account`` by part (the layout of creditguard._redis_state)."""
+    """The Redis keys of ``account`` by part (the layout of creditguard.backends.redis.scripts)."""
     return {part: f"{prefix}{{{account}}}:{part}" for part in KEY_PARTS}
 
 

@@ -21,9 +21,9 @@ import pytest
 import redis
 
 from creditguard import AdmissionTimeout, AuthenticationError, CreditGuard
-from creditguard._redis_gate import RedisGate
-from creditguard._redis_leases import check_eviction
-from creditguard._redis_state import RedisAccountState
+from creditguard.backends.redis.gate import RedisGate
+from creditguard.backends.redis.leases import check_eviction
+from creditguard.backends.redis.scripts import RedisAccountState
 from creditguard.redis import RedisBackend
 from creditguard.testing import FakeLensmor
 
@@ -103,7 +103,7 @@ def test_a_lease_past_max_seconds_is_refused(redis_url: str, lease: float) -> No
 def test_the_longest_lease_and_hold_expire_in_the_future(
     redis_url: str, redis_client: redis.Redis, backends: list[RedisBackend]
 ) -> None:
-    from creditguard._config import MAX_SECONDS
+    from creditguard.core.checks import MAX_SECONDS
 
     prefix = fresh_prefix("longest")
     backend = _backend(backends, redis_url, prefix, lease=MAX_SECONDS)
@@ -259,7 +259,7 @@ def test_the_renewer_restores_on_its_own(
     backends: list[RedisBackend],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from creditguard._redis_leases import LeaseKeeper
+    from creditguard.backends.redis.leases import LeaseKeeper
 
     restored = threading.Event()
     original = LeaseKeeper._restored
@@ -494,8 +494,8 @@ async def guard_call(guard: CreditGuard, ran: list[int]) -> None:
 def test_a_read_that_cannot_be_recorded_still_finishes(
     redis_url: str, backends: list[RedisBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import creditguard._redis_reads
-    import creditguard.redis
+    import creditguard.backends.redis.backend
+    import creditguard.backends.redis.reads
 
     backend = _backend(backends, redis_url, fresh_prefix("record"))
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
@@ -504,10 +504,10 @@ def test_a_read_that_cannot_be_recorded_still_finishes(
     def broken(balance: object) -> tuple[str, int]:
         raise ValueError("cannot encode")
 
-    monkeypatch.setattr(creditguard._redis_reads, "encode_balance", broken)
+    monkeypatch.setattr(creditguard.backends.redis.reads, "encode_balance", broken)
     assert guard.balance().total_balance == 100
     account = guard._account
-    assert isinstance(account, creditguard.redis.RedisAccount)
+    assert isinstance(account, creditguard.backends.redis.backend.RedisAccount)
     assert account.flights == []
     assert account._stale == []  # its read lock in Redis was given up
     monkeypatch.undo()
@@ -609,7 +609,7 @@ def test_a_snapshot_on_the_fallback_is_this_processs(backends: list[RedisBackend
 def test_no_script_is_given_a_duration_it_would_print_wrongly(redis_client: redis.Redis) -> None:
     """Every duration a script adds to the server's time is bounded where Lua's doubles
     and ``'%d'`` are exact (``MAX_MS``): past it, a ``ValueError`` before any script."""
-    from creditguard._redis_state import MAX_MS
+    from creditguard.backends.redis.scripts import MAX_MS
 
     with pytest.raises(ValueError, match="lease_ms"):
         RedisAccountState(redis_client, None, "p:", "acct", sys.maxsize * 1000)

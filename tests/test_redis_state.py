@@ -1,4 +1,4 @@
-"""The Redis account state (creditguard._redis_state) against a real redis-server.
+"""The Redis account state (creditguard.backends.redis.scripts) against a real redis-server.
 
 Every rule of the in-memory ``Account`` that the scripts mirror, the leases, the key
 layout (one cluster slot per account, no API key text anywhere), processes racing for
@@ -26,10 +26,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from redis.crc import key_slot
 
-from creditguard._config import _fingerprint
-from creditguard._models import CreditBalance
-from creditguard._redis_gate import RedisGate
-from creditguard._redis_state import (
+from creditguard.backends.redis.gate import RedisGate
+from creditguard.backends.redis.scripts import (
     DEFAULT_PREFIX,
     SCRIPTS,
     SHAS,
@@ -43,6 +41,8 @@ from creditguard._redis_state import (
     decode_balance,
     encode_balance,
 )
+from creditguard.core.checks import _fingerprint
+from creditguard.core.models import CreditBalance
 from creditguard.testing._redis_server import RedisServer
 from tests.strategies import FUZZ
 

@@ -1,4 +1,4 @@
-"""What paid calls report about credits (``creditguard._reports``): each published shape,
+"""What paid calls report about credits (``creditguard.lensmor.reports``): each published shape,
 from a decoded body and from an ``httpx.Response``, and every way a report can be wrong."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from creditguard import CreditBalance, InsufficientCredits, InvalidResponse
-from creditguard._reports import (
+from creditguard.lensmor.reports import (
     MAX_BODY_BYTES,
     ApiErrorInfo,
     Report,

@@ -11,8 +11,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from ._fake import FAULTS, FakeLensmor, parse_fault
-    from ._server import serve
+    from creditguard.testing._fake import FAULTS, FakeLensmor, parse_fault
+    from creditguard.testing._server import serve
 
 _EXPORTS = {
     "FAULTS": "._fake",

@@ -22,10 +22,19 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ._wire import Check, Checker, _Answer, _BadRequest, _json, _Route, _string, api_error
+from creditguard.testing._wire import (
+    Check,
+    Checker,
+    _Answer,
+    _BadRequest,
+    _json,
+    _Route,
+    _string,
+    api_error,
+)
 
 if TYPE_CHECKING:
-    from ._lensmor import _PaidApi, _Pending
+    from creditguard.testing._lensmor import _PaidApi, _Pending
 
 __all__ = [
     "CONTACT_EMAIL_COST",

@@ -24,10 +24,19 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from ._wire import Check, Checker, _Answer, _BadRequest, _json, _number, _Route, api_error
+from creditguard.testing._wire import (
+    Check,
+    Checker,
+    _Answer,
+    _BadRequest,
+    _json,
+    _number,
+    _Route,
+    api_error,
+)
 
 if TYPE_CHECKING:
-    from ._lensmor import _PaidApi, _Pending
+    from creditguard.testing._lensmor import _PaidApi, _Pending
 
 __all__ = ["EVENT_UNLOCK_COST", "VISITOR_UNLOCK_COST", "_Event", "_EventDesk"]
 

@@ -34,14 +34,22 @@ from urllib.parse import parse_qsl
 
 import anyio
 
-from .._client import BALANCE_PATH
-from .._errors import InsufficientCredits
-from .._models import CreditBalance
-from ._contacts import EMAIL, PHONE, _Contact
-from ._events import _Event
-from ._lensmor import _Company, _PaidApi, _Pending
-from ._transport import _Dropped, _FakeTransport, _read_body
-from ._wire import BALANCE_SHAPES, BalanceShape, Credits, RateLimit, _Answer, _json, api_error
+from creditguard.core.errors import InsufficientCredits
+from creditguard.core.models import CreditBalance
+from creditguard.lensmor.client import BALANCE_PATH
+from creditguard.testing._contacts import EMAIL, PHONE, _Contact
+from creditguard.testing._events import _Event
+from creditguard.testing._lensmor import _Company, _PaidApi, _Pending
+from creditguard.testing._transport import _Dropped, _FakeTransport, _read_body
+from creditguard.testing._wire import (
+    BALANCE_SHAPES,
+    BalanceShape,
+    Credits,
+    RateLimit,
+    _Answer,
+    _json,
+    api_error,
+)
 
 __all__ = ["FAULTS", "FakeLensmor", "parse_fault"]
 

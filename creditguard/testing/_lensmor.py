@@ -27,12 +27,20 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from ._contacts import DIGITS, _Contact, _ContactDesk
-from ._events import _Event, _EventDesk
-from ._wire import Checker, _Answer, _BadRequest, _json, _Route, _string, api_error
+from creditguard.testing._contacts import DIGITS, _Contact, _ContactDesk
+from creditguard.testing._events import _Event, _EventDesk
+from creditguard.testing._wire import (
+    Checker,
+    _Answer,
+    _BadRequest,
+    _json,
+    _Route,
+    _string,
+    api_error,
+)
 
 if TYPE_CHECKING:
-    from ._fake import FakeLensmor
+    from creditguard.testing._fake import FakeLensmor
 
 SEARCH_COST = 50
 MAX_BODY = 1 << 20

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 if TYPE_CHECKING:
-    from ._fake import FakeLensmor
+    from creditguard.testing._fake import FakeLensmor
 
 
 @pytest.fixture
@@ -19,6 +19,6 @@ def fake_lensmor() -> FakeLensmor:
     """A fresh in-memory Lensmor credits service (30,000 subscription + 50 gift credits,
     key ``"test-key"``). Point a guard at it with
     ``CreditGuard(fake_lensmor.api_key, transport=fake_lensmor.transport)``."""
-    from ._fake import FakeLensmor
+    from creditguard.testing._fake import FakeLensmor
 
     return FakeLensmor()

@@ -11,11 +11,11 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 
-from ._lensmor import MAX_BODY, _Pending
-from ._wire import _Answer
+from creditguard.testing._lensmor import MAX_BODY, _Pending
+from creditguard.testing._wire import _Answer
 
 if TYPE_CHECKING:
-    from ._fake import FakeLensmor
+    from creditguard.testing._fake import FakeLensmor
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]

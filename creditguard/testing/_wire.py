@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 if TYPE_CHECKING:
-    from ._lensmor import _Pending
+    from creditguard.testing._lensmor import _Pending
 
 BalanceShape = Literal["0.22", "0.24"]
 BALANCE_SHAPES: tuple[str, ...] = ("0.22", "0.24")

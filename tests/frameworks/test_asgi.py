@@ -467,7 +467,7 @@ async def test_a_bad_cost_callable_is_a_programming_error(guard: CreditGuard) ->
 
 def test_problem_bodies_are_compact_json() -> None:
     from creditguard import InsufficientCredits
-    from creditguard._web import problem_for
+    from creditguard.web.common import problem_for
 
     problem = problem_for(InsufficientCredits(10, 3))
     assert problem is not None

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from creditguard import CreditGuard, _guard
+from creditguard import CreditGuard
+from creditguard.guard import guard as _guard
 from creditguard.testing import FakeLensmor, serve
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"

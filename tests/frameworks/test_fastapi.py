@@ -229,7 +229,7 @@ async def test_tenant_guard_callable_and_async_guard_callable(fake: FakeLensmor)
 async def test_default_guard_comes_from_the_environment(
     fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from creditguard import _guard
+    from creditguard.guard import guard as _guard
     from creditguard.testing import serve
 
     with serve(fake.app) as url:

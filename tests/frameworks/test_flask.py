@@ -224,7 +224,7 @@ def test_guard_of_without_init_app() -> None:
 def test_without_the_extension_the_default_guard_is_used(
     fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from creditguard import _guard
+    from creditguard.guard import guard as _guard
     from creditguard.testing import serve
 
     with serve(fake.app) as url:

@@ -1,4 +1,4 @@
-"""Route patterns (``creditguard._web.Routes``) and what the adapters leave behind."""
+"""Route patterns (``creditguard.web.common.Routes``) and what the adapters leave behind."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from creditguard import CreditGuard
-from creditguard._web import Routes
+from creditguard.web.common import Routes
 
 
 def test_literal_routes_win_then_templates_in_order() -> None:

@@ -39,7 +39,7 @@ from creditguard import (
     InsufficientCredits,
     RetryPolicy,
 )
-from creditguard._cli import main as cli_main
+from creditguard.cli.main import main as cli_main
 from creditguard.testing import FakeLensmor, serve
 
 from .test_faults import FAULTS

@@ -43,7 +43,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import creditguard._state as state_module
+import creditguard.backends.memory.account as state_module
 from creditguard import (
     AdmissionTimeout,
     BalanceUnavailable,
@@ -53,7 +53,7 @@ from creditguard import (
     RetryPolicy,
     Spend,
 )
-from creditguard._steps import own_credits
+from creditguard.core.steps import own_credits
 from creditguard.testing import FakeLensmor
 
 from .support import reads_in_flight

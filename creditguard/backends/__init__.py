@@ -1,0 +1,1 @@
+"""Where account state lives: in this process (``memory``) or in Redis (``redis``)."""

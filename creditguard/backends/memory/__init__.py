@@ -1,0 +1,1 @@
+"""The memory backend: account state in this process."""

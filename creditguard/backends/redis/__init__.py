@@ -1,0 +1,1 @@
+"""The Redis backend: account state shared by every process using one Redis."""

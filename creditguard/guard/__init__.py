@@ -1,0 +1,2 @@
+"""The facade: ``CreditGuard``, ``Spend``, ``Hold`` and the decorator, thin over the
+core's flows."""

@@ -1,0 +1,1 @@
+"""The web adapters: what they share (``common``) and one module per framework."""

@@ -1,0 +1,515 @@
+"""What every web framework adapter shares, with no framework imported.
+
+Route patterns and their costs, cost and guard resolution, the mapping from guard errors
+to HTTP answers (status, headers, JSON body) and the rule that decides whether a finished
+response is charged. The adapters (``asgi``, ``wsgi``, ``fastapi``, ``flask``, ``django``,
+the modules beside this one) only translate between these and their framework.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from creditguard.core.checks import _check_cost
+from creditguard.core.errors import (
+    AdmissionTimeout,
+    AuthenticationError,
+    BalanceUnavailable,
+    CreditGuardError,
+    GateTimeout,
+    InsufficientCredits,
+    RateLimited,
+)
+from creditguard.guard.guard import CreditGuard
+
+__all__ = [
+    "BAD_PATH",
+    "PROBLEM_CONTENT_TYPE",
+    "ActionFailed",
+    "Problem",
+    "Routes",
+    "charged",
+    "check_cost",
+    "default_guard",
+    "problem_for",
+    "route_path",
+    "undecidable",
+]
+
+logger = logging.getLogger("creditguard.web")
+
+PROBLEM_CONTENT_TYPE = "application/problem+json"
+
+# What a finished response's status must satisfy to be charged (spent), by default.
+ChargeWhen = Callable[[int], bool]
+
+
+def charged(status: int) -> bool:
+    """The default ``charge_when``: a response below 400 means the paid action happened."""
+    return status < 400
+
+
+class ActionFailed(CreditGuardError):
+    """The guarded endpoint answered with a status ``charge_when`` does not charge for.
+
+    It is what the adapters exit the spend with in that case, so the guard releases the
+    reservation and distrusts its cached balance (``GuardEvent.error`` of the ``"failed"``
+    event). ``status`` is the response's status, ``0`` when no response was completed.
+    """
+
+    def __init__(self, status: int) -> None:
+        self.status = status
+        what = f"answered {status}" if status else "did not complete a response"
+        super().__init__(f"the guarded endpoint {what}; the spend is not charged")
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.status,))
+
+
+# A cost as the core accepts it (an int, not a bool, of at least 0): the core's own check.
+check_cost = _check_cost
+
+
+def default_guard() -> CreditGuard:
+    """The process-wide guard ``creditguard.requires_credits`` uses without ``guard=``,
+    built from ``LENSMOR_API_KEY`` / ``LENSMOR_BASE_URL`` at first use."""
+    from creditguard.guard.guard import default_guard
+
+    return default_guard()
+
+
+def is_async_callable(func: object) -> bool:
+    """A coroutine function, or an object whose ``__call__`` is one."""
+    if inspect.iscoroutinefunction(func):
+        return True
+    call = getattr(func, "__call__", None)  # noqa: B004 - the method itself is inspected
+    return not inspect.isfunction(func) and inspect.iscoroutinefunction(call)
+
+
+# -- route patterns --------------------------------------------------------------------
+
+_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)(?::([A-Za-z_]+))?\}")
+_METHOD = re.compile(r"[A-Z]+")
+
+# What each converter of a route template matches: for each, the widest of what Starlette,
+# Django and Flask route with a converter of that name, so that every path a framework
+# routes to the template is priced by it.
+_UUID = "[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+_CONVERTERS = {
+    None: "[^/]+",
+    "str": "[^/]+",
+    "string": "[^/]+",
+    "int": "[0-9]+",
+    "float": "[0-9]+(?:\\.[0-9]+)?",
+    "uuid": _UUID,
+    "slug": "[-a-zA-Z0-9_]+",
+    "path": ".*",
+}
+
+
+def _source(pattern: str, path: str) -> str:
+    """The regular expression of a templated path (no capturing groups)."""
+    parts: list[str] = []
+    last = 0
+    for match in _PARAM.finditer(path):
+        converter = _CONVERTERS.get(match[2])
+        if converter is None:
+            raise ValueError(
+                f"route pattern {pattern!r}: unknown converter {match[2]!r} (known:"
+                f" {', '.join(sorted(c for c in _CONVERTERS if c))})"
+            )
+        parts.append(re.escape(path[last : match.start()]))
+        parts.append(converter)
+        last = match.end()
+    parts.append(re.escape(path[last:]))
+    return "".join(parts)
+
+
+def unnamed(template: str) -> str:
+    """``template`` with its parameters' names left out (``{:int}``; ``{:str}`` for a
+    plain ``{name}``): two spellings of one route compare equal."""
+    return _PARAM.sub(
+        lambda m: "{:" + (m[2] if m[2] not in (None, "string") else "str") + "}", template
+    )
+
+
+_ANGLE = re.compile(r"<(?:([A-Za-z_][A-Za-z0-9_]*):)?([A-Za-z_][A-Za-z0-9_]*)>")
+
+
+def angle_template(route: str) -> str | None:
+    """A Django or Flask route (``events/<str:event_id>/unlock``) in ``{name}`` syntax,
+    with a leading ``/``; ``None`` for a regular expression route (``re_path``)."""
+    if any(ch in route for ch in "^$()[]\\*+?|"):
+        return None
+    converted = _ANGLE.sub(lambda m: "{" + m[2] + (":" + m[1] if m[1] else "") + "}", route)
+    return converted if converted.startswith("/") else "/" + converted
+
+
+def undecidable(path: str) -> bool:
+    """Whether ``path`` (percent-decoded) holds characters a route parser may read
+    differently from ours (control characters: a regex's ``$`` matches before a final
+    newline): a middleware pricing by path refuses such a request (400)."""
+    return any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in path)
+
+
+def route_path(scope: Mapping[str, Any]) -> str:
+    """The path an ASGI app routes on: ``scope["path"]`` less ``scope["root_path"]``
+    (the prefix a ``Mount`` or the server's ``--root-path`` put in front), as Starlette
+    computes it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    if path == root:
+        return ""
+    if path[len(root)] == "/":
+        return path[len(root) :]
+    return path
+
+
+class Routes:
+    """Costs by route pattern: ``{"POST /events/{event_id}/unlock": 10, "/search": 2}``.
+
+    A pattern is an optional HTTP method (upper case) and a path. ``{name}`` (or
+    ``{name:str}``) matches one path segment, ``{name:path}`` the rest of the path (maybe
+    empty), ``{name:int}``, ``{name:float}``, ``{name:uuid}`` and ``{name:slug}`` what the
+    frameworks' converters of those names match; another converter is a ``ValueError``.
+    Without a method, a pattern matches every method. A ``GET`` pattern prices ``HEAD``
+    too (the frameworks answer HEAD with the GET handler), unless a ``HEAD`` pattern names
+    the same path. Literal patterns win over templated ones; templated ones are tried in
+    the mapping's order. A request no pattern matches is free.
+
+    Everything is compiled once: literal patterns are a dict lookup by path, then method;
+    the templated patterns a method can match are one regular expression (an alternation
+    in the mapping's order, so the first pattern that matches wins).
+    """
+
+    __slots__ = ("_exact", "_matchers", "_other", "_templates")
+
+    def __init__(self, costs: Mapping[str, int]) -> None:
+        # path -> {method or None: cost}
+        self._exact: dict[str, dict[str | None, int]] = {}
+        templates: list[tuple[str | None, str, int]] = []
+        parsed: list[tuple[str, str | None, str, int]] = []
+        for pattern, cost in costs.items():
+            if not isinstance(pattern, str):
+                raise TypeError(f"a route pattern must be a str, got {type(pattern).__name__}")
+            method, path = self._split(pattern)
+            if "{" in _PARAM.sub("", path) or "}" in _PARAM.sub("", path):
+                raise ValueError(f"route pattern {pattern!r}: a malformed {{parameter}}")
+            parsed.append((pattern, method, path, check_cost(cost)))
+        head = {path for _, method, path, _ in parsed if method == "HEAD"}
+        # (method or None, the path with its parameters unnamed) -> cost: what a route a
+        # framework resolved costs (:meth:`route_cost`).
+        self._templates: dict[tuple[str | None, str], int] = {}
+        for pattern, method, path, amount in parsed:
+            methods = [method]
+            if method == "GET" and path not in head:
+                methods.append("HEAD")  # HEAD runs the GET handler
+            for each in methods:
+                self._templates.setdefault((each, unnamed(path)), amount)
+                if _PARAM.search(path):
+                    templates.append((each, _source(pattern, path), amount))
+                else:
+                    self._exact.setdefault(path, {}).setdefault(each, amount)
+        # method -> (alternation of the templates it can match, their costs in order); the
+        # methods no template names share ``_other`` (the method-less templates).
+        self._matchers: dict[str, _Matcher | None] = {}
+        for method in {m for m, _, _ in templates if m is not None}:
+            self._matchers[method] = _matcher(
+                [(src, amount) for m, src, amount in templates if m is None or m == method]
+            )
+        self._other = _matcher([(src, amount) for m, src, amount in templates if m is None])
+
+    @staticmethod
+    def _split(pattern: str) -> tuple[str | None, str]:
+        method, sep, path = pattern.strip().partition(" ")
+        if not sep:
+            method, path = "", method
+        path = path.strip()
+        if method and not _METHOD.fullmatch(method):
+            raise ValueError(f"route pattern {pattern!r}: the method must be upper case")
+        if not path.startswith("/"):
+            raise ValueError(f"route pattern {pattern!r}: the path must start with '/'")
+        return method or None, path
+
+    def cost(self, method: str, path: str) -> int | None:
+        """The cost of ``method path``, or ``None`` when no pattern matches (free)."""
+        by_method = self._exact.get(path)
+        if by_method is not None:
+            found = by_method.get(method)
+            if found is None:
+                found = by_method.get(None)
+            if found is not None:
+                return found
+        matcher = self._matchers.get(method, self._other)
+        if matcher is not None:
+            match = matcher[0](path)
+            if match is not None:
+                return matcher[1][match.lastindex or 0]
+        return None
+
+    def route_cost(self, method: str, route: str, path: str) -> int | None:
+        """The cost of a request the framework routed to ``route`` (its template, in
+        ``{name}`` syntax, with any mount prefix): the pattern naming that template (its
+        parameters' names aside) when one does, else :meth:`cost` of the ``path``. So a
+        route the framework picks over another pattern's match (routes are tried in
+        their order) costs what its own pattern says."""
+        key = unnamed(route)
+        found = self._templates.get((method, key))
+        if found is None:
+            found = self._templates.get((None, key))
+        if found is not None:
+            return found
+        return self.cost(method, path)
+
+    def __bool__(self) -> bool:
+        return bool(self._exact or self._matchers or self._other)
+
+
+# A compiled alternation's ``fullmatch`` and the cost of each of its groups (by index).
+_Matcher = tuple[Callable[[str], "re.Match[str] | None"], tuple[int, ...]]
+
+
+def _matcher(templates: list[tuple[str, int]]) -> _Matcher | None:
+    """One ``fullmatch`` for several templates: ``(a)|(b)|...``; the group that matched
+    (``lastindex``) tells which, the first in order winning."""
+    if not templates:
+        return None
+    regex = re.compile("|".join(f"({src})" for src, _ in templates))
+    return regex.fullmatch, (0, *(amount for _, amount in templates))
+
+
+# -- costs and guards of a request ---------------------------------------------------------
+
+CostSpec = Mapping[str, int] | Callable[[Any], Any] | int | None
+GuardSpec = CreditGuard | Callable[[Any], Any]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CostOf:
+    """A middleware's ``cost`` argument, compiled once: how to price a request."""
+
+    routes: Routes | None
+    func: Callable[[Any], Any] | None
+    is_async: bool
+
+    @classmethod
+    def build(cls, cost: CostSpec) -> CostOf:
+        if cost is None:
+            return cls(None, None, False)
+        if isinstance(cost, Mapping):
+            return cls(Routes(cost), None, False)
+        if callable(cost):
+            return cls(None, cost, is_async_callable(cost))
+        raise TypeError(
+            "cost must be a mapping of route patterns to ints, a callable of the request,"
+            f" or None; got {type(cost).__name__}"
+        )
+
+
+def middleware_cost(guard: object, cost: CostSpec, on_error: object, charge_when: object) -> CostOf:
+    """Check a middleware's arguments (the same for ASGI and WSGI) and compile its cost."""
+    check_guard_spec(guard)
+    check_hook("on_error", on_error)
+    check_hook("charge_when", charge_when)
+    if isinstance(cost, int):
+        raise TypeError("cost must be a mapping of route patterns or a callable, not an int")
+    return CostOf.build(cost)
+
+
+def resolve_guard(guard: GuardSpec, request: object) -> CreditGuard:
+    """``guard`` itself, or what the per-request callable returns for ``request``."""
+    if isinstance(guard, CreditGuard):
+        return guard
+    found = guard(request)
+    if not isinstance(found, CreditGuard):
+        raise TypeError(f"the guard callable must return a CreditGuard, got {type(found).__name__}")
+    return found
+
+
+async def aresolve_guard(guard: GuardSpec, request: object) -> CreditGuard:
+    """:func:`resolve_guard` that also accepts an async callable."""
+    if isinstance(guard, CreditGuard):
+        return guard
+    found = guard(request)
+    if not isinstance(found, CreditGuard) and inspect.isawaitable(found):
+        found = await found
+    if not isinstance(found, CreditGuard):
+        raise TypeError(f"the guard callable must return a CreditGuard, got {type(found).__name__}")
+    return found
+
+
+def check_guard_spec(guard: object, *, optional: bool = False) -> None:
+    if guard is None and optional:
+        return
+    if not isinstance(guard, CreditGuard) and not callable(guard):
+        raise TypeError(
+            "guard must be a CreditGuard or a callable of the request returning one,"
+            f" got {type(guard).__name__}"
+        )
+
+
+def check_hook(name: str, hook: object) -> None:
+    if hook is not None and not callable(hook):
+        raise TypeError(f"{name} must be callable, got {type(hook).__name__}")
+
+
+async def acall_cost(func: Callable[[Any], Any], request: object) -> int:
+    """Call a sync or async cost callable and validate what it returns."""
+    value = func(request)
+    if type(value) is not int and inspect.isawaitable(value):
+        value = await value
+    return check_cost(value)
+
+
+# -- error answers ----------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Problem:
+    """The HTTP answer for a guard error: status, extra headers and the JSON body."""
+
+    status: int
+    body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def content(self) -> bytes:
+        return json.dumps(self.body, separators=(",", ":")).encode()
+
+    def header_list(self) -> list[tuple[str, str]]:
+        """``content-type`` and the extra headers (``content-length`` not included)."""
+        return [("content-type", PROBLEM_CONTENT_TYPE), *self.headers]
+
+
+BAD_PATH = Problem(
+    400,
+    {
+        "type": "about:blank",
+        "title": "Bad Request",
+        "status": 400,
+        "detail": "the request path holds control characters",
+        "error": "bad_path",
+    },
+)
+"""The answer of a middleware pricing by path to a path it cannot decide
+(:func:`undecidable`)."""
+
+
+def _seconds(seconds: float | None) -> tuple[tuple[str, str], ...]:
+    """A ``Retry-After`` header of ``seconds`` (rounded up), none when unknown."""
+    if seconds is not None and math.isfinite(seconds) and seconds >= 0:
+        return (("retry-after", str(math.ceil(seconds))),)
+    return ()
+
+
+def _store_down(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from the credit state store (Redis) being unreachable."""
+    cause = exc.__cause__
+    while cause is not None:
+        if type(cause).__module__.split(".")[0] == "redis":
+            return True
+        cause = cause.__cause__
+    return False
+
+
+def problem_for(exc: BaseException) -> Problem | None:
+    """The answer for ``exc``, or ``None`` when it is not a guard error (re-raise it).
+
+    * :class:`InsufficientCredits`: 402 ``insufficient_credits`` with ``required``,
+      ``available`` and ``reserved`` (credits held by calls in flight);
+    * :class:`AdmissionTimeout` (calls in flight stand in the way and did not settle in
+      time) and :class:`GateTimeout` (no turn at the account's gate in time): 503
+      ``credits_busy`` with ``Retry-After``;
+    * :class:`BalanceUnavailable` (the Lensmor balance cannot be read: rate limited,
+      invalid response, unreachable; or the credit state store, Redis, is unreachable):
+      503 ``balance_unavailable``, with ``Retry-After`` when the service said how long;
+    * any other :class:`CreditGuardError` (a rejected key, no key, an insecure base URL):
+      500 ``credits_misconfigured``; the details go to the log, never to the client.
+
+    Bodies are RFC 9457 problem details (``type``, ``title``, ``status``, ``detail``) plus
+    the ``error`` code and the figures above, sent as ``application/problem+json``.
+    """
+    if isinstance(exc, InsufficientCredits):
+        return Problem(
+            402,
+            {
+                "type": "about:blank",
+                "title": "Payment Required",
+                "status": 402,
+                "detail": (
+                    f"this request needs {exc.required} Lensmor credits;"
+                    f" {exc.available} are available"
+                ),
+                "error": "insufficient_credits",
+                "required": exc.required,
+                "available": exc.available,
+                "reserved": exc.reserved,
+            },
+        )
+    if isinstance(exc, AdmissionTimeout | GateTimeout):
+        body: dict[str, Any] = {
+            "type": "about:blank",
+            "title": "Service Unavailable",
+            "status": 503,
+            "error": "credits_busy",
+        }
+        if isinstance(exc, AdmissionTimeout):
+            body["detail"] = (
+                f"this request needs {exc.required} Lensmor credits; {exc.available} are"
+                f" free beside {exc.reserved} held by requests in flight: retry later"
+            )
+            body.update(required=exc.required, available=exc.available, reserved=exc.reserved)
+            wait: float = exc.retry_after
+        else:
+            body["detail"] = "too many paid requests of this account in flight: retry later"
+            wait = 1.0
+        logger.info("Lensmor credits busy: %s", exc)
+        return Problem(503, body, _seconds(wait) or (("retry-after", "1"),))
+    if isinstance(exc, BalanceUnavailable):
+        store = _store_down(exc)
+        logger.warning(
+            "%s: %s",
+            "credit state store unavailable" if store else "Lensmor credits balance unavailable",
+            exc,
+        )
+        return Problem(
+            503,
+            {
+                "type": "about:blank",
+                "title": "Service Unavailable",
+                "status": 503,
+                "detail": (
+                    "the credit state store is unavailable right now"
+                    if store
+                    else "the Lensmor credits balance cannot be checked right now"
+                ),
+                "error": "balance_unavailable",
+            },
+            _seconds(exc.retry_after) if isinstance(exc, RateLimited) else (),
+        )
+    if isinstance(exc, CreditGuardError):
+        what = (
+            "the credits service rejected the API key"
+            if isinstance(exc, AuthenticationError)
+            else type(exc).__name__
+        )
+        logger.error("Lensmor credits misconfigured (%s): %s", what, exc)
+        return Problem(
+            500,
+            {
+                "type": "about:blank",
+                "title": "Internal Server Error",
+                "status": 500,
+                "detail": "the server's Lensmor credits configuration is not working",
+                "error": "credits_misconfigured",
+            },
+        )
+    return None
