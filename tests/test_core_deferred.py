@@ -20,7 +20,7 @@ from creditguard import (
     InsufficientCredits,
     RetryPolicy,
 )
-from creditguard.backends.memory.account import MAX_SETTLING
+from creditguard.core.settling import MAX_SETTLING
 from creditguard.testing import FakeLensmor
 
 from .helpers import Gate, reserved, waiting_for_release

@@ -111,7 +111,7 @@ def test_finished_spends_waiting_in_redis_are_bounded(redis_url: str) -> None:
     """Spends that returned wait in Redis for a read; past MAX_SETTLING of one process
     since its last read, the cached balance is distrusted, so the next call reads and that
     read settles them all (the scripts that settle them stay small)."""
-    from creditguard.backends.memory.account import MAX_SETTLING
+    from creditguard.core.settling import MAX_SETTLING
 
     fake = FakeLensmor()
     backend = RedisBackend(redis_url, prefix=fresh_prefix("bounded-test"))

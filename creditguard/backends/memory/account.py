@@ -36,6 +36,7 @@ from creditguard.backends.memory.commitments import LocalGate, LocalHolds
 from creditguard.core.errors import AdmissionTimeout, InsufficientCredits
 from creditguard.core.models import AccountSnapshot, CreditBalance, OpenHold
 from creditguard.core.roles import AccountState, StateBackend
+from creditguard.core.settling import MAX_SETTLING, after_report
 from creditguard.core.steps import (
     Call,
     Flight,
@@ -61,10 +62,6 @@ __all__ = [
     "Step",
     "Waiter",
 ]
-
-# Finished spends that may wait for a read at once (see Account.defer_settle; with Redis,
-# per process between two of its reads).
-MAX_SETTLING = 1024
 
 # Balance reads one account may have in progress at once. Two let a caller that needs a
 # read newer than the one in progress start it at once instead of queueing behind it.
@@ -528,7 +525,7 @@ class Account:
                 and reservation.gen == self.cache_gen
             )
             if alone and cached is not None:
-                after = _after_report(cached, charged, total_after, balance_after)
+                after = after_report(cached, charged, total_after, balance_after)
             else:
                 after = None
             if after is None:
@@ -780,27 +777,6 @@ class Account:
         self._sweep()
         with self.lock:
             return self.cached, self.reserved, self.inflight
-
-
-def _after_report(
-    cached: CreditBalance,
-    charged: int | None,
-    total_after: int | None,
-    balance_after: CreditBalance | None,
-) -> CreditBalance | None:
-    """The balance after a call, from what it reported and the balance read before it
-    (``None`` when the report does not say enough, or says credits were added)."""
-    if balance_after is not None:
-        return balance_after
-    if total_after is not None:
-        spent = cached.total_balance - total_after  # this call's charge, and anyone else's
-    elif charged is not None:
-        spent = charged
-    else:
-        return None
-    if spent < 0 or spent > cached.total_balance:
-        return None
-    return cached.after_spending(spent)
 
 
 class MemoryBackend:

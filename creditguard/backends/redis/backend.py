@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
-from creditguard.backends.memory.account import MAX_SETTLING, Account, _after_report
+from creditguard.backends.memory.account import Account
 from creditguard.backends.redis.gate import HoldInfo, RedisGate
 from creditguard.backends.redis.holds import POLL_MAX, GateOps
 from creditguard.backends.redis.leases import (
@@ -72,6 +72,7 @@ from creditguard.backends.redis.scripts import (
 from creditguard.core.checks import _check_seconds
 from creditguard.core.errors import AdmissionTimeout, BalanceUnavailable, InsufficientCredits
 from creditguard.core.models import CreditBalance
+from creditguard.core.settling import MAX_SETTLING, after_report
 from creditguard.core.steps import Call, Flight, Ops, Reservation, Step, Waiter, own_error
 
 if TYPE_CHECKING:
@@ -495,7 +496,7 @@ class RedisAccount(GateOps, ReadOps):
             return before
         if before is None:
             return None
-        after = _after_report(before, charged, total_after, balance_after)
+        after = after_report(before, charged, total_after, balance_after)
         if after is None:
             return None
         text, total = encode_balance(after)
