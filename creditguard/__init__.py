@@ -77,7 +77,7 @@ _EXPORTS = {
     "CreditGuard": "creditguard.guard.guard",
     "CreditGuardError": "creditguard.core.errors",
     "GateTimeout": "creditguard.core.errors",
-    "GuardEvent": "creditguard.core.engine",
+    "GuardEvent": "creditguard.core.events",
     "Hold": "creditguard.guard.hold",
     "InsecureTransportError": "creditguard.core.errors",
     "InsufficientCredits": "creditguard.core.errors",

@@ -162,7 +162,7 @@ def _no_spend_left_current() -> Iterator[None]:
     """A test that leaves a guarded block entered in this thread's context (never exited)
     would make it the ``current_spend()`` of every later test run by this process: such a
     test errors here, and the block is dropped from the context."""
-    from creditguard.guard.spend import _current
+    from creditguard.core.calls import current as _current
 
     assert _current.get() is None or not _current.get()._active  # type: ignore[union-attr]
     yield

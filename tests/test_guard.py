@@ -526,7 +526,8 @@ def test_debug_logs_name_the_account_never_the_key(caplog: pytest.LogCaptureFixt
     assert guard.account in caplog.text
     assert key not in caplog.text
     assert key not in repr(guard)
-    assert key not in repr(guard._key)
+    assert key not in repr(guard._engine.upstream)
+    assert key not in repr(guard._engine.upstream.key)  # type: ignore[attr-defined]
     assert key not in repr(guard._account)
 
 

@@ -42,7 +42,7 @@ def guard(server: tuple[FakeLensmor, str]) -> Iterator[CreditGuard]:
 
 def _held(guard: CreditGuard) -> int:
     """How many per-loop transports the guard holds."""
-    return len(guard._shared.aclient._transports)
+    return len(guard._clients.aclient._transports)
 
 
 def _reader(guard: CreditGuard, loops: list[weakref.ref[Any]]) -> Callable[[], Any]:

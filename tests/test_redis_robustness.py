@@ -211,7 +211,7 @@ def test_a_flush_does_not_forget_the_reservations_in_flight(
     fake, first, second, _ = _two_processes(redis_url, backends)
     with first.spend(60):
         redis_client.flushdb()  # a restart without persistence forgets as much
-        backend = first._shared.backend
+        backend = first._clients.backend
         assert isinstance(backend, RedisBackend)
         backend.renew_once()  # what its renewer does every third of a lease
         assert second.snapshot().reserved == 60
@@ -242,7 +242,7 @@ def test_a_flush_does_not_forget_the_turns_at_the_gate(
     ]
     with guards[0].spend(10):
         redis_client.flushdb()
-        backend = guards[0]._shared.backend
+        backend = guards[0]._clients.backend
         assert isinstance(backend, RedisBackend)
         backend.renew_once()
         with pytest.raises(GateTimeout), guards[1].spend(10):
@@ -291,7 +291,7 @@ def test_losing_any_one_key_of_an_account_keeps_the_books(
     fake, first, second, prefix = _two_processes(redis_url, backends)
     with first.spend(60):
         redis_client.delete(f"{prefix}{{{first._account.fingerprint}}}:{lost}")
-        backend = first._shared.backend
+        backend = first._clients.backend
         assert isinstance(backend, RedisBackend)
         backend.renew_once()
         with pytest.raises(AdmissionTimeout), second.spend(60):

@@ -1,27 +1,22 @@
-"""Checks of the guard's configuration: the key, the base URL, seconds and costs.
+"""Checks of the guard's configuration: the key, seconds and costs; and the account's
+fingerprint (a hash of base URL and key, never the key).
 
-Each raises a clear error before any request. The base URL is brought to one normal form,
-so that equivalent spellings name one account; accounts are named by a hash of base URL
-and key (never the key).
+Each raises a clear error before any request. (The base URL and the HTTP timeout are
+checked by ``creditguard.lensmor.checks``.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import ipaddress
 import math
 import os
 
-import httpx
-
-from creditguard.core.errors import CreditGuardError, InsecureTransportError
+from creditguard.core.errors import CreditGuardError
 
 __all__ = [
-    "_check_base_url",
     "_check_cost",
     "_check_key",
     "_check_seconds",
-    "_check_timeout",
     "_fingerprint",
 ]
 
@@ -37,39 +32,6 @@ def _check_cost(cost: object) -> int:
 def _fingerprint(base_url: str, api_key: str) -> str:
     digest = hashlib.sha256(f"{base_url}\n{api_key}".encode()).hexdigest()
     return f"acct_{digest[:20]}"
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _check_base_url(base_url: str, allow_insecure_http: bool) -> str:
-    """The base URL in one normal form (lower-case scheme and host, no default port, no
-    trailing slash), so that equivalent spellings name one account."""
-    if not isinstance(base_url, str):
-        raise TypeError(f"base_url must be a str, got {type(base_url).__name__}")
-    try:
-        url = httpx.URL(base_url)
-    except httpx.InvalidURL:
-        raise CreditGuardError("invalid base_url: not a URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise CreditGuardError("base_url must be an http(s) URL with a host")
-    if url.scheme == "http" and not allow_insecure_http and not _is_loopback(url.host):
-        raise InsecureTransportError(
-            f"refusing to send the API key over plain http:// to {url.host}; use https://,"
-            " a loopback address, or pass allow_insecure_http=True"
-        )
-    if url.userinfo:
-        # Never echoed: it holds credentials.
-        raise CreditGuardError("base_url must not contain credentials (user:password@)")
-    if url.query or url.fragment:
-        raise CreditGuardError("base_url must have no query or fragment")
-    return str(url.copy_with(path=url.path.rstrip("/") or "/")).rstrip("/")
 
 
 # The longest duration (seconds) any setting or call takes: about 31.7 years. Durations
@@ -93,17 +55,6 @@ def _check_seconds(name: str, value: object, *, positive: bool = False) -> float
     if seconds > MAX_SECONDS:
         raise ValueError(f"{name} must be at most {MAX_SECONDS:.0f} seconds, got {value!r}")
     return seconds
-
-
-def _check_timeout(timeout: object) -> httpx.Timeout:
-    """Per-request timeouts: each phase a finite number of seconds > 0 (or ``None`` in
-    an ``httpx.Timeout``: that phase is then bounded by the retry deadline alone)."""
-    if isinstance(timeout, httpx.Timeout):
-        for phase, value in timeout.as_dict().items():
-            if value is not None:
-                _check_seconds(f"timeout.{phase}", value, positive=True)
-        return timeout
-    return httpx.Timeout(_check_seconds("timeout", timeout, positive=True))
 
 
 def _check_key(api_key: str | None, *, from_env: bool = True) -> str:

@@ -1,92 +1,77 @@
-"""What every view of one guard shares (``_Shared``: configuration, HTTP clients, state
-backend) and what it tells observers (``GuardEvent``)."""
+"""The engine a guard's flows run over (one account's state, the guard's settings, the
+credits service for one key), and ``Upstream``: what the flows need of that service
+(``creditguard.lensmor`` implements it over httpx)."""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Protocol
 
-from creditguard.core.models import CreditBalance
-from creditguard.core.roles import StateBackend
-from creditguard.lensmor.client import AsyncBalanceClient, BalanceClient, _Reader
+from creditguard.core.events import GuardEvent
+from creditguard.core.models import CreditBalance, Report
+from creditguard.core.roles import AccountState
+from creditguard.core.steps import Call
 
-__all__ = ["GuardEvent", "OnUnavailable", "_Shared"]
+__all__ = ["Engine", "OnUnavailable", "Settings", "Upstream"]
 
 OnUnavailable = Literal["deny", "allow"]
 
 
+class Upstream(Protocol):
+    """The credits service, for one API key."""
+
+    def read(self, account: str) -> tuple[CreditBalance, float | None]:
+        """Read the balance (retried within the read budget): the balance, and how long
+        the service's rate limit is used up for (``None``: it is not)."""
+        ...
+
+    async def aread(self, account: str) -> tuple[CreditBalance, float | None]:
+        """Async :meth:`read`."""
+        ...
+
+    def precheck(self, action_type: str, params: Mapping[str, Any]) -> Call:
+        """The request asking what ``action_type`` would charge (its result a
+        ``PrecheckResult``)."""
+        ...
+
+    def report(self, result: object) -> Report | None:
+        """What a paid call's answer says about credits (``None``: nothing); raises
+        ``InvalidResponse`` when it says it in a shape that cannot be trusted."""
+        ...
+
+    def refused_for_credits(self, exc: BaseException) -> bool:
+        """Whether a paid call failed because the service refused it for want of
+        credits."""
+        ...
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
-class GuardEvent:
-    """What the guard just did, for ``on_event`` observers.
+class Settings:
+    """A guard's configuration, shared by every view of it (see ``CreditGuard``)."""
 
-    ``kind`` is one of ``"admitted"``, ``"denied"`` (not enough credits), ``"busy"``
-    (calls in flight did not settle within ``admission_timeout``), ``"unavailable"``
-    (refused because the balance could not be read, failing closed), ``"rejected"`` (the key
-    was refused), ``"unchecked"`` (admitted without a balance under
-    ``on_unavailable="allow"``), ``"spent"`` (with the balance before and after),
-    ``"failed"`` (the action raised), ``"cancelled"`` (cancelled in the action or in the
-    refresh after it), ``"refresh_failed"`` and ``"released"`` (a hold ended with nothing
-    charged). ``account`` is the account's fingerprint,
-    never the key. ``charged`` (on ``"spent"``) is what the call cost, when its paid call
-    reported it.
-    """
-
-    kind: str
-    account: str
-    cost: int
-    balance_before: CreditBalance | None = None
-    balance_after: CreditBalance | None = None
-    available: int | None = None
-    error: BaseException | None = None
-    charged: int | None = None
+    base_url: str
+    ttl: float
+    admission_timeout: float
+    on_unavailable: OnUnavailable
+    on_event: Callable[[GuardEvent], None] | None
+    max_concurrent: int | None
+    gate_timeout: float
+    read_budget: float
+    """The longest one balance read can take: a caller waiting for someone else's read
+    waits no longer than that."""
 
 
-class _Shared:
-    """What every view of one guard shares: configuration, HTTP clients, state backend."""
+class Engine:
+    """What one guard view's flows run over: its account's state, the settings, and the
+    credits service for its key."""
 
-    __slots__ = (
-        "aclient",
-        "admission_timeout",
-        "backend",
-        "base_url",
-        "client",
-        "gate_timeout",
-        "max_concurrent",
-        "on_event",
-        "on_unavailable",
-        "read_budget",
-        "reader",
-        "ttl",
-    )
+    __slots__ = ("account", "settings", "upstream")
 
-    def __init__(
-        self,
-        *,
-        base_url: str,
-        ttl: float,
-        admission_timeout: float,
-        on_unavailable: OnUnavailable,
-        on_event: Callable[[GuardEvent], None] | None,
-        backend: StateBackend,
-        reader: _Reader,
-        client: BalanceClient,
-        aclient: AsyncBalanceClient,
-        max_concurrent: int | None = None,
-        gate_timeout: float = 30.0,
-    ) -> None:
-        self.base_url = base_url
-        self.max_concurrent = max_concurrent
-        self.gate_timeout = gate_timeout
-        self.reader = reader
-        self.ttl = ttl
-        self.admission_timeout = admission_timeout
-        # The longest one balance read can take (its retry deadline plus one request
-        # timeout): a caller waiting for someone else's read waits no longer than that.
-        phases = [t for t in reader.timeout.as_dict().values() if t is not None]
-        self.read_budget = reader.policy.deadline + (max(phases) if phases else 0.0)
-        self.on_unavailable = on_unavailable
-        self.on_event = on_event
-        self.backend = backend
-        self.client = client
-        self.aclient = aclient
+    def __init__(self, account: AccountState, settings: Settings, upstream: Upstream) -> None:
+        self.account = account
+        self.settings = settings
+        self.upstream = upstream
+
+    def __repr__(self) -> str:
+        return f"<Engine account={self.account.fingerprint}>"

@@ -18,7 +18,7 @@ from typing import Any
 
 from creditguard.core.errors import InsufficientCredits, InvalidResponse
 
-__all__ = ["AccountSnapshot", "CreditBalance", "OpenHold", "PrecheckResult"]
+__all__ = ["AccountSnapshot", "CreditBalance", "OpenHold", "PrecheckResult", "Report"]
 
 # (python attribute, documented camelCase field): the counts every published version sends
 _INT_FIELDS = (
@@ -423,3 +423,41 @@ class AccountSnapshot:
     gate_waiting: int
     backend: str
     open_holds: tuple[OpenHold, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Report:
+    """What one paid call reported about credits.
+
+    ``charged`` is the credits the call says it used (``creditsUsed``, ``creditsSpent`` or
+    ``totalCreditsUsed``), 0 when it charged nothing, ``None`` when it did not say.
+    ``total_after`` is the total balance after the call, when reported. ``balance_after``
+    is the whole balance, when the call reported one (visitors unlock). From the short
+    4-field ``balanceAfter`` (event and full-access unlock): ``subscription_after``
+    (``subscriptionBalance``), ``permanent_after`` (``permanentBalance``, the gift and
+    other permanent credits) and ``unlimited``; ``subscription_after`` is also set from a
+    whole balance. ``already_unlocked`` is the call's ``alreadyUnlocked``, when given.
+    """
+
+    charged: int | None
+    total_after: int | None = None
+    balance_after: CreditBalance | None = None
+    subscription_after: int | None = None
+    permanent_after: int | None = None
+    unlimited: bool | None = None
+    already_unlocked: bool | None = None
+
+    def contradiction(self, before: CreditBalance) -> str | None:
+        """What makes this report impossible after ``before``, the balance the call was
+        admitted on (``None``: nothing). The total after can be at most the total before
+        less the charge: lower is possible (the Lensmor web app spends from the same
+        pool), higher is not (a charge the total does not show, or credits that appeared
+        from nowhere). A report that contradicts it must not be cached."""
+        total_after = self.total_after
+        if total_after is None:
+            return None
+        charged = self.charged or 0
+        if total_after <= before.total_balance - charged:
+            return None
+        said = "" if not charged else f" less the {charged} charged"
+        return f"a total of {total_after} after it, above the {before.total_balance} before{said}"

@@ -7,14 +7,11 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, ParamSpec, Protocol, TypeVar, cast
+from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from creditguard.core.checks import _check_cost
-from creditguard.guard.spend import Spend
+from creditguard.guard.spend import Guard, Spend, acost_of, cost_of
 from creditguard.lensmor.precheck import Cost, Precheck
-
-if TYPE_CHECKING:
-    from creditguard.guard.guard import CreditGuard
 
 __all__ = ["_CostDecorator", "_Decorator", "_decorator"]
 
@@ -68,13 +65,13 @@ def _is_async(func: Callable[..., object]) -> bool:
     return not inspect.isfunction(func) and inspect.iscoroutinefunction(call)
 
 
-def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
+def _decorator(cost: Cost, get_guard: Callable[[], Guard]) -> _Decorator:
     precheck: Precheck | None = None
     static: int | None = None
     if isinstance(cost, Precheck):
         precheck = cost
     elif callable(cost):
-        cost_of: Callable[..., int] = cost
+        compute: Callable[..., int] = cost
     else:
         static = _check_cost(cost)
 
@@ -90,7 +87,7 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
             if callable(precheck.params):
                 _check_cost_signature(precheck.params, func)
         elif static is None:
-            _check_cost_signature(cost_of, func)
+            _check_cost_signature(compute, func)
         if _is_async(func):
             afunc = cast(Callable[P, Awaitable[Any]], func)
 
@@ -99,13 +96,13 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
                 guard = get_guard()
                 if precheck is not None:
                     params = precheck.params_for(*args, **kwargs)
-                    amount = await guard._acost_of(precheck, params)
+                    amount = await acost_of(guard._engine, precheck, params)
                     if not amount:  # nothing to charge: no reservation, no refresh
                         return await afunc(*args, **kwargs)
                 elif static is not None:
                     amount = static
                 else:
-                    amount = _check_cost(cost_of(*args, **kwargs))
+                    amount = _check_cost(compute(*args, **kwargs))
                 async with Spend(guard, amount, defer=True) as spend:
                     result = await afunc(*args, **kwargs)
                     if spend._result is None:  # current_spend().report() comes first
@@ -118,13 +115,13 @@ def _decorator(cost: Cost, get_guard: Callable[[], CreditGuard]) -> _Decorator:
         def guarded(*args: P.args, **kwargs: P.kwargs) -> R:
             guard = get_guard()
             if precheck is not None:
-                amount = guard._cost_of(precheck, precheck.params_for(*args, **kwargs))
+                amount = cost_of(guard._engine, precheck, precheck.params_for(*args, **kwargs))
                 if not amount:  # nothing to charge: no reservation, no refresh
                     return func(*args, **kwargs)
             elif static is not None:
                 amount = static
             else:
-                amount = _check_cost(cost_of(*args, **kwargs))
+                amount = _check_cost(compute(*args, **kwargs))
             with Spend(guard, amount, defer=True) as spend:
                 result = func(*args, **kwargs)
                 if spend._result is None:  # current_spend().report() comes first

@@ -1,28 +1,42 @@
 """``Spend``: one guarded spend, a sync and async context manager, and
 ``current_spend()``, the spend of the guarded call running in this context.
 
-The admission and settling it drives are the guard's (``_guard.py``).
+The admission and settling it drives are the core's flows (``creditguard.core.flows``).
 """
 
 from __future__ import annotations
 
-import contextvars
+from collections.abc import Mapping
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import Any, Protocol, cast
 
-from creditguard.core.checks import _check_cost
+from creditguard.core import flows
+from creditguard.core.calls import Guarded, current
+from creditguard.core.drive import adrive, drive
+from creditguard.core.engine import Engine
 from creditguard.lensmor.precheck import Precheck
 
-if TYPE_CHECKING:
-    from creditguard.core.models import CreditBalance
-    from creditguard.core.steps import Reservation, Turn
-    from creditguard.guard.guard import CreditGuard
+__all__ = ["Spend", "acost_of", "cost_of", "current_spend"]
 
-__all__ = ["Spend", "current_spend"]
 
-_current: contextvars.ContextVar[Spend | None] = contextvars.ContextVar(
-    "creditguard_current_spend", default=None
-)
+class Guard(Protocol):
+    """What a spend needs of its guard (a ``CreditGuard``): the engine its flows run
+    over."""
+
+    @property
+    def _engine(self) -> Engine: ...
+
+
+def cost_of(engine: Engine, precheck: Precheck, params: Mapping[str, Any]) -> int:
+    """What to admit an action for, from Lensmor's precheck (0: nothing to charge)."""
+    steps = flows.cost_of(engine, precheck.action_type, params, precheck.at_most, True)
+    return drive(engine, steps)
+
+
+async def acost_of(engine: Engine, precheck: Precheck, params: Mapping[str, Any]) -> int:
+    """Async :func:`cost_of`."""
+    steps = flows.cost_of(engine, precheck.action_type, params, precheck.at_most, False)
+    return await adrive(engine, steps)
 
 
 def current_spend() -> Spend | None:
@@ -33,13 +47,13 @@ def current_spend() -> Spend | None:
     the action runs. It follows the context (thread, task) the spend was entered in;
     nested spends see the innermost.
     """
-    spend = _current.get()
+    spend = current.get()
     while spend is not None and not spend._active:  # exited out of order, or elsewhere
         spend = spend._outer
-    return spend
+    return cast("Spend | None", spend)
 
 
-class Spend:
+class Spend(Guarded):
     """One guarded spend of ``cost`` credits; a sync and async context manager.
 
     ``balance_before`` is the balance the admission was decided on (``None`` only when
@@ -53,40 +67,13 @@ class Spend:
     (or decorated call) runs, :func:`current_spend` returns this spend.
     """
 
-    __slots__ = (
-        "_active",
-        "_defer",
-        "_entered",
-        "_guard",
-        "_outer",
-        "_precheck",
-        "_reservation",
-        "_result",
-        "_turn",
-        "balance_after",
-        "balance_before",
-        "charged",
-        "cost",
-    )
+    __slots__ = ("_precheck",)
 
-    def __init__(self, guard: CreditGuard, cost: int | Precheck, *, defer: bool = False) -> None:
-        self._guard = guard
-        # Settle without waiting for the refresh (decorated calls, middleware): the
-        # caller never sees balance_after, so the next read that needs it settles it.
-        self._defer = defer
-        self._entered = False
+    def __init__(self, guard: Guard, cost: int | Precheck, *, defer: bool = False) -> None:
         self._precheck: Precheck | None = None
         if isinstance(cost, Precheck):
             self._precheck, cost = cost, 0  # the cost is Lensmor's answer, on entering
-        self._active = False  # entered and not yet exited
-        self._outer: Spend | None = None  # the spend this one runs inside, if any
-        self._reservation: Reservation | None = None  # held from admission to settling
-        self._result: object = None  # the paid call's answer, to settle from its report
-        self._turn: Turn | None = None  # its turn at the gate (max_concurrent), if on
-        self.charged: int | None = None
-        self.cost = _check_cost(cost)
-        self.balance_before: CreditBalance | None = None
-        self.balance_after: CreditBalance | None = None
+        super().__init__(guard._engine, cost, defer=defer)
 
     def __repr__(self) -> str:
         before = None if self.balance_before is None else self.balance_before.total_balance
@@ -112,35 +99,19 @@ class Spend:
             raise RuntimeError("a Spend can be entered only once; call guard.spend() again")
         self._entered = True
 
-    def _activate(self) -> None:
-        self._outer = _current.get()
-        self._active = True
-        _current.set(self)
-
-    def _leave(self) -> None:
-        # Not a token reset: spends may be exited in another order than they were
-        # entered (or in another context), and the variable must then neither go back
-        # to a spend that has finished nor lose one that is still running.
-        self._active = False
-        if _current.get() is self:
-            outer = self._outer
-            while outer is not None and not outer._active:
-                outer = outer._outer
-            _current.set(outer)
-
     def __enter__(self) -> Spend:
         self._enter()
-        guard = self._guard
         precheck = self._precheck
         if precheck is not None:
-            self.cost = guard._cost_of(precheck, precheck.params_for())
+            self.cost = cost_of(self._engine, precheck, precheck.params_for())
             if not self.cost:  # nothing to charge: run with nothing reserved
                 self._activate()
                 return self
-        if guard._shared.max_concurrent is not None:
-            guard._drive(guard._open(self, True))
-        elif not guard._admit_cached(self):
-            guard._drive(guard._admit(self, True))
+        engine = self._engine
+        if engine.settings.max_concurrent is not None:
+            drive(engine, flows.open(engine, self, True))
+        elif not flows.admit_cached(engine, self):
+            drive(engine, flows.admit(engine, self, True))
         self._activate()
         return self
 
@@ -151,22 +122,22 @@ class Spend:
         tb: TracebackType | None,
     ) -> None:
         self._leave()
-        guard = self._guard
-        guard._drive(guard._exit(self, exc, True))
+        engine = self._engine
+        drive(engine, flows.exit(engine, self, exc, True))
 
     async def __aenter__(self) -> Spend:
         self._enter()
-        guard = self._guard
         precheck = self._precheck
         if precheck is not None:
-            self.cost = await guard._acost_of(precheck, precheck.params_for())
+            self.cost = await acost_of(self._engine, precheck, precheck.params_for())
             if not self.cost:  # nothing to charge: run with nothing reserved
                 self._activate()
                 return self
-        if guard._shared.max_concurrent is not None:
-            await guard._adrive(guard._open(self, False))
-        elif not guard._admit_cached(self):
-            await guard._adrive(guard._admit(self, False))
+        engine = self._engine
+        if engine.settings.max_concurrent is not None:
+            await adrive(engine, flows.open(engine, self, False))
+        elif not flows.admit_cached(engine, self):
+            await adrive(engine, flows.admit(engine, self, False))
         self._activate()
         return self
 
@@ -177,5 +148,5 @@ class Spend:
         tb: TracebackType | None,
     ) -> None:
         self._leave()
-        guard = self._guard
-        await guard._adrive(guard._exit(self, exc, False))
+        engine = self._engine
+        await adrive(engine, flows.exit(engine, self, exc, False))

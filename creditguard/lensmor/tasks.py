@@ -14,11 +14,15 @@ import logging
 import time
 import urllib.parse
 from collections.abc import Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeGuard, cast
+from typing import Any, TypeGuard, cast
 
 import httpx
 
+from creditguard.core import flows, holds
+from creditguard.core.calls import Guarded, Held
 from creditguard.core.checks import _check_seconds
+from creditguard.core.drive import adrive, drive
+from creditguard.core.engine import Engine
 from creditguard.core.errors import (
     AuthenticationError,
     BalanceUnavailable,
@@ -27,15 +31,13 @@ from creditguard.core.errors import (
     UnknownHold,
 )
 from creditguard.core.models import _MAX_COUNT, CreditBalance
-from creditguard.core.steps import Call, Steps, pause
-from creditguard.guard.hold import _end, _leave, fail, look, take
-from creditguard.guard.spend import Spend
+from creditguard.core.steps import Steps, pause
+from creditguard.guard.guard import CreditGuard, engine_of
+from creditguard.guard.spend import acost_of, cost_of
 from creditguard.lensmor.client import _loads
 from creditguard.lensmor.precheck import Precheck
 from creditguard.lensmor.retry import parse_retry_after
-
-if TYPE_CHECKING:
-    from creditguard.guard.guard import CreditGuard
+from creditguard.lensmor.upstream import lensmor_of
 
 __all__ = [
     "POLL_BACKOFF",
@@ -144,11 +146,6 @@ def _body(ids: list[str], event_id: str | None) -> dict[str, Any]:
     if event_id is not None:
         body["event_id"] = event_id
     return body
-
-
-def _send(guard: CreditGuard, request: httpx.Request) -> Call:
-    shared = guard._shared
-    return Call(lambda: shared.client.send(request), lambda: shared.aclient.send(request))
 
 
 def _status_error(response: httpx.Response, body: bytes) -> httpx.HTTPStatusError:
@@ -297,7 +294,7 @@ def _item_problem(item: object, field: str) -> str | None:
 
 
 def _submit(
-    guard: CreditGuard,
+    engine: Engine,
     kind: _Kind,
     ids: list[str],
     event_id: str | None,
@@ -305,27 +302,27 @@ def _submit(
     expires_in: float,
     sync: bool,
 ) -> Steps[ContactUnlock]:
-    hold = yield from take(guard, Spend(guard, cost), expires_in, sync)
-    request = guard._shared.reader.api_request(
-        guard._key, "POST", kind.submit, _body(ids, event_id)
-    )
+    kept, turn = yield from holds.take(engine, Guarded(engine, cost), expires_in, sync)
+    hold = Held(engine, kept, turn)
+    lensmor = lensmor_of(engine)
+    request = lensmor.api_request("POST", kind.submit, _body(ids, event_id))
     try:
-        response, body = cast("tuple[httpx.Response, bytes]", (yield _send(guard, request)))
+        response, body = cast("tuple[httpx.Response, bytes]", (yield lensmor.send(request)))
         if response.status_code not in (200, 201):
             raise _status_error(response, body)
     except BaseException as exc:
         # Refused (a 402 as InsufficientCredits), or its outcome is unknown: the hold
         # ends as a failed spend, and the cached balance is distrusted.
-        yield from _leave(guard, hold, exc, sync)
+        yield from holds.leave(engine, hold, exc, sync)
         raise
-    yield from _leave(guard, hold, None, sync)  # the paid call is over: next caller's turn
+    yield from holds.leave(engine, hold, None, sync)  # the paid call is over: next caller's turn
     # Lensmor accepted the submission: whatever its answer looks like, a task may run and
     # charge, so a malformed answer leaves the hold open (its id and the task's, when the
     # answer names one, are on the InvalidResponse).
     task_id, skipped = _submitted(_json(body, "unlock", None, hold.id), hold.id)
     phone = kind is _PHONE
     if task_id is None:
-        yield from _end(guard, hold, None, True, sync)  # nothing chargeable: no task
+        yield from holds.end(engine, hold, None, True, sync)  # nothing chargeable: no task
         return ContactUnlock("success", None, None, phone, skipped)
     return ContactUnlock("accepted", task_id, hold.id, phone, skipped)
 
@@ -337,7 +334,7 @@ def _waits(backoff: Sequence[float]) -> Iterator[float]:
 
 
 def _poll(
-    guard: CreditGuard,
+    engine: Engine,
     kind: _Kind,
     task_id: str,
     hold_id: str | None,
@@ -348,7 +345,7 @@ def _poll(
     started = _monotonic()
     deadline = started + timeout
     path = kind.task + urllib.parse.quote(task_id, safe="")
-    reader = guard._shared.reader
+    lensmor = lensmor_of(engine)
     waits = _waits(backoff)
     wait = next(waits)
     while True:
@@ -356,11 +353,13 @@ def _poll(
             raise TaskPending(task_id, hold_id, _monotonic() - started)
         yield pause(wait)
         wait = next(waits)
-        request = reader.api_request(guard._key, "GET", path)
+        request = lensmor.api_request("GET", path)
         try:
-            response, body = cast("tuple[httpx.Response, bytes]", (yield _send(guard, request)))
+            response, body = cast("tuple[httpx.Response, bytes]", (yield lensmor.send(request)))
         except BalanceUnavailable as exc:  # the service is unreachable: poll again later
-            logger.warning("polling task %s on %s failed: %s", task_id, guard.account, exc)
+            logger.warning(
+                "polling task %s on %s failed: %s", task_id, engine.account.fingerprint, exc
+            )
             continue
         status = response.status_code
         if status == 200:
@@ -378,21 +377,21 @@ def _poll(
             raise AuthenticationError(f"the task poll was refused ({status})", status_code=status)
         error = _status_error(response, body)
         if hold_id is not None:  # the task is gone: what it charged is unknown
-            yield from fail(guard, hold_id, error, sync)
+            yield from holds.fail(engine, hold_id, error, sync)
         raise error
     balance: CreditBalance | None = None
     if hold_id is not None:
         try:
-            hold = yield from look(guard, hold_id)
-            balance = yield from _end(guard, hold, None, False, sync)
+            kept = yield from holds.look(engine, hold_id)
+            balance = yield from holds.end(engine, Held(engine, kept, None), None, False, sync)
         except UnknownHold:
             logger.warning(
                 "the hold of task %s on %s ended before the task did (it expired): reading"
                 " the balance instead",
                 task_id,
-                guard.account,
+                engine.account.fingerprint,
             )
-            balance = yield from guard._read(True, sync)
+            balance = yield from flows.read(engine, True, sync)
     return ContactUnlock(
         task_status, task_id, hold_id, kind is _PHONE, items=items, balance_after=balance
     )
@@ -446,8 +445,9 @@ def submit_contact_unlock(
     :class:`InvalidResponse` and leaves the hold open: its ``hold_id`` (and ``task_id``,
     when the answer named a task) say what to poll, settle or release."""
     kind, ids, expires_in, precheck = _submission(personnel_ids, phone, event_id, expires_in)
-    cost = guard._cost_of(precheck, precheck.params_for())
-    return guard._drive(_submit(guard, kind, ids, event_id, cost, expires_in, True))
+    engine = engine_of(guard)
+    cost = cost_of(engine, precheck, precheck.params_for())
+    return drive(engine, _submit(engine, kind, ids, event_id, cost, expires_in, True))
 
 
 async def asubmit_contact_unlock(
@@ -460,8 +460,9 @@ async def asubmit_contact_unlock(
 ) -> ContactUnlock:
     """Async :func:`submit_contact_unlock`."""
     kind, ids, expires_in, precheck = _submission(personnel_ids, phone, event_id, expires_in)
-    cost = await guard._acost_of(precheck, precheck.params_for())
-    return await guard._adrive(_submit(guard, kind, ids, event_id, cost, expires_in, False))
+    engine = engine_of(guard)
+    cost = await acost_of(engine, precheck, precheck.params_for())
+    return await adrive(engine, _submit(engine, kind, ids, event_id, cost, expires_in, False))
 
 
 def poll_unlock_task(
@@ -487,7 +488,8 @@ def poll_unlock_task(
     it by id)."""
     kind, waits, limit = _checks(phone, backoff, max_wait, 600.0)
     task = _task_id(task_id)
-    return guard._drive(_poll(guard, kind, task, hold_id, waits, limit, True))
+    engine = engine_of(guard)
+    return drive(engine, _poll(engine, kind, task, hold_id, waits, limit, True))
 
 
 async def apoll_unlock_task(
@@ -502,7 +504,8 @@ async def apoll_unlock_task(
     """Async :func:`poll_unlock_task`."""
     kind, waits, limit = _checks(phone, backoff, max_wait, 600.0)
     task = _task_id(task_id)
-    return await guard._adrive(_poll(guard, kind, task, hold_id, waits, limit, False))
+    engine = engine_of(guard)
+    return await adrive(engine, _poll(engine, kind, task, hold_id, waits, limit, False))
 
 
 def unlock_contacts(
@@ -524,7 +527,9 @@ def unlock_contacts(
     )
     if unlock.task_id is None:
         return unlock
-    return guard._drive(_poll(guard, kind, unlock.task_id, unlock.hold_id, waits, limit, True))
+    engine = engine_of(guard)
+    steps = _poll(engine, kind, unlock.task_id, unlock.hold_id, waits, limit, True)
+    return drive(engine, steps)
 
 
 async def aunlock_contacts(
@@ -544,5 +549,6 @@ async def aunlock_contacts(
     )
     if unlock.task_id is None:
         return unlock
-    poll = _poll(guard, kind, unlock.task_id, unlock.hold_id, waits, limit, False)
-    return await guard._adrive(poll)
+    engine = engine_of(guard)
+    poll = _poll(engine, kind, unlock.task_id, unlock.hold_id, waits, limit, False)
+    return await adrive(engine, poll)

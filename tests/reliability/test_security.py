@@ -150,7 +150,7 @@ def test_key_never_leaks_sync(secret_sandbox: tuple[FakeLensmor, str], surfaces:
     guard = _guard(url, surfaces)
     view = guard.for_key(SECRET)
     surfaces.add("reprs", f"{guard!r} {view!r} {guard.account} {guard._account!r}")
-    surfaces.add("state keys", repr(list(guard._shared.backend._live)))  # type: ignore[attr-defined]
+    surfaces.add("state keys", repr(list(guard._clients.backend._live)))  # type: ignore[attr-defined]
     surfaces.add("dir", repr([getattr(guard, name, None) for name in dir(guard)]))
     with pytest.raises(TypeError):
         pickle.dumps(guard)

@@ -53,6 +53,7 @@ from creditguard import (
     RetryPolicy,
     Spend,
 )
+from creditguard.core.calls import enclosing
 from creditguard.core.steps import own_credits
 from creditguard.testing import FakeLensmor
 
@@ -275,7 +276,9 @@ class GuardMachine(RuleBasedStateMachine):
         """The credits of the caller's own enclosing blocks: sync blocks entered in this
         thread and left open enclose the next one, and the portal's tasks start in a copy
         of this thread's context, so they enclose those too."""
-        return own_credits(tuple(o._reservation for o in self.guard._enclosing() if o._reservation))
+        return own_credits(
+            tuple(o._reservation for o in enclosing(self.guard._engine) if o._reservation)
+        )
 
     def refused(self, cost: int, exc: BaseException, faults_before: bool, own: int) -> None:
         if isinstance(exc, InsufficientCredits):
