@@ -1,6 +1,22 @@
-"""The interface between the guard and where account state lives: ``AccountState`` (one
-account; implemented by the memory backend's ``Account`` and by the Redis backend) and
-``StateBackend`` (where accounts live)."""
+"""The interface between the guard's flows and where account state lives, split by role:
+
+* ``Reads``: the cached balance and the balance reads in flight (who leads a read, who
+  joins one, which reads may be trusted);
+* ``Reservations``: admission and settling (the credits of calls in flight, the calls
+  that returned and wait for a read, the waiters);
+* ``Gate``: turns at the account's gate (``max_concurrent``);
+* ``Holds``: reservations kept open past their call, by id.
+
+``AccountState`` is all four: the memory backend's ``Account`` and the Redis backend's
+account implement it; ``StateBackend`` is where accounts live.
+
+The operations the flows drive are ``Ops`` generators: they yield the I/O they need
+(``Call``: a Redis script; the memory backend yields none) and return a result, a
+reservation, or a ``Step`` (a balance read to lead or join, or something to wait for
+until a deadline). Waiting is local to the process: a ``Step``'s waitable is finished by
+this process's callers, or its deadline passes. The plain methods make no request and
+never wait.
+"""
 
 from __future__ import annotations
 
@@ -10,25 +26,96 @@ from typing import Protocol
 from creditguard.core.models import AccountSnapshot, CreditBalance
 from creditguard.core.steps import Flight, Kept, Ops, Reservation, Step, Turn, Waiter
 
-__all__ = ["AccountState", "StateBackend"]
+__all__ = ["AccountState", "Gate", "Holds", "Reads", "Reservations", "StateBackend"]
 
 
-class AccountState(Protocol):
-    """The state of one account, as the guard drives it: the interface the memory backend
-    (:class:`Account`) and the Redis backend implement.
-
-    The operations the guard drives are ``Ops`` generators: they yield the I/O they need
-    (``Call``) and return a result, a reservation, or a ``Step`` (a balance read to lead or
-    join, or something to wait for until a deadline). Waiting is local to the process: a
-    ``Step``'s waitable is finished by this process's callers, or its deadline passes. The
-    plain methods make no request (``try_admit`` may answer ``None``: go the slow way).
-    """
+class Reads(Protocol):
+    """The cached balance and the reads that refresh it."""
 
     fingerprint: str
+    """The account's name (a hash of base URL and key; never the key)."""
     lock: threading.Lock
-    released_at: float
+    """Guards the account's decisions in this process (waiters register under it)."""
 
-    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None: ...
+    def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
+        """The balance, when one is cached and younger than ``ttl`` seconds; else the
+        read to lead or join. ``flight`` is the read the caller just waited for, if any
+        (its outcome is looked at first)."""
+        ...
+
+    def read_after(
+        self, after: int, flight: Flight | None, sync: bool
+    ) -> Ops[CreditBalance | Step]:
+        """A balance from a read that started at or after the sequence number ``after``
+        (so it includes every call that had returned by then), or the read to lead or
+        join for one."""
+        ...
+
+    def pending(self) -> Ops[int]:
+        """The sequence number a read must start at or after to settle every call that
+        returned and waits for a read (``0``: none waits)."""
+        ...
+
+    def bumped(self, sync: bool) -> Ops[tuple[int, Step]]:
+        """A refresh: every cached balance and read in flight is now too old; the
+        sequence number a read must start at, and the read to lead or join."""
+        ...
+
+    def record(
+        self, flight: Flight, result: CreditBalance | None, error: BaseException | None
+    ) -> Ops[None]:
+        """How the read ``flight`` ended: stores ``result`` when it may be trusted (it
+        started after everything it must include, and nothing has distrusted it since),
+        settles the calls it covers, and wakes whoever joined it."""
+        ...
+
+    def watch(self, flight: Flight) -> Ops[None] | None:
+        """How to lead ``flight`` when the backend performs it itself (with Redis: another
+        process is reading, and this one watches for the result); ``None``: the leader
+        reads upstream."""
+        ...
+
+    def overdue(self, flight: Flight) -> None:
+        """``flight`` outlived the read budget: nobody joins it any more."""
+        ...
+
+    def block(self, seconds: float) -> None:
+        """The service's rate limit is used up for ``seconds``: no read until then."""
+        ...
+
+    def blocked(self) -> float | None:
+        """Seconds until the rate limit resets (``None``: reads may go)."""
+        ...
+
+    def invalidate(self) -> None:
+        """Forget the cached balance; reads in flight will not be trusted."""
+        ...
+
+    def snapshot(self) -> tuple[CreditBalance | None, int, int]:
+        """This process's view, no I/O: the cached balance, the credits reserved, the
+        calls in flight."""
+        ...
+
+    def fresh(self, ttl: float) -> bool:
+        """Whether a cached balance younger than ``ttl`` seconds is known (no I/O)."""
+        ...
+
+    def survey(self) -> Ops[AccountSnapshot]:
+        """What the account holds now (over Redis: across every process); no upstream
+        request."""
+        ...
+
+
+class Reservations(Protocol):
+    """Admission and settling: the credits of calls in flight."""
+
+    released_at: float
+    """When a reservation was last released (a waiter's cue to look again)."""
+
+    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
+        """The warm path, no I/O and no generator: reserve ``cost`` on a fresh cached
+        balance that covers it beside every reservation; ``None``: go the slow way."""
+        ...
 
     def admit(
         self,
@@ -39,33 +126,39 @@ class AccountState(Protocol):
         until: float | None,
         enclosing: tuple[Reservation, ...],
         settle: bool,
-    ) -> Ops[Reservation | Step]: ...
-
-    def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]: ...
-
-    def read_after(
-        self, after: int, flight: Flight | None, sync: bool
-    ) -> Ops[CreditBalance | Step]: ...
-
-    def pending(self) -> Ops[int]: ...
+    ) -> Ops[Reservation | Step]:
+        """Reserve ``cost``, or say what to wait for: a read (to lead or join), or the
+        calls in flight to settle (until the monotonic time ``until``; ``None``: may not
+        wait). Raises ``InsufficientCredits`` when the account cannot pay even if the
+        calls in flight charge nothing (``enclosing``: the caller's own calls, which
+        cannot settle while it waits), ``AdmissionTimeout`` when only they stand in the
+        way and the caller may wait no longer. ``settle``: a read may be led to settle
+        the calls that returned."""
+        ...
 
     def committed(self) -> Ops[int]:
         """The credits of the account's open holds: commitments that will not settle while
         a caller waits (a refusal may count them as spent; see docs/consistency.md)."""
         ...
 
-    def survey(self) -> Ops[AccountSnapshot]:
-        """What the account holds now (over Redis: across every process); no upstream
-        request."""
+    def unchecked(self, cost: int) -> Ops[Reservation]:
+        """Reserve ``cost`` without a balance (``on_unavailable="allow"``)."""
         ...
 
-    def bumped(self, sync: bool) -> Ops[tuple[int, Step]]: ...
+    def defer(self, settlement: Reservation) -> Ops[None]:
+        """The call returned and nobody waits for the balance after it: keep its
+        reservation until a read that started after now settles it."""
+        ...
 
-    def begin(self, settlement: Reservation, sync: bool) -> Ops[Step]: ...
+    def begin(self, settlement: Reservation, sync: bool) -> Ops[Step]:
+        """The call returned and its caller waits for the balance after it: the read to
+        lead or join (one that started after the call returned)."""
+        ...
 
-    def defer(self, settlement: Reservation) -> Ops[None]: ...
-
-    def end(self, settlement: Reservation, failed: bool) -> Ops[None]: ...
+    def end(self, settlement: Reservation, failed: bool) -> Ops[None]:
+        """Release a settlement begun with :meth:`begin` (``failed``: its read failed, so
+        the cached balance is distrusted)."""
+        ...
 
     def reported(
         self,
@@ -73,18 +166,32 @@ class AccountState(Protocol):
         charged: int | None,
         total_after: int | None,
         balance_after: CreditBalance | None,
-    ) -> Ops[CreditBalance | None]: ...
+    ) -> Ops[CreditBalance | None]:
+        """Settle from the paid call's own report, when it can stand in for a read: the
+        balance after (cached when it cannot contradict what is known), or ``None``
+        (settle with a read instead)."""
+        ...
 
-    def drop(self, reservation: Reservation) -> Ops[None]: ...
+    def drop(self, reservation: Reservation) -> Ops[None]:
+        """The call raised: release its reservation and distrust the cached balance (what
+        it spent is unknown)."""
+        ...
 
-    def unchecked(self, cost: int) -> Ops[Reservation]: ...
+    def give_back(self, reservation: Reservation) -> Ops[None]:
+        """Release a reservation that spent nothing (no read needed, nothing distrusted)."""
+        ...
 
-    def record(
-        self,
-        flight: Flight,
-        result: CreditBalance | None,
-        error: BaseException | None,
-    ) -> Ops[None]: ...
+    def unreserve(self, reservation: Reservation) -> None:
+        """Release at once, no I/O awaited (an interrupt between reserving and running)."""
+        ...
+
+    def forget(self, waiter: Waiter) -> None:
+        """``waiter`` gave up (deadline or cancellation): it leaves the account's list."""
+        ...
+
+
+class Gate(Protocol):
+    """Turns at the account's gate: at most ``limit`` guarded calls in flight."""
 
     def enter(self, turn: Turn, limit: int, sync: bool, until: float) -> Ops[bool | Step]:
         """Take a turn at the account's gate: ``True`` when ``turn`` has one (at most
@@ -94,6 +201,10 @@ class AccountState(Protocol):
     def leave(self, turn: Turn) -> Ops[None]:
         """Give the turn back, or leave the queue (twice: nothing)."""
         ...
+
+
+class Holds(Protocol):
+    """Reservations kept open past their call, by id, until their work is done."""
 
     def keep(self, reservation: Reservation, expires_in: float, turn: Turn | None) -> Ops[Kept]:
         """Keep ``reservation`` open as a hold, past its call, for ``expires_in`` seconds;
@@ -109,37 +220,14 @@ class AccountState(Protocol):
         most one caller gets it); ``None`` when it is not open."""
         ...
 
-    def give_back(self, reservation: Reservation) -> Ops[None]:
-        """Release a reservation that spent nothing (no read needed, nothing distrusted)."""
-        ...
 
-    def watch(self, flight: Flight) -> Ops[None] | None:
-        """How to lead ``flight`` when the backend performs it itself (with Redis: another
-        process is reading, and this one watches for the result); ``None``: the leader
-        reads upstream."""
-        ...
-
-    def unreserve(self, reservation: Reservation) -> None: ...
-
-    def forget(self, waiter: Waiter) -> None: ...
-
-    def overdue(self, flight: Flight) -> None: ...
-
-    def block(self, seconds: float) -> None: ...
-
-    def blocked(self) -> float | None: ...
-
-    def invalidate(self) -> None: ...
-
-    def snapshot(self) -> tuple[CreditBalance | None, int, int]: ...
-
-    def fresh(self, ttl: float) -> bool: ...
+class AccountState(Reads, Reservations, Gate, Holds, Protocol):
+    """The state of one account, as the guard's flows drive it: every role."""
 
 
 class StateBackend(Protocol):
     """Where account state lives: :class:`MemoryBackend` keeps it in this process,
-    ``creditguard.redis.RedisBackend`` in Redis, shared by every process
-    using it."""
+    ``creditguard.redis.RedisBackend`` in Redis, shared by every process using it."""
 
     def account(self, fingerprint: str) -> AccountState:
         """The state of the account ``fingerprint``, created on first use."""
