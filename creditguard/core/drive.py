@@ -15,8 +15,8 @@ from creditguard.core.engine import _Shared
 from creditguard.core.errors import RateLimited
 from creditguard.core.models import CreditBalance
 from creditguard.core.roles import AccountState
+from creditguard.core.secret import Secret
 from creditguard.core.steps import Call, Flight, Ops, Step, Steps, Waiter, _Waitable
-from creditguard.lensmor.client import Secret
 
 __all__ = ["_Edges"]
 

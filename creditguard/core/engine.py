@@ -9,7 +9,8 @@ from typing import Literal
 
 from creditguard.core.models import CreditBalance
 from creditguard.core.roles import StateBackend
-from creditguard.lensmor.client import AsyncBalanceClient, BalanceClient, _Reader
+from creditguard.lensmor.client import AsyncBalanceClient, BalanceClient
+from creditguard.lensmor.reader import _Reader
 
 __all__ = ["GuardEvent", "OnUnavailable", "_Shared"]
 

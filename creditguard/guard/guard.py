@@ -44,18 +44,14 @@ from creditguard.core.errors import (
 )
 from creditguard.core.models import AccountSnapshot, CreditBalance, PrecheckResult
 from creditguard.core.roles import AccountState, StateBackend
+from creditguard.core.secret import Secret
 from creditguard.core.steps import Flight, Reservation, Step, Steps, Turn, Waiter, own_credits
 from creditguard.guard.decorate import _CostDecorator, _Decorator, _decorator
 from creditguard.guard.hold import Hold, look, take
 from creditguard.guard.spend import Spend, _current, current_spend
-from creditguard.lensmor.client import (
-    AsyncBalanceClient,
-    BalanceClient,
-    RetryPolicy,
-    Secret,
-    _Reader,
-)
+from creditguard.lensmor.client import AsyncBalanceClient, BalanceClient, RetryPolicy
 from creditguard.lensmor.precheck import Cost, Precheck
+from creditguard.lensmor.reader import _Reader
 from creditguard.lensmor.reports import is_insufficient_credits, parse_report
 
 __all__ = [

@@ -30,8 +30,8 @@ from creditguard.core.models import _MAX_COUNT, CreditBalance
 from creditguard.core.steps import Call, Steps, pause
 from creditguard.guard.hold import _end, _leave, fail, look, take
 from creditguard.guard.spend import Spend
-from creditguard.lensmor.client import _loads
 from creditguard.lensmor.precheck import Precheck
+from creditguard.lensmor.reader import _loads
 from creditguard.lensmor.retry import parse_retry_after
 
 if TYPE_CHECKING:

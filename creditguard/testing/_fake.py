@@ -36,7 +36,7 @@ import anyio
 
 from creditguard.core.errors import InsufficientCredits
 from creditguard.core.models import CreditBalance
-from creditguard.lensmor.client import BALANCE_PATH
+from creditguard.lensmor.reader import BALANCE_PATH
 from creditguard.testing._contacts import EMAIL, PHONE, _Contact
 from creditguard.testing._events import _Event
 from creditguard.testing._lensmor import _Company, _PaidApi, _Pending
