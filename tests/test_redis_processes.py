@@ -42,7 +42,7 @@ from creditguard import (
     InsufficientCredits,
     current_spend,
 )
-from creditguard.lensmor.client import BALANCE_PATH
+from creditguard.lensmor.reader import BALANCE_PATH
 from creditguard.redis import RedisBackend
 from creditguard.testing import FakeLensmor, serve
 from creditguard.testing._redis_server import RedisServer

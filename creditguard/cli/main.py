@@ -287,7 +287,7 @@ def _refuse_negative(text: str) -> None:
 
 
 def _seconds(text: str) -> float:
-    from creditguard.testing._fake import _seconds as seconds
+    from creditguard.testing._faults import _seconds as seconds
 
     _refuse_negative(text)
     try:
@@ -297,7 +297,7 @@ def _seconds(text: str) -> float:
 
 
 def _non_negative(text: str) -> int:
-    from creditguard.testing._fake import _count
+    from creditguard.testing._faults import _count
 
     _refuse_negative(text)
     try:
@@ -307,7 +307,7 @@ def _non_negative(text: str) -> int:
 
 
 def _positive(text: str) -> int:
-    from creditguard.testing._fake import _count
+    from creditguard.testing._faults import _count
 
     try:
         return _count(text, "the value", least=1)
@@ -316,7 +316,7 @@ def _positive(text: str) -> int:
 
 
 def _port(text: str) -> int:
-    from creditguard.testing._fake import _count
+    from creditguard.testing._faults import _count
 
     try:
         return _count(text, "the port", most=65535)
@@ -325,7 +325,7 @@ def _port(text: str) -> int:
 
 
 def _header_value(text: str) -> str:
-    from creditguard.testing._fake import _check_headers
+    from creditguard.testing._faults import _check_headers
 
     try:
         return _check_headers({"Retry-After": text})["Retry-After"]

@@ -26,18 +26,14 @@ from creditguard.core.errors import UnknownHold
 from creditguard.core.events import GuardEvent
 from creditguard.core.models import AccountSnapshot, CreditBalance, PrecheckResult
 from creditguard.core.roles import AccountState, StateBackend
+from creditguard.core.secret import Secret
 from creditguard.guard.decorate import _CostDecorator, _Decorator, _decorator
 from creditguard.guard.hold import Hold
 from creditguard.guard.spend import Spend, acost_of, cost_of, current_spend
 from creditguard.lensmor.checks import _check_base_url, _check_timeout
-from creditguard.lensmor.client import (
-    AsyncBalanceClient,
-    BalanceClient,
-    RetryPolicy,
-    Secret,
-    _Reader,
-)
+from creditguard.lensmor.client import AsyncBalanceClient, BalanceClient, RetryPolicy
 from creditguard.lensmor.precheck import Cost, Precheck
+from creditguard.lensmor.reader import _Reader
 from creditguard.lensmor.upstream import Lensmor
 
 __all__ = [

@@ -34,8 +34,8 @@ from creditguard.core.models import _MAX_COUNT, CreditBalance
 from creditguard.core.steps import Steps, pause
 from creditguard.guard.guard import CreditGuard, engine_of
 from creditguard.guard.spend import acost_of, cost_of
-from creditguard.lensmor.client import _loads
 from creditguard.lensmor.precheck import Precheck
+from creditguard.lensmor.reader import _loads
 from creditguard.lensmor.retry import parse_retry_after
 from creditguard.lensmor.upstream import lensmor_of
 

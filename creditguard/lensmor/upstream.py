@@ -11,8 +11,10 @@ import httpx
 
 from creditguard.core.engine import Engine
 from creditguard.core.models import CreditBalance, PrecheckResult, Report
+from creditguard.core.secret import Secret
 from creditguard.core.steps import Call
-from creditguard.lensmor.client import AsyncBalanceClient, BalanceClient, Secret, _Reader
+from creditguard.lensmor.client import AsyncBalanceClient, BalanceClient
+from creditguard.lensmor.reader import _Reader
 from creditguard.lensmor.reports import is_insufficient_credits, parse_report
 
 __all__ = ["Lensmor", "lensmor_of"]

@@ -11,13 +11,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from creditguard.testing._fake import FAULTS, FakeLensmor, parse_fault
+    from creditguard.testing._fake import FakeLensmor
+    from creditguard.testing._faults import FAULTS, parse_fault
     from creditguard.testing._server import serve
 
 _EXPORTS = {
-    "FAULTS": "._fake",
+    "FAULTS": "._faults",
     "FakeLensmor": "._fake",
-    "parse_fault": "._fake",
+    "parse_fault": "._faults",
     "serve": "._server",
 }
 

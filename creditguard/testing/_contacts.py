@@ -19,22 +19,20 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from creditguard.testing._paid import Sandbox, _Pending, _Route
 from creditguard.testing._wire import (
     Check,
     Checker,
     _Answer,
     _BadRequest,
     _json,
-    _Route,
     _string,
     api_error,
 )
-
-if TYPE_CHECKING:
-    from creditguard.testing._lensmor import _PaidApi, _Pending
 
 __all__ = [
     "CONTACT_EMAIL_COST",
@@ -138,11 +136,46 @@ def _personnel_ids(value: object) -> list[str]:
     return value
 
 
+class _ContactApi(Protocol):
+    """What the contact unlocks use of the paid endpoints (:class:`~._lensmor._PaidApi`)."""
+
+    @property
+    def fake(self) -> Sandbox: ...
+
+    @property
+    def contacts(self) -> dict[str, _Contact]: ...
+
+    @property
+    def task_debit(self) -> str: ...
+
+    @property
+    def task_polls(self) -> int: ...
+
+    def contact(self, personnel_id: str, *, keep: bool) -> _Contact | None: ...
+
+    def event(self, event_id: str, *, keep: bool) -> object: ...
+
+    def task_id(self) -> str: ...
+
+    def refusal(self, cost: int, trace: str) -> _Answer | None: ...
+
+    def begin(
+        self,
+        work: Callable[[], _Answer],
+        trace: str,
+        headers: dict[str, str],
+        *,
+        busy: Callable[[], _Answer] | None = None,
+    ) -> _Answer | _Pending: ...
+
+    def pay(self, cost: int, trace: str) -> _Answer | None: ...
+
+
 class _ContactDesk:
     """The contact unlocks of one sandbox and their tasks; everything runs under the
     fake's lock."""
 
-    def __init__(self, api: _PaidApi) -> None:
+    def __init__(self, api: _ContactApi) -> None:
         self.api = api
         self.tasks: dict[str, _Task] = {}
 

@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
+from creditguard.testing._paid import Sandbox, _Pending, _Route
 from creditguard.testing._wire import (
     Check,
     Checker,
@@ -31,12 +33,8 @@ from creditguard.testing._wire import (
     _BadRequest,
     _json,
     _number,
-    _Route,
     api_error,
 )
-
-if TYPE_CHECKING:
-    from creditguard.testing._lensmor import _PaidApi, _Pending
 
 __all__ = ["EVENT_UNLOCK_COST", "VISITOR_UNLOCK_COST", "_Event", "_EventDesk"]
 
@@ -83,10 +81,33 @@ class _Layers:
         return EVENT_UNLOCK_COST * self.base + VISITOR_UNLOCK_COST * self.visitors
 
 
+class _EventApi(Protocol):
+    """What the event unlocks use of the paid endpoints (:class:`~._lensmor._PaidApi`)."""
+
+    @property
+    def fake(self) -> Sandbox: ...
+
+    @property
+    def subscription_active(self) -> bool: ...
+
+    def event(self, event_id: str, *, keep: bool) -> _Event | None: ...
+
+    def begin(
+        self,
+        work: Callable[[], _Answer],
+        trace: str,
+        headers: dict[str, str],
+        *,
+        busy: Callable[[], _Answer] | None = None,
+    ) -> _Answer | _Pending: ...
+
+    def pay(self, cost: int, trace: str) -> _Answer | None: ...
+
+
 class _EventDesk:
     """The event unlocks of one sandbox; everything runs under the fake's lock."""
 
-    def __init__(self, api: _PaidApi) -> None:
+    def __init__(self, api: _EventApi) -> None:
         self.api = api
 
     def route(self, method: str, path: str) -> _Route | None:

@@ -4,7 +4,7 @@ It serves ``GET /external/credits/balance`` exactly as documented (Bearer key, 4
 wrong key, the camelCase JSON body) and Lensmor's paid endpoints with their published
 shapes and costs (see ``_lensmor.py``, ``_events.py`` and ``_contacts.py``) through an
 httpx transport (sync and async, see ``_transport.py``) and through an ASGI app for real
-HTTP, plus a sandbox-only
+HTTP (see ``_asgi.py``), plus a sandbox-only
 ``POST /sandbox/charge?credits=N`` so an app pointed at the served sandbox can spend, and
 ``POST /sandbox/spend-outside?credits=N`` for the web app spending from the same pool.
 Faults can be scripted for the next balance requests, in process
@@ -16,6 +16,8 @@ Faults can be scripted for the next balance requests, in process
 * ``POST /sandbox/latency?seconds=0.5`` delays every answer;
 * ``GET /sandbox/stats``: balance requests served, charges made and faults still pending.
 
+The fault names, their parsing and the answers they make are in ``_faults.py``.
+
 Every sandbox endpoint takes the same ``Authorization: Bearer <key>`` as the balance.
 """
 
@@ -23,24 +25,31 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import json
-import re
 import threading
-from collections.abc import Awaitable, Callable, Iterator, MutableMapping
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from datetime import datetime
-from typing import Any, Literal, cast
-from urllib.parse import parse_qsl
-
-import anyio
+from typing import Literal
 
 from creditguard.core.errors import InsufficientCredits
 from creditguard.core.models import CreditBalance
-from creditguard.lensmor.client import BALANCE_PATH
+from creditguard.lensmor.reader import BALANCE_PATH
+from creditguard.testing._asgi import Receive, Scope, Send, _asgi_app
 from creditguard.testing._contacts import EMAIL, PHONE, _Contact
 from creditguard.testing._events import _Event
-from creditguard.testing._lensmor import _Company, _PaidApi, _Pending
-from creditguard.testing._transport import _Dropped, _FakeTransport, _read_body
+from creditguard.testing._faults import (
+    Fault,
+    _check_fault,
+    _check_headers,
+    _count,
+    _fault_answer,
+    _params,
+    _Planned,
+    _seconds,
+    parse_fault,
+)
+from creditguard.testing._lensmor import _Company, _PaidApi
+from creditguard.testing._paid import _Pending
+from creditguard.testing._transport import _FakeTransport
 from creditguard.testing._wire import (
     BALANCE_SHAPES,
     BalanceShape,
@@ -51,122 +60,13 @@ from creditguard.testing._wire import (
     api_error,
 )
 
-__all__ = ["FAULTS", "FakeLensmor", "parse_fault"]
+__all__ = ["FakeLensmor"]
 
 CHARGE_PATH = "/sandbox/charge"
 FAIL_PATH = "/sandbox/fail"
 LATENCY_PATH = "/sandbox/latency"
 STATS_PATH = "/sandbox/stats"
 SPEND_OUTSIDE_PATH = "/sandbox/spend-outside"
-Fault = Literal["drop", "stall", "truncated", "not-json", "wrong-types"]
-FAULTS: tuple[str, ...] = ("drop", "stall", "truncated", "not-json", "wrong-types")
-"""The fault names ``fail_next`` (and ``parse_fault``, ``--fail``) take besides an HTTP
-error status."""
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
-
-@dataclass
-class _Planned:
-    kind: int | str
-    times: int
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-_REASONS = {
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-    504: "Gateway Timeout",
-}
-
-
-def _count(text: str, name: str, *, least: int = 0, most: int = 10**12) -> int:
-    """A query parameter or CLI count: ASCII digits only (``int()`` would also take
-    ``"٣"``, ``"+3"``, ``" 3"`` and ``"1_000"``), between ``least`` and ``most``."""
-    if not (text.isascii() and text.isdigit()) or len(text) > len(str(most)):
-        raise ValueError(f"{name} must be an integer of ASCII digits, got {text[:40]!r}")
-    value = int(text)
-    if not least <= value <= most:
-        raise ValueError(f"{name} must be between {least} and {most}, got {value}")
-    return value
-
-
-_SECONDS = re.compile(r"[0-9]{1,10}(\.[0-9]{0,9})?|\.[0-9]{1,9}")
-_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_FIELD_VALUE = re.compile(r"[\x20-\x7e]*")
-
-
-def _check_headers(headers: dict[str, str]) -> dict[str, str]:
-    """Header names must be tokens, values printable ASCII (no CR, LF or other control
-    characters: a value must not end the header and start another)."""
-    checked = {}
-    for name, value in headers.items():
-        if not isinstance(name, str) or not _TOKEN.fullmatch(name):
-            raise ValueError(f"invalid header name {name!r}")
-        if not isinstance(value, str) or len(value) > 1000 or not _FIELD_VALUE.fullmatch(value):
-            raise ValueError(
-                f"invalid value for header {name}: printable ASCII only, at most 1000"
-                f" characters, got {value[:40]!r}"
-            )
-        checked[name] = value
-    return checked
-
-
-def _check_fault(status: object) -> int | Fault:
-    if isinstance(status, str):
-        if status not in FAULTS:
-            raise ValueError(f"unknown fault {status!r}; expected one of {FAULTS}")
-        return cast(Fault, status)
-    if type(status) is not int or not 400 <= status <= 599:
-        raise ValueError(f"status must be an HTTP error status (400-599), got {status!r}")
-    return status
-
-
-def parse_fault(spec: str) -> tuple[int | Fault, int]:
-    """``"503"``, ``"429:3"``, ``"drop"``, ``"stall:2"``... as ``(fault, times)``.
-
-    The fault is an HTTP error status (400-599) or one of :data:`FAULTS`; ``times``
-    (default 1) is how many balance requests get it. Raises ``ValueError`` otherwise.
-    """
-    kind, sep, count = spec.strip().partition(":")
-    is_status = kind.isascii() and kind.isdigit()
-    fault = _check_fault(int(kind) if is_status and len(kind) <= 10 else kind)
-    times = 1
-    if sep:
-        times = _count(count, "times", least=1)
-    return fault, times
-
-
-def _seconds(text: str) -> float:
-    """Seconds as plain ASCII decimal (``float()`` would also take ``"٣"``, ``"1e3"``,
-    ``"nan"`` and ``"inf"``), from 0 to 3600."""
-    if not _SECONDS.fullmatch(text):
-        raise ValueError(f"seconds must be a decimal number, got {text[:40]!r}")
-    value = float(text)
-    if not 0 <= value <= 3600:
-        raise ValueError(f"seconds must be between 0 and 3600, got {text!r}")
-    return value
-
-
-def _params(query: str, allowed: set[str]) -> dict[str, str]:
-    """The query's parameters, each given at most once and each one ``allowed``."""
-    params: dict[str, str] = {}
-    for name, value in parse_qsl(query, keep_blank_values=True, errors="strict"):
-        if name not in allowed:
-            expected = ", ".join(sorted(allowed)) or "none"
-            raise ValueError(f"unknown parameter {name[:40]!r} (expected: {expected})")
-        if name in params:
-            raise ValueError(f"parameter {name!r} given more than once")
-        params[name] = value
-    return params
 
 
 def _ms(value: datetime | int | None) -> int | None:
@@ -561,7 +461,7 @@ class FakeLensmor:
                 self._served.notify_all()
             data = self._credits.body(self.balance_shape, self.floats)
         if planned is not None:
-            return self._fault(planned, data)
+            return _fault_answer(planned, data)
         if authorization != f"Bearer {self.api_key}":
             return _json(401, {"message": "Unauthorized"})
         allowed, headers = self._rate_limit.take()
@@ -629,78 +529,8 @@ class FakeLensmor:
             }
         return _json(200, stats)
 
-    @staticmethod
-    def _fault(planned: _Planned, data: dict[str, Any]) -> _Answer:
-        if isinstance(planned.kind, int):
-            reason = _REASONS.get(planned.kind, "Error")
-            return _json(planned.kind, {"message": reason}, planned.headers)
-        body = json.dumps(data).encode()
-        if planned.kind == "not-json":
-            body = b"<html><body>502 Bad Gateway</body></html>"
-        elif planned.kind == "wrong-types":
-            data = dict(data)
-            data["totalBalance"] = str(data["totalBalance"])
-            data["giftBalance"] = None
-            body = json.dumps(data).encode()
-        headers = {"content-type": "application/json", **planned.headers}
-        fault = planned.kind if planned.kind in ("drop", "stall", "truncated") else None
-        return _Answer(200, body, headers, fault)
-
     # -- ASGI ----------------------------------------------------------------------
 
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The sandbox as a pure ASGI app (HTTP and lifespan)."""
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        if scope["type"] != "http":
-            return
-        headers = dict(scope.get("headers") or [])
-        auth = headers.get(b"authorization")
-        path = scope["path"]
-        body = b""
-        if self._serves_paid(path):
-            read = await _read_body(receive)
-            if read is None:
-                return
-            body = read
-        result = self._answer(
-            scope["method"],
-            path,
-            scope.get("query_string", b"").decode("latin-1"),
-            None if auth is None else auth.decode("latin-1"),
-            body,
-        )
-        if isinstance(result, _Pending):
-            try:
-                await result.await_()
-                answer = result.finish()
-            finally:
-                result.close()
-        else:
-            answer = result
-            if self.latency:
-                await anyio.sleep(self.latency)
-        body = answer.body
-        length = len(body)
-        raw_headers = [(k.encode(), v.encode()) for k, v in answer.headers.items()]
-        raw_headers.append((b"content-length", str(length).encode()))
-        await send({"type": "http.response.start", "status": answer.status, "headers": raw_headers})
-        if answer.fault == "drop":
-            raise _Dropped("sandbox fault: connection dropped before the body")
-        if answer.fault in ("stall", "truncated"):
-            await send(
-                {"type": "http.response.body", "body": body[: length // 2], "more_body": True}
-            )
-            if answer.fault == "truncated":
-                raise _Dropped("sandbox fault: connection dropped mid-body")
-            with anyio.move_on_after(self.stall_seconds):
-                while (await receive())["type"] != "http.disconnect":
-                    pass
-            return
-        await send({"type": "http.response.body", "body": body})
+        await _asgi_app(self, scope, receive, send)

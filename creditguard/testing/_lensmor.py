@@ -19,32 +19,24 @@ from __future__ import annotations
 import itertools
 import json
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-import anyio
-import anyio.to_thread
+from typing import Any
 
 from creditguard.testing._contacts import DIGITS, _Contact, _ContactDesk
 from creditguard.testing._events import _Event, _EventDesk
+from creditguard.testing._paid import Sandbox, _Pending, _Route
 from creditguard.testing._wire import (
     Checker,
     _Answer,
     _BadRequest,
     _json,
-    _Route,
     _string,
     api_error,
 )
 
-if TYPE_CHECKING:
-    from creditguard.testing._fake import FakeLensmor
-
 SEARCH_COST = 50
 MAX_BODY = 1 << 20
-HOLD_CAP = 60.0  # seconds a held paid call waits at most, should a test never release it
 
 PRECHECK_PATH = "/external/actions/precheck"
 SEARCH_EVENTS_PATH = "/external/exhibitors/search-events"
@@ -91,52 +83,6 @@ def _paged(items: list[dict[str, Any]], page: int, size: int) -> dict[str, Any]:
     }
 
 
-class _Pending:
-    """A paid call that will charge: it holds the key's credit operation until it is
-    finished (charged and answered) or abandoned (its caller went away: nothing charged)."""
-
-    def __init__(self, api: _PaidApi, work: Callable[[], _Answer], headers: dict[str, str]):
-        self._api = api
-        self._work = work
-        self._headers = headers
-        self._gate = api.gate
-        self._done = False
-
-    def wait(self) -> None:
-        latency = self._api.fake.latency
-        if latency:
-            time.sleep(latency)
-        if self._gate is not None:
-            self._gate.wait(HOLD_CAP)
-
-    async def await_(self) -> None:
-        latency = self._api.fake.latency
-        if latency:
-            await anyio.sleep(latency)
-        gate = self._gate
-        if gate is not None and not gate.is_set():
-            await anyio.to_thread.run_sync(gate.wait, HOLD_CAP, abandon_on_cancel=True)
-
-    def finish(self) -> _Answer:
-        with self._api.fake._lock:
-            try:
-                answer = self._work()
-            finally:
-                self._release()
-        answer.headers.update(self._headers)
-        return answer
-
-    def close(self) -> None:
-        if not self._done:
-            with self._api.fake._lock:
-                self._release()
-
-    def _release(self) -> None:
-        self._done = True
-        if self._api.busy is self:
-            self._api.busy = None
-
-
 class _PaidApi:
     """The paid endpoints' state (catalogue, the credit operation in progress) and their
     dispatch; the unlocks are answered by their desks. Everything runs under the fake's
@@ -144,7 +90,7 @@ class _PaidApi:
 
     def __init__(
         self,
-        fake: FakeLensmor,
+        fake: Sandbox,
         *,
         task_polls: int,
         open_catalogue: bool,

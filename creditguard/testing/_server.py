@@ -8,7 +8,7 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-from creditguard.testing._transport import _Dropped
+from creditguard.testing._asgi import _Dropped
 
 
 class _QuietFaults(logging.Filter):

@@ -1,51 +1,23 @@
-"""How the sandbox's answers reach a client: the httpx transport (sync and async) that
-serves :class:`~._fake.FakeLensmor` in process, the answer bodies it streams (and the
-scripted faults it acts out on them), and the body reading of the ASGI app."""
+"""How the sandbox's answers reach a client in process: the httpx transport (sync and
+async) that serves :class:`~._fake.FakeLensmor`, and the answer bodies it streams (and the
+scripted faults it acts out on them). Over real HTTP, see ``_asgi.py``."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Iterator
 
 import anyio
 import httpx
 
-from creditguard.testing._lensmor import MAX_BODY, _Pending
+from creditguard.testing._paid import Served, _Pending
 from creditguard.testing._wire import _Answer
-
-if TYPE_CHECKING:
-    from creditguard.testing._fake import FakeLensmor
-
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The request's body (at most ``MAX_BODY`` bytes and one more, so the endpoint can
-    refuse it); ``None`` when the client went away first."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        if size <= MAX_BODY:
-            chunks.append(chunk[: MAX_BODY + 1 - size])
-            size += len(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-class _Dropped(Exception):
-    """Raised inside the ASGI app so the server closes the connection (a scripted fault)."""
 
 
 class _FakeTransport(httpx.BaseTransport, httpx.AsyncBaseTransport):
     """The sandbox as an httpx transport for both sync and async clients."""
 
-    def __init__(self, fake: FakeLensmor) -> None:
+    def __init__(self, fake: Served) -> None:
         self._fake = fake
 
     def _result(self, request: httpx.Request, body: bytes) -> _Answer | _Pending:

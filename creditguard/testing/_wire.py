@@ -10,10 +10,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
-
-if TYPE_CHECKING:
-    from creditguard.testing._lensmor import _Pending
+from typing import Any, Literal
 
 BalanceShape = Literal["0.22", "0.24"]
 BALANCE_SHAPES: tuple[str, ...] = ("0.22", "0.24")
@@ -57,21 +54,10 @@ def api_error(
     return _json(status, body, {**(headers or {}), "x-request-id": trace_id})
 
 
-Handler = Callable[[dict[str, Any], str, dict[str, str]], "_Answer | _Pending"]
-"""An endpoint: of the request's JSON body, its trace id and the headers to send, the
-answer (or the paid call to hold, :class:`~._lensmor._Pending`)."""
-
 Check = tuple[str, int, dict[str, Any]]
 """A precheck's ``reason_code``, ``credits`` and ``detail`` for one action."""
 
 Checker = Callable[[dict[str, Any]], Check]
-
-
-class _Route(NamedTuple):
-    """What answers a request: its handler, and whether it reads a JSON body."""
-
-    handler: Handler
-    body: bool = True
 
 
 class _BadRequest(Exception):

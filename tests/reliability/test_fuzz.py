@@ -23,7 +23,7 @@ from creditguard import (
     RetryPolicy,
     parse_retry_after,
 )
-from creditguard.lensmor.client import _loads, _Reader
+from creditguard.lensmor.reader import _loads, _Reader
 from tests.strategies import FUZZ, json_values
 
 FIELDS = (
