@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from creditguard.backends.memory.account import MemoryBackend, StateBackend
+    from creditguard.core.balance import InsufficientCredits
     from creditguard.core.errors import (
         ActionNotAllowed,
         AdmissionTimeout,
@@ -22,7 +23,6 @@ if TYPE_CHECKING:
         CreditGuardError,
         GateTimeout,
         InsecureTransportError,
-        InsufficientCredits,
         InvalidResponse,
         RateLimited,
         TaskPending,
@@ -80,7 +80,7 @@ _EXPORTS = {
     "GuardEvent": "creditguard.core.events",
     "Hold": "creditguard.guard.hold",
     "InsecureTransportError": "creditguard.core.errors",
-    "InsufficientCredits": "creditguard.core.errors",
+    "InsufficientCredits": "creditguard.core.balance",
     "InvalidResponse": "creditguard.core.errors",
     "MemoryBackend": "creditguard.backends.memory.account",
     "OpenHold": "creditguard.core.models",

@@ -14,7 +14,7 @@ from typing import Any, TextIO
 import anyio
 import httpx
 
-from creditguard.core.errors import InsufficientCredits
+from creditguard.core.balance import InsufficientCredits
 from creditguard.core.models import CreditBalance
 from creditguard.guard.guard import CreditGuard, Precheck
 

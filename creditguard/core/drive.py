@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from typing import TypeVar, cast
 
-from creditguard.core import events
+from creditguard.core import outcomes
 from creditguard.core.engine import Engine
 from creditguard.core.errors import RateLimited
 from creditguard.core.steps import Call, Flight, Ops, Step, Steps, Waiter, _Waitable
@@ -110,7 +110,7 @@ async def adrive(engine: Engine, steps: Steps[T]) -> T:
                     if wait is not None:  # the rate limit is used up: none until reset
                         account.block(wait)
                     await arun(account.record(flight, result, None))
-                    events.read(engine, result)
+                    outcomes.read(engine, result)
                 else:
                     try:
                         await waitable.await_done(
@@ -142,7 +142,7 @@ def _read_sync(engine: Engine, flight: Flight) -> None:
     if wait is not None:  # the answer used up the rate limit: no more until the reset
         account.block(wait)
     run(account.record(flight, result, None))
-    events.read(engine, result)
+    outcomes.read(engine, result)
 
 
 def run(ops: Ops[None]) -> None:

@@ -1,12 +1,12 @@
-"""The exceptions creditguard raises. Every one derives from :class:`CreditGuardError`."""
+"""The exceptions creditguard raises. Every one derives from :class:`CreditGuardError`.
+
+:class:`InsufficientCredits`, which carries the balance it was decided on, is defined beside
+that balance, in ``balance.py``."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from creditguard.core.models import CreditBalance
+from typing import Any
 
 __all__ = [
     "ActionNotAllowed",
@@ -16,7 +16,6 @@ __all__ = [
     "CreditGuardError",
     "GateTimeout",
     "InsecureTransportError",
-    "InsufficientCredits",
     "InvalidResponse",
     "RateLimited",
     "TaskPending",
@@ -26,48 +25,6 @@ __all__ = [
 
 class CreditGuardError(Exception):
     """Base class of every error raised by creditguard."""
-
-
-class InsufficientCredits(CreditGuardError):
-    """The account cannot pay for the action, so it was not run.
-
-    ``required`` is the call's cost. ``available`` is what the account could pay for at
-    that moment: the balance itself when the cost exceeds it (spends in flight can only
-    lower it), else the balance minus ``reserved`` (when spends in flight did not settle
-    within the admission wait, or the guard was told not to wait). ``reserved`` is the
-    credits held by guarded calls still in flight. ``balance`` is the balance the
-    decision was made on (``None`` when the refusal comes from
-    :meth:`CreditBalance.after_spending`).
-    """
-
-    def __init__(
-        self,
-        required: int,
-        available: int,
-        balance: CreditBalance | None = None,
-        *,
-        reserved: int = 0,
-    ) -> None:
-        self.required = required
-        self.available = available
-        self.balance = balance
-        self.reserved = reserved
-        message = f"{required} credits required, {available} available"
-        if reserved:
-            message += f" ({reserved} reserved by calls in flight)"
-        super().__init__(message)
-
-    def __reduce__(self) -> tuple[object, ...]:
-        return (
-            _rebuild_insufficient,
-            (self.required, self.available, self.balance, self.reserved),
-        )
-
-
-def _rebuild_insufficient(
-    required: int, available: int, balance: CreditBalance | None, reserved: int
-) -> InsufficientCredits:
-    return InsufficientCredits(required, available, balance, reserved=reserved)
 
 
 class AdmissionTimeout(CreditGuardError, TimeoutError):

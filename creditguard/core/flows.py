@@ -15,7 +15,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-from creditguard.core import events
+from creditguard.core import outcomes
+from creditguard.core.balance import InsufficientCredits
 from creditguard.core.calls import Guarded, caller, current, enclosing, in_event_loop_thread
 from creditguard.core.drive import run
 from creditguard.core.engine import Engine
@@ -25,7 +26,6 @@ from creditguard.core.errors import (
     AuthenticationError,
     BalanceUnavailable,
     GateTimeout,
-    InsufficientCredits,
     InvalidResponse,
 )
 from creditguard.core.models import CreditBalance, PrecheckResult
@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 _monotonic = time.monotonic
-logger = events.logger
+logger = outcomes.logger
 
 
 def read(engine: Engine, refresh: bool, sync: bool) -> Steps[CreditBalance]:
@@ -162,13 +162,13 @@ def _payable(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
     except BalanceUnavailable:
         return
     except AuthenticationError as exc:
-        events.rejected(engine, call.cost, exc)
+        outcomes.rejected(engine, call.cost, exc)
         raise
     held = yield from engine.account.committed()
     free = balance.total_balance - held - _own(engine)
     if call.cost > free:
         refusal = InsufficientCredits(call.cost, max(0, free), balance, reserved=held)
-        events.denied(engine, refusal)
+        outcomes.denied(engine, refusal)
         raise refusal
 
 
@@ -225,16 +225,16 @@ def admit(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
             waited = yield step
             flight = waited if isinstance(waited, Flight) else None
     except InsufficientCredits as exc:
-        events.denied(engine, exc)
+        outcomes.denied(engine, exc)
         raise
     except AdmissionTimeout as exc:
-        events.busy(engine, exc)
+        outcomes.busy(engine, exc)
         raise
     except BalanceUnavailable as exc:
         yield from _unavailable(engine, call, exc)
         return
     except AuthenticationError as exc:
-        events.rejected(engine, call.cost, exc)
+        outcomes.rejected(engine, call.cost, exc)
         raise
     _admitted(engine, call, step)
 
@@ -257,7 +257,7 @@ def _emit_reserved(
     interrupted (``KeyboardInterrupt``, ``SystemExit``), the action never runs, so its
     reservation is given back before the interrupt goes on."""
     try:
-        events.emit(engine, kind, call.cost, balance, error=error)
+        outcomes.emit(engine, kind, call.cost, balance, error=error)
     except BaseException:
         reservation, call._reservation = call._reservation, None
         if reservation is not None:
@@ -271,9 +271,9 @@ def _emit_reserved(
 def _unavailable(engine: Engine, call: Guarded, exc: BalanceUnavailable) -> Steps[None]:
     """Fail closed (re-raise) unless the guard was told to fail open."""
     if engine.settings.on_unavailable != "allow":
-        events.unavailable(engine, call.cost, exc)
+        outcomes.unavailable(engine, call.cost, exc)
         raise exc
-    events.unchecked(engine, call.cost, exc)
+    outcomes.unchecked(engine, call.cost, exc)
     call._reservation = yield from engine.account.unchecked(call.cost)
     if engine.settings.on_event is not None:
         _emit_reserved(engine, call, "unchecked", error=exc)
@@ -294,7 +294,7 @@ def exit(engine: Engine, call: Guarded, exc: BaseException | None, sync: bool) -
         return
     if exc is not None:
         yield from account.drop(settlement)
-        events.failed(engine, call, exc)
+        outcomes.failed(engine, call, exc)
         if engine.upstream.refused_for_credits(exc):
             # Lensmor itself refused the paid call: someone else (the web app shares the
             # pool) spent what the guard admitted on. One ``except InsufficientCredits``
@@ -308,24 +308,24 @@ def exit(engine: Engine, call: Guarded, exc: BaseException | None, sync: bool) -
         # The caller does not look at the balance after: return now, and let the next
         # read (whoever needs one) settle this spend.
         yield from account.defer(settlement)
-        events.spent(engine, call, None)
+        outcomes.spent(engine, call, None)
         return
     step = yield from account.begin(settlement, sync)
     try:
         balance = yield from settle(engine, settlement.after, step, sync)
     except Exception as error:
         yield from account.end(settlement, True)
-        events.refresh_failed(engine, call, error)
+        outcomes.refresh_failed(engine, call, error)
         return
     except BaseException as cancelled:
         # Cancelled (or interrupted) after the action succeeded, while refreshing: the
         # spend happened but is not measured. Forget the balance, release, go on being
         # cancelled.
         yield from account.end(settlement, True)
-        events.failed(engine, call, cancelled)
+        outcomes.failed(engine, call, cancelled)
         raise
     yield from account.end(settlement, False)
-    events.spent(engine, call, balance)
+    outcomes.spent(engine, call, balance)
 
 
 def _settled_from_report(
@@ -367,7 +367,7 @@ def _settled_from_report(
     if charged is None and before is not None and report.total_after is not None:
         charged = before.total_balance - report.total_after
     call.charged = charged
-    events.spent(engine, call, after)
+    outcomes.spent(engine, call, after)
     return True
 
 
@@ -402,7 +402,7 @@ def cost_of(
             # Lensmor says the balance is short: the cached one may not know yet, so read.
             balance = yield from read(engine, True, sync)
             exc = InsufficientCredits(result.credits, balance.total_balance or 0)
-            events.denied(engine, exc)
+            outcomes.denied(engine, exc)
             raise exc
         raise ActionNotAllowed(result.reason_code, result.detail)
     if not result.should_charge:

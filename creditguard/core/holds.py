@@ -8,7 +8,7 @@ the cached balance is distrusted. With a shared backend any process can end it b
 
 from __future__ import annotations
 
-from creditguard.core import events, flows
+from creditguard.core import flows, outcomes
 from creditguard.core.calls import Guarded, Held
 from creditguard.core.engine import Engine
 from creditguard.core.errors import UnknownHold
@@ -86,7 +86,7 @@ def end(
         raise UnknownHold(hold.id)
     if release:
         yield from account.give_back(kept.reservation)
-        events.emit(engine, "released", hold.cost, hold.balance_before)
+        outcomes.emit(engine, "released", hold.cost, hold.balance_before)
         return None
     call = _call_of(engine, kept)
     call._result = report

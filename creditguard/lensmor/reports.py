@@ -27,8 +27,9 @@ from typing import Any
 
 import httpx
 
+from creditguard.core.balance import CreditBalance, _count
 from creditguard.core.errors import InvalidResponse
-from creditguard.core.models import CreditBalance, Report, _count
+from creditguard.core.models import Report
 
 __all__ = [
     "MAX_BODY_BYTES",

@@ -19,6 +19,7 @@ from typing import Any, TypeGuard, cast
 import httpx
 
 from creditguard.core import flows, holds
+from creditguard.core.balance import _MAX_COUNT, CreditBalance
 from creditguard.core.calls import Guarded, Held
 from creditguard.core.checks import _check_seconds
 from creditguard.core.drive import adrive, drive
@@ -30,7 +31,6 @@ from creditguard.core.errors import (
     TaskPending,
     UnknownHold,
 )
-from creditguard.core.models import _MAX_COUNT, CreditBalance
 from creditguard.core.steps import Steps, pause
 from creditguard.guard.guard import CreditGuard, engine_of
 from creditguard.guard.spend import acost_of, cost_of

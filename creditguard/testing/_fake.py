@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Literal
 
-from creditguard.core.errors import InsufficientCredits
+from creditguard.core.balance import InsufficientCredits
 from creditguard.core.models import CreditBalance
 from creditguard.lensmor.reader import BALANCE_PATH
 from creditguard.testing._asgi import Receive, Scope, Send, _asgi_app

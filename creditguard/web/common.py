@@ -17,6 +17,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from creditguard.core.balance import InsufficientCredits
 from creditguard.core.checks import _check_cost
 from creditguard.core.errors import (
     AdmissionTimeout,
@@ -24,7 +25,6 @@ from creditguard.core.errors import (
     BalanceUnavailable,
     CreditGuardError,
     GateTimeout,
-    InsufficientCredits,
     RateLimited,
 )
 from creditguard.guard.guard import CreditGuard

@@ -33,7 +33,8 @@ from collections.abc import Callable
 import cachetools
 
 from creditguard.backends.memory.commitments import LocalGate, LocalHolds
-from creditguard.core.errors import AdmissionTimeout, InsufficientCredits
+from creditguard.core.balance import InsufficientCredits
+from creditguard.core.errors import AdmissionTimeout
 from creditguard.core.models import AccountSnapshot, CreditBalance, OpenHold
 from creditguard.core.roles import AccountState, StateBackend
 from creditguard.core.settling import MAX_SETTLING, after_report

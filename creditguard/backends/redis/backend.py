@@ -69,8 +69,9 @@ from creditguard.backends.redis.scripts import (
     decode_balance,
     encode_balance,
 )
+from creditguard.core.balance import InsufficientCredits
 from creditguard.core.checks import _check_seconds
-from creditguard.core.errors import AdmissionTimeout, BalanceUnavailable, InsufficientCredits
+from creditguard.core.errors import AdmissionTimeout, BalanceUnavailable
 from creditguard.core.models import CreditBalance
 from creditguard.core.settling import MAX_SETTLING, after_report
 from creditguard.core.steps import Call, Flight, Ops, Reservation, Step, Waiter, own_error
