@@ -13,7 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from creditguard.backends.memory.account import MemoryBackend, StateBackend
+    from creditguard.backends.memory.backend import MemoryBackend
     from creditguard.core.balance import InsufficientCredits
     from creditguard.core.errors import (
         ActionNotAllowed,
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         UnknownHold,
     )
     from creditguard.core.models import AccountSnapshot, CreditBalance, OpenHold, PrecheckResult
+    from creditguard.core.roles import StateBackend
     from creditguard.guard.guard import (
         DEFAULT_BASE_URL,
         CreditGuard,
@@ -82,7 +83,7 @@ _EXPORTS = {
     "InsecureTransportError": "creditguard.core.errors",
     "InsufficientCredits": "creditguard.core.balance",
     "InvalidResponse": "creditguard.core.errors",
-    "MemoryBackend": "creditguard.backends.memory.account",
+    "MemoryBackend": "creditguard.backends.memory.backend",
     "OpenHold": "creditguard.core.models",
     "RateLimited": "creditguard.core.errors",
     "RetryPolicy": "creditguard.lensmor.retry",

@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from creditguard import CreditBalance, CreditGuard, InsufficientCredits
-from creditguard.backends.memory.account import Flight
+from creditguard.core.steps import Flight
 from creditguard.testing import FakeLensmor
 
 from .helpers import Gate

@@ -38,7 +38,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
@@ -49,14 +49,17 @@ import creditguard.testing
 from creditguard import (
     AuthenticationError,
     BalanceUnavailable,
+    CreditBalance,
     CreditGuard,
     GuardEvent,
     InsufficientCredits,
     RetryPolicy,
 )
 from creditguard.cli.main import build_parser, main
+from creditguard.core.steps import Flight, Ops
 from creditguard.testing import FakeLensmor, serve
 
+T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 RUNNABLE_PAGES = (
@@ -579,14 +582,28 @@ def test_outcome_refused_calls_reserve_nothing() -> None:
     assert guard._account.snapshot()[1:] == (0, 0)
 
 
+def _result(ops: Ops[T]) -> T:
+    """The result of an operation of the memory backend (it needs no I/O: it yields
+    nothing)."""
+    try:
+        call = next(ops)
+    except StopIteration as stop:
+        result: T = stop.value
+        return result
+    raise AssertionError(f"a memory operation asked for I/O: {call!r}")
+
+
 def test_a_read_started_before_invalidate_is_not_stored() -> None:
     fake = FakeLensmor()
     guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
     account = guard._account
-    flight, lead, _ = account.read_step(60, None, True)  # type: ignore[misc]
+    step = _result(account.read(60, None, True))
+    assert not isinstance(step, CreditBalance)
+    flight, lead, _ = step
+    assert isinstance(flight, Flight)
     assert lead
     guard.invalidate()
-    account.complete(flight, result=fake.balance)
+    _result(account.record(flight, fake.balance, None))
     assert account.snapshot()[0] is None
     assert guard.balance() == fake.balance  # a new read
 

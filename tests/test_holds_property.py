@@ -22,8 +22,10 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import creditguard.backends.memory.account
-import creditguard.backends.memory.commitments
+import creditguard.backends.memory.base as memory_base
+import creditguard.backends.memory.commitments as memory_commitments
+import creditguard.backends.memory.reads as memory_reads
+import creditguard.backends.memory.reservations as memory_reservations
 from creditguard import CreditGuard, Hold, InsufficientCredits
 from creditguard.testing import FakeLensmor
 
@@ -62,10 +64,8 @@ class HoldsMachine(RuleBasedStateMachine):
             )
         else:
             self.patches = [
-                mock.patch.object(creditguard.backends.memory.account, "_monotonic", self.clock),
-                mock.patch.object(
-                    creditguard.backends.memory.commitments, "_monotonic", self.clock
-                ),
+                mock.patch.object(module, "_monotonic", self.clock)
+                for module in (memory_base, memory_reads, memory_reservations, memory_commitments)
             ]
         for patch in self.patches:
             patch.start()

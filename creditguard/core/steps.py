@@ -32,6 +32,7 @@ __all__ = [
     "Steps",
     "Turn",
     "Waiter",
+    "done",
     "own_error",
     "pause",
 ]
@@ -264,6 +265,14 @@ def pause(seconds: float) -> Call:
 # An operation on an account's state, as a generator: it yields the I/O it needs done
 # (``Call``) and is sent each result; its return value is the operation's result.
 Ops = Generator[Call, object, T]
+
+
+def done(value: T) -> Ops[T]:
+    """An operation that needs no I/O (its result is known): it returns ``value`` on
+    its first step, yielding nothing."""
+    if False:  # makes this a generator function; compiled away, so it costs nothing
+        yield
+    return value
 
 
 # An operation of the guard's logic: yields what it needs performed or waited for (a

@@ -16,7 +16,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 
 import httpx
 
-from creditguard.backends.memory.account import MemoryBackend
+from creditguard.backends.memory import MemoryBackend
 from creditguard.core import flows
 from creditguard.core import holds as hold_flows
 from creditguard.core.checks import _check_key, _check_seconds, _fingerprint

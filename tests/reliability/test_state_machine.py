@@ -27,6 +27,7 @@ import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from unittest import mock
 
 import anyio
 import anyio.from_thread
@@ -43,7 +44,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import creditguard.backends.memory.account as state_module
+import creditguard.backends.memory.base as memory_base
+import creditguard.backends.memory.reads as memory_reads
+import creditguard.backends.memory.reservations as memory_reservations
 from creditguard import (
     AdmissionTimeout,
     BalanceUnavailable,
@@ -58,6 +61,9 @@ from creditguard.core.steps import own_credits
 from creditguard.testing import FakeLensmor
 
 from .support import reads_in_flight
+
+# The memory account's layers that read the clock (each through its module's _monotonic).
+ACCOUNT_CLOCKS = (memory_base, memory_reads, memory_reservations)
 
 TTL = 30.0
 MAX_OPEN = 6
@@ -204,8 +210,9 @@ class GuardMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.clock = Clock()
-        self._saved_clock = state_module._monotonic
-        state_module._monotonic = self.clock
+        self._clocks = [mock.patch.object(m, "_monotonic", self.clock) for m in ACCOUNT_CLOCKS]
+        for clock in self._clocks:
+            clock.start()
         self.fake = FakeLensmor(subscription_balance=100, gift_balance=20, api_key="sk-machine")
         self.gate = Gate(self.fake)
         self.guard = CreditGuard(
@@ -700,7 +707,8 @@ class GuardMachine(RuleBasedStateMachine):
             self.portal.call(self.portal.stop, True)
             self._portal_cm.__exit__(None, None, None)
             self.guard.close()
-            state_module._monotonic = self._saved_clock
+            for clock in self._clocks:
+                clock.stop()
             STATS.update({k: STATS.get(k, 0) + v for k, v in self.stats.items()})
 
 

@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 import anyio.to_thread
 
-from creditguard.backends.memory.account import Account
+from creditguard.backends.memory import Account
 from creditguard.backends.redis.gate import HoldInfo, RedisGate
 from creditguard.backends.redis.holds import POLL_MAX, GateOps
 from creditguard.backends.redis.leases import (

@@ -18,7 +18,7 @@ from creditguard.core.errors import BalanceUnavailable
 from creditguard.core.steps import Kept, Ops, Reservation, Step, Turn, Waiter
 
 if TYPE_CHECKING:
-    from creditguard.backends.memory.account import Account
+    from creditguard.backends.memory import Account
     from creditguard.backends.redis.backend import RedisAccount
 
 __all__ = ["POLL_FIRST", "POLL_MAX", "GateOps"]

@@ -26,7 +26,7 @@ from creditguard.core.steps import Flight, Ops, Step, Waiter, own_error
 from creditguard.core.steps import pause as pause_call
 
 if TYPE_CHECKING:
-    from creditguard.backends.memory.account import Account
+    from creditguard.backends.memory import Account
     from creditguard.core.steps import Call
 
 __all__ = ["ReadOps"]
