@@ -30,8 +30,7 @@ from creditguard import (
     unlock_contacts,
 )
 from creditguard.testing import FakeLensmor
-
-from .helpers import reserved
+from tests.helpers import reserved
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 

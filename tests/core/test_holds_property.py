@@ -26,8 +26,7 @@ import creditguard.backends.memory.account
 import creditguard.backends.memory.commitments
 from creditguard import CreditGuard, Hold, InsufficientCredits
 from creditguard.testing import FakeLensmor
-
-from .helpers import reserved
+from tests.helpers import reserved
 
 
 class _Clock:

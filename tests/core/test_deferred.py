@@ -22,8 +22,7 @@ from creditguard import (
 )
 from creditguard.core.settling import MAX_SETTLING
 from creditguard.testing import FakeLensmor
-
-from .helpers import Gate, reserved, waiting_for_release
+from tests.helpers import Gate, reserved, waiting_for_release
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 

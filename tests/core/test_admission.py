@@ -21,8 +21,7 @@ import pytest
 
 from creditguard import AdmissionTimeout, CreditGuard, InsufficientCredits
 from creditguard.testing import FakeLensmor
-
-from .helpers import Gate, reserved, waiting_for_release
+from tests.helpers import Gate, reserved, waiting_for_release
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 

@@ -15,8 +15,7 @@ import pytest
 
 from creditguard import CreditGuard, CreditGuardError, GateTimeout, InsufficientCredits
 from creditguard.testing import FakeLensmor
-
-from .helpers import reserved
+from tests.helpers import reserved
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 

@@ -17,8 +17,7 @@ from hypothesis import strategies as st
 from creditguard import CreditBalance, CreditGuard, InsufficientCredits
 from creditguard.backends.memory.account import Flight
 from creditguard.testing import FakeLensmor
-
-from .helpers import Gate
+from tests.helpers import Gate
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 

@@ -25,8 +25,7 @@ from creditguard import (
     UnknownHold,
 )
 from creditguard.testing import FakeLensmor
-
-from .helpers import Gate, reserved
+from tests.helpers import Gate, reserved
 
 pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
 
