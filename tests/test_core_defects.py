@@ -29,7 +29,6 @@ from creditguard import (
     CreditGuardError,
     GuardEvent,
     InsufficientCredits,
-    MemoryBackend,
     RateLimited,
     RetryPolicy,
     Spend,
@@ -37,8 +36,9 @@ from creditguard import (
 )
 from creditguard.lensmor.client import rate_limit_wait
 from creditguard.testing import FakeLensmor
+from tests.helpers import NewBackend
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
 
 # A retry budget far longer than the liveness bounds below: a waiter that only got out
 # through the budget would still fail these tests.
@@ -72,12 +72,16 @@ def run_in_threads(*targets: Callable[[], None], timeout: float = 20.0) -> None:
 
 
 @pytest.mark.parametrize("backends", [("asyncio", "trio"), ("asyncio", "asyncio")])
-def test_sync_calls_inside_two_event_loops_do_not_deadlock(backends: tuple[str, str]) -> None:
+def test_sync_calls_inside_two_event_loops_do_not_deadlock(
+    backends: tuple[str, str], new_backend: NewBackend
+) -> None:
     """Each loop has a task leading a read; then sync code in each loop's thread asks
     for the balance. A thread never waits for a task-led read, so neither blocks on the
     other's loop."""
     fake = FakeLensmor(latency=0.2)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET, backend=new_backend()
+    )
     both_leading = threading.Barrier(2, timeout=10)
     results: list[int] = []
 
@@ -95,11 +99,15 @@ def test_sync_calls_inside_two_event_loops_do_not_deadlock(backends: tuple[str, 
     assert results == [30050, 30050]
 
 
-async def test_a_loop_blocked_on_a_pool_thread_that_needs_the_balance() -> None:
+async def test_a_loop_blocked_on_a_pool_thread_that_needs_the_balance(
+    new_backend: NewBackend,
+) -> None:
     """A coroutine blocks its loop on ``pool.submit(sync_guarded).result()`` while a task
     of that loop leads a read: the pool thread must not wait for that read."""
     fake = FakeLensmor(latency=0.2)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET, backend=new_backend()
+    )
 
     @guard.requires_credits(10)
     def unlock() -> str:
@@ -146,7 +154,9 @@ class StuckFirst(httpx.AsyncBaseTransport, httpx.BaseTransport):
 
 
 @pytest.mark.memory_only  # looks at how the memory backend shares one read
-def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever() -> None:
+def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor()
     transport = StuckFirst(fake)
     guard = CreditGuard(
@@ -155,6 +165,7 @@ def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever() -> None
         ttl=60,
         timeout=0.2,
         retry=RetryPolicy(attempts=1, deadline=0.2),
+        backend=new_backend(),
     )
     # A task left pending by run_until_complete: its loop stops while it leads a read.
     loop = asyncio.new_event_loop()
@@ -176,7 +187,7 @@ def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever() -> None
 
 
 @pytest.mark.memory_only  # looks at how the memory backend shares one read
-def test_a_thread_waiting_on_a_stalled_sync_read_reads_on_its_own() -> None:
+def test_a_thread_waiting_on_a_stalled_sync_read_reads_on_its_own(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
     transport = StuckFirst(fake)
     guard = CreditGuard(
@@ -185,6 +196,7 @@ def test_a_thread_waiting_on_a_stalled_sync_read_reads_on_its_own() -> None:
         ttl=60,
         timeout=0.2,
         retry=RetryPolicy(attempts=1, deadline=0.2),
+        backend=new_backend(),
     )
     leader_errors: list[BaseException] = []
 
@@ -209,10 +221,14 @@ def test_a_thread_waiting_on_a_stalled_sync_read_reads_on_its_own() -> None:
 
 
 @pytest.mark.memory_only  # looks at how the memory backend shares one read
-async def test_every_waiter_of_a_failed_read_gets_its_own_exception() -> None:
+async def test_every_waiter_of_a_failed_read_gets_its_own_exception(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(latency=0.05)
     fake.fail_next(503, times=5)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1))
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), backend=new_backend()
+    )
     errors: list[BalanceUnavailable] = []
 
     async def read() -> None:
@@ -233,10 +249,14 @@ async def test_every_waiter_of_a_failed_read_gets_its_own_exception() -> None:
     assert all(e.status_code == 503 for e in errors)
 
 
-def test_every_thread_waiting_on_a_failed_read_gets_its_own_exception() -> None:
+def test_every_thread_waiting_on_a_failed_read_gets_its_own_exception(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(latency=0.05)
     fake.fail_next(503, times=5)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1))
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), backend=new_backend()
+    )
     errors: list[BaseException] = []
     lock = threading.Lock()
 
@@ -260,6 +280,7 @@ def test_every_thread_waiting_on_a_failed_read_gets_its_own_exception() -> None:
 @pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
 def test_an_interrupt_in_the_admitted_hook_leaves_no_reservation(
     interrupt: type[BaseException],
+    new_backend: NewBackend,
 ) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
 
@@ -267,7 +288,9 @@ def test_an_interrupt_in_the_admitted_hook_leaves_no_reservation(
         if event.kind == "admitted" and event.cost == 60:
             raise interrupt
 
-    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=hook)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, on_event=hook, backend=new_backend()
+    )
     ran = []
     with pytest.raises(interrupt), guard.spend(60):
         ran.append(60)
@@ -277,7 +300,9 @@ def test_an_interrupt_in_the_admitted_hook_leaves_no_reservation(
         fake.charge(50)
 
 
-async def test_an_interrupt_in_the_unchecked_hook_leaves_no_reservation() -> None:
+async def test_an_interrupt_in_the_unchecked_hook_leaves_no_reservation(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
 
     def hook(event: GuardEvent) -> None:
@@ -290,6 +315,7 @@ async def test_an_interrupt_in_the_unchecked_hook_leaves_no_reservation() -> Non
         on_event=hook,
         on_unavailable="allow",
         retry=RetryPolicy(attempts=1),
+        backend=new_backend(),
     )
     fake.fail_next(503)
     with pytest.raises(KeyboardInterrupt):
@@ -311,16 +337,16 @@ async def test_an_interrupt_in_the_unchecked_hook_leaves_no_reservation() -> Non
         "HTTPS://platform.lensmor.com",
     ],
 )
-def test_equivalent_base_urls_name_one_account(url: str) -> None:
-    reference = CreditGuard("k", base_url="https://platform.lensmor.com")
-    guard = CreditGuard("k", base_url=url)
+def test_equivalent_base_urls_name_one_account(url: str, new_backend: NewBackend) -> None:
+    reference = CreditGuard("k", base_url="https://platform.lensmor.com", backend=new_backend())
+    guard = CreditGuard("k", base_url=url, backend=new_backend())
     assert guard.account == reference.account
     assert guard.base_url == "https://platform.lensmor.com"
 
 
-def test_equivalent_base_urls_share_reservations() -> None:
+def test_equivalent_base_urls_share_reservations(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    backend = MemoryBackend()
+    backend = new_backend()
     a = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, admission_timeout=0)
     b = CreditGuard(
         fake.api_key,
@@ -335,13 +361,15 @@ def test_equivalent_base_urls_share_reservations() -> None:
         fake.charge(80)
 
 
-def test_a_base_url_with_credentials_is_refused_and_never_echoed() -> None:
+def test_a_base_url_with_credentials_is_refused_and_never_echoed(new_backend: NewBackend) -> None:
     with pytest.raises(CreditGuardError) as info:
-        CreditGuard("k", base_url="https://user:hunter2@platform.lensmor.com")
+        CreditGuard(
+            "k", base_url="https://user:hunter2@platform.lensmor.com", backend=new_backend()
+        )
     assert "hunter2" not in str(info.value)
     assert "user" not in str(info.value).replace("user:password", "")
     with pytest.raises(CreditGuardError):
-        CreditGuard("k", base_url="https://platform.lensmor.com/?key=1")
+        CreditGuard("k", base_url="https://platform.lensmor.com/?key=1", backend=new_backend())
 
 
 # -- 8. bad configuration is refused at construction ------------------------------------
@@ -364,32 +392,38 @@ def test_a_base_url_with_credentials_is_refused_and_never_echoed() -> None:
         {"admission_timeout": True},
     ],
 )
-def test_bad_seconds_are_refused_at_construction(kwargs: dict[str, Any]) -> None:
+def test_bad_seconds_are_refused_at_construction(
+    kwargs: dict[str, Any], new_backend: NewBackend
+) -> None:
     with pytest.raises((ValueError, TypeError)):
-        CreditGuard("k", **kwargs)
+        CreditGuard("k", **kwargs, backend=new_backend())
 
 
-def test_an_httpx_timeout_with_no_limit_on_a_phase_is_accepted() -> None:
+def test_an_httpx_timeout_with_no_limit_on_a_phase_is_accepted(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport, timeout=httpx.Timeout(None))
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, timeout=httpx.Timeout(None), backend=new_backend()
+    )
     assert guard.balance().total_balance == 30050
 
 
 # -- issue items: for_key, current_spend, cost functions -------------------------------------
 
 
-def test_for_key_never_falls_back_to_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_for_key_never_falls_back_to_the_environment(
+    monkeypatch: pytest.MonkeyPatch, new_backend: NewBackend
+) -> None:
     monkeypatch.setenv("LENSMOR_API_KEY", "operator-key")
-    guard = CreditGuard()
+    guard = CreditGuard(backend=new_backend())
     for bad in (None, "", " ", "key with space"):
         with pytest.raises(CreditGuardError):
             guard.for_key(bad)  # type: ignore[arg-type]
     assert guard.for_key("tenant").account != guard.account
 
 
-async def test_current_spend_inside_decorated_functions() -> None:
+async def test_current_spend_inside_decorated_functions(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     seen: list[Spend | None] = []
 
     @guard.requires_credits(lambda ids: 15 * len(ids))
@@ -412,9 +446,9 @@ async def test_current_spend_inside_decorated_functions() -> None:
     assert first.balance_before.total_balance == 30050
 
 
-def test_current_spend_nests_and_stays_in_its_thread() -> None:
+def test_current_spend_nests_and_stays_in_its_thread(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     other: list[Spend | None] = []
     with guard.spend(5) as outer:
         assert current_spend() is outer
@@ -428,11 +462,13 @@ def test_current_spend_nests_and_stays_in_its_thread() -> None:
     assert other == [None]
 
 
-def test_a_nested_call_does_not_wait_for_its_own_enclosing_spend() -> None:
+def test_a_nested_call_does_not_wait_for_its_own_enclosing_spend(new_backend: NewBackend) -> None:
     """A guarded call inside another cannot wait for the outer one to settle (it never
     will first): decided at once, on what the outer spend leaves."""
     fake = FakeLensmor(subscription_balance=10, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, admission_timeout=30)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, admission_timeout=30, backend=new_backend()
+    )
     with guard.spend(6):
         with pytest.raises(InsufficientCredits) as info, guard.spend(5):
             pytest.fail("only 4 credits are not reserved")
@@ -442,8 +478,10 @@ def test_a_nested_call_does_not_wait_for_its_own_enclosing_spend() -> None:
         fake.charge(6)
 
 
-def test_a_cost_function_that_cannot_take_the_arguments_fails_at_decoration() -> None:
-    guard = CreditGuard("k")
+def test_a_cost_function_that_cannot_take_the_arguments_fails_at_decoration(
+    new_backend: NewBackend,
+) -> None:
+    guard = CreditGuard("k", backend=new_backend())
     with pytest.raises(TypeError, match="cannot take the arguments of unlock"):
 
         @guard.requires_credits(lambda ids: 15 * len(ids))  # type: ignore[arg-type]
@@ -487,10 +525,10 @@ def _limited_transport(
     return httpx.MockTransport(handler), sent
 
 
-def test_no_balance_request_while_the_rate_limit_is_used_up() -> None:
+def test_no_balance_request_while_the_rate_limit_is_used_up(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
     transport, sent = _limited_transport(fake, reset_in=120)
-    guard = CreditGuard(fake.api_key, transport=transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=transport, ttl=60, backend=new_backend())
     assert guard.balance().total_balance == 30050  # the answer says none are left
     with guard.spend(10):  # the cache still serves within its TTL
         fake.charge(10)
@@ -504,10 +542,10 @@ def test_no_balance_request_while_the_rate_limit_is_used_up() -> None:
     assert len(sent) == 1
 
 
-async def test_rate_limit_fails_fast_in_async_code_too() -> None:
+async def test_rate_limit_fails_fast_in_async_code_too(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
     transport, sent = _limited_transport(fake, reset_in=60)
-    guard = CreditGuard(fake.api_key, transport=transport, ttl=0)
+    guard = CreditGuard(fake.api_key, transport=transport, ttl=0, backend=new_backend())
     await guard.abalance()
     with pytest.raises(RateLimited):
         async with guard.spend(1):
@@ -515,15 +553,16 @@ async def test_rate_limit_fails_fast_in_async_code_too() -> None:
     assert len(sent) == 1
 
 
-def test_requests_left_or_no_headers_never_block() -> None:
+def test_requests_left_or_no_headers_never_block(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
     transport, sent = _limited_transport(fake, reset_in=60, remaining="5")
-    guard = CreditGuard(fake.api_key, transport=transport, ttl=0)
+    guard = CreditGuard(fake.api_key, transport=transport, ttl=0, backend=new_backend())
     for _ in range(3):
         guard.balance()
     assert len(sent) == 3
 
 
+@pytest.mark.usefixtures("new_backend")
 @pytest.mark.parametrize(
     ("headers", "expected"),
     [
@@ -544,9 +583,11 @@ def test_rate_limit_wait(headers: dict[str, str], expected: float | None) -> Non
 # -- a 402 from the paid call itself -----------------------------------------------------
 
 
-def test_a_402_from_the_paid_call_is_insufficient_credits_with_the_original_as_cause() -> None:
+def test_a_402_from_the_paid_call_is_insufficient_credits_with_the_original_as_cause(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     assert guard.balance().total_balance == 100
     fake.charge(80)  # the Lensmor web app spends from the same pool: the guard cannot see it
     client = httpx.Client(transport=fake.transport, base_url="https://sandbox.invalid")
@@ -569,9 +610,11 @@ def test_a_402_from_the_paid_call_is_insufficient_credits_with_the_original_as_c
     assert again.value.available == 20
 
 
-async def test_a_402_in_async_code_and_other_errors_pass_through_unchanged() -> None:
+async def test_a_402_in_async_code_and_other_errors_pass_through_unchanged(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     await guard.abalance()
     fake.charge(80)
     request = httpx.Request("POST", "https://sandbox.invalid/x")
@@ -587,9 +630,11 @@ async def test_a_402_in_async_code_and_other_errors_pass_through_unchanged() -> 
             )
 
 
-def test_spends_exited_out_of_order_leave_no_finished_spend_current() -> None:
+def test_spends_exited_out_of_order_leave_no_finished_spend_current(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     a, b, c = guard.spend(1), guard.spend(2), guard.spend(3)
     a.__enter__()
     b.__enter__()
@@ -609,9 +654,11 @@ def test_spends_exited_out_of_order_leave_no_finished_spend_current() -> None:
     assert current_spend() is None
 
 
-async def test_a_task_started_inside_a_spend_does_not_see_it_once_it_ended() -> None:
+async def test_a_task_started_inside_a_spend_does_not_see_it_once_it_ended(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     ended = anyio.Event()
     seen: list[Spend | None] = []
 
@@ -626,9 +673,13 @@ async def test_a_task_started_inside_a_spend_does_not_see_it_once_it_ended() -> 
     assert seen == [None]
 
 
-def test_a_free_call_is_admitted_even_when_reservations_exceed_the_balance() -> None:
+def test_a_free_call_is_admitted_even_when_reservations_exceed_the_balance(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=10, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0, backend=new_backend()
+    )
     with guard.spend(10):
         fake.charge(10)
         guard.invalidate()
@@ -640,11 +691,14 @@ def test_a_free_call_is_admitted_even_when_reservations_exceed_the_balance() -> 
 @pytest.mark.parametrize("backends", [("asyncio", "trio"), ("asyncio", "asyncio")])
 def test_mixed_sync_and_async_guarded_calls_in_two_loops_finish(
     backends: tuple[str, str],
+    new_backend: NewBackend,
 ) -> None:
     """The shape reported as hanging: two event loops in two threads, 20 tasks each,
     every third call a sync guarded call made from the loop's thread."""
     fake = FakeLensmor(latency=0.02)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET, backend=new_backend()
+    )
     done: list[int] = []
     lock = threading.Lock()
 
@@ -678,9 +732,9 @@ def test_mixed_sync_and_async_guarded_calls_in_two_loops_finish(
     assert fake.charges == 120
 
 
-def test_lensmors_insufficient_credits_error_body_counts_as_a_402() -> None:
+def test_lensmors_insufficient_credits_error_body_counts_as_a_402(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     request = httpx.Request("POST", "https://sandbox.invalid/external/events/e1/unlock")
     body = {"code": 402, "message": "Insufficient credits", "errorKey": "INSUFFICIENT_CREDITS"}
     refused = httpx.Response(400, json=body, request=request)  # the key, not the status
@@ -689,9 +743,9 @@ def test_lensmors_insufficient_credits_error_body_counts_as_a_402() -> None:
     assert isinstance(info.value.__cause__, httpx.HTTPStatusError)
 
 
-def test_an_app_error_wrapping_a_402_keeps_its_type() -> None:
+def test_an_app_error_wrapping_a_402_keeps_its_type(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     request = httpx.Request("POST", "https://sandbox.invalid/x")
 
     class PaymentNeeded(Exception):

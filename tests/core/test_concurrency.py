@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -17,9 +17,16 @@ from hypothesis import strategies as st
 from creditguard import CreditBalance, CreditGuard, InsufficientCredits
 from creditguard.backends.memory.account import Flight
 from creditguard.testing import FakeLensmor
-from tests.helpers import Gate
+from tests.helpers import Gate, NewBackend
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def guard(fake: FakeLensmor, new_backend: NewBackend) -> Iterator[CreditGuard]:
+    """The conftest's ``guard``, on the backend the test runs on."""
+    with CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend()) as g:
+        yield g
 
 
 def snapshot(guard: CreditGuard) -> tuple[CreditBalance | None, int, int]:
@@ -52,10 +59,10 @@ async def guarded_calls(
     return admitted, denied, errors
 
 
-async def test_200_concurrent_async_callers_never_overspend() -> None:
+async def test_200_concurrent_async_callers_never_overspend(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=950, gift_balance=50)
     fake.latency = 0.002
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     admitted, denied, errors = await guarded_calls(guard, fake, [10] * 200)
     assert errors == []
     assert sum(admitted) <= 1000
@@ -69,10 +76,12 @@ async def test_200_concurrent_async_callers_never_overspend() -> None:
 
 
 @pytest.mark.memory_only  # Redis: reads shared across processes: test_redis_processes.py
-async def test_refreshes_are_shared_between_calls_that_finish_together() -> None:
+async def test_refreshes_are_shared_between_calls_that_finish_together(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=10**6, gift_balance=0)
     fake.latency = 0.005
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     admitted, _, errors = await guarded_calls(guard, fake, [1] * 1000)
     assert errors == []
     assert len(admitted) == 1000
@@ -81,10 +90,10 @@ async def test_refreshes_are_shared_between_calls_that_finish_together() -> None
     assert fake.balance_requests <= 10  # not 1,000
 
 
-def test_24_threads_never_overspend() -> None:
+def test_24_threads_never_overspend(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
     fake.latency = 0.001
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     admitted: list[int] = []
     denied: list[int] = []
     lock = threading.Lock()
@@ -122,10 +131,10 @@ def test_24_threads_never_overspend() -> None:
     fail_every=st.integers(0, 5),
 )
 def test_no_overspend_property(
-    anyio_backend: str, balance: int, costs: list[int], fail_every: int
+    anyio_backend: str, balance: int, costs: list[int], fail_every: int, new_backend: NewBackend
 ) -> None:
     fake = FakeLensmor(subscription_balance=balance, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     failures = iter(range(len(costs)))
 
     async def main() -> tuple[list[int], list[int], list[BaseException]]:
@@ -163,9 +172,11 @@ def test_no_overspend_property(
 # -- single flight ----------------------------------------------------------------------
 
 
-async def test_cold_reads_share_one_request_across_tasks(fake: FakeLensmor) -> None:
+async def test_cold_reads_share_one_request_across_tasks(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     results: list[int] = []
 
     async def read() -> None:
@@ -203,11 +214,11 @@ def _count_sync_waiters(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None
 
 
 def test_cold_reads_share_one_request_across_threads(
-    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, new_backend: NewBackend
 ) -> None:
     until_waiting = _count_sync_waiters(monkeypatch)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(guard.balance) for _ in range(16)]
         gate.wait_arrivals(1)
@@ -218,11 +229,11 @@ def test_cold_reads_share_one_request_across_threads(
 
 
 async def test_threads_and_tasks_share_one_request(
-    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, new_backend: NewBackend
 ) -> None:
     until_waiting = _count_sync_waiters(monkeypatch)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     results: list[int] = []
 
     async def read() -> None:
@@ -244,14 +255,14 @@ async def test_threads_and_tasks_share_one_request(
 
 
 def test_threads_never_wait_for_a_task_led_read_but_share_one_of_their_own(
-    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, anyio_backend: str, new_backend: NewBackend
 ) -> None:
     """A blocked thread never waits for a read led by a task (that task's loop may be
     blocked by the thread itself, or by a thread waiting for it): the threads share a
     read of their own, so the task's read and theirs are the only two requests."""
     until_waiting = _count_sync_waiters(monkeypatch)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     results: list[int] = []
 
     async def main() -> None:
@@ -276,9 +287,11 @@ def test_threads_never_wait_for_a_task_led_read_but_share_one_of_their_own(
 
 
 @pytest.mark.memory_only  # looks at the read in flight
-async def test_sync_call_inside_the_loop_does_not_deadlock(fake: FakeLensmor) -> None:
+async def test_sync_call_inside_the_loop_does_not_deadlock(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     fake.latency = 0.05
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     async with anyio.create_task_group() as tg:
         tg.start_soon(guard.abalance)  # a task of this loop leads a read...
         await anyio.wait_all_tasks_blocked()
@@ -291,10 +304,10 @@ async def test_sync_call_inside_the_loop_does_not_deadlock(fake: FakeLensmor) ->
 # -- stale reads ------------------------------------------------------------------------
 
 
-async def test_read_started_before_invalidation_never_admits() -> None:
+async def test_read_started_before_invalidation_never_admits(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     seen: list[int] = []
     outcome: list[BaseException | CreditBalance] = []
 
@@ -328,11 +341,12 @@ async def test_read_started_before_invalidation_never_admits() -> None:
 
 def test_read_started_before_invalidation_never_admits_threads(
     monkeypatch: pytest.MonkeyPatch,
+    new_backend: NewBackend,
 ) -> None:
     until_waiting = _count_sync_waiters(monkeypatch)
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
 
     def spender() -> None:
         with guard.spend(50):
@@ -354,11 +368,15 @@ def test_read_started_before_invalidation_never_admits_threads(
     assert gate.arrived >= 2
 
 
-async def test_read_straddling_a_spend_cannot_admit_the_spent_credits() -> None:
+async def test_read_straddling_a_spend_cannot_admit_the_spent_credits(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     gate = Gate(fake.transport)
     gate.open()
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=0)  # every admission reads
+    guard = CreditGuard(
+        fake.api_key, transport=gate, ttl=0, backend=new_backend()
+    )  # every admission reads
     inside = anyio.Event()
     finish = anyio.Event()
     results: dict[str, object] = {}
@@ -439,12 +457,16 @@ async def test_asyncio_task_cancel_releases(guard: CreditGuard) -> None:
     assert snapshot(guard) == (None, 0, 0)
 
 
-async def test_cancel_during_post_spend_refresh(fake: FakeLensmor) -> None:
+async def test_cancel_during_post_spend_refresh(fake: FakeLensmor, new_backend: NewBackend) -> None:
     gate = Gate(fake.transport)
     gate.open()
     kinds: list[str] = []
     guard = CreditGuard(
-        fake.api_key, transport=gate, ttl=60, on_event=lambda e: kinds.append(e.kind)
+        fake.api_key,
+        transport=gate,
+        ttl=60,
+        on_event=lambda e: kinds.append(e.kind),
+        backend=new_backend(),
     )
     guard.balance()
     gate.close_gate()
@@ -466,9 +488,11 @@ async def test_cancel_during_post_spend_refresh(fake: FakeLensmor) -> None:
     assert guard.balance().total_balance == 30040
 
 
-async def test_cancelled_waiter_reserves_nothing(fake: FakeLensmor) -> None:
+async def test_cancelled_waiter_reserves_nothing(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     async with anyio.create_task_group() as tg:
         tg.start_soon(guard.abalance)
         await gate.await_arrivals(1)
@@ -480,9 +504,9 @@ async def test_cancelled_waiter_reserves_nothing(fake: FakeLensmor) -> None:
     assert snapshot(guard)[1:] == (0, 0)
 
 
-async def test_cancelled_leader_hands_over(fake: FakeLensmor) -> None:
+async def test_cancelled_leader_hands_over(fake: FakeLensmor, new_backend: NewBackend) -> None:
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     results: list[Any] = []
 
     async def waiter() -> None:
@@ -508,13 +532,19 @@ async def test_cancelled_leader_hands_over(fake: FakeLensmor) -> None:
     assert gate.arrived == 2
 
 
-async def test_read_failure_is_shared_not_cached(fake: FakeLensmor) -> None:
+async def test_read_failure_is_shared_not_cached(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     from creditguard import BalanceUnavailable, RetryPolicy
 
     fake.fail_next(503)
     fake.latency = 0.02  # the ten reads overlap
     guard = CreditGuard(
-        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), ttl=60
+        fake.api_key,
+        transport=fake.transport,
+        retry=RetryPolicy(attempts=1),
+        ttl=60,
+        backend=new_backend(),
     )
     errors: list[BaseException] = []
 
@@ -532,13 +562,13 @@ async def test_read_failure_is_shared_not_cached(fake: FakeLensmor) -> None:
     assert (await guard.abalance()).total_balance == 30050  # the error was not cached
 
 
-def test_threads_are_not_refused_while_credits_remain() -> None:
+def test_threads_are_not_refused_while_credits_remain(new_backend: NewBackend) -> None:
     """Reservations are released as soon as a read that includes the spend comes back,
     so near the end of a balance calls are not refused for credits already spent and
     still reserved (counting them twice)."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     fake.latency = 0.002
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     ran = 0
     lock = threading.Lock()
 

@@ -18,8 +18,9 @@ import pytest
 
 from creditguard import CreditGuard, GuardEvent, InsufficientCredits, current_spend
 from creditguard.testing import FakeLensmor
+from tests.helpers import NewBackend
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
 
 AUTH = {"Authorization": "Bearer test-key"}
 
@@ -34,10 +35,14 @@ def aclient(fake: FakeLensmor) -> httpx.AsyncClient:
     )
 
 
-def test_sequential_unlocks_settle_from_the_report_without_reading_again() -> None:
+def test_sequential_unlocks_settle_from_the_report_without_reading_again(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=10_000, gift_balance=50)
     events: list[GuardEvent] = []
-    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=events.append)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, on_event=events.append, backend=new_backend()
+    )
     http = client(fake)
 
     @guard.requires_credits(2000)
@@ -60,9 +65,9 @@ def test_sequential_unlocks_settle_from_the_report_without_reading_again() -> No
     assert fake.balance_requests == 1
 
 
-def test_already_unlocked_charges_nothing_and_needs_no_read() -> None:
+def test_already_unlocked_charges_nothing_and_needs_no_read(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     http = client(fake)
     with guard.spend(2000) as first:
         first.report(http.post("/external/events/e1/unlock").raise_for_status())
@@ -77,9 +82,9 @@ def test_already_unlocked_charges_nothing_and_needs_no_read() -> None:
     assert guard._account.snapshot()[1:] == (0, 0)
 
 
-def test_answers_without_credit_figures_settle_with_a_refresh() -> None:
+def test_answers_without_credit_figures_settle_with_a_refresh(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     http = client(fake)
 
     @guard.requires_credits(50)
@@ -97,9 +102,10 @@ def test_answers_without_credit_figures_settle_with_a_refresh() -> None:
 
 def test_a_malformed_report_is_ignored_and_the_result_returned(
     caplog: pytest.LogCaptureFixture,
+    new_backend: NewBackend,
 ) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
 
     @guard.requires_credits(10)
     def unlock() -> dict[str, Any]:
@@ -113,9 +119,11 @@ def test_a_malformed_report_is_ignored_and_the_result_returned(
     assert guard._account.snapshot()[1:] == (0, 0)
 
 
-def test_a_charge_above_the_declared_cost_is_logged(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_charge_above_the_declared_cost_is_logged(
+    caplog: pytest.LogCaptureFixture, new_backend: NewBackend
+) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     http = client(fake)
     with caplog.at_level(logging.WARNING, logger="creditguard"), guard.spend(100) as spend:
         spend.report(http.post("/external/events/e1/unlock").raise_for_status())
@@ -124,9 +132,9 @@ def test_a_charge_above_the_declared_cost_is_logged(caplog: pytest.LogCaptureFix
     assert guard.balance() == fake.balance
 
 
-def test_spending_by_the_web_app_shows_in_the_reported_balance() -> None:
+def test_spending_by_the_web_app_shows_in_the_reported_balance(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=10_000, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     http = client(fake)
     assert guard.balance().total_balance == 10_000
     fake.spend_outside(500)  # the Lensmor web app, from the same pool
@@ -163,12 +171,12 @@ def _whole(total: int) -> dict[str, object]:
     ],
 )
 def test_a_report_that_contradicts_the_balance_before_is_not_cached(
-    report: dict[str, object], caplog: pytest.LogCaptureFixture
+    report: dict[str, object], caplog: pytest.LogCaptureFixture, new_backend: NewBackend
 ) -> None:
     """The total after a call is at most the total before less the charge. A report
     above that settles with a refresh: 91 credits are refused on the 90 left."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     assert guard.balance().total_balance == 100
     with caplog.at_level(logging.WARNING, logger="creditguard"), guard.spend(10) as spend:
         fake.charge(10)
@@ -182,9 +190,11 @@ def test_a_report_that_contradicts_the_balance_before_is_not_cached(
     assert guard._account.snapshot()[1:] == (0, 0)
 
 
-def test_a_decorated_call_whose_report_contradicts_is_settled_by_a_refresh() -> None:
+def test_a_decorated_call_whose_report_contradicts_is_settled_by_a_refresh(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     answer = {"creditsSpent": 10, "balanceAfter": _whole(1000)}
 
     @guard.requires_credits(10)
@@ -198,11 +208,11 @@ def test_a_decorated_call_whose_report_contradicts_is_settled_by_a_refresh() -> 
         pytest.fail("admitted 91 on the 90 left")
 
 
-def test_a_total_below_the_charge_is_the_web_app_spending_too() -> None:
+def test_a_total_below_the_charge_is_the_web_app_spending_too(new_backend: NewBackend) -> None:
     """Lower than the balance before less the charge is legitimate (the web app shares
     the pool): it is cached with no read."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     assert guard.balance().total_balance == 100
     reads = fake.balance_requests
     with guard.spend(10) as spend:
@@ -214,20 +224,24 @@ def test_a_total_below_the_charge_is_the_web_app_spending_too() -> None:
     assert fake.balance_requests == reads
 
 
-def test_report_outside_the_block_is_refused() -> None:
+def test_report_outside_the_block_is_refused(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     spend = guard.spend(1)
     with pytest.raises(RuntimeError):
         spend.report({"creditsUsed": 1})
 
 
-def test_concurrent_calls_settle_with_refreshes_and_never_overspend() -> None:
+def test_concurrent_calls_settle_with_refreshes_and_never_overspend(
+    new_backend: NewBackend,
+) -> None:
     # Overlapping paid calls of one key get Lensmor's 409 (the sandbox too, when two
     # threads are inside its handler at once): the gate sends them one at a time, while
     # the callers, their admissions and their refreshes still run concurrently.
     fake = FakeLensmor(subscription_balance=20_000, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, max_concurrent=1)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, max_concurrent=1, backend=new_backend()
+    )
     http = client(fake)
     refused = 0
     lock = threading.Lock()
@@ -253,9 +267,9 @@ def test_concurrent_calls_settle_with_refreshes_and_never_overspend() -> None:
     assert guard._account.snapshot()[1:] == (0, 0)
 
 
-async def test_async_unlocks_settle_from_the_report() -> None:
+async def test_async_unlocks_settle_from_the_report(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=10_000, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     async with aclient(fake) as http:
 
         @guard.requires_credits(2000)
@@ -272,11 +286,11 @@ async def test_async_unlocks_settle_from_the_report() -> None:
     assert fake.balance.total_balance == 4000
 
 
-async def test_a_read_in_flight_is_not_overtaken_by_a_report() -> None:
+async def test_a_read_in_flight_is_not_overtaken_by_a_report(new_backend: NewBackend) -> None:
     """A read that started before the paid call may or may not include its charge: while
     one is in flight the report does not replace the refresh."""
     fake = FakeLensmor(subscription_balance=10_000, gift_balance=0, latency=0.05)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     await guard.abalance()
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: guard.abalance(refresh=True))  # a read in flight
@@ -288,10 +302,12 @@ async def test_a_read_in_flight_is_not_overtaken_by_a_report() -> None:
     assert guard._account.snapshot()[1:] == (0, 0)
 
 
-def test_a_report_made_inside_a_decorated_call_is_not_overwritten_by_its_return() -> None:
+def test_a_report_made_inside_a_decorated_call_is_not_overwritten_by_its_return(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor()
     fake.add_event("ev-1")
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     http = client(fake)
 
     @guard.requires_credits(2000)

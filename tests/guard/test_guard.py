@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -26,10 +27,16 @@ from creditguard import (
     requires_credits,
 )
 from creditguard.testing import FakeLensmor
-
-pytestmark = pytest.mark.usefixtures("each_backend")
+from tests.helpers import NewBackend
 
 NO_RETRY = RetryPolicy(attempts=1, deadline=1.0)
+
+
+@pytest.fixture
+def guard(fake: FakeLensmor, new_backend: NewBackend) -> Iterator[CreditGuard]:
+    """The conftest's ``guard``, on the backend the test runs on."""
+    with CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend()) as g:
+        yield g
 
 
 class Boom(Exception):
@@ -43,41 +50,50 @@ def state(guard: CreditGuard) -> tuple[CreditBalance | None, int, int]:
 # -- construction ------------------------------------------------------------------
 
 
-def test_key_from_environment(monkeypatch: pytest.MonkeyPatch, fake: FakeLensmor) -> None:
+def test_key_from_environment(
+    monkeypatch: pytest.MonkeyPatch, fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     monkeypatch.setenv("LENSMOR_API_KEY", fake.api_key)
-    guard = CreditGuard(transport=fake.transport)
+    guard = CreditGuard(transport=fake.transport, backend=new_backend())
     assert guard.balance().total_balance == 30050
 
 
-def test_no_key_names_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_key_names_the_variable(
+    monkeypatch: pytest.MonkeyPatch, new_backend: NewBackend
+) -> None:
     monkeypatch.delenv("LENSMOR_API_KEY", raising=False)
     with pytest.raises(CreditGuardError, match="LENSMOR_API_KEY"):
-        CreditGuard()
+        CreditGuard(backend=new_backend())
     monkeypatch.setenv("LENSMOR_API_KEY", "")
     with pytest.raises(CreditGuardError, match="LENSMOR_API_KEY"):
-        CreditGuard()
+        CreditGuard(backend=new_backend())
 
 
-def test_base_url_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_base_url_from_environment(
+    monkeypatch: pytest.MonkeyPatch, new_backend: NewBackend
+) -> None:
     monkeypatch.delenv("LENSMOR_BASE_URL", raising=False)
-    assert CreditGuard("k").base_url == "https://platform.lensmor.com"
+    assert CreditGuard("k", backend=new_backend()).base_url == "https://platform.lensmor.com"
     monkeypatch.setenv("LENSMOR_BASE_URL", "https://staging.example.test/")
-    assert CreditGuard("k").base_url == "https://staging.example.test"
-    assert CreditGuard("k", base_url="https://x.test").base_url == "https://x.test"
+    assert CreditGuard("k", backend=new_backend()).base_url == "https://staging.example.test"
+    assert (
+        CreditGuard("k", base_url="https://x.test", backend=new_backend()).base_url
+        == "https://x.test"
+    )
 
 
 @pytest.mark.parametrize(
     "url", ["http://platform.lensmor.com", "http://10.0.0.5:8080", "http://evil.localhost:80"]
 )
-def test_plain_http_to_remote_host_refused(url: str) -> None:
+def test_plain_http_to_remote_host_refused(url: str, new_backend: NewBackend) -> None:
     with pytest.raises(InsecureTransportError, match="allow_insecure_http"):
-        CreditGuard("k", base_url=url)
-    CreditGuard("k", base_url=url, allow_insecure_http=True)
+        CreditGuard("k", base_url=url, backend=new_backend())
+    CreditGuard("k", base_url=url, allow_insecure_http=True, backend=new_backend())
 
 
 @pytest.mark.parametrize("url", ["http://127.0.0.1:8787", "http://localhost:1", "http://[::1]:80"])
-def test_plain_http_to_loopback_allowed(url: str) -> None:
-    CreditGuard("k", base_url=url)
+def test_plain_http_to_loopback_allowed(url: str, new_backend: NewBackend) -> None:
+    CreditGuard("k", base_url=url, backend=new_backend())
 
 
 @pytest.mark.parametrize(
@@ -90,18 +106,21 @@ def test_plain_http_to_loopback_allowed(url: str) -> None:
         ({"base_url": "ftp://x"}, CreditGuardError),
     ],
 )
-def test_bad_configuration(kwargs: dict[str, Any], error: type[Exception]) -> None:
+def test_bad_configuration(
+    kwargs: dict[str, Any], error: type[Exception], new_backend: NewBackend
+) -> None:
     with pytest.raises(error):
-        CreditGuard("k", **kwargs)
+        CreditGuard("k", **kwargs, backend=new_backend())
 
 
 @pytest.mark.parametrize("key", ["has space", "tab\tkey", "ключ", "line\nbreak"])
-def test_malformed_key_rejected_without_echo(key: str) -> None:
+def test_malformed_key_rejected_without_echo(key: str, new_backend: NewBackend) -> None:
     with pytest.raises(CreditGuardError) as info:
-        CreditGuard(key)
+        CreditGuard(key, backend=new_backend())
     assert key not in str(info.value)
 
 
+@pytest.mark.usefixtures("new_backend")
 def test_public_names() -> None:
     for name in [
         "CreditBalance",
@@ -147,8 +166,10 @@ def test_decorator_keeps_identity(guard: CreditGuard) -> None:
 
 
 @pytest.mark.parametrize("cost", [-1, 1.5, "10", None, True])
-def test_bad_static_cost_fails_at_decoration(cost: Any, fake: FakeLensmor) -> None:
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+def test_bad_static_cost_fails_at_decoration(
+    cost: Any, fake: FakeLensmor, new_backend: NewBackend
+) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     with pytest.raises((TypeError, ValueError)):
         guard.requires_credits(cost)
     with pytest.raises((TypeError, ValueError)):
@@ -157,8 +178,10 @@ def test_bad_static_cost_fails_at_decoration(cost: Any, fake: FakeLensmor) -> No
 
 
 @pytest.mark.parametrize("computed", [-5, 2.0, "3", None, False])
-def test_bad_computed_cost_fails_before_any_request(computed: Any, fake: FakeLensmor) -> None:
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+def test_bad_computed_cost_fails_before_any_request(
+    computed: Any, fake: FakeLensmor, new_backend: NewBackend
+) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     ran = []
 
     @guard.requires_credits(lambda n: computed)
@@ -171,8 +194,8 @@ def test_bad_computed_cost_fails_before_any_request(computed: Any, fake: FakeLen
     assert fake.balance_requests == 0
 
 
-def test_cost_function_error_propagates(fake: FakeLensmor) -> None:
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+def test_cost_function_error_propagates(fake: FakeLensmor, new_backend: NewBackend) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
 
     @guard.requires_credits(lambda ids: 5 * len(ids))
     def paid(ids: Any) -> None:
@@ -234,9 +257,9 @@ def test_spend_sync_block(guard: CreditGuard, fake: FakeLensmor) -> None:
         pass
 
 
-def test_insufficient_credits_does_not_run(fake: FakeLensmor) -> None:
+def test_insufficient_credits_does_not_run(fake: FakeLensmor, new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=5, gift_balance=3)
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     ran = []
 
     @guard.requires_credits(9)
@@ -254,11 +277,15 @@ def test_insufficient_credits_does_not_run(fake: FakeLensmor) -> None:
 
 
 @pytest.mark.anyio
-async def test_calls_in_flight_make_a_call_busy_never_refused(fake: FakeLensmor) -> None:
+async def test_calls_in_flight_make_a_call_busy_never_refused(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     """30,000 of 30,050 credits are reserved by a call in flight, which may yet charge
     nothing: a call of 51 is not refused for credits (AdmissionTimeout, busy), one the
     account cannot pay even if it charges nothing is (InsufficientCredits)."""
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0, backend=new_backend()
+    )
     inside = anyio.Event()
     leave = anyio.Event()
 
@@ -322,11 +349,15 @@ async def test_async_action_exception_propagates(guard: CreditGuard) -> None:
 
 
 def test_refresh_failure_keeps_the_result(
-    fake: FakeLensmor, caplog: pytest.LogCaptureFixture
+    fake: FakeLensmor, caplog: pytest.LogCaptureFixture, new_backend: NewBackend
 ) -> None:
     events: list[GuardEvent] = []
     guard = CreditGuard(
-        fake.api_key, transport=fake.transport, retry=NO_RETRY, on_event=events.append
+        fake.api_key,
+        transport=fake.transport,
+        retry=NO_RETRY,
+        on_event=events.append,
+        backend=new_backend(),
     )
 
     with caplog.at_level(logging.WARNING, logger="creditguard"), guard.spend(10) as paid:
@@ -343,8 +374,12 @@ def test_refresh_failure_keeps_the_result(
 
 
 @pytest.mark.anyio
-async def test_async_refresh_failure_keeps_the_result(fake: FakeLensmor) -> None:
-    guard = CreditGuard(fake.api_key, transport=fake.transport, retry=NO_RETRY)
+async def test_async_refresh_failure_keeps_the_result(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=NO_RETRY, backend=new_backend()
+    )
     async with guard.spend(10) as spend:
         fake.charge(10)
         fake.fail_next(500)
@@ -358,8 +393,10 @@ async def test_async_refresh_failure_keeps_the_result(fake: FakeLensmor) -> None
 
 
 @pytest.mark.anyio
-async def test_fail_closed_by_default(fake: FakeLensmor) -> None:
-    guard = CreditGuard(fake.api_key, transport=fake.transport, retry=NO_RETRY)
+async def test_fail_closed_by_default(fake: FakeLensmor, new_backend: NewBackend) -> None:
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=NO_RETRY, backend=new_backend()
+    )
     fake.fail_next(503, times=2)
     with pytest.raises(BalanceUnavailable), guard.spend(1):
         raise AssertionError("must not run")
@@ -371,7 +408,7 @@ async def test_fail_closed_by_default(fake: FakeLensmor) -> None:
 
 @pytest.mark.anyio
 async def test_fail_open_runs_unchecked_and_warns(
-    fake: FakeLensmor, caplog: pytest.LogCaptureFixture
+    fake: FakeLensmor, caplog: pytest.LogCaptureFixture, new_backend: NewBackend
 ) -> None:
     events: list[GuardEvent] = []
     guard = CreditGuard(
@@ -380,6 +417,7 @@ async def test_fail_open_runs_unchecked_and_warns(
         retry=NO_RETRY,
         on_unavailable="allow",
         on_event=events.append,
+        backend=new_backend(),
     )
     fake.fail_next(503)
     with caplog.at_level(logging.WARNING, logger="creditguard"):
@@ -399,8 +437,10 @@ async def test_fail_open_runs_unchecked_and_warns(
 
 
 @pytest.mark.anyio
-async def test_fail_open_never_covers_a_bad_key(fake: FakeLensmor) -> None:
-    guard = CreditGuard("wrong-key", transport=fake.transport, on_unavailable="allow")
+async def test_fail_open_never_covers_a_bad_key(fake: FakeLensmor, new_backend: NewBackend) -> None:
+    guard = CreditGuard(
+        "wrong-key", transport=fake.transport, on_unavailable="allow", backend=new_backend()
+    )
     with pytest.raises(AuthenticationError), guard.spend(1):
         raise AssertionError("must not run")
     with pytest.raises(AuthenticationError):
@@ -411,10 +451,12 @@ async def test_fail_open_never_covers_a_bad_key(fake: FakeLensmor) -> None:
 # -- events and logging --------------------------------------------------------------
 
 
-def test_events(fake: FakeLensmor) -> None:
+def test_events(fake: FakeLensmor, new_backend: NewBackend) -> None:
     events: list[GuardEvent] = []
     fake = FakeLensmor(subscription_balance=10, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=events.append)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, on_event=events.append, backend=new_backend()
+    )
     with guard.spend(4):
         fake.charge(4)
     with pytest.raises(InsufficientCredits), guard.spend(7):
@@ -435,12 +477,14 @@ def test_events(fake: FakeLensmor) -> None:
 
 
 def test_broken_event_hook_does_not_break_the_call(
-    fake: FakeLensmor, caplog: pytest.LogCaptureFixture
+    fake: FakeLensmor, caplog: pytest.LogCaptureFixture, new_backend: NewBackend
 ) -> None:
     def hook(event: GuardEvent) -> None:
         raise RuntimeError("observer bug")
 
-    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=hook)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, on_event=hook, backend=new_backend()
+    )
     with caplog.at_level(logging.ERROR, logger="creditguard"), guard.spend(1):
         pass
     assert "on_event hook raised" in caplog.text
@@ -449,9 +493,9 @@ def test_broken_event_hook_does_not_break_the_call(
 # -- many keys ------------------------------------------------------------------------
 
 
-def test_keys_do_not_share_state() -> None:
+def test_keys_do_not_share_state(new_backend: NewBackend) -> None:
     a = FakeLensmor(subscription_balance=100, gift_balance=0, api_key="key-a")
-    guard = CreditGuard("key-a", transport=a.transport)
+    guard = CreditGuard("key-a", transport=a.transport, backend=new_backend())
     other = guard.for_key("key-b")
     assert other.account != guard.account
     assert guard.balance().total_balance == 100
@@ -460,15 +504,16 @@ def test_keys_do_not_share_state() -> None:
     assert guard.for_key("key-a").account == guard.account
 
 
-def test_same_backend_shares_reservations(fake: FakeLensmor) -> None:
+def test_same_backend_shares_reservations(fake: FakeLensmor, new_backend: NewBackend) -> None:
     backend = creditguard.MemoryBackend()
     g1 = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
     g2 = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
     assert g1._account is g2._account
-    g3 = CreditGuard(fake.api_key, transport=fake.transport)
+    g3 = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
     assert g3._account is not g1._account
 
 
+@pytest.mark.usefixtures("new_backend")
 def test_memory_bounded_across_many_keys(fake: FakeLensmor) -> None:
     backend = creditguard.MemoryBackend(max_accounts=100)
     guard = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
@@ -484,8 +529,10 @@ def test_memory_bounded_across_many_keys(fake: FakeLensmor) -> None:
 # -- the module-level decorator ------------------------------------------------------------
 
 
-def test_module_level_decorator(monkeypatch: pytest.MonkeyPatch, fake: FakeLensmor) -> None:
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+def test_module_level_decorator(
+    monkeypatch: pytest.MonkeyPatch, fake: FakeLensmor, new_backend: NewBackend
+) -> None:
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
 
     @requires_credits(3, guard=guard)
     def paid() -> int:
@@ -511,10 +558,12 @@ def test_spend_repr_and_types(guard: CreditGuard) -> None:
     assert "cost=3" in repr(spend)
 
 
-def test_debug_logs_name_the_account_never_the_key(caplog: pytest.LogCaptureFixture) -> None:
+def test_debug_logs_name_the_account_never_the_key(
+    caplog: pytest.LogCaptureFixture, new_backend: NewBackend
+) -> None:
     key = "sk-live-very-secret-0001"
     fake = FakeLensmor(api_key=key)
-    guard = CreditGuard(key, transport=fake.transport)
+    guard = CreditGuard(key, transport=fake.transport, backend=new_backend())
     with caplog.at_level(logging.DEBUG, logger="creditguard"):
         with guard.spend(5):
             fake.charge(5)
@@ -538,10 +587,15 @@ def test_spend_validates_its_cost(guard: CreditGuard) -> None:
 
 
 @pytest.mark.anyio
-async def test_async_callable_object_is_guarded_as_async(fake: FakeLensmor) -> None:
+async def test_async_callable_object_is_guarded_as_async(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     order: list[str] = []
     guard = CreditGuard(
-        fake.api_key, transport=fake.transport, on_event=lambda e: order.append(e.kind)
+        fake.api_key,
+        transport=fake.transport,
+        on_event=lambda e: order.append(e.kind),
+        backend=new_backend(),
     )
 
     class Unlock:
@@ -570,15 +624,23 @@ def test_generators_are_refused(guard: CreditGuard) -> None:
         guard.requires_credits(1)(gen)
 
 
-def test_refusals_without_a_balance_are_observable(fake: FakeLensmor) -> None:
+def test_refusals_without_a_balance_are_observable(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     events: list[GuardEvent] = []
     guard = CreditGuard(
-        fake.api_key, transport=fake.transport, retry=NO_RETRY, on_event=events.append
+        fake.api_key,
+        transport=fake.transport,
+        retry=NO_RETRY,
+        on_event=events.append,
+        backend=new_backend(),
     )
     fake.fail_next(503)
     with pytest.raises(BalanceUnavailable), guard.spend(1):
         pass
-    bad = CreditGuard("wrong", transport=fake.transport, on_event=events.append)
+    bad = CreditGuard(
+        "wrong", transport=fake.transport, on_event=events.append, backend=new_backend()
+    )
     with pytest.raises(AuthenticationError), bad.spend(1):
         pass
     assert [e.kind for e in events] == ["unavailable", "rejected"]
