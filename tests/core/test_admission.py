@@ -508,3 +508,37 @@ def test_no_read_restarts_the_admission_window(
     assert wakes < 400
     assert reserved(guard) == 60
     spend.finish()
+
+
+# -- nested and free calls -----------------------------------------------------------------
+
+
+def test_a_nested_call_does_not_wait_for_its_own_enclosing_spend(new_backend: NewBackend) -> None:
+    """A guarded call inside another cannot wait for the outer one to settle (it never
+    will first): decided at once, on what the outer spend leaves."""
+    fake = FakeLensmor(subscription_balance=10, gift_balance=0)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, admission_timeout=30, backend=new_backend()
+    )
+    with guard.spend(6):
+        with pytest.raises(InsufficientCredits) as info, guard.spend(5):
+            pytest.fail("only 4 credits are not reserved")
+        assert (info.value.available, info.value.reserved) == (4, 6)
+        with guard.spend(4):
+            fake.charge(4)
+        fake.charge(6)
+
+
+def test_a_free_call_is_admitted_even_when_reservations_exceed_the_balance(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor(subscription_balance=10, gift_balance=0)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0, backend=new_backend()
+    )
+    with guard.spend(10):
+        fake.charge(10)
+        guard.invalidate()
+        assert guard.balance().total_balance == 0  # 0 - 10 reserved: below zero
+        with guard.spend(0) as free:
+            assert free.balance_before is not None

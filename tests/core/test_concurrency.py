@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import traceback
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from creditguard import CreditBalance, CreditGuard, InsufficientCredits
+from creditguard import (
+    BalanceUnavailable,
+    CreditBalance,
+    CreditGuard,
+    InsufficientCredits,
+    RetryPolicy,
+)
 from creditguard.backends.memory.account import Flight
 from creditguard.testing import FakeLensmor
 from tests.helpers import Gate, NewBackend
@@ -590,3 +599,279 @@ def test_threads_are_not_refused_while_credits_remain(new_backend: NewBackend) -
     # for a moment, so allow a little slack; before this was fixed ~85 of 100 ran.
     assert ran >= 95
     assert snapshot(guard)[1:] == (0, 0)
+
+
+# -- event loops in several threads --------------------------------------------------------
+
+
+LONG_BUDGET = RetryPolicy(attempts=1, deadline=60.0)
+
+
+def run_in_threads(*targets: Callable[[], None], timeout: float = 20.0) -> None:
+    """Run each target in a daemon thread; fail (not hang) if any is still running."""
+    errors: list[BaseException] = []
+
+    def wrap(target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                errors.append(exc)
+
+        return run
+
+    threads = [threading.Thread(target=wrap(t), daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "deadlock: a thread never finished"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("asyncio", "asyncio")])
+def test_sync_calls_inside_two_event_loops_do_not_deadlock(
+    backends: tuple[str, str], new_backend: NewBackend
+) -> None:
+    """Each loop has a task leading a read; then sync code in each loop's thread asks
+    for the balance. A thread never waits for a task-led read, so neither blocks on the
+    other's loop."""
+    fake = FakeLensmor(latency=0.2)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET, backend=new_backend()
+    )
+    both_leading = threading.Barrier(2, timeout=10)
+    results: list[int] = []
+
+    def loop_thread(backend: str) -> Callable[[], None]:
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(guard.abalance)  # a task of this loop leads a read
+                await anyio.wait_all_tasks_blocked()
+                await anyio.to_thread.run_sync(both_leading.wait)
+                results.append(guard.balance().total_balance)  # sync, blocking the loop
+
+        return lambda: anyio.run(main, backend=backend)
+
+    run_in_threads(*(loop_thread(b) for b in backends))
+    assert results == [30050, 30050]
+
+
+async def test_a_loop_blocked_on_a_pool_thread_that_needs_the_balance(
+    new_backend: NewBackend,
+) -> None:
+    """A coroutine blocks its loop on ``pool.submit(sync_guarded).result()`` while a task
+    of that loop leads a read: the pool thread must not wait for that read."""
+    fake = FakeLensmor(latency=0.2)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET, backend=new_backend()
+    )
+
+    @guard.requires_credits(10)
+    def unlock() -> str:
+        return "done"
+
+    with ThreadPoolExecutor(1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(guard.abalance)
+            await anyio.wait_all_tasks_blocked()
+            assert pool.submit(unlock).result(timeout=20) == "done"  # blocks this loop
+
+
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("asyncio", "asyncio")])
+def test_mixed_sync_and_async_guarded_calls_in_two_loops_finish(
+    backends: tuple[str, str],
+    new_backend: NewBackend,
+) -> None:
+    """The shape reported as hanging: two event loops in two threads, 20 tasks each,
+    every third call a sync guarded call made from the loop's thread."""
+    fake = FakeLensmor(latency=0.02)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET, backend=new_backend()
+    )
+    done: list[int] = []
+    lock = threading.Lock()
+
+    @guard.requires_credits(1)
+    def sync_unlock() -> None:
+        fake.charge(1)
+
+    @guard.requires_credits(1)
+    async def async_unlock() -> None:
+        fake.charge(1)
+
+    def loop_thread(backend: str) -> Callable[[], None]:
+        async def task(i: int) -> None:
+            for j in range(3):
+                if (i + j) % 3 == 0:
+                    sync_unlock()  # blocks this loop's thread
+                else:
+                    await async_unlock()
+                with lock:
+                    done.append(1)
+
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(task, i)
+
+        return lambda: anyio.run(main, backend=backend)
+
+    run_in_threads(*(loop_thread(b) for b in backends), timeout=30)
+    assert len(done) == 120
+    assert fake.charges == 120
+
+
+# -- waiting for someone else's read is bounded --------------------------------------------
+
+
+class StuckFirst(httpx.AsyncBaseTransport, httpx.BaseTransport):
+    """The first request never gets an answer (its leader stops making progress); the
+    others are served by the sandbox."""
+
+    def __init__(self, fake: FakeLensmor) -> None:
+        self.fake = fake
+        self.requests = 0
+        self.stuck = threading.Event()
+        self.stuck_in_loop: asyncio.Event | None = None  # set too, for an asyncio waiter
+        self.unstick = threading.Event()
+
+    def _first(self) -> bool:
+        self.requests += 1
+        return self.requests == 1
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._first():
+            self.stuck.set()
+            if self.stuck_in_loop is not None:
+                self.stuck_in_loop.set()
+            await anyio.sleep_forever()
+        return await self.fake.transport.handle_async_request(request)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self._first():
+            self.stuck.set()
+            self.unstick.wait(30)
+        return self.fake.transport.handle_request(request)
+
+
+@pytest.mark.memory_only  # looks at how the memory backend shares one read
+def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor()
+    transport = StuckFirst(fake)
+    guard = CreditGuard(
+        fake.api_key,
+        transport=transport,
+        ttl=60,
+        timeout=0.2,
+        retry=RetryPolicy(attempts=1, deadline=0.2),
+        backend=new_backend(),
+    )
+    # A task left pending by run_until_complete: its loop stops while it leads a read.
+    loop = asyncio.new_event_loop()
+    try:
+        transport.stuck_in_loop = asyncio.Event()
+        stuck_task = loop.create_task(guard.abalance())
+        loop.run_until_complete(transport.stuck_in_loop.wait())
+        assert not stuck_task.done()
+        assert guard._account.flights
+
+        async def join() -> int:
+            with anyio.fail_after(10):  # liveness bound, far above the 0.4 s budget
+                return (await guard.abalance()).total_balance
+
+        assert anyio.run(join) == 30050
+        assert not guard._account.flights  # the stuck read is no longer joined
+    finally:
+        loop.close()
+
+
+@pytest.mark.memory_only  # looks at how the memory backend shares one read
+def test_a_thread_waiting_on_a_stalled_sync_read_reads_on_its_own(new_backend: NewBackend) -> None:
+    fake = FakeLensmor()
+    transport = StuckFirst(fake)
+    guard = CreditGuard(
+        fake.api_key,
+        transport=transport,
+        ttl=60,
+        timeout=0.2,
+        retry=RetryPolicy(attempts=1, deadline=0.2),
+        backend=new_backend(),
+    )
+    leader_errors: list[BaseException] = []
+
+    def lead() -> None:
+        try:
+            guard.balance()
+        except BalanceUnavailable as exc:  # its answer came after the read's deadline
+            leader_errors.append(exc)
+
+    leader = threading.Thread(target=lead, daemon=True)
+    leader.start()
+    assert transport.stuck.wait(10)
+    try:
+        run_in_threads(lambda: guard.balance(), timeout=10)
+        assert guard.balance().total_balance == 30050
+    finally:
+        transport.unstick.set()
+        leader.join(10)
+
+
+# -- every caller of a failed read gets its own exception ----------------------------------
+
+
+@pytest.mark.memory_only  # looks at how the memory backend shares one read
+async def test_every_waiter_of_a_failed_read_gets_its_own_exception(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor(latency=0.05)
+    fake.fail_next(503, times=5)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), backend=new_backend()
+    )
+    errors: list[BalanceUnavailable] = []
+
+    async def read() -> None:
+        try:
+            await guard.abalance()
+        except BalanceUnavailable as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(300):
+            tg.start_soon(read)
+    assert len(errors) == 300
+    assert len({id(e) for e in errors}) == 300
+    causes = {id(e.__cause__) for e in errors if isinstance(e.__cause__, BalanceUnavailable)}
+    assert len(causes) == 1  # the read's own error, shared as the cause
+    deepest = max(len(traceback.extract_tb(e.__traceback__)) for e in errors)
+    assert deepest < 30, deepest  # not growing with each caller
+    assert all(e.status_code == 503 for e in errors)
+
+
+def test_every_thread_waiting_on_a_failed_read_gets_its_own_exception(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor(latency=0.05)
+    fake.fail_next(503, times=5)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), backend=new_backend()
+    )
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def read() -> None:
+        try:
+            guard.balance()
+        except BalanceUnavailable as exc:
+            with lock:
+                errors.append(exc)
+
+    with ThreadPoolExecutor(16) as pool:
+        for f in [pool.submit(read) for _ in range(16)]:
+            f.result(20)
+    assert len({id(e) for e in errors}) == len(errors) == 16
+    assert max(len(traceback.extract_tb(e.__traceback__)) for e in errors) < 30

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
+import httpx
 import pytest
 
 import creditguard
@@ -24,6 +27,7 @@ from creditguard import (
     InsufficientCredits,
     RetryPolicy,
     Spend,
+    current_spend,
     requires_credits,
 )
 from creditguard.testing import FakeLensmor
@@ -646,3 +650,258 @@ def test_refusals_without_a_balance_are_observable(
     assert [e.kind for e in events] == ["unavailable", "rejected"]
     assert isinstance(events[0].error, BalanceUnavailable)
     assert isinstance(events[1].error, AuthenticationError)
+
+
+# -- construction: base URLs and seconds ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://platform.lensmor.com",
+        "https://platform.lensmor.com/",
+        "https://platform.lensmor.com:443",
+        "https://PLATFORM.Lensmor.com:443/",
+        "HTTPS://platform.lensmor.com",
+    ],
+)
+def test_equivalent_base_urls_name_one_account(url: str, new_backend: NewBackend) -> None:
+    reference = CreditGuard("k", base_url="https://platform.lensmor.com", backend=new_backend())
+    guard = CreditGuard("k", base_url=url, backend=new_backend())
+    assert guard.account == reference.account
+    assert guard.base_url == "https://platform.lensmor.com"
+
+
+def test_equivalent_base_urls_share_reservations(new_backend: NewBackend) -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    backend = new_backend()
+    a = CreditGuard(fake.api_key, transport=fake.transport, backend=backend, admission_timeout=0)
+    b = CreditGuard(
+        fake.api_key,
+        base_url="https://PLATFORM.lensmor.com:443/",
+        transport=fake.transport,
+        backend=backend,
+        admission_timeout=0,
+    )
+    with a.spend(80):
+        with pytest.raises(InsufficientCredits), b.spend(80):
+            pytest.fail("both 80-credit calls admitted on 100 credits")
+        fake.charge(80)
+
+
+def test_a_base_url_with_credentials_is_refused_and_never_echoed(new_backend: NewBackend) -> None:
+    with pytest.raises(CreditGuardError) as info:
+        CreditGuard(
+            "k", base_url="https://user:hunter2@platform.lensmor.com", backend=new_backend()
+        )
+    assert "hunter2" not in str(info.value)
+    assert "user" not in str(info.value).replace("user:password", "")
+    with pytest.raises(CreditGuardError):
+        CreditGuard("k", base_url="https://platform.lensmor.com/?key=1", backend=new_backend())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"timeout": float("nan")},
+        {"timeout": -1},
+        {"timeout": 0},
+        {"timeout": float("inf")},
+        {"timeout": httpx.Timeout(1.0, read=-1.0)},
+        {"timeout": httpx.Timeout(1.0, connect=float("nan"))},
+        {"ttl": 10**400},
+        {"ttl": float("inf")},
+        {"ttl": float("nan")},
+        {"admission_timeout": -1},
+        {"admission_timeout": float("inf")},
+        {"admission_timeout": True},
+    ],
+)
+def test_bad_seconds_are_refused_at_construction(
+    kwargs: dict[str, Any], new_backend: NewBackend
+) -> None:
+    with pytest.raises((ValueError, TypeError)):
+        CreditGuard("k", **kwargs, backend=new_backend())
+
+
+def test_an_httpx_timeout_with_no_limit_on_a_phase_is_accepted(new_backend: NewBackend) -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, timeout=httpx.Timeout(None), backend=new_backend()
+    )
+    assert guard.balance().total_balance == 30050
+
+
+def test_for_key_never_falls_back_to_the_environment(
+    monkeypatch: pytest.MonkeyPatch, new_backend: NewBackend
+) -> None:
+    monkeypatch.setenv("LENSMOR_API_KEY", "operator-key")
+    guard = CreditGuard(backend=new_backend())
+    for bad in (None, "", " ", "key with space"):
+        with pytest.raises(CreditGuardError):
+            guard.for_key(bad)  # type: ignore[arg-type]
+    assert guard.for_key("tenant").account != guard.account
+
+
+# -- the decorator's cost functions --------------------------------------------------------
+
+
+def test_a_cost_function_that_cannot_take_the_arguments_fails_at_decoration(
+    new_backend: NewBackend,
+) -> None:
+    guard = CreditGuard("k", backend=new_backend())
+    with pytest.raises(TypeError, match="cannot take the arguments of unlock"):
+
+        @guard.requires_credits(lambda ids: 15 * len(ids))  # type: ignore[arg-type]
+        def unlock(ids: list[str], *, dry_run: bool = False) -> None: ...
+
+    with pytest.raises(TypeError, match="cannot take the arguments"):
+
+        @guard.requires_credits(lambda: 1)  # type: ignore[arg-type]
+        async def search(query: str) -> None: ...
+
+    @guard.requires_credits(lambda ids, *, dry_run=False: 0 if dry_run else 15 * len(ids))
+    def unlock_ok(ids: list[str], *, dry_run: bool = False) -> None: ...
+
+    @guard.requires_credits(lambda *args, **kwargs: 1)
+    def anything(a: int, b: str = "") -> None: ...
+
+
+# -- an interrupted event hook -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("interrupt", [KeyboardInterrupt, SystemExit])
+def test_an_interrupt_in_the_admitted_hook_leaves_no_reservation(
+    interrupt: type[BaseException],
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+
+    def hook(event: GuardEvent) -> None:
+        if event.kind == "admitted" and event.cost == 60:
+            raise interrupt
+
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, on_event=hook, backend=new_backend()
+    )
+    ran = []
+    with pytest.raises(interrupt), guard.spend(60):
+        ran.append(60)
+    assert not ran
+    assert guard._account.snapshot()[1:] == (0, 0)
+    with guard.spend(50):  # not "50 required, 40 available"
+        fake.charge(50)
+
+
+@pytest.mark.anyio
+async def test_an_interrupt_in_the_unchecked_hook_leaves_no_reservation(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+
+    def hook(event: GuardEvent) -> None:
+        if event.kind == "unchecked":
+            raise KeyboardInterrupt
+
+    guard = CreditGuard(
+        fake.api_key,
+        transport=fake.transport,
+        on_event=hook,
+        on_unavailable="allow",
+        retry=RetryPolicy(attempts=1),
+        backend=new_backend(),
+    )
+    fake.fail_next(503)
+    with pytest.raises(KeyboardInterrupt):
+        async with guard.spend(60):
+            pytest.fail("must not run")
+    assert guard._account.snapshot()[1:] == (0, 0)
+
+
+# -- current_spend() -----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_current_spend_inside_decorated_functions(new_backend: NewBackend) -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
+    seen: list[Spend | None] = []
+
+    @guard.requires_credits(lambda ids: 15 * len(ids))
+    async def unlock(ids: list[str]) -> None:
+        seen.append(current_spend())
+
+    @guard.requires_credits(10)
+    def search() -> None:
+        seen.append(current_spend())
+
+    assert current_spend() is None
+    await unlock(["a", "b"])
+    await anyio.to_thread.run_sync(search)
+    assert current_spend() is None
+    first, second = seen
+    assert first is not None
+    assert second is not None
+    assert (first.cost, second.cost) == (30, 10)
+    assert first.balance_before is not None
+    assert first.balance_before.total_balance == 30050
+
+
+def test_current_spend_nests_and_stays_in_its_thread(new_backend: NewBackend) -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
+    other: list[Spend | None] = []
+    with guard.spend(5) as outer:
+        assert current_spend() is outer
+        with guard.spend(3) as inner:
+            assert current_spend() is inner
+            t = threading.Thread(target=lambda: other.append(current_spend()))
+            t.start()
+            t.join()
+        assert current_spend() is outer
+    assert current_spend() is None
+    assert other == [None]
+
+
+def test_spends_exited_out_of_order_leave_no_finished_spend_current(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
+    a, b, c = guard.spend(1), guard.spend(2), guard.spend(3)
+    a.__enter__()
+    b.__enter__()
+    c.__enter__()
+    b.__exit__(None, None, None)  # the middle one first
+    assert current_spend() is c
+    c.__exit__(None, None, None)
+    assert current_spend() is a  # not b, which has finished
+    a.__exit__(None, None, None)
+    assert current_spend() is None
+    a2, b2 = guard.spend(1), guard.spend(2)
+    a2.__enter__()
+    b2.__enter__()
+    a2.__exit__(None, None, None)  # the outer one first
+    assert current_spend() is b2
+    b2.__exit__(None, None, None)
+    assert current_spend() is None
+
+
+@pytest.mark.anyio
+async def test_a_task_started_inside_a_spend_does_not_see_it_once_it_ended(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor()
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
+    ended = anyio.Event()
+    seen: list[Spend | None] = []
+
+    async def child() -> None:
+        await ended.wait()
+        seen.append(current_spend())
+
+    async with anyio.create_task_group() as tg:
+        async with guard.spend(1):
+            tg.start_soon(child)  # inherits the context, with the spend current
+        ended.set()
+    assert seen == [None]

@@ -20,8 +20,10 @@ from creditguard import (
     InvalidResponse,
     Precheck,
     PrecheckResult,
+    current_spend,
 )
 from creditguard.testing import FakeLensmor, serve
+from tests.core.test_settling import PHONES, client, full_access, visitors
 from tests.helpers import NewBackend
 
 pytestmark = pytest.mark.anyio
@@ -191,3 +193,42 @@ def test_precheck_params_must_match_the_decorated_function(new_backend: NewBacke
 
         @guard.requires_credits(Precheck("unlock_event_contacts", lambda: {}))
         def unlock(event_id: str) -> None: ...
+
+
+# -- what Lensmor says each unlock costs ---------------------------------------------------
+
+
+def test_precheck_admits_for_what_each_unlock_would_charge() -> None:
+    fake = FakeLensmor()
+    fake.add_event("base-done", unlocked=True)
+    fake.add_contact("9", phone_unlocked=True)
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    http = client(fake)
+    admitted: list[int] = []
+
+    def cost() -> int:
+        spend = current_spend()
+        return -1 if spend is None else spend.cost
+
+    @guard.requires_credits(Precheck("unlock_event_visitors", lambda e: {"event_id": e}))
+    def unlock_visitors(event_id: str) -> httpx.Response:
+        admitted.append(cost())
+        return http.post(visitors(event_id)).raise_for_status()
+
+    @guard.requires_credits(Precheck("unlock_event_full_access", lambda e: {"event_id": e}))
+    def unlock_all(event_id: str) -> httpx.Response:
+        admitted.append(cost())
+        return http.post(full_access(event_id)).raise_for_status()
+
+    @guard.requires_credits(Precheck("unlock_contact_phones", lambda ids: {"personnel_ids": ids}))
+    def unlock_phones(ids: list[str]) -> httpx.Response:
+        admitted.append(cost())
+        return http.post(PHONES, json={"personnel_ids": ids}).raise_for_status()
+
+    unlock_visitors("base-done")
+    unlock_all("base-done")  # both layers unlocked already: nothing to charge
+    unlock_all("fresh")
+    unlock_phones(["1", "9", "1", "2"])
+    assert admitted == [3000, -1, 5000, 300]
+    assert fake.balance.total_balance == 30050 - 3000 - 5000 - 300
+    assert guard.balance() == fake.balance
