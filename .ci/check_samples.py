@@ -5,7 +5,7 @@ Usage: ``python .ci/check_samples.py [PAGE ...]`` (default: README.md and every 
 docs/), from the repository root, with mypy installed in the running interpreter.
 
 A page's samples are checked the way the tests run them (tests/test_docs_examples.py and
-tests/frameworks/test_docs_pages.py):
+tests/web/test_docs_pages.py):
 
 * the untitled ```` ```python ```` blocks of a page, blocks nested in admonitions and tabs
   included, are one module, in page order (they run in one namespace per page);

@@ -11,6 +11,8 @@ from creditguard.testing import FakeLensmor, serve
 if TYPE_CHECKING:
     import redis
 
+    from tests.helpers import NewBackend
+
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
@@ -60,19 +62,19 @@ def redis_client(redis_url: str) -> Iterator[redis.Redis]:
 
 
 @pytest.fixture(params=["memory", "redis"])
-def each_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    """Run the test once per state backend: guards built without a ``backend`` get an
-    in-memory one, or one in the session's real redis-server (a fresh key prefix per
-    test, so tests do not share state). Opt in with
-    ``pytestmark = pytest.mark.usefixtures("each_backend")``; mark tests that look
-    inside the memory backend ``@pytest.mark.memory_only``."""
-    kind = str(request.param)
-    if kind == "memory":
-        yield kind
+def new_backend(request: pytest.FixtureRequest) -> Iterator[NewBackend]:
+    """Run the test once per state backend. The test receives a factory of backends of the
+    kind under test and passes one to each guard it builds,
+    ``CreditGuard(..., backend=new_backend())``: each call makes a new backend, in memory
+    or in the session's real redis-server (a fresh key prefix each, so tests do not share
+    state). Mark tests that look inside the memory backend ``@pytest.mark.memory_only``."""
+    if request.param == "memory":
+        from creditguard import MemoryBackend
+
+        yield MemoryBackend
         return
     import uuid
 
-    import creditguard.guard.guard
     from creditguard.redis import RedisBackend
 
     url = request.getfixturevalue("redis_url")
@@ -83,8 +85,7 @@ def each_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         backends.append(backend)
         return backend
 
-    monkeypatch.setattr(creditguard.guard.guard, "MemoryBackend", make)
-    yield kind
+    yield make
     for backend in backends:
         backend.close()
 
@@ -105,7 +106,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         callspec = getattr(item, "callspec", None)
         return (
             callspec is not None
-            and callspec.params.get("each_backend") == "redis"
+            and callspec.params.get("new_backend") == "redis"
             and item.get_closest_marker("memory_only") is not None
         )
 

@@ -4,12 +4,17 @@ looks at a guard's account state."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 
 import anyio
 import anyio.to_thread
 import httpx
 
-from creditguard import CreditGuard
+from creditguard import CreditGuard, StateBackend
+
+NewBackend = Callable[[], StateBackend]
+"""The ``new_backend`` fixture (tests/conftest.py): each call a new state backend of the
+kind the test runs on."""
 
 
 class Gate(httpx.BaseTransport, httpx.AsyncBaseTransport):

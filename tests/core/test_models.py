@@ -14,8 +14,16 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from creditguard import CreditBalance, CreditGuard, InsufficientCredits, InvalidResponse, Precheck
+from creditguard import (
+    CreditBalance,
+    CreditGuard,
+    InsufficientCredits,
+    InvalidResponse,
+    Precheck,
+    StateBackend,
+)
 from creditguard.testing import FakeLensmor
+from tests.helpers import NewBackend
 
 DOC_EXAMPLE = {
     "totalAmount": 35050,
@@ -477,19 +485,22 @@ def _rewriting(
     return httpx.MockTransport(handler)
 
 
-def _guard_with(transport: httpx.MockTransport, fake: FakeLensmor) -> CreditGuard:
-    return CreditGuard(fake.api_key, transport=transport, ttl=60)
+def _guard_with(
+    transport: httpx.MockTransport, fake: FakeLensmor, backend: StateBackend
+) -> CreditGuard:
+    return CreditGuard(fake.api_key, transport=transport, ttl=60, backend=backend)
 
 
-@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("field", ["totalBalance", "totalAmount", "giftBalance"])
 @pytest.mark.parametrize("huge", [BEYOND, float(BEYOND), 2**64])
 def test_a_balance_beyond_2_to_the_53_is_invalid_and_the_read_ends(
-    field: str, huge: int | float
+    field: str, huge: int | float, new_backend: NewBackend
 ) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     change: Callable[[Any], Any] = lambda answer: {**answer, field: huge}  # noqa: E731
-    guard = _guard_with(_rewriting(fake, "/external/credits/balance", change, times=2), fake)
+    guard = _guard_with(
+        _rewriting(fake, "/external/credits/balance", change, times=2), fake, backend=new_backend()
+    )
     with pytest.raises(InvalidResponse, match="out of range"):
         guard.balance()
     with pytest.raises(InvalidResponse, match="out of range"), guard.spend(10):
@@ -501,7 +512,6 @@ def test_a_balance_beyond_2_to_the_53_is_invalid_and_the_read_ends(
     assert guard.balance().total_balance == 90
 
 
-@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize(
     "answer",
     [
@@ -518,10 +528,10 @@ def test_a_balance_beyond_2_to_the_53_is_invalid_and_the_read_ends(
     ],
 )
 def test_a_report_beyond_2_to_the_53_is_ignored_and_the_result_kept(
-    answer: dict[str, Any], caplog: pytest.LogCaptureFixture
+    answer: dict[str, Any], caplog: pytest.LogCaptureFixture, new_backend: NewBackend
 ) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
 
     @guard.requires_credits(10)
     def unlock() -> dict[str, Any]:
@@ -536,12 +546,15 @@ def test_a_report_beyond_2_to_the_53_is_ignored_and_the_result_kept(
     assert guard._account.snapshot()[1:] == (0, 0)
 
 
-@pytest.mark.usefixtures("each_backend")
 @pytest.mark.parametrize("credits", [BEYOND, float(BEYOND), 10**30])
-def test_a_precheck_beyond_2_to_the_53_is_invalid_on_every_backend(credits: int | float) -> None:
+def test_a_precheck_beyond_2_to_the_53_is_invalid_on_every_backend(
+    credits: int | float, new_backend: NewBackend
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     change: Callable[[Any], Any] = lambda answer: {**answer, "credits": credits}  # noqa: E731
-    guard = _guard_with(_rewriting(fake, "/external/actions/precheck", change, times=2), fake)
+    guard = _guard_with(
+        _rewriting(fake, "/external/actions/precheck", change, times=2), fake, backend=new_backend()
+    )
     params = {"personnel_ids": ["1001"]}
     with pytest.raises(InvalidResponse, match=r"credits.*out of range"):
         guard.precheck("unlock_contact_emails", params)

@@ -46,7 +46,7 @@ from creditguard.lensmor.reader import BALANCE_PATH
 from creditguard.redis import RedisBackend
 from creditguard.testing import FakeLensmor, serve
 from creditguard.testing._redis_server import RedisServer
-from tests import redis_workers
+from tests.backends import redis_workers
 
 SPAWN = multiprocessing.get_context("spawn")
 JOIN_TIMEOUT = 30.0  # seconds a process gets to exit

@@ -4,23 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from creditguard import CreditBalance, CreditGuard, InsufficientCredits
+from creditguard import (
+    BalanceUnavailable,
+    CreditBalance,
+    CreditGuard,
+    InsufficientCredits,
+    RetryPolicy,
+)
 from creditguard.core.steps import Flight
 from creditguard.testing import FakeLensmor
+from tests.helpers import Gate, NewBackend
 
-from .helpers import Gate
+pytestmark = pytest.mark.anyio
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+
+@pytest.fixture
+def guard(fake: FakeLensmor, new_backend: NewBackend) -> Iterator[CreditGuard]:
+    """The conftest's ``guard``, on the backend the test runs on."""
+    with CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend()) as g:
+        yield g
 
 
 def snapshot(guard: CreditGuard) -> tuple[CreditBalance | None, int, int]:
@@ -53,10 +68,10 @@ async def guarded_calls(
     return admitted, denied, errors
 
 
-async def test_200_concurrent_async_callers_never_overspend() -> None:
+async def test_200_concurrent_async_callers_never_overspend(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=950, gift_balance=50)
     fake.latency = 0.002
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     admitted, denied, errors = await guarded_calls(guard, fake, [10] * 200)
     assert errors == []
     assert sum(admitted) <= 1000
@@ -70,10 +85,12 @@ async def test_200_concurrent_async_callers_never_overspend() -> None:
 
 
 @pytest.mark.memory_only  # Redis: reads shared across processes: test_redis_processes.py
-async def test_refreshes_are_shared_between_calls_that_finish_together() -> None:
+async def test_refreshes_are_shared_between_calls_that_finish_together(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=10**6, gift_balance=0)
     fake.latency = 0.005
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     admitted, _, errors = await guarded_calls(guard, fake, [1] * 1000)
     assert errors == []
     assert len(admitted) == 1000
@@ -82,10 +99,10 @@ async def test_refreshes_are_shared_between_calls_that_finish_together() -> None
     assert fake.balance_requests <= 10  # not 1,000
 
 
-def test_24_threads_never_overspend() -> None:
+def test_24_threads_never_overspend(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
     fake.latency = 0.001
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     admitted: list[int] = []
     denied: list[int] = []
     lock = threading.Lock()
@@ -123,10 +140,10 @@ def test_24_threads_never_overspend() -> None:
     fail_every=st.integers(0, 5),
 )
 def test_no_overspend_property(
-    anyio_backend: str, balance: int, costs: list[int], fail_every: int
+    anyio_backend: str, balance: int, costs: list[int], fail_every: int, new_backend: NewBackend
 ) -> None:
     fake = FakeLensmor(subscription_balance=balance, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     failures = iter(range(len(costs)))
 
     async def main() -> tuple[list[int], list[int], list[BaseException]]:
@@ -164,9 +181,11 @@ def test_no_overspend_property(
 # -- single flight ----------------------------------------------------------------------
 
 
-async def test_cold_reads_share_one_request_across_tasks(fake: FakeLensmor) -> None:
+async def test_cold_reads_share_one_request_across_tasks(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     results: list[int] = []
 
     async def read() -> None:
@@ -204,11 +223,11 @@ def _count_sync_waiters(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None
 
 
 def test_cold_reads_share_one_request_across_threads(
-    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, new_backend: NewBackend
 ) -> None:
     until_waiting = _count_sync_waiters(monkeypatch)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     with ThreadPoolExecutor(16) as pool:
         futures = [pool.submit(guard.balance) for _ in range(16)]
         gate.wait_arrivals(1)
@@ -219,11 +238,11 @@ def test_cold_reads_share_one_request_across_threads(
 
 
 async def test_threads_and_tasks_share_one_request(
-    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, new_backend: NewBackend
 ) -> None:
     until_waiting = _count_sync_waiters(monkeypatch)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     results: list[int] = []
 
     async def read() -> None:
@@ -245,14 +264,14 @@ async def test_threads_and_tasks_share_one_request(
 
 
 def test_threads_never_wait_for_a_task_led_read_but_share_one_of_their_own(
-    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, anyio_backend: str
+    fake: FakeLensmor, monkeypatch: pytest.MonkeyPatch, anyio_backend: str, new_backend: NewBackend
 ) -> None:
     """A blocked thread never waits for a read led by a task (that task's loop may be
     blocked by the thread itself, or by a thread waiting for it): the threads share a
     read of their own, so the task's read and theirs are the only two requests."""
     until_waiting = _count_sync_waiters(monkeypatch)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     results: list[int] = []
 
     async def main() -> None:
@@ -277,9 +296,11 @@ def test_threads_never_wait_for_a_task_led_read_but_share_one_of_their_own(
 
 
 @pytest.mark.memory_only  # looks at the read in flight
-async def test_sync_call_inside_the_loop_does_not_deadlock(fake: FakeLensmor) -> None:
+async def test_sync_call_inside_the_loop_does_not_deadlock(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     fake.latency = 0.05
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     async with anyio.create_task_group() as tg:
         tg.start_soon(guard.abalance)  # a task of this loop leads a read...
         await anyio.wait_all_tasks_blocked()
@@ -292,10 +313,10 @@ async def test_sync_call_inside_the_loop_does_not_deadlock(fake: FakeLensmor) ->
 # -- stale reads ------------------------------------------------------------------------
 
 
-async def test_read_started_before_invalidation_never_admits() -> None:
+async def test_read_started_before_invalidation_never_admits(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     seen: list[int] = []
     outcome: list[BaseException | CreditBalance] = []
 
@@ -329,11 +350,12 @@ async def test_read_started_before_invalidation_never_admits() -> None:
 
 def test_read_started_before_invalidation_never_admits_threads(
     monkeypatch: pytest.MonkeyPatch,
+    new_backend: NewBackend,
 ) -> None:
     until_waiting = _count_sync_waiters(monkeypatch)
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
 
     def spender() -> None:
         with guard.spend(50):
@@ -355,11 +377,15 @@ def test_read_started_before_invalidation_never_admits_threads(
     assert gate.arrived >= 2
 
 
-async def test_read_straddling_a_spend_cannot_admit_the_spent_credits() -> None:
+async def test_read_straddling_a_spend_cannot_admit_the_spent_credits(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     gate = Gate(fake.transport)
     gate.open()
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=0)  # every admission reads
+    guard = CreditGuard(
+        fake.api_key, transport=gate, ttl=0, backend=new_backend()
+    )  # every admission reads
     inside = anyio.Event()
     finish = anyio.Event()
     results: dict[str, object] = {}
@@ -440,12 +466,16 @@ async def test_asyncio_task_cancel_releases(guard: CreditGuard) -> None:
     assert snapshot(guard) == (None, 0, 0)
 
 
-async def test_cancel_during_post_spend_refresh(fake: FakeLensmor) -> None:
+async def test_cancel_during_post_spend_refresh(fake: FakeLensmor, new_backend: NewBackend) -> None:
     gate = Gate(fake.transport)
     gate.open()
     kinds: list[str] = []
     guard = CreditGuard(
-        fake.api_key, transport=gate, ttl=60, on_event=lambda e: kinds.append(e.kind)
+        fake.api_key,
+        transport=gate,
+        ttl=60,
+        on_event=lambda e: kinds.append(e.kind),
+        backend=new_backend(),
     )
     guard.balance()
     gate.close_gate()
@@ -467,9 +497,11 @@ async def test_cancel_during_post_spend_refresh(fake: FakeLensmor) -> None:
     assert guard.balance().total_balance == 30040
 
 
-async def test_cancelled_waiter_reserves_nothing(fake: FakeLensmor) -> None:
+async def test_cancelled_waiter_reserves_nothing(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     async with anyio.create_task_group() as tg:
         tg.start_soon(guard.abalance)
         await gate.await_arrivals(1)
@@ -481,9 +513,9 @@ async def test_cancelled_waiter_reserves_nothing(fake: FakeLensmor) -> None:
     assert snapshot(guard)[1:] == (0, 0)
 
 
-async def test_cancelled_leader_hands_over(fake: FakeLensmor) -> None:
+async def test_cancelled_leader_hands_over(fake: FakeLensmor, new_backend: NewBackend) -> None:
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     results: list[Any] = []
 
     async def waiter() -> None:
@@ -509,13 +541,19 @@ async def test_cancelled_leader_hands_over(fake: FakeLensmor) -> None:
     assert gate.arrived == 2
 
 
-async def test_read_failure_is_shared_not_cached(fake: FakeLensmor) -> None:
+async def test_read_failure_is_shared_not_cached(
+    fake: FakeLensmor, new_backend: NewBackend
+) -> None:
     from creditguard import BalanceUnavailable, RetryPolicy
 
     fake.fail_next(503)
     fake.latency = 0.02  # the ten reads overlap
     guard = CreditGuard(
-        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), ttl=60
+        fake.api_key,
+        transport=fake.transport,
+        retry=RetryPolicy(attempts=1),
+        ttl=60,
+        backend=new_backend(),
     )
     errors: list[BaseException] = []
 
@@ -533,13 +571,13 @@ async def test_read_failure_is_shared_not_cached(fake: FakeLensmor) -> None:
     assert (await guard.abalance()).total_balance == 30050  # the error was not cached
 
 
-def test_threads_are_not_refused_while_credits_remain() -> None:
+def test_threads_are_not_refused_while_credits_remain(new_backend: NewBackend) -> None:
     """Reservations are released as soon as a read that includes the spend comes back,
     so near the end of a balance calls are not refused for credits already spent and
     still reserved (counting them twice)."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     fake.latency = 0.002
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     ran = 0
     lock = threading.Lock()
 
@@ -561,3 +599,279 @@ def test_threads_are_not_refused_while_credits_remain() -> None:
     # for a moment, so allow a little slack; before this was fixed ~85 of 100 ran.
     assert ran >= 95
     assert snapshot(guard)[1:] == (0, 0)
+
+
+# -- event loops in several threads --------------------------------------------------------
+
+
+LONG_BUDGET = RetryPolicy(attempts=1, deadline=60.0)
+
+
+def run_in_threads(*targets: Callable[[], None], timeout: float = 20.0) -> None:
+    """Run each target in a daemon thread; fail (not hang) if any is still running."""
+    errors: list[BaseException] = []
+
+    def wrap(target: Callable[[], None]) -> Callable[[], None]:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as exc:
+                errors.append(exc)
+
+        return run
+
+    threads = [threading.Thread(target=wrap(t), daemon=True) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    assert not any(t.is_alive() for t in threads), "deadlock: a thread never finished"
+    if errors:
+        raise errors[0]
+
+
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("asyncio", "asyncio")])
+def test_sync_calls_inside_two_event_loops_do_not_deadlock(
+    backends: tuple[str, str], new_backend: NewBackend
+) -> None:
+    """Each loop has a task leading a read; then sync code in each loop's thread asks
+    for the balance. A thread never waits for a task-led read, so neither blocks on the
+    other's loop."""
+    fake = FakeLensmor(latency=0.2)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET, backend=new_backend()
+    )
+    both_leading = threading.Barrier(2, timeout=10)
+    results: list[int] = []
+
+    def loop_thread(backend: str) -> Callable[[], None]:
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(guard.abalance)  # a task of this loop leads a read
+                await anyio.wait_all_tasks_blocked()
+                await anyio.to_thread.run_sync(both_leading.wait)
+                results.append(guard.balance().total_balance)  # sync, blocking the loop
+
+        return lambda: anyio.run(main, backend=backend)
+
+    run_in_threads(*(loop_thread(b) for b in backends))
+    assert results == [30050, 30050]
+
+
+async def test_a_loop_blocked_on_a_pool_thread_that_needs_the_balance(
+    new_backend: NewBackend,
+) -> None:
+    """A coroutine blocks its loop on ``pool.submit(sync_guarded).result()`` while a task
+    of that loop leads a read: the pool thread must not wait for that read."""
+    fake = FakeLensmor(latency=0.2)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET, backend=new_backend()
+    )
+
+    @guard.requires_credits(10)
+    def unlock() -> str:
+        return "done"
+
+    with ThreadPoolExecutor(1) as pool:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(guard.abalance)
+            await anyio.wait_all_tasks_blocked()
+            assert pool.submit(unlock).result(timeout=20) == "done"  # blocks this loop
+
+
+@pytest.mark.parametrize("backends", [("asyncio", "trio"), ("asyncio", "asyncio")])
+def test_mixed_sync_and_async_guarded_calls_in_two_loops_finish(
+    backends: tuple[str, str],
+    new_backend: NewBackend,
+) -> None:
+    """The shape reported as hanging: two event loops in two threads, 20 tasks each,
+    every third call a sync guarded call made from the loop's thread."""
+    fake = FakeLensmor(latency=0.02)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0, retry=LONG_BUDGET, backend=new_backend()
+    )
+    done: list[int] = []
+    lock = threading.Lock()
+
+    @guard.requires_credits(1)
+    def sync_unlock() -> None:
+        fake.charge(1)
+
+    @guard.requires_credits(1)
+    async def async_unlock() -> None:
+        fake.charge(1)
+
+    def loop_thread(backend: str) -> Callable[[], None]:
+        async def task(i: int) -> None:
+            for j in range(3):
+                if (i + j) % 3 == 0:
+                    sync_unlock()  # blocks this loop's thread
+                else:
+                    await async_unlock()
+                with lock:
+                    done.append(1)
+
+        async def main() -> None:
+            async with anyio.create_task_group() as tg:
+                for i in range(20):
+                    tg.start_soon(task, i)
+
+        return lambda: anyio.run(main, backend=backend)
+
+    run_in_threads(*(loop_thread(b) for b in backends), timeout=30)
+    assert len(done) == 120
+    assert fake.charges == 120
+
+
+# -- waiting for someone else's read is bounded --------------------------------------------
+
+
+class StuckFirst(httpx.AsyncBaseTransport, httpx.BaseTransport):
+    """The first request never gets an answer (its leader stops making progress); the
+    others are served by the sandbox."""
+
+    def __init__(self, fake: FakeLensmor) -> None:
+        self.fake = fake
+        self.requests = 0
+        self.stuck = threading.Event()
+        self.stuck_in_loop: asyncio.Event | None = None  # set too, for an asyncio waiter
+        self.unstick = threading.Event()
+
+    def _first(self) -> bool:
+        self.requests += 1
+        return self.requests == 1
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._first():
+            self.stuck.set()
+            if self.stuck_in_loop is not None:
+                self.stuck_in_loop.set()
+            await anyio.sleep_forever()
+        return await self.fake.transport.handle_async_request(request)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if self._first():
+            self.stuck.set()
+            self.unstick.wait(30)
+        return self.fake.transport.handle_request(request)
+
+
+@pytest.mark.memory_only  # looks at how the memory backend shares one read
+def test_a_read_whose_loop_stopped_does_not_block_its_waiters_for_ever(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor()
+    transport = StuckFirst(fake)
+    guard = CreditGuard(
+        fake.api_key,
+        transport=transport,
+        ttl=60,
+        timeout=0.2,
+        retry=RetryPolicy(attempts=1, deadline=0.2),
+        backend=new_backend(),
+    )
+    # A task left pending by run_until_complete: its loop stops while it leads a read.
+    loop = asyncio.new_event_loop()
+    try:
+        transport.stuck_in_loop = asyncio.Event()
+        stuck_task = loop.create_task(guard.abalance())
+        loop.run_until_complete(transport.stuck_in_loop.wait())
+        assert not stuck_task.done()
+        assert guard._account.flights
+
+        async def join() -> int:
+            with anyio.fail_after(10):  # liveness bound, far above the 0.4 s budget
+                return (await guard.abalance()).total_balance
+
+        assert anyio.run(join) == 30050
+        assert not guard._account.flights  # the stuck read is no longer joined
+    finally:
+        loop.close()
+
+
+@pytest.mark.memory_only  # looks at how the memory backend shares one read
+def test_a_thread_waiting_on_a_stalled_sync_read_reads_on_its_own(new_backend: NewBackend) -> None:
+    fake = FakeLensmor()
+    transport = StuckFirst(fake)
+    guard = CreditGuard(
+        fake.api_key,
+        transport=transport,
+        ttl=60,
+        timeout=0.2,
+        retry=RetryPolicy(attempts=1, deadline=0.2),
+        backend=new_backend(),
+    )
+    leader_errors: list[BaseException] = []
+
+    def lead() -> None:
+        try:
+            guard.balance()
+        except BalanceUnavailable as exc:  # its answer came after the read's deadline
+            leader_errors.append(exc)
+
+    leader = threading.Thread(target=lead, daemon=True)
+    leader.start()
+    assert transport.stuck.wait(10)
+    try:
+        run_in_threads(lambda: guard.balance(), timeout=10)
+        assert guard.balance().total_balance == 30050
+    finally:
+        transport.unstick.set()
+        leader.join(10)
+
+
+# -- every caller of a failed read gets its own exception ----------------------------------
+
+
+@pytest.mark.memory_only  # looks at how the memory backend shares one read
+async def test_every_waiter_of_a_failed_read_gets_its_own_exception(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor(latency=0.05)
+    fake.fail_next(503, times=5)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), backend=new_backend()
+    )
+    errors: list[BalanceUnavailable] = []
+
+    async def read() -> None:
+        try:
+            await guard.abalance()
+        except BalanceUnavailable as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(300):
+            tg.start_soon(read)
+    assert len(errors) == 300
+    assert len({id(e) for e in errors}) == 300
+    causes = {id(e.__cause__) for e in errors if isinstance(e.__cause__, BalanceUnavailable)}
+    assert len(causes) == 1  # the read's own error, shared as the cause
+    deepest = max(len(traceback.extract_tb(e.__traceback__)) for e in errors)
+    assert deepest < 30, deepest  # not growing with each caller
+    assert all(e.status_code == 503 for e in errors)
+
+
+def test_every_thread_waiting_on_a_failed_read_gets_its_own_exception(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor(latency=0.05)
+    fake.fail_next(503, times=5)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), backend=new_backend()
+    )
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def read() -> None:
+        try:
+            guard.balance()
+        except BalanceUnavailable as exc:
+            with lock:
+                errors.append(exc)
+
+    with ThreadPoolExecutor(16) as pool:
+        for f in [pool.submit(read) for _ in range(16)]:
+            f.result(20)
+    assert len({id(e) for e in errors}) == len(errors) == 16
+    assert max(len(traceback.extract_tb(e.__traceback__)) for e in errors) < 30

@@ -28,8 +28,7 @@ import creditguard.backends.memory.reads as memory_reads
 import creditguard.backends.memory.reservations as memory_reservations
 from creditguard import CreditGuard, Hold, InsufficientCredits
 from creditguard.testing import FakeLensmor
-
-from .helpers import reserved
+from tests.helpers import reserved
 
 
 class _Clock:

@@ -30,10 +30,9 @@ from creditguard import (
     unlock_contacts,
 )
 from creditguard.testing import FakeLensmor
+from tests.helpers import NewBackend, reserved
 
-from .helpers import reserved
-
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
 
 FAST = (0.001,)  # the tests poll at once; Lensmor's back-off is POLL_BACKOFF
 IDS = ["1001", "1002", "1003", "1004"]
@@ -76,13 +75,14 @@ def _replace(**fields: object) -> Callable[[Any], object]:
     return lambda answer: {**answer, **fields}
 
 
+@pytest.mark.usefixtures("new_backend")
 def test_the_published_back_off() -> None:
     assert POLL_BACKOFF == (3.0, 5.0, 10.0, 20.0)
 
 
-def test_unlock_contacts_holds_submits_polls_and_settles() -> None:
+def test_unlock_contacts_holds_submits_polls_and_settles(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     unlock = unlock_contacts(guard, [*IDS, "1001"], backoff=FAST)  # duplicates removed
     assert isinstance(unlock, ContactUnlock)
     assert unlock.status == "completed"
@@ -96,9 +96,9 @@ def test_unlock_contacts_holds_submits_polls_and_settles() -> None:
         guard.hold_by_id(unlock.hold_id)
 
 
-def test_nothing_chargeable_means_no_task_and_nothing_held() -> None:
+def test_nothing_chargeable_means_no_task_and_nothing_held(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     unlock_contacts(guard, IDS, backoff=FAST)
     again = unlock_contacts(guard, IDS, backoff=FAST)
     assert again.status == "success"
@@ -109,9 +109,9 @@ def test_nothing_chargeable_means_no_task_and_nothing_held() -> None:
     assert guard.balance(refresh=True).total_balance == 1000 - 15 * len(IDS)
 
 
-def test_an_account_that_cannot_pay_is_refused_before_submitting() -> None:
+def test_an_account_that_cannot_pay_is_refused_before_submitting(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=50, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     with pytest.raises(InsufficientCredits) as refused:
         unlock_contacts(guard, IDS, backoff=FAST)
     assert refused.value.required == 60
@@ -120,9 +120,9 @@ def test_an_account_that_cannot_pay_is_refused_before_submitting() -> None:
     assert reserved(guard) == 0
 
 
-def test_a_402_at_submission_is_insufficient_credits() -> None:
+def test_a_402_at_submission_is_insufficient_credits(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     guard.balance()
     fake.spend_outside(950)  # the web app spent it; the cache still says 1000
     with pytest.raises(InsufficientCredits) as refused:
@@ -139,9 +139,9 @@ def test_a_402_at_submission_is_insufficient_credits() -> None:
     assert reserved(guard) == 0
 
 
-def test_submit_in_one_thread_poll_in_another() -> None:
+def test_submit_in_one_thread_poll_in_another(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     submitted = submit_contact_unlock(guard, IDS[:2])
     assert submitted.status == "accepted"
     assert reserved(guard) == 30
@@ -162,9 +162,9 @@ def test_submit_in_one_thread_poll_in_another() -> None:
     assert reserved(guard) == 0
 
 
-def test_a_task_still_running_at_max_wait_leaves_its_hold_open() -> None:
+def test_a_task_still_running_at_max_wait_leaves_its_hold_open(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0, task_polls=50)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     submitted = submit_contact_unlock(guard, IDS)
     assert submitted.task_id is not None
     with pytest.raises(TaskPending) as pending:
@@ -179,9 +179,9 @@ def test_a_task_still_running_at_max_wait_leaves_its_hold_open() -> None:
     assert reserved(guard) == 0
 
 
-def test_a_task_that_is_gone_ends_its_hold() -> None:
+def test_a_task_that_is_gone_ends_its_hold(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     hold = guard.hold(30)
     with pytest.raises(httpx.HTTPStatusError) as gone:
         poll_unlock_task(guard, "999999", hold_id=hold.id, backoff=FAST)
@@ -189,9 +189,9 @@ def test_a_task_that_is_gone_ends_its_hold() -> None:
     assert reserved(guard) == 0
 
 
-def test_phone_unlocks() -> None:
+def test_phone_unlocks(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     unlock = unlock_contacts(guard, IDS[:2], phone=True, backoff=FAST)
     assert unlock.status == "completed"
     assert unlock.phone
@@ -200,9 +200,9 @@ def test_phone_unlocks() -> None:
     assert unlock.balance_after.total_balance == 1000 - 150 * 2
 
 
-def test_bad_input_is_refused_before_any_request() -> None:
+def test_bad_input_is_refused_before_any_request(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     for bad in ([], "1001", [1001], [""]):
         with pytest.raises((TypeError, ValueError)):
             unlock_contacts(guard, bad)  # type: ignore[arg-type]
@@ -215,13 +215,15 @@ def test_bad_input_is_refused_before_any_request() -> None:
     assert fake.charges == 0
 
 
-def test_spend_around_a_task_lets_calls_in_on_credits_the_task_will_take() -> None:
+def test_spend_around_a_task_lets_calls_in_on_credits_the_task_will_take(
+    new_backend: NewBackend,
+) -> None:
     """Why holds: when a task is debited as it delivers, a spend around its submission
     settles before the charge, and a second call is admitted on credits the first task is
     about to take. A hold keeps them until the task ends."""
     base = "https://platform.lensmor.com"
     fake = FakeLensmor(subscription_balance=100, gift_balance=0, task_debit="delivery")
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     client = httpx.Client(
         transport=fake.transport,
         base_url=base,
@@ -237,7 +239,7 @@ def test_spend_around_a_task_lets_calls_in_on_credits_the_task_will_take() -> No
     assert len(fake.unlocked_contacts) < 8  # the second task ran out of credits
 
     fake = FakeLensmor(subscription_balance=100, gift_balance=0, task_debit="delivery")
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     first = submit_contact_unlock(guard, IDS)
     with pytest.raises(InsufficientCredits):  # the first task's 60 are still held
         submit_contact_unlock(guard, ["2001", "2002", "2003", "2004"])
@@ -248,9 +250,9 @@ def test_spend_around_a_task_lets_calls_in_on_credits_the_task_will_take() -> No
     assert set(fake.unlocked_contacts) == set(IDS)
 
 
-async def test_async_unlocks() -> None:
+async def test_async_unlocks(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     unlock = await aunlock_contacts(guard, IDS, backoff=FAST)
     assert unlock.status == "completed"
     assert set(unlock.delivered) == set(IDS)
@@ -288,11 +290,12 @@ TASKS = "/external/contacts/unlock-tasks/"
 )
 def test_a_malformed_submission_answer_keeps_the_hold_and_the_task_id(
     change: Callable[[Any], object],
+    new_backend: NewBackend,
 ) -> None:
     """The submission was accepted: a task may run and charge. A malformed answer is
     InvalidResponse naming the task and the hold, which stays open: the caller polls."""
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake, transport=Rewrite(fake, SUBMIT, change).transport)
+    guard = _guard(fake, transport=Rewrite(fake, SUBMIT, change).transport, backend=new_backend())
     with pytest.raises(InvalidResponse) as bad:
         submit_contact_unlock(guard, IDS)
     task_id, hold_id = bad.value.task_id, bad.value.hold_id
@@ -327,11 +330,12 @@ def test_a_malformed_submission_answer_keeps_the_hold_and_the_task_id(
 )
 def test_a_submission_answer_without_a_task_id_keeps_the_hold(
     change: Callable[[Any], object],
+    new_backend: NewBackend,
 ) -> None:
     """No task id to poll: the hold stays open for the caller to settle (a read after
     the work) or release by id; it is never released as if nothing were chargeable."""
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake, transport=Rewrite(fake, SUBMIT, change).transport)
+    guard = _guard(fake, transport=Rewrite(fake, SUBMIT, change).transport, backend=new_backend())
     with pytest.raises(InvalidResponse) as bad:
         submit_contact_unlock(guard, IDS)
     assert bad.value.task_id is None
@@ -373,9 +377,10 @@ def test_a_submission_answer_without_a_task_id_keeps_the_hold(
 )
 def test_a_malformed_task_answer_keeps_the_hold_and_names_the_task(
     change: Callable[[Any], object],
+    new_backend: NewBackend,
 ) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
-    guard = _guard(fake, transport=Rewrite(fake, TASKS, change).transport)
+    guard = _guard(fake, transport=Rewrite(fake, TASKS, change).transport, backend=new_backend())
     submitted = submit_contact_unlock(guard, IDS)
     assert submitted.task_id is not None
     with pytest.raises(InvalidResponse) as bad:
@@ -389,10 +394,10 @@ def test_a_malformed_task_answer_keeps_the_hold_and_names_the_task(
     assert reserved(guard) == 0
 
 
-def test_unlock_contacts_keeps_the_ids_of_a_malformed_task_answer() -> None:
+def test_unlock_contacts_keeps_the_ids_of_a_malformed_task_answer(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
     change = _replace(taskStatus="completed", items=5)
-    guard = _guard(fake, transport=Rewrite(fake, TASKS, change).transport)
+    guard = _guard(fake, transport=Rewrite(fake, TASKS, change).transport, backend=new_backend())
     with pytest.raises(InvalidResponse) as bad:
         unlock_contacts(guard, IDS, backoff=FAST)
     assert bad.value.task_id is not None
@@ -402,7 +407,9 @@ def test_unlock_contacts_keeps_the_ids_of_a_malformed_task_answer() -> None:
     assert reserved(guard) == 0
 
 
-def test_task_answers_with_numeric_ids_and_unknown_fields_are_accepted() -> None:
+def test_task_answers_with_numeric_ids_and_unknown_fields_are_accepted(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
 
     def numeric(answer: Any) -> object:
@@ -411,16 +418,18 @@ def test_task_answers_with_numeric_ids_and_unknown_fields_are_accepted() -> None
         ]
         return {**answer, "items": items, "extra": {"a": None}}
 
-    guard = _guard(fake, transport=Rewrite(fake, TASKS, numeric, times=100).transport)
+    guard = _guard(
+        fake, transport=Rewrite(fake, TASKS, numeric, times=100).transport, backend=new_backend()
+    )
     unlock = unlock_contacts(guard, IDS, backoff=FAST)
     assert unlock.status == "completed"
     assert set(unlock.delivered) == set(IDS)
 
 
-async def test_async_malformed_answers_keep_the_hold() -> None:
+async def test_async_malformed_answers_keep_the_hold(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
     change = _replace(skipped_personnel_ids=1.5)
-    guard = _guard(fake, transport=Rewrite(fake, SUBMIT, change).transport)
+    guard = _guard(fake, transport=Rewrite(fake, SUBMIT, change).transport, backend=new_backend())
     with pytest.raises(InvalidResponse) as bad:
         await asubmit_contact_unlock(guard, IDS)
     task_id, hold_id = bad.value.task_id, bad.value.hold_id

@@ -20,21 +20,29 @@ from creditguard import (
     InvalidResponse,
     Precheck,
     PrecheckResult,
+    current_spend,
 )
 from creditguard.testing import FakeLensmor, serve
+from tests.core.test_settling import PHONES, client, full_access, visitors
+from tests.helpers import NewBackend
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
 
 AUTH = {"Authorization": "Bearer test-key"}
 
 
 @pytest.fixture(params=["in_process", "loopback"])
-def setup(request: pytest.FixtureRequest) -> Iterator[tuple[FakeLensmor, CreditGuard]]:
+def setup(
+    request: pytest.FixtureRequest, new_backend: NewBackend
+) -> Iterator[tuple[FakeLensmor, CreditGuard]]:
     fake = FakeLensmor(subscription_balance=5000, gift_balance=0)
     if request.param == "in_process":
-        yield fake, CreditGuard(fake.api_key, transport=fake.transport)
+        yield fake, CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
         return
-    with serve(fake.app) as url, CreditGuard(fake.api_key, base_url=url) as guard:
+    with (
+        serve(fake.app) as url,
+        CreditGuard(fake.api_key, base_url=url, backend=new_backend()) as guard,
+    ):
         yield fake, guard
 
 
@@ -121,7 +129,7 @@ def test_refusals_from_the_precheck(setup: tuple[FakeLensmor, CreditGuard]) -> N
 
 
 @pytest.mark.memory_only  # the Redis backend asks Lensmor every time (no cached look)
-def test_at_most_skips_the_precheck_while_the_cache_covers_it() -> None:
+def test_at_most_skips_the_precheck_while_the_cache_covers_it(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=5000, gift_balance=0)
     sent: list[str] = []
 
@@ -129,7 +137,9 @@ def test_at_most_skips_the_precheck_while_the_cache_covers_it() -> None:
         sent.append(request.url.path)
         return fake.transport.handle_request(request)
 
-    guard = CreditGuard(fake.api_key, transport=httpx.MockTransport(handler), ttl=60)
+    guard = CreditGuard(
+        fake.api_key, transport=httpx.MockTransport(handler), ttl=60, backend=new_backend()
+    )
     guard.balance()
     cost = Precheck("unlock_contact_emails", lambda ids: {"personnel_ids": ids}, at_most=150)
 
@@ -145,16 +155,18 @@ def test_at_most_skips_the_precheck_while_the_cache_covers_it() -> None:
     assert "/external/actions/precheck" in sent  # 100 does not: ask
 
 
-def test_a_precheck_answer_missing_fields_is_invalid() -> None:
+def test_a_precheck_answer_missing_fields_is_invalid(new_backend: NewBackend) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         return httpx.Response(200, json={"ok": True, "allowed": True})
 
-    guard = CreditGuard("k", transport=httpx.MockTransport(handler))
+    guard = CreditGuard("k", transport=httpx.MockTransport(handler), backend=new_backend())
     with pytest.raises(InvalidResponse):
         guard.precheck("unlock_event_contacts", {"event_id": "e1"})
 
 
-def test_precheck_errors_carry_lensmors_error_key_but_never_the_key() -> None:
+def test_precheck_errors_carry_lensmors_error_key_but_never_the_key(
+    new_backend: NewBackend,
+) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         body: dict[str, Any] = {
             "code": 503,
@@ -164,7 +176,9 @@ def test_precheck_errors_carry_lensmors_error_key_but_never_the_key() -> None:
         }
         return httpx.Response(503, json=body)
 
-    guard = CreditGuard("sk-secret-key", transport=httpx.MockTransport(handler))
+    guard = CreditGuard(
+        "sk-secret-key", transport=httpx.MockTransport(handler), backend=new_backend()
+    )
     with pytest.raises(CreditGuardError) as info:
         guard.precheck("unlock_event_contacts", {"event_id": "e1"})
     text = str(info.value)
@@ -173,9 +187,48 @@ def test_precheck_errors_carry_lensmors_error_key_but_never_the_key() -> None:
     assert "sk-secret-key" not in text
 
 
-def test_precheck_params_must_match_the_decorated_function() -> None:
-    guard = CreditGuard("k")
+def test_precheck_params_must_match_the_decorated_function(new_backend: NewBackend) -> None:
+    guard = CreditGuard("k", backend=new_backend())
     with pytest.raises(TypeError, match="cannot take the arguments"):
 
         @guard.requires_credits(Precheck("unlock_event_contacts", lambda: {}))
         def unlock(event_id: str) -> None: ...
+
+
+# -- what Lensmor says each unlock costs ---------------------------------------------------
+
+
+def test_precheck_admits_for_what_each_unlock_would_charge() -> None:
+    fake = FakeLensmor()
+    fake.add_event("base-done", unlocked=True)
+    fake.add_contact("9", phone_unlocked=True)
+    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    http = client(fake)
+    admitted: list[int] = []
+
+    def cost() -> int:
+        spend = current_spend()
+        return -1 if spend is None else spend.cost
+
+    @guard.requires_credits(Precheck("unlock_event_visitors", lambda e: {"event_id": e}))
+    def unlock_visitors(event_id: str) -> httpx.Response:
+        admitted.append(cost())
+        return http.post(visitors(event_id)).raise_for_status()
+
+    @guard.requires_credits(Precheck("unlock_event_full_access", lambda e: {"event_id": e}))
+    def unlock_all(event_id: str) -> httpx.Response:
+        admitted.append(cost())
+        return http.post(full_access(event_id)).raise_for_status()
+
+    @guard.requires_credits(Precheck("unlock_contact_phones", lambda ids: {"personnel_ids": ids}))
+    def unlock_phones(ids: list[str]) -> httpx.Response:
+        admitted.append(cost())
+        return http.post(PHONES, json={"personnel_ids": ids}).raise_for_status()
+
+    unlock_visitors("base-done")
+    unlock_all("base-done")  # both layers unlocked already: nothing to charge
+    unlock_all("fresh")
+    unlock_phones(["1", "9", "1", "2"])
+    assert admitted == [3000, -1, 5000, 300]
+    assert fake.balance.total_balance == 30050 - 3000 - 5000 - 300
+    assert guard.balance() == fake.balance

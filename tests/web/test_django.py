@@ -165,8 +165,8 @@ def test_settings_build_a_guard_and_dotted_paths(fake: FakeLensmor) -> None:
             "API_KEY": fake.api_key,
             "BASE_URL": url,
             "OPTIONS": {"ttl": 9},
-            "COSTS": "tests.frameworks.test_django.COSTS",
-            "CHARGE_WHEN": "tests.frameworks.test_django.always",
+            "COSTS": "tests.web.test_django.COSTS",
+            "CHARGE_WHEN": "tests.web.test_django.always",
         }
         with override_settings(CREDITGUARD=config):
             guard = guard_from_settings()

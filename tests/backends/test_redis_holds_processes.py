@@ -18,8 +18,8 @@ import redis
 from creditguard import CreditGuard, InsufficientCredits, UnknownHold
 from creditguard.redis import RedisBackend
 from creditguard.testing import FakeLensmor, serve
-from tests import redis_workers
-from tests.test_redis_processes import JOIN_TIMEOUT, RESULT_TIMEOUT, SPAWN, poll, reap
+from tests.backends import redis_workers
+from tests.backends.test_redis_processes import JOIN_TIMEOUT, RESULT_TIMEOUT, SPAWN, poll, reap
 
 
 def _guard(key: str, url: str, backend: RedisBackend, **kwargs: object) -> CreditGuard:

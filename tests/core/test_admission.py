@@ -21,10 +21,9 @@ import pytest
 
 from creditguard import AdmissionTimeout, CreditGuard, InsufficientCredits
 from creditguard.testing import FakeLensmor
+from tests.helpers import Gate, NewBackend, reserved, waiting_for_release
 
-from .helpers import Gate, reserved, waiting_for_release
-
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
@@ -87,9 +86,9 @@ def overlapping(guard: CreditGuard, fake: FakeLensmor, in_flight: list[InFlight]
 
 
 def test_a_call_the_account_can_pay_waits_for_spends_in_flight_instead_of_being_refused(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, backend=new_backend())
     spend = overlapping(guard, fake100, in_flight)
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(lambda: guard.requires_credits(30)(lambda: fake100.charge(30))())
@@ -106,12 +105,12 @@ def test_a_call_the_account_can_pay_waits_for_spends_in_flight_instead_of_being_
 
 
 def test_a_refusal_is_decided_at_once_when_the_balance_cannot_pay(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
     """The cached 40 may or may not include the 60 in flight; either way the account
     cannot pay 50 even if the 60 charge nothing: refused at once, saying 40 available
     (not "0 available"), without waiting for the call in flight."""
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, backend=new_backend())
     overlapping(guard, fake100, in_flight)
     with pytest.raises(InsufficientCredits) as info, guard.spend(50):
         pytest.fail("must not run")
@@ -121,12 +120,12 @@ def test_a_refusal_is_decided_at_once_when_the_balance_cannot_pay(
 
 
 def test_a_call_only_calls_in_flight_stand_in_the_way_of_waits_then_is_decided(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
     """100 credits, 60 reserved by a call in flight admitted after the read: 50 does not
     fit beside it, but the account could pay it if the 60 charged nothing. It waits for
     the call to settle, then is decided on what it left: 40, refused."""
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, backend=new_backend())
     assert guard.balance().total_balance == 100
     spend = InFlight(guard, fake100, 60)
     in_flight.append(spend)
@@ -144,11 +143,12 @@ def test_a_call_only_calls_in_flight_stand_in_the_way_of_waits_then_is_decided(
 
 def test_calls_in_flight_that_fail_upstream_leave_their_credits_to_the_waiters(
     fake100: FakeLensmor,
+    new_backend: NewBackend,
 ) -> None:
     """20 concurrent spend(10) on 100 credits; the first 10 admitted fail upstream and
     charge nothing. No call is refused: the other 10 wait, are admitted and spend the
     100 (never "0 available (100 reserved by calls in flight)")."""
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, backend=new_backend())
     guard.balance()
     admitted = threading.Semaphore(0)
     fail_now = threading.Event()
@@ -187,12 +187,16 @@ def test_calls_in_flight_that_fail_upstream_leave_their_credits_to_the_waiters(
 
 
 def test_the_wait_is_bounded_then_busy_not_insufficient(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
     """The calls in flight do not settle within admission_timeout: AdmissionTimeout
     (retry later), never a false InsufficientCredits, and nothing reserved."""
     guard = CreditGuard(
-        fake100.api_key, transport=fake100.transport, ttl=60, admission_timeout=0.05
+        fake100.api_key,
+        transport=fake100.transport,
+        ttl=60,
+        admission_timeout=0.05,
+        backend=new_backend(),
     )
     spend = overlapping(guard, fake100, in_flight)
     with pytest.raises(AdmissionTimeout) as info, guard.spend(30):
@@ -207,9 +211,15 @@ def test_the_wait_is_bounded_then_busy_not_insufficient(
 
 
 def test_admission_timeout_zero_is_busy_at_once(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, admission_timeout=0)
+    guard = CreditGuard(
+        fake100.api_key,
+        transport=fake100.transport,
+        ttl=60,
+        admission_timeout=0,
+        backend=new_backend(),
+    )
     spend = overlapping(guard, fake100, in_flight)
     with pytest.raises(AdmissionTimeout) as info, guard.spend(30):
         pytest.fail("must not run")
@@ -222,8 +232,9 @@ def test_admission_timeout_zero_is_busy_at_once(
 
 def test_a_failed_spend_in_flight_wakes_the_waiter_which_reads_again(
     fake100: FakeLensmor,
+    new_backend: NewBackend,
 ) -> None:
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, backend=new_backend())
     charged = threading.Event()
     release = threading.Event()
 
@@ -261,9 +272,9 @@ def test_a_failed_spend_in_flight_wakes_the_waiter_which_reads_again(
 
 @pytest.mark.memory_only  # waits for a task blocked at admission
 async def test_async_waiter_is_admitted_after_the_spend_settles(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, backend=new_backend())
     spend = await anyio.to_thread.run_sync(overlapping, guard, fake100, in_flight)
     ran = []
 
@@ -285,9 +296,9 @@ async def test_async_waiter_is_admitted_after_the_spend_settles(
 
 
 async def test_cancelling_a_waiter_leaves_no_trace(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, backend=new_backend())
     spend = await anyio.to_thread.run_sync(overlapping, guard, fake100, in_flight)
     with anyio.CancelScope() as scope:
 
@@ -307,9 +318,9 @@ async def test_cancelling_a_waiter_leaves_no_trace(
 
 
 async def test_waiting_does_not_block_the_event_loop(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60)
+    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, backend=new_backend())
     spend = await anyio.to_thread.run_sync(overlapping, guard, fake100, in_flight)
     ticks = 0
     waiter_done = anyio.Event()
@@ -336,10 +347,12 @@ async def test_waiting_does_not_block_the_event_loop(
 
 
 @pytest.mark.parametrize("ttl", [0.02, 600.0], ids=["ttl_expires_mid_burst", "ttl_long"])
-async def test_burst_of_excess_demand_spends_every_credit(ttl: float) -> None:
+async def test_burst_of_excess_demand_spends_every_credit(
+    ttl: float, new_backend: NewBackend
+) -> None:
     """200 tasks of 1 credit on 100 credits: exactly 100 run, whatever the TTL does."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=0, latency=0.002)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=ttl)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=ttl, backend=new_backend())
     await guard.abalance()  # warm
     ran = 0
     refused: list[InsufficientCredits] = []
@@ -373,9 +386,11 @@ async def test_burst_of_excess_demand_spends_every_credit(ttl: float) -> None:
     assert fake.balance_requests < 200  # waiting callers share the reads that settle
 
 
-def test_steady_threads_spend_every_credit_and_never_refuse_while_credits_remain() -> None:
+def test_steady_threads_spend_every_credit_and_never_refuse_while_credits_remain(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=1000, gift_balance=0, latency=0.001)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0.01)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0.01, backend=new_backend())
     refused: list[InsufficientCredits] = []
     lock = threading.Lock()
 
@@ -406,11 +421,15 @@ def test_steady_threads_spend_every_credit_and_never_refuse_while_credits_remain
     assert reserved(guard) == 0
 
 
-def test_a_waiter_keeps_waiting_while_calls_in_flight_keep_settling() -> None:
+def test_a_waiter_keeps_waiting_while_calls_in_flight_keep_settling(
+    new_backend: NewBackend,
+) -> None:
     """Six calls in flight settle one every tenth of a second; a call that waits for them
     with a 2 s bound is admitted once they all have (12 - 6 = 6 fit exactly)."""
     fake = FakeLensmor(subscription_balance=12, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, admission_timeout=2)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=60, admission_timeout=2, backend=new_backend()
+    )
     spends = [InFlight(guard, fake, 1) for _ in range(6)]  # each has charged its credit
     try:
         guard.invalidate()
@@ -433,12 +452,14 @@ def test_a_waiter_keeps_waiting_while_calls_in_flight_keep_settling() -> None:
 
 
 def test_time_spent_waiting_for_a_read_does_not_use_up_the_admission_wait(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
     """A call whose balance read took longer than admission_timeout must still wait for
     the calls in flight that the read may include, not be refused at once."""
     gate = Gate(fake100.transport)
-    guard = CreditGuard(fake100.api_key, transport=gate, ttl=60, admission_timeout=0.5)
+    guard = CreditGuard(
+        fake100.api_key, transport=gate, ttl=60, admission_timeout=0.5, backend=new_backend()
+    )
     gate.open()
     spend = InFlight(guard, fake100, 60)  # admitted on a first read, then charged
     in_flight.append(spend)
@@ -458,12 +479,18 @@ def test_time_spent_waiting_for_a_read_does_not_use_up_the_admission_wait(
 
 
 def test_no_read_restarts_the_admission_window(
-    fake100: FakeLensmor, in_flight: list[InFlight]
+    fake100: FakeLensmor, in_flight: list[InFlight], new_backend: NewBackend
 ) -> None:
     """admission_timeout bounds the whole wait: a waiting call woken again and again to a
     dropped cache reads again each time, and still gives up (AdmissionTimeout) once its
     window, counted from when it first waited, is over."""
-    guard = CreditGuard(fake100.api_key, transport=fake100.transport, ttl=60, admission_timeout=0.3)
+    guard = CreditGuard(
+        fake100.api_key,
+        transport=fake100.transport,
+        ttl=60,
+        admission_timeout=0.3,
+        backend=new_backend(),
+    )
     spend = overlapping(guard, fake100, in_flight)  # cached 40, 60 in flight
     with ThreadPoolExecutor(1) as pool:
         future = pool.submit(lambda: guard.requires_credits(40)(lambda: fake100.charge(40))())
@@ -481,3 +508,37 @@ def test_no_read_restarts_the_admission_window(
     assert wakes < 400
     assert reserved(guard) == 60
     spend.finish()
+
+
+# -- nested and free calls -----------------------------------------------------------------
+
+
+def test_a_nested_call_does_not_wait_for_its_own_enclosing_spend(new_backend: NewBackend) -> None:
+    """A guarded call inside another cannot wait for the outer one to settle (it never
+    will first): decided at once, on what the outer spend leaves."""
+    fake = FakeLensmor(subscription_balance=10, gift_balance=0)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, admission_timeout=30, backend=new_backend()
+    )
+    with guard.spend(6):
+        with pytest.raises(InsufficientCredits) as info, guard.spend(5):
+            pytest.fail("only 4 credits are not reserved")
+        assert (info.value.available, info.value.reserved) == (4, 6)
+        with guard.spend(4):
+            fake.charge(4)
+        fake.charge(6)
+
+
+def test_a_free_call_is_admitted_even_when_reservations_exceed_the_balance(
+    new_backend: NewBackend,
+) -> None:
+    fake = FakeLensmor(subscription_balance=10, gift_balance=0)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0, backend=new_backend()
+    )
+    with guard.spend(10):
+        fake.charge(10)
+        guard.invalidate()
+        assert guard.balance().total_balance == 0  # 0 - 10 reserved: below zero
+        with guard.spend(0) as free:
+            assert free.balance_before is not None

@@ -25,10 +25,9 @@ from creditguard import (
     UnknownHold,
 )
 from creditguard.testing import FakeLensmor
+from tests.helpers import Gate, NewBackend, reserved
 
-from .helpers import Gate, reserved
-
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
 
 
 def _setup(balance: int = 100, **kwargs: object) -> tuple[FakeLensmor, Gate, CreditGuard]:
@@ -45,8 +44,8 @@ def _setup(balance: int = 100, **kwargs: object) -> tuple[FakeLensmor, Gate, Cre
     return fake, gate, guard
 
 
-def test_a_hold_keeps_its_credits_until_settled() -> None:
-    fake, _, guard = _setup()
+def test_a_hold_keeps_its_credits_until_settled(new_backend: NewBackend) -> None:
+    fake, _, guard = _setup(backend=new_backend())
     hold = guard.hold(60)
     assert isinstance(hold, Hold)
     assert isinstance(hold.id, str)
@@ -71,8 +70,8 @@ def test_a_hold_keeps_its_credits_until_settled() -> None:
         assert spend.balance_before.total_balance == 45
 
 
-def test_settling_reads_a_balance_that_includes_the_work() -> None:
-    fake, gate, guard = _setup()
+def test_settling_reads_a_balance_that_includes_the_work(new_backend: NewBackend) -> None:
+    fake, gate, guard = _setup(backend=new_backend())
     hold = guard.hold(30)
     reads = gate.arrived
     fake.charge(30)
@@ -84,9 +83,9 @@ def test_settling_reads_a_balance_that_includes_the_work() -> None:
     assert guard.balance().total_balance == 70
 
 
-def test_release_gives_the_credits_back_without_a_read() -> None:
+def test_release_gives_the_credits_back_without_a_read(new_backend: NewBackend) -> None:
     events: list[GuardEvent] = []
-    _, gate, guard = _setup(on_event=events.append)
+    _, gate, guard = _setup(on_event=events.append, backend=new_backend())
     hold = guard.hold(80)
     reads = gate.arrived
     hold.release()
@@ -98,8 +97,8 @@ def test_release_gives_the_credits_back_without_a_read() -> None:
     assert [e.kind for e in events][:2] == ["admitted", "released"]
 
 
-def test_a_hold_left_alone_expires_and_distrusts_the_cache() -> None:
-    _, gate, guard = _setup()
+def test_a_hold_left_alone_expires_and_distrusts_the_cache(new_backend: NewBackend) -> None:
+    _, gate, guard = _setup(backend=new_backend())
     hold = guard.hold(70, expires_in=0.2)
     assert reserved(guard) == 70
     time.sleep(0.3)  # the hold's life runs out
@@ -114,8 +113,8 @@ def test_a_hold_left_alone_expires_and_distrusts_the_cache() -> None:
         guard.hold_by_id(hold.id)
 
 
-def test_hold_by_id_gives_the_same_hold_to_another_thread() -> None:
-    fake, _, guard = _setup()
+def test_hold_by_id_gives_the_same_hold_to_another_thread(new_backend: NewBackend) -> None:
+    fake, _, guard = _setup(backend=new_backend())
     hold = guard.hold(40)
     settled: list[int | None] = []
 
@@ -139,8 +138,8 @@ def test_hold_by_id_gives_the_same_hold_to_another_thread() -> None:
         hold.release()
 
 
-def test_unknown_and_malformed_hold_ids() -> None:
-    _fake, _, guard = _setup()
+def test_unknown_and_malformed_hold_ids(new_backend: NewBackend) -> None:
+    _fake, _, guard = _setup(backend=new_backend())
     with pytest.raises(UnknownHold) as unknown:
         guard.hold_by_id("0" * 24)
     assert unknown.value.hold_id == "0" * 24
@@ -156,8 +155,8 @@ def test_unknown_and_malformed_hold_ids() -> None:
     hold.release()
 
 
-def test_bad_input_is_refused_before_any_request() -> None:
-    _, gate, guard = _setup()
+def test_bad_input_is_refused_before_any_request(new_backend: NewBackend) -> None:
+    _, gate, guard = _setup(backend=new_backend())
     with pytest.raises(ValueError, match="expires_in"):
         guard.hold(10, expires_in=0)
     with pytest.raises(ValueError, match="expires_in"):
@@ -167,8 +166,8 @@ def test_bad_input_is_refused_before_any_request() -> None:
     assert gate.arrived == 0
 
 
-def test_a_hold_settles_from_the_report_given_to_it() -> None:
-    _, gate, guard = _setup()
+def test_a_hold_settles_from_the_report_given_to_it(new_backend: NewBackend) -> None:
+    _, gate, guard = _setup(backend=new_backend())
     hold = guard.hold(60)
     reads = gate.arrived
     after = hold.settle({"creditsUsed": 45, "balanceAfter": 55})
@@ -179,8 +178,8 @@ def test_a_hold_settles_from_the_report_given_to_it() -> None:
     assert reserved(guard) == 0
 
 
-def test_the_with_block_is_the_submission() -> None:
-    fake, _, guard = _setup()
+def test_the_with_block_is_the_submission(new_backend: NewBackend) -> None:
+    fake, _, guard = _setup(backend=new_backend())
     with guard.hold(50) as hold:
         pass  # the paid call that starts the work
     assert reserved(guard) == 50  # the hold outlives its block
@@ -190,8 +189,8 @@ def test_the_with_block_is_the_submission() -> None:
     assert after.total_balance == 50
 
 
-def test_a_block_that_raises_ends_the_hold_and_keeps_the_error() -> None:
-    _, gate, guard = _setup()
+def test_a_block_that_raises_ends_the_hold_and_keeps_the_error(new_backend: NewBackend) -> None:
+    _, gate, guard = _setup(backend=new_backend())
     with pytest.raises(RuntimeError, match="submission failed"), guard.hold(50) as hold:
         raise RuntimeError("submission failed")
     assert reserved(guard) == 0
@@ -202,8 +201,8 @@ def test_a_block_that_raises_ends_the_hold_and_keeps_the_error() -> None:
     assert gate.arrived == reads + 1
 
 
-def test_a_402_from_the_submission_is_insufficient_credits() -> None:
-    _, _, guard = _setup()
+def test_a_402_from_the_submission_is_insufficient_credits(new_backend: NewBackend) -> None:
+    _, _, guard = _setup(backend=new_backend())
     request = httpx.Request("POST", "https://platform.lensmor.com/external/contacts/unlock")
     response = httpx.Response(
         402, json={"errorKey": "INSUFFICIENT_CREDITS", "message": "no"}, request=request
@@ -214,8 +213,8 @@ def test_a_402_from_the_submission_is_insufficient_credits() -> None:
     assert reserved(guard) == 0
 
 
-def test_a_hold_is_refused_like_a_spend() -> None:
-    _, _gate, guard = _setup()
+def test_a_hold_is_refused_like_a_spend(new_backend: NewBackend) -> None:
+    _, _gate, guard = _setup(backend=new_backend())
     with pytest.raises(InsufficientCredits):
         guard.hold(101)
     assert reserved(guard) == 0
@@ -225,8 +224,8 @@ def test_a_hold_is_refused_like_a_spend() -> None:
     hold.release()
 
 
-def test_a_hold_may_cost_what_the_precheck_says() -> None:
-    _, _, guard = _setup(balance=1000)
+def test_a_hold_may_cost_what_the_precheck_says(new_backend: NewBackend) -> None:
+    _, _, guard = _setup(balance=1000, backend=new_backend())
     cost = Precheck("unlock_contact_emails", {"personnel_ids": ["11", "12", "13"]})
     hold = guard.hold(cost)
     assert hold.cost == 45
@@ -234,8 +233,8 @@ def test_a_hold_may_cost_what_the_precheck_says() -> None:
     hold.release()
 
 
-async def test_async_holds() -> None:
-    fake, _gate, guard = _setup()
+async def test_async_holds(new_backend: NewBackend) -> None:
+    fake, _gate, guard = _setup(backend=new_backend())
     hold = await guard.ahold(60, expires_in=30)
     assert hold.cost == 60
     assert reserved(guard) == 60
@@ -259,10 +258,10 @@ async def test_async_holds() -> None:
     assert reserved(guard) == 0
 
 
-async def test_a_hold_cancelled_while_admitted_leaves_nothing() -> None:
+async def test_a_hold_cancelled_while_admitted_leaves_nothing(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     gate = Gate(fake.transport)  # closed: the balance read hangs until cancelled
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     with anyio.move_on_after(10) as scope:
         async with anyio.create_task_group() as tg:
 
@@ -279,13 +278,15 @@ async def test_a_hold_cancelled_while_admitted_leaves_nothing() -> None:
     await hold.arelease()
 
 
-def test_a_refusal_beside_an_open_hold_is_decided_at_once() -> None:
+def test_a_refusal_beside_an_open_hold_is_decided_at_once(new_backend: NewBackend) -> None:
     """A hold is a commitment that will not settle while a caller waits: a call that only
     fits if the hold charged nothing is refused at once, however long admission may wait
     (before, it waited ten times admission_timeout)."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     # A short TTL: the balance is read again while the caller waits.
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=0.05, admission_timeout=5)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=0.05, admission_timeout=5, backend=new_backend()
+    )
     hold = guard.hold(60)
     threading.Event().wait(0.06)
     with ThreadPoolExecutor(1) as pool:
@@ -297,6 +298,7 @@ def test_a_refusal_beside_an_open_hold_is_decided_at_once() -> None:
     hold.release()
 
 
+@pytest.mark.usefixtures("new_backend")
 @pytest.mark.memory_only  # the memory backend's bound on accounts
 def test_an_account_with_an_open_hold_is_never_evicted() -> None:
     """MemoryBackend keeps its max_accounts most recent accounts; an account with an open

@@ -343,7 +343,7 @@ def test_the_docs_show_the_demo_as_it_ships() -> None:
 
     out = io.StringIO()
     assert main(["demo"], out=out) == 0
-    page = (Path(__file__).parent.parent / "docs" / "index.md").read_text()
+    page = (Path(__file__).resolve().parents[2] / "docs" / "index.md").read_text()
     shown = page.split("$ creditguard demo\n", 1)[1].split("```", 1)[0]
     assert shown == out.getvalue()
     assert "reads so far" in shown

@@ -12,17 +12,18 @@ import pytest
 
 from creditguard import AccountSnapshot, CreditGuard, OpenHold
 from creditguard.testing import FakeLensmor
+from tests.helpers import NewBackend
 
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
 
 
 def _guard(fake: FakeLensmor, **kwargs: object) -> CreditGuard:
     return CreditGuard(fake.api_key, transport=fake.transport, ttl=60, **kwargs)  # type: ignore[arg-type]
 
 
-def test_a_fresh_account_holds_nothing() -> None:
+def test_a_fresh_account_holds_nothing(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     snap = guard.snapshot()
     assert isinstance(snap, AccountSnapshot)
     assert snap.balance is None
@@ -32,9 +33,9 @@ def test_a_fresh_account_holds_nothing() -> None:
     assert fake.balance_requests == 0  # no request to Lensmor
 
 
-def test_calls_in_flight_holds_settling_and_the_gate_queue() -> None:
+def test_calls_in_flight_holds_settling_and_the_gate_queue(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = _guard(fake, max_concurrent=1, gate_timeout=10)
+    guard = _guard(fake, max_concurrent=1, gate_timeout=10, backend=new_backend())
     hold = guard.hold(30, expires_in=120)
     snap = guard.snapshot()
     assert snap.balance is not None
@@ -73,9 +74,9 @@ def test_calls_in_flight_holds_settling_and_the_gate_queue() -> None:
     assert (snap.reserved, snap.in_flight, snap.settling) == (0, 0, 0)
 
 
-async def test_asnapshot() -> None:
+async def test_asnapshot(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = _guard(fake)
+    guard = _guard(fake, backend=new_backend())
     inside = anyio.Event()
     leave = anyio.Event()
 

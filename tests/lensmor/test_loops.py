@@ -22,8 +22,7 @@ import pytest
 
 from creditguard import CreditGuard
 from creditguard.testing import FakeLensmor, serve
-
-from .reliability.support import client_sockets
+from tests.reliability.support import client_sockets
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Worker processes for tests/test_redis_processes.py.
+"""Worker processes for tests/backends/test_redis_processes.py.
 
 Each function here is the target of a process started with the ``spawn`` context: it
 imports creditguard afresh, builds its own ``CreditGuard`` on a ``RedisBackend`` and

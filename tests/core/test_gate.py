@@ -15,10 +15,9 @@ import pytest
 
 from creditguard import CreditGuard, CreditGuardError, GateTimeout, InsufficientCredits
 from creditguard.testing import FakeLensmor
+from tests.helpers import NewBackend, reserved
 
-from .helpers import reserved
-
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
 
 SEARCH = "/external/exhibitors/search-by-company-name"
 
@@ -89,25 +88,25 @@ def _queued(guard: CreditGuard) -> int:
     return int(account.queued())  # type: ignore[attr-defined]
 
 
-def test_without_the_gate_overlapping_paid_calls_get_409() -> None:
+def test_without_the_gate_overlapping_paid_calls_get_409(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    statuses = _overlapping_searches(_guard(fake), fake, 4)
+    statuses = _overlapping_searches(_guard(fake, backend=new_backend()), fake, 4)
     assert sorted(statuses) == [201, 409, 409, 409]
     assert fake.charges == 1
 
 
-def test_max_concurrent_1_sends_paid_calls_one_at_a_time() -> None:
+def test_max_concurrent_1_sends_paid_calls_one_at_a_time(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = _guard(fake, max_concurrent=1)
+    guard = _guard(fake, max_concurrent=1, backend=new_backend())
     statuses = _overlapping_searches(guard, fake, 4)
     assert statuses == [201] * 4
     assert fake.charges == 4
     assert reserved(guard) == 0
 
 
-def test_turns_are_given_in_the_order_callers_came() -> None:
+def test_turns_are_given_in_the_order_callers_came(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = _guard(fake, max_concurrent=1)
+    guard = _guard(fake, max_concurrent=1, backend=new_backend())
     order: list[int] = []
     guard.balance()
     with ThreadPoolExecutor(5) as pool:
@@ -136,9 +135,11 @@ def _until(condition: object, timeout: float = 10.0) -> None:
     raise AssertionError("condition not reached")
 
 
-def test_a_caller_that_waits_too_long_gets_gate_timeout_and_leaves_no_trace() -> None:
+def test_a_caller_that_waits_too_long_gets_gate_timeout_and_leaves_no_trace(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor()
-    guard = _guard(fake, max_concurrent=1, gate_timeout=0.2)
+    guard = _guard(fake, max_concurrent=1, gate_timeout=0.2, backend=new_backend())
     errors: list[BaseException] = []
     with guard.spend(10):
 
@@ -163,9 +164,9 @@ def test_a_caller_that_waits_too_long_gets_gate_timeout_and_leaves_no_trace() ->
         pass
 
 
-def test_a_guarded_call_inside_another_shares_its_turn() -> None:
+def test_a_guarded_call_inside_another_shares_its_turn(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = _guard(fake, max_concurrent=1, gate_timeout=5)
+    guard = _guard(fake, max_concurrent=1, gate_timeout=5, backend=new_backend())
 
     @guard.requires_credits(3)
     def inner() -> str:
@@ -178,9 +179,9 @@ def test_a_guarded_call_inside_another_shares_its_turn() -> None:
     assert reserved(guard) == 0
 
 
-def test_a_hold_has_its_turn_until_its_block_ends_or_it_ends() -> None:
+def test_a_hold_has_its_turn_until_its_block_ends_or_it_ends(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = _guard(fake, max_concurrent=1, gate_timeout=0.1)
+    guard = _guard(fake, max_concurrent=1, gate_timeout=0.1, backend=new_backend())
     with guard.hold(10) as hold, pytest.raises(GateTimeout):
         _other_thread(guard)
     _other_thread(guard)  # the block ended: its turn is back
@@ -209,20 +210,20 @@ def _other_thread(guard: CreditGuard) -> None:
         raise errors[0]
 
 
-def test_bad_max_concurrent() -> None:
+def test_bad_max_concurrent(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="max_concurrent"):
-            _guard(fake, max_concurrent=bad)
+            _guard(fake, max_concurrent=bad, backend=new_backend())
     with pytest.raises(ValueError, match="gate_timeout"):
-        _guard(fake, max_concurrent=1, gate_timeout=-1)
-    assert _guard(fake, max_concurrent=3).max_concurrent == 3
-    assert _guard(fake).max_concurrent is None
+        _guard(fake, max_concurrent=1, gate_timeout=-1, backend=new_backend())
+    assert _guard(fake, max_concurrent=3, backend=new_backend()).max_concurrent == 3
+    assert _guard(fake, backend=new_backend()).max_concurrent is None
 
 
-async def test_tasks_wait_their_turn_without_blocking_the_loop() -> None:
+async def test_tasks_wait_their_turn_without_blocking_the_loop(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = _guard(fake, max_concurrent=2)
+    guard = _guard(fake, max_concurrent=2, backend=new_backend())
     in_flight = 0
     most = 0
     done = 0
@@ -261,9 +262,9 @@ async def test_tasks_wait_their_turn_without_blocking_the_loop() -> None:
     assert reserved(guard) == 0
 
 
-async def test_a_task_cancelled_while_waiting_leaves_no_trace() -> None:
+async def test_a_task_cancelled_while_waiting_leaves_no_trace(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = _guard(fake, max_concurrent=1)
+    guard = _guard(fake, max_concurrent=1, backend=new_backend())
     async with guard.spend(10):
         with anyio.move_on_after(10):
             async with anyio.create_task_group() as tg:
@@ -289,9 +290,9 @@ async def _aqueued(guard: CreditGuard, n: int) -> None:
     raise AssertionError(f"fewer than {n} callers queued")
 
 
-async def test_a_thread_hands_its_turn_to_a_task() -> None:
+async def test_a_thread_hands_its_turn_to_a_task(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = _guard(fake, max_concurrent=1)
+    guard = _guard(fake, max_concurrent=1, backend=new_backend())
     entered = threading.Event()
     leave = threading.Event()
 
@@ -318,12 +319,12 @@ async def test_a_thread_hands_its_turn_to_a_task() -> None:
     assert reserved(guard) == 0
 
 
-def test_a_call_the_account_cannot_pay_is_refused_before_it_queues() -> None:
+def test_a_call_the_account_cannot_pay_is_refused_before_it_queues(new_backend: NewBackend) -> None:
     """One guarded call has the only turn; a call the balance cannot pay even if the
     call in flight charges nothing is refused at once, not after waiting for a turn it
     would only be refused in."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = _guard(fake, max_concurrent=1, gate_timeout=60)
+    guard = _guard(fake, max_concurrent=1, gate_timeout=60, backend=new_backend())
     inside = threading.Event()
     leave = threading.Event()
 

@@ -8,6 +8,7 @@ before the block exits, so ``balance_after`` is there to look at.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import anyio
@@ -22,16 +23,22 @@ from creditguard import (
 )
 from creditguard.core.settling import MAX_SETTLING
 from creditguard.testing import FakeLensmor
+from tests.helpers import Gate, NewBackend, reserved, waiting_for_release
 
-from .helpers import Gate, reserved, waiting_for_release
-
-pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("each_backend")]
+pytestmark = pytest.mark.anyio
 
 
-def test_a_decorated_call_returns_without_a_refresh() -> None:
+@pytest.fixture
+def guard(fake: FakeLensmor, new_backend: NewBackend) -> Iterator[CreditGuard]:
+    """The conftest's ``guard``, on the backend the test runs on."""
+    with CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend()) as g:
+        yield g
+
+
+def test_a_decorated_call_returns_without_a_refresh(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     gate.open()
     assert guard.balance().total_balance == 100
     gate.close_gate()  # from now on a balance read would hang until the test opens it
@@ -51,10 +58,10 @@ def test_a_decorated_call_returns_without_a_refresh() -> None:
     assert gate.arrived == 2
 
 
-async def test_an_async_decorated_call_returns_without_a_refresh() -> None:
+async def test_an_async_decorated_call_returns_without_a_refresh(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     gate = Gate(fake.transport)
-    guard = CreditGuard(fake.api_key, transport=gate, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=gate, ttl=60, backend=new_backend())
     gate.open()
     assert (await guard.abalance()).total_balance == 100
     gate.close_gate()
@@ -76,9 +83,9 @@ async def test_an_async_decorated_call_returns_without_a_refresh() -> None:
     await guard.aclose()
 
 
-def test_sequential_calls_read_once_per_ttl() -> None:
+def test_sequential_calls_read_once_per_ttl(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
 
     @guard.requires_credits(50)
     def search() -> None:
@@ -92,11 +99,13 @@ def test_sequential_calls_read_once_per_ttl() -> None:
     assert reserved(guard) == 0
 
 
-def test_a_call_that_does_not_fit_reads_to_settle_finished_calls() -> None:
+def test_a_call_that_does_not_fit_reads_to_settle_finished_calls(new_backend: NewBackend) -> None:
     """The finished call was declared at 60 but charged nothing: the next 60-credit call
     must not be refused on the 60 still reserved; it reads, and the read settles it."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, ttl=60, admission_timeout=0, backend=new_backend()
+    )
 
     @guard.requires_credits(60)
     def maybe_unlock(charge: bool) -> None:
@@ -125,10 +134,12 @@ def test_with_spend_still_settles_before_the_block_exits(
     assert reserved(guard) == 0
 
 
-def test_the_spent_event_of_a_deferred_call_has_no_balance_after() -> None:
+def test_the_spent_event_of_a_deferred_call_has_no_balance_after(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
     events: list[GuardEvent] = []
-    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=events.append)
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, on_event=events.append, backend=new_backend()
+    )
 
     @guard.requires_credits(15)
     def unlock() -> None:
@@ -141,12 +152,12 @@ def test_the_spent_event_of_a_deferred_call_has_no_balance_after() -> None:
     assert guard.balance().total_balance == events[-1].balance_before.total_balance - 15
 
 
-def test_a_waiting_call_is_woken_to_settle_a_call_that_finished() -> None:
+def test_a_waiting_call_is_woken_to_settle_a_call_that_finished(new_backend: NewBackend) -> None:
     """A call waits for a spend in flight whose charge the cached balance may include;
     when that spend's decorated call returns (without a refresh), the waiter is woken,
     reads, and is admitted on what is really left."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
     charged, finish = threading.Event(), threading.Event()
 
     @guard.requires_credits(60)
@@ -173,9 +184,11 @@ def test_a_waiting_call_is_woken_to_settle_a_call_that_finished() -> None:
 
 
 @pytest.mark.memory_only  # Redis: expired leases do this job
-def test_too_many_finished_calls_waiting_are_released_and_the_cache_distrusted() -> None:
+def test_too_many_finished_calls_waiting_are_released_and_the_cache_distrusted(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor()
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
 
     @guard.requires_credits(1)
     def call() -> None:
@@ -193,7 +206,9 @@ def test_too_many_finished_calls_waiting_are_released_and_the_cache_distrusted()
     assert guard.balance().total_balance == fake.balance.total_balance
 
 
-def test_a_failed_read_keeps_finished_calls_reserved_until_one_succeeds() -> None:
+def test_a_failed_read_keeps_finished_calls_reserved_until_one_succeeds(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=0)
     guard = CreditGuard(
         fake.api_key,
@@ -201,6 +216,7 @@ def test_a_failed_read_keeps_finished_calls_reserved_until_one_succeeds() -> Non
         ttl=60,
         admission_timeout=0,
         retry=RetryPolicy(attempts=1),
+        backend=new_backend(),
     )
 
     @guard.requires_credits(40)
@@ -220,9 +236,11 @@ def test_a_failed_read_keeps_finished_calls_reserved_until_one_succeeds() -> Non
     assert fake.charges == 2
 
 
-def test_a_block_is_admitted_on_a_balance_that_includes_calls_that_returned() -> None:
+def test_a_block_is_admitted_on_a_balance_that_includes_calls_that_returned(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=20)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
 
     @guard.requires_credits(50)
     def unlock() -> None:
@@ -238,9 +256,11 @@ def test_a_block_is_admitted_on_a_balance_that_includes_calls_that_returned() ->
     assert fake.balance_requests == 3  # admission, the read before the block, its refresh
 
 
-async def test_an_async_block_is_admitted_on_a_balance_that_includes_calls_that_returned() -> None:
+async def test_an_async_block_is_admitted_on_a_balance_that_includes_calls_that_returned(
+    new_backend: NewBackend,
+) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=20)
-    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
 
     @guard.requires_credits(50)
     async def unlock() -> None:
@@ -257,10 +277,10 @@ async def test_an_async_block_is_admitted_on_a_balance_that_includes_calls_that_
 
 
 @pytest.mark.memory_only  # Redis: its lease renewer stops at RedisBackend.close()
-def test_nothing_is_left_running_after_close() -> None:
+def test_nothing_is_left_running_after_close(new_backend: NewBackend) -> None:
     fake = FakeLensmor()
     threads = threading.active_count()
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+    guard = CreditGuard(fake.api_key, transport=fake.transport, backend=new_backend())
 
     @guard.requires_credits(5)
     def call() -> None:

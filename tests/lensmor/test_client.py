@@ -1,4 +1,5 @@
-"""Balance reads: error mapping, retries, Retry-After, timeouts; sync and async."""
+"""Balance reads: error mapping, retries, Retry-After and rate-limit headers, timeouts; sync
+and async."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ from creditguard import (
     RetryPolicy,
     parse_retry_after,
 )
-from creditguard.testing import serve
+from creditguard.lensmor.client import rate_limit_wait
+from creditguard.testing import FakeLensmor, serve
+from tests.helpers import NewBackend
 
 KEY = "sk-live-0123456789abcdef"
 BODY = {
@@ -688,3 +691,84 @@ async def test_the_precheck_errors_use_the_same_words(mode: str) -> None:
         " [redacted] (trace id t-9)"
     )
     assert _leaks(info.value, KEY) == []
+
+
+# -- rate limits: X-RateLimit-Remaining / X-RateLimit-Reset --------------------------------
+
+
+def _limited_transport(
+    fake: FakeLensmor, reset_in: float, remaining: str = "0"
+) -> tuple[httpx.MockTransport, list[int]]:
+    """The sandbox's balance, with rate-limit headers saying what is left."""
+    sent: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        sent.append(1)
+        body = json.dumps(fake.balance.to_api()).encode()
+        return httpx.Response(
+            200,
+            content=body,
+            headers={
+                "content-type": "application/json",
+                "x-ratelimit-limit": "60",
+                "x-ratelimit-remaining": remaining,
+                "x-ratelimit-reset": str(int(time.time() + reset_in)),
+            },
+        )
+
+    return httpx.MockTransport(handler), sent
+
+
+def test_no_balance_request_while_the_rate_limit_is_used_up(new_backend: NewBackend) -> None:
+    fake = FakeLensmor()
+    transport, sent = _limited_transport(fake, reset_in=120)
+    guard = CreditGuard(fake.api_key, transport=transport, ttl=60, backend=new_backend())
+    assert guard.balance().total_balance == 30050  # the answer says none are left
+    with guard.spend(10):  # the cache still serves within its TTL
+        fake.charge(10)
+    # ...but the refresh after spending may not call: it fails fast (the action's result
+    # stands, the refresh is reported as failed), and so does the next read.
+    assert len(sent) == 1
+    with pytest.raises(RateLimited) as info:
+        guard.balance()
+    assert info.value.retry_after is not None
+    assert 100 < info.value.retry_after <= 120
+    assert len(sent) == 1
+
+
+async def test_rate_limit_fails_fast_in_async_code_too(new_backend: NewBackend) -> None:
+    fake = FakeLensmor()
+    transport, sent = _limited_transport(fake, reset_in=60)
+    guard = CreditGuard(fake.api_key, transport=transport, ttl=0, backend=new_backend())
+    await guard.abalance()
+    with pytest.raises(RateLimited):
+        async with guard.spend(1):
+            pytest.fail("must not run: the balance cannot be read")
+    assert len(sent) == 1
+
+
+def test_requests_left_or_no_headers_never_block(new_backend: NewBackend) -> None:
+    fake = FakeLensmor()
+    transport, sent = _limited_transport(fake, reset_in=60, remaining="5")
+    guard = CreditGuard(fake.api_key, transport=transport, ttl=0, backend=new_backend())
+    for _ in range(3):
+        guard.balance()
+    assert len(sent) == 3
+
+
+@pytest.mark.usefixtures("new_backend")
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1030"}, 30.0),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "900"}, 0.0),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "99999999"}, 3600.0),
+        ({"x-ratelimit-remaining": "1", "x-ratelimit-reset": "1030"}, None),
+        ({"x-ratelimit-remaining": "0"}, None),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "soon"}, None),
+        ({"x-ratelimit-remaining": "0", "x-ratelimit-reset": "1e3"}, None),
+        ({}, None),
+    ],
+)
+def test_rate_limit_wait(headers: dict[str, str], expected: float | None) -> None:
+    assert rate_limit_wait(httpx.Headers(headers), now=1000.0) == expected

@@ -25,7 +25,8 @@ from jsonschema import Draft202012Validator
 
 from creditguard.testing import FakeLensmor, serve
 
-DATA = Path(__file__).parent / "data" / "lensmor-schemas-0.27.0.json"
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ROOT / "tests" / "data" / "lensmor-schemas-0.27.0.json"
 DOCUMENT: dict[str, Any] = json.loads(DATA.read_text(encoding="utf-8"))
 SCHEMAS: dict[str, Any] = DOCUMENT["components"]["schemas"]
 KEY = "sk-conformance"
@@ -775,7 +776,7 @@ async def test_async_transport_conflict_and_release() -> None:
 
 
 def test_reference_lists_the_paid_endpoints() -> None:
-    text = (Path(__file__).parent.parent / "docs" / "reference.md").read_text(encoding="utf-8")
+    text = (ROOT / "docs" / "reference.md").read_text(encoding="utf-8")
     _, _, section = text.partition("\n### The sandbox's Lensmor endpoints\n")
     section = re.split(r"^#{1,3} ", section, maxsplit=1, flags=re.MULTILINE)[0]
     rows = re.findall(r"^\| `(GET|POST) (/[\w/{}-]+)[?`]", section, flags=re.MULTILINE)

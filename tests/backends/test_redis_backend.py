@@ -1,6 +1,6 @@
 """RedisBackend's own contract: configuration, its lease renewer's lifetime, and one
 guarded call per kind of caller (sync, asyncio, trio) sharing one account in Redis. The
-behaviour of the guard over Redis is the core suites' (``each_backend``); many processes
+behaviour of the guard over Redis is the core suites' (``new_backend``); many processes
 are in ``test_redis_processes.py``."""
 
 from __future__ import annotations

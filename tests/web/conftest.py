@@ -20,7 +20,7 @@ def _configure_django() -> None:
         DEBUG=False,
         SECRET_KEY="creditguard-tests",
         ALLOWED_HOSTS=["testserver", "127.0.0.1", "localhost"],
-        ROOT_URLCONF="tests.frameworks.django_urls",
+        ROOT_URLCONF="tests.web.django_urls",
         MIDDLEWARE=["creditguard.django.CreditGuardMiddleware"],
         INSTALLED_APPS=[],
         DATABASES={},
