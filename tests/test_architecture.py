@@ -159,6 +159,7 @@ def test_web_adapters_use_the_public_guard() -> None:
         "creditguard.guard.spend",
         "creditguard.web.common",
         "creditguard.core.errors",
+        "creditguard.core.balance",
         "creditguard.core.checks",
     }
     for module, imported in GRAPH.items():
