@@ -9,8 +9,9 @@ operation to one of them.
   down (it raises :class:`BalanceUnavailable`; nothing was done in Redis), the operation
   goes to ``fallback`` instead, and so does every operation that starts in the next
   ``RETRY_AFTER`` seconds; then Redis is tried again. Each outage is logged once, when
-  it starts. ``bumped``, ``snapshot``, ``block`` and the rest of an operation once Redis
-  answered its first call stay on ``primary`` (they raise when Redis fails).
+  it starts. ``bumped``, ``snapshot``, ``block``, ``blocked``, ``overdue`` and ``forget``
+  always go to ``primary`` (``invalidate`` to both), and so does the rest of an operation
+  once Redis answered its first call: a failure then raises.
 * Without it, only a spend run unchecked while Redis is down (the guard's
   ``on_unavailable="allow"``) is counted in ``fallback``; the rest raises.
 * A reservation, a balance read, a turn at the gate or a hold goes back to the side that
@@ -66,6 +67,11 @@ class FallbackAccount:
     def flights(self) -> list[RedisFlight]:
         """The reads in Redis this process's callers share, oldest first."""
         return self.primary.flights
+
+    @property
+    def waiters(self) -> list[Waiter]:
+        """This process's callers waiting in Redis, at admission or for a turn."""
+        return self.primary.waiters
 
     def queued(self) -> int:
         """How many callers wait for a turn in Redis (for tests and metrics)."""
