@@ -494,7 +494,8 @@ async def guard_call(guard: CreditGuard, ran: list[int]) -> None:
 def test_a_read_that_cannot_be_recorded_still_finishes(
     redis_url: str, backends: list[RedisBackend], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import creditguard.backends.redis.backend
+    import creditguard.backends.redis.account
+    import creditguard.backends.redis.fallback
     import creditguard.backends.redis.reads
 
     backend = _backend(backends, redis_url, fresh_prefix("record"))
@@ -506,10 +507,12 @@ def test_a_read_that_cannot_be_recorded_still_finishes(
 
     monkeypatch.setattr(creditguard.backends.redis.reads, "encode_balance", broken)
     assert guard.balance().total_balance == 100
-    account = guard._account
-    assert isinstance(account, creditguard.backends.redis.backend.RedisAccount)
+    wrapper = guard._account
+    assert isinstance(wrapper, creditguard.backends.redis.fallback.FallbackAccount)
+    account = wrapper.primary
+    assert isinstance(account, creditguard.backends.redis.account.RedisAccount)
     assert account.flights == []
-    assert account._stale == []  # its read lock in Redis was given up
+    assert account.reads.stale == []  # its read lock in Redis was given up
     monkeypatch.undo()
     assert guard.balance(refresh=True).total_balance == 100
 

@@ -1,4 +1,4 @@
-"""What the scripts of ``_redis_state`` answer, decoded: one type per kind of answer, and
+"""What the scripts of :mod:`.scripts` answer, decoded: one type per kind of answer, and
 the functions that turn a script's raw reply (bytes or str, as the client decodes) into
 them."""
 

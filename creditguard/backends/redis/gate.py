@@ -1,10 +1,10 @@
 """The gate (``max_concurrent``) and the holds of one account in Redis: Lua scripts, each
 one atomic step, with a sync method (``redis.Redis``) and an async twin
 (``redis.asyncio``, named with a leading ``a``) per operation. No waiting here: a caller
-that has no turn yet asks again (see ``redis.RedisAccount``).
+that has no turn yet asks again (see :mod:`.holds`).
 
 Keys (every one carries the account's fingerprint ``F`` as the hash tag, as in
-``_redis_state``):
+``scripts``):
 
 * ``<prefix>{F}:gate``   sorted set: turn token -> expiry (ms): the turns taken. A turn
   is a lease: the process that has it renews it; a hold's turn lives as long as the hold.
@@ -14,9 +14,9 @@ Keys (every one carries the account's fingerprint ``F`` as the hash tag, as in
 * ``<prefix>{F}:ticket`` counter: the next ticket.
 * ``<prefix>{F}:hold:<id>`` hash, one per open hold (its record in ``res`` ends in ``:h``):
   ``cost``, ``gen``, ``balance`` (the balance it was admitted on, as
-  ``_redis_state.encode_balance`` writes it, or ``""``),
+  ``scripts.encode_balance`` writes it, or ``""``),
   ``turn`` (its gate turn, or ``""``). The hold's reservation is the reservation ``<id>``
-  of ``_redis_state`` (in ``res`` and ``lease``), its lease set to the hold's expiry; the
+  of ``scripts`` (in ``res`` and ``lease``), its lease set to the hold's expiry; the
   key expires soon after it.
 
 Time is the server's (``TIME``, ms).

@@ -1,6 +1,6 @@
-"""The gate and holds of a ``RedisAccount`` (``redis.py``): the ``AccountState`` operations
-``enter``, ``leave``, ``keep``, ``held``, ``claim`` and ``give_back`` over the scripts of
-``_redis_gate``, with the memory fallback while Redis is down (``fallback="memory"``).
+"""The gate and holds of a Redis account (:class:`GateAndHolds`): the ``AccountState``
+operations ``enter``, ``leave``, ``keep``, ``held``, ``claim`` and ``give_back`` over the
+scripts of :mod:`.gate`.
 
 A caller without a turn looks at Redis again after a short pause (2 ms, growing to 20 ms),
 and at once when a turn of this process is given back: turns are handed out by Redis, in
@@ -11,26 +11,26 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
+from creditguard.backends.redis.context import (
+    POLL_FIRST,
+    POLL_MAX,
+    AccountContext,
+    RedisReservation,
+)
 from creditguard.backends.redis.gate import HoldInfo
 from creditguard.core.errors import BalanceUnavailable
 from creditguard.core.steps import Kept, Ops, Reservation, Step, Turn, Waiter
 
-if TYPE_CHECKING:
-    from creditguard.backends.memory import Account
-    from creditguard.backends.redis.backend import RedisAccount
-
-__all__ = ["POLL_FIRST", "POLL_MAX", "GateOps"]
+__all__ = ["GateAndHolds"]
 
 logger = logging.getLogger("creditguard")
 _monotonic = time.monotonic
 
 # A waiter in the queue that has not looked for this long (its process died) loses its
-# place; live waiters look at least every POLL_MAX (``redis.py``'s pauses between looks).
+# place; live waiters look at least every POLL_MAX (the pauses between looks).
 _ALIVE_MS = 5_000
-POLL_FIRST = 0.002
-POLL_MAX = 0.02
 
 
 class _TurnWaiter(Waiter):
@@ -40,64 +40,41 @@ class _TurnWaiter(Waiter):
     __slots__ = ()
 
 
-class GateOps:
-    """The gate and holds operations of :class:`~.backend.RedisAccount` (a
-    base class of it)."""
+class GateAndHolds:
+    """The gate and holds of one Redis account (see the module)."""
 
-    __slots__ = ()
+    __slots__ = ("ctx",)
 
-    if TYPE_CHECKING:
-        _local: Account | None
-
-        def _gate_call(self, name: str, *args: Any) -> Any: ...
-        def _degraded(self) -> Account | None: ...
-        def _fallback(self, exc: BalanceUnavailable) -> Account | None: ...
-        def _local_account(self) -> Account: ...
-        def _wake_waiters(self) -> None: ...
-        def _settle_call(self, reservation: Reservation, name: str, *args: Any) -> Ops[object]: ...
-        def _reservation(self, info: HoldInfo, hold_id: str) -> Reservation: ...
-
-    def _me(self) -> RedisAccount:
-        return self  # type: ignore[return-value]
+    def __init__(self, ctx: AccountContext) -> None:
+        self.ctx = ctx
 
     # -- the gate ------------------------------------------------------------------------
 
     def enter(self, turn: Turn, limit: int, sync: bool, until: float) -> Ops[bool | Step]:
-        me = self._me()
-        local = None if turn.remote else self._degraded()
-        if local is not None:
-            return (yield from local.enter(turn, limit, sync, until))
-        backend = me._backend
-        try:
-            got = yield self._gate_call("enter", turn.token, limit, backend._lease_ms, _ALIVE_MS)
-        except BalanceUnavailable as exc:
-            local = None if turn.remote else self._fallback(exc)
-            if local is None:
-                raise
-            return (yield from local.enter(turn, limit, sync, until))
+        ctx = self.ctx
+        link = ctx.link
+        got = yield ctx.gate_call("enter", turn.token, limit, link.lease_ms, _ALIVE_MS)
         turn.remote = True
         if got == 0:
             turn.granted = True
-            backend._keep_turn(me._gate, turn.token)
+            link.leases._keep_turn(ctx.calls.redis_gate, turn.token)
             return True
         turn.looks += 1
         pause = min(POLL_MAX, POLL_FIRST * (2 ** min(turn.looks, 8)))
         waiter = _TurnWaiter(cast(int, got), 0)  # its ticket: the lowest is next
-        with me.lock:
-            me.waiters.append(waiter)
+        with ctx.lock:
+            ctx.waiters.append(waiter)
         return waiter, False, min(until, _monotonic() + pause)
 
     def leave(self, turn: Turn) -> Ops[None]:
+        """Give back ``turn``, taken in Redis (``turn.remote``), once."""
         if turn.left:
             return
-        if not turn.remote:  # taken on the fallback (or never asked for)
-            yield from self._local_account().leave(turn)
-            return
         turn.left = True
-        me = self._me()
-        me._backend._drop_turn(turn.token)
+        ctx = self.ctx
+        ctx.link.leases._drop_turn(turn.token)
         try:
-            yield self._gate_call("leave", turn.token)
+            yield ctx.gate_call("leave", turn.token)
         except BalanceUnavailable as exc:
             logger.warning(
                 "could not give back a turn in Redis (%s): it expires with its lease", exc
@@ -108,68 +85,63 @@ class GateOps:
         """A turn of this process was given back: the caller of this process that waits
         for one with the lowest ticket looks at Redis now (the others keep to their
         pauses, rather than all asking for the one turn at once)."""
-        me = self._me()
-        with me.lock:
-            waiting = [w for w in me.waiters if isinstance(w, _TurnWaiter) and not w.done]
+        ctx = self.ctx
+        with ctx.lock:
+            waiting = [w for w in ctx.waiters if isinstance(w, _TurnWaiter) and not w.done]
             if not waiting:
                 return
             first = min(waiting, key=lambda w: w.cost)
-            me.waiters.remove(first)
+            ctx.waiters.remove(first)
             callbacks = first._finish()
         for notify in callbacks:
             notify()
 
     def queued(self) -> int:
         """How many callers wait for a turn (for tests and metrics)."""
-        return self._me()._gate.queued()
+        return self.ctx.calls.redis_gate.queued()
 
     # -- holds ---------------------------------------------------------------------------
 
-    def keep(self, reservation: Reservation, expires_in: float, turn: Turn | None) -> Ops[Kept]:
-        rid = getattr(reservation, "id", None)
-        if rid is None:  # a reservation on the fallback: the hold lives there too
-            return (yield from self._local_account().keep(reservation, expires_in, turn))
-        me = self._me()
-        backend = me._backend
+    def keep(
+        self, reservation: RedisReservation, expires_in: float, turn: Turn | None
+    ) -> Ops[Kept]:
+        ctx = self.ctx
+        rid = reservation.id
+        leases = ctx.link.leases
         token = turn.token if turn is not None and turn.remote and not turn.left else ""
-        balance = "" if reservation.balance is None else me._encode(reservation.balance)
+        balance = "" if reservation.balance is None else ctx.encode(reservation.balance)
         ms = max(1, int(expires_in * 1000))
-        due = yield self._gate_call(
-            "keep", rid, ms, reservation.cost, reservation.gen, balance, token
-        )
+        cost, gen = reservation.cost, reservation.gen
+        due = yield ctx.gate_call("keep", rid, ms, cost, gen, balance, token)
         if not isinstance(due, int):
             raise BalanceUnavailable(
                 "the reservation's lease in Redis expired before the hold was kept"
             )
         # The hold's lease (and its turn) now live as long as the hold: no renewing.
-        backend._release(rid)
+        leases._release(rid)
         if token:
-            backend._drop_turn(token)
+            leases._drop_turn(token)
         return Kept(rid, reservation, due / 1000, turn)
 
-    def _find_hold(self, hold_id: str, claim: bool) -> Ops[Kept | None]:
-        local = self._local
-        if local is not None:
-            kept = yield from (local.claim(hold_id) if claim else local.held(hold_id))
-            if kept is not None:
-                return kept
-        me = self._me()
-        info = yield self._gate_call("hold", hold_id, claim, me._backend._lease_ms)
+    def find_hold(self, hold_id: str, claim: bool) -> Ops[Kept | None]:
+        """The open hold ``hold_id`` in Redis (``claim``: ended, its reservation an
+        ordinary one again until its caller settles it); ``None``: not open."""
+        ctx = self.ctx
+        link = ctx.link
+        info = yield ctx.gate_call("hold", hold_id, claim, link.lease_ms)
         if not isinstance(info, HoldInfo):
             return None
-        reservation = self._reservation(info, hold_id)
+        reservation = ctx.reservation(info, hold_id)
         if claim:  # an ordinary reservation again, until its caller settles it
-            me._backend._hold(me._redis, hold_id, info.cost)
+            link.leases._hold(ctx.calls.redis, hold_id, info.cost)
         return Kept(hold_id, reservation, info.expires_ms / 1000, None)
 
     def held(self, hold_id: str) -> Ops[Kept | None]:
-        return (yield from self._find_hold(hold_id, False))
+        return (yield from self.find_hold(hold_id, False))
 
     def claim(self, hold_id: str) -> Ops[Kept | None]:
-        return (yield from self._find_hold(hold_id, True))
+        return (yield from self.find_hold(hold_id, True))
 
     def give_back(self, reservation: Reservation) -> Ops[None]:
-        if getattr(reservation, "id", None) is None:
-            return (yield from self._local_account().give_back(reservation))
-        yield from self._settle_call(reservation, "release", False)
+        yield from self.ctx.settle_call(reservation, "release", False)
         reservation.released = True

@@ -103,7 +103,7 @@ DEFAULT_PREFIX = "creditguard:"
 
 # -- the scripts -------------------------------------------------------------------------
 #
-# The Lua is in ``_redis_state.lua``, in sections (see its head): "_head" names the keys,
+# The Lua is in ``state.lua``, in sections (see its head): "_head" names the keys,
 # reads the server's time and defines sweep(), which checks the books (the counters against
 # the records and their leases, repairing them when a key was lost) and removes the
 # reservations whose lease expired, if any did. "admit" and "finish", the scripts of every
@@ -289,7 +289,7 @@ class RedisAccountState:
             base + "flight",
         )
         # what precedes the arguments of each script's EVALSHA, encoded once (a script
-        # of five keys gets the gate's queue too: see _redis_gate)
+        # of five keys gets the gate's queue too: see gate.py)
         keys = tuple(key.encode() for key in (*self.keys, base + "queue"))
         self._heads: dict[str, tuple[str | bytes, ...]] = {
             name: eval_head(SHAS[name], keys[: NKEYS[name]]) for name in SCRIPTS
