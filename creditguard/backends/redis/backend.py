@@ -168,17 +168,6 @@ class RedisBackend(LeaseKeeper):
         # connection: see check_eviction).
         self.eviction_checked = threading.Event()
         self._eviction_asked = False
-        self._link = Link(
-            client=self._client,
-            async_client=self._async_client_here,
-            check_eviction=self._check_eviction,
-            acheck_eviction=self._acheck_eviction,
-            errors=self._errors,
-            leases=self,
-            prefix=prefix,
-            lease=self.lease,
-            lease_ms=self._lease_ms,
-        )
 
     def __repr__(self) -> str:
         return f"<RedisBackend prefix={self.prefix!r} lease={self.lease:g}>"
@@ -190,11 +179,26 @@ class RedisBackend(LeaseKeeper):
             account = self._accounts.get(fingerprint)
             if account is None:
                 account = self._accounts[fingerprint] = FallbackAccount(
-                    RedisAccount(self._link, fingerprint),
+                    RedisAccount(self._link(), fingerprint),
                     Account(fingerprint),
                     serve=self.fallback == "memory",
                 )
             return account
+
+    def _link(self) -> Link:
+        """What an account of this backend reaches Redis with (held by the account, not
+        by the backend: accounts keep their backend alive, not the other way round)."""
+        return Link(
+            client=self._client,
+            async_client=self._async_client_here,
+            check_eviction=self._check_eviction,
+            acheck_eviction=self._acheck_eviction,
+            errors=self._errors,
+            leases=self,
+            prefix=self.prefix,
+            lease=self.lease,
+            lease_ms=self._lease_ms,
+        )
 
     def _ask_eviction(self) -> bool:
         """Whether the caller asks Redis for its eviction policy now (the first call)."""
