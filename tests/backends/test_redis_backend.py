@@ -194,7 +194,7 @@ def test_an_event_loops_redis_client_closes_with_the_loop(redis_url: str) -> Non
     try:
         for _ in range(2):  # two loops, one after the other
             anyio.run(main, backend="asyncio")
-            assert backend._loop_clients == {}  # closed and forgotten with its loop
+            assert backend._loop_clients.held == {}  # closed and forgotten with its loop
         assert guard.balance().total_balance > 0
     finally:
         guard.close()

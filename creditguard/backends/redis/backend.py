@@ -33,12 +33,10 @@ again the reservations Redis lost (a restart, a flush, an eviction): see :mod:`.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import threading
 import weakref
-from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -56,6 +54,7 @@ from creditguard.backends.redis.leases import (
 )
 from creditguard.backends.redis.scripts import DEFAULT_PREFIX
 from creditguard.core.checks import _check_seconds
+from creditguard.core.loops import LoopKeeper
 
 if TYPE_CHECKING:
     import redis as redis_py
@@ -71,21 +70,17 @@ _TIMEOUTS: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.
 _POOL: dict[str, Any] = {"max_connections": 64, "timeout": 30.0, **_TIMEOUTS}
 
 
-async def _closer(
-    client: redis_asyncio.Redis, owner: weakref.ref[RedisBackend], loop: object
-) -> AsyncGenerator[None, None]:
-    """Closes ``client`` (and its pool) when the event loop it was made for shuts down,
-    and forgets it: advanced once inside that loop, the loop's async-generator hooks
-    finalize it then."""
-    try:
-        yield
-    finally:
-        backend = owner()
-        if backend is not None:
-            backend._loop_clients.pop(loop, None)  # type: ignore[call-overload]
-            backend._closers.pop(loop, None)  # type: ignore[call-overload]
-        with contextlib.suppress(Exception):  # a connection already broken
-            await client.aclose(close_connection_pool=True)
+def _loop_client(url: str) -> redis_asyncio.Redis:
+    """A new asyncio client, with its own bounded pool, for the running loop."""
+    import redis.asyncio
+
+    pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_POOL)
+    return redis.asyncio.Redis(connection_pool=pool)
+
+
+async def _aclose_client(client: redis_asyncio.Redis) -> None:
+    with contextlib.suppress(Exception):  # a connection already broken
+        await client.aclose(close_connection_pool=True)
 
 
 class RedisBackend(LeaseKeeper):
@@ -154,12 +149,9 @@ class RedisBackend(LeaseKeeper):
             )
         )
         self._async_client = async_client
-        self._closers: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, AsyncGenerator[None, None]
-        ] = weakref.WeakKeyDictionary()
-        self._loop_clients: weakref.WeakKeyDictionary[
-            asyncio.AbstractEventLoop, redis_asyncio.Redis
-        ] = weakref.WeakKeyDictionary()
+        # One asyncio client per event loop, closed by its loop when the loop shuts down
+        # (asyncio.run, anyio.run), so its sockets never outlive it.
+        self._loop_clients: LoopKeeper[redis_asyncio.Redis] = LoopKeeper(_aclose_client)
         self._errors: tuple[type[Exception], ...] = (redis_py.RedisError, OSError)
         self._accounts: weakref.WeakValueDictionary[str, FallbackAccount] = (
             weakref.WeakValueDictionary()
@@ -230,21 +222,8 @@ class RedisBackend(LeaseKeeper):
             return self._async_client
         if self._url is None:
             return None
-        loop = asyncio.get_running_loop()
-        client = self._loop_clients.get(loop)
-        if client is None:
-            import redis.asyncio
-
-            pool = redis.asyncio.BlockingConnectionPool.from_url(self._url, **_POOL)
-            client = redis.asyncio.Redis(connection_pool=pool)
-            self._loop_clients[loop] = client
-            # Closed by its loop when the loop shuts down (asyncio.run, anyio.run: they
-            # finalize the async generators still alive), so its sockets never outlive it.
-            closer = _closer(client, weakref.ref(self), loop)
-            with contextlib.suppress(StopIteration):
-                closer.asend(None).send(None)
-            self._closers[loop] = closer
-        return client
+        url = self._url
+        return self._loop_clients.get(lambda: _loop_client(url))
 
     def close(self) -> None:
         """Stop renewing leases and close the sync client (asyncio clients: see
@@ -267,11 +246,5 @@ class RedisBackend(LeaseKeeper):
         if renewer is not None:
             await anyio.to_thread.run_sync(renewer.join, 5)
         if on_asyncio():
-            loop = asyncio.get_running_loop()
-            client = self._loop_clients.pop(loop, None)
-            closer = self._closers.pop(loop, None)
-            if closer is not None:
-                await closer.aclose()  # closes the client
-            elif client is not None:
-                await client.aclose(close_connection_pool=True)
+            await self._loop_clients.aclose()
         self._close_sync()
