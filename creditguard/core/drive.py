@@ -11,7 +11,7 @@ from typing import TypeVar, cast
 from creditguard.core import outcomes
 from creditguard.core.engine import Engine
 from creditguard.core.errors import RateLimited
-from creditguard.core.steps import Call, Flight, Ops, Step, Steps, Waiter, _Waitable
+from creditguard.core.steps import Call, Flight, Ops, Steps, Waiter, _Waitable
 
 __all__ = ["adrive", "arun", "drive", "run"]
 
@@ -46,7 +46,7 @@ def drive(engine: Engine, steps: Steps[T]) -> T:
     try:
         step = next(steps)
         while True:
-            if step.__class__ is Call:
+            if isinstance(step, Call):
                 try:
                     done = step.run()
                 except BaseException as exc:
@@ -54,7 +54,7 @@ def drive(engine: Engine, steps: Steps[T]) -> T:
                 else:
                     step = steps.send(done)
                 continue
-            waitable, lead, until = cast(Step, step)
+            waitable, lead, until = step
             try:
                 if lead:
                     flight = cast(Flight, waitable)
@@ -83,7 +83,7 @@ async def adrive(engine: Engine, steps: Steps[T]) -> T:
     try:
         step = next(steps)
         while True:
-            if step.__class__ is Call:
+            if isinstance(step, Call):
                 try:
                     done = await step.arun()
                 except BaseException as exc:
@@ -91,7 +91,7 @@ async def adrive(engine: Engine, steps: Steps[T]) -> T:
                 else:
                     step = steps.send(done)
                 continue
-            waitable, lead, until = cast(Step, step)
+            waitable, lead, until = step
             try:
                 if lead and (watching := account.watch(cast(Flight, waitable))) is not None:
                     await arun(watching)

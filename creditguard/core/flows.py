@@ -29,7 +29,16 @@ from creditguard.core.errors import (
     InvalidResponse,
 )
 from creditguard.core.models import CreditBalance, PrecheckResult
-from creditguard.core.steps import Flight, Reservation, Step, Steps, Turn, Waiter, own_credits
+from creditguard.core.steps import (
+    Admission,
+    Flight,
+    Reservation,
+    Step,
+    Steps,
+    Turn,
+    Waiter,
+    own_credits,
+)
 
 __all__ = [
     "admit",
@@ -126,11 +135,11 @@ def _take_turn(engine: Engine, sync: bool) -> Steps[Turn | None]:
     try:
         while True:
             step = yield from account.enter(turn, limit, sync, until)
-            if step is True:
+            if not isinstance(step, Step):  # True: the turn is this caller's
                 return turn
             if _monotonic() >= until:
                 raise GateTimeout(limit, _monotonic() - started)
-            yield cast(Step, step)
+            yield step
     except BalanceUnavailable as exc:  # the gate's backend is unreachable
         yield from account.leave(turn)
         if settings.on_unavailable != "allow":
@@ -200,6 +209,7 @@ def admit(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
     deadline: float | None = None  # set when this call first waits for settling
     # This caller's own enclosing calls: they cannot settle while it waits.
     own = tuple(o._reservation for o in enclosing(engine) if o._reservation)
+    asking = Admission(cost, ttl, sync, own)
     flight: Flight | None = None
     try:
         if not call._defer:
@@ -216,11 +226,12 @@ def admit(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
                 until = deadline if deadline is not None else _monotonic() + wait
             # Read to settle finished spends on the first look, and again only while
             # this call may still wait.
-            again = flight is None or (until is not None and _monotonic() < until)
-            step = yield from account.admit(cost, ttl, flight, sync, until, own, again)
+            asking.until = until
+            asking.settle = flight is None or (until is not None and _monotonic() < until)
+            step = yield from account.admit(asking, flight)
             if isinstance(step, Reservation):
                 break
-            if deadline is None and isinstance(step[0], Waiter):
+            if deadline is None and isinstance(step.waitable, Waiter):
                 deadline = until
             waited = yield step
             flight = waited if isinstance(waited, Flight) else None

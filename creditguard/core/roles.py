@@ -24,7 +24,7 @@ import threading
 from typing import Protocol
 
 from creditguard.core.models import AccountSnapshot, CreditBalance
-from creditguard.core.steps import Flight, Kept, Ops, Reservation, Step, Turn, Waiter
+from creditguard.core.steps import Admission, Flight, Kept, Ops, Reservation, Step, Turn, Waiter
 
 __all__ = ["AccountState", "Gate", "Holds", "Reads", "Reservations", "StateBackend"]
 
@@ -117,23 +117,13 @@ class Reservations(Protocol):
         balance that covers it beside every reservation; ``None``: go the slow way."""
         ...
 
-    def admit(
-        self,
-        cost: int,
-        ttl: float,
-        flight: Flight | None,
-        sync: bool,
-        until: float | None,
-        enclosing: tuple[Reservation, ...],
-        settle: bool,
-    ) -> Ops[Reservation | Step]:
-        """Reserve ``cost``, or say what to wait for: a read (to lead or join), or the
-        calls in flight to settle (until the monotonic time ``until``; ``None``: may not
-        wait). Raises ``InsufficientCredits`` when the account cannot pay even if the
-        calls in flight charge nothing (``enclosing``: the caller's own calls, which
-        cannot settle while it waits), ``AdmissionTimeout`` when only they stand in the
-        way and the caller may wait no longer. ``settle``: a read may be led to settle
-        the calls that returned."""
+    def admit(self, asking: Admission, flight: Flight | None) -> Ops[Reservation | Step]:
+        """Reserve ``asking.cost``, or say what to wait for: a read (to lead or join), or
+        the calls in flight to settle (until ``asking.until``). Raises
+        ``InsufficientCredits`` when the account cannot pay even if the calls in flight
+        charge nothing (``asking.enclosing``, the caller's own, cannot settle while it
+        waits), ``AdmissionTimeout`` when only they stand in the way and the caller may
+        wait no longer. ``flight``: the read the caller just waited for, if any."""
         ...
 
     def committed(self) -> Ops[int]:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -23,6 +24,7 @@ from creditguard.core.errors import BalanceUnavailable
 from creditguard.core.models import CreditBalance
 
 __all__ = [
+    "Admission",
     "Call",
     "Flight",
     "Kept",
@@ -236,10 +238,34 @@ class Kept:
         self.due = due  # the monotonic time it expires at, where the backend keeps time
 
 
-# What an operation needs next: a read to perform (``lead``) or to wait for, or a
-# reservation release to wait for; ``until`` bounds a wait for a release (monotonic
-# seconds). A read's waiters are bounded by the guard's read budget instead.
-Step = tuple[_Waitable, bool, "float | None"]
+@dataclasses.dataclass(slots=True)
+class Admission:
+    """One call asking to be admitted, as a backend decides on it: its ``cost``, the
+    ``ttl`` a cached balance is trusted for, whether the caller is a thread (``sync``),
+    the reservations of its own enclosing calls (``enclosing``: they cannot settle while
+    it waits), until when it may wait for calls in flight (``until``, monotonic seconds;
+    ``None``: it may not), and whether a read may be led to settle the calls that
+    returned (``settle``). The flow asks again with the same one, updated."""
+
+    cost: int
+    ttl: float
+    sync: bool
+    enclosing: tuple[Reservation, ...] = ()
+    until: float | None = None
+    settle: bool = True
+
+
+class Step(NamedTuple):
+    """What an operation needs next: a read to perform (``lead``) or to wait for, or a
+    release (a ``Waiter``, or a turn at the gate) to wait for."""
+
+    waitable: _Waitable
+    lead: bool = False
+    """The caller performs the read (``waitable`` is then a ``Flight``)."""
+    until: float | None = None
+    """Bounds a wait for a release (monotonic seconds); a read's waiters are bounded by
+    the guard's read budget instead."""
+
 
 T = TypeVar("T")
 

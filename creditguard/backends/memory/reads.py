@@ -58,14 +58,14 @@ class AccountReads(AccountBase):
         if joinable:
             newest = joinable[-1]
             if newest.start_seq >= after:
-                return newest, False, None
+                return Step(newest, False, None)
         if len(flights) < MAX_FLIGHTS:
             flight = Flight(self.seq, sync)
             flights.append(flight)
-            return flight, True, None
+            return Step(flight, True, None)
         if joinable:
-            return joinable[0], False, None
-        return Flight(self.seq, sync), True, None
+            return Step(joinable[0], False, None)
+        return Step(Flight(self.seq, sync), True, None)
 
     def _store(self, balance: CreditBalance, start: int) -> None:
         """Under the lock: cache ``balance``, read from ``start``. Every reservation

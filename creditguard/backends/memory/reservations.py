@@ -14,6 +14,7 @@ from creditguard.core.errors import AdmissionTimeout
 from creditguard.core.models import CreditBalance
 from creditguard.core.settling import MAX_SETTLING, after_report
 from creditguard.core.steps import (
+    Admission,
     Flight,
     Ops,
     Reservation,
@@ -69,30 +70,18 @@ class AccountReservations(AccountReads):
             self.inflight += 1
             return Reservation(cost, cached, self.cache_gen)
 
-    def admit(
-        self,
-        cost: int,
-        ttl: float,
-        flight: Flight | None,
-        sync: bool,
-        until: float | None,
-        enclosing: tuple[Reservation, ...],
-        settle: bool,
-    ) -> Ops[Reservation | Step]:
-        """Reserve ``cost`` on a trusted balance, or name what to wait for / perform.
-
-        ``until`` is how long the caller may wait for spends in flight to settle
-        (monotonic seconds; ``None``: it may not wait); ``enclosing`` the reservations
-        of the caller's own enclosing spends. ``settle``: when the cost does not fit
-        and finished spends wait for a read (see :meth:`defer`), perform or join that
-        read and decide again. Raises :class:`InsufficientCredits` when the account
-        cannot pay even if the calls in flight charge nothing, and
-        :class:`AdmissionTimeout` when only they stand in the way and the caller may not
-        wait any longer (nothing reserved either way).
+    def admit(self, asking: Admission, flight: Flight | None) -> Ops[Reservation | Step]:
+        """Reserve ``asking.cost`` on a trusted balance, or name what to wait for or
+        perform. With ``asking.settle``, when the cost does not fit and finished spends
+        wait for a read (see :meth:`defer`), perform or join that read and decide again.
+        Raises :class:`InsufficientCredits` when the account cannot pay even if the calls
+        in flight charge nothing, and :class:`AdmissionTimeout` when only they stand in
+        the way and the caller may not wait any longer (nothing reserved either way).
         """
+        cost, sync, until = asking.cost, asking.sync, asking.until
         self._sweep()
         with self.lock:
-            balance = self._usable(flight, ttl)
+            balance = self._usable(flight, asking.ttl)
             if balance is None:
                 return done(self._join_or_lead(self.floor, sync))
             total = balance.total_balance
@@ -102,21 +91,21 @@ class AccountReservations(AccountReads):
                 self.inflight += 1
                 gen = self.cache_gen if balance is self.cached else -1
                 return done(Reservation(cost, balance, gen))
-            own = own_credits(enclosing)
+            own = own_credits(asking.enclosing)
             committed = self.holds.credits + own
             if cost > total - committed:
                 raise InsufficientCredits(
                     cost, max(0, total - committed), balance, reserved=reserved
                 )
             settling = self.settling
-            if settling and settle:
+            if settling and asking.settle:
                 # Spends that finished and wait for a read hold credits a read would
                 # show (they may have cost less than declared): read, then decide.
                 return done(self._join_or_lead(settling[-1].after, sync))
             if until is not None and _monotonic() < until:
                 waiter = Waiter(cost, own)
                 self.waiters.append(waiter)
-                return done((waiter, False, until))
+                return done(Step(waiter, False, until))
             raise AdmissionTimeout(cost, max(0, total - reserved), reserved=reserved)
 
     def forget(self, waiter: Waiter) -> None:

@@ -25,7 +25,7 @@ class Account(AccountReservations):
         with self.lock:
             if self.gate.enter(turn, limit):
                 return done(True)
-            return done((turn, False, min(until, self.holds.due)))
+            return done(Step(turn, False, min(until, self.holds.due)))
 
     def leave(self, turn: Turn) -> Ops[None]:
         """Give the turn back, or leave the queue (twice: nothing)."""

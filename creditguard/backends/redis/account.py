@@ -38,7 +38,17 @@ from creditguard.core.balance import InsufficientCredits
 from creditguard.core.errors import AdmissionTimeout, BalanceUnavailable
 from creditguard.core.models import AccountSnapshot, CreditBalance
 from creditguard.core.settling import MAX_SETTLING, after_report
-from creditguard.core.steps import Flight, Kept, Ops, Reservation, Step, Turn, Waiter, own_error
+from creditguard.core.steps import (
+    Admission,
+    Flight,
+    Kept,
+    Ops,
+    Reservation,
+    Step,
+    Turn,
+    Waiter,
+    own_error,
+)
 
 __all__ = ["Asked", "RedisAccount"]
 
@@ -107,32 +117,16 @@ class RedisAccount:
     def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
         return None  # every admission is a script call: the slow path
 
-    def admit(
-        self,
-        cost: int,
-        ttl: float,
-        flight: Flight | None,
-        sync: bool,
-        until: float | None,
-        enclosing: tuple[Reservation, ...],
-        settle: bool,
-    ) -> Ops[Reservation | Step]:
+    def admit(self, asking: Admission, flight: Flight | None) -> Ops[Reservation | Step]:
         if flight is not None and flight.error is not None:
             raise own_error(flight.error)  # the read this caller waited for failed
-        asked = yield from self.ask(cost, ttl, flight, until, enclosing, settle)
-        return (yield from self.answer(asked, sync))
+        asked = yield from self.ask(asking, flight)
+        return (yield from self.answer(asked, asking.sync))
 
-    def ask(
-        self,
-        cost: int,
-        ttl: float,
-        flight: Flight | None,
-        until: float | None,
-        enclosing: tuple[Reservation, ...],
-        settle: bool,
-    ) -> Ops[Asked]:
+    def ask(self, asking: Admission, flight: Flight | None) -> Ops[Asked]:
         """The first step of :meth:`admit`: ask Redis (raises :class:`BalanceUnavailable`
         when it does not answer; nothing is reserved then)."""
+        cost, until, enclosing = asking.cost, asking.until, asking.enclosing
         ctx = self.ctx
         rid = os.urandom(12).hex()
         may_wait = until is not None and _monotonic() < until
@@ -140,7 +134,7 @@ class RedisAccount:
         waited_for = None
         if flight is not None and flight.result is not None and flight.start_seq >= 0:
             waited_for = flight.start_seq
-        ttl_ms = int(ttl * 1000)
+        ttl_ms = int(asking.ttl * 1000)
         known = self._known
         looked = _monotonic()
         if ctx.outside:
@@ -150,7 +144,7 @@ class RedisAccount:
             rid,
             cost,
             ttl_ms,
-            settle,
+            asking.settle,
             may_wait,
             own,
             waited_for,
@@ -187,7 +181,7 @@ class RedisAccount:
         waiter = _LookAgain(cost, answer.own)
         with self.lock:
             self.ctx.waiters.append(waiter)
-        return waiter, False, min(until, _monotonic() + POLL_MAX)
+        return Step(waiter, False, min(until, _monotonic() + POLL_MAX))
 
     def unchecked(self, cost: int) -> Ops[Reservation]:
         rid = os.urandom(12).hex()
@@ -223,12 +217,12 @@ class RedisAccount:
         if not isinstance(after, int) or after <= 0:
             # Redis failed or the lease expired: read on our own, stored if Redis lets us.
             flight = RedisFlight(0, sync, None)
-            return flight, True, None
+            return Step(flight, True, None)
         settlement.after = after
         try:
             return (yield from self.reads.need_read(after, sync))
         except BalanceUnavailable:
-            return RedisFlight(after, sync, None), True, None
+            return Step(RedisFlight(after, sync, None), True, None)
 
     def end(self, settlement: Reservation, failed: bool) -> Ops[None]:
         # A read that started after the action released it; a failed refresh distrusts.

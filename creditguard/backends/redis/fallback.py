@@ -24,6 +24,7 @@ Callers wait (on reads, turns, admissions) with ``primary``'s lock, on either si
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -35,7 +36,17 @@ from creditguard.backends.redis.context import RedisReservation
 from creditguard.backends.redis.reads import RedisFlight, answered
 from creditguard.core.errors import BalanceUnavailable
 from creditguard.core.models import AccountSnapshot, CreditBalance
-from creditguard.core.steps import Flight, Kept, Ops, Reservation, Step, Turn, Waiter, own_error
+from creditguard.core.steps import (
+    Admission,
+    Flight,
+    Kept,
+    Ops,
+    Reservation,
+    Step,
+    Turn,
+    Waiter,
+    own_error,
+)
 
 __all__ = ["RETRY_AFTER", "FallbackAccount"]
 
@@ -121,29 +132,21 @@ class FallbackAccount:
     def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
         return None  # every admission is a script call: the slow path
 
-    def admit(
-        self,
-        cost: int,
-        ttl: float,
-        flight: Flight | None,
-        sync: bool,
-        until: float | None,
-        enclosing: tuple[Reservation, ...],
-        settle: bool,
-    ) -> Ops[Reservation | Step]:
+    def admit(self, asking: Admission, flight: Flight | None) -> Ops[Reservation | Step]:
         if flight is not None and flight.error is not None:
             raise own_error(flight.error)  # the read this caller waited for failed
         primary = self.primary
         if self._degraded() is None:
             try:
-                asked = yield from primary.ask(cost, ttl, flight, until, enclosing, settle)
+                asked = yield from primary.ask(asking, flight)
             except BalanceUnavailable as exc:
                 if self._down(exc) is None:
                     raise
             else:
-                return (yield from primary.answer(asked, sync))
-        mine = tuple(r for r in enclosing if not isinstance(r, RedisReservation))
-        return (yield from self.fallback.admit(cost, ttl, flight, sync, until, mine, settle))
+                return (yield from primary.answer(asked, asking.sync))
+        mine = tuple(r for r in asking.enclosing if not isinstance(r, RedisReservation))
+        local = dataclasses.replace(asking, enclosing=mine)
+        return (yield from self.fallback.admit(local, flight))
 
     def unchecked(self, cost: int) -> Ops[Reservation]:
         local = self._degraded()

@@ -64,7 +64,7 @@ class GateAndHolds:
         waiter = _TurnWaiter(cast(int, got), 0)  # its ticket: the lowest is next
         with ctx.lock:
             ctx.waiters.append(waiter)
-        return waiter, False, min(until, _monotonic() + pause)
+        return Step(waiter, False, min(until, _monotonic() + pause))
 
     def leave(self, turn: Turn) -> Ops[None]:
         """Give back ``turn``, taken in Redis (``turn.remote``), once."""

@@ -73,7 +73,7 @@ class Reads:
         with ctx.lock:
             for joined in reversed(self.flights):
                 if joined.start_seq >= after and (joined.sync or not sync):
-                    return joined, False, None
+                    return Step(joined, False, None)
             # A read of this process that came back after the caller looked at Redis (at
             # ``looked``) and starts late enough: the caller's look raced with storing it.
             last = self._last
@@ -83,7 +83,7 @@ class Reads:
                 and last.start_seq >= after
                 and last.finished >= looked
             ):
-                return last, False, None  # finished: no wait
+                return Step(last, False, None)  # finished: no wait
             flight = RedisFlight(after, sync, None)  # seq only grows: it starts >= after
             self.flights.append(flight)
             stale = bool(self.stale)
@@ -106,7 +106,7 @@ class Reads:
             flight.token = token
         else:
             flight.remote = True
-        return flight, True, None
+        return Step(flight, True, None)
 
     def watch(self, flight: Flight) -> Ops[None] | None:
         """How to lead ``flight`` when another process performs the read: watch Redis
