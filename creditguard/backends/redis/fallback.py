@@ -58,6 +58,13 @@ T = TypeVar("T")
 RETRY_AFTER = 1.0
 
 
+class _Down:
+    """What :meth:`FallbackAccount._first` answers when the fallback serves."""
+
+
+DOWN = _Down()
+
+
 class FallbackAccount:
     """An account in Redis with one in this process's memory for when Redis is down (see
     the module)."""
@@ -111,17 +118,24 @@ class FallbackAccount:
         self.primary.spent_outside()
         return self.fallback
 
-    def _route(self, on_primary: Callable[[], Ops[T]], on_fallback: Callable[[], Ops[T]]) -> Ops[T]:
-        """``on_primary()``, unless Redis is down (see the module): ``on_fallback()``.
-        ``on_primary`` must raise :class:`BalanceUnavailable` only when its first call
-        to Redis fails."""
+    def _first(self, on_primary: Callable[[], Ops[T]]) -> Ops[T | _Down]:
+        """``on_primary()`` (an operation's first call to Redis), or ``DOWN`` when Redis is
+        down and the fallback serves (see the module). ``on_primary`` must raise
+        :class:`BalanceUnavailable` only when its first call to Redis fails."""
         if self._degraded() is None:
             try:
                 return (yield from on_primary())
             except BalanceUnavailable as exc:
                 if self._down(exc) is None:
                     raise
-        return (yield from on_fallback())
+        return DOWN
+
+    def _route(self, on_primary: Callable[[], Ops[T]], on_fallback: Callable[[], Ops[T]]) -> Ops[T]:
+        """``on_primary()``, unless Redis is down (see :meth:`_first`): ``on_fallback()``."""
+        result = yield from self._first(on_primary)
+        if isinstance(result, _Down):
+            return (yield from on_fallback())
+        return result
 
     def _side(self, reservation: Reservation) -> RedisAccount | Account:
         """The account that made ``reservation``."""
@@ -136,14 +150,9 @@ class FallbackAccount:
         if flight is not None and flight.error is not None:
             raise own_error(flight.error)  # the read this caller waited for failed
         primary = self.primary
-        if self._degraded() is None:
-            try:
-                asked = yield from primary.ask(asking, flight)
-            except BalanceUnavailable as exc:
-                if self._down(exc) is None:
-                    raise
-            else:
-                return (yield from primary.answer(asked, asking.sync))
+        asked = yield from self._first(lambda: primary.ask(asking, flight))
+        if not isinstance(asked, _Down):
+            return (yield from primary.answer(asked, asking.sync))
         mine = tuple(r for r in asking.enclosing if not isinstance(r, RedisReservation))
         local = dataclasses.replace(asking, enclosing=mine)
         return (yield from self.fallback.admit(local, flight))
@@ -194,16 +203,11 @@ class FallbackAccount:
     def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
         if flight is not None and flight.error is not None:
             raise own_error(flight.error)  # the read this caller waited for failed
-        primary = self.primary
+        reads = self.primary.reads
         looked = _monotonic()
-        if self._degraded() is None:
-            try:
-                snap = yield from primary.reads.look()
-            except BalanceUnavailable as exc:
-                if self._down(exc) is None:
-                    raise
-            else:
-                return (yield from primary.reads.read_from(snap, ttl, flight, sync, looked))
+        snap = yield from self._first(reads.look)
+        if not isinstance(snap, _Down):
+            return (yield from reads.read_from(snap, ttl, flight, sync, looked))
         return (yield from self.fallback.read(ttl, flight, sync))
 
     def read_after(
@@ -212,16 +216,11 @@ class FallbackAccount:
         known = answered(after, flight)
         if known is not None:
             return known
-        primary = self.primary
+        reads = self.primary.reads
         looked = _monotonic()
-        if self._degraded() is None:
-            try:
-                snap = yield from primary.reads.look()
-            except BalanceUnavailable as exc:
-                if self._down(exc) is None:
-                    raise
-            else:
-                return (yield from primary.reads.read_after_from(snap, after, sync, looked))
+        snap = yield from self._first(reads.look)
+        if not isinstance(snap, _Down):
+            return (yield from reads.read_after_from(snap, after, sync, looked))
         return (yield from self.fallback.read_after(after, flight, sync))
 
     def pending(self) -> Ops[int]:
