@@ -39,7 +39,7 @@ class Guarded:
         "cost",
     )
 
-    def __init__(self, engine: Engine, cost: int, *, defer: bool = False) -> None:
+    def __init__(self, engine: Engine, cost: int, defer: bool = False) -> None:
         self._engine = engine
         # Settle without waiting for the refresh (decorated calls, middleware): the
         # caller never sees balance_after, so the next read that needs it settles it.

@@ -14,6 +14,7 @@ from creditguard.core import flows
 from creditguard.core.calls import Guarded, current
 from creditguard.core.drive import adrive, drive
 from creditguard.core.engine import Engine
+from creditguard.core.flows import admit_cached
 from creditguard.lensmor.precheck import Precheck
 
 __all__ = ["Spend", "acost_of", "cost_of", "current_spend"]
@@ -73,7 +74,7 @@ class Spend(Guarded):
         self._precheck: Precheck | None = None
         if isinstance(cost, Precheck):
             self._precheck, cost = cost, 0  # the cost is Lensmor's answer, on entering
-        super().__init__(guard._engine, cost, defer=defer)
+        Guarded.__init__(self, guard._engine, cost, defer)
 
     def __repr__(self) -> str:
         before = None if self.balance_before is None else self.balance_before.total_balance
@@ -110,7 +111,7 @@ class Spend(Guarded):
         engine = self._engine
         if engine.settings.max_concurrent is not None:
             drive(engine, flows.open(engine, self, True))
-        elif not flows.admit_cached(engine, self):
+        elif not admit_cached(engine, self):
             drive(engine, flows.admit(engine, self, True))
         self._activate()
         return self
@@ -136,7 +137,7 @@ class Spend(Guarded):
         engine = self._engine
         if engine.settings.max_concurrent is not None:
             await adrive(engine, flows.open(engine, self, False))
-        elif not flows.admit_cached(engine, self):
+        elif not admit_cached(engine, self):
             await adrive(engine, flows.admit(engine, self, False))
         self._activate()
         return self
