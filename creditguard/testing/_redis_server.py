@@ -3,7 +3,10 @@ benchmarks against a real Redis (private: not part of ``creditguard.testing``).
 
 No persistence (``--save ''``, ``--appendonly no``), its files in a temporary directory.
 When ``redis-server`` cannot be found or does not answer, this raises: tests that need
-Redis fail, they never skip. Set ``REDIS_SERVER`` to use a binary outside ``PATH``.
+Redis fail, they never skip. Set ``REDIS_SERVER`` to use a binary outside ``PATH`` (and
+``REDIS_SENTINEL``, ``REDIS_CLI`` for the other binaries of
+:mod:`creditguard.testing._redis_topologies`, which starts clusters and sentinels with
+the same :class:`RedisServer`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from types import TracebackType
 
-__all__ = ["RedisServer", "RedisServerError", "redis_server"]
+__all__ = ["RedisServer", "RedisServerError", "binary", "redis_server"]
 
 START_TIMEOUT = 10.0  # seconds for a server to answer PING
 STOP_TIMEOUT = 10.0  # seconds for it to exit after SIGTERM (then SIGKILL)
@@ -28,12 +31,23 @@ class RedisServerError(RuntimeError):
     """``redis-server`` is missing, or did not start."""
 
 
-def _binary() -> str:
-    path = os.environ.get("REDIS_SERVER") or shutil.which("redis-server")
+# binary -> (the variable that names it, the Debian package that installs it)
+_BINARIES = {
+    "redis-server": ("REDIS_SERVER", "redis-server"),
+    "redis-sentinel": ("REDIS_SENTINEL", "redis-sentinel"),
+    "redis-cli": ("REDIS_CLI", "redis-tools"),
+}
+
+
+def binary(name: str = "redis-server") -> str:
+    """The path of Redis's binary ``name`` (``redis-server``, ``redis-sentinel``,
+    ``redis-cli``): the variable that names it, or ``PATH``; raises when it is missing."""
+    variable, package = _BINARIES[name]
+    path = os.environ.get(variable) or shutil.which(name)
     if not path:
         raise RedisServerError(
-            "redis-server not found on PATH (install it, e.g. apt-get install redis-server,"
-            " or set REDIS_SERVER to its path): the Redis tests need a real server"
+            f"{name} not found on PATH (install it, e.g. apt-get install {package},"
+            f" or set {variable} to its path): the Redis tests need a real server"
         )
     return path
 
@@ -57,11 +71,20 @@ class RedisServer:
     """One ``redis-server`` process. ``with RedisServer() as server: server.url``.
 
     :meth:`restart` stops it and starts a new one on the same port (an outage: every key
-    and every loaded script is gone, as after a crash without persistence).
+    and every loaded script is gone, as after a crash without persistence; its directory,
+    and so a cluster node's ``nodes.conf``, is kept).
+
+    ``args`` are more options (``("--cluster-enabled", "yes")``); ``config`` is the text
+    of a configuration file written to its directory and given first (``redis-sentinel``
+    needs one, and rewrites it); ``program`` is the binary (``"redis-sentinel"``).
     """
 
-    def __init__(self) -> None:
-        self.binary = _binary()
+    def __init__(
+        self, args: Sequence[str] = (), config: str | None = None, program: str = "redis-server"
+    ) -> None:
+        self.binary = binary(program)
+        self.args = tuple(args)
+        self.config = config
         self.port = 0
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -95,8 +118,15 @@ class RedisServer:
     def _spawn(self, port: int) -> None:
         assert self._dir is not None
         log = os.path.join(self._dir.name, f"redis-{port}.log")
+        conf: list[str] = []
+        if self.config is not None:
+            conf = [os.path.join(self._dir.name, "redis.conf")]
+            if not os.path.exists(conf[0]):  # a restart keeps what the server wrote there
+                with open(conf[0], "w", encoding="utf-8") as f:
+                    f.write(self.config)
         args = [
             self.binary,
+            *conf,
             "--port",
             str(port),
             "--bind",
@@ -111,6 +141,7 @@ class RedisServer:
             self._dir.name,
             "--logfile",
             log,
+            *self.args,
         ]
         try:
             proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)  # noqa: S603
@@ -133,10 +164,21 @@ class RedisServer:
                 )
             time.sleep(0.02)
 
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
     def stop(self) -> None:
         proc, self._proc = self._proc, None
         if proc is not None:
             _terminate(proc)
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies at once, as in a crash (no shutdown, no last save)."""
+        proc, self._proc = self._proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
 
     def restart(self) -> None:
         """Stop the server and start a fresh one on the same port."""

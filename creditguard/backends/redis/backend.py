@@ -33,11 +33,11 @@ again the reservations Redis lost (a restart, a flush, an eviction): see :mod:`.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 import anyio.to_thread
@@ -45,6 +45,7 @@ import anyio.to_thread
 from creditguard.backends.memory import Account
 from creditguard.backends.redis.account import RedisAccount
 from creditguard.backends.redis.calls import Link
+from creditguard.backends.redis.clients import aclose_client, close_client, topology
 from creditguard.backends.redis.fallback import FallbackAccount
 from creditguard.backends.redis.leases import (
     LeaseKeeper,
@@ -59,42 +60,30 @@ from creditguard.core.loops import LoopKeeper
 if TYPE_CHECKING:
     import redis as redis_py
     import redis.asyncio as redis_asyncio
+    import redis.asyncio.cluster as redis_async_cluster
+    import redis.cluster as redis_cluster
 
-    from creditguard.backends.redis.scripts import AsyncClient
+    from creditguard.backends.redis.clients import AsyncClient, SyncClient
 
 __all__ = ["RedisBackend"]
-
-# Clients made from a URL: every Redis round trip is bounded, and so are the connections
-# one process opens (a caller beyond them waits its turn, at most ``timeout`` seconds).
-_TIMEOUTS: dict[str, Any] = {"socket_timeout": 2.0, "socket_connect_timeout": 2.0}
-_POOL: dict[str, Any] = {"max_connections": 64, "timeout": 30.0, **_TIMEOUTS}
-
-
-def _loop_client(url: str) -> redis_asyncio.Redis:
-    """A new asyncio client, with its own bounded pool, for the running loop."""
-    import redis.asyncio
-
-    pool = redis.asyncio.BlockingConnectionPool.from_url(url, **_POOL)
-    return redis.asyncio.Redis(connection_pool=pool)
-
-
-async def _aclose_client(client: redis_asyncio.Redis) -> None:
-    with contextlib.suppress(Exception):  # a connection already broken
-        await client.aclose(close_connection_pool=True)
 
 
 class RedisBackend(LeaseKeeper):
     """Account state in Redis (or Valkey), shared by every process that uses the same
     server and ``prefix``.
 
-    ``url`` defaults to ``CREDITGUARD_REDIS_URL``. Or pass ``client`` (a ``redis.Redis``,
-    including one from a Sentinel, or a ``redis.cluster.RedisCluster``) and, for asyncio,
-    ``async_client`` (``redis.asyncio``; without it, one is made per event loop from
-    ``url``, or the sync client runs in a worker thread). ``lease`` (seconds, above 0.1
-    and at most ``MAX_SECONDS``) is how long a call's reservation outlives its process.
-    The first script call asks Redis for its ``maxmemory-policy`` first and logs a warning
-    unless it is ``noeviction`` (an evicting Redis may drop the guard's
-    keys; see "Running many workers"). ``fallback="memory"``: while Redis is
+    ``url`` defaults to ``CREDITGUARD_REDIS_URL``. ``cluster=True``: ``url`` names a node
+    of a Redis Cluster. ``sentinels`` (``[(host, port), ...]``) and ``service_name``: the
+    primary is the one those Sentinels name, and after a failover the new one (no
+    ``url`` then). Or pass ``client`` (a ``redis.Redis``, including one from
+    ``Sentinel.master_for``, or a ``redis.cluster.RedisCluster``) and, for asyncio,
+    ``async_client`` (``redis.asyncio``, or its ``RedisCluster``; without it, one is made
+    per event loop from ``url`` or the sentinels, or the sync client runs in a worker
+    thread). Contradictory arguments are refused before any network call. ``lease``
+    (seconds, above 0.1 and at most ``MAX_SECONDS``) is how long a call's reservation
+    outlives its process. The first script call asks Redis for its ``maxmemory-policy``
+    first and logs a warning unless it is ``noeviction`` (an evicting Redis may drop the
+    guard's keys; see "Running many workers"). ``fallback="memory"``: while Redis is
     unreachable, keep this process running on state of its own (logged; processes are
     then not coordinated); by default the guard's ``on_unavailable`` policy applies, with
     a :class:`~creditguard.BalanceUnavailable` that names Redis.
@@ -104,11 +93,14 @@ class RedisBackend(LeaseKeeper):
         self,
         url: str | None = None,
         *,
-        client: redis_py.Redis | None = None,
-        async_client: redis_asyncio.Redis | None = None,
+        client: redis_py.Redis | redis_cluster.RedisCluster | None = None,
+        async_client: redis_asyncio.Redis | redis_async_cluster.RedisCluster | None = None,
         prefix: str = DEFAULT_PREFIX,
         lease: float = 60.0,
         fallback: Literal["memory"] | None = None,
+        cluster: bool = False,
+        sentinels: Sequence[tuple[str, int]] | None = None,
+        service_name: str | None = None,
     ) -> None:
         try:
             import redis as redis_py
@@ -117,10 +109,15 @@ class RedisBackend(LeaseKeeper):
             raise ImportError(
                 "RedisBackend needs redis-py: pip install 'creditguard[redis]'"
             ) from exc
-        if url is None and client is None:
-            url = os.environ.get("CREDITGUARD_REDIS_URL")
-            if not url:
-                raise ValueError("RedisBackend needs a url, a client, or CREDITGUARD_REDIS_URL")
+        where = topology(
+            url,
+            client,
+            async_client,
+            cluster,
+            sentinels,
+            service_name,
+            os.environ.get("CREDITGUARD_REDIS_URL"),
+        )
         if not isinstance(prefix, str):
             raise TypeError(f"prefix must be a str, got {type(prefix).__name__}")
         if "{" in prefix or "}" in prefix:
@@ -139,20 +136,20 @@ class RedisBackend(LeaseKeeper):
         self.lease = float(lease)
         self.fallback = fallback
         self._lease_ms = int(lease * 1000)
-        self._url = url
+        self._topology = where
         self._own_client = client is None
-        self._client = (
-            client
-            if client is not None
-            else redis_py.Redis(
-                connection_pool=redis_py.BlockingConnectionPool.from_url(str(url), **_POOL)
-            )
-        )
-        self._async_client = async_client
+        self._client: SyncClient = client if client is not None else where.sync_client()
+        self._async_client: AsyncClient | None = async_client
         # One asyncio client per event loop, closed by its loop when the loop shuts down
         # (asyncio.run, anyio.run), so its sockets never outlive it.
-        self._loop_clients: LoopKeeper[redis_asyncio.Redis] = LoopKeeper(_aclose_client)
-        self._errors: tuple[type[Exception], ...] = (redis_py.RedisError, OSError)
+        self._loop_clients: LoopKeeper[AsyncClient] = LoopKeeper(aclose_client)
+        # what means "Redis did not answer" (a cluster without a node to ask raises a
+        # RedisClusterException, which is not a RedisError)
+        self._errors: tuple[type[Exception], ...] = (
+            redis_py.RedisError,
+            redis_py.exceptions.RedisClusterException,
+            OSError,
+        )
         self._accounts: weakref.WeakValueDictionary[str, FallbackAccount] = (
             weakref.WeakValueDictionary()
         )
@@ -162,7 +159,8 @@ class RedisBackend(LeaseKeeper):
         self._eviction_asked = False
 
     def __repr__(self) -> str:
-        return f"<RedisBackend prefix={self.prefix!r} lease={self.lease:g}>"
+        kind = "" if self._topology.kind == "server" else f" {self._topology.kind}"
+        return f"<RedisBackend{kind} prefix={self.prefix!r} lease={self.lease:g}>"
 
     def account(self, fingerprint: str) -> FallbackAccount:
         """The state of the account ``fingerprint``: kept in Redis, and in this process's
@@ -214,16 +212,16 @@ class RedisBackend(LeaseKeeper):
             finally:
                 self.eviction_checked.set()
 
-    def _async_client_here(self) -> redis_asyncio.Redis | None:
+    def _async_client_here(self) -> AsyncClient | None:
         """The asyncio client for the running loop, or ``None`` under trio."""
         if not on_asyncio():
             return None
         if self._async_client is not None:
             return self._async_client
-        if self._url is None:
-            return None
-        url = self._url
-        return self._loop_clients.get(lambda: _loop_client(url))
+        where = self._topology
+        if where.url is None and not where.sentinels:
+            return None  # a client given, without a url to make asyncio ones from
+        return self._loop_clients.get(where.loop_client)
 
     def close(self) -> None:
         """Stop renewing leases and close the sync client (asyncio clients: see
@@ -235,9 +233,7 @@ class RedisBackend(LeaseKeeper):
         self._close_sync()
 
     def _close_sync(self) -> None:
-        self._client.close()
-        if self._own_client:  # a pool it made: its connections too
-            self._client.connection_pool.disconnect()
+        close_client(self._client, self._own_client)
 
     async def aclose(self) -> None:
         """:meth:`close`, and close the running loop's asyncio client."""

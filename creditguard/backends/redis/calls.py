@@ -30,7 +30,7 @@ from creditguard.core.errors import BalanceUnavailable
 from creditguard.core.steps import Call
 
 if TYPE_CHECKING:
-    from creditguard.backends.redis.scripts import AsyncClient, SyncClient
+    from creditguard.backends.redis.clients import AsyncClient, SyncClient
 
 __all__ = ["Link", "ScriptCalls", "unavailable", "undo_of"]
 

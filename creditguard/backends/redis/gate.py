@@ -37,7 +37,7 @@ from creditguard.backends.redis.scripts import (
 )
 
 if TYPE_CHECKING:
-    from creditguard.backends.redis.scripts import AsyncClient, SyncClient
+    from creditguard.backends.redis.clients import AsyncClient, SyncClient
 
 __all__ = ["HoldInfo", "RedisGate"]
 

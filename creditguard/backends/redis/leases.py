@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 
 if TYPE_CHECKING:
+    from creditguard.backends.redis.clients import AsyncClient, SyncClient
     from creditguard.backends.redis.gate import RedisGate
-    from creditguard.backends.redis.scripts import AsyncClient, RedisAccountState, SyncClient
+    from creditguard.backends.redis.scripts import RedisAccountState
 
 __all__ = ["LeaseKeeper", "acheck_eviction", "check_eviction", "on_asyncio", "uncut"]
 

@@ -75,13 +75,7 @@ from creditguard.backends.redis.answers import (
 from creditguard.core.models import CreditBalance
 
 if TYPE_CHECKING:
-    import redis
-    import redis.asyncio
-    import redis.asyncio.cluster
-    import redis.cluster
-
-    SyncClient = redis.Redis | redis.cluster.RedisCluster
-    AsyncClient = redis.asyncio.Redis | redis.asyncio.cluster.RedisCluster
+    from creditguard.backends.redis.clients import AsyncClient, SyncClient
 
 __all__ = [
     "DEFAULT_PREFIX",
