@@ -11,6 +11,7 @@ from creditguard.testing import FakeLensmor, serve
 if TYPE_CHECKING:
     import redis
 
+    from creditguard.testing._redis_topologies import ClusterNodes
     from tests.helpers import NewBackend
 
 
@@ -46,6 +47,18 @@ def redis_url() -> Iterator[str]:
 
     with redis_server() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[ClusterNodes]:
+    """A Redis Cluster of this test session: three ``redis-server --cluster-enabled yes``
+    masters on free loopback ports, joined by ``redis-cli --cluster create`` (the tests
+    fail when they cannot be started). Tests may restart a node or move a slot: the
+    cluster serves every slot afterwards."""
+    from creditguard.testing._redis_topologies import redis_cluster
+
+    with redis_cluster() as nodes:
+        yield nodes
 
 
 @pytest.fixture

@@ -24,7 +24,14 @@ import httpx
 from creditguard import CreditGuard, InsufficientCredits
 from creditguard.redis import RedisBackend
 
-__all__ = ["CHARGE_PATH", "gated_searches", "hold_a_spend", "race", "take_a_hold"]
+__all__ = [
+    "CHARGE_PATH",
+    "gated_searches",
+    "hold_a_spend",
+    "race",
+    "spend_through_failover",
+    "take_a_hold",
+]
 
 CHARGE_PATH = "/sandbox/charge"
 START_TIMEOUT = 60.0  # seconds a worker waits for the others before giving up
@@ -159,11 +166,13 @@ def race(
     mode: str,
     barrier: Any,
     results: Any,
+    options: dict[str, Any] | None = None,
 ) -> None:
     """Make ``calls`` decorated calls of ``cost`` credits, ``width`` at a time (threads,
     or tasks of ``mode`` "asyncio" / "trio"), once every worker is ready; put what was
-    seen on ``results``."""
-    backend = RedisBackend(redis_url)
+    seen on ``results``. ``options``: more arguments of the ``RedisBackend``
+    (``{"cluster": True}``)."""
+    backend = RedisBackend(redis_url, **(options or {}))
     guard = CreditGuard(
         api_key, base_url=base_url, allow_insecure_http=True, backend=backend, ttl=60
     )
@@ -284,3 +293,75 @@ def gated_searches(
         guard.close()
         backend.close()
     results.put({"statuses": statuses, "errors": errors})
+
+
+def spend_through_failover(
+    sentinels: list[tuple[str, int]],
+    service_name: str,
+    base_url: str,
+    api_key: str,
+    cost: int,
+    width: int,
+    lease: float,
+    barrier: Any,
+    results: Any,
+) -> None:
+    """Spend ``cost`` credits a call, ``width`` threads at a time, on a backend that finds
+    its primary through ``sentinels``, until the account cannot pay (a refusal); a call
+    that fails closed (``BalanceUnavailable``, Redis unreachable) is tried again 20 ms
+    later. Put what was seen on ``results``, with the wall-clock times of the calls that
+    failed closed and of the calls admitted."""
+    from creditguard import AdmissionTimeout, BalanceUnavailable
+
+    backend = RedisBackend(sentinels=sentinels, service_name=service_name, lease=lease)
+    guard = CreditGuard(
+        api_key, base_url=base_url, allow_insecure_http=True, backend=backend, ttl=60
+    )
+    tally = _Tally()
+    closed: list[float] = []  # time.time() of each call that failed closed
+    admitted: list[float] = []  # time.time() of each admission
+    busy = 0
+    headers = {"Authorization": f"Bearer {api_key}"}
+    deadline = time.monotonic() + HOLD_TIMEOUT
+    try:
+        with httpx.Client(base_url=base_url, headers=headers, timeout=10) as http:
+
+            @guard.requires_credits(cost)
+            def paid() -> None:
+                with tally.lock:
+                    admitted.append(time.time())
+                tally.add("ran")
+                _charged(tally, http.post(CHARGE_PATH, params={"credits": cost}))
+
+            def run() -> None:
+                nonlocal busy
+                while time.monotonic() < deadline:
+                    try:
+                        paid()
+                    except InsufficientCredits:
+                        tally.add("refused")
+                        return
+                    except BalanceUnavailable:
+                        with tally.lock:
+                            closed.append(time.time())
+                        time.sleep(0.02)  # a caller's retry pace, not a synchronisation
+                    except AdmissionTimeout:
+                        with tally.lock:
+                            busy += 1
+                    except Exception:
+                        tally.error()
+                        return
+                tally.errors.append("a thread did not finish before its deadline")
+
+            barrier.wait(START_TIMEOUT)
+            threads = [threading.Thread(target=run) for _ in range(width)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(HOLD_TIMEOUT + 10)
+    except Exception:
+        tally.error()
+    finally:
+        guard.close()
+        backend.close()
+    results.put({**tally.as_dict(), "closed": closed, "admitted": admitted, "busy": busy})
