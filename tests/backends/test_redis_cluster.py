@@ -83,11 +83,9 @@ def test_accounts_land_in_different_slots_each_accounts_keys_in_one(
             g.hold(5, expires_in=60).release()
 
     async def spend_async(fake: FakeLensmor) -> None:
-        async with CreditGuard(
-            fake.api_key, transport=fake.transport, backend=cluster_backend
-        ) as g:
-            async with g.spend(10):
-                pass
+        guard = CreditGuard(fake.api_key, transport=fake.transport, backend=cluster_backend)
+        async with guard, guard.spend(10):
+            pass
         await cluster_backend.aclose()
 
     asyncio.run(spend_async(fakes[0]))
@@ -262,9 +260,9 @@ def test_a_password_in_the_url_never_shows(caplog: pytest.LogCaptureFixture) -> 
     for cluster in (False, True):
         backend = RedisBackend(f"redis://user:{secret}@127.0.0.1:1/0", cluster=cluster)
         assert secret not in repr(backend)
-        with CreditGuard(fake.api_key, transport=fake.transport, backend=backend) as g:
-            with pytest.raises(BalanceUnavailable) as failed:
-                g.balance()
+        g = CreditGuard(fake.api_key, transport=fake.transport, backend=backend)
+        with g, pytest.raises(BalanceUnavailable) as failed:
+            g.balance()
         backend.close()
         shown = f"{failed.value} {failed.value.__cause__!r} {caplog.text}"
         assert "Redis is unavailable" in str(failed.value)
