@@ -193,6 +193,9 @@ def test_page_examples_run(
     assert (DOCS / page).exists(), f"docs/{page} is missing"
     if "CREDITGUARD_REDIS_URL" in (DOCS / page).read_text(encoding="utf-8"):
         monkeypatch.setenv("CREDITGUARD_REDIS_URL", request.getfixturevalue("redis_url"))
+    if "CREDITGUARD_REDIS_CLUSTER_URL" in (DOCS / page).read_text(encoding="utf-8"):
+        cluster = request.getfixturevalue("redis_cluster")
+        monkeypatch.setenv("CREDITGUARD_REDIS_CLUSTER_URL", cluster.url)
     page_blocks = blocks(page)
     assert any(b.lang == "python" and b.title is None for b in page_blocks), page
     _patch_anyio_run(monkeypatch, backend)
