@@ -22,7 +22,7 @@ import shutil
 from collections.abc import Iterator
 from typing import Any
 
-from creditguard.backends.redis.backend import _POOL
+from creditguard.backends.redis.clients import _POOL
 from creditguard.testing._redis_server import RedisServer as _Process
 from creditguard.testing._redis_server import RedisServerError
 
