@@ -26,6 +26,7 @@ from creditguard.redis import RedisBackend
 
 __all__ = [
     "CHARGE_PATH",
+    "finish_unreported",
     "gated_searches",
     "hold_a_spend",
     "race",
@@ -211,6 +212,35 @@ def hold_a_spend(
     finally:
         guard.close()
         backend.close()
+
+
+def finish_unreported(
+    redis_url: str, base_url: str, api_key: str, cost: int, lease: float, conn: Any
+) -> None:
+    """Make a decorated call of ``cost`` that charges it, with a short ``lease``, and tell
+    the parent once it returned. Redis is never told that it finished: this process
+    makes no other admission and its renewer is told to wait (the parent kills this
+    process meanwhile, so it never closes its backend either)."""
+    from creditguard.backends.redis import leases
+
+    leases.FLUSH_AFTER = HOLD_TIMEOUT * 10
+    backend = RedisBackend(redis_url, lease=lease)
+    guard = CreditGuard(
+        api_key, base_url=base_url, allow_insecure_http=True, backend=backend, ttl=60
+    )
+    client = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {api_key}"})
+
+    @guard.requires_credits(cost)
+    def paid() -> None:
+        client.post(CHARGE_PATH, params={"credits": cost}).raise_for_status()
+
+    try:
+        paid()
+        conn.send(("returned", None))
+        conn.poll(HOLD_TIMEOUT)  # until the parent kills this process
+    except BaseException as exc:
+        conn.send(("error", repr(exc)))
+        raise
 
 
 def take_a_hold(

@@ -284,6 +284,78 @@ def test_a_killed_workers_reservation_comes_back_after_its_lease(
     assert redis_client.zcard(lease_key) == 0
 
 
+def test_a_killed_workers_unreported_finish_strands_nothing(
+    redis_url: str, redis_client: redis.Redis
+) -> None:
+    """A decorated call's end is told to Redis later (with the process's next admission,
+    or by its renewer): a worker killed before it told Redis leaves a spend that Redis
+    counts as in flight. Nothing is admitted on its credits meanwhile; its lease runs out
+    and they come back, with the cached balance distrusted, so a read decides on what the
+    call really spent."""
+    key, lease, cost = "sk_test_processes_kill_unreported", 1.0, 80
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0, api_key=key)
+    with serve(fake.app) as url:
+        backend = RedisBackend(redis_url)
+        guard = CreditGuard(
+            key,
+            base_url=url,
+            allow_insecure_http=True,
+            backend=backend,
+            ttl=60,  # nothing expires by age in this test: only the lease
+            admission_timeout=0,
+        )
+        res_key, lease_key = keys_of(guard.account)["res"], keys_of(guard.account)["lease"]
+        parent_conn, child_conn = SPAWN.Pipe()
+        worker = SPAWN.Process(
+            target=redis_workers.finish_unreported,
+            args=(redis_url, url, key, cost, lease, child_conn),
+        )
+        worker.start()
+        try:
+            assert parent_conn.poll(RESULT_TIMEOUT), "the worker's call never returned"
+            assert parent_conn.recv() == ("returned", None)
+            assert fake.balance.total_balance == 20  # it charged its 80
+            reads = fake.balance_requests
+            # Redis was never told that it finished: in flight, its credits reserved.
+            [record] = [text(v) for v in redis_client.hvals(res_key)]
+            assert record.endswith(":0")
+            with pytest.raises(AdmissionTimeout) as busy, guard.spend(50):
+                pytest.fail("admitted on credits a finished call spent")
+            assert (busy.value.available, busy.value.reserved) == (20, cost)
+
+            worker.kill()
+            worker.join(JOIN_TIMEOUT)
+            assert worker.exitcode == -signal.SIGKILL
+            killed_at = time.monotonic()
+
+            decided: list[object] = []
+
+            def decided_on_a_read() -> bool:
+                try:
+                    with guard.spend(50):
+                        pytest.fail("admitted on credits the dead worker's call spent")
+                except AdmissionTimeout:
+                    return False
+                except InsufficientCredits as exc:
+                    decided.append(exc.available)
+                return True
+
+            poll(decided_on_a_read, what="the reservation back after the lease")
+            waited = time.monotonic() - killed_at
+            with guard.spend(20) as spend:  # what is really left is admitted
+                assert spend.balance_before is not None
+                assert spend.balance_before.total_balance == 20
+        finally:
+            reap([worker])
+            guard.close()
+            backend.close()
+    assert decided == [20]
+    assert waited < 5 * lease + 2
+    assert fake.balance_requests > reads  # the expired lease distrusted the cache
+    assert redis_client.zcard(lease_key) == 0
+    assert redis_client.hlen(res_key) == 0
+
+
 # -- 3. Redis stopped and started again under a running guard ----------------------------
 
 

@@ -139,17 +139,27 @@ class RedisAccount:
         looked = _monotonic()
         if ctx.outside:
             yield from ctx.rejoin()
-        answer = yield ctx.call(
-            "admit",
-            rid,
-            cost,
-            ttl_ms,
-            asking.settle,
-            may_wait,
-            own,
-            waited_for,
-            "" if known is None else known[0],
-        )
+        # The spends of this process that finished since it last told Redis travel with
+        # this call: Redis marks them finished before it decides (see :meth:`defer`).
+        state = ctx.calls.redis
+        leases = ctx.link.leases
+        finished = leases._take_finished(state)
+        try:
+            answer = yield ctx.call(
+                "admit",
+                rid,
+                cost,
+                ttl_ms,
+                asking.settle,
+                may_wait,
+                own,
+                waited_for,
+                "" if known is None else known[0],
+                finished,
+            )
+        except BaseException:
+            leases._put_back(state, finished)  # it may not have reached Redis
+            raise
         return Asked(answer, rid, cost, known, looked, until)
 
     def answer(self, asked: Asked, sync: bool) -> Ops[Reservation | Step]:
@@ -199,7 +209,16 @@ class RedisAccount:
 
     def defer(self, settlement: Reservation) -> Ops[None]:
         ctx = self.ctx
-        yield from ctx.settle_call(settlement, "finish")
+        if not isinstance(settlement, RedisReservation):
+            return
+        # No round trip of its own: Redis learns that the spend finished from this
+        # process's next admission on the account (or from the renewer, within
+        # FLUSH_AFTER, or when the backend closes). Until then it counts in Redis as in
+        # flight: no admission anywhere counts its credits as free, no read settles it,
+        # and if this process dies first, its lease expires like any call's in flight.
+        ctx.link.leases._finished_later(ctx.calls.redis, settlement.id)
+        if ctx.waiters:
+            ctx.wake_waiters()  # they look again now, and tell Redis
         # Finished spends wait in Redis for a read, and the scripts that settle them look
         # at each: past MAX_SETTLING of this process's since its last read, distrust the
         # cached balance, so that the next call (in any process) reads and settles them.
@@ -210,6 +229,7 @@ class RedisAccount:
                 ctx.deferred = 0
         if full:
             with contextlib.suppress(BalanceUnavailable):
+                yield from ctx.tell_finished()
                 yield ctx.call("invalidate")
 
     def begin(self, settlement: Reservation, sync: bool) -> Ops[Step]:

@@ -224,12 +224,10 @@ class RedisBackend(LeaseKeeper):
         return self._loop_clients.get(where.loop_client)
 
     def close(self) -> None:
-        """Stop renewing leases and close the sync client (asyncio clients: see
+        """Stop renewing leases, tell Redis of the spends that finished here (waiting for
+        an admission to carry them), and close the sync client (asyncio clients: see
         :meth:`aclose`)."""
-        self._stop.set()
-        renewer = self._renewer
-        if renewer is not None:
-            renewer.join(5)
+        self.stop_renewing()
         self._close_sync()
 
     def _close_sync(self) -> None:
@@ -237,10 +235,7 @@ class RedisBackend(LeaseKeeper):
 
     async def aclose(self) -> None:
         """:meth:`close`, and close the running loop's asyncio client."""
-        self._stop.set()
-        renewer = self._renewer
-        if renewer is not None:
-            await anyio.to_thread.run_sync(renewer.join, 5)
+        await anyio.to_thread.run_sync(self.stop_renewing)
         if on_asyncio():
             await self._loop_clients.aclose()
         self._close_sync()

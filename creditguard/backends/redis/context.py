@@ -110,6 +110,21 @@ class AccountContext:
             yield self.call("invalidate")
             self.outside = False
 
+    def tell_finished(self) -> Ops[None]:
+        """Tell Redis now of this process's spends that finished and that no admission
+        carried yet (see ``RedisAccount.defer``): before a look that must see them (a
+        balance that includes every finished call, a survey). Raises
+        :class:`BalanceUnavailable` when Redis does not answer (they are told later)."""
+        state = self.calls.redis
+        leases = self.link.leases
+        finished = leases._take_finished(state)
+        if finished:
+            try:
+                yield self.call("finish", *finished)
+            except BaseException:
+                leases._put_back(state, finished)
+                raise
+
     def settle_call(self, reservation: Reservation, name: str, *args: Any) -> Ops[object]:
         """A settling call: it runs after the action, so a Redis failure must not hide
         the action's result. Logged; the lease then expires, and with it the trust in

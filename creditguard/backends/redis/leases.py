@@ -27,6 +27,7 @@ import contextlib
 import logging
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -46,6 +47,11 @@ T = TypeVar("T")
 # flight: Redis may have lost them (a restart, a flush), and until they are recorded again
 # other processes admit on books without them.
 CHECK_EVERY = 1.0
+# The longest a spend that finished here waits to be told to Redis by this process's next
+# admission on its account (which carries it, with no round trip of its own): past it,
+# the renewer tells Redis itself. Until Redis knows, the spend counts as in flight.
+FLUSH_AFTER = 0.005
+_monotonic = time.monotonic
 
 
 def on_asyncio() -> bool:
@@ -160,6 +166,13 @@ class LeaseKeeper:
         self._turns: dict[str, RedisGate] = {}
         self._renewer: threading.Thread | None = None
         self._stop = threading.Event()
+        # Spends that finished here and that Redis does not know of yet, by account (see
+        # :meth:`_finished_later`), with when each account's list was started.
+        self._finished: dict[RedisAccountState, list[str]] = {}
+        self._finished_since: dict[RedisAccountState, float] = {}
+        self._deferrals = 0  # how many spends were deferred, ever (the renewer's cue)
+        self._wake = threading.Condition(self._lock)
+        self._armed = False  # the renewer looks every FLUSH_AFTER (finished spends wait)
 
     def _keep_turn(self, gate: RedisGate, token: str) -> None:
         with self._lock:
@@ -179,6 +192,72 @@ class LeaseKeeper:
         with self._lock:
             self._held.pop(rid, None)
 
+    def _finished_later(self, state: RedisAccountState, rid: str) -> None:
+        """The spend ``rid`` finished: its lease is no longer renewed (as once Redis knows
+        it finished), and Redis learns it finished with this process's next admission
+        on the account, or from the renewer within ``FLUSH_AFTER`` seconds, or when the
+        backend closes. Until then Redis counts it as in flight, lease and all: a process
+        that dies meanwhile strands nothing past the lease."""
+        with self._lock:
+            self._held.pop(rid, None)
+            waiting = self._finished.get(state)
+            if waiting is None:
+                self._finished[state] = [rid]
+                self._finished_since[state] = _monotonic()
+            else:
+                waiting.append(rid)
+            self._deferrals += 1
+            if not self._armed:
+                self._armed = True
+                self._start_renewer()
+                self._wake.notify()
+
+    def _take_finished(self, state: RedisAccountState) -> list[str]:
+        """The finished spends of ``state``'s account Redis does not know of yet, taken
+        by a caller that tells Redis (it gives them back with :meth:`_put_back` if it
+        could not)."""
+        if not self._finished:
+            return []
+        with self._lock:
+            self._finished_since.pop(state, None)
+            return self._finished.pop(state, [])
+
+    def _put_back(self, state: RedisAccountState, rids: list[str], later: float = 0.0) -> None:
+        """Redis may not have learnt that ``rids`` finished: tell it again (the renewer
+        does, ``later`` seconds after it would have; telling it twice only makes their
+        settling wait for a later read)."""
+        if not rids:
+            return
+        with self._lock:
+            waiting = self._finished.setdefault(state, [])
+            waiting[:0] = rids
+            self._finished_since.setdefault(state, _monotonic() + later)
+            self._armed = True
+            self._start_renewer()
+            self._wake.notify()
+
+    def flush_finished(self, due_only: bool = False) -> None:
+        """Tell Redis of the spends that finished here (``due_only``: those that have
+        waited ``FLUSH_AFTER`` for an admission to carry them): one script call per
+        account. What it cannot tell stays to be told."""
+        due = _monotonic() - FLUSH_AFTER
+        with self._lock:
+            states = [
+                state
+                for state, since in self._finished_since.items()
+                if not due_only or since <= due
+            ]
+        for state in states:
+            rids = self._take_finished(state)
+            if not rids:
+                continue
+            try:
+                state.finish(*rids)
+            except self._errors as exc:
+                logger.warning("could not tell Redis that spends finished: %s", exc)
+                self._put_back(state, rids, CHECK_EVERY)
+                return
+
     def _start_renewer(self) -> None:
         """Under the lock: make sure the renewer runs."""
         if self._renewer is None or not self._renewer.is_alive():
@@ -190,13 +269,49 @@ class LeaseKeeper:
 
     def _renew(self) -> None:
         """Every third of a lease (at least every ``CHECK_EVERY`` seconds),
-        :meth:`renew_once`, until nothing is held here."""
-        while not self._stop.wait(min(self.lease / 3, CHECK_EVERY)):
-            try:
-                if not self.renew_once():
+        :meth:`renew_once`, until nothing is held here; meanwhile, every ``FLUSH_AFTER``
+        while spends finish here, tell Redis of those no admission carried. Stopped, it
+        tells Redis of them all."""
+        period = min(self.lease / 3, CHECK_EVERY)
+        renew_at = _monotonic() + period
+        seen = -1
+        try:
+            while not self._stop.is_set():
+                with self._lock:
+                    if self._armed and seen == self._deferrals and not self._finished:
+                        self._armed = False  # nothing deferred since the last look
+                    seen = self._deferrals
+                    wait = renew_at - _monotonic()
+                    if self._armed:
+                        wait = min(wait, FLUSH_AFTER)
+                    if wait > 0 and not self._stop.is_set():
+                        self._wake.wait(wait)
+                if self._stop.is_set():
                     return
-            except Exception:  # never dies: the next round may succeed
-                logger.exception("the Redis lease renewer failed; it goes on")
+                try:
+                    self.flush_finished(due_only=True)
+                    if _monotonic() >= renew_at:
+                        renew_at = _monotonic() + period
+                        if not self.renew_once():
+                            return
+                except Exception:  # never dies: the next round may succeed
+                    logger.exception("the Redis lease renewer failed; it goes on")
+        finally:
+            try:
+                self.flush_finished()
+            except Exception:
+                logger.exception("the Redis lease renewer failed to flush finished spends")
+
+    def stop_renewing(self, timeout: float = 5) -> None:
+        """Stop the renewer (waiting at most ``timeout`` seconds for it) and tell Redis of
+        every spend that finished here (what a closing backend does)."""
+        with self._lock:
+            self._stop.set()
+            self._wake.notify_all()
+            renewer = self._renewer
+        if renewer is not None and renewer is not threading.current_thread():
+            renewer.join(timeout)
+        self.flush_finished()
 
     def renew_once(self) -> bool:
         """Renew the leases of the reservations in flight here (recording again those
@@ -209,7 +324,7 @@ class LeaseKeeper:
             turns: dict[RedisGate, list[str]] = {}
             for token, gate in self._turns.items():
                 turns.setdefault(gate, []).append(token)
-            if not held and not turns:
+            if not held and not turns and not self._finished and not self._armed:
                 if self._renewer is threading.current_thread():
                     self._renewer = None
                 return False

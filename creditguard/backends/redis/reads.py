@@ -154,6 +154,7 @@ class Reads:
         not answer."""
         ctx = self.ctx
         yield from ctx.rejoin()
+        yield from ctx.tell_finished()  # a look must see every call that returned here
         return cast(Snapshot, (yield ctx.call("state")))
 
     def read(self, ttl: float, flight: Flight | None, sync: bool) -> Ops[CreditBalance | Step]:
@@ -200,6 +201,7 @@ class Reads:
         return cast(int, (yield self.ctx.call("committed")))
 
     def survey(self) -> Ops[AccountSnapshot]:
+        yield from self.ctx.tell_finished()
         got = cast(Survey, (yield self.ctx.call("survey")))
         decode = self.ctx.decode
         return AccountSnapshot(
@@ -215,6 +217,7 @@ class Reads:
         )
 
     def bumped(self, sync: bool) -> Ops[tuple[int, Step]]:
+        yield from self.ctx.tell_finished()  # so that the refresh settles them
         seq = cast(int, (yield self.ctx.call("bump")))
         return seq, (yield from self.need_read(seq, sync))
 

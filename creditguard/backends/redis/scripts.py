@@ -316,12 +316,15 @@ class RedisAccountState:
         own_ids: Sequence[str],
         waited_for: int | None,
         known: str,
+        finished: Sequence[str],
     ) -> list[str | int]:
         waited = -1 if waited_for is None else _count("waited_for", waited_for)
+        done = ",".join(_name("finished", r) for r in finished) if finished else ""
         # one string: each argument costs redis-py's encoder more than its text
         call = (
             f"{_count('cost', cost)} {_count('ttl_ms', ttl_ms)} {_flag(settle)}{_flag(may_wait)}"
             f" {waited} {self.lease_ms} {_name('res_id', res_id)} {known and _name('known', known)}"
+            f" {done}"
         )
         if not own_ids:
             return [call]
@@ -339,6 +342,7 @@ class RedisAccountState:
         own_ids: Sequence[str] = (),
         waited_for: int | None = None,
         known: str = "",
+        finished: Sequence[str] = (),
     ) -> AdmitResult:
         """Decide a call of ``cost`` on the cached balance (see ``Account.admit``).
 
@@ -350,8 +354,12 @@ class RedisAccountState:
         the caller's enclosing spends (they cannot settle while it waits). ``known``: the
         ``tag`` of the balance the caller already has (from an earlier
         :class:`Admitted`); admitted on that one, the answer's ``balance`` is ``None``.
+        ``finished``: spends of this process that finished since it last told Redis,
+        marked finished first (as :meth:`finish` does), whatever the answer.
         """
-        args = self._admit_args(res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for, known)
+        args = self._admit_args(
+            res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for, known, finished
+        )
         return _admit_result(self._run("admit", args), known)
 
     async def aadmit(
@@ -364,9 +372,12 @@ class RedisAccountState:
         own_ids: Sequence[str] = (),
         waited_for: int | None = None,
         known: str = "",
+        finished: Sequence[str] = (),
     ) -> AdmitResult:
         """Async twin of :meth:`admit`."""
-        args = self._admit_args(res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for, known)
+        args = self._admit_args(
+            res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for, known, finished
+        )
         return _admit_result(await self._arun("admit", args), known)
 
     def reserve_unchecked(self, res_id: str, cost: int) -> None:
@@ -423,15 +434,16 @@ class RedisAccountState:
 
     # -- settling ------------------------------------------------------------------------
 
-    def finish(self, res_id: str) -> int:
-        """The action of ``res_id`` finished; a later read settles it. Returns the ``seq``
-        that read must start at (0: the reservation is gone: its lease expired and an
-        operation removed it). The one operation that leaves expired leases to the next."""
-        return _int(self._run("finish", [_name("res_id", res_id)]))
+    def finish(self, res_id: str, *more: str) -> int:
+        """The action of ``res_id`` (and of each of ``more``) finished; a later read
+        settles it. Returns the ``seq`` that read must start at (0: none is recorded any
+        more: its lease expired and an operation removed it). The one operation that
+        leaves expired leases to the next."""
+        return _int(self._run("finish", [_name("res_id", r) for r in (res_id, *more)]))
 
-    async def afinish(self, res_id: str) -> int:
+    async def afinish(self, res_id: str, *more: str) -> int:
         """Async twin of :meth:`finish`."""
-        return _int(await self._arun("finish", [_name("res_id", res_id)]))
+        return _int(await self._arun("finish", [_name("res_id", r) for r in (res_id, *more)]))
 
     def release(self, res_id: str, invalidate: bool = False) -> bool:
         """Drop ``res_id`` (its action never ran, or its outcome is known); with

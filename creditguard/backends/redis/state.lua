@@ -223,13 +223,25 @@ local function books()
 end
 
 --@ admit 3 head
--- ARGV[1]: 'cost ttl_ms <settle><may_wait> waited_for lease_ms id known', one string
--- (waited_for -1: none; known: the tag of the balance the caller has, or empty);
+-- ARGV[1]: 'cost ttl_ms <settle><may_wait> waited_for lease_ms id known finished', one
+-- string (waited_for -1: none; known: the tag of the balance the caller has, or empty;
+-- finished: the ids, comma-separated, of spends of the caller's process that finished
+-- since it last told Redis, or empty: marked finished first, as "finish" does);
 -- ARGV[2...]: the ids of the caller's own enclosing reservations.
-local cost, ttl, settle, may_wait, waited, lease, id, known = string.match(ARGV[1],
-  '^(%d+) (%d+) ([01])([01]) (%-?%d+) (%d+) (%S+) (%S*)$')
+local cost, ttl, settle, may_wait, waited, lease, id, known, finished = string.match(ARGV[1],
+  '^(%d+) (%d+) ([01])([01]) (%-?%d+) (%d+) (%S+) (%S*) (%S*)$')
 cost, ttl, waited = tonumber(cost), tonumber(ttl), tonumber(waited)
 sweep()
+if finished ~= '' then
+  local seq = nil  -- one seq for all: Redis learns of them at the same instant
+  for fid in string.gmatch(finished, '[^,]+') do
+    local rec = redis.call('HGET', K_RES, fid)
+    if rec then
+      seq = seq or redis.call('HINCRBY', K_STATE, 'seq', 1)
+      redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
+    end
+  end
+end
 local raw = redis.call('HMGET', K_STATE, 'cached_total', 'cached_seq', 'floor', 'cached_at',
                        'cache_gen', 'reserved', 'inflight', 'cache_id')
 local total = tonumber(raw[1])  -- nil: no balance cached
@@ -282,11 +294,16 @@ if available < 0 then available = 0 end
 return {'busy', available, reserved}
 
 --@ finish 2 keys
--- ARGV: id. Marks a spend finished; decides nothing (leaves expired leases to the next).
-local rec = redis.call('HGET', K_RES, ARGV[1])
-if not rec then return 0 end
-local seq = redis.call('HINCRBY', K_STATE, 'seq', 1)
-redis.call('HSET', K_RES, ARGV[1], string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
+-- ARGV: ids. Marks spends finished (those still recorded), all at one seq, which it
+-- returns (0: none was); decides nothing (leaves expired leases to the next).
+local seq = 0
+for i = 1, #ARGV do
+  local rec = redis.call('HGET', K_RES, ARGV[i])
+  if rec then
+    if seq == 0 then seq = redis.call('HINCRBY', K_STATE, 'seq', 1) end
+    redis.call('HSET', K_RES, ARGV[i], string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
+  end
+end
 return seq
 
 --@ reserve_unchecked 4 full reserved inflight
