@@ -80,6 +80,7 @@ ORDER = (
     "scenario_admission_efficiency",
     "scenario_adapters",
     "scenario_processes",
+    "scenario_web",
 )
 
 Runner = Callable[[Settings, Recorder], None]
