@@ -37,9 +37,9 @@ variants: requests redis-py sent from the app server, see ``_redis.count_round_t
 and ``vs_unguarded`` (throughput / the unguarded app's, same framework, round and load).
 A warm-up request per connection before timing opens the connections and reads the
 balance once. An app may settle a request after its answer was sent (a balance read,
-Redis round trips): before each count is taken the harness leaves :data:`QUIET` seconds
-of quiet, so that work is counted with the requests it belongs to and not with the next
-variant's. Every timed request must answer 200 and make one charge.
+Redis round trips): each count after requests is taken once the counts have not moved
+for :data:`QUIET` seconds, so that work is counted with the requests it belongs to and
+not with the next variant's. Every timed request must answer 200 and make one charge.
 
 Targets (reported, never asserted), per framework: guarded sequential requests at
 least 0.9x the unguarded app's throughput with at most 0.05 balance reads per request
@@ -86,7 +86,7 @@ FRAMEWORKS = ("fastapi", "flask")
 KINDS = ("unguarded", "memory", "redis")
 COST = 1  # credits per request
 BLOCK = 10  # requests per turn of an app in the sequential runs
-QUIET = 0.03  # s: after timed requests, for the work apps do after answering (4+ reads)
+QUIET = 0.03  # s: counts unmoved this long after requests: the apps' work after answering
 PATH = "/events/ev-1/unlock"
 # Targets (reported, never asserted)
 SEQ_VS_UNGUARDED = 0.9
@@ -383,11 +383,18 @@ class Counts:
         self._sandbox, self._app = sandbox, app
 
     def now(self, redis: bool, *, after: bool = False) -> tuple[int, int, int]:
-        """The counts so far; ``after`` timed requests, first :data:`QUIET` seconds of
-        quiet: an app may settle a request (a balance read, Redis round trips) after its
-        answer was sent, and that work is the request's, not the next variant's."""
-        if after:
+        """The counts so far; ``after`` timed requests, once they have not moved for
+        :data:`QUIET` seconds: an app may settle a request (a balance read, Redis round
+        trips) after its answer was sent, and that work is the request's, not the next
+        variant's."""
+        counts = self._counts(redis)
+        while after:  # until nothing moved for QUIET seconds
             time.sleep(QUIET)
+            counts, before = self._counts(redis), counts
+            after = counts != before
+        return counts
+
+    def _counts(self, redis: bool) -> tuple[int, int, int]:
         reads, charges = self._sandbox.stats()
         return reads, charges, self._app.round_trips() if redis else 0
 
