@@ -186,7 +186,7 @@ MODES: dict[str, Settings] = {
         redis_async_levels=(1, 100),
         redis_thread_levels=(8,),
         web_sequential_requests=10,
-        web_concurrent_requests=100,
+        web_concurrent_requests=50,
     ),
 }
 
