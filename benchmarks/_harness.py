@@ -130,6 +130,10 @@ class Settings:
     processes_tasks: int = 25
     processes_calls: int = 10
     processes_demand: int = 2
+    # web: requests per app and round, one at a time and from web_concurrency clients
+    web_sequential_requests: int = 300
+    web_concurrent_requests: int = 3000
+    web_concurrency: int = 50
 
 
 MODES: dict[str, Settings] = {
@@ -158,6 +162,8 @@ MODES: dict[str, Settings] = {
         e2e_sequential_calls=60,
         memory_keys=10_000,
         processes_calls=8,
+        web_sequential_requests=100,
+        web_concurrent_requests=1000,
     ),
     "smoke": Settings(
         "smoke",
@@ -179,6 +185,8 @@ MODES: dict[str, Settings] = {
         processes_calls=2,
         redis_async_levels=(1, 100),
         redis_thread_levels=(8,),
+        web_sequential_requests=10,
+        web_concurrent_requests=50,
     ),
 }
 
@@ -369,6 +377,13 @@ TABLE_EXTRAS: dict[str, tuple[tuple[str, str], ...]] = {
         ("round_trips_per_call", "Redis RT"),
         ("paid_reads_per_call", "paid reads"),
         ("paid_round_trips_per_call", "paid RT"),
+    ),
+    "web": (
+        ("vs_unguarded", "vs ungd."),
+        ("p50_ms", "p50 ms"),
+        ("p99_ms", "p99 ms"),
+        ("reads_per_request", "reads/req"),
+        ("round_trips_per_request", "Redis RT"),
     ),
     "admission_efficiency": (
         ("false_refusals", "false ref."),

@@ -313,6 +313,11 @@ async def _anothing() -> None:
     return None
 
 
+# A guard flavour's name with this suffix: the action in a ``with guard.spend(cost):``
+# block (``async with`` on the async side) instead of decorated.
+SPEND_SUFFIX = "_spend"
+
+
 def build_sync(
     name: str,
     action: SyncCall,
@@ -327,8 +332,9 @@ def build_sync(
     app's own), creditguard through its own client on ``transport`` (None: real HTTP).
     ``one_read`` is no guard: the action, then one balance read as cheap as httpx allows
     on a transport of its own, as creditguard reads (the least a guard that reads once
-    after the action can cost). Guards admit calls of ``cost`` credits and trust a balance
-    read for ``ttl`` seconds."""
+    after the action can cost). ``<flavour>_spend`` is the flavour's guard around the action
+    as a ``with guard.spend(cost):`` block instead of a decorator. Guards admit calls of
+    ``cost`` credits and trust a balance read for ``ttl`` seconds."""
     if name == "bare":
         return SyncVariant(action, _nothing)
     if name == "naive":
@@ -346,8 +352,17 @@ def build_sync(
             read()
 
         return SyncVariant(action_then_read, own.close if transport is None else _nothing)
-    guard = GUARDS[name](api_key=API_KEY, base_url=base_url, transport=transport, ttl=ttl)
-    return SyncVariant(guard.requires_credits(cost)(action), guard.close)
+    flavour = name.removesuffix(SPEND_SUFFIX)
+    guard = GUARDS[flavour](api_key=API_KEY, base_url=base_url, transport=transport, ttl=ttl)
+    if flavour == name:
+        return SyncVariant(guard.requires_credits(cost)(action), guard.close)
+    spend = guard.spend
+
+    def spending() -> object:
+        with spend(cost):
+            return action()
+
+    return SyncVariant(spending, guard.close)
 
 
 def build_async(
@@ -377,8 +392,17 @@ def build_async(
             await aread()
 
         return AsyncVariant(action_then_read, own.aclose if transport is None else _anothing)
-    guard = GUARDS[name](api_key=API_KEY, base_url=base_url, transport=transport, ttl=ttl)
-    return AsyncVariant(guard.requires_credits(cost)(action), guard.aclose)
+    flavour = name.removesuffix(SPEND_SUFFIX)
+    guard = GUARDS[flavour](api_key=API_KEY, base_url=base_url, transport=transport, ttl=ttl)
+    if flavour == name:
+        return AsyncVariant(guard.requires_credits(cost)(action), guard.aclose)
+    spend = guard.spend
+
+    async def spending() -> object:
+        async with spend(cost):
+            return await action()
+
+    return AsyncVariant(spending, guard.aclose)
 
 
 def charge_action(client: httpx.Client) -> SyncCall:

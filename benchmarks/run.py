@@ -15,9 +15,10 @@ with the min and max over rounds. Variants:
 Every guard flavour in :data:`_harness.GUARDS` is benchmarked as a variant of that name:
 the in-memory ones in every scenario, ``creditguard_redis`` (a ``RedisBackend``) in the
 scenarios whose module sets ``USES_REDIS = True`` (the overhead scenarios,
-``reads_per_call``, ``processes``). For those this file starts a throwaway redis-server on a
-free loopback port for the run and stops it at the end; without one (``redis-server`` not
-found, redis-py not installed) the Redis variants are left out and reported missing.
+``reads_per_call``; ``processes``, ``gate`` and ``web`` name their Redis variants their
+own way). For those this file starts a throwaway redis-server on a free loopback port for
+the run and stops it at the end; without one (``redis-server`` not found, redis-py not
+installed) the Redis variants are left out and reported missing.
 
 Layout: ``_harness.py`` (settings, recorder, targets helpers, machine description,
 tables), ``_variants.py`` (upstreams, readers, hand-written guards, variant builders,
@@ -80,6 +81,7 @@ ORDER = (
     "scenario_admission_efficiency",
     "scenario_adapters",
     "scenario_processes",
+    "scenario_web",
 )
 
 Runner = Callable[[Settings, Recorder], None]

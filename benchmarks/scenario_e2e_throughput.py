@@ -21,6 +21,7 @@ from _harness import (
     rotated,
 )
 from _variants import (
+    SPEND_SUFFIX,
     AsyncFloorReader,
     AsyncVariant,
     FloorReader,
@@ -38,6 +39,12 @@ from _variants import (
 )
 
 SCENARIO = "e2e_throughput"
+
+
+def spend_variants() -> list[str]:
+    """Each guard flavour around the action as a ``spend()`` block (``with`` in threads,
+    ``async with`` in tasks) rather than decorated: held to the decorated call's targets."""
+    return [f"{g}{SPEND_SUFFIX}" for g in flavours()]
 
 
 async def _e2e_async(
@@ -226,6 +233,8 @@ def _e2e_sequential(settings: Settings, rec: Recorder, sandbox: Sandbox, r: int)
         "naive",
         "cachetools",
         *flavours(),
+        # The same guard around the same action as a ``with guard.spend(1):`` block.
+        *spend_variants(),
         "http_read",
         # The action answering like Lensmor's event unlock (creditsUsed, balanceAfter):
         # the guard settles from that report, with no balance read after the first.
@@ -252,7 +261,7 @@ def _e2e_sequential(settings: Settings, rec: Recorder, sandbox: Sandbox, r: int)
 
 
 def run(settings: Settings, rec: Recorder) -> None:
-    names = ["bare", "naive", "cachetools", *flavours()]
+    names = ["bare", "naive", "cachetools", *flavours(), *spend_variants()]
     threads = settings.e2e_threads
     with sandbox_process(settings.latency) as sandbox:
         for r in range(settings.rounds):
@@ -295,13 +304,14 @@ def _median_extra_reads(rec: Recorder, guarded: str, bare: str, one_read: str) -
 def targets(rec: Recorder, settings: Settings) -> Targets:
     out: Targets = {}
     target = functools.partial(add_target, out)
-    for g in flavours():
+    for g in (*flavours(), *spend_variants()):
+        block = " as a spend() block" if g.endswith(SPEND_SUFFIX) else ""
         for kind in ("async", "threads"):
             target(
                 f"{g}.e2e_sequential_{kind}_extra_reads",
                 f"e2e, one {'task' if kind == 'async' else 'thread'} at a time: time a guarded"
-                " call adds over the bare action / time one plain read after the action adds"
-                " (median per-call times; 1 = exactly one read, the 2% allow for the jitter"
+                f" call{block} adds over the bare action / time one plain read after the action"
+                " adds (median per-call times; 1 = exactly one read, the 2% allow for the jitter"
                 " of timing 5 ms round trips)",
                 _median_extra_reads(rec, f"{g}@{kind}1", f"bare@{kind}1", f"one_read@{kind}1"),
                 "<=",
@@ -326,7 +336,7 @@ def targets(rec: Recorder, settings: Settings) -> Targets:
             target(
                 f"{g}.e2e_{conc}_vs_bare",
                 f"e2e at {conc}, an action that reports nothing (like exhibitor search):"
-                " guarded / bare throughput (median of per-round ratios)",
+                f" guarded{block} / bare throughput (median of per-round ratios)",
                 median_ratio(rec, "e2e_throughput", f"{g}@{conc}", f"bare@{conc}"),
                 ">=",
                 limit,
@@ -334,7 +344,7 @@ def targets(rec: Recorder, settings: Settings) -> Targets:
         c = settings.e2e_concurrency
         target(
             f"{g}.e2e_async{c}_vs_bare",
-            f"e2e throughput at async concurrency {c} / bare (median of per-round ratios)",
+            f"e2e throughput{block} at async concurrency {c} / bare (median of per-round ratios)",
             median_ratio(rec, "e2e_throughput", f"{g}@async{c}", f"bare@async{c}"),
             ">=",
             0.8,

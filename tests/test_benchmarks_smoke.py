@@ -30,6 +30,7 @@ SCENARIOS = {
     "memory_10k_keys",
     "admission_efficiency",
     "processes",
+    "web",
 }
 GUARDED = ("naive", "cachetools", "creditguard")
 ADMISSION_FIELDS = (
@@ -126,12 +127,16 @@ def test_variants_named_as_documented(smoke: tuple[dict[str, Any], str]) -> None
     for variant in ("bare", "naive", "creditguard"):
         assert f"{variant}@async100" in e2e
         assert any(name.startswith(f"{variant}@threads") for name in e2e)
+    for variant in ("bare", "creditguard", "creditguard_spend"):
+        for level in ("async1", "threads1", "async10", "async100", "threads8"):
+            assert f"{variant}@{level}" in e2e
     for variant in (
         "bare",
         "one_read",
         "naive",
         "cachetools",
         "creditguard",
+        "creditguard_spend",
         "http_read",
         "bare_report",
         "creditguard_report",
@@ -139,7 +144,8 @@ def test_variants_named_as_documented(smoke: tuple[dict[str, Any], str]) -> None
         assert f"{variant}@async1" in e2e
         assert f"{variant}@threads1" in e2e
     assert "creditguard" in scenarios["memory_10k_keys"]
-    # Redis runs where it is meant to (the overhead scenarios, reads_per_call, processes).
+    # Redis runs where it is meant to (the overhead scenarios, reads_per_call, processes,
+    # gate, web).
     for name in ("e2e_throughput", "memory_10k_keys", "admission_efficiency"):
         assert not any("redis" in variant for variant in scenarios[name]), name
 
@@ -286,6 +292,9 @@ def test_table_printed(smoke: tuple[dict[str, Any], str]) -> None:
     assert "creditguard_redis@async100" in stdout
     assert "missing:" not in stdout
     assert "creditguard@threads4_c1_ttl_short_demand1x" in stdout
+    assert "creditguard_spend@async1" in stdout
+    assert "fastapi_redis@seq" in stdout
+    assert "flask_memory@conc50" in stdout
 
 
 def test_plot_reads_the_json(smoke: tuple[dict[str, Any], str]) -> None:
@@ -363,6 +372,26 @@ def test_targets_reported(smoke: tuple[dict[str, Any], str]) -> None:
         assert math.isfinite(entry["value"])
         assert isinstance(entry["met"], bool)
     for key in (
+        "e2e_async1_vs_bare",
+        "e2e_threads1_vs_bare",
+        "e2e_async10_vs_bare",
+        "e2e_threads8_vs_bare",
+        "e2e_async100_vs_bare",
+        "e2e_sequential_async_extra_reads",
+        "e2e_sequential_threads_extra_reads",
+    ):
+        entry = targets[f"creditguard_spend.{key}"]
+        assert math.isfinite(entry["value"]), key
+        assert isinstance(entry["met"], bool), key
+    for framework in ("fastapi", "flask"):
+        for key in ("memory_seq_vs_unguarded", "memory_seq_reads_per_request"):
+            entry = targets[f"web.{framework}_{key}"]
+            assert math.isfinite(entry["value"]), key
+            assert isinstance(entry["met"], bool), key
+        entry = targets[f"web.{framework}_redis_seq_p50_over_memory_ms"]
+        assert math.isfinite(entry["value"])
+        assert isinstance(entry["met"], bool)
+    for key in (
         "creditguard_redis.round_trips_sync",
         "creditguard_redis.round_trips_async",
         "creditguard_redis.logic_sync_beyond_rt_us",
@@ -376,3 +405,40 @@ def test_targets_reported(smoke: tuple[dict[str, Any], str]) -> None:
     admission = targets["creditguard.admission_efficiency"]
     assert 0 <= admission["value"] <= 1
     assert isinstance(admission["met"], bool)
+
+
+def test_web_shape(smoke: tuple[dict[str, Any], str]) -> None:
+    """Each framework's app unguarded, on the memory and on the Redis backend, one request
+    at a time and from many clients, with every documented figure; the counts add up (no
+    figure is judged here)."""
+    data = smoke[0]
+    entries = data["scenarios"]["web"]
+    settings = data["run"]["settings"]
+    conc = settings["web_concurrency"]
+    levels = {"seq": settings["web_sequential_requests"], f"conc{conc}": None}
+    assert set(entries) == {
+        f"{framework}_{kind}@{level}"
+        for framework in ("fastapi", "flask")
+        for kind in ("unguarded", "memory", "redis")
+        for level in levels
+    }
+    block = 10
+    for variant, entry in entries.items():
+        assert entry["unit"] == "req/s", variant
+        assert entry["min"] > 0, variant
+        level = variant.split("@")[1]
+        if level == "seq":
+            expected = math.ceil(settings["web_sequential_requests"] / block) * block
+        else:
+            expected = math.ceil(settings["web_concurrent_requests"] / conc) * conc
+        assert entry["requests"] == expected, variant
+        assert 0 < entry["p50_ms"] <= entry["p99_ms"], variant
+        assert math.isfinite(entry["reads_per_request"]), variant
+        assert entry["reads_per_request"] >= 0, variant
+        assert entry["vs_unguarded"] > 0, variant
+        if "_unguarded@" in variant:
+            assert entry["vs_unguarded"] == 1.0, variant
+        if "_redis@" in variant:
+            assert entry["round_trips_per_request"] >= 0, variant
+        else:
+            assert "round_trips_per_request" not in entry, variant
