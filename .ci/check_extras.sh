@@ -30,19 +30,58 @@ sandbox|creditguard.testing uvicorn|docs/howto/testing.md||
 
 wanted=" ${*:-redis fastapi starlette flask django sandbox} "
 
-redis_pid=
+redis_pids=()
 cleanup() {
-  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; fi
+  for pid in "${redis_pids[@]}"; do kill "$pid" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
 
+free_port() {
+  "$SANDBOX_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
 if [[ $wanted == *" redis "* ]]; then
-  port=$("$SANDBOX_PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  port=$(free_port)
   redis-server --port "$port" --bind 127.0.0.1 --save '' --appendonly no \
     --dir "$work" >"$work/redis.log" 2>&1 &
-  redis_pid=$!
+  redis_pids+=($!)
   export CREDITGUARD_REDIS_URL="redis://127.0.0.1:$port/0"
+  # The page's Redis Cluster sample runs against three primaries joined in a cluster.
+  nodes=()
+  for n in 1 2 3; do
+    # A node also listens on its port + 10000 (the cluster bus): both must be free.
+    node=$("$SANDBOX_PYTHON" -c '
+import random, socket
+while True:
+    port = random.randint(20000, 50000)
+    try:
+        for p in (port, port + 10000):
+            socket.create_server(("127.0.0.1", p)).close()
+    except OSError:
+        continue
+    print(port)
+    break')
+    mkdir -p "$work/cluster-$n"
+    redis-server --port "$node" --bind 127.0.0.1 --save '' --appendonly no \
+      --cluster-enabled yes --cluster-config-file nodes.conf --dir "$work/cluster-$n" \
+      >"$work/cluster-$n.log" 2>&1 &
+    redis_pids+=($!)
+    nodes+=("127.0.0.1:$node")
+  done
+  for node in "${nodes[@]}"; do
+    for _ in $(seq 100); do redis-cli -h 127.0.0.1 -p "${node#*:}" ping >/dev/null 2>&1 && break; sleep 0.1; done
+  done
+  if ! redis-cli --cluster create "${nodes[@]}" --cluster-replicas 0 --cluster-yes \
+    >"$work/cluster.log" 2>&1; then
+    cat "$work/cluster.log" >&2
+    exit 1
+  fi
+  for _ in $(seq 100); do
+    redis-cli -h 127.0.0.1 -p "${nodes[0]#*:}" cluster info 2>/dev/null | grep -q 'cluster_state:ok' && break
+    sleep 0.1
+  done
+  export CREDITGUARD_REDIS_CLUSTER_URL="redis://${nodes[0]}/0"
 fi
 
 # One build of the package, installed into every venv (its dependencies come through
@@ -75,7 +114,13 @@ pids=()
 while IFS='|' read -r extra modules page section settings; do
   [ -n "$extra" ] || continue
   [[ $wanted == *" $extra "* ]] || continue
-  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+  # At most $JOBS checks at once (the Redis servers are jobs too: count the checks only).
+  while :; do
+    live=()
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && live+=("$pid"); done
+    [ "${#live[@]}" -lt "$JOBS" ] && break
+    wait -n "${live[@]}" || true
+  done
   (
     if check_one "$extra" "$modules" "$page" "$section" "$settings" >"$work/$extra.log" 2>&1; then
       echo 0 >"$work/$extra.rc"
