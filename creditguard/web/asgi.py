@@ -121,7 +121,7 @@ class CreditGuardMiddleware:
             guard = self._guard
             if not isinstance(guard, CreditGuard):
                 guard = await aresolve_guard(guard, scope)
-            spend = guard.spend(amount)
+            spend = Spend(guard, amount, defer=True)
             await spend.__aenter__()
         except CreditGuardError as exc:
             await self._refuse(scope, receive, send, exc)

@@ -349,7 +349,7 @@ class _Guarding:
         if spec is None:
             spec = config.guard()
         guard = spec if isinstance(spec, CreditGuard) else resolve_guard(spec, request)
-        return guard.spend(amount)
+        return Spend(guard, amount, defer=True)
 
     def run(
         self,

@@ -183,7 +183,7 @@ class RequireCredits:
                 guard = default_guard()
             elif not isinstance(guard, CreditGuard):
                 guard = await aresolve_guard(guard, request)
-            spend = guard.spend(amount)
+            spend = Spend(guard, amount, defer=True)
             if amount:
                 await spend.__aenter__()
         except CreditGuardError as exc:

@@ -297,7 +297,7 @@ def requires_credits(
                     the_guard = spec
                 else:
                     the_guard = resolve_guard(spec, request)
-                spend = the_guard.spend(amount)
+                spend = Spend(the_guard, amount, defer=True)
                 if amount:
                     spend.__enter__()
             except CreditGuardError as exc:

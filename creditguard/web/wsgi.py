@@ -118,7 +118,7 @@ class CreditGuardMiddleware:
             guard = self._guard
             if not isinstance(guard, CreditGuard):
                 guard = resolve_guard(guard, environ)
-            spend = guard.spend(amount)
+            spend = Spend(guard, amount, defer=True)
             spend.__enter__()
         except CreditGuardError as exc:
             answer = self._on_error(environ, exc) if self._on_error is not None else None
