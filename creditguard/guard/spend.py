@@ -61,8 +61,9 @@ class Spend(Guarded):
     run unchecked under ``on_unavailable="allow"``); a block is admitted on one that
     includes every guarded call that returned before it. ``balance_after`` is set when the
     block exits: the balance read after the action finished, or ``None`` when that
-    refresh failed or the block raised or was cancelled. (A decorated call does not wait
-    for that read: its spend has ``balance_after=None`` and settles at a later read.)
+    refresh failed or the block raised or was cancelled. (A decorated call, or a request
+    guarded by a web adapter, does not wait for that read: its spend has
+    ``balance_after=None`` and settles at a later read.)
     ``charged`` is what the call cost when its paid call reported it (see :meth:`report`),
     else ``None``. While the block
     (or decorated call) runs, :func:`current_spend` returns this spend.

@@ -58,8 +58,9 @@ async def send_problem(problem: Problem, send: Send) -> None:
 
 class CreditGuardMiddleware:
     """ASGI middleware that admits each paid request against the guard, answers 402 / 503
-    / 500 when it cannot, and settles the spend once the response's last body message is
-    sent.
+    / 500 when it cannot, and ends the spend once the response's last body message is
+    sent, with no balance read of its own: like a decorated call's, the spend settles at
+    a later read (``balance_after`` is ``None``).
 
     ``cost`` prices a request: a mapping of route patterns (``"POST /events/{id}/unlock"``,
     matched against the path the app routes on: ``scope["path"]`` less
@@ -121,7 +122,7 @@ class CreditGuardMiddleware:
             guard = self._guard
             if not isinstance(guard, CreditGuard):
                 guard = await aresolve_guard(guard, scope)
-            spend = guard.spend(amount)
+            spend = Spend(guard, amount, defer=True)
             await spend.__aenter__()
         except CreditGuardError as exc:
             await self._refuse(scope, receive, send, exc)

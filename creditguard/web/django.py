@@ -249,7 +249,7 @@ class _Waiting:
             await self.spend.__aexit__(None, None, None)
 
     def settle_soon(self) -> None:
-        """Settle now, or, on an event loop's thread, in a task (no blocking read)."""
+        """Settle now, or, on an event loop's thread, in a task (nothing blocking)."""
         if self.done:
             return
         try:
@@ -349,7 +349,7 @@ class _Guarding:
         if spec is None:
             spec = config.guard()
         guard = spec if isinstance(spec, CreditGuard) else resolve_guard(spec, request)
-        return guard.spend(amount)
+        return Spend(guard, amount, defer=True)
 
     def run(
         self,
@@ -482,8 +482,9 @@ def requires_credits(
     one; by default :func:`guard_from_settings`. ``on_error`` and ``charge_when`` default
     to the ``CREDITGUARD`` setting's ``ON_ERROR`` and ``CHARGE_WHEN``. The view finds its
     :class:`~creditguard.Spend` with :func:`current_spend` (``request.creditguard_spend``);
-    the spend is settled when Django finishes the request (``request_finished``: the
-    response it sends, whichever it is, was closed).
+    the spend ends when Django finishes the request (``request_finished``: the response
+    it sends, whichever it is, was closed), with no balance read of its own: like a
+    decorated call's, it settles at a later read (``balance_after`` is ``None``).
     """
     cost_of: Callable[[Any], int] | None = None
     static = 0

@@ -110,12 +110,13 @@ class RequireCredits:
     returns the exception to raise instead (your own ``HTTPException``, or ``error``
     itself for an app exception handler).
 
-    The spend is settled after the response has been sent (FastAPI >= 0.118 runs the exit
-    of dependencies with ``yield`` then). When the endpoint, or anything after it, raises,
-    the spend ends as failed (reservation released, cached balance distrusted), unless the
-    exception is an ``HTTPException`` whose status ``charge_when(status)`` charges
-    (default: ``status < 400``). A response the endpoint *returns* is charged whatever its
-    status: raise ``HTTPException`` for failures, or use
+    The spend ends after the response has been sent (FastAPI >= 0.118 runs the exit of
+    dependencies with ``yield`` then), with no balance read of its own: like a decorated
+    call's, it settles at a later read (``balance_after`` is ``None``). When the endpoint,
+    or anything after it, raises, the spend ends as failed (reservation released, cached
+    balance distrusted), unless the exception is an ``HTTPException`` whose status
+    ``charge_when(status)`` charges (default: ``status < 400``). A response the endpoint
+    *returns* is charged whatever its status: raise ``HTTPException`` for failures, or use
     :class:`creditguard.asgi.CreditGuardMiddleware`, which sees every status.
     """
 
@@ -183,7 +184,7 @@ class RequireCredits:
                 guard = default_guard()
             elif not isinstance(guard, CreditGuard):
                 guard = await aresolve_guard(guard, request)
-            spend = guard.spend(amount)
+            spend = Spend(guard, amount, defer=True)
             if amount:
                 await spend.__aenter__()
         except CreditGuardError as exc:

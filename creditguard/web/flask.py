@@ -262,9 +262,10 @@ def requires_credits(
 
     The view finds its :class:`~creditguard.Spend` with :func:`current_spend` (it is
     ``flask.g.creditguard_spend``). The
-    spend is settled when the WSGI server closes the response (``call_on_close``), after
-    the last byte was sent; a view that raises, or answers a status ``charge_when`` does
-    not charge, ends it as failed.
+    spend ends when the WSGI server closes the response (``call_on_close``), after the
+    last byte was sent, with no balance read of its own: like a decorated call's, it
+    settles at a later read (``balance_after`` is ``None``). A view that raises, or
+    answers a status ``charge_when`` does not charge, ends it as failed.
     """
     cost_of: Callable[[Request], int] | None = None
     static = 0
@@ -297,7 +298,7 @@ def requires_credits(
                     the_guard = spec
                 else:
                     the_guard = resolve_guard(spec, request)
-                spend = the_guard.spend(amount)
+                spend = Spend(the_guard, amount, defer=True)
                 if amount:
                     spend.__enter__()
             except CreditGuardError as exc:

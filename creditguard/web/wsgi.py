@@ -6,9 +6,9 @@
 
     app = CreditGuardMiddleware(app, guard=guard, cost={"POST /events/{event_id}/unlock": 10})
 
-Free routes go straight to the app. A paid response is settled in its iterable's
-``close()``, which the server calls after the last byte is written. See
-``docs/howto/wsgi.md``.
+Free routes go straight to the app. A paid response's spend ends in its iterable's
+``close()``, which the server calls after the last byte is written, and settles at a later
+balance read, as a decorated call's does. See ``docs/howto/wsgi.md``.
 """
 
 from __future__ import annotations
@@ -67,7 +67,9 @@ def problem_app(problem: Problem) -> WSGIApp:
 
 class CreditGuardMiddleware:
     """WSGI middleware that admits each paid request against the guard, answers 402 / 503
-    / 500 when it cannot, and settles the spend when the server closes the response.
+    / 500 when it cannot, and ends the spend when the server closes the response, with no
+    balance read of its own: like a decorated call's, the spend settles at a later read
+    (``balance_after`` is ``None``).
 
     ``cost``: a mapping of route patterns (``"POST /events/{id}/unlock"``, matched against
     ``REQUEST_METHOD`` and ``PATH_INFO``; a path holding control characters is answered
@@ -118,7 +120,7 @@ class CreditGuardMiddleware:
             guard = self._guard
             if not isinstance(guard, CreditGuard):
                 guard = resolve_guard(guard, environ)
-            spend = guard.spend(amount)
+            spend = Spend(guard, amount, defer=True)
             spend.__enter__()
         except CreditGuardError as exc:
             answer = self._on_error(environ, exc) if self._on_error is not None else None

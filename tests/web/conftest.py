@@ -3,11 +3,17 @@ and Django configured once for the whole process."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
+from unittest import mock
 
 import pytest
 
 from creditguard import CreditGuard, GuardEvent, RetryPolicy
+from creditguard.backends.memory import base as memory_base
+from creditguard.backends.memory import commitments as memory_commitments
+from creditguard.backends.memory import reads as memory_reads
+from creditguard.backends.memory import reservations as memory_reservations
 from creditguard.testing import FakeLensmor
 
 
@@ -70,3 +76,38 @@ def guard(fake: FakeLensmor, events: Recorder) -> Iterator[CreditGuard]:
         retry=RetryPolicy(attempts=1),
     ) as g:
         yield g
+
+
+def calls(guard: CreditGuard) -> tuple[int, int, int]:
+    """``(reserved, in_flight, settling)`` of the guard's account now (no request).
+
+    A request's spend runs as ``(cost, 1, 0)``; once its response is sent it has exited
+    and waits for a read as ``(cost, 1, 1)`` (a spend waiting for a read still counts in
+    flight); a read that includes it settles it: ``(0, 0, 0)``.
+    """
+    snap = guard.snapshot()
+    return snap.reserved, snap.in_flight, snap.settling
+
+
+class Clock:
+    """The memory backend's monotonic clock, moved by the test (``advance``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> Iterator[Clock]:
+    """A clock the memory backend reads instead of ``time.monotonic`` (cache ages, hold
+    deadlines): a test says when the cached balance's TTL has passed."""
+    moved = Clock()
+    with contextlib.ExitStack() as stack:
+        for module in (memory_base, memory_reads, memory_reservations, memory_commitments):
+            stack.enter_context(mock.patch.object(module, "_monotonic", moved))
+        yield moved

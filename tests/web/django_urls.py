@@ -12,13 +12,17 @@ from creditguard import current_spend
 from creditguard.django import current_spend as spend_of
 from creditguard.django import requires_credits
 
-# What the views saw, for the tests to look at; the sandbox the views charge.
+# What the views saw, for the tests to look at; the sandbox the views charge (and, when a
+# test sets ``state["watch"]`` to a guard, that guard, for ``unlock`` to look at).
 seen: list[Any] = []
 state: dict[str, Any] = {}
 
 
 def unlock(request: Any, event_id: str) -> JsonResponse:
     seen.append((getattr(request, "creditguard_spend", None), current_spend()))
+    if "watch" in state:  # the account as the view runs: (reserved, in flight, settling)
+        snap = state["watch"].snapshot()
+        seen.append((snap.reserved, snap.in_flight, snap.settling))
     state["fake"].charge(10)
     return JsonResponse({"event": event_id})
 

@@ -22,7 +22,7 @@ from creditguard import CreditGuard, CreditGuardError, Spend, current_spend
 from creditguard.asgi import SPEND_KEY, ActionFailed, CreditGuardMiddleware
 from creditguard.testing import FakeLensmor
 
-from .conftest import Recorder
+from .conftest import Clock, Recorder, calls
 
 pytestmark = pytest.mark.anyio
 
@@ -35,10 +35,14 @@ COSTS = {
 }
 
 
-def starlette_app(fake: FakeLensmor, seen: list[Any]) -> Starlette:
+def starlette_app(
+    fake: FakeLensmor, seen: list[Any], watch: CreditGuard | None = None
+) -> Starlette:
     async def unlock(request: Request) -> Response:
         spend = request.state.creditguard_spend
         seen.append((spend, current_spend()))
+        if watch is not None:  # the account as the endpoint runs
+            seen.append(calls(watch))
         fake.charge(10)
         return JSONResponse({"event": request.path_params["event_id"]})
 
@@ -95,22 +99,54 @@ def client(app: Any) -> httpx.AsyncClient:
 
 
 async def test_paid_route_admits_runs_and_settles(
-    app: CreditGuardMiddleware, fake: FakeLensmor, events: Recorder, seen: list[Any]
+    fake: FakeLensmor, guard: CreditGuard, events: Recorder, seen: list[Any]
 ) -> None:
+    app = CreditGuardMiddleware(starlette_app(fake, seen, watch=guard), guard=guard, cost=COSTS)
     async with client(app) as http:
         response = await http.post("/events/ev-1/unlock")
     assert response.status_code == 200
     assert response.json() == {"event": "ev-1"}
     assert events.kinds == ["admitted", "spent"]
-    spend, current = seen[0]
+    (spend, current), during = seen
     assert isinstance(spend, Spend)
     assert current is spend
     assert spend.cost == 10
     assert spend.balance_before is not None
     assert spend.balance_before.total_balance == 30
-    assert spend.balance_after is not None
-    assert spend.balance_after.total_balance == 20
+    assert during == (10, 1, 0)  # admitted before the endpoint: its cost reserved
+    # Settled as a decorated call is: no read of its own (the one read is the admission's,
+    # on a cold cache); the spend has exited and its reservation waits for the next read.
+    assert fake.balance_requests == 1
+    assert spend.balance_after is None
+    assert calls(guard) == (10, 1, 1)
     assert fake.balance.total_balance == 20
+    assert (await guard.abalance()).total_balance == 20  # that read includes the charge
+    assert fake.balance_requests == 2
+    assert calls(guard) == (0, 0, 0)
+
+
+async def test_sequential_requests_read_the_balance_once_per_ttl(clock: Clock) -> None:
+    """Requests one after another make one upstream balance read per TTL, not one per
+    request; the read after them includes every charge."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    seen: list[Any] = []
+    async with CreditGuard(fake.api_key, transport=fake.transport, ttl=60) as guard:
+        app = CreditGuardMiddleware(starlette_app(fake, seen), guard=guard, cost=COSTS)
+        async with client(app) as http:
+            for i in range(4):
+                assert (await http.post(f"/events/a{i}/unlock")).status_code == 200
+            assert fake.balance_requests == 1  # the first admission's (a cold cache)
+            assert calls(guard) == (40, 4, 4)
+            clock.advance(61)  # the cached balance has outlived its TTL
+            for i in range(4):
+                assert (await http.post(f"/events/b{i}/unlock")).status_code == 200
+            assert fake.balance_requests == 2  # one more admission read settled a0..a3
+            assert calls(guard) == (40, 4, 4)
+        assert (await guard.abalance()).total_balance == 20 == fake.balance.total_balance
+        assert fake.balance_requests == 3
+        assert calls(guard) == (0, 0, 0)
+    befores = [spend.balance_before.total_balance for spend, _ in seen]
+    assert befores == [100] * 4 + [60] * 4  # reservations, not the balance, carried the rest
 
 
 async def test_not_enough_credits_is_402_and_the_endpoint_does_not_run(
@@ -271,39 +307,49 @@ async def test_streaming_response_settles_after_the_last_chunk(
         response = await http.get("/stream")
     assert response.text == "chunk 0\nchunk 1\nchunk 2\n"
     assert order == ["admitted", "chunk 0", "chunk 1", "chunk 2", "spent"]
-    assert events.events[-1].balance_after is not None
-    assert events.events[-1].balance_after.total_balance == 20
+    assert events.events[-1].balance_after is None  # no read of its own
+    assert fake.balance_requests == 1  # the admission's
+    assert calls(observed) == (10, 1, 1)
+    assert (await observed.abalance()).total_balance == 20
+    assert calls(observed) == (0, 0, 0)
+    await observed.aclose()
 
 
 async def test_settles_only_after_the_final_body_message_is_sent(
-    guard: CreditGuard, events: Recorder
+    fake: FakeLensmor, guard: CreditGuard, events: Recorder
 ) -> None:
-    """Raw ASGI: the server has the whole response before the refresh read starts."""
+    """Raw ASGI: the server has the whole response before the spend exits."""
     log: list[str] = []
 
     async def app(scope: Any, receive: Any, send: Any) -> None:
+        fake.charge(10)
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"a", "more_body": True})
         await send({"type": "http.response.body", "body": b"b"})
-        log.append("app returned")
+        log.append(f"app returned {calls(guard)}")
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
     async def send(message: MutableMapping[str, Any]) -> None:
-        log.append(f"{message['type']} {events.kinds}")
+        log.append(f"{message['type']} {events.kinds} {calls(guard)}")
 
     middleware = CreditGuardMiddleware(app, guard=guard, cost={"GET /": 10})
     scope = {"type": "http", "method": "GET", "path": "/", "headers": []}
     await middleware(scope, receive, send)
+    # (reserved, in flight, settling): the spend runs until the final message is sent.
     assert log == [
-        "http.response.start ['admitted']",
-        "http.response.body ['admitted']",
-        "http.response.body ['admitted']",  # the final message: not settled yet
-        "app returned",
+        "http.response.start ['admitted'] (10, 1, 0)",
+        "http.response.body ['admitted'] (10, 1, 0)",
+        "http.response.body ['admitted'] (10, 1, 0)",  # the final message: not settled yet
+        "app returned (10, 1, 1)",  # exited once it was sent; waits for a read
     ]
     assert events.kinds == ["admitted", "spent"]
-    assert scope["state"][SPEND_KEY].balance_after is not None
+    assert scope["state"][SPEND_KEY].balance_after is None
+    assert fake.balance_requests == 1  # the admission's: none after the response
+    assert (await guard.abalance()).total_balance == 20
+    assert fake.balance_requests == 2
+    assert calls(guard) == (0, 0, 0)
 
 
 async def test_an_app_that_never_finishes_its_response_is_not_charged(

@@ -16,7 +16,7 @@ from creditguard.django import ActionFailed, CreditGuardMiddleware, guard_from_s
 from creditguard.testing import FakeLensmor
 
 from . import django_urls
-from .conftest import Recorder
+from .conftest import Clock, Recorder, calls
 
 COSTS = {
     "POST /events/{event_id}/unlock": 10,
@@ -43,15 +43,55 @@ def configured(guard: CreditGuard) -> Iterator[None]:
 
 @pytest.mark.usefixtures("configured")
 def test_middleware_admits_and_settles(
-    fake: FakeLensmor, events: Recorder, views: list[Any]
+    fake: FakeLensmor, guard: CreditGuard, events: Recorder, views: list[Any]
 ) -> None:
+    django_urls.state["watch"] = guard
     response = Client().post("/events/ev-1/unlock")
     assert response.status_code == 200
     assert response.json() == {"event": "ev-1"}
     assert events.kinds == ["admitted", "spent"]
-    spend, current = views[0]
+    (spend, current), during = views
     assert current is spend
-    assert spend.balance_after.total_balance == 20
+    assert spend.balance_before.total_balance == 30
+    assert during == (10, 1, 0)  # admitted before the view: its cost reserved
+    # Settled as a decorated call is: no read of its own (the one read is the admission's,
+    # on a cold cache); the spend has exited and its reservation waits for the next read.
+    assert fake.balance_requests == 1
+    assert spend.balance_after is None
+    assert calls(guard) == (10, 1, 1)
+    assert guard.balance().total_balance == 20  # that read includes the charge
+    assert fake.balance_requests == 2
+    assert calls(guard) == (0, 0, 0)
+
+
+def test_sequential_requests_read_the_balance_once_per_ttl(clock: Clock) -> None:
+    """Requests one after another, to a middleware-priced view and to a decorated one,
+    make one upstream balance read per TTL, not one per request; the read after them
+    includes every charge."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    django_urls.state["fake"] = fake
+    with (
+        CreditGuard(fake.api_key, transport=fake.transport, ttl=60) as guard,
+        override_settings(CREDITGUARD={"GUARD": guard, "COSTS": COSTS}),
+    ):
+        client = Client()
+        for i in range(2):
+            assert client.post(f"/events/a{i}/unlock").status_code == 200
+            assert client.get("/decorated").status_code == 200
+        assert fake.balance_requests == 1  # the first admission's (a cold cache)
+        assert calls(guard) == (40, 4, 4)
+        clock.advance(61)  # the cached balance has outlived its TTL
+        for i in range(2):
+            assert client.post(f"/events/b{i}/unlock").status_code == 200
+            assert client.get("/decorated").status_code == 200
+        assert fake.balance_requests == 2  # one more admission read settled the first four
+        assert calls(guard) == (40, 4, 4)
+        assert guard.balance().total_balance == 20 == fake.balance.total_balance
+        assert fake.balance_requests == 3
+        assert calls(guard) == (0, 0, 0)
+    spends = [each[0] if isinstance(each, tuple) else each for each in django_urls.seen]
+    befores = [spend.balance_before.total_balance for spend in spends]
+    assert befores == [100] * 4 + [60] * 4  # reservations, not the balance, carried the rest
 
 
 @pytest.mark.usefixtures("configured")
@@ -144,7 +184,15 @@ def test_decorator_sync_and_async(guard: CreditGuard, fake: FakeLensmor, views: 
     assert refused.status_code == 402
     assert refused.json()["required"] == 15
     assert fake.balance.total_balance == 10
-    assert views[0].balance_after.total_balance == 20
+    decorated, adecorated = views
+    assert (decorated.balance_before.total_balance, decorated.balance_after) == (30, None)
+    assert (adecorated.balance_before.total_balance, adecorated.balance_after) == (30, None)
+    # No read of their own: the admission's (a cold cache), then the one the refused
+    # request made, as the spends waiting for a read left it too little; that read
+    # settled both (the 402 is on the balance after them: 10 available).
+    assert refused.json()["available"] == 10
+    assert fake.balance_requests == 2
+    assert calls(guard) == (0, 0, 0)
 
 
 # Django's async stack (asgiref) runs on asyncio only.
@@ -173,8 +221,12 @@ def test_settings_build_a_guard_and_dotted_paths(fake: FakeLensmor) -> None:
             assert (guard.base_url, guard.ttl) == (url, 9)
             assert Client().post("/missing").status_code == 404  # charged: always
             assert guard_from_settings() is guard
+            assert fake.balance_requests == 1  # the admission's; no refresh after it
+            assert calls(guard) == (10, 1, 1)  # charged: the spend waits for a read
+            assert guard.balance().total_balance == 30  # /missing charged nothing
+            assert fake.balance_requests == 2
+            assert calls(guard) == (0, 0, 0)
             guard.close()
-    assert fake.balance_requests == 2
 
 
 def always(status: int) -> bool:

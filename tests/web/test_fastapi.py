@@ -17,7 +17,7 @@ from creditguard import CreditGuard, CreditGuardError, Spend, current_spend
 from creditguard.fastapi import ActionFailed, RequireCredits
 from creditguard.testing import FakeLensmor
 
-from .conftest import Recorder
+from .conftest import Clock, Recorder, calls
 
 pytestmark = pytest.mark.anyio
 
@@ -28,6 +28,7 @@ def make_app(fake: FakeLensmor, guard: CreditGuard, seen: list[Any]) -> FastAPI:
     @app.post("/events/{event_id}/unlock", dependencies=[Depends(RequireCredits(10, guard=guard))])
     async def unlock(event_id: str) -> dict[str, str]:
         seen.append(current_spend())
+        seen.append(calls(guard))  # the account as the endpoint runs
         fake.charge(10)
         return {"event": event_id}
 
@@ -93,17 +94,50 @@ def client(app: Any) -> httpx.AsyncClient:
 
 
 async def test_dependencies_list_guards_and_current_spend_sees_it(
-    app: FastAPI, fake: FakeLensmor, events: Recorder, seen: list[Any]
+    app: FastAPI, fake: FakeLensmor, guard: CreditGuard, events: Recorder, seen: list[Any]
 ) -> None:
     async with client(app) as http:
         response = await http.post("/events/ev-1/unlock")
     assert response.status_code == 200
     assert response.json() == {"event": "ev-1"}
     assert events.kinds == ["admitted", "spent"]
-    assert isinstance(seen[0], Spend)
-    assert seen[0].cost == 10
-    assert seen[0].balance_after is not None
-    assert seen[0].balance_after.total_balance == 20
+    spend, during = seen
+    assert isinstance(spend, Spend)
+    assert spend.cost == 10
+    assert spend.balance_before is not None
+    assert spend.balance_before.total_balance == 30
+    assert during == (10, 1, 0)  # admitted before the endpoint: its cost reserved
+    # Settled as a decorated call is: no read of its own (the one read is the admission's,
+    # on a cold cache); the spend has exited and its reservation waits for the next read.
+    assert fake.balance_requests == 1
+    assert spend.balance_after is None
+    assert calls(guard) == (10, 1, 1)
+    assert (await guard.abalance()).total_balance == 20  # that read includes the charge
+    assert fake.balance_requests == 2
+    assert calls(guard) == (0, 0, 0)
+
+
+async def test_sequential_requests_read_the_balance_once_per_ttl(clock: Clock) -> None:
+    """Requests one after another make one upstream balance read per TTL, not one per
+    request; the read after them includes every charge."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    seen: list[Any] = []
+    async with CreditGuard(fake.api_key, transport=fake.transport, ttl=60) as guard:
+        async with client(make_app(fake, guard, seen)) as http:
+            for i in range(4):
+                assert (await http.post(f"/events/a{i}/unlock")).status_code == 200
+            assert fake.balance_requests == 1  # the first admission's (a cold cache)
+            assert calls(guard) == (40, 4, 4)
+            clock.advance(61)  # the cached balance has outlived its TTL
+            for i in range(4):
+                assert (await http.post(f"/events/b{i}/unlock")).status_code == 200
+            assert fake.balance_requests == 2  # one more admission read settled a0..a3
+            assert calls(guard) == (40, 4, 4)
+        assert (await guard.abalance()).total_balance == 20 == fake.balance.total_balance
+        assert fake.balance_requests == 3
+        assert calls(guard) == (0, 0, 0)
+    befores = [spend.balance_before.total_balance for spend in seen[::2]]
+    assert befores == [100] * 4 + [60] * 4  # reservations, not the balance, carried the rest
 
 
 async def test_annotated_dependency_value_is_the_spend(
@@ -247,9 +281,13 @@ async def test_default_guard_comes_from_the_environment(
         default = _guard._default
         assert default is not None
         assert default.base_url == url
+        assert fake.balance_requests == 1  # the admission's; no refresh after the response
+        assert calls(default) == (10, 1, 1)  # the spend waits for a read
+        assert (await default.abalance()).total_balance == 30  # /x charged nothing
+        assert fake.balance_requests == 2
+        assert calls(default) == (0, 0, 0)
         await default.aclose()
     assert response.status_code == 200
-    assert fake.balance_requests == 2  # admission, then the refresh
 
 
 def test_signature_injects_only_the_request() -> None:

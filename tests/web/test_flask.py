@@ -13,10 +13,12 @@ from creditguard import CreditGuard, CreditGuardError, Spend, current_spend
 from creditguard.flask import EXTENSION_KEY, ActionFailed, CreditGuardExtension, requires_credits
 from creditguard.testing import FakeLensmor
 
-from .conftest import Recorder
+from .conftest import Clock, Recorder, calls
 
 
-def make_app(fake: FakeLensmor, seen: list[Any], **ext: Any) -> Flask:
+def make_app(
+    fake: FakeLensmor, seen: list[Any], watch: CreditGuard | None = None, **ext: Any
+) -> Flask:
     app = Flask(__name__)
     CreditGuardExtension(app, **ext)
 
@@ -24,6 +26,8 @@ def make_app(fake: FakeLensmor, seen: list[Any], **ext: Any) -> Flask:
     @requires_credits(10)
     def unlock(event_id: str) -> dict[str, str]:
         seen.append((g.creditguard_spend, current_spend()))
+        if watch is not None:  # the account as the view runs
+            seen.append(calls(watch))
         fake.charge(10)
         return {"event": event_id}
 
@@ -74,16 +78,48 @@ def app(fake: FakeLensmor, guard: CreditGuard, seen: list[Any]) -> Flask:
 
 
 def test_paid_view_settles_when_the_response_closes(
-    app: Flask, fake: FakeLensmor, events: Recorder, seen: list[Any]
+    fake: FakeLensmor, guard: CreditGuard, events: Recorder, seen: list[Any]
 ) -> None:
-    client = app.test_client()
+    client = make_app(fake, seen, watch=guard, guard=guard).test_client()
     response = client.post("/events/ev-1/unlock", buffered=True)
     assert response.status_code == 200
     assert response.json == {"event": "ev-1"}
     assert events.kinds == ["admitted", "spent"]
-    spend, current = seen[0]
+    (spend, current), during = seen
     assert current is spend
-    assert spend.balance_after.total_balance == 20
+    assert spend.balance_before.total_balance == 30
+    assert during == (10, 1, 0)  # admitted before the view: its cost reserved
+    # Settled as a decorated call is: no read of its own (the one read is the admission's,
+    # on a cold cache); the spend has exited and its reservation waits for the next read.
+    assert fake.balance_requests == 1
+    assert spend.balance_after is None
+    assert calls(guard) == (10, 1, 1)
+    assert guard.balance().total_balance == 20  # that read includes the charge
+    assert fake.balance_requests == 2
+    assert calls(guard) == (0, 0, 0)
+
+
+def test_sequential_requests_read_the_balance_once_per_ttl(clock: Clock) -> None:
+    """Requests one after another make one upstream balance read per TTL, not one per
+    request; the read after them includes every charge."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    seen: list[Any] = []
+    with CreditGuard(fake.api_key, transport=fake.transport, ttl=60) as guard:
+        client = make_app(fake, seen, guard=guard).test_client()
+        for i in range(4):
+            assert client.post(f"/events/a{i}/unlock", buffered=True).status_code == 200
+        assert fake.balance_requests == 1  # the first admission's (a cold cache)
+        assert calls(guard) == (40, 4, 4)
+        clock.advance(61)  # the cached balance has outlived its TTL
+        for i in range(4):
+            assert client.post(f"/events/b{i}/unlock", buffered=True).status_code == 200
+        assert fake.balance_requests == 2  # one more admission read settled a0..a3
+        assert calls(guard) == (40, 4, 4)
+        assert guard.balance().total_balance == 20 == fake.balance.total_balance
+        assert fake.balance_requests == 3
+        assert calls(guard) == (0, 0, 0)
+    befores = [spend.balance_before.total_balance for spend, _ in seen]
+    assert befores == [100] * 4 + [60] * 4  # reservations, not the balance, carried the rest
 
 
 def test_settling_waits_for_close(app: Flask, events: Recorder) -> None:
@@ -212,8 +248,12 @@ def test_extension_builds_its_guard_from_app_config(fake: FakeLensmor) -> None:
         assert isinstance(guard, CreditGuard)
         assert (guard.base_url, guard.ttl) == (url, 30)
         assert EXTENSION_KEY in app.extensions
+        assert fake.balance_requests == 1  # the admission's; no refresh after the response
+        assert calls(guard) == (10, 1, 1)  # the spend waits for a read
+        assert guard.balance().total_balance == 30  # /x charged nothing
+        assert fake.balance_requests == 2
+        assert calls(guard) == (0, 0, 0)
         guard.close()
-    assert fake.balance_requests == 2
 
 
 def test_guard_of_without_init_app() -> None:

@@ -16,7 +16,7 @@ from creditguard import CreditGuard, CreditGuardError, current_spend
 from creditguard.testing import FakeLensmor
 from creditguard.wsgi import SPEND_KEY, ActionFailed, CreditGuardMiddleware
 
-from .conftest import Recorder
+from .conftest import Clock, Recorder, calls
 
 COSTS = {
     "POST /events/{event_id}/unlock": 10,
@@ -57,10 +57,14 @@ class Server:
         return int(started[0][:3]), dict(started[1]), body, result
 
 
-def plain_app(fake: FakeLensmor, seen: list[Any]) -> Callable[..., Iterable[bytes]]:
+def plain_app(
+    fake: FakeLensmor, seen: list[Any], watch: CreditGuard | None = None
+) -> Callable[..., Iterable[bytes]]:
     def app(env: dict[str, Any], start_response: Any) -> Iterable[bytes]:
         path = env["PATH_INFO"]
         seen.append((env.get(SPEND_KEY), current_spend()))
+        if watch is not None:  # the account as the app runs
+            seen.append(calls(watch))
         if path == "/boom":
             raise RuntimeError("the paid call failed")
         if path == "/missing":
@@ -92,17 +96,56 @@ def server(fake: FakeLensmor, guard: CreditGuard, seen: list[Any]) -> Server:
     return Server(CreditGuardMiddleware(plain_app(fake, seen), guard=guard, cost=COSTS))
 
 
-def test_paid_request_settles_in_close(server: Server, events: Recorder, seen: list[Any]) -> None:
+def test_paid_request_settles_in_close(
+    fake: FakeLensmor, guard: CreditGuard, events: Recorder, seen: list[Any]
+) -> None:
+    server = Server(
+        CreditGuardMiddleware(plain_app(fake, seen, watch=guard), guard=guard, cost=COSTS)
+    )
     status, _, body, result = server.call(environ("POST", "/events/e1/unlock"), close=False)
     assert (status, body) == (200, b"unlocked")
+    (spend, current), during = seen
+    assert current is spend
+    assert spend.balance_before.total_balance == 30
+    assert during == (10, 1, 0)  # admitted before the app ran: its cost reserved
     assert events.kinds == ["admitted"]  # the server has the body; not settled yet
+    assert calls(guard) == (10, 1, 0)
     result.close()
     assert events.kinds == ["admitted", "spent"]
-    spend, current = seen[0]
-    assert current is spend
-    assert spend.balance_after.total_balance == 20
+    # Settled as a decorated call is: no read of its own (the one read is the admission's,
+    # on a cold cache); the spend has exited and its reservation waits for the next read.
+    assert fake.balance_requests == 1
+    assert spend.balance_after is None
+    assert calls(guard) == (10, 1, 1)
     result.close()  # idempotent
     assert events.kinds == ["admitted", "spent"]
+    assert calls(guard) == (10, 1, 1)
+    assert guard.balance().total_balance == 20  # that read includes the charge
+    assert fake.balance_requests == 2
+    assert calls(guard) == (0, 0, 0)
+
+
+def test_sequential_requests_read_the_balance_once_per_ttl(clock: Clock) -> None:
+    """Requests one after another make one upstream balance read per TTL, not one per
+    request; the read after them includes every charge."""
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    seen: list[Any] = []
+    with CreditGuard(fake.api_key, transport=fake.transport, ttl=60) as guard:
+        server = Server(CreditGuardMiddleware(plain_app(fake, seen), guard=guard, cost=COSTS))
+        for i in range(4):
+            assert server.call(environ("POST", f"/events/a{i}/unlock"))[0] == 200
+        assert fake.balance_requests == 1  # the first admission's (a cold cache)
+        assert calls(guard) == (40, 4, 4)
+        clock.advance(61)  # the cached balance has outlived its TTL
+        for i in range(4):
+            assert server.call(environ("POST", f"/events/b{i}/unlock"))[0] == 200
+        assert fake.balance_requests == 2  # one more admission read settled a0..a3
+        assert calls(guard) == (40, 4, 4)
+        assert guard.balance().total_balance == 20 == fake.balance.total_balance
+        assert fake.balance_requests == 3
+        assert calls(guard) == (0, 0, 0)
+    befores = [spend.balance_before.total_balance for spend, _ in seen]
+    assert befores == [100] * 4 + [60] * 4  # reservations, not the balance, carried the rest
 
 
 def test_402_503_and_500_answers(server: Server, fake: FakeLensmor, seen: list[Any]) -> None:
