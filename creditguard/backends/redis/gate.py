@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from creditguard.backends.redis.scripts import (
     aevalsha,
-    duration_ms,
     eval_head,
     evalsha,
     lua_sections,
     sha_of,
 )
+from creditguard.backends.redis.side import duration_ms
 
 if TYPE_CHECKING:
     from creditguard.backends.redis.clients import AsyncClient, SyncClient
