@@ -276,7 +276,7 @@ if finished ~= '' then
       seq = seq or redis.call('HINCRBY', K_STATE, 'seq', 1)
       redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
     end
-    if charged then settle_subject(fid, charged) end
+    settle_subject(fid, charged)
   end
 end
 -- The subject's allowance first (it needs no balance): refused when the window cannot
@@ -367,7 +367,7 @@ for i = 1, #ARGV do
     if seq == 0 then seq = redis.call('HINCRBY', K_STATE, 'seq', 1) end
     redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
   end
-  if charged then settle_subject(fid, charged) end
+  settle_subject(fid, charged)
 end
 return seq
 
