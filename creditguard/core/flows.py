@@ -189,10 +189,10 @@ def admit_cached(engine: Engine, call: Guarded) -> bool:
     with room for every reservation (anything else goes the slow way)."""
     settings = engine.settings
     policy = settings.policy
+    if budgets.get():
+        return False  # budgets are taken on the way that may wait for them
     if not policy.active:
         reservation = engine.account.try_admit(call.cost, settings.ttl, call._defer)
-    elif budgets.get():
-        return False  # budgets are taken on the way that may wait for them
     else:
         window = policy.window(call._subject)
         reservation = engine.account.try_admit(

@@ -30,6 +30,8 @@ AllowanceSpec = Allowance | Callable[[str], Allowance | None] | None
 
 LowBalanceCallback = Callable[[LowBalance], Awaitable[None] | None]
 
+_now = time.time  # the wall clock windows are worked out on (tests set it)
+
 _MAX_WINDOWS = 10_000  # windows remembered per guard before the memo starts over
 
 
@@ -57,7 +59,7 @@ class Policy:
         allowance = resolve(self.allowance, subject)
         if allowance is None:
             return None
-        now = time.time() if at is None else at
+        now = _now() if at is None else at
         memo = (subject, allowance)
         window = self._windows.get(memo)
         if window is not None and window.start <= now < window.end:
