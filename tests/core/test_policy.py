@@ -72,7 +72,7 @@ def test_keep_refuses_only_what_the_floor_stands_in_the_way_of(new_backend: NewB
     fake, guard = make(new_backend, 1000, keep=300)
     with pytest.raises(InsufficientCredits) as info, guard.spend(701):
         pass
-    assert info.value.keep == 300 and info.value.available == 700
+    assert (info.value.keep, info.value.available) == (300, 700)
     spend(guard, fake, 100)  # smaller calls still go
     assert guard.keep == 300
 
@@ -125,9 +125,10 @@ def test_an_allowance_caps_each_subject(new_backend: NewBackend) -> None:
         80,
         20,
     )
-    assert refusal.required == 40 and refusal.available == 20
+    assert (refusal.required, refusal.available) == (40, 20)
     now = datetime.now(timezone.utc)
-    assert refusal.resets_at > now and refusal.resets_at.tzinfo is not None
+    assert refusal.resets_at > now
+    assert refusal.resets_at.tzinfo is not None
     assert refusal.resets_at == Allowance(100).period(now)[1]
     spend(guard, fake, 20, "alice")  # what is left still fits
     spend(guard, fake, 100, "bob")  # another subject has its own
@@ -212,10 +213,13 @@ def test_calls_in_flight_of_a_subject_make_it_wait_not_refuse(new_backend: NewBa
     inside, release = threading.Event(), threading.Event()
 
     def first() -> None:
-        with pytest.raises(Boom), guard.spend(60, subject="alice"):
-            inside.set()
-            release.wait(5)
-            raise Boom  # failed: charged nothing
+        try:
+            with guard.spend(60, subject="alice"):
+                inside.set()
+                release.wait(5)
+                raise Boom  # failed: charged nothing
+        except Boom:
+            pass
 
     worker = threading.Thread(target=first)
     worker.start()
@@ -332,7 +336,7 @@ def test_a_budget_caps_the_calls_inside(new_backend: NewBackend) -> None:
         spend(guard, fake, 60)
         with pytest.raises(BudgetExceeded) as info, guard.spend(50):
             pass
-        assert info.value.remaining == 40 and info.value.limit == 100
+        assert (info.value.remaining, info.value.limit) == (40, 100)
         assert isinstance(info.value, InsufficientCredits)
         with pytest.raises(Boom), guard.spend(40):
             raise Boom  # a failed call spends nothing of it
@@ -370,7 +374,7 @@ async def test_tasks_started_inside_a_budget_inherit_it(new_backend: NewBackend)
     async with guard.budget(100) as budget, anyio.create_task_group() as tg:
         for _ in range(5):
             tg.start_soon(task)
-    assert budget.spent == 90 and len(refused) == 2
+    assert (budget.spent, len(refused)) == (90, 2)
 
 
 def test_a_budget_across_threads_through_anyio(new_backend: NewBackend) -> None:
@@ -426,7 +430,7 @@ def test_low_balance_as_a_fraction_of_the_total_amount(new_backend: NewBackend) 
 
 
 def test_a_low_balance_at_start_is_told(new_backend: NewBackend) -> None:
-    fake, guard = make(new_backend, 100)
+    _, guard = make(new_backend, 100)
     heard: list[LowBalance] = []
     guard.on_low_balance(500, heard.append)
     guard.balance()
