@@ -97,16 +97,20 @@ def settle(engine: Engine, after: int, step: Step, sync: bool) -> Steps[CreditBa
 
 def open(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
     """Take a turn at the gate (if it is on), then admit ``call`` (giving the turn back
-    if it is refused)."""
+    if it is refused). A backend may decide whether the account can pay, and admit the
+    call, in the same step that grants the turn (see ``Turn``)."""
     if engine.settings.max_concurrent is None:
         if not admit_cached(engine, call):
             yield from admit(engine, call, sync)
         return
-    if call.cost:
-        yield from _payable(engine, call, sync)
-    call._turn = yield from _take_turn(engine, sync)
+    call._turn = yield from _take_turn(engine, call, sync)
     try:
-        if not admit_cached(engine, call):
+        turn = call._turn
+        reservation = None if turn is None else turn.admitted
+        if reservation is not None:
+            turn.admitted = None  # type: ignore[union-attr]  # turn is not None here
+            _admitted(engine, call, reservation)
+        elif not admit_cached(engine, call):
             yield from admit(engine, call, sync)
     except BaseException:
         turn, call._turn = call._turn, None
@@ -115,11 +119,12 @@ def open(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
         raise
 
 
-def _take_turn(engine: Engine, sync: bool) -> Steps[Turn | None]:
+def _take_turn(engine: Engine, call: Guarded, sync: bool) -> Steps[Turn | None]:
     """A turn at the account's gate (``None``: no gate, or the caller runs inside an
     enclosing guarded call of the account, whose turn it shares). Queued in order;
     bounded by ``gate_timeout``; a caller that gives up (or is cancelled) leaves no place
-    in the queue."""
+    in the queue. A call the account cannot pay is refused before it queues (on the
+    backend's first look when it can tell, else by :func:`_payable`)."""
     settings = engine.settings
     limit = settings.max_concurrent
     if limit is None:
@@ -132,11 +137,25 @@ def _take_turn(engine: Engine, sync: bool) -> Steps[Turn | None]:
                 return None
     turn = Turn(os.urandom(8).hex())
     turn.owner = caller()
+    own = tuple(o._reservation for o in enclosing(engine) if o._reservation)
+    turn.asking = Admission(call.cost, settings.ttl, sync, own)
+    turn.check = call.cost > 0
+    # A decorated call (no balance looked at after) may be admitted with its turn, when
+    # no spending policy applies (the floor, allowances and budgets are admission's).
+    turn.admit = call._defer and not settings.policy.active and not budgets.get()
     started = _monotonic()
     until = started + settings.gate_timeout
     try:
         while True:
-            step = yield from account.enter(turn, limit, sync, until)
+            try:
+                step = yield from account.enter(turn, limit, sync, until)
+            except InsufficientCredits as refusal:  # the backend's look: it cannot pay
+                outcomes.denied(engine, refusal)
+                raise
+            if step is False:  # the backend cannot tell whether it can pay: check first
+                turn.check = False
+                yield from _payable(engine, call, sync)
+                continue
             if not isinstance(step, Step):  # True: the turn is this caller's
                 return turn
             if _monotonic() >= until:

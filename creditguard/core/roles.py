@@ -214,7 +214,11 @@ class Gate(Protocol):
 
     def enter(self, turn: Turn, limit: int, sync: bool, until: float) -> Ops[bool | Step]:
         """Take a turn at the account's gate: ``True`` when ``turn`` has one (at most
-        ``limit`` in flight), else what to wait on before asking again."""
+        ``limit`` in flight), else what to wait on before asking again. With
+        ``turn.check``, first refuse (``InsufficientCredits``) a caller new at the gate
+        the account cannot pay, or answer ``False`` when that takes a balance read (the
+        flow checks, then asks again); with ``turn.admit``, it may admit the call as it
+        grants the turn (``turn.admitted``)."""
         ...
 
     def leave(self, turn: Turn) -> Ops[None]:

@@ -166,9 +166,28 @@ class Turn(_Waitable):
     """A caller's place at the account's gate (``max_concurrent``): queued until it is
     ``granted``, then one of the guarded actions in flight until it is given back
     (``left``). ``token`` names it in a shared backend. The account finishes it when it is
-    granted (a backend that polls finishes nothing: its waits end at their deadline)."""
+    granted (a backend that polls finishes nothing: its waits end at their deadline).
 
-    __slots__ = ("granted", "left", "looks", "owner", "remote", "token")
+    ``asking`` is the admission its caller asks for once the turn is granted. With
+    ``check``, a caller new at the gate the account cannot pay is refused before it
+    queues: a backend that can tell in the same step as its first look raises
+    ``InsufficientCredits`` there; one that cannot answers ``False`` and the flow checks
+    first. With ``admit``, a backend may also admit the call in the step that grants the
+    turn (``admitted``)."""
+
+    __slots__ = (
+        "admit",
+        "admitted",
+        "asking",
+        "check",
+        "granted",
+        "left",
+        "limit",
+        "looks",
+        "owner",
+        "remote",
+        "token",
+    )
 
     def __init__(self, token: str) -> None:
         super().__init__()
@@ -178,6 +197,11 @@ class Turn(_Waitable):
         self.owner: tuple[int, int] = (0, 0)  # the thread and task that took it
         self.remote = False  # asked for in a shared backend (not this process's memory)
         self.looks = 0  # how many times it asked, in a backend that is polled
+        self.limit = 0  # the gate's limit it asked under, in a shared backend
+        self.asking: Admission | None = None
+        self.check = False
+        self.admit = False
+        self.admitted: Reservation | None = None
 
 
 def own_error(error: BaseException) -> BaseException:

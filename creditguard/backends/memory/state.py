@@ -20,7 +20,10 @@ class Account(AccountReservations):
 
     def enter(self, turn: Turn, limit: int, sync: bool, until: float) -> Ops[bool | Step]:
         """``turn`` has its turn at the gate (True), or the wait for it: until it is
-        handed one, ``until``, or the next hold expiry (which may free one)."""
+        handed one, ``until``, or the next hold expiry (which may free one). Whether the
+        account can pay is the flow's to check (``False``), with no I/O here."""
+        if turn.check:
+            return done(False)
         self._sweep()
         with self.lock:
             if self.gate.enter(turn, limit):

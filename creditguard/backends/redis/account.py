@@ -31,7 +31,8 @@ from creditguard.backends.redis.context import (
     charged_of,
     item_of,
 )
-from creditguard.backends.redis.holds import GateAndHolds
+from creditguard.backends.redis.gate import Entered, Unpayable
+from creditguard.backends.redis.holds import ALIVE_MS, GateAndHolds
 from creditguard.backends.redis.reads import Reads, RedisFlight
 from creditguard.backends.redis.scripts import (
     Admitted,
@@ -379,7 +380,72 @@ class RedisAccount:
     # -- the gate and holds (:mod:`.holds`) ----------------------------------------------
 
     def enter(self, turn: Turn, limit: int, sync: bool, until: float) -> Ops[bool | Step]:
-        return self.gate.enter(turn, limit, sync, until)
+        """One script: refuse a caller new at the gate that the account cannot pay
+        (``turn.check``; ``False`` when that takes a read), take a turn or stand in the
+        queue, and with the turn admit the call when the cached balance covers it
+        (``turn.admit``). A turn handed over by a leave of this process needs no call."""
+        gate = self.gate
+        if turn.granted:
+            return True
+        turn.limit = limit  # a turn given back goes on to the next only within it
+        ctx = self.ctx
+        link = ctx.link
+        asking = turn.asking
+        check = turn.check and asking is not None
+        admit = turn.admit and asking is not None
+        if (check or admit) and ctx.outside:
+            yield from ctx.rejoin()
+        cost = ttl_ms = 0
+        rid = ""
+        own: list[str] = []
+        known = self._known
+        finished: list[str] = []
+        if asking is not None:
+            cost, ttl_ms = asking.cost, int(asking.ttl * 1000)
+            own = [r.id for r in asking.enclosing if isinstance(r, RedisReservation)]
+        if admit:
+            rid = os.urandom(12).hex()
+            finished = link.leases._take_finished(ctx.calls.redis)
+        tag = "" if known is None or not admit else known[0]
+        try:
+            got = yield ctx.gate_call(
+                "enter_admit",
+                turn.token,
+                limit,
+                link.lease_ms,
+                ALIVE_MS,
+                check,
+                cost,
+                ttl_ms,
+                rid,
+                tag,
+                finished,
+                own,
+            )
+        except BaseException:
+            link.leases._put_back(ctx.calls.redis, finished)  # it may not have reached Redis
+            raise
+        # Refused, or asked to check first: not queued (nothing to give back in Redis).
+        if isinstance(got, Unpayable):
+            balance = ctx.decode(got.balance)
+            raise InsufficientCredits(cost, got.available, balance, reserved=got.held)
+        if not isinstance(got, Entered):  # CHECK_FIRST: no balance to tell without a read
+            return False
+        turn.remote = True
+        if got.ticket:
+            return gate.wait(turn, until)
+        gate.granted(turn)
+        if got.gen is not None:
+            if got.balance is None:  # admitted on the balance this process knows
+                assert known is not None
+                balance = known[1]
+            else:
+                balance = ctx.decode(got.balance)
+                if got.tag:
+                    self._known = (got.tag, balance)
+            turn.admitted = RedisReservation(cost, balance, got.gen, rid)
+            link.leases._hold(ctx.calls.redis, rid, cost)
+        return True
 
     def leave(self, turn: Turn) -> Ops[None]:
         if turn.remote:

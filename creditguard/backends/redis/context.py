@@ -16,7 +16,7 @@ from creditguard.backends.redis.gate import HoldInfo
 from creditguard.backends.redis.scripts import decode_balance, encode_balance
 from creditguard.core.errors import BalanceUnavailable
 from creditguard.core.models import CreditBalance
-from creditguard.core.steps import Call, Ops, Reservation, Waiter
+from creditguard.core.steps import Call, Ops, Reservation, Turn, Waiter
 
 __all__ = [
     "POLL_FIRST",
@@ -69,6 +69,7 @@ class AccountContext:
         "link",
         "lock",
         "outside",
+        "turns",
         "waiters",
     )
 
@@ -81,6 +82,9 @@ class AccountContext:
         # Redis every few milliseconds, and at once when a spend or a turn of this
         # process is given back).
         self.waiters: list[Waiter] = []
+        # Turns of this process that wait in the gate's queue, by token: a turn given
+        # back here goes to one of them without a round trip of its own.
+        self.turns: dict[str, Turn] = {}
         self.deferred = 0  # spends finished here since this process's last read
         # This process spent outside Redis (unchecked, or on a fallback) since Redis was
         # last reachable: distrust its cached balance when it is back.
