@@ -491,3 +491,22 @@ def test_bad_thresholds_are_refused(threshold: Any, error: type[Exception]) -> N
     guard = CreditGuard(FakeLensmor().api_key, transport=FakeLensmor().transport)
     with pytest.raises(error):
         guard.on_low_balance(threshold, print)
+
+
+def test_the_gate_keeps_the_floor_and_the_allowance(new_backend: NewBackend) -> None:
+    fake, guard = make(new_backend, 1000, keep=300, allowance=Allowance(100), max_concurrent=1)
+
+    @guard.requires_credits(60, subject=lambda user: user)
+    def call(user: str) -> None:
+        fake.charge(60)
+
+    call("alice")
+    with pytest.raises(AllowanceExceeded):
+        call("alice")
+    for user in "bcdefghij":
+        try:
+            call(user)
+        except InsufficientCredits as refused:
+            assert refused.keep == 300
+            break
+    assert fake.balance.total_balance >= 300
