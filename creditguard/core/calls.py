@@ -32,6 +32,7 @@ class Guarded:
         "_outer",
         "_reservation",
         "_result",
+        "_subject",
         "_turn",
         "balance_after",
         "balance_before",
@@ -39,8 +40,11 @@ class Guarded:
         "cost",
     )
 
-    def __init__(self, engine: Engine, cost: int, defer: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, cost: int, defer: bool = False, subject: str | None = None
+    ) -> None:
         self._engine = engine
+        self._subject = subject  # who the call spends for (its allowance), if anyone
         # Settle without waiting for the refresh (decorated calls, middleware): the
         # caller never sees balance_after, so the next read that needs it settles it.
         self._defer = defer

@@ -15,6 +15,7 @@ from creditguard.core.calls import Guarded, current
 from creditguard.core.drive import adrive, drive
 from creditguard.core.engine import Engine
 from creditguard.core.flows import admit_cached
+from creditguard.core.policy import check_subject
 from creditguard.lensmor.precheck import Precheck
 
 __all__ = ["Spend", "acost_of", "cost_of", "current_spend"]
@@ -71,11 +72,20 @@ class Spend(Guarded):
 
     __slots__ = ("_precheck",)
 
-    def __init__(self, guard: Guard, cost: int | Precheck, *, defer: bool = False) -> None:
+    def __init__(
+        self,
+        guard: Guard,
+        cost: int | Precheck,
+        *,
+        defer: bool = False,
+        subject: str | None = None,
+    ) -> None:
         self._precheck: Precheck | None = None
         if isinstance(cost, Precheck):
             self._precheck, cost = cost, 0  # the cost is Lensmor's answer, on entering
-        Guarded.__init__(self, guard._engine, cost, defer)
+        if subject is not None:
+            subject = check_subject(subject)
+        Guarded.__init__(self, guard._engine, cost, defer, subject)
 
     def __repr__(self) -> str:
         before = None if self.balance_before is None else self.balance_before.total_balance

@@ -14,6 +14,7 @@ import textwrap
 import threading
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -413,7 +414,7 @@ async def test_a_cancelled_caller_leaves_nothing_in_redis(
     admin = redis.Redis.from_url(redis_url)
     with monkeypatch.context() as patch:
         if gate:
-            _pause_before(patch, RedisGate, "enter", admin)
+            _pause_before(patch, RedisGate, "enter_admit", admin)
         else:
             _pause_before(patch, RedisAccountState, "admit", admin)
         try:
@@ -460,7 +461,7 @@ async def test_an_answer_lost_to_asyncio_cancellation_is_undone(
         max_concurrent=1 if gate else None,
     )
     assert (await guard.abalance()).total_balance == 100
-    cls, name = (RedisGate, "aenter") if gate else (RedisAccountState, "aadmit")
+    cls, name = (RedisGate, "aenter_admit") if gate else (RedisAccountState, "aadmit")
     script = getattr(cls, name)
     answered = asyncio.Event()
 
@@ -480,6 +481,56 @@ async def test_an_answer_lost_to_asyncio_cancellation_is_undone(
     snap = await guard.asnapshot()
     assert (snap.reserved, snap.in_flight) == (0, 0)
     assert redis_client.zcard(f"{prefix}{{{guard._account.fingerprint}}}:gate") == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # asyncio's own cancellation
+async def test_a_turn_and_admission_lost_to_asyncio_cancellation_are_undone(
+    redis_url: str,
+    redis_client: redis.Redis,
+    backends: list[RedisBackend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A decorated call at the gate is admitted by the script that grants its turn: when
+    that answer is lost to a cancellation, both the reservation and the turn are given
+    back."""
+    prefix = fresh_prefix("lost-turn-admission")
+    fake = FakeLensmor(subscription_balance=100, gift_balance=0)
+    guard = CreditGuard(
+        fake.api_key,
+        transport=fake.transport,
+        backend=_backend(backends, redis_url, prefix),
+        ttl=60,
+        max_concurrent=1,
+    )
+    assert (await guard.abalance()).total_balance == 100
+    script = RedisGate.aenter_admit
+    admitted: list[object] = []
+
+    async def slow_answer(self: RedisGate, *args: Any) -> object:
+        result = await script(self, *args)  # the script ran
+        admitted.append(result)
+        await asyncio.sleep(0.6)  # its answer is on its way
+        return result
+
+    ran: list[int] = []
+
+    @guard.requires_credits(60)
+    async def paid() -> None:
+        ran.append(1)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(RedisGate, "aenter_admit", slow_answer)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(paid(), 0.3)
+    assert len(admitted) == 1
+    assert getattr(admitted[0], "gen", None) is not None
+    assert ran == []
+    snap = await guard.asnapshot()
+    assert (snap.reserved, snap.in_flight) == (0, 0)
+    assert redis_client.zcard(f"{prefix}{{{guard._account.fingerprint}}}:gate") == 0
+    await paid()
+    assert ran == [1]
 
 
 async def guard_call(guard: CreditGuard, ran: list[int]) -> None:

@@ -231,3 +231,50 @@ def test_a_finished_call_redis_does_not_know_of_stays_counted(
             g.close()
         for b in backends:
             b.close()
+
+
+@pytest.mark.usefixtures("no_flush")
+def test_an_uncontended_gated_call_makes_two_round_trips(
+    redis_url: str, redis_client: redis.Redis, round_trips: Trips
+) -> None:
+    """With ``max_concurrent``, a warm decorated call nobody competes with makes two round
+    trips: one script refuses what the account cannot pay, takes the turn and admits the
+    call; one gives the turn back. No balance read of its own, no ``committed`` look."""
+    fake, backend, guard = make(redis_url, "gated", max_concurrent=1)
+    paid = paid_call(guard, fake, 1)
+    try:
+        for _ in range(5):  # warm: the balance read, the scripts loaded, connections open
+            paid()
+        calls, start = 50, round_trips.count
+        reads = fake.balance_requests
+        for _ in range(calls):
+            paid()
+        made = round_trips.count - start
+        assert 2 * calls <= made <= 2 * calls + 1  # (the renewer may renew once)
+        assert fake.balance_requests == reads  # no balance read of their own
+        assert guard.balance().total_balance == 1000 - 5 - calls
+        assert redis_client.zcard(f"{backend.prefix}{{{guard.account}}}:gate") == 0
+    finally:
+        guard.close()
+        backend.close()
+
+
+@pytest.mark.usefixtures("no_flush")
+def test_a_gated_call_the_account_cannot_pay_is_refused_in_one_round_trip(
+    redis_url: str, redis_client: redis.Redis, round_trips: Trips
+) -> None:
+    """On a fresh cached balance, the gate's one script refuses a call the account cannot
+    pay before it queues (it never waits for a turn)."""
+    fake, backend, guard = make(redis_url, "gated-refused", max_concurrent=1)
+    try:
+        guard.balance()
+        paid_call(guard, fake, 1)()  # warm
+        start = round_trips.count
+        with pytest.raises(InsufficientCredits) as refused:
+            paid_call(guard, fake, 5000)()
+        assert round_trips.count - start == 1
+        assert refused.value.available == 1000
+        assert redis_client.zcard(f"{backend.prefix}{{{guard.account}}}:queue") == 0
+    finally:
+        guard.close()
+        backend.close()

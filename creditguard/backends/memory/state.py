@@ -20,7 +20,10 @@ class Account(AccountReservations):
 
     def enter(self, turn: Turn, limit: int, sync: bool, until: float) -> Ops[bool | Step]:
         """``turn`` has its turn at the gate (True), or the wait for it: until it is
-        handed one, ``until``, or the next hold expiry (which may free one)."""
+        handed one, ``until``, or the next hold expiry (which may free one). Whether the
+        account can pay is the flow's to check (``False``), with no I/O here."""
+        if turn.check:
+            return done(False)
         self._sweep()
         with self.lock:
             if self.gate.enter(turn, limit):
@@ -61,6 +64,14 @@ class Account(AccountReservations):
         """The credits of the open holds."""
         self._sweep()
         return done(self.holds.credits)
+
+    def flip(self, name: str, low: bool) -> Ops[bool | None]:
+        """Record which side of the threshold ``name`` the balance is on; the side it was
+        recorded on before (``None``: none)."""
+        with self.lock:
+            before = self.alerts.get(name)
+            self.alerts[name] = low
+            return done(before)
 
     # -- what the account holds ----------------------------------------------------
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.to_thread
 
-from creditguard.backends.redis.gate import RedisGate
+from creditguard.backends.redis.gate import Entered, RedisGate
 from creditguard.backends.redis.leases import LeaseKeeper, uncut
 from creditguard.backends.redis.scripts import Admitted, ReadBegun, RedisAccountState
 from creditguard.core.errors import BalanceUnavailable
@@ -70,6 +70,9 @@ def undo_of(name: str, args: tuple[Any, ...], result: object) -> tuple[str, tupl
         return "read_failed", (args[0],)  # the read lock: nobody reads
     if name == "enter" and result == 0:
         return "leave", (args[0],)  # the turn at the gate
+    if name == "enter_admit" and isinstance(result, Entered) and result.ticket == 0:
+        # the turn at the gate, and the reservation made with it
+        return "undo_enter", (args[0], args[7] if result.gen is not None else "")
     return None
 
 

@@ -16,9 +16,16 @@ from creditguard.backends.redis.gate import HoldInfo
 from creditguard.backends.redis.scripts import decode_balance, encode_balance
 from creditguard.core.errors import BalanceUnavailable
 from creditguard.core.models import CreditBalance
-from creditguard.core.steps import Call, Ops, Reservation, Waiter
+from creditguard.core.steps import Call, Ops, Reservation, Turn, Waiter
 
-__all__ = ["POLL_FIRST", "POLL_MAX", "AccountContext", "RedisReservation"]
+__all__ = [
+    "POLL_FIRST",
+    "POLL_MAX",
+    "AccountContext",
+    "RedisReservation",
+    "charged_of",
+    "item_of",
+]
 
 logger = logging.getLogger("creditguard")
 
@@ -39,6 +46,18 @@ class RedisReservation(Reservation):
         self.id = rid
 
 
+def item_of(reservation: RedisReservation) -> str:
+    """How a finished spend is told to Redis: its id, with what its call was charged
+    (``id=charged``) when that is known (for its subject's window; else its cost)."""
+    charge = reservation.charge
+    return reservation.id if charge is None else f"{reservation.id}={charge}"
+
+
+def charged_of(reservation: Reservation) -> int:
+    """What the call of ``reservation`` was charged: what it reported, else its cost."""
+    return reservation.cost if reservation.charge is None else reservation.charge
+
+
 class AccountContext:
     """One account's script calls and this process's state of it (see the module)."""
 
@@ -50,6 +69,7 @@ class AccountContext:
         "link",
         "lock",
         "outside",
+        "turns",
         "waiters",
     )
 
@@ -62,6 +82,9 @@ class AccountContext:
         # Redis every few milliseconds, and at once when a spend or a turn of this
         # process is given back).
         self.waiters: list[Waiter] = []
+        # Turns of this process that wait in the gate's queue, by token: a turn given
+        # back here goes to one of them without a round trip of its own.
+        self.turns: dict[str, Turn] = {}
         self.deferred = 0  # spends finished here since this process's last read
         # This process spent outside Redis (unchecked, or on a fallback) since Redis was
         # last reachable: distrust its cached balance when it is back.
@@ -132,8 +155,9 @@ class AccountContext:
         if not isinstance(reservation, RedisReservation):
             return None
         self.link.leases._release(reservation.id)
+        first = item_of(reservation) if name == "finish" else reservation.id
         try:
-            done = yield self.call(name, reservation.id, *args)
+            done = yield self.call(name, first, *args)
         except BalanceUnavailable as exc:
             logger.warning(
                 "could not settle a spend of %d credits in Redis (%s): its lease expires"

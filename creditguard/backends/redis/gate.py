@@ -25,29 +25,73 @@ Time is the server's (``TIME``, ms).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 from creditguard.backends.redis.scripts import (
+    SCRIPTS,
+    SHAS,
     aevalsha,
-    duration_ms,
     eval_head,
     evalsha,
     lua_sections,
     sha_of,
 )
+from creditguard.backends.redis.side import duration_ms
 
 if TYPE_CHECKING:
     from creditguard.backends.redis.clients import AsyncClient, SyncClient
 
-__all__ = ["HoldInfo", "RedisGate"]
+__all__ = ["CHECK_FIRST", "Entered", "HoldInfo", "RedisGate", "Unpayable"]
 
 _SECTIONS = lua_sections("gate.lua")
+_STATE = lua_sections("state.lua")
+_PRELUDES = {"": _SECTIONS["_now"][1], "state": _STATE["_keys"][1] + _STATE["_head"][1]}
 _SCRIPTS: dict[str, str] = {
-    name: _SECTIONS["_now"][1] + text
-    for name, (_, text) in _SECTIONS.items()
+    name: _PRELUDES[words[0] if words else ""] + text
+    for name, (words, text) in _SECTIONS.items()
     if not name.startswith("_")
 }
 _SHAS = {name: sha_of(text) for name, text in _SCRIPTS.items()}
+
+
+class Entered(NamedTuple):
+    """What a look at the gate answered (:meth:`RedisGate.enter_admit`): ``ticket`` 0 when
+    the turn is the caller's, else its place in the queue; with the turn, ``gen`` (not
+    ``None``) when the call was admitted too, on the balance named ``tag`` (``balance``
+    its JSON, ``None`` when it is the one the caller named as known)."""
+
+    ticket: int
+    gen: int | None = None
+    tag: str = ""
+    balance: str | None = None
+
+
+class Unpayable(NamedTuple):
+    """The account cannot pay the caller, new at the gate, even if every call in flight
+    charged nothing: ``available`` (the balance less the open holds and the caller's own
+    reservations), ``held`` and the cached ``balance`` (JSON). Not queued."""
+
+    available: int
+    held: int
+    balance: str
+
+
+CHECK_FIRST = "check"  # no trusted, fresh balance to tell whether it can pay: read first
+
+
+def _entered(answer: Any) -> Entered | Unpayable | str:
+    kind = _text(answer[0])
+    if kind == "queued":
+        return Entered(int(answer[1]))
+    if kind == "turn":
+        if len(answer) == 1:
+            return Entered(0)
+        if len(answer) == 2:
+            return Entered(0, int(answer[1]))
+        return Entered(0, int(answer[1]), _text(answer[2]), _text(answer[3]))
+    if kind == "refuse":
+        return Unpayable(int(answer[1]), int(answer[2]), _text(answer[3]))
+    return CHECK_FIRST
 
 
 class HoldInfo(NamedTuple):
@@ -82,7 +126,7 @@ class RedisGate:
     one command). ``client`` serves the sync methods, ``async_client`` their async twins;
     either may be ``None`` when that side is unused."""
 
-    __slots__ = ("_async", "_base", "_sync", "gate_keys")
+    __slots__ = ("_async", "_base", "_sync", "enter_keys", "gate_keys")
 
     def __init__(
         self,
@@ -96,6 +140,8 @@ class RedisGate:
         self._base = f"{prefix}{{{fingerprint}}}:"
         base = self._base
         self.gate_keys = (base + "gate", base + "queue", base + "alive", base + "ticket")
+        state = (base + "state", base + "res", base + "lease", base + "flight")
+        self.enter_keys = (*state, *self.gate_keys)
 
     def _hold_keys(self, hold_id: str) -> list[str]:
         base = self._base
@@ -114,28 +160,105 @@ class RedisGate:
 
     # -- the gate ----------------------------------------------------------------------
 
-    def _enter_args(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> list[str | int]:
+    def _enter_args(
+        self,
+        token: str,
+        limit: int,
+        lease_ms: int,
+        alive_ms: int,
+        check: bool = False,
+        cost: int = 0,
+        ttl_ms: int = 0,
+        res_id: str = "",
+        known: str = "",
+        finished: Sequence[str] = (),
+        own_ids: Sequence[str] = (),
+    ) -> list[str | int]:
         if type(limit) is not int or not 1 <= limit <= 2**31:
             raise ValueError(f"limit must be an int from 1 to 2**31, got {limit!r}")
+        for name, value in (("cost", cost), ("ttl_ms", ttl_ms)):
+            if type(value) is not int or not 0 <= value <= 2**53:
+                raise ValueError(f"{name} must be an int from 0 to 2**53, got {value!r}")
         lease_ms = duration_ms("lease_ms", lease_ms)
-        return [_token("token", token), limit, lease_ms, duration_ms("alive_ms", alive_ms)]
+        alive_ms = duration_ms("alive_ms", alive_ms)
+        rid = _token("res_id", res_id) if res_id else "-"
+        names = [*finished, *own_ids, *([known] if known else [])]
+        if any(not n or n.split() != [n] or "," in n for n in names):
+            raise ValueError(f"reservation ids and tags must be words, got {names!r}")
+        call = (
+            f"{_token('token', token)} {limit} {lease_ms} {alive_ms} {int(check)} {cost}"
+            f" {ttl_ms} {rid} {known} {','.join(finished)}"
+        )
+        return [call, *own_ids]
 
     def enter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> int:
         """Take a turn (0), or stand in the queue: the caller's ticket (ask again within
         ``alive_ms``; the lowest ticket is next)."""
         args = self._enter_args(token, limit, lease_ms, alive_ms)
-        return int(self._run("enter", self.gate_keys, args))
+        return cast(Entered, _entered(self._run("enter", self.enter_keys, args))).ticket
 
     async def aenter(self, token: str, limit: int, lease_ms: int, alive_ms: int) -> int:
         args = self._enter_args(token, limit, lease_ms, alive_ms)
-        return int(await self._arun("enter", self.gate_keys, args))
+        answer = _entered(await self._arun("enter", self.enter_keys, args))
+        return cast(Entered, answer).ticket
 
-    def leave(self, token: str) -> None:
-        """Give the turn back, or leave the queue."""
-        self._run("leave", self.gate_keys[:3], [_token("token", token)])
+    def enter_admit(self, *args: Any) -> Entered | Unpayable | str:
+        """:meth:`enter`, deciding more in the same script: with ``check``, refuse a
+        caller new at the gate that the account cannot pay (:class:`Unpayable`; not
+        queued), or answer :data:`CHECK_FIRST` when that takes a read; with ``res_id``,
+        admit the caller granted its turn when the cached balance covers ``cost`` beside
+        every reservation. Arguments: ``token, limit, lease_ms, alive_ms, check, cost,
+        ttl_ms, res_id, known, finished, own_ids`` (see gate.lua's ``enter``)."""
+        return _entered(self._run("enter", self.enter_keys, self._enter_args(*args)))
 
-    async def aleave(self, token: str) -> None:
-        await self._arun("leave", self.gate_keys[:3], [_token("token", token)])
+    async def aenter_admit(self, *args: Any) -> Entered | Unpayable | str:
+        answer = await self._arun("enter", self.enter_keys, self._enter_args(*args))
+        return _entered(answer)
+
+    def leave(
+        self, token: str, limit: int = 0, lease_ms: int = 60_000, waiting: Sequence[str] = ()
+    ) -> str:
+        """Give the turn back, or leave the queue. A turn given back goes, if fewer than
+        ``limit`` are taken (0: never), to the first caller queued that still looks: the
+        token it went to (``""``: none), leased for ``lease_ms`` when it is one of
+        ``waiting`` (callers of this process: told at once), else until its next look,
+        when it takes it."""
+        args = self._leave_args(token, limit, lease_ms, waiting)
+        return _text(self._run("leave", self.gate_keys[:3], args))
+
+    async def aleave(
+        self, token: str, limit: int = 0, lease_ms: int = 60_000, waiting: Sequence[str] = ()
+    ) -> str:
+        args = self._leave_args(token, limit, lease_ms, waiting)
+        return _text(await self._arun("leave", self.gate_keys[:3], args))
+
+    def undo_enter(self, token: str, res_id: str) -> None:
+        """Undo an :meth:`enter_admit` whose caller was gone before it saw the answer:
+        release the reservation ``res_id`` (``""``: none) and give the turn back."""
+        if res_id:
+            assert self._sync is not None
+            head = eval_head(SHAS["release"], self.enter_keys[:4])
+            evalsha(self._sync, head, SCRIPTS["release"], [res_id, "0"])
+        self.leave(token)
+
+    async def aundo_enter(self, token: str, res_id: str) -> None:
+        if res_id:
+            assert self._async is not None
+            head = eval_head(SHAS["release"], self.enter_keys[:4])
+            await aevalsha(self._async, head, SCRIPTS["release"], [res_id, "0"])
+        await self.aleave(token)
+
+    def _leave_args(
+        self, token: str, limit: int, lease_ms: int, waiting: Sequence[str]
+    ) -> list[str | int]:
+        if type(limit) is not int or not 0 <= limit <= 2**31:
+            raise ValueError(f"limit must be an int from 0 to 2**31, got {limit!r}")
+        return [
+            _token("token", token),
+            limit,
+            duration_ms("lease_ms", lease_ms),
+            *(_token("token", t) for t in waiting),
+        ]
 
     def renew_turns(self, tokens: Sequence[str], lease_ms: int) -> list[str]:
         """Renew the turns ``tokens`` of this process (never shortening one), taking

@@ -1,17 +1,18 @@
 """The gate and holds of a Redis account (:class:`GateAndHolds`): the ``AccountState``
-operations ``enter``, ``leave``, ``keep``, ``held``, ``claim`` and ``give_back`` over the
-scripts of :mod:`.gate`.
+operations ``leave``, ``keep``, ``held``, ``claim`` and ``give_back`` over the scripts of
+:mod:`.gate`, and what ``enter`` (:mod:`.account`: one script that may also admit) does
+with the turn it asked for.
 
-A caller without a turn looks at Redis again after a short pause (2 ms, growing to 20 ms),
-and at once when a turn of this process is given back: turns are handed out by Redis, in
-the order callers first asked, to whichever process looks next.
+A turn given back goes at once, in the same script, to the first caller queued (in the
+order callers first asked): when that caller waits in this process it is told at once,
+with no round trip of its own; a caller of another process takes it at its next look. A
+caller without a turn looks at Redis again after a short pause (2 ms, growing to 20 ms).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import cast
 
 from creditguard.backends.redis.context import (
     POLL_FIRST,
@@ -21,23 +22,16 @@ from creditguard.backends.redis.context import (
 )
 from creditguard.backends.redis.gate import HoldInfo
 from creditguard.core.errors import BalanceUnavailable
-from creditguard.core.steps import Kept, Ops, Reservation, Step, Turn, Waiter
+from creditguard.core.steps import Kept, Ops, Reservation, Step, Turn
 
-__all__ = ["GateAndHolds"]
+__all__ = ["ALIVE_MS", "GateAndHolds"]
 
 logger = logging.getLogger("creditguard")
 _monotonic = time.monotonic
 
 # A waiter in the queue that has not looked for this long (its process died) loses its
 # place; live waiters look at least every POLL_MAX (the pauses between looks).
-_ALIVE_MS = 5_000
-
-
-class _TurnWaiter(Waiter):
-    """A caller waiting for a turn: it looks at Redis again when this ends. Its ``cost``
-    is its ticket in the queue."""
-
-    __slots__ = ()
+ALIVE_MS = 5_000
 
 
 class GateAndHolds:
@@ -50,49 +44,56 @@ class GateAndHolds:
 
     # -- the gate ------------------------------------------------------------------------
 
-    def enter(self, turn: Turn, limit: int, sync: bool, until: float) -> Ops[bool | Step]:
+    def granted(self, turn: Turn) -> None:
+        """Redis gave ``turn`` its turn: its lease is renewed until it is given back."""
         ctx = self.ctx
-        link = ctx.link
-        got = yield ctx.gate_call("enter", turn.token, limit, link.lease_ms, _ALIVE_MS)
-        turn.remote = True
-        if got == 0:
-            turn.granted = True
-            link.leases._keep_turn(ctx.calls.redis_gate, turn.token)
-            return True
+        turn.granted = True
+        with ctx.lock:
+            ctx.turns.pop(turn.token, None)
+        ctx.link.leases._keep_turn(ctx.calls.redis_gate, turn.token)
+
+    def wait(self, turn: Turn, until: float) -> bool | Step:
+        """``turn`` stands in the queue: wait until a turn of this process is handed to
+        it, or until its next look (``True``: it was handed one meanwhile)."""
+        ctx = self.ctx
         turn.looks += 1
         pause = min(POLL_MAX, POLL_FIRST * (2 ** min(turn.looks, 8)))
-        waiter = _TurnWaiter(cast(int, got), 0)  # its ticket: the lowest is next
         with ctx.lock:
-            ctx.waiters.append(waiter)
-        return Step(waiter, False, min(until, _monotonic() + pause))
+            if turn.granted:
+                return True
+            ctx.turns[turn.token] = turn
+        return Step(turn, False, min(until, _monotonic() + pause))
 
     def leave(self, turn: Turn) -> Ops[None]:
-        """Give back ``turn``, taken in Redis (``turn.remote``), once."""
-        if turn.left:
-            return
-        turn.left = True
+        """Give back ``turn``, taken in Redis (``turn.remote``), once; the caller of this
+        process it goes to, if any, is told at once."""
         ctx = self.ctx
-        ctx.link.leases._drop_turn(turn.token)
+        with ctx.lock:
+            if turn.left:
+                return
+            turn.left = True
+            ctx.turns.pop(turn.token, None)
+            waiting = list(ctx.turns)
+        leases = ctx.link.leases
+        leases._drop_turn(turn.token)
         try:
-            yield ctx.gate_call("leave", turn.token)
+            handed = yield ctx.gate_call(
+                "leave", turn.token, turn.limit, ctx.link.lease_ms, waiting
+            )
         except BalanceUnavailable as exc:
             logger.warning(
                 "could not give back a turn in Redis (%s): it expires with its lease", exc
             )
-        self._wake_next()
-
-    def _wake_next(self) -> None:
-        """A turn of this process was given back: the caller of this process that waits
-        for one with the lowest ticket looks at Redis now (the others keep to their
-        pauses, rather than all asking for the one turn at once)."""
-        ctx = self.ctx
+            return
+        if not isinstance(handed, str) or not handed:
+            return
+        callbacks = []
         with ctx.lock:
-            waiting = [w for w in ctx.waiters if isinstance(w, _TurnWaiter) and not w.done]
-            if not waiting:
-                return
-            first = min(waiting, key=lambda w: w.cost)
-            ctx.waiters.remove(first)
-            callbacks = first._finish()
+            mine = ctx.turns.pop(handed, None)
+            if mine is not None and not mine.left:
+                mine.granted = True
+                leases._keep_turn(ctx.calls.redis_gate, handed)
+                callbacks = mine._finish()
         for notify in callbacks:
             notify()
 
