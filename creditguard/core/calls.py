@@ -25,13 +25,16 @@ class Guarded:
     """One guarded call of ``cost`` credits, from admission to settling."""
 
     __slots__ = (
+        "_action",
         "_active",
         "_defer",
         "_engine",
         "_entered",
+        "_observed",
         "_outer",
         "_reservation",
         "_result",
+        "_started",
         "_subject",
         "_turn",
         "balance_after",
@@ -45,6 +48,9 @@ class Guarded:
     ) -> None:
         self._engine = engine
         self._subject = subject  # who the call spends for (its allowance), if anyone
+        self._action: str | None = None  # what it is (a function, a route), for observers
+        self._observed: tuple[object, ...] | None = None  # its observers' tokens, if any
+        self._started = 0.0  # when it asked for admission (monotonic), when observed
         # Settle without waiting for the refresh (decorated calls, middleware): the
         # caller never sees balance_after, so the next read that needs it settles it.
         self._defer = defer
@@ -96,7 +102,11 @@ class Held:
     """A hold: a reservation kept open past its call, until its work is done."""
 
     __slots__ = (
+        "_action",
         "_engine",
+        "_observed",
+        "_started",
+        "_subject",
         "_turn",
         "balance_after",
         "balance_before",
@@ -116,6 +126,10 @@ class Held:
         self.expires_at = kept.expires_at
         self.balance_after: CreditBalance | None = None
         self.charged: int | None = None
+        self._subject: str | None = None
+        self._action: str | None = None
+        self._observed: tuple[object, ...] | None = None  # its observers' tokens, if any
+        self._started = 0.0
 
 
 def caller() -> tuple[int, int]:

@@ -6,9 +6,10 @@ sync and async callers. ``run``/``arun`` perform a backend operation's calls alo
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import TypeVar, cast
 
-from creditguard.core import alerts, outcomes
+from creditguard.core import alerts, observe, outcomes
 from creditguard.core.engine import Engine
 from creditguard.core.errors import RateLimited
 from creditguard.core.steps import Call, Flight, Ops, Steps, Waiter, _Waitable
@@ -97,10 +98,15 @@ async def adrive(engine: Engine, steps: Steps[T]) -> T:
                     await arun(watching)
                 elif lead:
                     flight = cast(Flight, waitable)
+                    watched = bool(engine.settings.observers)
+                    if watched:
+                        wall, began = time.time(), time.monotonic()
                     try:
                         _check_rate_limit(engine)
                         result, wait = await engine.upstream.aread(account.fingerprint)
                     except Exception as exc:
+                        if watched and not isinstance(exc, RateLimited):
+                            observe.read(engine, None, exc, wall, time.monotonic() - began)
                         await arun(account.record(flight, None, exc))
                         raise
                     except BaseException:
@@ -109,6 +115,8 @@ async def adrive(engine: Engine, steps: Steps[T]) -> T:
                         raise
                     if wait is not None:  # the rate limit is used up: none until reset
                         account.block(wait)
+                    if watched:
+                        observe.read(engine, result, None, wall, time.monotonic() - began)
                     await arun(account.record(flight, result, None))
                     outcomes.read(engine, result)
                     if engine.settings.policy.watchers:
@@ -132,10 +140,15 @@ async def adrive(engine: Engine, steps: Steps[T]) -> T:
 def _read_sync(engine: Engine, flight: Flight) -> None:
     """Perform the read ``flight`` from this thread and record how it ended."""
     account = engine.account
+    watched = bool(engine.settings.observers)
+    if watched:
+        wall, began = time.time(), time.monotonic()
     try:
         _check_rate_limit(engine)
         result, wait = engine.upstream.read(account.fingerprint)
     except Exception as exc:
+        if watched and not isinstance(exc, RateLimited):
+            observe.read(engine, None, exc, wall, time.monotonic() - began)
         run(account.record(flight, None, exc))
         raise
     except BaseException:
@@ -143,6 +156,8 @@ def _read_sync(engine: Engine, flight: Flight) -> None:
         raise
     if wait is not None:  # the answer used up the rate limit: no more until the reset
         account.block(wait)
+    if watched:
+        observe.read(engine, result, None, wall, time.monotonic() - began)
     run(account.record(flight, result, None))
     outcomes.read(engine, result)
     if engine.settings.policy.watchers:

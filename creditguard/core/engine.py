@@ -46,6 +46,11 @@ class Upstream(Protocol):
         credits."""
         ...
 
+    def trace_of(self, outcome: object) -> str | None:
+        """The service's trace id of a paid call, from its answer or the error it raised
+        (``None``: it gave none)."""
+        ...
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Settings:
@@ -63,6 +68,8 @@ class Settings:
     waits no longer than that."""
     policy: Policy = dataclasses.field(default_factory=lambda: Policy(0, None))
     """The spending policy: the floor, the allowances, the low-balance watchers."""
+    observers: tuple[Any, ...] = ()
+    """What is told of each call and read (``creditguard.core.observe.Observer``s)."""
 
 
 class Engine:

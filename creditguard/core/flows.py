@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-from creditguard.core import alerts, outcomes
+from creditguard.core import alerts, observe, outcomes
 from creditguard.core.balance import InsufficientCredits
 from creditguard.core.calls import Guarded, caller, current, enclosing, in_event_loop_thread
 from creditguard.core.drive import run
@@ -332,6 +332,8 @@ def _admit(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
 def _admitted(engine: Engine, call: Guarded, reservation: Reservation) -> None:
     call._reservation = reservation
     call.balance_before = reservation.balance
+    if call._observed is not None:
+        observe.decided(engine, call, "admitted")
     if reservation.warned:
         outcomes.allowance_warning(engine, call)
     if engine.settings.on_event is not None:
@@ -368,6 +370,8 @@ def _unavailable(engine: Engine, call: Guarded, exc: BalanceUnavailable) -> Step
         raise exc
     outcomes.unchecked(engine, call.cost, exc)
     call._reservation = yield from engine.account.unchecked(call.cost)
+    if call._observed is not None:
+        observe.decided(engine, call, "unchecked")
     if engine.settings.on_event is not None:
         _emit_reserved(engine, call, "unchecked", error=exc)
 

@@ -8,7 +8,9 @@ the cached balance is distrusted. With a shared backend any process can end it b
 
 from __future__ import annotations
 
-from creditguard.core import flows, outcomes
+import time
+
+from creditguard.core import flows, observe, outcomes
 from creditguard.core.calls import Guarded, Held
 from creditguard.core.engine import Engine
 from creditguard.core.errors import UnknownHold
@@ -85,17 +87,27 @@ def end(
     yield from _give_turn(engine, hold)
     kept = yield from account.claim(hold.id)
     if kept is None:
+        if engine.settings.observers and time.time() >= hold.expires_at:
+            observe.ended(engine, hold, "expired")
         raise UnknownHold(hold.id)
     if release:
         end_budgets(kept.reservation, 0)
         yield from account.give_back(kept.reservation)
         outcomes.emit(engine, "released", hold.cost, hold.balance_before)
+        if engine.settings.observers:
+            hold.charged = 0
+            observe.ended(engine, hold, "released")
         return None
     call = _call_of(engine, kept)
     call._result = report
-    yield from flows.exit(engine, call, None, sync)
-    hold.balance_after = call.balance_after
-    hold.charged = call.charged
+    try:
+        yield from flows.exit(engine, call, None, sync)
+    finally:
+        hold.balance_after = call.balance_after
+        hold.charged = call.charged
+        if engine.settings.observers:
+            trace = engine.upstream.trace_of(report)
+            observe.ended(engine, hold, "spent", trace, call.balance_after)
     return call.balance_after
 
 
@@ -104,4 +116,8 @@ def leave(engine: Engine, hold: Held, exc: BaseException | None, sync: bool) -> 
     the hold as a failed spend (its charge is unknown)."""
     yield from _give_turn(engine, hold)
     if exc is not None:
-        yield from fail(engine, hold.id, exc, sync)
+        try:
+            yield from fail(engine, hold.id, exc, sync)
+        finally:
+            if engine.settings.observers:
+                observe.ended(engine, hold, "failed", engine.upstream.trace_of(exc))

@@ -107,6 +107,7 @@ def _decorator(cost: Cost, get_guard: Callable[[], Guard], subject: Subject = No
             _check_cost_signature(compute, func)
         if callable(subject):
             _check_cost_signature(subject, func)
+        action = getattr(func, "__qualname__", None) or type(func).__qualname__
         if _is_async(func):
             afunc = cast(Callable[P, Awaitable[Any]], func)
 
@@ -123,7 +124,7 @@ def _decorator(cost: Cost, get_guard: Callable[[], Guard], subject: Subject = No
                 else:
                     amount = _check_cost(compute(*args, **kwargs))
                 who = _subject_of(subject, args, kwargs)
-                async with Spend(guard, amount, defer=True, subject=who) as spend:
+                async with Spend(guard, amount, defer=True, subject=who, action=action) as spend:
                     result = await afunc(*args, **kwargs)
                     if spend._result is None:  # current_spend().report() comes first
                         spend._result = result
@@ -143,7 +144,7 @@ def _decorator(cost: Cost, get_guard: Callable[[], Guard], subject: Subject = No
             else:
                 amount = _check_cost(compute(*args, **kwargs))
             who = _subject_of(subject, args, kwargs)
-            with Spend(guard, amount, defer=True, subject=who) as spend:
+            with Spend(guard, amount, defer=True, subject=who, action=action) as spend:
                 result = func(*args, **kwargs)
                 if spend._result is None:  # current_spend().report() comes first
                     spend._result = result

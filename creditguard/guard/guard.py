@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar, overload
 import httpx
 
 from creditguard.backends.memory import MemoryBackend
-from creditguard.core import flows
+from creditguard.core import flows, observe
 from creditguard.core import holds as hold_flows
 from creditguard.core.checks import _check_key, _check_seconds, _fingerprint
 from creditguard.core.drive import adrive, drive
@@ -25,6 +25,7 @@ from creditguard.core.engine import Engine, OnUnavailable, Settings
 from creditguard.core.errors import UnknownHold
 from creditguard.core.events import GuardEvent
 from creditguard.core.models import AccountSnapshot, CreditBalance, PrecheckResult
+from creditguard.core.observe import Observer
 from creditguard.core.policy import Usage
 from creditguard.core.roles import AccountState, StateBackend
 from creditguard.core.secret import Secret
@@ -112,9 +113,12 @@ class CreditGuard:
         gate_timeout: float = 30.0,
         keep: int = 0,
         allowance: AllowanceSpec = None,
+        telemetry: bool = True,
+        ledger: Observer | None = None,
     ) -> None:
         key = _check_key(api_key)
         policy = Policy(_check_keep(keep), _check_allowance(allowance))
+        observers = _observers(telemetry, ledger)
         if max_concurrent is not None and (type(max_concurrent) is not int or max_concurrent < 1):
             raise ValueError(f"max_concurrent must be an int >= 1 or None, got {max_concurrent!r}")
         gate_timeout = _check_seconds("gate_timeout", gate_timeout)
@@ -147,6 +151,7 @@ class CreditGuard:
             gate_timeout=gate_timeout,
             read_budget=reader.policy.deadline + (max(phases) if phases else 0.0),
             policy=policy,
+            observers=observers,
         )
         self._clients = _Clients(
             settings,
@@ -265,24 +270,37 @@ class CreditGuard:
 
     def _hold(self, spend: Spend, expires_in: float, sync: bool) -> Hold:
         engine = self._engine
-        kept, turn = drive(engine, hold_flows.take(engine, spend, expires_in, sync))
-        return Hold(engine, kept, turn)
+        observe.begin(engine, spend)
+        try:
+            kept, turn = drive(engine, hold_flows.take(engine, spend, expires_in, sync))
+        except BaseException as exc:
+            observe.refused(engine, spend, exc)
+            raise
+        return Hold.of(engine, kept, turn, spend)
 
     async def _ahold(self, spend: Spend, expires_in: float, sync: bool) -> Hold:
         engine = self._engine
-        kept, turn = await adrive(engine, hold_flows.take(engine, spend, expires_in, sync))
-        return Hold(engine, kept, turn)
+        observe.begin(engine, spend)
+        try:
+            kept, turn = await adrive(engine, hold_flows.take(engine, spend, expires_in, sync))
+        except BaseException as exc:
+            observe.refused(engine, spend, exc)
+            raise
+        return Hold.of(engine, kept, turn, spend)
 
     # -- public spending API -----------------------------------------------------------
 
-    def spend(self, cost: int | Precheck, *, subject: str | None = None) -> Spend:
+    def spend(
+        self, cost: int | Precheck, *, subject: str | None = None, action: str | None = None
+    ) -> Spend:
         """Guard a block: ``with guard.spend(25) as s:`` or ``async with guard.spend(25) as s:``.
 
         ``cost`` may be a :class:`Precheck` (its ``params`` a mapping, or a callable of no
         arguments): the block is then admitted for what Lensmor says it would charge, and
         runs with nothing reserved when that is nothing. ``subject`` names who the block
-        spends for (a user, a tenant): its ``allowance`` applies."""
-        return Spend(self, cost, subject=subject)
+        spends for (a user, a tenant): its ``allowance`` applies. ``action`` names what it
+        pays for, for the metrics and the ledger."""
+        return Spend(self, cost, subject=subject, action=action)
 
     def hold(
         self,
@@ -290,6 +308,7 @@ class CreditGuard:
         *,
         expires_in: float = 600.0,
         subject: str | None = None,
+        action: str | None = None,
     ) -> Hold:
         """Admit and reserve ``cost`` like :meth:`spend`, and keep it reserved past this
         call until the work it pays for is done: ``hold.settle()`` then (or
@@ -301,7 +320,7 @@ class CreditGuard:
         :class:`Precheck` (a hold is taken even when it says nothing will be charged, so
         the work can be ended the same way). Raises what admission raises."""
         expires_in = _check_seconds("expires_in", expires_in, positive=True)
-        spend = Spend(self, cost, subject=subject)
+        spend = Spend(self, cost, subject=subject, action=action)
         precheck = spend._precheck
         if precheck is not None:
             spend.cost = cost_of(self._engine, precheck, precheck.params_for())
@@ -313,10 +332,11 @@ class CreditGuard:
         *,
         expires_in: float = 600.0,
         subject: str | None = None,
+        action: str | None = None,
     ) -> Hold:
         """Async :meth:`hold`."""
         expires_in = _check_seconds("expires_in", expires_in, positive=True)
-        spend = Spend(self, cost, subject=subject)
+        spend = Spend(self, cost, subject=subject, action=action)
         precheck = spend._precheck
         if precheck is not None:
             spend.cost = await acost_of(self._engine, precheck, precheck.params_for())
@@ -442,6 +462,26 @@ class _Clients:
         self.reader = reader
         self.client = client
         self.aclient = aclient
+
+
+def _observers(telemetry: object, ledger: object) -> tuple[Observer, ...]:
+    """What the guard tells of each call: OpenTelemetry (when its API is installed and
+    ``telemetry`` is on) and the ledger, if one is given."""
+    if type(telemetry) is not bool:
+        raise TypeError(f"telemetry must be True or False, got {telemetry!r}")
+    found: list[Observer] = []
+    if telemetry:
+        from creditguard.telemetry import otel
+
+        instruments = otel.instruments()
+        if instruments is not None:
+            found.append(instruments)
+    if ledger is not None:
+        for method in ("begin", "decided", "ended", "read"):
+            if not callable(getattr(ledger, method, None)):
+                raise TypeError(f"ledger must be a ledger (creditguard.ledger), got {ledger!r}")
+        found.append(ledger)  # type: ignore[arg-type]  # checked just above
+    return tuple(found)
 
 
 def engine_of(guard: CreditGuard) -> Engine:

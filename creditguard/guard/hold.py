@@ -15,9 +15,11 @@ from __future__ import annotations
 from types import TracebackType
 
 from creditguard.core import holds
-from creditguard.core.calls import Held
+from creditguard.core.calls import Guarded, Held
 from creditguard.core.drive import adrive, drive
+from creditguard.core.engine import Engine
 from creditguard.core.models import CreditBalance
+from creditguard.core.steps import Kept, Turn
 
 __all__ = ["Hold"]
 
@@ -45,6 +47,18 @@ class Hold(Held):
     def __repr__(self) -> str:
         before = None if self.balance_before is None else self.balance_before.total_balance
         return f"<Hold id={self.id} cost={self.cost} before={before}>"
+
+    @classmethod
+    def of(cls, engine: Engine, kept: Kept, turn: Turn | None, call: Guarded) -> Hold:
+        """The hold ``call`` took: it carries on the call's subject, action and what its
+        observers were told."""
+        hold = cls(engine, kept, turn)
+        hold._subject = call._subject
+        hold._action = call._action
+        hold._observed = call._observed
+        hold._started = call._started
+        call._observed = None
+        return hold
 
     def settle(self, report: object = None) -> CreditBalance | None:
         """The work is done: settle the hold and return the balance after it.

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any, Protocol, cast
 
-from creditguard.core import flows
+from creditguard.core import flows, observe
 from creditguard.core.calls import Guarded, current
 from creditguard.core.drive import adrive, drive
 from creditguard.core.engine import Engine
@@ -79,6 +79,7 @@ class Spend(Guarded):
         *,
         defer: bool = False,
         subject: str | None = None,
+        action: str | None = None,
     ) -> None:
         self._precheck: Precheck | None = None
         if isinstance(cost, Precheck):
@@ -86,6 +87,9 @@ class Spend(Guarded):
         if subject is not None:
             subject = check_subject(subject)
         Guarded.__init__(self, guard._engine, cost, defer, subject)
+        if action is not None and (type(action) is not str or not action):
+            raise ValueError(f"action must be a non-empty str, got {action!r}")
+        self._action = action
 
     def __repr__(self) -> str:
         before = None if self.balance_before is None else self.balance_before.total_balance
@@ -113,11 +117,24 @@ class Spend(Guarded):
 
     def __enter__(self) -> Spend:
         self._enter()
+        engine = self._engine
+        if not engine.settings.observers:
+            return self._admit()
+        observe.begin(engine, self)
+        try:
+            return self._admit()
+        except BaseException as exc:
+            observe.refused(engine, self, exc)
+            raise
+
+    def _admit(self) -> Spend:
         precheck = self._precheck
         if precheck is not None:
             self.cost = cost_of(self._engine, precheck, precheck.params_for())
             if not self.cost:  # nothing to charge: run with nothing reserved
                 self._activate()
+                if self._observed is not None:
+                    observe.decided(self._engine, self, "admitted")
                 return self
         engine = self._engine
         if engine.settings.max_concurrent is not None:
@@ -135,15 +152,43 @@ class Spend(Guarded):
     ) -> None:
         self._leave()
         engine = self._engine
-        drive(engine, flows.exit(engine, self, exc, True))
+        if self._observed is None:
+            drive(engine, flows.exit(engine, self, exc, True))
+            return
+        result = self._result
+        try:
+            drive(engine, flows.exit(engine, self, exc, True))
+        except BaseException as error:
+            observe.ended(engine, self, "failed", engine.upstream.trace_of(error))
+            raise
+        self._told(exc, result)
+
+    def _told(self, exc: BaseException | None, result: object) -> None:
+        """Tell the observers how the block ended."""
+        engine = self._engine
+        trace = engine.upstream.trace_of(exc if exc is not None else result)
+        observe.ended(engine, self, "failed" if exc else "spent", trace, self.balance_after)
 
     async def __aenter__(self) -> Spend:
         self._enter()
+        engine = self._engine
+        if not engine.settings.observers:
+            return await self._aadmit()
+        observe.begin(engine, self)
+        try:
+            return await self._aadmit()
+        except BaseException as exc:
+            observe.refused(engine, self, exc)
+            raise
+
+    async def _aadmit(self) -> Spend:
         precheck = self._precheck
         if precheck is not None:
             self.cost = await acost_of(self._engine, precheck, precheck.params_for())
             if not self.cost:  # nothing to charge: run with nothing reserved
                 self._activate()
+                if self._observed is not None:
+                    observe.decided(self._engine, self, "admitted")
                 return self
         engine = self._engine
         if engine.settings.max_concurrent is not None:
@@ -161,4 +206,13 @@ class Spend(Guarded):
     ) -> None:
         self._leave()
         engine = self._engine
-        await adrive(engine, flows.exit(engine, self, exc, False))
+        if self._observed is None:
+            await adrive(engine, flows.exit(engine, self, exc, False))
+            return
+        result = self._result
+        try:
+            await adrive(engine, flows.exit(engine, self, exc, False))
+        except BaseException as error:
+            observe.ended(engine, self, "failed", engine.upstream.trace_of(error))
+            raise
+        self._told(exc, result)

@@ -39,6 +39,7 @@ __all__ = [
     "is_insufficient_credits",
     "parse_api_error",
     "parse_report",
+    "trace_of",
 ]
 
 MAX_BODY_BYTES = 1 << 20
@@ -296,6 +297,29 @@ def describe_api_error(
     if trace:
         said = f"{said} (trace id {_printable(trace, _SAID_FIELD, secret)})".strip()
     return said
+
+
+def trace_of(outcome: object) -> str | None:
+    """Lensmor's trace id of a paid call: the ``traceId`` of its answer or error body
+    (an ``httpx.Response``, an ``httpx.HTTPStatusError`` or the decoded JSON), else the
+    response's ``X-Request-ID`` header; ``None`` when it gave none. An exception raised
+    ``from`` such an error counts too. Never raises."""
+    seen: object = outcome
+    for _ in range(_CAUSES):
+        if isinstance(seen, httpx.HTTPStatusError):
+            seen = seen.response
+        if isinstance(seen, httpx.Response):
+            header = _text(seen.headers.get("x-request-id"))
+            body = _body_of(seen)
+            found = _text(body.get("traceId")) if isinstance(body, Mapping) else None
+            return found or header
+        if isinstance(seen, Mapping):
+            return _text(seen.get("traceId"))
+        if isinstance(seen, BaseException):
+            seen = seen.__cause__
+            continue
+        return None
+    return None
 
 
 def is_insufficient_credits(exc: BaseException) -> bool:

@@ -15,7 +15,7 @@ from creditguard.core.secret import Secret
 from creditguard.core.steps import Call
 from creditguard.lensmor.client import AsyncBalanceClient, BalanceClient
 from creditguard.lensmor.reader import _Reader
-from creditguard.lensmor.reports import is_insufficient_credits, parse_report
+from creditguard.lensmor.reports import is_insufficient_credits, parse_report, trace_of
 
 __all__ = ["Lensmor", "lensmor_of"]
 
@@ -66,6 +66,12 @@ class Lensmor:
 
     def report(self, result: object) -> Report | None:
         return parse_report(result)
+
+    def trace_of(self, outcome: object) -> str | None:
+        trace = trace_of(outcome)
+        if trace is not None and self.key.reveal() in trace:
+            return None  # an answer that echoes the key: nothing of it is kept
+        return trace
 
     def refused_for_credits(self, exc: BaseException) -> bool:
         """Only the action's own exception counts: an app that wraps Lensmor's refusal

@@ -1,0 +1,219 @@
+"""What the guard tells its observers (the OpenTelemetry instruments, the spend ledger):
+each guarded call from start to end, each refusal with its reason, each balance read.
+
+``Observer`` is the protocol; the functions here are the one place the guard calls its
+observers from, and cost nothing when a guard has none. An observer must never make a
+paid call wait or fail: what one raises is logged and dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Protocol
+
+from creditguard.core.balance import AllowanceExceeded, BudgetExceeded, InsufficientCredits
+from creditguard.core.errors import (
+    AdmissionTimeout,
+    AuthenticationError,
+    BalanceUnavailable,
+    GateTimeout,
+)
+from creditguard.core.models import CreditBalance
+from creditguard.core.outcomes import logger
+
+if TYPE_CHECKING:
+    from creditguard.core.calls import Guarded, Held
+    from creditguard.core.engine import Engine
+
+__all__ = ["Entry", "Observer", "begin", "decided", "ended", "read", "refused"]
+
+_monotonic = time.monotonic
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Entry:
+    """One ended spend or hold, as the ledger records it.
+
+    ``outcome`` is ``"spent"`` (the action returned), ``"failed"`` (it raised),
+    ``"released"`` (a hold ended with nothing charged) or ``"expired"`` (a hold nobody
+    ended in time). ``charged`` is what the paid call reported it cost (``None``: it did
+    not say; the guard then counts the ``cost``). ``balance_before``/``balance_after`` are
+    totals (``None`` when not known: a decorated call settles later). ``duration`` is in
+    seconds, from asking for admission to the end. ``at`` is when it ended (UTC)."""
+
+    id: str
+    at: datetime
+    account: str
+    subject: str | None
+    action: str | None
+    cost: int
+    charged: int | None
+    balance_before: int | None
+    balance_after: int | None
+    outcome: str
+    trace_id: str | None
+    duration: float
+
+
+class Observer(Protocol):
+    """Told what the guard does. Every method is called in the caller's thread or task,
+    must not block, and must not raise (what it raises is logged and dropped)."""
+
+    def begin(self, engine: Engine, call: Guarded) -> object:
+        """A guarded call starts (before its admission): what to hand back to
+        :meth:`decided` and :meth:`ended` for it (a span, or ``None``)."""
+        ...
+
+    def decided(
+        self,
+        engine: Engine,
+        call: Guarded,
+        token: object,
+        outcome: str,
+        reason: str | None,
+        seconds: float,
+    ) -> None:
+        """Its admission was decided after ``seconds``: ``outcome`` ``"admitted"`` or
+        ``"unchecked"`` (it runs), or ``"refused"`` (``reason``: ``"balance"``,
+        ``"allowance"``, ``"budget"``, ``"keep"``), ``"busy"``, ``"unavailable"``,
+        ``"rejected"`` or ``"cancelled"`` (it does not run: this is its end)."""
+        ...
+
+    def ended(self, engine: Engine, call: Guarded | Held, token: object, entry: Entry) -> None:
+        """A call that ran has ended (a spend block or decorated call, or a hold)."""
+        ...
+
+    def read(
+        self,
+        engine: Engine,
+        balance: CreditBalance | None,
+        error: BaseException | None,
+        started: float,
+        seconds: float,
+    ) -> None:
+        """An upstream balance read ended (``balance``, or ``error``); ``started`` is its
+        wall-clock start (Unix seconds)."""
+        ...
+
+
+def _each(engine: Engine) -> tuple[Observer, ...]:
+    return engine.settings.observers
+
+
+def begin(engine: Engine, call: Guarded) -> None:
+    """``call`` starts: each observer's token is kept on it."""
+    observers = engine.settings.observers
+    if not observers:
+        return
+    call._started = _monotonic()
+    tokens = []
+    for observer in observers:
+        try:
+            tokens.append(observer.begin(engine, call))
+        except Exception:
+            logger.exception("an observer failed when a call started")
+            tokens.append(None)
+    call._observed = tuple(tokens)
+
+
+def decided(engine: Engine, call: Guarded, outcome: str, reason: str | None = None) -> None:
+    """``call``'s admission was decided (see :meth:`Observer.decided`)."""
+    tokens = call._observed
+    if tokens is None:
+        return
+    seconds = _monotonic() - call._started
+    for observer, token in zip(engine.settings.observers, tokens, strict=False):
+        try:
+            observer.decided(engine, call, token, outcome, reason, seconds)
+        except Exception:
+            logger.exception("an observer failed on an admission")
+
+
+def refusal(exc: BaseException) -> tuple[str, str | None]:
+    """The outcome and reason an exception raised at admission stands for."""
+    if isinstance(exc, AllowanceExceeded):
+        return "refused", "allowance"
+    if isinstance(exc, BudgetExceeded):
+        return "refused", "budget"
+    if isinstance(exc, InsufficientCredits):
+        if exc.keep and exc.required <= exc.available + exc.keep:
+            return "refused", "keep"
+        return "refused", "balance"
+    if isinstance(exc, (AdmissionTimeout, GateTimeout)):
+        return "busy", None
+    if isinstance(exc, AuthenticationError):
+        return "rejected", None
+    if isinstance(exc, BalanceUnavailable):
+        return "unavailable", None
+    if isinstance(exc, Exception):
+        return "rejected", None
+    return "cancelled", None
+
+
+def refused(engine: Engine, call: Guarded, exc: BaseException) -> None:
+    """``call`` was not admitted: ``exc`` says why."""
+    if call._observed is None:
+        return
+    outcome, reason = refusal(exc)
+    decided(engine, call, outcome, reason)
+    call._observed = None
+
+
+def ended(
+    engine: Engine,
+    call: Guarded | Held,
+    outcome: str,
+    trace_id: str | None = None,
+    balance_after: CreditBalance | None = None,
+) -> None:
+    """``call`` ran and ended (``outcome``: see :class:`Entry`). A hold taken in another
+    process (``hold_by_id``) is told here with its duration unknown (0)."""
+    observers = engine.settings.observers
+    if not observers:
+        return
+    tokens = call._observed
+    if tokens is None:
+        if not hasattr(call, "expires_at"):
+            return  # a spend whose end was told already (or never began here)
+        call._started = _monotonic()
+        tokens = tuple(None for _ in observers)
+    call._observed = None
+    before = call.balance_before
+    after = balance_after
+    entry = Entry(
+        id=os.urandom(12).hex(),
+        at=datetime.now(timezone.utc),
+        account=engine.account.fingerprint,
+        subject=call._subject,
+        action=call._action,
+        cost=call.cost,
+        charged=call.charged,
+        balance_before=None if before is None else before.total_balance,
+        balance_after=None if after is None else after.total_balance,
+        outcome=outcome,
+        trace_id=trace_id,
+        duration=_monotonic() - call._started,
+    )
+    for observer, token in zip(engine.settings.observers, tokens, strict=False):
+        try:
+            observer.ended(engine, call, token, entry)
+        except Exception:
+            logger.exception("an observer failed at the end of a call")
+
+
+def read(
+    engine: Engine,
+    balance: CreditBalance | None,
+    error: BaseException | None,
+    started: float,
+    seconds: float,
+) -> None:
+    """An upstream read ended."""
+    for observer in engine.settings.observers:
+        try:
+            observer.read(engine, balance, error, started, seconds)
+        except Exception:
+            logger.exception("an observer failed on a balance read")

@@ -1,0 +1,1 @@
+"""The guard's telemetry: OpenTelemetry metrics and spans (``creditguard[otel]``)."""
