@@ -21,15 +21,18 @@ pytestmark = pytest.mark.anyio
 BLOCKS = 200
 
 
+def _charge_and_raise(fake: FakeLensmor, credits: int) -> None:
+    fake.charge(credits)
+    raise RuntimeError("boom")
+
+
 @pytest.fixture
 def guard(fake: FakeLensmor, new_backend: NewBackend) -> Iterator[CreditGuard]:
     with CreditGuard(fake.api_key, transport=fake.transport, ttl=5, backend=new_backend()) as g:
         yield g
 
 
-def test_sequential_blocks_make_no_read_of_their_own(
-    guard: CreditGuard, fake: FakeLensmor
-) -> None:
+def test_sequential_blocks_make_no_read_of_their_own(guard: CreditGuard, fake: FakeLensmor) -> None:
     for _ in range(BLOCKS):
         with guard.spend(1):
             fake.charge(1)
@@ -83,9 +86,9 @@ def test_balance_after_read_from_the_cache_when_it_already_includes_the_block(
 def test_balance_after_a_raised_block_is_none_with_no_read(
     guard: CreditGuard, fake: FakeLensmor
 ) -> None:
-    with pytest.raises(RuntimeError), guard.spend(5) as spend:
-        fake.charge(5)
-        raise RuntimeError("boom")
+    spend = guard.spend(5)
+    with pytest.raises(RuntimeError), spend:
+        _charge_and_raise(fake, 5)
     reads = fake.balance_requests
     assert spend.balance_after is None
     assert "after=None" in repr(spend)
@@ -162,10 +165,10 @@ async def test_the_sync_property_works_after_an_async_block(
 
 
 async def test_abalance_after_a_raised_block_is_none(guard: CreditGuard, fake: FakeLensmor) -> None:
+    spend = guard.spend(5)
     with pytest.raises(RuntimeError):
-        async with guard.spend(5) as spend:
-            fake.charge(5)
-            raise RuntimeError("boom")
+        async with spend:
+            _charge_and_raise(fake, 5)
     reads = fake.balance_requests
     assert await spend.abalance_after() is None
     assert fake.balance_requests == reads
