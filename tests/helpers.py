@@ -73,3 +73,10 @@ def waiting_for_release(guard: CreditGuard) -> int:
     account = guard._account
     with account.lock:
         return len(account.waiters)  # type: ignore[attr-defined]
+
+
+def settled(guard: CreditGuard) -> int:
+    """:func:`reserved` after a balance read, which settles every call that finished and
+    waits for one (blocks and decorated calls settle later)."""
+    guard.balance()
+    return reserved(guard)
