@@ -70,12 +70,12 @@ class Spend(Guarded):
     started after the action finished (so it includes the block's charge), or the one
     its paid call reported when that report settled it; ``None`` when the block raised or
     was cancelled, or when that read failed (a warning is logged). It is read once, then
-    remembered. In async code use ``await s.abalance_after()``: the property reads with
-    the sync client and would block the event loop while it does. (A decorated call, or
-    a request guarded by a web adapter, never reads it: its spend has
-    ``balance_after=None``.) ``charged`` is what the call cost when its paid call
-    reported it (see :meth:`report`), else ``None``. While the block (or decorated call)
-    runs, :func:`current_spend` returns this spend.
+    remembered (a read that is cancelled is not: the next ask reads again). In async code
+    use ``await s.abalance_after()``: the property reads with the sync client and would
+    block the event loop while it does. (A decorated call, or a request guarded by a web
+    adapter, never reads it: its spend has ``balance_after=None``.) ``charged`` is what
+    the call cost when its paid call reported it (see :meth:`report`), else ``None``.
+    While the block (or decorated call) runs, :func:`current_spend` returns this spend.
     """
 
     __slots__ = ("_lazy", "_precheck")

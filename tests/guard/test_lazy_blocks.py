@@ -9,12 +9,11 @@ import logging
 from collections.abc import Iterator
 
 import anyio
-import httpx
 import pytest
 
 from creditguard import CreditGuard, GuardEvent, RetryPolicy
 from creditguard.testing import FakeLensmor
-from tests.helpers import NewBackend, reserved
+from tests.helpers import AsyncOnly, NewBackend, reserved
 
 pytestmark = pytest.mark.anyio
 
@@ -185,16 +184,6 @@ def test_the_spent_event_of_a_block_has_no_balance_after(fake: FakeLensmor) -> N
     assert spend.balance_after is not None
     assert [event.kind for event in events] == ["admitted", "spent"]  # a read, no event
     guard.close()
-
-
-class AsyncOnly(httpx.AsyncBaseTransport):
-    """A transport that serves async requests only."""
-
-    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
-        self.inner = inner
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        return await self.inner.handle_async_request(request)
 
 
 async def test_an_async_block_over_an_async_only_transport_reads_at_exit(
