@@ -273,8 +273,11 @@ class CreditGuard:
 
         ``cost`` may be a :class:`Precheck` (its ``params`` a mapping, or a callable of no
         arguments): the block is then admitted for what Lensmor says it would charge, and
-        runs with nothing reserved when that is nothing."""
-        return Spend(self, cost)
+        runs with nothing reserved when that is nothing.
+
+        The block exits without a balance read: ``s.balance_after`` (or ``await
+        s.abalance_after()``) reads it when first asked for."""
+        return Spend(self, cost, lazy=True)
 
     def hold(self, cost: int | Precheck, *, expires_in: float = 600.0) -> Hold:
         """Admit and reserve ``cost`` like :meth:`spend`, and keep it reserved past this
