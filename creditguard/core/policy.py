@@ -92,18 +92,23 @@ class Allowance:
 
     @property
     def limit(self) -> int:
+        """The credits a subject may be charged per window."""
         return self._limit
 
     @property
     def per(self) -> Period | _dt.timedelta:
+        """The window: ``"day"``, ``"week"``, ``"month"`` or a fixed ``timedelta``."""
         return self._per
 
     @property
     def tz(self) -> _dt.tzinfo:
+        """The time zone calendar windows start at midnight in."""
         return self._tz
 
     @property
     def warn_at(self) -> float | None:
+        """The fraction of ``limit`` past which one ``allowance_warning`` is emitted per
+        subject per window (``None``: none)."""
         return self._warn_at
 
     @property
