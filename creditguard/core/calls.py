@@ -26,7 +26,9 @@ class Guarded:
 
     __slots__ = (
         "_active",
+        "_after",
         "_defer",
+        "_due",
         "_engine",
         "_entered",
         "_outer",
@@ -34,7 +36,6 @@ class Guarded:
         "_result",
         "_subject",
         "_turn",
-        "balance_after",
         "balance_before",
         "charged",
         "cost",
@@ -45,8 +46,8 @@ class Guarded:
     ) -> None:
         self._engine = engine
         self._subject = subject  # who the call spends for (its allowance), if anyone
-        # Settle without waiting for the refresh (decorated calls, middleware): the
-        # caller never sees balance_after, so the next read that needs it settles it.
+        # Settle without waiting for the refresh (blocks, decorated calls, middleware):
+        # the next read that anyone needs settles it.
         self._defer = defer
         self._entered = False
         self._active = False  # entered and not yet exited
@@ -57,7 +58,15 @@ class Guarded:
         self.charged: int | None = None
         self.cost = _check_cost(cost)
         self.balance_before: CreditBalance | None = None
-        self.balance_after: CreditBalance | None = None
+        self._after: CreditBalance | None = None  # the balance after, once known
+        # Settled later (deferred): the settlement, whose ``after`` a read must start at
+        # to include this call's charge; ``None`` once ``_after`` is all there is to know.
+        self._due: Reservation | None = None
+
+    @property
+    def balance_after(self) -> CreditBalance | None:
+        """The balance after the call, when it is known (``None``: not known)."""
+        return self._after
 
     def _activate(self) -> None:
         self._outer = current.get()

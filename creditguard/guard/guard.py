@@ -281,8 +281,11 @@ class CreditGuard:
         ``cost`` may be a :class:`Precheck` (its ``params`` a mapping, or a callable of no
         arguments): the block is then admitted for what Lensmor says it would charge, and
         runs with nothing reserved when that is nothing. ``subject`` names who the block
-        spends for (a user, a tenant): its ``allowance`` applies."""
-        return Spend(self, cost, subject=subject)
+        spends for (a user, a tenant): its ``allowance`` applies.
+
+        The block exits without a balance read: ``s.balance_after`` (or ``await
+        s.abalance_after()``) reads it when first asked for."""
+        return Spend(self, cost, lazy=True, subject=subject)
 
     def hold(
         self,
