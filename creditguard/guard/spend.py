@@ -15,8 +15,8 @@ from creditguard.core.calls import Guarded, current
 from creditguard.core.drive import adrive, drive
 from creditguard.core.engine import Engine
 from creditguard.core.flows import admit_cached
-from creditguard.core.policy import check_subject
 from creditguard.core.models import CreditBalance
+from creditguard.core.policy import check_subject
 from creditguard.lensmor.precheck import Precheck
 from creditguard.lensmor.upstream import Lensmor
 
