@@ -430,8 +430,9 @@ class CreditGuardMiddleware:
     (``callable(request, error) -> HttpResponse | None``) replaces the problem JSON
     answer; ``CHARGE_WHEN`` (``callable(status) -> bool``, default ``status < 400``)
     decides whether a response is charged; ``SUBJECT`` (``callable(request) -> str |
-    None``) names who a request spends for (the guard's ``allowance`` applies). Free requests pass straight through. Works
-    in sync (WSGI) and async (ASGI) stacks without a thread hop.
+    None``) names who a request spends for (the guard's ``allowance`` applies). Free
+    requests pass straight through. Works in sync (WSGI) and async (ASGI) stacks without
+    a thread hop.
     """
 
     sync_capable = True
