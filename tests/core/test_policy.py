@@ -504,7 +504,7 @@ def test_the_gate_keeps_the_floor_and_the_allowance(new_backend: NewBackend) -> 
     with pytest.raises(AllowanceExceeded):
         call("alice")
     refusals: list[InsufficientCredits] = []
-    for user in "bcdefghij":
+    for user in "bcdefghijklmnop":
         try:
             call(user)
         except InsufficientCredits as refused:
