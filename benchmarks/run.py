@@ -82,6 +82,7 @@ ORDER = (
     "scenario_adapters",
     "scenario_processes",
     "scenario_web",
+    "scenario_policy",
 )
 
 Runner = Callable[[Settings, Recorder], None]

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from creditguard.backends.memory.backend import MemoryBackend
-    from creditguard.core.balance import InsufficientCredits
+    from creditguard.core.balance import AllowanceExceeded, BudgetExceeded, InsufficientCredits
     from creditguard.core.errors import (
         ActionNotAllowed,
         AdmissionTimeout,
@@ -29,7 +29,9 @@ if TYPE_CHECKING:
         UnknownHold,
     )
     from creditguard.core.models import AccountSnapshot, CreditBalance, OpenHold, PrecheckResult
+    from creditguard.core.policy import Allowance, LowBalance, Usage
     from creditguard.core.roles import StateBackend
+    from creditguard.core.spending import Budget
     from creditguard.guard.guard import (
         DEFAULT_BASE_URL,
         CreditGuard,
@@ -82,6 +84,12 @@ _EXPORTS = {
     "Hold": "creditguard.guard.hold",
     "InsecureTransportError": "creditguard.core.errors",
     "InsufficientCredits": "creditguard.core.balance",
+    "AllowanceExceeded": "creditguard.core.balance",
+    "BudgetExceeded": "creditguard.core.balance",
+    "Allowance": "creditguard.core.policy",
+    "LowBalance": "creditguard.core.policy",
+    "Usage": "creditguard.core.policy",
+    "Budget": "creditguard.core.spending",
     "InvalidResponse": "creditguard.core.errors",
     "MemoryBackend": "creditguard.backends.memory.backend",
     "OpenHold": "creditguard.core.models",
@@ -102,8 +110,12 @@ __all__ = [
     "AccountSnapshot",
     "ActionNotAllowed",
     "AdmissionTimeout",
+    "Allowance",
+    "AllowanceExceeded",
     "AuthenticationError",
     "BalanceUnavailable",
+    "Budget",
+    "BudgetExceeded",
     "ContactUnlock",
     "CreditBalance",
     "CreditGuard",
@@ -114,6 +126,7 @@ __all__ = [
     "InsecureTransportError",
     "InsufficientCredits",
     "InvalidResponse",
+    "LowBalance",
     "MemoryBackend",
     "OpenHold",
     "Precheck",
@@ -124,6 +137,7 @@ __all__ = [
     "StateBackend",
     "TaskPending",
     "UnknownHold",
+    "Usage",
     "__version__",
     "apoll_unlock_task",
     "asubmit_contact_unlock",

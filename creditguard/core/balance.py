@@ -19,7 +19,7 @@ from typing import Any
 
 from creditguard.core.errors import CreditGuardError, InvalidResponse
 
-__all__ = ["CreditBalance", "InsufficientCredits"]
+__all__ = ["AllowanceExceeded", "BudgetExceeded", "CreditBalance", "InsufficientCredits"]
 
 # (python attribute, documented camelCase field): the counts every published version sends
 _INT_FIELDS = (
@@ -350,7 +350,9 @@ class InsufficientCredits(CreditGuardError):
     within the admission wait, or the guard was told not to wait). ``reserved`` is the
     credits held by guarded calls still in flight. ``balance`` is the balance the
     decision was made on (``None`` when the refusal comes from
-    :meth:`CreditBalance.after_spending`).
+    :meth:`CreditBalance.after_spending`). ``keep`` is the guard's floor (``keep=``:
+    credits it never spends) when the floor is what stood in the way, else ``0``;
+    ``available`` is then what is left above it.
     """
 
     def __init__(
@@ -360,24 +362,108 @@ class InsufficientCredits(CreditGuardError):
         balance: CreditBalance | None = None,
         *,
         reserved: int = 0,
+        keep: int = 0,
     ) -> None:
         self.required = required
         self.available = available
         self.balance = balance
         self.reserved = reserved
-        message = f"{required} credits required, {available} available"
-        if reserved:
-            message += f" ({reserved} reserved by calls in flight)"
-        super().__init__(message)
+        self.keep = keep
+        super().__init__(self._message())
+
+    def _message(self) -> str:
+        message = f"{self.required} credits required, {self.available} available"
+        if self.keep:
+            message += f" above the {self.keep} kept back"
+        if self.reserved:
+            message += f" ({self.reserved} reserved by calls in flight)"
+        return message
 
     def __reduce__(self) -> tuple[object, ...]:
         return (
             _rebuild_insufficient,
-            (self.required, self.available, self.balance, self.reserved),
+            (self.required, self.available, self.balance, self.reserved, self.keep),
         )
 
 
 def _rebuild_insufficient(
-    required: int, available: int, balance: CreditBalance | None, reserved: int
+    required: int, available: int, balance: CreditBalance | None, reserved: int, keep: int = 0
 ) -> InsufficientCredits:
-    return InsufficientCredits(required, available, balance, reserved=reserved)
+    return InsufficientCredits(required, available, balance, reserved=reserved, keep=keep)
+
+
+class AllowanceExceeded(InsufficientCredits):
+    """The call's subject (a user, a tenant: see ``Allowance``) has used up its allowance
+    for the current window, so the call was not run (the account may still have credits).
+
+    ``subject`` is who asked, ``limit`` the allowance per window, ``spent`` what the
+    subject's calls were charged in this window, ``remaining`` what is left of it (calls
+    in flight not counted: a refusal holds even if they charge nothing), ``resets_at``
+    when the window ends (an aware ``datetime``). ``required``/``available`` are as in
+    :class:`InsufficientCredits` (``available`` is ``remaining``)."""
+
+    def __init__(
+        self,
+        required: int,
+        *,
+        subject: str,
+        limit: int,
+        spent: int,
+        resets_at: datetime,
+        reserved: int = 0,
+    ) -> None:
+        self.subject = subject
+        self.limit = limit
+        self.spent = spent
+        self.remaining = max(0, limit - spent)
+        self.resets_at = resets_at
+        super().__init__(required, self.remaining, None, reserved=reserved)
+
+    def _message(self) -> str:
+        return (
+            f"{self.required} credits required, {self.remaining} left of the subject's"
+            f" allowance of {self.limit} (resets at {self.resets_at.isoformat()})"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (
+            _rebuild_allowance,
+            (self.required, self.subject, self.limit, self.spent, self.resets_at, self.reserved),
+        )
+
+
+def _rebuild_allowance(
+    required: int,
+    subject: str,
+    limit: int,
+    spent: int,
+    resets_at: datetime,
+    reserved: int,
+) -> AllowanceExceeded:
+    return AllowanceExceeded(
+        required, subject=subject, limit=limit, spent=spent, resets_at=resets_at, reserved=reserved
+    )
+
+
+class BudgetExceeded(InsufficientCredits):
+    """The call does not fit in the ``guard.budget(limit)`` block it runs in: what the
+    block's calls spent (``spent``) plus its cost is over ``limit``; ``remaining`` is
+    what is left."""
+
+    def __init__(self, required: int, *, limit: int, spent: int, reserved: int = 0) -> None:
+        self.limit = limit
+        self.spent = spent
+        self.remaining = max(0, limit - spent)
+        super().__init__(required, self.remaining, None, reserved=reserved)
+
+    def _message(self) -> str:
+        return (
+            f"{self.required} credits required, {self.remaining} left of the budget of {self.limit}"
+        )
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (_rebuild_budget, (self.required, self.limit, self.spent, self.reserved))
+
+
+def _rebuild_budget(required: int, limit: int, spent: int, reserved: int) -> BudgetExceeded:
+    return BudgetExceeded(required, limit=limit, spent=spent, reserved=reserved)

@@ -34,14 +34,18 @@ class Guarded:
         "_outer",
         "_reservation",
         "_result",
+        "_subject",
         "_turn",
         "balance_before",
         "charged",
         "cost",
     )
 
-    def __init__(self, engine: Engine, cost: int, defer: bool = False) -> None:
+    def __init__(
+        self, engine: Engine, cost: int, defer: bool = False, subject: str | None = None
+    ) -> None:
         self._engine = engine
+        self._subject = subject  # who the call spends for (its allowance), if anyone
         # Settle without waiting for the refresh (blocks, decorated calls, middleware):
         # the next read that anyone needs settles it.
         self._defer = defer

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 from typing import TypeVar, cast
 
-from creditguard.core import outcomes
+from creditguard.core import alerts, outcomes
 from creditguard.core.engine import Engine
 from creditguard.core.errors import RateLimited
 from creditguard.core.steps import Call, Flight, Ops, Steps, Waiter, _Waitable
@@ -111,6 +111,8 @@ async def adrive(engine: Engine, steps: Steps[T]) -> T:
                         account.block(wait)
                     await arun(account.record(flight, result, None))
                     outcomes.read(engine, result)
+                    if engine.settings.policy.watchers:
+                        await arun(alerts.observe(engine, result))
                 else:
                     try:
                         await waitable.await_done(
@@ -143,6 +145,8 @@ def _read_sync(engine: Engine, flight: Flight) -> None:
         account.block(wait)
     run(account.record(flight, result, None))
     outcomes.read(engine, result)
+    if engine.settings.policy.watchers:
+        run(alerts.observe(engine, result))
 
 
 def run(ops: Ops[None]) -> None:

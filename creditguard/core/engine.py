@@ -11,6 +11,7 @@ from typing import Any, Literal, Protocol
 from creditguard.core.events import GuardEvent
 from creditguard.core.models import CreditBalance, Report
 from creditguard.core.roles import AccountState
+from creditguard.core.spending import Policy
 from creditguard.core.steps import Call
 
 __all__ = ["Engine", "OnUnavailable", "Settings", "Upstream"]
@@ -60,6 +61,8 @@ class Settings:
     read_budget: float
     """The longest one balance read can take: a caller waiting for someone else's read
     waits no longer than that."""
+    policy: Policy = dataclasses.field(default_factory=lambda: Policy(0, None))
+    """The spending policy: the floor, the allowances, the low-balance watchers."""
 
 
 class Engine:

@@ -19,10 +19,13 @@ class GuardEvent:
     was refused), ``"unchecked"`` (admitted without a balance under
     ``on_unavailable="allow"``), ``"spent"`` (with the balance before and after),
     ``"failed"`` (the action raised), ``"cancelled"`` (cancelled in the action or in the
-    refresh after it), ``"refresh_failed"`` and ``"released"`` (a hold ended with nothing
-    charged). ``account`` is the account's fingerprint,
+    refresh after it), ``"refresh_failed"``, ``"released"`` (a hold ended with nothing
+    charged), ``"allowance_warning"`` (a subject's calls passed its allowance's
+    ``warn_at`` in this window: once per subject per window), ``"low_balance"`` and
+    ``"balance_recovered"`` (the balance crossed an ``on_low_balance`` threshold:
+    ``available`` is the threshold). ``account`` is the account's fingerprint,
     never the key. ``charged`` (on ``"spent"``) is what the call cost, when its paid call
-    reported it.
+    reported it. ``subject`` is the call's subject, when it has one.
     """
 
     kind: str
@@ -33,3 +36,4 @@ class GuardEvent:
     available: int | None = None
     error: BaseException | None = None
     charged: int | None = None
+    subject: str | None = None

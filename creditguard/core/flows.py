@@ -15,7 +15,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, cast
 
-from creditguard.core import outcomes
+from creditguard.core import alerts, outcomes
 from creditguard.core.balance import InsufficientCredits
 from creditguard.core.calls import Guarded, caller, current, enclosing, in_event_loop_thread
 from creditguard.core.drive import run
@@ -29,6 +29,7 @@ from creditguard.core.errors import (
     InvalidResponse,
 )
 from creditguard.core.models import CreditBalance, PrecheckResult
+from creditguard.core.spending import Budget, budgets, end_budgets, settle_budgets, take_budgets
 from creditguard.core.steps import (
     Admission,
     Flight,
@@ -38,6 +39,7 @@ from creditguard.core.steps import (
     Turn,
     Waiter,
     own_credits,
+    pause,
 )
 
 __all__ = [
@@ -139,8 +141,9 @@ def _take_turn(engine: Engine, call: Guarded, sync: bool) -> Steps[Turn | None]:
     own = tuple(o._reservation for o in enclosing(engine) if o._reservation)
     turn.asking = Admission(call.cost, settings.ttl, sync, own)
     turn.check = call.cost > 0
-    # A decorated call (no balance looked at after) may be admitted with its turn.
-    turn.admit = call._defer
+    # A decorated call (no balance looked at after) may be admitted with its turn, when
+    # no spending policy applies (the floor, allowances and budgets are admission's).
+    turn.admit = call._defer and not settings.policy.active and not budgets.get()
     started = _monotonic()
     until = started + settings.gate_timeout
     try:
@@ -193,9 +196,10 @@ def _payable(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
         outcomes.rejected(engine, call.cost, exc)
         raise
     held = yield from engine.account.committed()
-    free = balance.total_balance - held - _own(engine)
+    keep = engine.settings.policy.keep
+    free = balance.total_balance - held - _own(engine) - keep
     if call.cost > free:
-        refusal = InsufficientCredits(call.cost, max(0, free), balance, reserved=held)
+        refusal = InsufficientCredits(call.cost, max(0, free), balance, reserved=held, keep=keep)
         outcomes.denied(engine, refusal)
         raise refusal
 
@@ -203,7 +207,17 @@ def _payable(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
 def admit_cached(engine: Engine, call: Guarded) -> bool:
     """The warm path, no generator: admit on a fresh cached balance that covers the cost
     with room for every reservation (anything else goes the slow way)."""
-    reservation = engine.account.try_admit(call.cost, engine.settings.ttl, call._defer)
+    settings = engine.settings
+    policy = settings.policy
+    if budgets.get():
+        return False  # budgets are taken on the way that may wait for them
+    if not policy.active:
+        reservation = engine.account.try_admit(call.cost, settings.ttl, call._defer)
+    else:
+        window = policy.window(call._subject)
+        reservation = engine.account.try_admit(
+            call.cost, settings.ttl, call._defer, policy.keep, window
+        )
     if reservation is None:
         return False
     _admitted(engine, call, reservation)
@@ -214,7 +228,50 @@ def admit(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
     """Admit ``call`` on a balance that covers it beside every reservation, waiting for
     calls in flight to settle when only they stand in the way (``admission_timeout`` in
     all), or refuse it (``InsufficientCredits`` only when the account cannot pay even if
-    they charge nothing)."""
+    they charge nothing). The ``budget()`` blocks the caller runs in are asked first."""
+    if not budgets.get():
+        yield from _admit(engine, call, sync)
+        return
+    chain = yield from _take_budgets(engine, call.cost, sync)
+    try:
+        yield from _admit(engine, call, sync)
+    except BaseException:
+        settle_budgets(chain, call.cost, 0)
+        raise
+    reservation = call._reservation
+    if reservation is None:  # pragma: no cover - admission always reserves or raises
+        settle_budgets(chain, call.cost, 0)
+    else:
+        reservation.budgets = chain
+
+
+def _take_budgets(engine: Engine, cost: int, sync: bool) -> Steps[tuple[Budget, ...]]:
+    """Reserve ``cost`` in every budget the caller runs in, waiting (polling: budgets
+    are this process's) while only their calls in flight stand in the way, at most
+    ``admission_timeout``; :class:`BudgetExceeded` when a budget cannot take it even if
+    they charge nothing."""
+    wait = engine.settings.admission_timeout
+    may_wait = wait > 0 and not (sync and in_event_loop_thread())
+    until = _monotonic() + wait
+    delay = 0.001
+    while True:
+        try:
+            chain, taken = take_budgets(cost)
+        except InsufficientCredits as exc:
+            outcomes.denied(engine, exc)
+            raise
+        if taken:
+            return chain
+        if not may_wait or _monotonic() >= until:
+            timeout = AdmissionTimeout(cost, min(b.remaining for b in budgets.get()))
+            outcomes.busy(engine, timeout)
+            raise timeout
+        yield pause(min(delay, max(0.0, until - _monotonic())))
+        delay = min(delay * 2, 0.02)
+
+
+def _admit(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
+    """:func:`admit`, the budgets aside."""
     account = engine.account
     cost = call.cost
     settings = engine.settings
@@ -228,7 +285,11 @@ def admit(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
     deadline: float | None = None  # set when this call first waits for settling
     # This caller's own enclosing calls: they cannot settle while it waits.
     own = tuple(o._reservation for o in enclosing(engine) if o._reservation)
+    policy = settings.policy
     asking = Admission(cost, ttl, sync, own)
+    if policy.active:
+        asking.keep = policy.keep
+        asking.window = policy.window(call._subject)
     flight: Flight | None = None
     try:
         if not call._defer:
@@ -272,6 +333,8 @@ def admit(engine: Engine, call: Guarded, sync: bool) -> Steps[None]:
 def _admitted(engine: Engine, call: Guarded, reservation: Reservation) -> None:
     call._reservation = reservation
     call.balance_before = reservation.balance
+    if reservation.warned:
+        outcomes.allowance_warning(engine, call)
     if engine.settings.on_event is not None:
         _emit_reserved(engine, call, "admitted", reservation.balance)
 
@@ -291,6 +354,7 @@ def _emit_reserved(
     except BaseException:
         reservation, call._reservation = call._reservation, None
         if reservation is not None:
+            end_budgets(reservation, 0)
             engine.account.unreserve(reservation)
         turn, call._turn = call._turn, None
         if turn is not None:
@@ -323,6 +387,7 @@ def exit(engine: Engine, call: Guarded, exc: BaseException | None, sync: bool) -
     if settlement is None:  # never admitted, or already given back
         return
     if exc is not None:
+        end_budgets(settlement, 0)  # a failed call spends nothing of its budgets
         yield from account.drop(settlement)
         outcomes.failed(engine, call, exc)
         if engine.upstream.refused_for_credits(exc):
@@ -334,6 +399,7 @@ def exit(engine: Engine, call: Guarded, exc: BaseException | None, sync: bool) -
     result, call._result = call._result, None
     if result is not None and (yield from _settled_from_report(engine, call, settlement, result)):
         return
+    end_budgets(settlement)
     if call._defer:
         # Return now, and let the next read (whoever needs one) settle this spend; a
         # block reads its balance after only if it is asked for (see ``after``).
@@ -420,6 +486,8 @@ def _settled_from_report(
             contradiction,
         )
         return False
+    if charged is not None:
+        settlement.charge = charged  # what its subject's window and budgets count
     after = yield from engine.account.reported(
         settlement, charged, report.total_after, report.balance_after
     )
@@ -428,7 +496,10 @@ def _settled_from_report(
     if charged is None and before is not None and report.total_after is not None:
         charged = before.total_balance - report.total_after
     call.charged = charged
+    end_budgets(settlement, charged)
     outcomes.spent(engine, call, after)
+    if engine.settings.policy.watchers:
+        yield from alerts.observe(engine, after)
     return True
 
 
@@ -442,7 +513,8 @@ def _covers(engine: Engine, credits: int) -> bool:
     if not account.fresh(engine.settings.ttl):
         return False
     cached, reserved, _ = account.snapshot()
-    return cached is not None and cached.total_balance - reserved >= credits
+    keep = engine.settings.policy.keep
+    return cached is not None and cached.total_balance - reserved - keep >= credits
 
 
 def cost_of(

@@ -13,6 +13,7 @@ from creditguard.core.calls import Guarded, Held
 from creditguard.core.engine import Engine
 from creditguard.core.errors import UnknownHold
 from creditguard.core.models import CreditBalance
+from creditguard.core.spending import end_budgets
 from creditguard.core.steps import Kept, Steps, Turn
 
 __all__ = ["end", "fail", "leave", "look", "take"]
@@ -33,6 +34,7 @@ def take(
         kept = yield from account.keep(reservation, expires_in, turn)
     except BaseException:
         if reservation is not None:
+            end_budgets(reservation, 0)
             yield from account.give_back(reservation)
         if turn is not None:
             yield from account.leave(turn)
@@ -85,6 +87,7 @@ def end(
     if kept is None:
         raise UnknownHold(hold.id)
     if release:
+        end_budgets(kept.reservation, 0)
         yield from account.give_back(kept.reservation)
         outcomes.emit(engine, "released", hold.cost, hold.balance_before)
         return None

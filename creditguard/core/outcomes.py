@@ -27,13 +27,14 @@ def emit(
     available: int | None = None,
     error: BaseException | None = None,
     charged: int | None = None,
+    subject: str | None = None,
 ) -> None:
     """Tell the ``on_event`` observer, if there is one (what it raises is logged)."""
     on_event = engine.settings.on_event
     if on_event is None:
         return
     event = GuardEvent(
-        kind, engine.account.fingerprint, cost, before, after, available, error, charged
+        kind, engine.account.fingerprint, cost, before, after, available, error, charged, subject
     )
     try:
         on_event(event)
@@ -50,6 +51,16 @@ def denied(engine: Engine, exc: InsufficientCredits) -> None:
     )
     if engine.settings.on_event is not None:
         emit(engine, "denied", exc.required, exc.balance, available=exc.available, error=exc)
+
+
+def allowance_warning(engine: Engine, call: Guarded) -> None:
+    """A subject's calls passed its allowance's ``warn_at`` in this window (once)."""
+    logger.warning(
+        "a subject's calls on %s passed the warning level of its allowance",
+        engine.account.fingerprint,
+    )
+    if engine.settings.on_event is not None:
+        emit(engine, "allowance_warning", call.cost, call.balance_before, subject=call._subject)
 
 
 def busy(engine: Engine, exc: AdmissionTimeout) -> None:

@@ -24,7 +24,17 @@ import threading
 from typing import Protocol
 
 from creditguard.core.models import AccountSnapshot, CreditBalance
-from creditguard.core.steps import Admission, Flight, Kept, Ops, Reservation, Step, Turn, Waiter
+from creditguard.core.steps import (
+    Admission,
+    Flight,
+    Kept,
+    Ops,
+    Reservation,
+    Step,
+    Turn,
+    Waiter,
+    Window,
+)
 
 __all__ = ["AccountState", "Gate", "Holds", "Reads", "Reservations", "StateBackend"]
 
@@ -112,9 +122,17 @@ class Reservations(Protocol):
     released_at: float
     """When a reservation was last released (a waiter's cue to look again)."""
 
-    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
+    def try_admit(
+        self,
+        cost: int,
+        ttl: float,
+        defer: bool = True,
+        keep: int = 0,
+        window: Window | None = None,
+    ) -> Reservation | None:
         """The warm path, no I/O and no generator: reserve ``cost`` on a fresh cached
-        balance that covers it beside every reservation; ``None``: go the slow way."""
+        balance that covers it beside every reservation and the floor ``keep``, and in
+        the subject's ``window`` when one applies; ``None``: go the slow way."""
         ...
 
     def admit(self, asking: Admission, flight: Flight | None) -> Ops[Reservation | Step]:
@@ -177,6 +195,17 @@ class Reservations(Protocol):
 
     def forget(self, waiter: Waiter) -> None:
         """``waiter`` gave up (deadline or cancellation): it leaves the account's list."""
+        ...
+
+    def window_usage(self, window: Window) -> Ops[tuple[int, int]]:
+        """What a subject's allowance window holds: the credits its calls were charged,
+        and those its calls in flight reserve."""
+        ...
+
+    def flip(self, name: str, low: bool) -> Ops[bool | None]:
+        """Record that the balance is now below (``low``) or above the low-balance
+        threshold ``name``; returns the side recorded before (``None``: none), so that
+        whoever sees a change first, in any process sharing the backend, tells it."""
         ...
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
+from datetime import datetime
 from typing import NamedTuple, TypeVar
 
 import anyio
@@ -34,6 +35,8 @@ __all__ = [
     "Steps",
     "Turn",
     "Waiter",
+    "Window",
+    "WindowBook",
     "done",
     "own_error",
     "pause",
@@ -149,12 +152,14 @@ class Waiter(_Waitable):
     it when its decision may have changed: when ``cost`` now fits, or when the account
     can no longer pay it even if the calls in flight charge nothing."""
 
-    __slots__ = ("cost", "own")
+    __slots__ = ("cost", "keep", "own", "window")
 
-    def __init__(self, cost: int, own: int) -> None:
+    def __init__(self, cost: int, own: int, keep: int = 0, window: Window | None = None) -> None:
         super().__init__()
         self.cost = cost
         self.own = own  # credits its own enclosing spends hold (see own_credits)
+        self.keep = keep  # the floor its guard never spends
+        self.window = window  # the subject's allowance window, if one applies
 
 
 class Turn(_Waitable):
@@ -224,7 +229,17 @@ class Reservation:
     finished: the reservation waits for a read that started at or after it.
     """
 
-    __slots__ = ("after", "balance", "cost", "gen", "released")
+    __slots__ = (
+        "after",
+        "balance",
+        "budgets",
+        "charge",
+        "cost",
+        "gen",
+        "released",
+        "warned",
+        "window",
+    )
 
     def __init__(self, cost: int, balance: CreditBalance | None, gen: int) -> None:
         self.cost = cost
@@ -232,6 +247,57 @@ class Reservation:
         self.gen = gen
         self.after = 0
         self.released = False
+        # The subject's allowance window it counts in (``None``: no allowance), what its
+        # call was charged (``None``: its cost; set when the call ends), and whether its
+        # admission took the window past the allowance's ``warn_at``.
+        self.window: Window | None = None
+        self.charge: int | None = None
+        self.warned = False
+        # The ``budget()`` blocks it counts in (this process's; see core/spending.py).
+        self.budgets: tuple[object, ...] = ()
+
+
+class Window:
+    """One subject's allowance window, as an admission asks for it: ``key`` names it
+    (a hash of the subject and the window's start: never the subject's id), ``limit`` is
+    the allowance, ``start``/``end`` the window (Unix seconds), ``warn`` the credits past
+    which one ``allowance_warning`` is emitted (``None``: none), ``subject`` who asked
+    (for the refusal only)."""
+
+    __slots__ = ("end", "key", "limit", "resets_at", "start", "subject", "warn")
+
+    def __init__(
+        self,
+        subject: str,
+        key: str,
+        limit: int,
+        start: datetime,
+        resets_at: datetime,
+        warn: int | None,
+    ) -> None:
+        self.subject = subject
+        self.key = key
+        self.limit = limit
+        self.start = start.timestamp()
+        self.end = resets_at.timestamp()
+        self.resets_at = resets_at
+        self.warn = warn
+
+    def __repr__(self) -> str:
+        return f"<Window {self.key} limit={self.limit}>"
+
+
+class WindowBook:
+    """What a window holds: the credits its subject's calls were charged (``spent``), the
+    credits of its calls in flight (``reserved``), and whether its warning was emitted."""
+
+    __slots__ = ("end", "reserved", "spent", "warned")
+
+    def __init__(self, end: float) -> None:
+        self.end = end
+        self.spent = 0
+        self.reserved = 0
+        self.warned = False
 
 
 def own_credits(enclosing: tuple[Reservation, ...]) -> int:
@@ -277,6 +343,10 @@ class Admission:
     enclosing: tuple[Reservation, ...] = ()
     until: float | None = None
     settle: bool = True
+    keep: int = 0
+    """The credits the guard never spends (its floor)."""
+    window: Window | None = None
+    """The subject's allowance window, when one applies."""
 
 
 class Step(NamedTuple):

@@ -10,10 +10,11 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, Protocol, TypeVar, cast
 
 from creditguard.core.checks import _check_cost
+from creditguard.core.policy import check_subject
 from creditguard.guard.spend import Guard, Spend, acost_of, cost_of
 from creditguard.lensmor.precheck import Cost, Precheck
 
-__all__ = ["_CostDecorator", "_Decorator", "_decorator"]
+__all__ = ["Subject", "_CostDecorator", "_Decorator", "_decorator"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -65,7 +66,23 @@ def _is_async(func: Callable[..., object]) -> bool:
     return not inspect.isfunction(func) and inspect.iscoroutinefunction(call)
 
 
-def _decorator(cost: Cost, get_guard: Callable[[], Guard]) -> _Decorator:
+Subject = str | Callable[..., str] | None
+"""Who a decorated call spends for: a str, or a callable of the function's arguments."""
+
+
+def _subject_of(subject: Subject, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    if subject is None or isinstance(subject, str):
+        return subject
+    return check_subject(subject(*args, **kwargs))
+
+
+def _decorator(cost: Cost, get_guard: Callable[[], Guard], subject: Subject = None) -> _Decorator:
+    if isinstance(subject, str):
+        subject = check_subject(subject)
+    elif subject is not None and not callable(subject):
+        raise TypeError(
+            f"subject must be a str or a callable of the function's arguments, got {subject!r}"
+        )
     precheck: Precheck | None = None
     static: int | None = None
     if isinstance(cost, Precheck):
@@ -88,6 +105,8 @@ def _decorator(cost: Cost, get_guard: Callable[[], Guard]) -> _Decorator:
                 _check_cost_signature(precheck.params, func)
         elif static is None:
             _check_cost_signature(compute, func)
+        if callable(subject):
+            _check_cost_signature(subject, func)
         if _is_async(func):
             afunc = cast(Callable[P, Awaitable[Any]], func)
 
@@ -103,7 +122,8 @@ def _decorator(cost: Cost, get_guard: Callable[[], Guard]) -> _Decorator:
                     amount = static
                 else:
                     amount = _check_cost(compute(*args, **kwargs))
-                async with Spend(guard, amount, defer=True) as spend:
+                who = _subject_of(subject, args, kwargs)
+                async with Spend(guard, amount, defer=True, subject=who) as spend:
                     result = await afunc(*args, **kwargs)
                     if spend._result is None:  # current_spend().report() comes first
                         spend._result = result
@@ -122,7 +142,8 @@ def _decorator(cost: Cost, get_guard: Callable[[], Guard]) -> _Decorator:
                 amount = static
             else:
                 amount = _check_cost(compute(*args, **kwargs))
-            with Spend(guard, amount, defer=True) as spend:
+            who = _subject_of(subject, args, kwargs)
+            with Spend(guard, amount, defer=True, subject=who) as spend:
                 result = func(*args, **kwargs)
                 if spend._result is None:  # current_spend().report() comes first
                     spend._result = result

@@ -25,10 +25,13 @@ from creditguard.core.engine import Engine, OnUnavailable, Settings
 from creditguard.core.errors import UnknownHold
 from creditguard.core.events import GuardEvent
 from creditguard.core.models import AccountSnapshot, CreditBalance, PrecheckResult
+from creditguard.core.policy import Usage
 from creditguard.core.roles import AccountState, StateBackend
 from creditguard.core.secret import Secret
-from creditguard.guard.decorate import _CostDecorator, _Decorator, _decorator
+from creditguard.core.spending import AllowanceSpec, Budget, LowBalanceCallback, Policy, Watcher
+from creditguard.guard.decorate import Subject, _CostDecorator, _Decorator, _decorator
 from creditguard.guard.hold import Hold
+from creditguard.guard.policy import _check_allowance, _check_keep, _usage, usage_steps
 from creditguard.guard.spend import Spend, acost_of, cost_of, current_spend
 from creditguard.lensmor.checks import _check_base_url, _check_timeout
 from creditguard.lensmor.client import AsyncBalanceClient, BalanceClient, RetryPolicy
@@ -107,8 +110,11 @@ class CreditGuard:
         allow_insecure_http: bool = False,
         max_concurrent: int | None = None,
         gate_timeout: float = 30.0,
+        keep: int = 0,
+        allowance: AllowanceSpec = None,
     ) -> None:
         key = _check_key(api_key)
+        policy = Policy(_check_keep(keep), _check_allowance(allowance))
         if max_concurrent is not None and (type(max_concurrent) is not int or max_concurrent < 1):
             raise ValueError(f"max_concurrent must be an int >= 1 or None, got {max_concurrent!r}")
         gate_timeout = _check_seconds("gate_timeout", gate_timeout)
@@ -140,6 +146,7 @@ class CreditGuard:
             max_concurrent=max_concurrent,
             gate_timeout=gate_timeout,
             read_budget=reader.policy.deadline + (max(phases) if phases else 0.0),
+            policy=policy,
         )
         self._clients = _Clients(
             settings,
@@ -268,18 +275,25 @@ class CreditGuard:
 
     # -- public spending API -----------------------------------------------------------
 
-    def spend(self, cost: int | Precheck) -> Spend:
+    def spend(self, cost: int | Precheck, *, subject: str | None = None) -> Spend:
         """Guard a block: ``with guard.spend(25) as s:`` or ``async with guard.spend(25) as s:``.
 
         ``cost`` may be a :class:`Precheck` (its ``params`` a mapping, or a callable of no
         arguments): the block is then admitted for what Lensmor says it would charge, and
-        runs with nothing reserved when that is nothing.
+        runs with nothing reserved when that is nothing. ``subject`` names who the block
+        spends for (a user, a tenant): its ``allowance`` applies.
 
         The block exits without a balance read: ``s.balance_after`` (or ``await
         s.abalance_after()``) reads it when first asked for."""
-        return Spend(self, cost, lazy=True)
+        return Spend(self, cost, lazy=True, subject=subject)
 
-    def hold(self, cost: int | Precheck, *, expires_in: float = 600.0) -> Hold:
+    def hold(
+        self,
+        cost: int | Precheck,
+        *,
+        expires_in: float = 600.0,
+        subject: str | None = None,
+    ) -> Hold:
         """Admit and reserve ``cost`` like :meth:`spend`, and keep it reserved past this
         call until the work it pays for is done: ``hold.settle()`` then (or
         ``hold.release()`` if nothing was charged). Use it for paid work that finishes
@@ -290,16 +304,22 @@ class CreditGuard:
         :class:`Precheck` (a hold is taken even when it says nothing will be charged, so
         the work can be ended the same way). Raises what admission raises."""
         expires_in = _check_seconds("expires_in", expires_in, positive=True)
-        spend = Spend(self, cost)
+        spend = Spend(self, cost, subject=subject)
         precheck = spend._precheck
         if precheck is not None:
             spend.cost = cost_of(self._engine, precheck, precheck.params_for())
         return self._hold(spend, expires_in, True)
 
-    async def ahold(self, cost: int | Precheck, *, expires_in: float = 600.0) -> Hold:
+    async def ahold(
+        self,
+        cost: int | Precheck,
+        *,
+        expires_in: float = 600.0,
+        subject: str | None = None,
+    ) -> Hold:
         """Async :meth:`hold`."""
         expires_in = _check_seconds("expires_in", expires_in, positive=True)
-        spend = Spend(self, cost)
+        spend = Spend(self, cost, subject=subject)
         precheck = spend._precheck
         if precheck is not None:
             spend.cost = await acost_of(self._engine, precheck, precheck.params_for())
@@ -320,20 +340,64 @@ class CreditGuard:
         return Hold(engine, kept, None)
 
     @overload
-    def requires_credits(self, cost: int | Precheck) -> _Decorator: ...
+    def requires_credits(
+        self, cost: int | Precheck, *, subject: str | None = None
+    ) -> _Decorator: ...
 
     @overload
-    def requires_credits(self, cost: Callable[P, int]) -> _CostDecorator[P]: ...
+    def requires_credits(
+        self, cost: int | Precheck, *, subject: Callable[P, str]
+    ) -> _CostDecorator[P]: ...
 
-    def requires_credits(self, cost: Cost) -> _Decorator | _CostDecorator[Any]:
+    @overload
+    def requires_credits(
+        self, cost: Callable[P, int], *, subject: str | Callable[P, str] | None = None
+    ) -> _CostDecorator[P]: ...
+
+    def requires_credits(
+        self, cost: Cost, *, subject: Subject = None
+    ) -> _Decorator | _CostDecorator[Any]:
         """Decorate a sync or async function so each call is guarded for ``cost`` credits.
 
         ``cost`` is an int >= 0, or a callable taking the decorated function's arguments
         and returning one (evaluated, and validated, before any request). A callable
         cost is type-checked against the decorated function's parameters, and one that
-        cannot take its arguments is a ``TypeError`` at decoration time.
+        cannot take its arguments is a ``TypeError`` at decoration time. ``subject``
+        (who the call spends for: its ``allowance`` applies) is a str or, like ``cost``,
+        a callable of the function's arguments.
         """
-        return _decorator(cost, lambda: self)
+        return _decorator(cost, lambda: self, subject)
+
+    # -- spending policy -------------------------------------------------------------
+
+    @property
+    def keep(self) -> int:
+        """The credits this guard never spends (its floor)."""
+        return self._engine.settings.policy.keep
+
+    def usage(self, subject: str) -> Usage:
+        """What ``subject`` has used of its allowance in the current window (over Redis,
+        the whole deployment's figures)."""
+        engine = self._engine
+        return _usage(engine, subject, drive(engine, usage_steps(engine, subject)))
+
+    async def ausage(self, subject: str) -> Usage:
+        """Async :meth:`usage`."""
+        engine = self._engine
+        return _usage(engine, subject, await adrive(engine, usage_steps(engine, subject)))
+
+    def budget(self, limit: int) -> Budget:
+        """A block (``with`` or ``async with``) that caps what the guarded calls inside it,
+        of any guard, may be admitted for in total: ``BudgetExceeded`` past ``limit``.
+        Nested budgets all apply; tasks started inside inherit it. Process-local."""
+        return Budget(limit)
+
+    def on_low_balance(self, threshold: int | float, callback: LowBalanceCallback) -> None:
+        """Call ``callback(LowBalance)`` (sync or async) once when the balance falls below
+        ``threshold`` (credits, or a fraction of ``total_amount`` when a float in (0, 1))
+        and once when it rises back above it; never per call. Over Redis, once per crossing
+        for the whole deployment. Also told to ``on_event``."""
+        self._engine.settings.policy.watchers.append(Watcher(threshold, callback))
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -419,20 +483,31 @@ def _default_guard() -> CreditGuard:
 
 
 @overload
-def requires_credits(cost: int | Precheck, *, guard: CreditGuard | None = None) -> _Decorator: ...
+def requires_credits(
+    cost: int | Precheck, *, guard: CreditGuard | None = None, subject: str | None = None
+) -> _Decorator: ...
 
 
 @overload
 def requires_credits(
-    cost: Callable[P, int], *, guard: CreditGuard | None = None
+    cost: int | Precheck, *, guard: CreditGuard | None = None, subject: Callable[P, str]
+) -> _CostDecorator[P]: ...
+
+
+@overload
+def requires_credits(
+    cost: Callable[P, int],
+    *,
+    guard: CreditGuard | None = None,
+    subject: str | Callable[P, str] | None = None,
 ) -> _CostDecorator[P]: ...
 
 
 def requires_credits(
-    cost: Cost, *, guard: CreditGuard | None = None
+    cost: Cost, *, guard: CreditGuard | None = None, subject: Subject = None
 ) -> _Decorator | _CostDecorator[Any]:
     """Module-level decorator; without ``guard``, a default :class:`CreditGuard` is built
     from the environment (``LENSMOR_API_KEY``, ``LENSMOR_BASE_URL``) at the first call."""
     if guard is not None:
-        return guard.requires_credits(cost)
-    return _decorator(cost, _default_guard)
+        return _decorator(cost, lambda: guard, subject)
+    return _decorator(cost, _default_guard, subject)

@@ -16,6 +16,7 @@ from creditguard.core.drive import adrive, drive
 from creditguard.core.engine import Engine
 from creditguard.core.flows import admit_cached
 from creditguard.core.models import CreditBalance
+from creditguard.core.policy import check_subject
 from creditguard.lensmor.precheck import Precheck
 from creditguard.lensmor.upstream import Lensmor
 
@@ -87,6 +88,7 @@ class Spend(Guarded):
         *,
         defer: bool = False,
         lazy: bool = False,
+        subject: str | None = None,
     ) -> None:
         self._precheck: Precheck | None = None
         if isinstance(cost, Precheck):
@@ -98,7 +100,9 @@ class Spend(Guarded):
         upstream = engine.upstream
         lazy = lazy and not (isinstance(upstream, Lensmor) and not upstream.reads_sync)
         self._lazy = lazy
-        Guarded.__init__(self, engine, cost, defer or lazy)
+        if subject is not None:
+            subject = check_subject(subject)
+        Guarded.__init__(self, engine, cost, defer or lazy, subject)
 
     def __repr__(self) -> str:
         before = None if self.balance_before is None else self.balance_before.total_balance

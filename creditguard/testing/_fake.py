@@ -233,6 +233,16 @@ class FakeLensmor:
             self.charges += 1
             return balance
 
+    def top_up(self, n: int) -> CreditBalance:
+        """Add ``n`` gift credits, as a purchase or a grant would (the balance and its
+        ``total_amount`` rise)."""
+        if type(n) is not int or n < 0:
+            raise ValueError(f"credits must be an int >= 0, got {n!r}")
+        with self._lock:
+            self._credits.gift += n
+            self._credits.gift_amount += n
+            return self._balance_now()
+
     def spend_outside(self, n: int) -> CreditBalance:
         """Spend ``n`` credits as Lensmor's web app would, from the same pool: the balance
         falls but no API call saw it (``charges`` is unchanged). Raises

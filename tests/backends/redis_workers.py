@@ -21,7 +21,7 @@ import anyio
 import anyio.to_thread
 import httpx
 
-from creditguard import CreditGuard, InsufficientCredits
+from creditguard import Allowance, CreditGuard, InsufficientCredits
 from creditguard.redis import RedisBackend
 
 __all__ = [
@@ -81,13 +81,19 @@ def _charged(tally: _Tally, response: httpx.Response) -> None:
 
 
 def _race_threads(
-    guard: CreditGuard, base_url: str, api_key: str, calls: int, cost: int, width: int
+    guard: CreditGuard,
+    base_url: str,
+    api_key: str,
+    calls: int,
+    cost: int,
+    width: int,
+    subject: str | None = None,
 ) -> _Tally:
     tally = _Tally()
     headers = {"Authorization": f"Bearer {api_key}"}
     with httpx.Client(base_url=base_url, headers=headers, timeout=10) as http:
 
-        @guard.requires_credits(cost)
+        @guard.requires_credits(cost, subject=subject)
         def paid() -> None:
             tally.add("ran")
             _charged(tally, http.post(CHARGE_PATH, params={"credits": cost}))
@@ -123,6 +129,7 @@ async def _race_tasks(
     cost: int,
     width: int,
     barrier: Any,
+    subject: str | None = None,
 ) -> _Tally:
     tally = _Tally()
     headers = {"Authorization": f"Bearer {api_key}"}
@@ -131,7 +138,7 @@ async def _race_tasks(
         await anyio.to_thread.run_sync(barrier.wait, START_TIMEOUT)
         async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=10) as http:
 
-            @guard.requires_credits(cost)
+            @guard.requires_credits(cost, subject=subject)
             async def paid() -> None:
                 tally.add("ran")
                 _charged(tally, await http.post(CHARGE_PATH, params={"credits": cost}))
@@ -168,24 +175,35 @@ def race(
     barrier: Any,
     results: Any,
     options: dict[str, Any] | None = None,
+    policy: dict[str, Any] | None = None,
 ) -> None:
     """Make ``calls`` decorated calls of ``cost`` credits, ``width`` at a time (threads,
     or tasks of ``mode`` "asyncio" / "trio"), once every worker is ready; put what was
     seen on ``results``. ``options``: more arguments of the ``RedisBackend``
-    (``{"cluster": True}``)."""
+    (``{"cluster": True}``); ``policy``: the guard's ``keep``, an ``allowance`` limit (a
+    month) and the calls' ``subject``."""
     backend = RedisBackend(redis_url, **(options or {}))
+    policy = policy or {}
+    limit = policy.get("allowance")
     guard = CreditGuard(
-        api_key, base_url=base_url, allow_insecure_http=True, backend=backend, ttl=60
+        api_key,
+        base_url=base_url,
+        allow_insecure_http=True,
+        backend=backend,
+        ttl=60,
+        keep=policy.get("keep", 0),
+        allowance=None if limit is None else Allowance(limit),
     )
+    subject = policy.get("subject")
     if mode == "threads":
         try:
             barrier.wait(START_TIMEOUT)
-            tally = _race_threads(guard, base_url, api_key, calls, cost, width)
+            tally = _race_threads(guard, base_url, api_key, calls, cost, width, subject)
         finally:
             guard.close()
             backend.close()
     else:
-        args = (guard, backend, base_url, api_key, calls, cost, width, barrier)
+        args = (guard, backend, base_url, api_key, calls, cost, width, barrier, subject)
         tally = anyio.run(_race_tasks, *args, backend=mode)
     results.put({"mode": mode, **tally.as_dict()})
 

@@ -24,7 +24,7 @@ import redis.asyncio.cluster
 import redis.cluster
 from redis.crc import key_slot
 
-from creditguard import BalanceUnavailable, CreditGuard
+from creditguard import Allowance, AllowanceExceeded, BalanceUnavailable, CreditGuard
 from creditguard.backends.redis.scripts import SHAS
 from creditguard.redis import RedisBackend
 from creditguard.testing import FakeLensmor, serve
@@ -272,3 +272,35 @@ def test_a_password_in_the_url_never_shows(caplog: pytest.LogCaptureFixture) -> 
         shown = f"{failed.value} {failed.value.__cause__!r} {caplog.text}"
         assert "Redis is unavailable" in str(failed.value)
         assert secret not in shown
+
+
+def test_allowance_windows_live_in_their_accounts_slot(
+    redis_cluster: ClusterNodes, cluster_backend: RedisBackend
+) -> None:
+    fakes = [FakeLensmor(api_key=f"sk_test_cluster_allowance_{i}") for i in range(4)]
+    for fake in fakes:
+        guard = CreditGuard(
+            fake.api_key,
+            transport=fake.transport,
+            backend=cluster_backend,
+            allowance=Allowance(25),
+            keep=10,
+        )
+        with guard:
+            for user in ("alice", "bob@example.com"):
+                with guard.spend(10, subject=user):
+                    pass
+                with guard.spend(10, subject=user):
+                    pass
+                with pytest.raises(AllowanceExceeded), guard.spend(10, subject=user):
+                    pass
+                assert guard.usage(user).spent == 20
+    by_node = _keys_by_node(redis_cluster, cluster_backend.prefix)
+    windows = [key for keys in by_node for key in keys if ":w:" in key]
+    assert len(windows) == 2 * len(fakes)
+    slots: dict[str, set[int]] = {}
+    for keys in by_node:
+        for key in keys:
+            slots.setdefault(_tag(key), set()).add(key_slot(key.encode()))
+    assert all(len(s) == 1 for s in slots.values()), slots
+    assert not any("alice" in key or "example.com" in key for key in windows)

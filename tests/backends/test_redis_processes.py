@@ -203,6 +203,53 @@ def test_worker_processes_admit_exactly_what_the_balance_covers(
     assert (state["reserved"], state["inflight"], state["cached_total"]) == ("0", "0", "0")
 
 
+@pytest.mark.parametrize(
+    ("policy", "balance", "k"),
+    [
+        ({"allowance": 37 * 10, "subject": "tenant-1"}, 100_000, 37),  # the allowance
+        ({"keep": 500}, 500 + 43 * 10, 43),  # the floor
+    ],
+    ids=["allowance", "keep"],
+)
+def test_worker_processes_never_pass_an_allowance_or_the_floor(
+    redis_url: str, redis_client: redis.Redis, policy: dict[str, Any], balance: int, k: int
+) -> None:
+    # 4 processes (threads, threads, asyncio, trio), 60 calls of 10 credits each, 4 at a
+    # time: exactly k are admitted, whether the allowance or the floor stops them.
+    procs_n, calls, width, cost = 4, 60, 4, 10
+    modes = ["threads", "threads", "asyncio", "trio"]
+    key = f"sk_test_processes_policy_{len(policy)}{k}"
+    fake = FakeLensmor(subscription_balance=balance, gift_balance=0, api_key=key)
+    fake.latency = 0.002
+    with serve(fake.app) as url:
+        barrier = SPAWN.Barrier(procs_n)
+        results = SPAWN.Queue()
+        workers = [
+            SPAWN.Process(
+                target=redis_workers.race,
+                args=(redis_url, url, key, calls, cost, width, mode, barrier, results),
+                kwargs={"policy": policy},
+            )
+            for mode in modes
+        ]
+        for w in workers:
+            w.start()
+        try:
+            seen = [results.get(timeout=RESULT_TIMEOUT) for _ in workers]
+        finally:
+            reap(workers)
+    assert [w.exitcode for w in workers] == [0] * procs_n
+    assert [e for r in seen for e in r["errors"]] == []
+    admitted = sum(r["ran"] for r in seen)
+    print(f"\n{procs_n * calls} calls with {policy}: admitted={admitted} (limit {k})")
+    assert admitted == k
+    assert sum(r["refused"] for r in seen) == procs_n * calls - k
+    assert sum(r["upstream_refused"] for r in seen) == 0
+    assert fake.balance.total_balance == balance - k * cost
+    if "keep" in policy:
+        assert fake.balance.total_balance == policy["keep"]
+
+
 # -- 2. a worker killed while it holds a reservation -------------------------------------
 
 

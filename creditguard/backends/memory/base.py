@@ -39,7 +39,7 @@ from collections.abc import Callable
 
 from creditguard.backends.memory.commitments import LocalGate, LocalHolds
 from creditguard.core.models import CreditBalance
-from creditguard.core.steps import Flight, Reservation, Waiter
+from creditguard.core.steps import Flight, Reservation, Waiter, WindowBook
 
 __all__ = ["AccountBase"]
 
@@ -52,6 +52,7 @@ class AccountBase:
 
     __slots__ = (
         "__weakref__",
+        "alerts",
         "blocked_until",
         "cache_gen",
         "cached",
@@ -69,6 +70,8 @@ class AccountBase:
         "seq",
         "settling",
         "waiters",
+        "windows",
+        "windows_swept",
     )
 
     def __init__(self, fingerprint: str) -> None:
@@ -98,6 +101,11 @@ class AccountBase:
         # The gate (max_concurrent) and the holds open on this account.
         self.gate = LocalGate()
         self.holds = LocalHolds()
+        # The allowance windows of the subjects that spent on the account (by key).
+        self.windows: dict[str, WindowBook] = {}
+        # Which side of each low-balance threshold the balance was last seen on.
+        self.alerts: dict[str, bool] = {}
+        self.windows_swept = 0.0
 
     def __repr__(self) -> str:
         return (
@@ -111,6 +119,50 @@ class AccountBase:
         self.reserved -= reservation.cost
         self.inflight -= 1
         reservation.released = True
+
+    def _charge(self, reservation: Reservation, charged: int | None = None) -> bool:
+        """Under the lock: the call of ``reservation`` ended; count what it was charged
+        (``charged``, else what its call reported, else its cost) in its subject's window,
+        once. Returns whether a window changed (its waiters may now fit)."""
+        window = reservation.window
+        if window is None:
+            return False
+        reservation.window = None
+        book = self.windows.get(window.key)
+        if book is None:
+            return False
+        if charged is None:
+            charged = reservation.cost if reservation.charge is None else reservation.charge
+        book.reserved -= reservation.cost
+        book.spent += charged
+        return True
+
+    def _wake_windows(self) -> list[Callable[[], None]]:
+        """Under the lock: a window's calls in flight settled: the waiters held back by an
+        allowance look again."""
+        callbacks: list[Callable[[], None]] = []
+        keep: list[Waiter] = []
+        for waiter in self.waiters:
+            if waiter.window is not None and not waiter.done:
+                callbacks += waiter._finish()
+            elif not waiter.done:
+                keep.append(waiter)
+        self.waiters = keep
+        return callbacks
+
+    def _book(self, key: str, end: float) -> WindowBook:
+        """Under the lock: the book of window ``key`` (made on first use; books of windows
+        that ended with nothing in flight are dropped now and then)."""
+        book = self.windows.get(key)
+        if book is None:
+            now = time.time()
+            if now - self.windows_swept > 60:
+                self.windows_swept = now
+                for old, ended in list(self.windows.items()):
+                    if ended.end < now and ended.reserved <= 0:
+                        del self.windows[old]
+            book = self.windows[key] = WindowBook(end)
+        return book
 
     def _invalidate(self) -> None:
         """Under the lock: distrust the cached balance and every read started before now."""
@@ -141,7 +193,8 @@ class AccountBase:
         for waiter in waiters:
             if waiter.done:
                 continue  # gave up (timed out or cancelled) and looked again
-            if wake_all or waiter.cost <= room or waiter.cost > free - waiter.own:
+            floor = waiter.keep
+            if wake_all or waiter.cost <= room - floor or waiter.cost > free - waiter.own - floor:
                 callbacks += waiter._finish()
             else:
                 keep.append(waiter)
@@ -158,6 +211,7 @@ class AccountBase:
             callbacks: list[Callable[[], None]] = []
             for kept in gone:
                 self._unhold(kept.reservation)
+                self._charge(kept.reservation)  # its outcome unknown: counted as spent
                 if kept.turn is not None:
                     callbacks += self.gate.leave(kept.turn)
             self._invalidate()

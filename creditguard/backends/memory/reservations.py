@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 
 from creditguard.backends.memory.reads import AccountReads
-from creditguard.core.balance import InsufficientCredits
+from creditguard.core.balance import AllowanceExceeded, InsufficientCredits
 from creditguard.core.errors import AdmissionTimeout
 from creditguard.core.models import CreditBalance
 from creditguard.core.settling import MAX_SETTLING, after_report
@@ -20,11 +20,24 @@ from creditguard.core.steps import (
     Reservation,
     Step,
     Waiter,
+    Window,
     done,
     own_credits,
 )
 
 __all__ = ["AccountReservations"]
+
+
+def _exceeded(cost: int, window: Window, spent: int, reserved: int) -> AllowanceExceeded:
+    return AllowanceExceeded(
+        cost,
+        subject=window.subject,
+        limit=window.limit,
+        spent=spent,
+        resets_at=window.resets_at,
+        reserved=reserved,
+    )
+
 
 _monotonic = time.monotonic
 
@@ -51,7 +64,9 @@ class AccountReservations(AccountReads):
     #   settles and decide again, until ``until``; then ``AdmissionTimeout`` (busy, not
     #   insufficient).
 
-    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
+    def try_admit(
+        self, cost: int, ttl: float, defer: bool = True, keep: int = 0, window: Window | None = None
+    ) -> Reservation | None:
         """Fast path: admit on a fresh cached balance, or ``None`` to go the slow way
         (always, with ``defer=False``, while finished spends wait for a read)."""
         with self.lock:
@@ -63,12 +78,54 @@ class AccountReservations(AccountReads):
                 or self.cached_seq < self.floor
                 or now - self.cached_at >= ttl
                 or now >= self.holds.due
-                or (cost > cached.total_balance - self.reserved and cost)
+                or (cost > cached.total_balance - self.reserved - keep and cost)
             ):
                 return None
+            if window is None:
+                self.reserved += cost
+                self.inflight += 1
+                return Reservation(cost, cached, self.cache_gen)
+            book = self.windows.get(window.key)
+            used = 0 if book is None else book.spent + book.reserved
+            if cost > window.limit - used and cost:
+                return None
+            reservation = Reservation(cost, cached, self.cache_gen)
+            self._reserve_in(window, reservation)
             self.reserved += cost
             self.inflight += 1
-            return Reservation(cost, cached, self.cache_gen)
+            return reservation
+
+    def _reserve_in(self, window: Window, reservation: Reservation) -> None:
+        """Under the lock: count ``reservation`` in its subject's window, and note when it
+        takes the window past the allowance's warning for the first time."""
+        book = self._book(window.key, window.end)
+        book.reserved += reservation.cost
+        reservation.window = window
+        warn = window.warn
+        if warn is not None and not book.warned and book.spent + book.reserved >= warn:
+            book.warned = True
+            reservation.warned = True
+
+    def _window_blocks(self, cost: int, window: Window) -> bool:
+        """Under the lock: raise :class:`AllowanceExceeded` when the subject's window
+        cannot take ``cost`` even if its calls in flight charge nothing; else whether
+        those calls stand in the way (wait for them)."""
+        if not cost:
+            return False
+        book = self.windows.get(window.key)
+        if book is None:
+            if cost > window.limit:
+                raise _exceeded(cost, window, 0, 0)
+            return False
+        if cost > window.limit - book.spent:
+            raise _exceeded(cost, window, book.spent, book.reserved)
+        return cost > window.limit - book.spent - book.reserved
+
+    def window_usage(self, window: Window) -> Ops[tuple[int, int]]:
+        """What the subject's window holds: (charged, reserved by calls in flight)."""
+        with self.lock:
+            book = self.windows.get(window.key)
+            return done((0, 0) if book is None else (book.spent, book.reserved))
 
     def admit(self, asking: Admission, flight: Flight | None) -> Ops[Reservation | Step]:
         """Reserve ``asking.cost`` on a trusted balance, or name what to wait for or
@@ -79,31 +136,38 @@ class AccountReservations(AccountReads):
         the way and the caller may not wait any longer (nothing reserved either way).
         """
         cost, sync, until = asking.cost, asking.sync, asking.until
+        keep, window = asking.keep, asking.window
         self._sweep()
         with self.lock:
+            # The subject's allowance first: it needs no balance.
+            blocked = window is not None and self._window_blocks(cost, window)
             balance = self._usable(flight, asking.ttl)
             if balance is None:
                 return done(self._join_or_lead(self.floor, sync))
             total = balance.total_balance
             reserved = self.reserved
-            if cost <= total - reserved or not cost:  # a free call always fits
+            if not blocked and (cost <= total - reserved - keep or not cost):
+                # (a free call always fits)
                 self.reserved = reserved + cost
                 self.inflight += 1
                 gen = self.cache_gen if balance is self.cached else -1
-                return done(Reservation(cost, balance, gen))
+                reservation = Reservation(cost, balance, gen)
+                if window is not None:
+                    self._reserve_in(window, reservation)
+                return done(reservation)
             own = own_credits(asking.enclosing)
             committed = self.holds.credits + own
-            if cost > total - committed:
+            if cost > total - committed - keep:
                 raise InsufficientCredits(
-                    cost, max(0, total - committed), balance, reserved=reserved
+                    cost, max(0, total - committed - keep), balance, reserved=reserved, keep=keep
                 )
             settling = self.settling
-            if settling and asking.settle:
+            if settling and asking.settle and not blocked:
                 # Spends that finished and wait for a read hold credits a read would
                 # show (they may have cost less than declared): read, then decide.
                 return done(self._join_or_lead(settling[-1].after, sync))
             if until is not None and _monotonic() < until:
-                waiter = Waiter(cost, own)
+                waiter = Waiter(cost, own, keep, window)
                 self.waiters.append(waiter)
                 return done(Step(waiter, False, until))
             raise AdmissionTimeout(cost, max(0, total - reserved), reserved=reserved)
@@ -126,6 +190,8 @@ class AccountReservations(AccountReads):
         with self.lock:
             self._unhold(reservation)
             callbacks = self._wake_released()
+            if self._charge(reservation, 0):
+                callbacks += self._wake_windows()
         for notify in callbacks:
             notify()
 
@@ -202,7 +268,11 @@ class AccountReservations(AccountReads):
             self.seq += 1
             settlement.after = self.seq
             self.settling.append(settlement)
-            return done(self._join_or_lead(self.seq, sync))
+            callbacks = self._wake_windows() if self._charge(settlement) else []
+            step = self._join_or_lead(self.seq, sync)
+        for notify in callbacks:
+            notify()
+        return done(step)
 
     def defer(self, settlement: Reservation) -> Ops[None]:
         """The action of ``settlement`` finished and its caller does not wait for the
@@ -219,6 +289,7 @@ class AccountReservations(AccountReads):
             settling = self.settling
             settling.append(settlement)
             callbacks: list[Callable[[], None]] = []
+            self._charge(settlement)  # (its window's waiters are all woken below)
             if len(settling) > MAX_SETTLING:
                 for pending in settling:
                     self._unhold(pending)
@@ -309,6 +380,7 @@ class AccountReservations(AccountReads):
                     return done(None)
                 after = cached if cached is not None else reservation.balance
                 self._unhold(reservation)
+                self._charge(reservation, 0)
             else:
                 self.seq += 1
                 self.floor = self.seq
@@ -316,7 +388,8 @@ class AccountReservations(AccountReads):
                 self.cached_seq = self.seq
                 self.cache_gen += 1
                 self._unhold(reservation)
-            callbacks = self._wake_released()
+                self._charge(reservation)
+            callbacks = self._wake_released() + self._wake_windows()
         for notify in callbacks:
             notify()
         return done(after)
@@ -325,6 +398,7 @@ class AccountReservations(AccountReads):
         """Drop a reservation whose spend is unknown upstream; distrust every older read."""
         with self.lock:
             self._unhold(reservation)
+            self._charge(reservation, 0)  # a failed call spends nothing of its allowance
             self._invalidate()
             callbacks = self._wake_released()
         for notify in callbacks:

@@ -65,6 +65,14 @@ class Account(AccountReservations):
         self._sweep()
         return done(self.holds.credits)
 
+    def flip(self, name: str, low: bool) -> Ops[bool | None]:
+        """Record which side of the threshold ``name`` the balance is on; the side it was
+        recorded on before (``None``: none)."""
+        with self.lock:
+            before = self.alerts.get(name)
+            self.alerts[name] = low
+            return done(before)
+
     # -- what the account holds ----------------------------------------------------
 
     def survey(self) -> Ops[AccountSnapshot]:

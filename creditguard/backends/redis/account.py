@@ -20,10 +20,17 @@ import contextlib
 import logging
 import os
 import time
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
+from creditguard.backends.redis.answers import OverAllowance
 from creditguard.backends.redis.calls import Link, unavailable
-from creditguard.backends.redis.context import POLL_MAX, AccountContext, RedisReservation
+from creditguard.backends.redis.context import (
+    POLL_MAX,
+    AccountContext,
+    RedisReservation,
+    charged_of,
+    item_of,
+)
 from creditguard.backends.redis.gate import Entered, Unpayable
 from creditguard.backends.redis.holds import ALIVE_MS, GateAndHolds
 from creditguard.backends.redis.reads import Reads, RedisFlight
@@ -35,7 +42,8 @@ from creditguard.backends.redis.scripts import (
     WaitNeeded,
     encode_balance,
 )
-from creditguard.core.balance import InsufficientCredits
+from creditguard.backends.redis.side import window_spec
+from creditguard.core.balance import AllowanceExceeded, InsufficientCredits
 from creditguard.core.errors import AdmissionTimeout, BalanceUnavailable
 from creditguard.core.models import AccountSnapshot, CreditBalance
 from creditguard.core.settling import MAX_SETTLING, after_report
@@ -48,6 +56,7 @@ from creditguard.core.steps import (
     Step,
     Turn,
     Waiter,
+    Window,
     own_error,
 )
 
@@ -74,6 +83,7 @@ class Asked(NamedTuple):
     known: tuple[str, CreditBalance] | None
     looked: float
     until: float | None
+    asking: Admission
 
 
 class RedisAccount:
@@ -115,7 +125,14 @@ class RedisAccount:
 
     # -- admission -----------------------------------------------------------------------
 
-    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
+    def try_admit(
+        self,
+        cost: int,
+        ttl: float,
+        defer: bool = True,
+        keep: int = 0,
+        window: Window | None = None,
+    ) -> Reservation | None:
         return None  # every admission is a script call: the slow path
 
     def admit(self, asking: Admission, flight: Flight | None) -> Ops[Reservation | Step]:
@@ -157,13 +174,15 @@ class RedisAccount:
                 waited_for,
                 "" if known is None else known[0],
                 finished,
+                asking.keep,
+                "" if asking.window is None else window_spec(state.base, asking.window),
             )
         except BaseException:
             leases._put_back(state, finished)  # it may not have reached Redis
             raise
         finally:
             leases._told(state, finished)
-        return Asked(answer, rid, cost, known, looked, until)
+        return Asked(answer, rid, cost, known, looked, until, asking)
 
     def answer(self, asked: Asked, sync: bool) -> Ops[Reservation | Step]:
         """The rest of :meth:`admit`: the reservation Redis made, or what to do first."""
@@ -178,13 +197,29 @@ class RedisAccount:
                 if answer.tag:
                     self._known = (answer.tag, balance)
             reservation = RedisReservation(cost, balance, answer.gen, asked.rid)
+            reservation.window = asked.asking.window
+            reservation.warned = answer.warned
             self.ctx.link.leases._hold(self.ctx.calls.redis, asked.rid, cost)
             return reservation
         if isinstance(answer, ReadNeeded):
             return (yield from self.reads.need_read(answer.after, sync, asked.looked))
         if isinstance(answer, Refused):
             balance = self.ctx.decode(answer.balance)
-            raise InsufficientCredits(cost, answer.available, balance, reserved=answer.reserved)
+            keep = asked.asking.keep
+            raise InsufficientCredits(
+                cost, answer.available, balance, reserved=answer.reserved, keep=keep
+            )
+        if isinstance(answer, OverAllowance):
+            window = asked.asking.window
+            assert window is not None
+            raise AllowanceExceeded(
+                cost,
+                subject=window.subject,
+                limit=window.limit,
+                spent=answer.spent,
+                resets_at=window.resets_at,
+                reserved=answer.reserved,
+            )
         if isinstance(answer, Busy):
             raise AdmissionTimeout(cost, answer.available, reserved=answer.reserved)
         # Wait: calls in flight, maybe in other processes, may settle. Look again soon.
@@ -219,7 +254,7 @@ class RedisAccount:
         # FLUSH_AFTER, or when the backend closes). Until then it counts in Redis as in
         # flight: no admission anywhere counts its credits as free, no read settles it,
         # and if this process dies first, its lease expires like any call's in flight.
-        ctx.link.leases._finished_later(ctx.calls.redis, settlement.id)
+        ctx.link.leases._finished_later(ctx.calls.redis, settlement.id, item_of(settlement))
         if ctx.waiters:
             ctx.wake_waiters()  # they look again now, and tell Redis
         # Finished spends wait in Redis for a read, and the scripts that settle them look
@@ -249,14 +284,15 @@ class RedisAccount:
 
     def end(self, settlement: Reservation, failed: bool) -> Ops[None]:
         # A read that started after the action released it; a failed refresh distrusts.
+        charged = charged_of(settlement)
         if failed:
-            yield from self.ctx.settle_call(settlement, "release", True)
+            yield from self.ctx.settle_call(settlement, "release", True, charged)
         elif not settlement.released:
-            yield from self.ctx.settle_call(settlement, "release", False)
+            yield from self.ctx.settle_call(settlement, "release", False, charged)
         settlement.released = True
 
     def drop(self, reservation: Reservation) -> Ops[None]:
-        yield from self.ctx.settle_call(reservation, "release", True)
+        yield from self.ctx.settle_call(reservation, "release", True, 0)
         reservation.released = True
 
     def reported(
@@ -278,7 +314,9 @@ class RedisAccount:
         if after is None:
             return None
         text, total = encode_balance(after)
-        done = yield from ctx.settle_call(reservation, "settle_alone", reservation.gen, text, total)
+        done = yield from ctx.settle_call(
+            reservation, "settle_alone", reservation.gen, text, total, charged_of(reservation)
+        )
         if done:
             reservation.released = True
             return after
@@ -296,6 +334,16 @@ class RedisAccount:
         except link.errors as exc:  # the lease expires on its own
             logger.warning("could not give back a reservation in Redis: %s", exc)
         reservation.released = True
+
+    def window_usage(self, window: Window) -> Ops[tuple[int, int]]:
+        # This process's finished spends first: what they were charged is in the figures.
+        yield from self.ctx.tell_finished()
+        books = yield self.ctx.call("window", window)
+        return cast("tuple[int, int]", books)
+
+    def flip(self, name: str, low: bool) -> Ops[bool | None]:
+        before = yield self.ctx.call("flip", name, low)
+        return cast("bool | None", before)
 
     # -- reads (:mod:`.reads`) -----------------------------------------------------------
 

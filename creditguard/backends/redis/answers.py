@@ -39,6 +39,23 @@ class Admitted(NamedTuple):
     gen: int
     tag: str
 
+    @property
+    def warned(self) -> bool:
+        """Whether it took its subject's allowance window past the warning level, first
+        of all (see :class:`WarnedAdmitted`)."""
+        return False
+
+
+class WarnedAdmitted(Admitted):
+    """:class:`Admitted`, and the first admission to take its subject's allowance window
+    past the allowance's warning level."""
+
+    __slots__ = ()
+
+    @property
+    def warned(self) -> bool:
+        return True
+
 
 class WaitNeeded(NamedTuple):
     """The cost does not fit beside the calls in flight, but would if they charged
@@ -61,6 +78,15 @@ class Refused(NamedTuple):
     balance: str
 
 
+class OverAllowance(NamedTuple):
+    """The subject's window cannot take the cost even if its calls in flight charge
+    nothing: raise ``AllowanceExceeded`` (``spent`` and ``reserved``: the window's)."""
+
+    kind: Literal["allowance"]
+    spent: int
+    reserved: int
+
+
 class Busy(NamedTuple):
     """Only calls in flight stand in the way, and the caller may not wait: raise
     ``AdmissionTimeout`` with these (``available``: the balance less ``reserved``)."""
@@ -70,7 +96,7 @@ class Busy(NamedTuple):
     reserved: int
 
 
-AdmitResult = ReadNeeded | Admitted | WaitNeeded | Refused | Busy
+AdmitResult = ReadNeeded | Admitted | WaitNeeded | Refused | Busy | OverAllowance
 
 
 class Survey(NamedTuple):
@@ -129,7 +155,8 @@ def _admit_result(raw: Any, known: str) -> AdmitResult:
         return Admitted("ok", None, raw, known)
     kind = _text(raw[0])
     if kind == "ok":
-        return Admitted("ok", _text(raw[1]), _int(raw[2]), _text(raw[3]))
+        kind_of = WarnedAdmitted if len(raw) > 4 and _int(raw[4]) == 1 else Admitted
+        return kind_of("ok", _text(raw[1]), _int(raw[2]), _text(raw[3]))
     if kind == "read":
         return ReadNeeded("read", _int(raw[1]))
     if kind == "wait":
@@ -138,6 +165,8 @@ def _admit_result(raw: Any, known: str) -> AdmitResult:
         return Refused("refuse", _int(raw[1]), _int(raw[2]), _text(raw[3]))
     if kind == "busy":
         return Busy("busy", _int(raw[1]), _int(raw[2]))
+    if kind == "allowance":
+        return OverAllowance("allowance", _int(raw[1]), _int(raw[2]))
     raise AssertionError(f"unexpected admit answer {kind!r}")
 
 

@@ -19,7 +19,14 @@ from creditguard.core.errors import BalanceUnavailable
 from creditguard.core.models import CreditBalance
 from creditguard.core.steps import Call, Ops, Reservation, Turn, Waiter, pause
 
-__all__ = ["POLL_FIRST", "POLL_MAX", "AccountContext", "RedisReservation"]
+__all__ = [
+    "POLL_FIRST",
+    "POLL_MAX",
+    "AccountContext",
+    "RedisReservation",
+    "charged_of",
+    "item_of",
+]
 
 logger = logging.getLogger("creditguard")
 
@@ -44,6 +51,18 @@ class RedisReservation(Reservation):
     def __init__(self, cost: int, balance: CreditBalance | None, gen: int, rid: str) -> None:
         super().__init__(cost, balance, gen)
         self.id = rid
+
+
+def item_of(reservation: RedisReservation) -> str:
+    """How a finished spend is told to Redis: its id, with what its call was charged
+    (``id=charged``) when that is known (for its subject's window; else its cost)."""
+    charge = reservation.charge
+    return reservation.id if charge is None else f"{reservation.id}={charge}"
+
+
+def charged_of(reservation: Reservation) -> int:
+    """What the call of ``reservation`` was charged: what it reported, else its cost."""
+    return reservation.cost if reservation.charge is None else reservation.charge
 
 
 class AccountContext:
@@ -152,8 +171,9 @@ class AccountContext:
         if not isinstance(reservation, RedisReservation):
             return None
         self.link.leases._release(reservation.id)
+        first = item_of(reservation) if name == "finish" else reservation.id
         try:
-            done = yield self.call(name, reservation.id, *args)
+            done = yield self.call(name, first, *args)
         except BalanceUnavailable as exc:
             logger.warning(
                 "could not settle a spend of %d credits in Redis (%s): its lease expires"

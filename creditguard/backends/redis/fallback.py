@@ -45,6 +45,7 @@ from creditguard.core.steps import (
     Step,
     Turn,
     Waiter,
+    Window,
     own_error,
 )
 
@@ -143,7 +144,14 @@ class FallbackAccount:
 
     # -- admission -----------------------------------------------------------------------
 
-    def try_admit(self, cost: int, ttl: float, defer: bool = True) -> Reservation | None:
+    def try_admit(
+        self,
+        cost: int,
+        ttl: float,
+        defer: bool = True,
+        keep: int = 0,
+        window: Window | None = None,
+    ) -> Reservation | None:
         return None  # every admission is a script call: the slow path
 
     def admit(self, asking: Admission, flight: Flight | None) -> Ops[Reservation | Step]:
@@ -170,6 +178,16 @@ class FallbackAccount:
 
     def forget(self, waiter: Waiter) -> None:
         self.primary.forget(waiter)
+
+    def window_usage(self, window: Window) -> Ops[tuple[int, int]]:
+        return self._route(
+            lambda: self.primary.window_usage(window), lambda: self.fallback.window_usage(window)
+        )
+
+    def flip(self, name: str, low: bool) -> Ops[bool | None]:
+        return self._route(
+            lambda: self.primary.flip(name, low), lambda: self.fallback.flip(name, low)
+        )
 
     # -- settling: on the side that made the reservation ----------------------------------
 

@@ -31,12 +31,12 @@ from creditguard.backends.redis.scripts import (
     SCRIPTS,
     SHAS,
     aevalsha,
-    duration_ms,
     eval_head,
     evalsha,
     lua_sections,
     sha_of,
 )
+from creditguard.backends.redis.side import duration_ms
 
 if TYPE_CHECKING:
     from creditguard.backends.redis.clients import AsyncClient, SyncClient

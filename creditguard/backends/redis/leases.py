@@ -195,20 +195,22 @@ class LeaseKeeper:
         with self._lock:
             self._held.pop(rid, None)
 
-    def _finished_later(self, state: RedisAccountState, rid: str) -> None:
+    def _finished_later(self, state: RedisAccountState, rid: str, item: str | None = None) -> None:
         """The spend ``rid`` finished: its lease is no longer renewed (as once Redis knows
         it finished), and Redis learns it finished with this process's next admission
         on the account, or from the renewer within ``FLUSH_AFTER`` seconds, or when the
         backend closes. Until then Redis counts it as in flight, lease and all: a process
-        that dies meanwhile strands nothing past the lease."""
+        that dies meanwhile strands nothing past the lease. ``item`` is how it is told
+        (``id=charged``: see ``state.lua``); its id by default."""
+        told = rid if item is None else item
         with self._lock:
             self._held.pop(rid, None)
             waiting = self._finished.get(state)
             if waiting is None:
-                self._finished[state] = [rid]
+                self._finished[state] = [told]
                 self._finished_since[state] = _monotonic()
             else:
-                waiting.append(rid)
+                waiting.append(told)
             self._deferrals += 1
             if not self._armed:
                 self._armed = True

@@ -65,13 +65,13 @@ from creditguard.backends.redis.answers import (
     Survey,
     WaitNeeded,
     _admit_result,
-    _blocked,
     _int,
     _read_begun,
     _snapshot,
     _survey,
     _text,
 )
+from creditguard.backends.redis.side import MAX_MS, SideScripts, duration_ms
 from creditguard.core.models import CreditBalance
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "MAX_MS",
     "AdmitResult",
     "Admitted",
     "Busy",
@@ -90,6 +91,7 @@ __all__ = [
     "Survey",
     "WaitNeeded",
     "decode_balance",
+    "duration_ms",
     "encode_balance",
 ]
 
@@ -174,19 +176,6 @@ def decode_balance(text: str) -> CreditBalance:
     return CreditBalance.from_api(json.loads(text))
 
 
-# The longest duration a script is given, in ms (``_config.MAX_SECONDS``): added to the
-# server's time it stays far below 2**53, where Lua's doubles and '%d' are exact.
-MAX_MS = 1_000_000_000_000
-
-
-def duration_ms(name: str, value: object, low: int = 1) -> int:
-    """A duration in ms a script may add to the time: an int from ``low`` to
-    :data:`MAX_MS`."""
-    if type(value) is not int or not low <= value <= MAX_MS:
-        raise ValueError(f"{name} must be an int of ms from {low} to {MAX_MS}, got {value!r}")
-    return value
-
-
 def _count(name: str, value: object) -> int:
     # Lua numbers are doubles: every count stays where they are exact
     if type(value) is not int or not 0 <= value <= 2**53:
@@ -244,7 +233,7 @@ def _flag(value: bool) -> str:
 # -- the operations ----------------------------------------------------------------------
 
 
-class RedisAccountState:
+class RedisAccountState(SideScripts):
     """The state of one account in Redis: every method is one atomic script call.
 
     ``client`` serves the sync methods, ``async_client`` (``redis.asyncio``) their async
@@ -317,6 +306,8 @@ class RedisAccountState:
         waited_for: int | None,
         known: str,
         finished: Sequence[str],
+        keep: int = 0,
+        window: str = "",
     ) -> list[str | int]:
         waited = -1 if waited_for is None else _count("waited_for", waited_for)
         done = ",".join(_name("finished", r) for r in finished) if finished else ""
@@ -324,7 +315,7 @@ class RedisAccountState:
         call = (
             f"{_count('cost', cost)} {_count('ttl_ms', ttl_ms)} {_flag(settle)}{_flag(may_wait)}"
             f" {waited} {self.lease_ms} {_name('res_id', res_id)} {known and _name('known', known)}"
-            f" {done}"
+            f" {done} {_count('keep', keep)} {window and _name('window', window)}"
         )
         if not own_ids:
             return [call]
@@ -343,6 +334,8 @@ class RedisAccountState:
         waited_for: int | None = None,
         known: str = "",
         finished: Sequence[str] = (),
+        keep: int = 0,
+        window: str = "",
     ) -> AdmitResult:
         """Decide a call of ``cost`` on the cached balance (see ``Account.admit``).
 
@@ -355,10 +348,22 @@ class RedisAccountState:
         ``tag`` of the balance the caller already has (from an earlier
         :class:`Admitted`); admitted on that one, the answer's ``balance`` is ``None``.
         ``finished``: spends of this process that finished since it last told Redis,
-        marked finished first (as :meth:`finish` does), whatever the answer.
+        marked finished first (as :meth:`finish` does), whatever the answer. ``keep``:
+        the credits never spent; ``window``: the subject's allowance window,
+        ``"key|limit|end_ms|warn"`` (see :func:`window_spec`), or empty.
         """
         args = self._admit_args(
-            res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for, known, finished
+            res_id,
+            cost,
+            ttl_ms,
+            settle,
+            may_wait,
+            own_ids,
+            waited_for,
+            known,
+            finished,
+            keep,
+            window,
         )
         return _admit_result(self._run("admit", args), known)
 
@@ -373,10 +378,22 @@ class RedisAccountState:
         waited_for: int | None = None,
         known: str = "",
         finished: Sequence[str] = (),
+        keep: int = 0,
+        window: str = "",
     ) -> AdmitResult:
         """Async twin of :meth:`admit`."""
         args = self._admit_args(
-            res_id, cost, ttl_ms, settle, may_wait, own_ids, waited_for, known, finished
+            res_id,
+            cost,
+            ttl_ms,
+            settle,
+            may_wait,
+            own_ids,
+            waited_for,
+            known,
+            finished,
+            keep,
+            window,
         )
         return _admit_result(await self._arun("admit", args), known)
 
@@ -445,31 +462,41 @@ class RedisAccountState:
         """Async twin of :meth:`finish`."""
         return _int(await self._arun("finish", [_name("res_id", r) for r in (res_id, *more)]))
 
-    def release(self, res_id: str, invalidate: bool = False) -> bool:
+    def release(self, res_id: str, invalidate: bool = False, charged: int = 0) -> bool:
         """Drop ``res_id`` (its action never ran, or its outcome is known); with
-        ``invalidate``, hard-invalidate too. Returns whether it was still held."""
-        return _int(self._run("release", [_name("res_id", res_id), _flag(invalidate)])) == 1
+        ``invalidate``, hard-invalidate too; ``charged``: what its call was charged, for
+        its subject's window. Returns whether it was still held."""
+        args: list[str | int] = [
+            _name("res_id", res_id),
+            _flag(invalidate),
+            _count("charged", charged),
+        ]
+        return _int(self._run("release", args)) == 1
 
-    async def arelease(self, res_id: str, invalidate: bool = False) -> bool:
+    async def arelease(self, res_id: str, invalidate: bool = False, charged: int = 0) -> bool:
         """Async twin of :meth:`release`."""
-        args = [_name("res_id", res_id), _flag(invalidate)]
+        args: list[str | int] = [
+            _name("res_id", res_id),
+            _flag(invalidate),
+            _count("charged", charged),
+        ]
         return _int(await self._arun("release", args)) == 1
 
     def settle_alone(
-        self, res_id: str, expected_gen: int, after_json: str, after_total: int
+        self, res_id: str, expected_gen: int, after_json: str, after_total: int, charged: int = 0
     ) -> bool:
         """The paid call of ``res_id`` reported the balance after it: settle it with that
         balance when it is provably the newest thing known (the only call in flight, no
         read in flight or pending, admitted on the cached balance, which is still
         generation ``expected_gen``). ``False``: nothing changed, settle with a read."""
-        args = _settle_args(res_id, expected_gen, after_json, after_total)
+        args = _settle_args(res_id, expected_gen, after_json, after_total, charged)
         return _int(self._run("settle_alone", args)) == 1
 
     async def asettle_alone(
-        self, res_id: str, expected_gen: int, after_json: str, after_total: int
+        self, res_id: str, expected_gen: int, after_json: str, after_total: int, charged: int = 0
     ) -> bool:
         """Async twin of :meth:`settle_alone`."""
-        args = _settle_args(res_id, expected_gen, after_json, after_total)
+        args = _settle_args(res_id, expected_gen, after_json, after_total, charged)
         return _int(await self._arun("settle_alone", args)) == 1
 
     def invalidate(self) -> None:
@@ -531,25 +558,6 @@ class RedisAccountState:
         """Async twin of :meth:`survey`."""
         return _survey(await self._arun("survey", ()))
 
-    # -- rate limit ----------------------------------------------------------------------
-
-    def block(self, ms: int) -> None:
-        """Make no balance request for ``ms`` milliseconds from now (server time), in any
-        process: the rate limit is used up. A later block never shortens an earlier one."""
-        self._run("block", [duration_ms("ms", ms, 0)])
-
-    async def ablock(self, ms: int) -> None:
-        """Async twin of :meth:`block`."""
-        await self._arun("block", [duration_ms("ms", ms, 0)])
-
-    def blocked(self) -> int | None:
-        """Milliseconds left before a balance request may be made, or ``None``."""
-        return _blocked(self._run("blocked", ()))
-
-    async def ablocked(self) -> int | None:
-        """Async twin of :meth:`blocked`."""
-        return _blocked(await self._arun("blocked", ()))
-
 
 def _read_begin_args(token: str, budget_ms: int) -> list[str | int]:
     return [_name("token", token), duration_ms("budget_ms", budget_ms)]
@@ -564,7 +572,9 @@ def _read_done_args(token: str, start_seq: int, balance_json: str, total: int) -
     ]
 
 
-def _settle_args(res_id: str, gen: int, after_json: str, after_total: int) -> list[str | int]:
+def _settle_args(
+    res_id: str, gen: int, after_json: str, after_total: int, charged: int
+) -> list[str | int]:
     if type(gen) is not int:
         raise ValueError(f"expected_gen must be an int, got {gen!r}")
     return [
@@ -572,4 +582,5 @@ def _settle_args(res_id: str, gen: int, after_json: str, after_total: int) -> li
         gen,
         _ident("after_json", after_json),
         _count("after_total", after_total),
+        _count("charged", charged),
     ]

@@ -15,7 +15,33 @@
 
 --@ _keys
 local K_STATE, K_RES, K_LEASE, K_FLIGHT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+-- The subject windows of reservations that count in one (an allowance): id -> "window_key
+-- cost end_ms". Same hash tag as the account's keys (one slot), derived from K_STATE.
+local K_SUBJ = string.sub(K_STATE, 1, -6) .. 'subj'
+-- How long a window's books outlive its end (a call admitted in it may end later).
+local WINDOW_GRACE_MS = 86400000
 local function fmt(n) return string.format('%d', n) end
+
+-- The call of reservation ``id`` ended: move its cost from its subject window's
+-- ``reserved`` to ``spent`` as ``charged`` (nil: its cost, when its outcome is unknown),
+-- once. Nothing for a reservation that counts in no window.
+local function settle_subject(id, charged)
+  local entry = redis.call('HGET', K_SUBJ, id)
+  if not entry then return end
+  redis.call('HDEL', K_SUBJ, id)
+  local wkey, c, wend = string.match(entry, '^(%S+) (%d+) (%d+)$')
+  c = tonumber(c)
+  if charged == nil then charged = c end
+  if c > 0 then redis.call('HINCRBY', wkey, 'reserved', fmt(-c)) end
+  if charged > 0 then redis.call('HINCRBY', wkey, 'spent', fmt(charged)) end
+  redis.call('PEXPIREAT', wkey, fmt(tonumber(wend) + WINDOW_GRACE_MS))
+end
+
+-- A finished-spend item, "id" or "id=charged": the id, and what its call was charged.
+local function finished_item(item)
+  local id, charged = string.match(item, '^([^=]+)=?(%d*)$')
+  return id, tonumber(charged)
+end
 local function parse(rec)
   local c, g, a = string.match(rec, '^(%d+):(%-?%d+):(%d+)')
   return tonumber(c), tonumber(g), tonumber(a)
@@ -41,6 +67,7 @@ local function touch()
   redis.call('PEXPIREAT', K_STATE, at)
   redis.call('PEXPIREAT', K_RES, at)
   redis.call('PEXPIREAT', K_LEASE, at)
+  redis.call('PEXPIREAT', K_SUBJ, at)
 end
 
 -- The books disagree (a key was lost: evicted, expired or deleted on its own): rebuild the
@@ -61,6 +88,10 @@ local function repair()
   end
   for _, id in ipairs(redis.call('ZRANGE', K_LEASE, 0, -1)) do
     if not known[id] then redis.call('ZREM', K_LEASE, id) end
+  end
+  -- a window's reservation without a record: its call's outcome is unknown
+  for _, id in ipairs(redis.call('HKEYS', K_SUBJ)) do
+    if not known[id] then settle_subject(id, nil) end
   end
   local raw = redis.call('HMGET', K_STATE, 'seq', 'cache_gen')
   local seq = math.max(tonumber(raw[1]) or 0, newest) + 1
@@ -90,6 +121,7 @@ local function sweep()
       cost = cost + tonumber(string.match(rec, '^%d+'))
       n = n + 1
       redis.call('HDEL', K_RES, id)
+      settle_subject(id, nil)  -- its outcome unknown: counted as spent
     end
   end
   redis.call('ZREMRANGEBYSCORE', K_LEASE, '-inf', due)
@@ -223,23 +255,43 @@ local function books()
 end
 
 --@ admit 3 head
--- ARGV[1]: 'cost ttl_ms <settle><may_wait> waited_for lease_ms id known finished', one
--- string (waited_for -1: none; known: the tag of the balance the caller has, or empty;
--- finished: the ids, comma-separated, of spends of the caller's process that finished
--- since it last told Redis, or empty: marked finished first, as "finish" does);
+-- ARGV[1]: 'cost ttl_ms <settle><may_wait> waited_for lease_ms id known finished keep
+-- window', one string (waited_for -1: none; known: the tag of the balance the caller has,
+-- or empty; finished: the items ("id" or "id=charged"), comma-separated, of spends of the
+-- caller's process that finished since it last told Redis, or empty: marked finished
+-- first, as "finish" does; keep: the credits never spent; window: the subject's
+-- allowance window, "key|limit|end_ms|warn" (warn -1: none), or empty);
 -- ARGV[2...]: the ids of the caller's own enclosing reservations.
-local cost, ttl, settle, may_wait, waited, lease, id, known, finished = string.match(ARGV[1],
-  '^(%d+) (%d+) ([01])([01]) (%-?%d+) (%d+) (%S+) (%S*) (%S*)$')
-cost, ttl, waited = tonumber(cost), tonumber(ttl), tonumber(waited)
+local cost, ttl, settle, may_wait, waited, lease, id, known, finished, keep, wspec =
+  string.match(ARGV[1],
+  '^(%d+) (%d+) ([01])([01]) (%-?%d+) (%d+) (%S+) (%S*) (%S*) (%d+) (%S*)$')
+cost, ttl, waited, keep = tonumber(cost), tonumber(ttl), tonumber(waited), tonumber(keep)
 sweep()
 if finished ~= '' then
   local seq = nil  -- one seq for all: Redis learns of them at the same instant
-  for fid in string.gmatch(finished, '[^,]+') do
+  for item in string.gmatch(finished, '[^,]+') do
+    local fid, charged = finished_item(item)
     local rec = redis.call('HGET', K_RES, fid)
     if rec then
       seq = seq or redis.call('HINCRBY', K_STATE, 'seq', 1)
       redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
     end
+    settle_subject(fid, charged)
+  end
+end
+-- The subject's allowance first (it needs no balance): refused when the window cannot
+-- take the cost even if its calls in flight charge nothing; held back when they stand in
+-- the way.
+local wkey, wlimit, wend, wwarn, wspent, wres = nil, 0, 0, -1, 0, 0
+local blocked = false
+if wspec ~= '' then
+  wkey, wlimit, wend, wwarn = string.match(wspec, '^([^|]+)|(%d+)|(%d+)|(%-?%d+)$')
+  wlimit, wend, wwarn = tonumber(wlimit), tonumber(wend), tonumber(wwarn)
+  local w = redis.call('HMGET', wkey, 'spent', 'reserved')
+  wspent, wres = tonumber(w[1]) or 0, tonumber(w[2]) or 0
+  if cost > 0 then
+    if cost > wlimit - wspent then return {'allowance', wspent, wres} end
+    blocked = cost > wlimit - wspent - wres
   end
 end
 local raw = redis.call('HMGET', K_STATE, 'cached_total', 'cached_seq', 'floor', 'cached_at',
@@ -251,19 +303,29 @@ if not total or cseq < floor
   return {'read', floor}
 end
 local gen, reserved = raw[5] or '0', tonumber(raw[6]) or 0  -- (gen as stored: '%d')
-if cost == 0 or cost <= total - reserved then
+if not blocked and (cost == 0 or cost <= total - reserved - keep) then
   if redis.call('HSETNX', K_RES, id, fmt(cost) .. ':' .. gen .. ':0') == 0 then
     return redis.error_reply('creditguard: reservation id already in use')
   end
   redis.call('ZADD', K_LEASE, fmt(now + tonumber(lease)), id)
   redis.call('HSET', K_STATE, 'reserved', fmt(reserved + cost),
              'inflight', fmt((tonumber(raw[7]) or 0) + 1))
+  local warned = 0
+  if wkey then
+    if cost > 0 then redis.call('HINCRBY', wkey, 'reserved', fmt(cost)) end
+    redis.call('PEXPIREAT', wkey, fmt(wend + WINDOW_GRACE_MS))
+    redis.call('HSET', K_SUBJ, id, wkey .. ' ' .. fmt(cost) .. ' ' .. fmt(wend))
+    if wwarn >= 0 and wspent + wres + cost >= wwarn
+       and redis.call('HSETNX', wkey, 'warned', '1') == 1 then
+      warned = 1
+    end
+  end
   touch()
   -- the balance's tag: its name and generation ('': unnamed)
   local tag = raw[8] and raw[8] .. ':' .. gen or ''
   -- the caller has this balance: its generation alone says so
-  if tag ~= '' and tag == known then return tonumber(gen) end
-  return {'ok', redis.call('HGET', K_STATE, 'cached') or '', tonumber(gen), tag}
+  if tag ~= '' and tag == known and warned == 0 then return tonumber(gen) end
+  return {'ok', redis.call('HGET', K_STATE, 'cached') or '', tonumber(gen), tag, warned}
 end
 -- It does not fit. Refuse when the account cannot pay even if every other call in flight
 -- charges nothing: the balance less the open holds and the caller's own enclosing
@@ -282,27 +344,30 @@ for i = 1, #all, 2 do
     own = own + c
   end
 end
-local free = total - held - own
+local free = total - held - own - keep
 if cost > free then
   if free < 0 then free = 0 end
   return {'refuse', free, reserved, redis.call('HGET', K_STATE, 'cached') or ''}
 end
-if newest > 0 and settle == '1' then return {'read', newest} end
+if newest > 0 and settle == '1' and not blocked then return {'read', newest} end
 if may_wait == '1' then return {'wait', held, own} end
 local available = total - reserved
 if available < 0 then available = 0 end
 return {'busy', available, reserved}
 
 --@ finish 2 keys
--- ARGV: ids. Marks spends finished (those still recorded), all at one seq, which it
--- returns (0: none was); decides nothing (leaves expired leases to the next).
+-- ARGV: items ("id" or "id=charged": see admit). Marks spends finished (those still
+-- recorded), all at one seq, which it returns (0: none was), and counts what each was
+-- charged in its subject's window; decides nothing (leaves expired leases to the next).
 local seq = 0
 for i = 1, #ARGV do
-  local rec = redis.call('HGET', K_RES, ARGV[i])
+  local fid, charged = finished_item(ARGV[i])
+  local rec = redis.call('HGET', K_RES, fid)
   if rec then
     if seq == 0 then seq = redis.call('HINCRBY', K_STATE, 'seq', 1) end
-    redis.call('HSET', K_RES, ARGV[i], string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
+    redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
   end
+  settle_subject(fid, charged)
 end
 return seq
 
@@ -393,8 +458,10 @@ end
 return out
 
 --@ release 4 full reserved inflight floor
--- ARGV: id, invalidate
+-- ARGV: id, invalidate, charged (what its call was charged, for its subject's window;
+-- absent: nothing, its call did not run or failed)
 local rec = redis.call('HGET', K_RES, ARGV[1])
+settle_subject(ARGV[1], tonumber(ARGV[3]) or 0)
 if rec then
   local c, g, a = parse(rec)
   release(ARGV[1], c, a)
@@ -404,7 +471,7 @@ flush()
 return rec and 1 or 0
 
 --@ settle_alone 4 full cached_total cached_seq cached_at floor seq reserved inflight cache_gen
--- ARGV: id, expected_gen, balance json, total
+-- ARGV: id, expected_gen, balance json, total, charged (for its subject's window)
 local rec = redis.call('HGET', K_RES, ARGV[1])
 if rec and trusted() and S.inflight == 1 and redis.call('EXISTS', K_FLIGHT) == 0 then
   local c, g, a = parse(rec)
@@ -413,6 +480,7 @@ if rec and trusted() and S.inflight == 1 and redis.call('EXISTS', K_FLIGHT) == 0
     S.floor = S.seq
     store(ARGV[3], tonumber(ARGV[4]), S.seq, S.cached_at, ARGV[1])  -- its age is the read's
     unhold(ARGV[1], c)
+    settle_subject(ARGV[1], tonumber(ARGV[5]))
     flush()
     return 1
   end
@@ -462,6 +530,19 @@ local until_ms = now + tonumber(ARGV[1])
 if until_ms > S.blocked_until then S.blocked_until = until_ms end
 flush()
 return S.blocked_until
+
+--@ window 2 keys
+-- ARGV: window key. {spent, reserved} of a subject's allowance window.
+local w = redis.call('HMGET', ARGV[1], 'spent', 'reserved')
+return {tonumber(w[1]) or 0, tonumber(w[2]) or 0}
+
+--@ flip 2 keys
+-- ARGV: name, side ('1': low, '0': not). Records the side the balance was last seen on,
+-- for the low-balance threshold ``name``; returns the side recorded before ('': none).
+local before = redis.call('HGET', K_STATE, 'alert:' .. ARGV[1])
+redis.call('HSET', K_STATE, 'alert:' .. ARGV[1], ARGV[2])
+if redis.call('PTTL', K_STATE) < 0 then redis.call('PEXPIRE', K_STATE, 3600000) end
+return before or ''
 
 --@ blocked 4 full blocked_until
 local left = S.blocked_until - now
