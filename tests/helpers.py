@@ -63,6 +63,17 @@ class Gate(httpx.BaseTransport, httpx.AsyncBaseTransport):
         return httpx.Response(response.status_code, headers=response.headers, content=body)
 
 
+class AsyncOnly(httpx.AsyncBaseTransport):
+    """A transport that serves async requests only (a guard given one cannot read from
+    sync code)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        return await self.inner.handle_async_request(request)
+
+
 def reserved(guard: CreditGuard) -> int:
     """The credits the guard's account holds for calls in flight or waiting for a read."""
     return guard._account.snapshot()[1]
@@ -73,3 +84,10 @@ def waiting_for_release(guard: CreditGuard) -> int:
     account = guard._account
     with account.lock:
         return len(account.waiters)  # type: ignore[attr-defined]
+
+
+def settled(guard: CreditGuard) -> int:
+    """:func:`reserved` after a balance read, which settles every call that finished and
+    waits for one (blocks and decorated calls settle later)."""
+    guard.balance()
+    return reserved(guard)

@@ -158,7 +158,9 @@ def test_web_adapters_use_the_public_guard() -> None:
         "creditguard.guard.guard",
         "creditguard.guard.spend",
         "creditguard.web.common",
+        "creditguard.web.problems",
         "creditguard.core.errors",
+        "creditguard.core.policy",
         "creditguard.core.balance",
         "creditguard.core.checks",
     }

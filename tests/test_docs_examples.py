@@ -58,6 +58,7 @@ from creditguard import (
 from creditguard.cli.main import build_parser, main
 from creditguard.core.steps import Flight, Ops
 from creditguard.testing import FakeLensmor, serve
+from tests.helpers import AsyncOnly
 
 T = TypeVar("T")
 ROOT = Path(__file__).resolve().parent.parent
@@ -534,7 +535,28 @@ def test_outcome_action_raises() -> None:
     assert guard.balance().total_balance == 30040  # read anew
 
 
-def test_outcome_refresh_fails_but_the_result_is_returned() -> None:
+def test_outcome_a_blocks_balance_after_is_read_when_asked_for() -> None:
+    fake = FakeLensmor()
+    log: list[GuardEvent] = []
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=log.append)
+
+    with guard.spend(10) as spend:
+        fake.charge(10)
+    reads = fake.balance_requests
+    assert [e.kind for e in log] == ["admitted", "spent"]
+    assert log[-1].balance_after is None  # the block exited with no read
+    assert guard._account.snapshot()[1:] == (10, 1)  # held until a read includes it
+    after = spend.balance_after  # that read, now
+    assert after is not None
+    assert after.total_balance == 30040
+    assert fake.balance_requests == reads + 1
+    assert guard._account.snapshot() == (after, 0, 0)  # released; the read is stored
+    assert spend.balance_after is after  # remembered
+    assert fake.balance_requests == reads + 1
+    assert [e.kind for e in log] == ["admitted", "spent"]  # no event for the read
+
+
+def test_outcome_the_read_after_a_block_fails() -> None:
     fake = FakeLensmor()
     log: list[GuardEvent] = []
     guard = CreditGuard(
@@ -543,11 +565,55 @@ def test_outcome_refresh_fails_but_the_result_is_returned() -> None:
 
     with guard.spend(10) as spend:
         fake.charge(10)
-        fake.fail_next(503)  # the refresh after the action
+    cached = guard._account.snapshot()[0]
+    assert cached is not None
+    fake.fail_next(503)  # the read balance_after asks for
     assert spend.balance_after is None
+    assert [e.kind for e in log] == ["admitted", "spent"]  # no event
+    assert guard._account.snapshot() == (cached, 10, 1)  # held, the cache unchanged
+    assert guard.balance().total_balance == 30040  # a later read settles the block
+    assert guard._account.snapshot()[1:] == (0, 0)
+
+
+def test_outcome_refresh_fails_but_the_result_is_returned() -> None:
+    """The refresh a settle waits for (``hold.settle()``, a block over an async-only
+    transport) fails: ``None``, released, hard invalidation, ``"refresh_failed"``."""
+    fake = FakeLensmor()
+    log: list[GuardEvent] = []
+    guard = CreditGuard(
+        fake.api_key, transport=fake.transport, retry=RetryPolicy(attempts=1), on_event=log.append
+    )
+
+    hold = guard.hold(10)
+    fake.charge(10)
+    fake.fail_next(503)  # the refresh after the hold's work
+    assert hold.settle() is None
+    assert hold.balance_after is None
     assert [e.kind for e in log] == ["admitted", "refresh_failed"]
     assert guard._account.snapshot() == (None, 0, 0)
     assert guard.balance().total_balance == 30040
+
+
+@pytest.mark.anyio
+async def test_outcome_refresh_fails_over_an_async_only_transport() -> None:
+    fake = FakeLensmor()
+    log: list[GuardEvent] = []
+    guard = CreditGuard(
+        fake.api_key,
+        transport=AsyncOnly(fake.transport),
+        retry=RetryPolicy(attempts=1),
+        on_event=log.append,
+    )
+
+    async with guard.spend(10) as spend:
+        fake.charge(10)
+        fake.fail_next(503)  # the refresh after the block, at its exit
+    assert spend.balance_after is None
+    assert await spend.abalance_after() is None  # no second try
+    assert [e.kind for e in log] == ["admitted", "refresh_failed"]
+    assert guard._account.snapshot() == (None, 0, 0)
+    assert (await guard.abalance()).total_balance == 30040
+    await guard.aclose()
 
 
 def test_outcome_fail_closed_and_fail_open() -> None:
@@ -576,13 +642,17 @@ def test_outcome_fail_closed_and_fail_open() -> None:
 def test_outcome_refused_calls_reserve_nothing() -> None:
     fake = FakeLensmor(subscription_balance=10, gift_balance=0)
     guard = CreditGuard(fake.api_key, transport=fake.transport)
-    with guard.spend(6):
+    with guard.spend(6) as spend:
         with pytest.raises(InsufficientCredits) as caught, guard.spend(5):
             pytest.fail("only 4 credits are not reserved")
         assert (caught.value.required, caught.value.available) == (5, 4)
         assert caught.value.balance is not None
         assert caught.value.balance.total_balance == 10
+        assert guard._account.snapshot()[1:] == (6, 1)  # the refused call took nothing
         fake.charge(6)
+    assert guard._account.snapshot()[1:] == (6, 1)  # the block's, until a read
+    assert spend.balance_after is not None
+    assert spend.balance_after.total_balance == 4
     assert guard._account.snapshot()[1:] == (0, 0)
 
 
@@ -628,21 +698,60 @@ async def test_outcome_cancelled_during_the_action() -> None:
 
 
 @pytest.mark.anyio
-async def test_outcome_cancelled_during_the_refresh() -> None:
-    fake = FakeLensmor(latency=0.2)
-    guard = CreditGuard(fake.api_key, transport=fake.transport)
+async def test_outcome_cancelled_during_the_read_after_a_block() -> None:
+    fake = FakeLensmor()
+    log: list[GuardEvent] = []
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=log.append)
     await guard.abalance()
-    done: list[str] = []
-
+    async with guard.spend(10) as spend:
+        fake.charge(10)
+    cached = guard._account.snapshot()[0]
+    fake.latency = 0.2
     with anyio.move_on_after(0.1) as scope:
-        async with guard.spend(10):
+        await spend.abalance_after()
+    assert scope.cancelled_caught
+    assert [e.kind for e in log] == ["admitted", "spent"]  # no event
+    assert guard._account.snapshot() == (cached, 10, 1)  # held, the cache unchanged
+    fake.latency = 0.0
+    after = await spend.abalance_after()  # asked again: read again
+    assert after is not None
+    assert after.total_balance == 30040
+    assert guard._account.snapshot() == (after, 0, 0)
+
+
+@pytest.mark.anyio
+async def test_outcome_cancelled_during_the_refresh() -> None:
+    """Cancelled while its refresh is in flight (``hold.asettle()``, a block over an
+    async-only transport): the cancellation goes on, released, hard invalidation."""
+    fake = FakeLensmor()
+    log: list[GuardEvent] = []
+    guard = CreditGuard(fake.api_key, transport=fake.transport, on_event=log.append)
+    hold = await guard.ahold(10)
+    fake.charge(10)
+    fake.latency = 0.2
+    with anyio.move_on_after(0.1) as scope:
+        await hold.asettle()
+    assert scope.cancelled_caught
+    assert [e.kind for e in log] == ["admitted", "cancelled"]
+    assert guard._account.snapshot() == (None, 0, 0)
+    fake.latency = 0.0
+    assert (await guard.abalance()).total_balance == 30040
+
+    only = CreditGuard(fake.api_key, transport=AsyncOnly(fake.transport))
+    await only.abalance()
+    done: list[str] = []
+    fake.latency = 0.2
+    with anyio.move_on_after(0.1) as scope:
+        async with only.spend(10):
             fake.charge(10)
             done.append("unlocked")
         done.append("settled")
     assert scope.cancelled_caught
     assert done == ["unlocked"]  # the block ran; it was cancelled while settling
-    assert fake.charges == 1
-    assert guard._account.snapshot() == (None, 0, 0)
+    assert fake.charges == 2
+    assert only._account.snapshot() == (None, 0, 0)
+    await guard.aclose()
+    await only.aclose()
 
 
 @pytest.mark.anyio

@@ -27,7 +27,9 @@ class Guarded:
     __slots__ = (
         "_action",
         "_active",
+        "_after",
         "_defer",
+        "_due",
         "_engine",
         "_entered",
         "_observed",
@@ -37,7 +39,6 @@ class Guarded:
         "_started",
         "_subject",
         "_turn",
-        "balance_after",
         "balance_before",
         "charged",
         "cost",
@@ -51,8 +52,8 @@ class Guarded:
         self._action: str | None = None  # what it is (a function, a route), for observers
         self._observed: tuple[object, ...] | None = None  # its observers' tokens, if any
         self._started = 0.0  # when it asked for admission (monotonic), when observed
-        # Settle without waiting for the refresh (decorated calls, middleware): the
-        # caller never sees balance_after, so the next read that needs it settles it.
+        # Settle without waiting for the refresh (blocks, decorated calls, middleware):
+        # the next read that anyone needs settles it.
         self._defer = defer
         self._entered = False
         self._active = False  # entered and not yet exited
@@ -63,7 +64,15 @@ class Guarded:
         self.charged: int | None = None
         self.cost = _check_cost(cost)
         self.balance_before: CreditBalance | None = None
-        self.balance_after: CreditBalance | None = None
+        self._after: CreditBalance | None = None  # the balance after, once known
+        # Settled later (deferred): the settlement, whose ``after`` a read must start at
+        # to include this call's charge; ``None`` once ``_after`` is all there is to know.
+        self._due: Reservation | None = None
+
+    @property
+    def balance_after(self) -> CreditBalance | None:
+        """The balance after the call, when it is known (``None``: not known)."""
+        return self._after
 
     def _activate(self) -> None:
         self._outer = current.get()

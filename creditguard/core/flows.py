@@ -45,6 +45,7 @@ from creditguard.core.steps import (
 __all__ = [
     "admit",
     "admit_cached",
+    "after",
     "cost_of",
     "exit",
     "open",
@@ -404,9 +405,10 @@ def exit(engine: Engine, call: Guarded, exc: BaseException | None, sync: bool) -
         return
     end_budgets(settlement)
     if call._defer:
-        # The caller does not look at the balance after: return now, and let the next
-        # read (whoever needs one) settle this spend.
+        # Return now, and let the next read (whoever needs one) settle this spend; a
+        # block reads its balance after only if it is asked for (see ``after``).
         yield from account.defer(settlement)
+        call._due = settlement
         outcomes.spent(engine, call, None)
         return
     step = yield from account.begin(settlement, sync)
@@ -425,6 +427,36 @@ def exit(engine: Engine, call: Guarded, exc: BaseException | None, sync: bool) -
         raise
     yield from account.end(settlement, False)
     outcomes.spent(engine, call, balance)
+
+
+def after(engine: Engine, call: Guarded, sync: bool) -> Steps[CreditBalance | None]:
+    """The balance after ``call``, asked for once it has exited: known (from its report,
+    its refresh or an earlier ask; ``None`` when it raised), or, when it settled later,
+    read now: a read that started after its action finished, so it includes its charge
+    (``None``, logged, when that read fails). Remembered for the next ask."""
+    settlement = call._due
+    if settlement is None:
+        return call._after
+    account = engine.account
+    try:
+        if settlement.after:
+            step = yield from account.read_after(settlement.after, None, sync)
+            if isinstance(step, CreditBalance):
+                balance = step
+            else:
+                balance = yield from settle(engine, settlement.after, step, sync)
+        else:
+            # The backend has not numbered the action's end (Redis learns it with this
+            # process's next call): a read that starts from now on started after it.
+            bumped, first = yield from account.bumped(sync)
+            balance = yield from settle(engine, bumped, first, sync)
+    except Exception as error:
+        call._due = None
+        outcomes.after_unread(engine, call, error)
+        return None
+    call._due = None
+    call._after = balance
+    return balance
 
 
 def _settled_from_report(

@@ -99,7 +99,7 @@ def unchecked(engine: Engine, cost: int, exc: BalanceUnavailable) -> None:
 
 def spent(engine: Engine, call: Guarded, balance: CreditBalance | None) -> None:
     """``balance``: the balance after, or ``None`` when the spend settles later."""
-    call.balance_after = balance
+    call._after = balance
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "spent %d credits on %s: %s -> %s",
@@ -126,6 +126,15 @@ def refresh_failed(engine: Engine, call: Guarded, error: Exception) -> None:
     )
     if engine.settings.on_event is not None:
         emit(engine, "refresh_failed", call.cost, call.balance_before, error=error)
+
+
+def after_unread(engine: Engine, call: Guarded, error: Exception) -> None:
+    """The balance after a spend that settled later was asked for, and its read failed."""
+    logger.warning(
+        "the action on %s succeeded but the balance read after it failed: %s",
+        engine.account.fingerprint,
+        error,
+    )
 
 
 def read(engine: Engine, balance: CreditBalance) -> None:

@@ -299,8 +299,11 @@ class CreditGuard:
         arguments): the block is then admitted for what Lensmor says it would charge, and
         runs with nothing reserved when that is nothing. ``subject`` names who the block
         spends for (a user, a tenant): its ``allowance`` applies. ``action`` names what it
-        pays for, for the metrics and the ledger."""
-        return Spend(self, cost, subject=subject, action=action)
+        pays for, for the metrics and the ledger.
+
+        The block exits without a balance read: ``s.balance_after`` (or ``await
+        s.abalance_after()``) reads it when first asked for."""
+        return Spend(self, cost, lazy=True, subject=subject, action=action)
 
     def hold(
         self,

@@ -15,8 +15,10 @@ from creditguard.core.calls import Guarded, current
 from creditguard.core.drive import adrive, drive
 from creditguard.core.engine import Engine
 from creditguard.core.flows import admit_cached
+from creditguard.core.models import CreditBalance
 from creditguard.core.policy import check_subject
 from creditguard.lensmor.precheck import Precheck
+from creditguard.lensmor.upstream import Lensmor
 
 __all__ = ["Spend", "acost_of", "cost_of", "current_spend"]
 
@@ -59,18 +61,25 @@ class Spend(Guarded):
     """One guarded spend of ``cost`` credits; a sync and async context manager.
 
     ``balance_before`` is the balance the admission was decided on (``None`` only when
-    run unchecked under ``on_unavailable="allow"``); a block is admitted on one that
-    includes every guarded call that returned before it. ``balance_after`` is set when the
-    block exits: the balance read after the action finished, or ``None`` when that
-    refresh failed or the block raised or was cancelled. (A decorated call, or a request
-    guarded by a web adapter, does not wait for that read: its spend has
-    ``balance_after=None`` and settles at a later read.)
-    ``charged`` is what the call cost when its paid call reported it (see :meth:`report`),
-    else ``None``. While the block
-    (or decorated call) runs, :func:`current_spend` returns this spend.
+    run unchecked under ``on_unavailable="allow"``): the cached balance while it is
+    fresh, so it may not yet include calls that returned just before (they settle at
+    the next read).
+
+    A block settles lazily: it exits without a balance read, and its reservation is held
+    until a read that includes its charge comes back, whoever makes it (as a decorated
+    call's). ``balance_after`` is read when first asked for: the balance from a read that
+    started after the action finished (so it includes the block's charge), or the one
+    its paid call reported when that report settled it; ``None`` when the block raised or
+    was cancelled, or when that read failed (a warning is logged). It is read once, then
+    remembered (a read that is cancelled is not: the next ask reads again). In async code
+    use ``await s.abalance_after()``: the property reads with the sync client and would
+    block the event loop while it does. (A decorated call, or a request guarded by a web
+    adapter, never reads it: its spend has ``balance_after=None``.) ``charged`` is what
+    the call cost when its paid call reported it (see :meth:`report`), else ``None``.
+    While the block (or decorated call) runs, :func:`current_spend` returns this spend.
     """
 
-    __slots__ = ("_precheck",)
+    __slots__ = ("_lazy", "_precheck")
 
     def __init__(
         self,
@@ -78,23 +87,51 @@ class Spend(Guarded):
         cost: int | Precheck,
         *,
         defer: bool = False,
+        lazy: bool = False,
         subject: str | None = None,
         action: str | None = None,
     ) -> None:
         self._precheck: Precheck | None = None
         if isinstance(cost, Precheck):
             self._precheck, cost = cost, 0  # the cost is Lensmor's answer, on entering
+        engine = guard._engine
+        # ``lazy`` (a block): settle later and read the balance after when asked for.
+        # Over an async-only transport the property could not read it, so such a block
+        # settles at exit as it always did (its balance after read then).
+        upstream = engine.upstream
+        lazy = lazy and not (isinstance(upstream, Lensmor) and not upstream.reads_sync)
+        self._lazy = lazy
         if subject is not None:
             subject = check_subject(subject)
-        Guarded.__init__(self, guard._engine, cost, defer, subject)
+        Guarded.__init__(self, engine, cost, defer or lazy, subject)
         if action is not None and (type(action) is not str or not action):
             raise ValueError(f"action must be a non-empty str, got {action!r}")
         self._action = action
 
     def __repr__(self) -> str:
         before = None if self.balance_before is None else self.balance_before.total_balance
-        after = None if self.balance_after is None else self.balance_after.total_balance
-        return f"<Spend cost={self.cost} before={before} after={after}>"
+        text = f"<Spend cost={self.cost} before={before}"
+        if not (self._lazy and self._due is not None):  # known: no read to show it
+            after = self._after
+            text += f" after={None if after is None else after.total_balance}"
+        return text + ">"
+
+    @property
+    def balance_after(self) -> CreditBalance | None:
+        """The balance after the block (read now if it settled later and was not read
+        yet; see the class docs). ``None`` while the block runs."""
+        if not (self._lazy and self._due is not None):
+            return self._after
+        engine = self._engine
+        return drive(engine, flows.after(engine, self, True))
+
+    async def abalance_after(self) -> CreditBalance | None:
+        """:attr:`balance_after` from async code: the read, if one is needed, is made
+        with the async client, without blocking the event loop."""
+        if not (self._lazy and self._due is not None):
+            return self._after
+        engine = self._engine
+        return await adrive(engine, flows.after(engine, self, False))
 
     def report(self, result: object) -> None:
         """Hand the paid call's answer to the guard, inside the block.
@@ -167,7 +204,7 @@ class Spend(Guarded):
         """Tell the observers how the block ended."""
         engine = self._engine
         trace = engine.upstream.trace_of(exc if exc is not None else result)
-        observe.ended(engine, self, "failed" if exc else "spent", trace, self.balance_after)
+        observe.ended(engine, self, "failed" if exc else "spent", trace, self._after)
 
     async def __aenter__(self) -> Spend:
         self._enter()

@@ -70,6 +70,12 @@ class BalanceClient:
         self._transport: httpx.BaseTransport | None = transport
         self._lock = threading.Lock()
 
+    @property
+    def usable(self) -> bool:
+        """Whether sync reads can be made (not when the guard was given an async-only
+        transport)."""
+        return not self._missing
+
     def _get_transport(self) -> httpx.BaseTransport:
         transport = self._transport
         if transport is None:

@@ -40,6 +40,12 @@ class Lensmor:
         """The same service and clients, for another key."""
         return Lensmor(self.reader, self.client, self.aclient, key)
 
+    @property
+    def reads_sync(self) -> bool:
+        """Whether a balance read can be made from sync code (not over an async-only
+        transport)."""
+        return self.client.usable
+
     def read(self, account: str) -> tuple[CreditBalance, float | None]:
         return self.client.read(self.reader.request(account, self.key))
 

@@ -26,7 +26,9 @@ from creditguard.web.common import (
     Problem,
     acall_cost,
     aresolve_guard,
+    asubject_of,
     charged,
+    check_subject_spec,
     middleware_cost,
     problem_for,
     route_path,
@@ -77,9 +79,13 @@ class CreditGuardMiddleware:
 
     The endpoint finds its :class:`~creditguard.Spend` in ``scope["state"]["creditguard_spend"]``
     (``request.state.creditguard_spend`` in Starlette and FastAPI).
+
+    ``subject`` (a callable of the ``scope``, sync or async, returning a str, or ``None``)
+    names who a paid request spends for: the guard's ``allowance`` for it applies (402
+    ``allowance_exceeded`` past it).
     """
 
-    __slots__ = ("_charge_when", "_cost", "_guard", "_on_error", "app")
+    __slots__ = ("_charge_when", "_cost", "_guard", "_on_error", "_subject", "app")
 
     def __init__(
         self,
@@ -89,10 +95,13 @@ class CreditGuardMiddleware:
         cost: CostSpec = None,
         on_error: OnError | None = None,
         charge_when: Callable[[int], bool] | None = None,
+        subject: Callable[[Scope], Any] | None = None,
     ) -> None:
         self.app = app
         self._guard = guard
         self._cost = middleware_cost(guard, cost, on_error, charge_when)
+        check_subject_spec(subject)
+        self._subject = subject
         self._on_error = on_error
         self._charge_when = charge_when or charged
 
@@ -122,7 +131,8 @@ class CreditGuardMiddleware:
             guard = self._guard
             if not isinstance(guard, CreditGuard):
                 guard = await aresolve_guard(guard, scope)
-            spend = Spend(guard, amount, defer=True)
+            who = await asubject_of(self._subject, scope)
+            spend = Spend(guard, amount, defer=True, subject=who)
             await spend.__aenter__()
         except CreditGuardError as exc:
             await self._refuse(scope, receive, send, exc)

@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
-import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from creditguard.core.balance import InsufficientCredits
 from creditguard.core.checks import _check_cost
 from creditguard.core.errors import (
-    AdmissionTimeout,
-    AuthenticationError,
-    BalanceUnavailable,
     CreditGuardError,
-    GateTimeout,
-    RateLimited,
 )
+from creditguard.core.policy import check_subject
 from creditguard.guard.guard import CreditGuard
+from creditguard.web.problems import BAD_PATH, PROBLEM_CONTENT_TYPE, Problem, problem_for
 
 __all__ = [
     "BAD_PATH",
@@ -35,17 +29,19 @@ __all__ = [
     "ActionFailed",
     "Problem",
     "Routes",
+    "asubject_of",
     "charged",
     "check_cost",
+    "check_subject_spec",
     "default_guard",
     "problem_for",
     "route_path",
+    "subject_of",
     "undecidable",
 ]
 
 logger = logging.getLogger("creditguard.web")
 
-PROBLEM_CONTENT_TYPE = "application/problem+json"
 
 # What a finished response's status must satisfy to be charged (spent), by default.
 ChargeWhen = Callable[[int], bool]
@@ -362,154 +358,40 @@ def check_hook(name: str, hook: object) -> None:
         raise TypeError(f"{name} must be callable, got {type(hook).__name__}")
 
 
+SubjectSpec = Callable[[Any], Any] | None
+"""Who a request spends for: a callable of the request (sync or async) returning a str,
+or ``None`` (no subject: only the account's rules apply)."""
+
+
+def check_subject_spec(subject: object) -> None:
+    if subject is not None and not callable(subject):
+        raise TypeError(
+            "subject must be a callable of the request returning a str (or None),"
+            f" got {type(subject).__name__}"
+        )
+
+
+def subject_of(func: SubjectSpec, request: object) -> str | None:
+    """The request's subject (checked), or ``None``."""
+    if func is None:
+        return None
+    value = func(request)
+    return None if value is None else check_subject(value)
+
+
+async def asubject_of(func: SubjectSpec, request: object) -> str | None:
+    """:func:`subject_of` that also accepts an async callable."""
+    if func is None:
+        return None
+    value = func(request)
+    if value is not None and not isinstance(value, str) and inspect.isawaitable(value):
+        value = await value
+    return None if value is None else check_subject(value)
+
+
 async def acall_cost(func: Callable[[Any], Any], request: object) -> int:
     """Call a sync or async cost callable and validate what it returns."""
     value = func(request)
     if type(value) is not int and inspect.isawaitable(value):
         value = await value
     return check_cost(value)
-
-
-# -- error answers ----------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Problem:
-    """The HTTP answer for a guard error: status, extra headers and the JSON body."""
-
-    status: int
-    body: dict[str, Any]
-    headers: tuple[tuple[str, str], ...] = ()
-
-    def content(self) -> bytes:
-        return json.dumps(self.body, separators=(",", ":")).encode()
-
-    def header_list(self) -> list[tuple[str, str]]:
-        """``content-type`` and the extra headers (``content-length`` not included)."""
-        return [("content-type", PROBLEM_CONTENT_TYPE), *self.headers]
-
-
-BAD_PATH = Problem(
-    400,
-    {
-        "type": "about:blank",
-        "title": "Bad Request",
-        "status": 400,
-        "detail": "the request path holds control characters",
-        "error": "bad_path",
-    },
-)
-"""The answer of a middleware pricing by path to a path it cannot decide
-(:func:`undecidable`)."""
-
-
-def _seconds(seconds: float | None) -> tuple[tuple[str, str], ...]:
-    """A ``Retry-After`` header of ``seconds`` (rounded up), none when unknown."""
-    if seconds is not None and math.isfinite(seconds) and seconds >= 0:
-        return (("retry-after", str(math.ceil(seconds))),)
-    return ()
-
-
-def _store_down(exc: BaseException) -> bool:
-    """Whether ``exc`` comes from the credit state store (Redis) being unreachable."""
-    cause = exc.__cause__
-    while cause is not None:
-        if type(cause).__module__.split(".")[0] == "redis":
-            return True
-        cause = cause.__cause__
-    return False
-
-
-def problem_for(exc: BaseException) -> Problem | None:
-    """The answer for ``exc``, or ``None`` when it is not a guard error (re-raise it).
-
-    * :class:`InsufficientCredits`: 402 ``insufficient_credits`` with ``required``,
-      ``available`` and ``reserved`` (credits held by calls in flight);
-    * :class:`AdmissionTimeout` (calls in flight stand in the way and did not settle in
-      time) and :class:`GateTimeout` (no turn at the account's gate in time): 503
-      ``credits_busy`` with ``Retry-After``;
-    * :class:`BalanceUnavailable` (the Lensmor balance cannot be read: rate limited,
-      invalid response, unreachable; or the credit state store, Redis, is unreachable):
-      503 ``balance_unavailable``, with ``Retry-After`` when the service said how long;
-    * any other :class:`CreditGuardError` (a rejected key, no key, an insecure base URL):
-      500 ``credits_misconfigured``; the details go to the log, never to the client.
-
-    Bodies are RFC 9457 problem details (``type``, ``title``, ``status``, ``detail``) plus
-    the ``error`` code and the figures above, sent as ``application/problem+json``.
-    """
-    if isinstance(exc, InsufficientCredits):
-        return Problem(
-            402,
-            {
-                "type": "about:blank",
-                "title": "Payment Required",
-                "status": 402,
-                "detail": (
-                    f"this request needs {exc.required} Lensmor credits;"
-                    f" {exc.available} are available"
-                ),
-                "error": "insufficient_credits",
-                "required": exc.required,
-                "available": exc.available,
-                "reserved": exc.reserved,
-            },
-        )
-    if isinstance(exc, AdmissionTimeout | GateTimeout):
-        body: dict[str, Any] = {
-            "type": "about:blank",
-            "title": "Service Unavailable",
-            "status": 503,
-            "error": "credits_busy",
-        }
-        if isinstance(exc, AdmissionTimeout):
-            body["detail"] = (
-                f"this request needs {exc.required} Lensmor credits; {exc.available} are"
-                f" free beside {exc.reserved} held by requests in flight: retry later"
-            )
-            body.update(required=exc.required, available=exc.available, reserved=exc.reserved)
-            wait: float = exc.retry_after
-        else:
-            body["detail"] = "too many paid requests of this account in flight: retry later"
-            wait = 1.0
-        logger.info("Lensmor credits busy: %s", exc)
-        return Problem(503, body, _seconds(wait) or (("retry-after", "1"),))
-    if isinstance(exc, BalanceUnavailable):
-        store = _store_down(exc)
-        logger.warning(
-            "%s: %s",
-            "credit state store unavailable" if store else "Lensmor credits balance unavailable",
-            exc,
-        )
-        return Problem(
-            503,
-            {
-                "type": "about:blank",
-                "title": "Service Unavailable",
-                "status": 503,
-                "detail": (
-                    "the credit state store is unavailable right now"
-                    if store
-                    else "the Lensmor credits balance cannot be checked right now"
-                ),
-                "error": "balance_unavailable",
-            },
-            _seconds(exc.retry_after) if isinstance(exc, RateLimited) else (),
-        )
-    if isinstance(exc, CreditGuardError):
-        what = (
-            "the credits service rejected the API key"
-            if isinstance(exc, AuthenticationError)
-            else type(exc).__name__
-        )
-        logger.error("Lensmor credits misconfigured (%s): %s", what, exc)
-        return Problem(
-            500,
-            {
-                "type": "about:blank",
-                "title": "Internal Server Error",
-                "status": 500,
-                "detail": "the server's Lensmor credits configuration is not working",
-                "error": "credits_misconfigured",
-            },
-        )
-    return None

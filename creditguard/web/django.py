@@ -44,10 +44,12 @@ from creditguard.web.common import (
     check_cost,
     check_guard_spec,
     check_hook,
+    check_subject_spec,
     default_guard,
     is_async_callable,
     problem_for,
     resolve_guard,
+    subject_of,
     undecidable,
 )
 
@@ -67,7 +69,9 @@ SPEND_ATTRIBUTE = "creditguard_spend"
 """The request attribute holding the request's :class:`~creditguard.Spend`."""
 
 SETTING = "CREDITGUARD"
-_KEYS = frozenset({"GUARD", "API_KEY", "BASE_URL", "OPTIONS", "COSTS", "ON_ERROR", "CHARGE_WHEN"})
+_KEYS = frozenset(
+    {"GUARD", "API_KEY", "BASE_URL", "OPTIONS", "COSTS", "ON_ERROR", "CHARGE_WHEN", "SUBJECT"}
+)
 
 
 def _django(module: str) -> Any:
@@ -104,8 +108,10 @@ class _Config:
             raise CreditGuardError(f"{SETTING}['COSTS']: the cost callable must be synchronous")
         self.on_error = _load(raw.get("ON_ERROR"))
         self.charge_when: Callable[[int], bool] = _load(raw.get("CHARGE_WHEN")) or charged
+        self.subject: Callable[[Any], Any] | None = _load(raw.get("SUBJECT"))
         check_hook("ON_ERROR", self.on_error)
         check_hook("CHARGE_WHEN", self.charge_when)
+        check_hook("SUBJECT", self.subject)
         self._guard: GuardSpec | None = None
         self._lock = threading.Lock()
 
@@ -328,28 +334,34 @@ def _finished(**kwargs: Any) -> None:
 class _Guarding:
     """What the middleware and the decorator share: price, admit, run, settle."""
 
-    __slots__ = ("charge_when", "guard", "on_error")
+    __slots__ = ("charge_when", "guard", "on_error", "subject")
 
     def __init__(
         self,
         guard: GuardSpec | None,
         on_error: Callable[[Any, CreditGuardError], Any] | None,
         charge_when: Callable[[int], bool] | None,
+        subject: Callable[[Any], Any] | None = None,
     ) -> None:
         check_guard_spec(guard, optional=True)
         check_hook("on_error", on_error)
         check_hook("charge_when", charge_when)
+        check_subject_spec(subject)
+        if subject is not None and is_async_callable(subject):
+            raise TypeError("a Django subject callable must be synchronous")
         _connect()  # before the first request starts
         self.guard = guard
         self.on_error = on_error
         self.charge_when = charge_when
+        self.subject = subject
 
     def _spend(self, request: Any, amount: int, config: _Config) -> Spend:
         spec = self.guard
         if spec is None:
             spec = config.guard()
         guard = spec if isinstance(spec, CreditGuard) else resolve_guard(spec, request)
-        return Spend(guard, amount, defer=True)
+        who = subject_of(self.subject or config.subject, request)
+        return Spend(guard, amount, defer=True, subject=who)
 
     def run(
         self,
@@ -417,8 +429,10 @@ class CreditGuardMiddleware:
     The guard comes from the setting (see :func:`guard_from_settings`); ``ON_ERROR``
     (``callable(request, error) -> HttpResponse | None``) replaces the problem JSON
     answer; ``CHARGE_WHEN`` (``callable(status) -> bool``, default ``status < 400``)
-    decides whether a response is charged. Free requests pass straight through. Works
-    in sync (WSGI) and async (ASGI) stacks without a thread hop.
+    decides whether a response is charged; ``SUBJECT`` (``callable(request) -> str |
+    None``) names who a request spends for (the guard's ``allowance`` applies). Free
+    requests pass straight through. Works in sync (WSGI) and async (ASGI) stacks without
+    a thread hop.
     """
 
     sync_capable = True
@@ -474,6 +488,7 @@ def requires_credits(
     guard: GuardSpec | None = None,
     on_error: Callable[[Any, CreditGuardError], Any] | None = None,
     charge_when: Callable[[int], bool] | None = None,
+    subject: Callable[[Any], str | None] | None = None,
 ) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a function view (sync or ``async def``) so each request is admitted for
     ``cost`` credits (an int >= 0, or a callable of the request) before it runs.
@@ -485,6 +500,9 @@ def requires_credits(
     the spend ends when Django finishes the request (``request_finished``: the response
     it sends, whichever it is, was closed), with no balance read of its own: like a
     decorated call's, it settles at a later read (``balance_after`` is ``None``).
+    ``subject`` (a callable of the request returning a str, or ``None``; by default the
+    setting's ``SUBJECT``) names who the request spends for: the guard's ``allowance``
+    for it applies (402 ``allowance_exceeded``).
     """
     cost_of: Callable[[Any], int] | None = None
     static = 0
@@ -492,7 +510,7 @@ def requires_credits(
         cost_of = cost
     else:
         static = check_cost(cost)
-    guarding = _Guarding(guard, on_error, charge_when)
+    guarding = _Guarding(guard, on_error, charge_when, subject)
 
     def decorate(view: Callable[P, R]) -> Callable[P, R]:
         if not callable(view):

@@ -32,10 +32,12 @@ from creditguard.web.common import (
     GuardSpec,
     Problem,
     aresolve_guard,
+    asubject_of,
     charged,
     check_cost,
     check_guard_spec,
     check_hook,
+    check_subject_spec,
     default_guard,
     is_async_callable,
     problem_for,
@@ -118,6 +120,10 @@ class RequireCredits:
     ``charge_when(status)`` charges (default: ``status < 400``). A response the endpoint
     *returns* is charged whatever its status: raise ``HTTPException`` for failures, or use
     :class:`creditguard.asgi.CreditGuardMiddleware`, which sees every status.
+
+    ``subject`` (a callable of the ``Request``, sync or async, returning a str, or
+    ``None``) names who the request spends for: the guard's ``allowance`` for it applies,
+    and a request past it is answered 402 ``allowance_exceeded``.
     """
 
     __slots__ = (
@@ -128,6 +134,7 @@ class RequireCredits:
         "_guard",
         "_on_error",
         "_static",
+        "_subject",
     )
 
     def __init__(
@@ -137,9 +144,12 @@ class RequireCredits:
         guard: GuardSpec | None = None,
         on_error: OnError | None = None,
         charge_when: Callable[[int], bool] | None = None,
+        subject: Callable[[Request], Any] | None = None,
     ) -> None:
         from starlette.requests import Request as RuntimeRequest
 
+        check_subject_spec(subject)
+        self._subject = subject
         if callable(cost):
             self._static: int | None = None
             self._cost: Callable[[Request], Any] | None = cost
@@ -184,7 +194,8 @@ class RequireCredits:
                 guard = default_guard()
             elif not isinstance(guard, CreditGuard):
                 guard = await aresolve_guard(guard, request)
-            spend = Spend(guard, amount, defer=True)
+            who = await asubject_of(self._subject, request) if amount else None
+            spend = Spend(guard, amount, defer=True, subject=who)
             if amount:
                 await spend.__aenter__()
         except CreditGuardError as exc:

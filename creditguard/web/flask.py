@@ -30,10 +30,12 @@ from creditguard.web.common import (
     check_cost,
     check_guard_spec,
     check_hook,
+    check_subject_spec,
     default_guard,
     is_async_callable,
     problem_for,
     resolve_guard,
+    subject_of,
 )
 
 if TYPE_CHECKING:
@@ -248,6 +250,7 @@ def requires_credits(
     guard: GuardSpec | None = None,
     on_error: OnError | None = None,
     charge_when: Callable[[int], bool] | None = None,
+    subject: Callable[[Request], str | None] | None = None,
 ) -> Callable[[Callable[P, Any]], Callable[P, Response]]:
     """Decorate a Flask view (sync or ``async def``) so each request is admitted for
     ``cost`` credits before it runs.
@@ -259,6 +262,8 @@ def requires_credits(
     ``on_error(request, error)`` may return a view response (``(body, status)``, a
     ``Response``...) that answers instead of the problem JSON, or ``None``.
     ``charge_when(status)``: whether a response is charged (default ``status < 400``).
+    ``subject``: a callable of the request returning who it spends for (a str, or
+    ``None``): the guard's ``allowance`` for it applies (402 ``allowance_exceeded``).
 
     The view finds its :class:`~creditguard.Spend` with :func:`current_spend` (it is
     ``flask.g.creditguard_spend``). The
@@ -276,6 +281,7 @@ def requires_credits(
     check_guard_spec(guard, optional=True)
     check_hook("on_error", on_error)
     check_hook("charge_when", charge_when)
+    check_subject_spec(subject)
 
     def decorate(view: Callable[P, Any]) -> Callable[P, Response]:
         if not callable(view):
@@ -298,7 +304,8 @@ def requires_credits(
                     the_guard = spec
                 else:
                     the_guard = resolve_guard(spec, request)
-                spend = Spend(the_guard, amount, defer=True)
+                who = subject_of(subject, request) if amount else None
+                spend = Spend(the_guard, amount, defer=True, subject=who)
                 if amount:
                     spend.__enter__()
             except CreditGuardError as exc:

@@ -28,9 +28,12 @@ from creditguard.web.common import (
     Problem,
     charged,
     check_cost,
+    check_subject_spec,
+    is_async_callable,
     middleware_cost,
     problem_for,
     resolve_guard,
+    subject_of,
     undecidable,
 )
 
@@ -81,9 +84,13 @@ class CreditGuardMiddleware:
     finished response is charged (default: ``status < 400``).
 
     The app finds its :class:`~creditguard.Spend` in ``environ["creditguard.spend"]``.
+
+    ``subject`` (a callable of the ``environ`` returning a str, or ``None``) names who a
+    paid request spends for: the guard's ``allowance`` for it applies (402
+    ``allowance_exceeded`` past it).
     """
 
-    __slots__ = ("_charge_when", "_cost", "_guard", "_on_error", "app")
+    __slots__ = ("_charge_when", "_cost", "_guard", "_on_error", "_subject", "app")
 
     def __init__(
         self,
@@ -93,10 +100,15 @@ class CreditGuardMiddleware:
         cost: CostSpec = None,
         on_error: OnError | None = None,
         charge_when: Callable[[int], bool] | None = None,
+        subject: Callable[[Environ], str | None] | None = None,
     ) -> None:
         built = middleware_cost(guard, cost, on_error, charge_when)
         if built.is_async:
             raise TypeError("a WSGI cost callable must be synchronous")
+        check_subject_spec(subject)
+        if subject is not None and is_async_callable(subject):
+            raise TypeError("a WSGI subject callable must be synchronous")
+        self._subject = subject
         self.app = app
         self._guard = guard
         self._cost = built
@@ -120,7 +132,7 @@ class CreditGuardMiddleware:
             guard = self._guard
             if not isinstance(guard, CreditGuard):
                 guard = resolve_guard(guard, environ)
-            spend = Spend(guard, amount, defer=True)
+            spend = Spend(guard, amount, defer=True, subject=subject_of(self._subject, environ))
             spend.__enter__()
         except CreditGuardError as exc:
             answer = self._on_error(environ, exc) if self._on_error is not None else None

@@ -108,8 +108,9 @@ def test_scripts_are_loaded_on_every_node_and_again_after_a_restart(
 ) -> None:
     fake = FakeLensmor(api_key="sk_test_cluster_scripts")
     with CreditGuard(fake.api_key, transport=fake.transport, backend=cluster_backend) as g:
-        with g.spend(10):
-            pass
+        # A hold's admission runs "admit", its settle "finish" (both in this thread: a
+        # block's end would be told to Redis later, maybe by the renewer's thread).
+        g.hold(10).settle()
         for client in _node_clients(redis_cluster):
             with client:
                 assert client.script_exists(SHAS["admit"], SHAS["finish"]) == [True, True]
@@ -129,6 +130,7 @@ def test_scripts_are_loaded_on_every_node_and_again_after_a_restart(
         poll(spends, what="a spend on the restarted node")
         with redis.Redis(port=redis_cluster.ports[owner]) as client:
             assert client.script_exists(SHAS["admit"]) == [True]
+        g.balance()  # the read that settles the blocks
         assert g.snapshot().reserved == 0
     assert fake.charges == 0  # spends with no paid call in them
 
@@ -145,8 +147,9 @@ def test_a_moved_slot_is_followed(
         )
         try:
             async with CreditGuard(fake.api_key, transport=fake.transport, backend=backend) as g:
-                async with g.spend(10):
+                async with g.spend(10) as first:
                     pass
+                assert await first.abalance_after() is not None  # settled
                 redis_cluster.move_slot(slot, (redis_cluster.owner(slot) + 1) % 3)
                 async with g.spend(10):  # MOVED, followed by the asyncio client
                     assert (await g.asnapshot()).reserved == 10
@@ -164,13 +167,15 @@ def test_a_moved_slot_is_followed(
         # reservation in flight moved with the keys.
         assert g.snapshot().reserved == 25
         spend.__exit__(None, None, None)
+        assert spend.balance_after is not None  # the read that settles it
         assert g.snapshot().reserved == 0
         asyncio.run(main())
         moved_to = redis_cluster.owner(slot)
         keys = _keys_by_node(redis_cluster, cluster_backend.prefix)[moved_to]
         assert f"{cluster_backend.prefix}{{{g.account}}}:state" in keys
-        with g.spend(10):  # and the sync client once more, after the second move
+        with g.spend(10) as spend:  # and the sync client once more, after the second move
             pass
+        assert spend.balance_after is not None
         assert g.snapshot().reserved == 0
 
 

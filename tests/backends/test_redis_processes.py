@@ -320,6 +320,7 @@ def test_a_killed_workers_reservation_comes_back_after_its_lease(
 
             poll(whole_balance_admitted, what="the credits back after the lease")
             waited = time.monotonic() - killed_at
+            guard.balance()  # the read that settles that block (it charged nothing)
         finally:
             reap([worker])
             guard.close()
@@ -392,6 +393,7 @@ def test_a_killed_workers_unreported_finish_strands_nothing(
             with guard.spend(20) as spend:  # what is really left is admitted
                 assert spend.balance_before is not None
                 assert spend.balance_before.total_balance == 20
+            assert spend.balance_after is not None  # the read that settles it
         finally:
             reap([worker])
             guard.close()
@@ -679,8 +681,9 @@ def _sync_activity(guard: CreditGuard, fake: FakeLensmor) -> None:
     with http:
         for _ in range(3):
             paid()
-        with guard.spend(20):
+        with guard.spend(20) as block:
             fake.charge(20)
+        assert block.balance_after is not None  # settles it: the next block is alone
         with guard.spend(2000) as spend:  # settled from the unlock's own report
             spend.report(http.post("/external/events/ev-sync/unlock"))
         assert spend.charged == 2000
@@ -704,8 +707,9 @@ async def _async_activity(guard: CreditGuard, fake: FakeLensmor, event: str) -> 
         async with anyio.create_task_group() as tg:
             for _ in range(3):
                 tg.start_soon(paid)
-        async with guard.spend(20):
+        async with guard.spend(20) as block:
             fake.charge(20)
+        assert await block.abalance_after() is not None  # the next block is alone
         async with guard.spend(2000) as spend:
             spend.report(await http.post(f"/external/events/{event}/unlock"))
         assert spend.charged == 2000

@@ -210,7 +210,7 @@ def test_a_flush_does_not_forget_the_reservations_in_flight(
     redis_url: str, redis_client: redis.Redis, backends: list[RedisBackend]
 ) -> None:
     fake, first, second, _ = _two_processes(redis_url, backends)
-    with first.spend(60):
+    with first.spend(60) as spend:
         redis_client.flushdb()  # a restart without persistence forgets as much
         backend = first._clients.backend
         assert isinstance(backend, RedisBackend)
@@ -219,6 +219,8 @@ def test_a_flush_does_not_forget_the_reservations_in_flight(
         with pytest.raises(AdmissionTimeout), second.spend(60):
             pytest.fail("admitted 60 while 60 are in flight on 100")
         fake.charge(60)
+    assert spend.balance_after is not None  # the first process's read: it settles the block
+    assert spend.balance_after.total_balance == 40
     snap = second.snapshot()
     assert (snap.reserved, snap.in_flight) == (0, 0)
     assert second.balance().total_balance == 40
@@ -290,7 +292,7 @@ def test_losing_any_one_key_of_an_account_keeps_the_books(
     reservation records or their leases. Nothing is admitted beyond the balance, and
     nothing stays reserved for ever."""
     fake, first, second, prefix = _two_processes(redis_url, backends)
-    with first.spend(60):
+    with first.spend(60) as spend:
         redis_client.delete(f"{prefix}{{{first._account.fingerprint}}}:{lost}")
         backend = first._clients.backend
         assert isinstance(backend, RedisBackend)
@@ -299,6 +301,10 @@ def test_losing_any_one_key_of_an_account_keeps_the_books(
             pytest.fail("admitted 60 while 60 are in flight on 100")
         fake.charge(60)
     assert second.balance(refresh=True).total_balance == 40
+    # The block settles at a read that started after Redis learnt that it returned (told
+    # by its own process): the first process's read of its balance after.
+    assert spend.balance_after is not None
+    assert spend.balance_after.total_balance == 40
     snap = second.snapshot()
     assert (snap.reserved, snap.in_flight, snap.settling) == (0, 0, 0)
     with second.spend(40):  # nothing stranded

@@ -38,8 +38,9 @@ def sentinel_group() -> Iterator[SentinelGroup]:
 
 def _spends(backend: RedisBackend, fake: FakeLensmor) -> None:
     with CreditGuard(fake.api_key, transport=fake.transport, backend=backend) as g:
-        with g.spend(10):
+        with g.spend(10) as spend:
             pass
+        assert spend.balance_after is not None  # the read that settles the block
         assert g.snapshot().reserved == 0
         assert g.balance().total_balance == fake.balance.total_balance
 

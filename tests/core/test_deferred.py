@@ -1,8 +1,9 @@
 """A decorated call returns as soon as its action returns: no caller waits for a refresh it
 does not look at. Its reservation is held until a read that started after the action
 finished comes back, whoever makes that read: a later admission that needs the credits,
-``guard.balance()``, or the read after the TTL. ``with guard.spend()`` still settles
-before the block exits, so ``balance_after`` is there to look at.
+``guard.balance()``, or the read after the TTL. A ``with guard.spend()`` block settles
+the same way; its ``balance_after`` is read when first asked for (see
+tests/guard/test_lazy_blocks.py).
 """
 
 from __future__ import annotations
@@ -123,13 +124,14 @@ def test_a_call_that_does_not_fit_reads_to_settle_finished_calls(new_backend: Ne
     assert fake.balance.total_balance == 40
 
 
-def test_with_spend_still_settles_before_the_block_exits(
+def test_a_blocks_balance_after_is_read_when_asked_for(
     guard: CreditGuard, fake: FakeLensmor
 ) -> None:
     before = fake.balance.total_balance
     with guard.spend(5) as spend:
         fake.charge(5)
-    assert spend.balance_after is not None
+    assert reserved(guard) == 5  # settled later, like a decorated call
+    assert spend.balance_after is not None  # the read that settles it
     assert spend.balance_after.total_balance == before - 5
     assert reserved(guard) == 0
 
@@ -236,9 +238,9 @@ def test_a_failed_read_keeps_finished_calls_reserved_until_one_succeeds(
     assert fake.charges == 2
 
 
-def test_a_block_is_admitted_on_a_balance_that_includes_calls_that_returned(
-    new_backend: NewBackend,
-) -> None:
+def test_a_block_is_admitted_like_a_decorated_call(new_backend: NewBackend) -> None:
+    """A block is admitted on the fresh cached balance (no read to settle the calls that
+    returned before it); its balance after includes them and its own charge."""
     fake = FakeLensmor(subscription_balance=100, gift_balance=20)
     guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
 
@@ -249,16 +251,16 @@ def test_a_block_is_admitted_on_a_balance_that_includes_calls_that_returned(
     unlock()
     with guard.spend(40) as spend:
         fake.charge(40)
+    assert fake.balance_requests == 1  # admission of the first call only
     assert spend.balance_before is not None
+    assert spend.balance_before.total_balance == 120  # the cached balance
     assert spend.balance_after is not None
-    assert (spend.balance_before.total_balance, spend.balance_after.total_balance) == (70, 30)
+    assert spend.balance_after.total_balance == 30
     assert reserved(guard) == 0
-    assert fake.balance_requests == 3  # admission, the read before the block, its refresh
+    assert fake.balance_requests == 2  # the read balance_after asked for
 
 
-async def test_an_async_block_is_admitted_on_a_balance_that_includes_calls_that_returned(
-    new_backend: NewBackend,
-) -> None:
+async def test_an_async_block_is_admitted_like_a_decorated_call(new_backend: NewBackend) -> None:
     fake = FakeLensmor(subscription_balance=100, gift_balance=20)
     guard = CreditGuard(fake.api_key, transport=fake.transport, ttl=60, backend=new_backend())
 
@@ -269,9 +271,12 @@ async def test_an_async_block_is_admitted_on_a_balance_that_includes_calls_that_
     await unlock()
     async with guard.spend(40) as spend:
         fake.charge(40)
+    assert fake.balance_requests == 1
     assert spend.balance_before is not None
-    assert spend.balance_after is not None
-    assert (spend.balance_before.total_balance, spend.balance_after.total_balance) == (70, 30)
+    assert spend.balance_before.total_balance == 120
+    after = await spend.abalance_after()
+    assert after is not None
+    assert after.total_balance == 30
     assert reserved(guard) == 0
     await guard.aclose()
 

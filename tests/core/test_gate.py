@@ -15,7 +15,7 @@ import pytest
 
 from creditguard import CreditGuard, CreditGuardError, GateTimeout, InsufficientCredits
 from creditguard.testing import FakeLensmor
-from tests.helpers import NewBackend, reserved
+from tests.helpers import NewBackend, reserved, settled
 
 pytestmark = pytest.mark.anyio
 
@@ -101,7 +101,7 @@ def test_max_concurrent_1_sends_paid_calls_one_at_a_time(new_backend: NewBackend
     statuses = _overlapping_searches(guard, fake, 4)
     assert statuses == [201] * 4
     assert fake.charges == 4
-    assert reserved(guard) == 0
+    assert settled(guard) == 0
 
 
 def test_turns_are_given_in_the_order_callers_came(new_backend: NewBackend) -> None:
@@ -176,7 +176,7 @@ def test_a_guarded_call_inside_another_shares_its_turn(new_backend: NewBackend) 
         assert inner() == "inner"
         with guard.spend(2):
             pass
-    assert reserved(guard) == 0
+    assert settled(guard) == 0
 
 
 def test_a_hold_has_its_turn_until_its_block_ends_or_it_ends(new_backend: NewBackend) -> None:
@@ -259,7 +259,7 @@ async def test_tasks_wait_their_turn_without_blocking_the_loop(new_backend: NewB
     assert most == 2
     assert done == 10
     assert ticks > 0
-    assert reserved(guard) == 0
+    assert settled(guard) == 0
 
 
 async def test_a_task_cancelled_while_waiting_leaves_no_trace(new_backend: NewBackend) -> None:
@@ -316,7 +316,7 @@ async def test_a_thread_hands_its_turn_to_a_task(new_backend: NewBackend) -> Non
         leave.set()
         with anyio.fail_after(10):
             await got_turn.wait()
-    assert reserved(guard) == 0
+    assert settled(guard) == 0
 
 
 def test_a_call_the_account_cannot_pay_is_refused_before_it_queues(new_backend: NewBackend) -> None:
@@ -342,4 +342,4 @@ def test_a_call_the_account_cannot_pay_is_refused_before_it_queues(new_backend: 
         assert (info.value.required, info.value.available) == (101, 100)
         leave.set()
         held.result(10)
-    assert reserved(guard) == 0
+    assert settled(guard) == 0

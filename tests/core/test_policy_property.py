@@ -58,7 +58,7 @@ class PolicyMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.now = 4_102_444_800.0  # 2100-01-01, whole hours from the epoch
-        self.patch = mock.patch.object(spending, "_now", lambda: self.now)
+        self.patch = mock.patch.object(spending, "_now", self.clock)
         self.patch.start()
         self.fake = FakeLensmor(subscription_balance=BALANCE, gift_balance=0)
         self.backend = None
@@ -79,6 +79,9 @@ class PolicyMachine(RuleBasedStateMachine):
         self.spent = 0
         # what each subject's calls were charged, by window (the model)
         self.charged: dict[tuple[str, int], int] = defaultdict(int)
+
+    def clock(self) -> float:
+        return self.now
 
     def teardown(self) -> None:
         self.patch.stop()

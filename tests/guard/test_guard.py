@@ -355,6 +355,8 @@ async def test_async_action_exception_propagates(guard: CreditGuard) -> None:
 def test_refresh_failure_keeps_the_result(
     fake: FakeLensmor, caplog: pytest.LogCaptureFixture, new_backend: NewBackend
 ) -> None:
+    """A block exits with no read; reading its ``balance_after`` fails: ``None``, logged,
+    and the block's credits stay reserved until a later read includes them."""
     events: list[GuardEvent] = []
     guard = CreditGuard(
         fake.api_key,
@@ -364,17 +366,24 @@ def test_refresh_failure_keeps_the_result(
         backend=new_backend(),
     )
 
-    with caplog.at_level(logging.WARNING, logger="creditguard"), guard.spend(10) as paid:
+    with guard.spend(10) as paid:
         fake.charge(10)
-        fake.fail_next(503)  # the refresh after the spend fails
-    assert paid.balance_after is None
-    assert "refresh" in caplog.text
-    assert state(guard) == (None, 0, 0)
-    assert [e.kind for e in events] == ["admitted", "refresh_failed"]
+    fake.fail_next(503)  # the read balance_after asks for fails
+    with caplog.at_level(logging.WARNING, logger="creditguard"):
+        assert paid.balance_after is None
+    assert "balance read after it failed" in caplog.text
+    cached, reserved, inflight = state(guard)
+    assert cached is not None
+    assert cached.total_balance == 30050  # unchanged: the charge is still reserved
+    assert (reserved, inflight) == (10, 1)
+    assert [e.kind for e in events] == ["admitted", "spent"]  # the read emits nothing
     with guard.spend(0) as spend:
-        fake.fail_next(503)
+        pass
+    fake.fail_next(503)
     assert spend.balance_after is None
-    assert guard.balance().total_balance == 30040
+    assert guard.balance().total_balance == 30040  # a later read settles them
+    assert state(guard)[1:] == (0, 0)
+    assert paid.balance_after is None  # remembered: no second try
 
 
 @pytest.mark.anyio
@@ -386,11 +395,12 @@ async def test_async_refresh_failure_keeps_the_result(
     )
     async with guard.spend(10) as spend:
         fake.charge(10)
-        fake.fail_next(500)
+    fake.fail_next(500)
     assert spend.balance_before is not None
-    assert spend.balance_after is None
-    assert state(guard) == (None, 0, 0)
+    assert await spend.abalance_after() is None
+    assert state(guard)[1:] == (10, 1)  # held until a read succeeds
     assert (await guard.abalance()).total_balance == 30040
+    assert state(guard)[1:] == (0, 0)
 
 
 # -- unavailable service -------------------------------------------------------------
@@ -429,14 +439,18 @@ async def test_fail_open_runs_unchecked_and_warns(
             fake.charge(5)
     assert "unchecked" in caplog.text
     assert spend.balance_before is None
-    assert spend.balance_after is not None
-    assert spend.balance_after.total_balance == 30045
+    after = await spend.abalance_after()  # the read that settles it
+    assert after is not None
+    assert after.total_balance == 30045
     assert events[0].kind == "unchecked"
+    assert state(guard)[1:] == (0, 0)
     guard.invalidate()
     fake.fail_next("not-json")
     with guard.spend(5) as spend:
         pass
     assert spend.balance_before is None
+    assert state(guard)[1:] == (5, 1)  # reserved like any call, until a read includes it
+    assert spend.balance_after is not None
     assert state(guard)[1:] == (0, 0)
 
 
@@ -474,9 +488,8 @@ def test_events(fake: FakeLensmor, new_backend: NewBackend) -> None:
     assert spent.account == guard.account
     assert spent.balance_before is not None
     assert spent.balance_before.total_balance == 10
-    assert spent.balance_after is not None
-    assert spent.balance_after.total_balance == 6
-    assert events[2].available == 6
+    assert spent.balance_after is None  # a block settles later: no read at exit
+    assert events[2].available == 6  # the refusal read settled the first block
     assert isinstance(events[2].error, InsufficientCredits)
 
 

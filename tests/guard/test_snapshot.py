@@ -67,8 +67,8 @@ def test_calls_in_flight_holds_settling_and_the_gate_queue(new_backend: NewBacke
         leave.set()
         first.result(10)
         second.result(10)
-    snap = guard.snapshot()  # the decorated call returned: it waits for a read
-    assert (snap.reserved, snap.in_flight, snap.settling) == (5, 1, 1)
+    snap = guard.snapshot()  # the block and the decorated call returned: they wait for a read
+    assert (snap.reserved, snap.in_flight, snap.settling) == (25, 2, 2)
     guard.balance()
     snap = guard.snapshot()
     assert (snap.reserved, snap.in_flight, snap.settling) == (0, 0, 0)
@@ -80,8 +80,10 @@ async def test_asnapshot(new_backend: NewBackend) -> None:
     inside = anyio.Event()
     leave = anyio.Event()
 
+    spend = guard.spend(40)
+
     async def in_flight() -> None:
-        async with guard.spend(40):
+        async with spend:
             inside.set()
             await leave.wait()
 
@@ -92,5 +94,8 @@ async def test_asnapshot(new_backend: NewBackend) -> None:
         assert (snap.reserved, snap.in_flight) == (40, 1)
         assert snap.balance is not None
         leave.set()
+    snap = await guard.asnapshot()  # the block returned: it waits for a read
+    assert (snap.reserved, snap.in_flight, snap.settling) == (40, 1, 1)
+    assert await spend.abalance_after() is not None  # that read
     snap = await guard.asnapshot()
-    assert (snap.reserved, snap.in_flight) == (0, 0)
+    assert (snap.reserved, snap.in_flight, snap.settling) == (0, 0, 0)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
+
+import anyio
 
 from creditguard import CreditGuard
 
@@ -63,6 +66,20 @@ def open_sockets() -> list[tuple[int, int]]:
             if inode in endpoints:
                 found.append(endpoints[inode])
     return found
+
+
+async def sockets_closed(before: int, within: float = 10.0) -> int:
+    """How many TCP sockets this process holds, once it holds no more than ``before``, or
+    after ``within`` seconds. The sandbox serves in a thread of this process: when a
+    client closes its connections, the server closes its own ends when its thread gets
+    to it, which a loaded machine may delay; nothing tells when, so this looks again
+    every 20 ms (bounded)."""
+    deadline = time.monotonic() + within
+    while True:
+        count = len(open_sockets())
+        if count <= before or time.monotonic() >= deadline:
+            return count
+        await anyio.sleep(0.02)
 
 
 def client_sockets(server_url: str) -> int:

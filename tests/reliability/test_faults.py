@@ -30,7 +30,7 @@ from creditguard import (
 )
 
 from .conftest import Sandbox
-from .support import assert_clean
+from .support import assert_clean, reads_in_flight
 
 COST = 10
 # Faults answered at once: a generous deadline, so the number of attempts is exact.
@@ -200,9 +200,12 @@ def test_fail_open_sync(sandbox: Sandbox, fault: Fault, caplog: pytest.LogCaptur
         with guard.spend(COST) as spend:
             sandbox.fake.charge(COST)
         elapsed = time.monotonic() - start
-        _check_fail_open(sandbox, fault, guard, spend, elapsed, caplog)
+        after = spend.balance_after  # its read meets the same fault
+        read = time.monotonic() - start - elapsed
+        _check_fail_open(sandbox, fault, guard, spend, after, (elapsed, read), caplog)
         fault.clear(sandbox)
         assert guard.balance() == sandbox.fake.balance
+        assert_clean(guard, cached=True)  # that read settled the block
 
 
 @pytest.mark.anyio
@@ -218,9 +221,12 @@ async def test_fail_open_async(
         async with guard.spend(COST) as spend:
             sandbox.fake.charge(COST)
         elapsed = time.monotonic() - start
-        _check_fail_open(sandbox, fault, guard, spend, elapsed, caplog)
+        after = await spend.abalance_after()  # its read meets the same fault
+        read = time.monotonic() - start - elapsed
+        _check_fail_open(sandbox, fault, guard, spend, after, (elapsed, read), caplog)
         fault.clear(sandbox)
         assert await guard.abalance() == sandbox.fake.balance
+        assert_clean(guard, cached=True)  # that read settled the block
 
 
 def _check_fail_open(
@@ -228,17 +234,24 @@ def _check_fail_open(
     fault: Fault,
     guard: CreditGuard,
     spend: Spend,
-    elapsed: float,
+    after: object,
+    elapsed: tuple[float, float],
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Admission and the refresh after the action each stay within one read's bound.
-    assert elapsed < 2 * fault.bound
+    # Admission, and the read balance_after asks for, each stay within one read's bound.
+    block, read = elapsed
+    assert block < fault.bound
+    assert read < fault.bound
     assert spend.balance_before is None
-    assert spend.balance_after is None  # the refresh met the same fault
+    assert after is None  # the read met the same fault
     assert sandbox.fake.balance.total_balance == 1050 - COST
     messages = [r.getMessage() for r in caplog.records if r.name == "creditguard"]
     assert any("unchecked" in m for m in messages), messages
-    assert_clean(guard)
+    assert any("balance read after it failed" in m for m in messages), messages
+    # Run unchecked, it is reserved like any call: held until a read includes it.
+    balance, reserved, inflight = guard._account.snapshot()
+    assert (balance, reserved, inflight) == (None, COST, 1)
+    assert reads_in_flight(guard) == 0
 
 
 @pytest.mark.parametrize("kind", ["wrong-key", 401, 403])
@@ -361,12 +374,14 @@ def test_refresh_fault_after_spend_sync(
     with sandbox.guard(**fault.config) as guard:  # type: ignore[arg-type]
         with guard.spend(COST) as spend:
             sandbox.fake.charge(COST)
-            fault.script(sandbox)
-            start = time.monotonic()
+            fault.script(sandbox)  # the block exits with no read: it meets no fault
+        start = time.monotonic()
+        after = spend.balance_after
         elapsed = time.monotonic() - start
-        _check_refresh_fault(sandbox, fault, guard, spend, elapsed, caplog)
+        _check_refresh_fault(sandbox, fault, guard, spend, after, elapsed, caplog)
         fault.clear(sandbox)
         assert guard.balance() == sandbox.fake.balance
+        assert_clean(guard, cached=True)  # that read settled the block
 
 
 @pytest.mark.anyio
@@ -379,12 +394,14 @@ async def test_refresh_fault_after_spend_async(
     async with guard:
         async with guard.spend(COST) as spend:
             sandbox.fake.charge(COST)
-            fault.script(sandbox)
-            start = time.monotonic()
+            fault.script(sandbox)  # the block exits with no read: it meets no fault
+        start = time.monotonic()
+        after = await spend.abalance_after()
         elapsed = time.monotonic() - start
-        _check_refresh_fault(sandbox, fault, guard, spend, elapsed, caplog)
+        _check_refresh_fault(sandbox, fault, guard, spend, after, elapsed, caplog)
         fault.clear(sandbox)
         assert await guard.abalance() == sandbox.fake.balance
+        assert_clean(guard, cached=True)  # that read settled the block
 
 
 def _check_refresh_fault(
@@ -392,17 +409,22 @@ def _check_refresh_fault(
     fault: Fault,
     guard: CreditGuard,
     spend: Spend,
+    after: object,
     elapsed: float,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     assert elapsed < fault.bound
     assert spend.balance_before is not None
     assert spend.balance_before.total_balance == 1050
-    assert spend.balance_after is None
+    assert after is None
+    assert spend.balance_after is None  # remembered: no second try
     messages = [r.getMessage() for r in caplog.records if r.name == "creditguard"]
-    assert any("refresh" in m for m in messages), messages
-    # The pre-spend balance is forgotten: the next read must go upstream.
-    assert_clean(guard)
+    assert any("balance read after it failed" in m for m in messages), messages
+    # The block stays reserved until a read includes it (the cache, which does not, may
+    # still serve admissions beside that reservation).
+    _, reserved, inflight = guard._account.snapshot()
+    assert (reserved, inflight) == (COST, 1)
+    assert reads_in_flight(guard) == 0
 
 
 # -- cancellation while a read is stalled -------------------------------------------------
@@ -436,9 +458,10 @@ async def test_cancelled_leader_of_a_stalled_read(sandbox: Sandbox) -> None:
         assert leader.cancelled_caught
         assert not waiter.cancelled_caught
         assert admitted == [1050]
-        assert sandbox.fake.balance_requests == 3  # stalled read, waiter's read, refresh
+        assert sandbox.fake.balance_requests == 2  # stalled read, waiter's read
+        assert await guard.abalance() == sandbox.fake.balance  # settles the waiter's block
+        assert sandbox.fake.balance_requests == 3
         assert_clean(guard, cached=True)
-        assert await guard.abalance() == sandbox.fake.balance
 
 
 async def _cancel_once_stalled(sandbox: Sandbox, scope: anyio.CancelScope, n: int) -> None:
@@ -468,15 +491,23 @@ async def test_cancelled_during_stalled_admission(sandbox: Sandbox) -> None:
 
 @pytest.mark.anyio
 async def test_cancelled_during_stalled_refresh(sandbox: Sandbox) -> None:
+    """Cancelled while the read ``abalance_after()`` asks for is stalled: the block stays
+    reserved (the cache unchanged) and a later ask reads again."""
     guard = sandbox.guard(timeout=30.0, retry=RetryPolicy(attempts=1, deadline=30.0))
     async with guard:
+        async with guard.spend(COST) as spend:
+            sandbox.fake.charge(COST)
+        cached = guard._account.snapshot()[0]
+        assert cached is not None
+        sandbox.fake.fail_next("stall")
         with anyio.CancelScope() as scope:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_cancel_once_stalled, sandbox, scope, 1)
-                async with guard.spend(COST):
-                    sandbox.fake.charge(COST)
-                    sandbox.fake.fail_next("stall")
+                await spend.abalance_after()
         assert scope.cancelled_caught
-        assert_clean(guard)  # released, and the pre-spend balance forgotten
-        assert await guard.abalance() == sandbox.fake.balance
-        assert sandbox.fake.balance.total_balance == 1050 - COST
+        assert guard._account.snapshot() == (cached, COST, 1)
+        assert reads_in_flight(guard) == 0
+        after = await spend.abalance_after()  # asked again: read again
+        assert after == sandbox.fake.balance
+        assert after.total_balance == 1050 - COST
+        assert_clean(guard, cached=True)

@@ -33,7 +33,7 @@ import pytest
 from creditguard import CreditGuard, InsufficientCredits, MemoryBackend, RetryPolicy
 from creditguard.testing import FakeLensmor, serve
 
-from .support import assert_clean, client_sockets, open_sockets
+from .support import assert_clean, client_sockets, open_sockets, sockets_closed
 
 pytestmark = pytest.mark.slow
 
@@ -123,8 +123,12 @@ async def test_async_load_over_loopback(loaded_sandbox: tuple[FakeLensmor, str])
             for _ in range(concurrency):
                 tg.start_soon(worker)
         elapsed = time.monotonic() - started
+        # Nothing in flight; the last blocks may wait for a read (they settle lazily, and
+        # the calls refused after them on the cached balance made none).
+        snap = await guard.asnapshot()
+        assert snap.in_flight == snap.settling
+        assert await guard.abalance(refresh=True) == fake.balance  # settles them
         assert_clean(guard, cached=True)
-        assert await guard.abalance(refresh=True) == fake.balance
         assert client_sockets(url) > 0  # (the count sees the pools' connections)
 
     reads = fake.balance_requests
@@ -151,7 +155,7 @@ async def test_async_load_over_loopback(loaded_sandbox: tuple[FakeLensmor, str])
     assert client_sockets(url) == 0
     assert len(anyio.get_running_tasks()) == tasks_before
     assert own_threads() <= threads_before
-    assert len(open_sockets()) <= sockets_before
+    assert await sockets_closed(sockets_before) <= sockets_before
 
 
 # -- 2,000 calls from 32 threads ---------------------------------------------------------------
@@ -370,4 +374,4 @@ async def test_soak_many_keys_memory_stays_flat() -> None:
     assert growth < 320 * 1024, growth
     assert len(anyio.get_running_tasks()) == tasks_before
     assert own_threads() <= threads_before
-    assert len(open_sockets()) == sockets_before
+    assert await sockets_closed(sockets_before) == sockets_before

@@ -3,8 +3,14 @@
 A Hypothesis ``RuleBasedStateMachine`` runs one account through random interleavings of
 guarded spends (sync ones in the test's thread, async ones as tasks of an event loop in a
 blocking portal, asyncio or trio), actions that fail, are interrupted or cancelled (inside
-the block, during the admission read, during the refresh after the action), charges by
-someone else, invalidations, TTL expiry (a patched clock) and upstream faults.
+the block, during the admission read, during the read of a block's balance after),
+charges by someone else, invalidations, TTL expiry (a patched clock) and upstream faults.
+
+Blocks settle lazily: a block that returns keeps its reservation until a read that
+started after its action finished comes back, whoever makes it: reading its
+``balance_after`` right away, later, or never (an admission, ``balance()``, another block's
+read). The model keeps each such block (its reservation, and the service's balance right
+after its charge) until a read releases it.
 
 Each rule leaves every call either parked inside its guarded block or finished, so the
 interleavings are deterministic. After every step:
@@ -14,8 +20,12 @@ interleavings are deterministic. After every step:
   can all still be paid;
 * the sum of the costs admitted and in flight never exceeds the last balance read at the
   current generation (and that balance, while fresh, is the service's);
-* the guard's reservations are exactly the costs in flight, zero when nothing is;
-* a completed spend's ``balance_after`` and the next ``balance()`` reflect it;
+* the guard's reservations are exactly the costs in flight plus those of the blocks that
+  returned and wait for a read, zero when nothing is; a released block's charge is in the
+  cached balance (no reservation is released on a read that does not include it);
+* a completed spend's ``balance_after`` (read right away) is the service's balance, and
+  the next ``balance()`` trusts that read; read later, it includes the block's charge;
+* ``balance()`` settles every block that returned;
 * no balance the service never had is cached.
 """
 
@@ -160,6 +170,17 @@ class Gate(httpx.BaseTransport, httpx.AsyncBaseTransport):
 
 
 Action = Callable[[], Awaitable[None]]
+LOOKS = ["no", "no", "property", "async"]  # how a returned block's balance after is read
+
+
+@dataclass
+class Settling:
+    """A block that returned: its reservation is held until a read includes its charge."""
+
+    spend: Spend
+    reservation: Any  # creditguard.core.steps.Reservation (``released`` once settled)
+    total_after: int  # the service's total balance right after its charge
+    mode: str
 
 
 @dataclass
@@ -229,6 +250,7 @@ class GuardMachine(RuleBasedStateMachine):
         self._portal_cm = anyio.from_thread.start_blocking_portal(self.backend)
         self.portal = self._portal_cm.__enter__()
         self.opens: dict[int, Open] = {}
+        self.settling: list[Settling] = []  # blocks that returned, in the order they did
         self.next_id = 0
         self.tainted = False  # someone else charged and the guard may not know yet
         self.overspends = 0
@@ -262,6 +284,22 @@ class GuardMachine(RuleBasedStateMachine):
     def in_block(self) -> int:
         return sum(o.cost for o in self.opens.values())
 
+    def waiting(self) -> list[Settling]:
+        """The blocks that returned and that no read has settled yet."""
+        return [s for s in self.settling if not s.reservation.released]
+
+    def unsettled(self) -> int:
+        return sum(s.reservation.cost for s in self.waiting())
+
+    def check_before(self, balance: CreditBalance) -> None:
+        """``balance``, read before now, when nobody else charged: the service's, but
+        for the charges of blocks that returned and wait for a read (it may predate them)."""
+        if not self.waiting():
+            assert balance == self.fake.balance
+        else:
+            total = self.fake.balance.total_balance
+            assert total <= balance.total_balance <= total + self.unsettled()
+
     def current_generation(self) -> tuple[CreditBalance | None, bool]:
         """The cached balance if it was read at the current generation, and its freshness."""
         account = self.account
@@ -272,9 +310,12 @@ class GuardMachine(RuleBasedStateMachine):
 
     def admitted(self, cost: int, mode: str, spend: Spend) -> None:
         assert spend.balance_before is not None
+        assert spend.balance_before in self.history
         if not self.tainted:
-            # Admitted on the true balance, minus exactly what is in flight.
-            assert spend.balance_before == self.fake.balance
+            # Admitted on the true balance (or on the cached one, which may not include
+            # the blocks that returned and wait for a read: their credits are reserved),
+            # and payable beside exactly what is in flight.
+            self.check_before(spend.balance_before)
             assert cost <= self.fake.balance.total_balance - self.in_block()
         self.opens[self.next_id] = Open(cost, spend, mode)
         self.next_id += 1
@@ -293,9 +334,11 @@ class GuardMachine(RuleBasedStateMachine):
             assert exc.required == cost > exc.available >= 0
             if not self.tainted:
                 # A true refusal: the account cannot pay even if every call in flight but
-                # the caller's own enclosing ones charges nothing.
-                assert exc.balance == self.fake.balance
-                assert exc.available == max(0, self.fake.balance.total_balance - own)
+                # the caller's own enclosing ones charges nothing (decided on the service's
+                # balance, or on a cached one that is higher).
+                assert exc.balance is not None
+                self.check_before(exc.balance)
+                assert exc.available == max(0, exc.balance.total_balance - own)
                 assert cost > self.fake.balance.total_balance - own
         elif isinstance(exc, AdmissionTimeout):
             self.note("busy")
@@ -307,22 +350,56 @@ class GuardMachine(RuleBasedStateMachine):
         else:
             raise exc
 
-    def finished(self, spend: Spend, ok: bool, reads_before: int) -> None:
+    def finished(self, spend: Spend, ok: bool, mode: str, look: str) -> None:
+        """A block returned (``ok``) or raised; ``look``: how its balance after is read
+        right away ("no": not now)."""
         if not ok:
+            reads = self.fake.balance_requests
+            assert spend.balance_after is None  # known: no read
+            assert self.fake.balance_requests == reads
             self.untaint_if_idle()
             return
-        if spend.balance_after is None:
+        # It exited with no read: its reservation waits for one.
+        reservation = spend._due
+        assert reservation is not None
+        assert not reservation.released
+        entry = Settling(spend, reservation, self.fake.balance.total_balance, mode)
+        self.settling.append(entry)
+        if look == "no":
+            # No read: the cached balance stays what it was (it may miss outside charges).
+            self.note("settles later")
+        elif self.look(entry, look, at_once=True):
+            self.untaint_if_idle()  # that read is the service's balance now
+
+    def look(self, entry: Settling, via: str, at_once: bool) -> bool:
+        """Read ``entry``'s balance after (``at_once``: right after the block returned);
+        whether it was read."""
+        faults, reads = self.pending_faults(), self.fake.balance_requests
+        released = entry.reservation.released  # maybe by another read, since
+        if via == "property":
+            after = entry.spend.balance_after
+        else:
+            after = self.portal.call(entry.spend.abalance_after)
+        if after is None:  # the read failed: logged, and the block stays reserved
             self.note("refresh failed")
-            self.untaint_if_idle()
-            return
-        self.note("spent")
-        # The refresh started after the paid call: it reflects it (and anything before).
-        assert spend.balance_after == self.fake.balance
-        reads = self.fake.balance_requests
-        assert self.guard.balance() == self.fake.balance
-        assert self.fake.balance_requests == reads  # balance() trusted the refresh
-        assert reads > reads_before
-        self.untaint_if_idle()
+            assert faults, "the read after a block failed without a fault"
+            assert entry.reservation.released == released  # it released nothing
+            return False
+        self.note("spent" if at_once else "looked later")
+        assert after in self.history
+        # A read that started after the block's action finished: it includes its charge.
+        assert self.fake.balance.total_balance <= after.total_balance <= entry.total_after
+        # It settled the block, and every block that returned before it.
+        for earlier in self.settling[: self.settling.index(entry) + 1]:
+            assert earlier.reservation.released
+        if at_once:
+            # Nothing happened since the block returned: that read is the service's now.
+            assert after == self.fake.balance
+            assert self.fake.balance_requests > reads
+            reads = self.fake.balance_requests
+            assert self.guard.balance() == self.fake.balance
+            assert self.fake.balance_requests == reads  # balance() trusted that read
+        return True
 
     # -- rules: guarded calls ----------------------------------------------------------
 
@@ -376,12 +453,12 @@ class GuardMachine(RuleBasedStateMachine):
         outcome=st.sampled_from(
             ["ok", "ok", "raise-after-charge", "raise-before-charge", "interrupt-after-charge"]
         ),
+        look=st.sampled_from(LOOKS),
     )
-    def finish_sync(self, index: int, outcome: str) -> None:
+    def finish_sync(self, index: int, outcome: str, look: str) -> None:
         sync = sorted(k for k, o in self.opens.items() if o.mode == "sync")
         key = sync[index % len(sync)]
         call = self.opens.pop(key)
-        reads = self.fake.balance_requests
         ok = False
         try:
             if outcome != "raise-before-charge":
@@ -396,7 +473,7 @@ class GuardMachine(RuleBasedStateMachine):
         else:
             call.spend.__exit__(None, None, None)
             ok = True
-        self.finished(call.spend, ok, reads)
+        self.finished(call.spend, ok, "sync", look)
 
     @precondition(lambda self: any(o.mode == "async" for o in self.opens.values()))
     @rule(
@@ -411,10 +488,10 @@ class GuardMachine(RuleBasedStateMachine):
                 "cancel-before-charge",
             ]
         ),
+        look=st.sampled_from(LOOKS),
     )
-    def finish_async(self, index: int, outcome: str) -> None:
+    def finish_async(self, index: int, outcome: str, look: str) -> None:
         _, call = self._pick_async(index)
-        reads = self.fake.balance_requests
         refused: list[bool] = []
 
         async def action() -> None:
@@ -437,7 +514,7 @@ class GuardMachine(RuleBasedStateMachine):
         if not ok:
             self.note("paid call refused" if refused else outcome)
             assert error is None or isinstance(error, (ActionFailed, PaidCallRefused))
-        self.finished(call.spend, ok, reads)
+        self.finished(call.spend, ok, "async", look)
 
     def _pick_async(self, index: int) -> tuple[int, Open]:
         keys = sorted(k for k, o in self.opens.items() if o.mode == "async")
@@ -490,25 +567,47 @@ class GuardMachine(RuleBasedStateMachine):
     @precondition(lambda self: any(o.mode == "async" for o in self.opens.values()))
     @rule(index=st.integers(0, MAX_OPEN))
     def cancel_during_refresh(self, index: int) -> None:
-        """The action was paid, then the caller is cancelled during the refresh."""
+        """The action was paid and the block returned; the caller asks for its balance
+        after and is cancelled while that read is in flight: the block stays reserved
+        (a later ask reads again)."""
         key, call = self._pick_async(index)
         if call.cost > self.fake.balance.total_balance:  # its paid call would be refused
             self.opens[key] = call
             return
-        self.note("cancelled during refresh")
-        self.portal.call(self.gate.hold)
 
         async def action() -> None:
             self.paid_call(call.cost)
 
         self.portal.call(call.box["send"].send, action)
-        self.gate.wait_arrivals(1)  # the refresh after the action is in flight
-        self.portal.call(call.box["scope"].cancel)
         assert call.done is not None
-        assert call.done.result(WAIT) == "cancelled"
+        assert call.done.result(WAIT) == "done"
+        self.finished(call.spend, True, "async", "no")
+        entry = self.settling[-1]
+        self.note("cancelled during refresh")
+        self.portal.call(self.gate.hold)
+        box: dict[str, Any] = {}
+
+        async def ask() -> bool:
+            with anyio.CancelScope() as scope:
+                box["scope"] = scope
+                await call.spend.abalance_after()
+            return scope.cancelled_caught
+
+        asking = self.portal.start_task_soon(ask)
+        self.gate.wait_arrivals(1)  # the read after the block is in flight (and held)
+        self.portal.call(box["scope"].cancel)
+        assert asking.result(WAIT) is True
         self.portal.call(self.gate.release)
-        assert call.spend.balance_after is None
-        self.untaint_if_idle()
+        assert call.spend._due is entry.reservation  # not read: the next ask reads
+        assert not entry.reservation.released
+
+    @precondition(lambda self: any(s.spend._due is not None for s in self.settling))
+    @rule(index=st.integers(0, 100), via=st.sampled_from(["property", "async"]))
+    def look_later(self, index: int, via: str) -> None:
+        """The balance after a block that returned a while ago (maybe settled since by
+        another read) is asked for."""
+        unread = [s for s in self.settling if s.spend._due is not None]
+        self.look(unread[index % len(unread)], via, at_once=False)
 
     # -- rules: the world ---------------------------------------------------------------
 
@@ -528,8 +627,9 @@ class GuardMachine(RuleBasedStateMachine):
         index=st.integers(0, MAX_OPEN),
         credits=st.integers(1, 60),
         cost=st.integers(0, 40),
+        look=st.sampled_from(LOOKS),
     )
-    def straddling_read(self, event: str, index: int, credits: int, cost: int) -> None:
+    def straddling_read(self, event: str, index: int, credits: int, cost: int, look: str) -> None:
         """A balance read is answered, then delayed; meanwhile the balance changes (or the
         guard is told it may have). When the stale answer arrives it must not be trusted
         beyond what the guard still reserves."""
@@ -545,7 +645,6 @@ class GuardMachine(RuleBasedStateMachine):
         joining: tuple[concurrent.futures.Future[Spend], concurrent.futures.Future[str]] | None
         joining = None
         box: dict[str, Any] = {}
-        reads = self.fake.balance_requests
         sync_calls = [k for k, o in self.opens.items() if o.mode == "sync"]
         async_calls = [k for k, o in self.opens.items() if o.mode == "async"]
         if event.startswith("sync call") and sync_calls:
@@ -566,7 +665,7 @@ class GuardMachine(RuleBasedStateMachine):
                     raise ActionFailed(event)
 
             self.portal.call(waiting.box["send"].send, action)
-            self.portal.call(_let_others_run)  # its refresh waits for the stale read
+            self.portal.call(_let_others_run)  # it returns while the stale read is held
         else:
             self.note(f"straddled: {event}")
             if event.startswith("async admission") and len(self.opens) < MAX_OPEN:
@@ -596,7 +695,7 @@ class GuardMachine(RuleBasedStateMachine):
         if waiting is not None:
             assert waiting.done is not None
             failed = waiting.done.exception(WAIT)
-            self.finished(waiting.spend, failed is None, reads)
+            self.finished(waiting.spend, failed is None, "async", look)
         if joining is not None:
             admitted, done = joining
             try:
@@ -656,6 +755,7 @@ class GuardMachine(RuleBasedStateMachine):
         assert balance in self.history
         if refresh or not self.tainted:
             assert balance == self.fake.balance
+        assert not self.waiting()  # it settled every block that returned
         if refresh:
             self.untaint_if_idle()
 
@@ -674,17 +774,31 @@ class GuardMachine(RuleBasedStateMachine):
         if balance is not None and not self.tainted:
             assert self.in_block() <= balance.total_balance
             if fresh:
-                assert balance == self.fake.balance
+                self.check_before(balance)
 
     @invariant()
     def reservations_match_calls_in_flight(self) -> None:
         cached, reserved, inflight = self.account.snapshot()
-        assert reserved == self.in_block()
-        assert inflight == len(self.opens)
-        if not self.opens:
+        waiting = self.waiting()
+        assert reserved == self.in_block() + self.unsettled()
+        assert inflight == len(self.opens) + len(waiting)
+        if not self.opens and not waiting:
             assert (reserved, inflight) == (0, 0)
         assert reads_in_flight(self.guard) == 0  # no read left behind
         assert cached is None or cached in self.history
+
+    @invariant()
+    def a_settled_block_is_in_the_cached_balance(self) -> None:
+        """A block's reservation is released only by a read that includes its charge: a
+        balance cached at the current generation includes every released block's."""
+        balance, _ = self.current_generation()
+        for entry in self.settling:
+            if entry.reservation.released and balance is not None:
+                assert balance.total_balance <= entry.total_after
+        # Blocks settled and read are done with.
+        self.settling = [
+            e for e in self.settling if not e.reservation.released or e.spend._due is not None
+        ]
 
     # -- teardown ------------------------------------------------------------------------
 
@@ -698,6 +812,9 @@ class GuardMachine(RuleBasedStateMachine):
                     assert call.done is not None
                     call.done.result(WAIT)
             self.opens.clear()
+            self.fake.clear_faults()
+            self.guard.balance()  # settles every block that returned
+            assert not self.waiting()
             _, reserved, inflight = self.account.snapshot()
             assert (reserved, inflight) == (0, 0)
         finally:
@@ -731,6 +848,8 @@ def test_guard_state_machine(anyio_backend: str) -> None:
     # The interesting paths were all taken (the examples are derandomized: stable).
     for path in (
         "spent",
+        "settles later",
+        "looked later",
         "denied",
         "unavailable",
         "refresh failed",

@@ -115,7 +115,26 @@ def shadow_free(request: Any) -> HttpResponse:  # pragma: no cover - shadowed
     return HttpResponse("free")
 
 
+def user_of(request: Any) -> str | None:
+    """Who a request spends for (the spending policy tests): its ``X-User`` header."""
+    value = request.headers.get("X-User")
+    return None if value is None else str(value)
+
+
+@requires_credits(40, subject=user_of)
+def policy_decorated(request: Any) -> HttpResponse:
+    state["fake"].charge(40)
+    return HttpResponse("ok")
+
+
+def policy_plain(request: Any) -> HttpResponse:
+    state["fake"].charge(40)
+    return HttpResponse("ok")
+
+
 urlpatterns = [
+    path("policy/decorated", policy_decorated),
+    path("policy/plain", policy_plain),
     path("events/<str:event_id>/unlock", unlock),
     path("async/events/<str:event_id>/unlock", aunlock),
     path("missing", missing),

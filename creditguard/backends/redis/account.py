@@ -180,6 +180,8 @@ class RedisAccount:
         except BaseException:
             leases._put_back(state, finished)  # it may not have reached Redis
             raise
+        finally:
+            leases._told(state, finished)
         return Asked(answer, rid, cost, known, looked, until, asking)
 
     def answer(self, asked: Asked, sync: bool) -> Ops[Reservation | Step]:

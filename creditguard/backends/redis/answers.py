@@ -38,8 +38,23 @@ class Admitted(NamedTuple):
     balance: str | None
     gen: int
     tag: str
-    warned: bool = False
-    """It took its subject's allowance window past the warning level, first of all."""
+
+    @property
+    def warned(self) -> bool:
+        """Whether it took its subject's allowance window past the warning level, first
+        of all (see :class:`WarnedAdmitted`)."""
+        return False
+
+
+class WarnedAdmitted(Admitted):
+    """:class:`Admitted`, and the first admission to take its subject's allowance window
+    past the allowance's warning level."""
+
+    __slots__ = ()
+
+    @property
+    def warned(self) -> bool:
+        return True
 
 
 class WaitNeeded(NamedTuple):
@@ -140,8 +155,8 @@ def _admit_result(raw: Any, known: str) -> AdmitResult:
         return Admitted("ok", None, raw, known)
     kind = _text(raw[0])
     if kind == "ok":
-        warned = len(raw) > 4 and _int(raw[4]) == 1
-        return Admitted("ok", _text(raw[1]), _int(raw[2]), _text(raw[3]), warned)
+        kind_of = WarnedAdmitted if len(raw) > 4 and _int(raw[4]) == 1 else Admitted
+        return kind_of("ok", _text(raw[1]), _int(raw[2]), _text(raw[3]))
     if kind == "read":
         return ReadNeeded("read", _int(raw[1]))
     if kind == "wait":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 from creditguard.backends.redis.calls import Link, ScriptCalls
@@ -16,7 +17,7 @@ from creditguard.backends.redis.gate import HoldInfo
 from creditguard.backends.redis.scripts import decode_balance, encode_balance
 from creditguard.core.errors import BalanceUnavailable
 from creditguard.core.models import CreditBalance
-from creditguard.core.steps import Call, Ops, Reservation, Turn, Waiter
+from creditguard.core.steps import Call, Ops, Reservation, Turn, Waiter, pause
 
 __all__ = [
     "POLL_FIRST",
@@ -34,6 +35,12 @@ logger = logging.getLogger("creditguard")
 # looks at once when something of this process it waits for happens.
 POLL_FIRST = 0.002
 POLL_MAX = 0.02
+# At most how long telling Redis of this process's finished spends waits for another
+# caller that is telling it of some (one script call; past this, they may settle at a
+# later read, as if they had finished later).
+TELL_WAIT = 0.25
+
+_monotonic = time.monotonic
 
 
 class RedisReservation(Reservation):
@@ -147,6 +154,15 @@ class AccountContext:
             except BaseException:
                 leases._put_back(state, finished)
                 raise
+            finally:
+                leases._told(state, finished)
+        # Another caller (the renewer, an admission) may be telling Redis of others right
+        # now: until its call is done, a look or a read starting next might not see them
+        # finished (a read would then not settle them). Wait for it, briefly.
+        if leases._being_told(state):
+            until = _monotonic() + TELL_WAIT
+            while leases._being_told(state) and _monotonic() < until:
+                yield pause(POLL_FIRST)
 
     def settle_call(self, reservation: Reservation, name: str, *args: Any) -> Ops[object]:
         """A settling call: it runs after the action, so a Redis failure must not hide

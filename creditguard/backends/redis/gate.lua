@@ -127,12 +127,14 @@ local admit = id ~= '-'
 if check == '1' or admit then sweep() end
 if finished ~= '' then
   local seq = nil  -- one seq for all, as admit marks them
-  for fid in string.gmatch(finished, '[^,]+') do
+  for item in string.gmatch(finished, '[^,]+') do
+    local fid, charged = finished_item(item)  -- "id" or "id=charged" (state.lua)
     local rec = redis.call('HGET', K_RES, fid)
     if rec then
       seq = seq or redis.call('HINCRBY', K_STATE, 'seq', 1)
       redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
     end
+    settle_subject(fid, charged)
   end
 end
 -- Expired turns and waiters that stopped looking leave.

@@ -171,6 +171,9 @@ class LeaseKeeper:
         self._finished: dict[RedisAccountState, list[str]] = {}
         self._finished_since: dict[RedisAccountState, float] = {}
         self._deferrals = 0  # how many spends were deferred, ever (the renewer's cue)
+        # How many lists of them callers took and are telling Redis of, by account: a
+        # caller that must see them all in Redis waits for those (:meth:`_being_told`).
+        self._telling: dict[RedisAccountState, int] = {}
         self._wake = threading.Condition(self._lock)
         self._armed = False  # the renewer looks every FLUSH_AFTER (finished spends wait)
 
@@ -217,12 +220,32 @@ class LeaseKeeper:
     def _take_finished(self, state: RedisAccountState) -> list[str]:
         """The finished spends of ``state``'s account Redis does not know of yet, taken
         by a caller that tells Redis (it gives them back with :meth:`_put_back` if it
-        could not)."""
+        could not, and calls :meth:`_told` once its call is over, whatever its end)."""
         if not self._finished:
             return []
         with self._lock:
             self._finished_since.pop(state, None)
-            return self._finished.pop(state, [])
+            rids = self._finished.pop(state, [])
+            if rids:
+                self._telling[state] = self._telling.get(state, 0) + 1
+            return rids
+
+    def _told(self, state: RedisAccountState, rids: list[str]) -> None:
+        """The caller that took ``rids`` (:meth:`_take_finished`) is done telling Redis
+        of them (told, or given back)."""
+        if not rids:
+            return
+        with self._lock:
+            left = self._telling.get(state, 0) - 1
+            if left > 0:
+                self._telling[state] = left
+            else:
+                self._telling.pop(state, None)
+
+    def _being_told(self, state: RedisAccountState) -> bool:
+        """Whether a caller (an admission, the renewer) is telling Redis right now of
+        spends of ``state``'s account that finished here."""
+        return state in self._telling
 
     def _put_back(self, state: RedisAccountState, rids: list[str], later: float = 0.0) -> None:
         """Redis may not have learnt that ``rids`` finished: tell it again (the renewer
@@ -259,6 +282,8 @@ class LeaseKeeper:
                 logger.warning("could not tell Redis that spends finished: %s", exc)
                 self._put_back(state, rids, CHECK_EVERY)
                 return
+            finally:
+                self._told(state, rids)
 
     def _start_renewer(self) -> None:
         """Under the lock: make sure the renewer runs."""

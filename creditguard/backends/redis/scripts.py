@@ -71,7 +71,7 @@ from creditguard.backends.redis.answers import (
     _survey,
     _text,
 )
-from creditguard.backends.redis.side import SideScripts, duration_ms
+from creditguard.backends.redis.side import MAX_MS, SideScripts, duration_ms
 from creditguard.core.models import CreditBalance
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_PREFIX",
+    "MAX_MS",
     "AdmitResult",
     "Admitted",
     "Busy",
@@ -90,6 +91,7 @@ __all__ = [
     "Survey",
     "WaitNeeded",
     "decode_balance",
+    "duration_ms",
     "encode_balance",
 ]
 

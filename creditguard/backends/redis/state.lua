@@ -32,8 +32,8 @@ local function settle_subject(id, charged)
   local wkey, c, wend = string.match(entry, '^(%S+) (%d+) (%d+)$')
   c = tonumber(c)
   if charged == nil then charged = c end
-  redis.call('HINCRBY', wkey, 'reserved', -c)
-  if charged > 0 then redis.call('HINCRBY', wkey, 'spent', charged) end
+  if c > 0 then redis.call('HINCRBY', wkey, 'reserved', fmt(-c)) end
+  if charged > 0 then redis.call('HINCRBY', wkey, 'spent', fmt(charged)) end
   redis.call('PEXPIREAT', wkey, fmt(tonumber(wend) + WINDOW_GRACE_MS))
 end
 
@@ -312,7 +312,7 @@ if not blocked and (cost == 0 or cost <= total - reserved - keep) then
              'inflight', fmt((tonumber(raw[7]) or 0) + 1))
   local warned = 0
   if wkey then
-    redis.call('HINCRBY', wkey, 'reserved', cost)
+    if cost > 0 then redis.call('HINCRBY', wkey, 'reserved', fmt(cost)) end
     redis.call('PEXPIREAT', wkey, fmt(wend + WINDOW_GRACE_MS))
     redis.call('HSET', K_SUBJ, id, wkey .. ' ' .. fmt(cost) .. ' ' .. fmt(wend))
     if wwarn >= 0 and wspent + wres + cost >= wwarn
