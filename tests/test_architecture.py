@@ -67,7 +67,7 @@ def _layer(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "root"
-    if parts[1] in ("core", "guard", "lensmor", "web", "cli", "testing"):
+    if parts[1] in ("core", "guard", "lensmor", "web", "cli", "testing", "telemetry", "ledger"):
         return parts[1]
     if parts[1] == "backends":
         return "backends." + parts[2] if len(parts) > 2 else "backends"
@@ -124,7 +124,8 @@ ALLOWED = {
     "backends.memory": {"core"},
     "backends.redis": {"core", "backends.memory"},
     "lensmor": {"core"},
-    "guard": {"core", "lensmor", "backends.memory"},
+    "guard": {"core", "lensmor", "backends.memory", "telemetry"},
+    "telemetry": {"core"},
     "web": {"core", "guard"},
     "testing": {"core", "lensmor"},
     "cli": {"core", "guard", "lensmor", "backends.redis", "testing", "root"},
