@@ -371,12 +371,21 @@ def check_subject_spec(subject: object) -> None:
         )
 
 
+def _subject(value: object) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise TypeError(
+            f"the subject callable must return a str or None, got {type(value).__name__}"
+        )
+    return check_subject(value)
+
+
 def subject_of(func: SubjectSpec, request: object) -> str | None:
     """The request's subject (checked), or ``None``."""
     if func is None:
         return None
-    value = func(request)
-    return None if value is None else check_subject(value)
+    return _subject(func(request))
 
 
 async def asubject_of(func: SubjectSpec, request: object) -> str | None:
@@ -386,7 +395,7 @@ async def asubject_of(func: SubjectSpec, request: object) -> str | None:
     value = func(request)
     if value is not None and not isinstance(value, str) and inspect.isawaitable(value):
         value = await value
-    return None if value is None else check_subject(value)
+    return _subject(value)
 
 
 async def acall_cost(func: Callable[[Any], Any], request: object) -> int:

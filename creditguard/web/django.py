@@ -111,7 +111,8 @@ class _Config:
         self.subject: Callable[[Any], Any] | None = _load(raw.get("SUBJECT"))
         check_hook("ON_ERROR", self.on_error)
         check_hook("CHARGE_WHEN", self.charge_when)
-        check_hook("SUBJECT", self.subject)
+        if self.subject is not None and not callable(self.subject):
+            raise CreditGuardError(f"{SETTING}['SUBJECT'] must be a callable of the request")
         self._guard: GuardSpec | None = None
         self._lock = threading.Lock()
 

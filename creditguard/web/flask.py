@@ -66,8 +66,8 @@ class CreditGuardExtension:
     callable of the ``flask.Request`` returning the tenant's guard); otherwise it builds
     ``CreditGuard(app.config["LENSMOR_API_KEY"], base_url=app.config["LENSMOR_BASE_URL"],
     **app.config["CREDITGUARD_OPTIONS"])`` (each key optional; the environment fills in
-    the key and URL). ``on_error`` and ``charge_when`` are the defaults of every
-    :func:`requires_credits` view of the app. The extension also makes sure a spend is
+    the key and URL). ``on_error``, ``charge_when`` and ``subject`` are the defaults of
+    every :func:`requires_credits` view of the app. The extension also makes sure a spend is
     settled when an ``after_request`` handler replaces the response, or when something
     fails between the view and the response.
     """
@@ -79,10 +79,13 @@ class CreditGuardExtension:
         guard: GuardSpec | None = None,
         on_error: OnError | None = None,
         charge_when: Callable[[int], bool] | None = None,
+        subject: Callable[[Request], str | None] | None = None,
     ) -> None:
         check_guard_spec(guard, optional=True)
         check_hook("on_error", on_error)
         check_hook("charge_when", charge_when)
+        check_subject_spec(subject)
+        self.subject = subject
         self._guard_spec = guard
         self._built: CreditGuard | None = guard if isinstance(guard, CreditGuard) else None
         self.on_error = on_error
@@ -99,7 +102,9 @@ class CreditGuardExtension:
                 **app.config.get("CREDITGUARD_OPTIONS", {}),
             )
         self._built = guard if isinstance(guard, CreditGuard) else None
-        app.extensions[EXTENSION_KEY] = _AppState(guard, self.on_error, self.charge_when)
+        app.extensions[EXTENSION_KEY] = _AppState(
+            guard, self.on_error, self.charge_when, self.subject
+        )
         app.after_request(_adopt_final_response)
         app.teardown_request(_settle_leftover)
 
@@ -122,17 +127,19 @@ class CreditGuardExtension:
 
 
 class _AppState:
-    __slots__ = ("charge_when", "guard", "on_error")
+    __slots__ = ("charge_when", "guard", "on_error", "subject")
 
     def __init__(
         self,
         guard: GuardSpec,
         on_error: OnError | None,
         charge_when: Callable[[int], bool] | None,
+        subject: Callable[[Request], str | None] | None = None,
     ) -> None:
         self.guard = guard
         self.on_error = on_error
         self.charge_when = charge_when
+        self.subject = subject
 
 
 class _Pending:
@@ -304,7 +311,8 @@ def requires_credits(
                     the_guard = spec
                 else:
                     the_guard = resolve_guard(spec, request)
-                who = subject_of(subject, request) if amount else None
+                named = subject or (app_state.subject if app_state else None)
+                who = subject_of(named, request) if amount else None
                 spend = Spend(the_guard, amount, defer=True, subject=who)
                 if amount:
                     spend.__enter__()

@@ -114,7 +114,9 @@ def problem_for(exc: BaseException) -> Problem | None:
                 ),
                 "error": "allowance_exceeded",
                 "required": exc.required,
+                "available": exc.available,
                 "remaining": exc.remaining,
+                "reserved": exc.reserved,
                 "resets_at": exc.resets_at.isoformat(),
             },
             _seconds(max(0.0, resets)),
@@ -132,7 +134,9 @@ def problem_for(exc: BaseException) -> Problem | None:
                 ),
                 "error": "budget_exceeded",
                 "required": exc.required,
+                "available": exc.available,
                 "remaining": exc.remaining,
+                "reserved": exc.reserved,
             },
         )
     if isinstance(exc, InsufficientCredits):
