@@ -83,6 +83,7 @@ ORDER = (
     "scenario_processes",
     "scenario_web",
     "scenario_policy",
+    "scenario_telemetry",
 )
 
 Runner = Callable[[Settings, Recorder], None]

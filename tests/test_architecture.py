@@ -147,6 +147,29 @@ def test_each_layer_imports_only_the_layers_below_it() -> None:
     } | {"creditguard.guard.guard", "creditguard.guard.spend"}
 
 
+def test_opentelemetry_is_imported_lazily_and_only_by_telemetry() -> None:
+    """``import creditguard`` never imports OpenTelemetry: only the telemetry layer does,
+    inside its functions (or for type checking)."""
+    for module, path in MODULES.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        lazy: set[int] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or (
+                isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+            ):
+                lazy.update(id(inner) for inner in ast.walk(node) if inner is not node)
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names = [node.module or ""]
+            if not any(n.split(".")[0] == "opentelemetry" for n in names):
+                continue
+            assert _layer(module) == "telemetry", f"{module} imports OpenTelemetry"
+            assert id(node) in lazy, f"{module}:{node.lineno} imports OpenTelemetry eagerly"
+
+
 def test_the_core_imports_no_io_library() -> None:
     for module, path in MODULES.items():
         if _layer(module) in ("core", "backends.memory"):

@@ -1,0 +1,49 @@
+"""docs/howto/telemetry.md runs as written: its untitled python blocks, in page order, in a
+process of their own (they set the global OpenTelemetry providers, which a process can
+set once), against the sandbox served over loopback HTTP, with the metrics page on a free
+port instead of 9464; what the page says they print is what they print."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+from creditguard.testing import FakeLensmor, serve
+from tests.test_docs_examples import blocks
+
+PAGE = "howto/telemetry.md"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_the_telemetry_page_runs() -> None:
+    page = blocks(PAGE)
+    code = [b for b in page if b.lang == "python" and b.title is None]
+    assert len(code) >= 3
+    (output,) = [b for b in page if b.title == "Output"]
+    script = "\n".join(b.code for b in code).replace("9464", str(_free_port()))
+    fake = FakeLensmor()
+    with serve(fake.app) as url:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LENSMOR_", "OTEL_"))}
+        env.update(LENSMOR_BASE_URL=url, LENSMOR_API_KEY=fake.api_key)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        result = subprocess.run(
+            [sys.executable, "-c", script],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr[-4000:]
+    printed = [line for line in result.stdout.splitlines() if line.startswith("creditguard_")]
+    assert printed == output.code.strip().splitlines()
