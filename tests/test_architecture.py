@@ -67,7 +67,7 @@ def _layer(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "root"
-    if parts[1] in ("core", "guard", "lensmor", "web", "cli", "testing"):
+    if parts[1] in ("core", "guard", "lensmor", "web", "cli", "testing", "ledger", "telemetry"):
         return parts[1]
     if parts[1] == "backends":
         return "backends." + parts[2] if len(parts) > 2 else "backends"
@@ -124,10 +124,12 @@ ALLOWED = {
     "backends.memory": {"core"},
     "backends.redis": {"core", "backends.memory"},
     "lensmor": {"core"},
-    "guard": {"core", "lensmor", "backends.memory"},
+    "guard": {"core", "lensmor", "backends.memory", "telemetry"},
     "web": {"core", "guard"},
     "testing": {"core", "lensmor"},
-    "cli": {"core", "guard", "lensmor", "backends.redis", "testing", "root"},
+    "ledger": {"core"},
+    "telemetry": {"core"},
+    "cli": {"core", "guard", "lensmor", "backends.redis", "testing", "ledger", "root"},
 }
 
 
