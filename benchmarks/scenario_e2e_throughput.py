@@ -5,23 +5,31 @@ from __future__ import annotations
 
 import functools
 import math
+import os
+import shutil
 import statistics
+import tempfile
 import time
 from collections.abc import Sequence
 
 import anyio
+import anyio.to_thread
 import httpx
 from _harness import (
+    API_KEY,
+    TTL,
     Recorder,
     Settings,
     Targets,
     add_target,
     flavours,
     median_ratio,
+    memory_guard,
     rotated,
 )
 from _variants import (
     SPEND_SUFFIX,
+    AsyncCall,
     AsyncFloorReader,
     AsyncVariant,
     FloorReader,
@@ -39,6 +47,31 @@ from _variants import (
 )
 
 SCENARIO = "e2e_throughput"
+# The in-memory guard with a SQLite spend ledger (creditguard.ledger), at async10 only:
+# what recording every call costs, next to ``creditguard`` without one.
+LEDGER = "creditguard_ledger"
+LEDGER_LEVEL = 10
+
+
+def _ledger_variant(action: AsyncCall, base_url: str) -> AsyncVariant:
+    """``creditguard`` with ``ledger=SQLiteLedger(...)`` in a temporary directory, closed
+    (its rows written) and removed with the variant."""
+    from creditguard.ledger import SQLiteLedger
+
+    directory = tempfile.mkdtemp(prefix="bench-ledger-")
+    ledger = SQLiteLedger(os.path.join(directory, "spend.db"))
+    guard = memory_guard(api_key=API_KEY, base_url=base_url, transport=None, ttl=TTL, ledger=ledger)
+
+    def finish() -> None:
+        ledger.close()
+        assert ledger.dropped == 0
+        shutil.rmtree(directory, ignore_errors=True)
+
+    async def close() -> None:
+        await guard.aclose()
+        await anyio.to_thread.run_sync(finish)
+
+    return AsyncVariant(guard.requires_credits(1)(action), close)
 
 
 def spend_variants() -> list[str]:
@@ -54,12 +87,16 @@ async def _e2e_async(
     # as the concurrency is slower: httpcore scans every connection for every queued
     # request, which made bare@async100 ~6x slower on the reference machine.)
     async with httpx.AsyncClient(base_url=sandbox.url, timeout=30) as client:
-        variant = build_async(
-            name,
-            async_charge_action(client),
-            client=client,
-            base_url=sandbox.url,
-            transport=None,
+        variant = (
+            _ledger_variant(async_charge_action(client), sandbox.url)
+            if name == LEDGER
+            else build_async(
+                name,
+                async_charge_action(client),
+                client=client,
+                base_url=sandbox.url,
+                transport=None,
+            )
         )
         try:
             await run_tasks(variant.call, concurrency, 1)  # warm-up: open the connections
@@ -267,7 +304,8 @@ def run(settings: Settings, rec: Recorder) -> None:
         for r in range(settings.rounds):
             _e2e_sequential(settings, rec, sandbox, r)
             for concurrency in settings.e2e_async_levels:
-                for name in rotated(names, r):
+                level_names = [*names, LEDGER] if concurrency == LEDGER_LEVEL else names
+                for name in rotated(level_names, r):
                     done, elapsed, reads = anyio.run(
                         _e2e_async, name, sandbox, concurrency, settings.e2e_async_calls
                     )
@@ -304,6 +342,19 @@ def _median_extra_reads(rec: Recorder, guarded: str, bare: str, one_read: str) -
 def targets(rec: Recorder, settings: Settings) -> Targets:
     out: Targets = {}
     target = functools.partial(add_target, out)
+    target(
+        f"{LEDGER}.e2e_async{LEDGER_LEVEL}_vs_creditguard",
+        f"e2e at async{LEDGER_LEVEL}: the guard with a SQLite spend ledger / the same guard"
+        " without one (median of per-round ratios): recording every call costs at most 5%",
+        median_ratio(
+            rec,
+            "e2e_throughput",
+            f"{LEDGER}@async{LEDGER_LEVEL}",
+            f"creditguard@async{LEDGER_LEVEL}",
+        ),
+        ">=",
+        0.95,
+    )
     for g in (*flavours(), *spend_variants()):
         block = " as a spend() block" if g.endswith(SPEND_SUFFIX) else ""
         for kind in ("async", "threads"):

@@ -11,6 +11,7 @@ from creditguard.testing import FakeLensmor, serve
 if TYPE_CHECKING:
     import redis
 
+    from creditguard.testing._postgres_server import PostgresServer
     from creditguard.testing._redis_topologies import ClusterNodes
     from tests.helpers import NewBackend
 
@@ -47,6 +48,18 @@ def redis_url() -> Iterator[str]:
 
     with redis_server() as url:
         yield url
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of this test session (``initdb`` into a temporary directory,
+    ``postgres`` on a free loopback port; the tests fail, never skip, when it cannot be
+    started). ``postgres.dsn`` connects to it; ``postgres.stop()`` and ``postgres.start()``
+    make an outage and a recovery (its data kept)."""
+    from creditguard.testing._postgres_server import PostgresServer
+
+    with PostgresServer() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

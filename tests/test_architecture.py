@@ -128,7 +128,8 @@ ALLOWED = {
     "telemetry": {"core"},
     "web": {"core", "guard"},
     "testing": {"core", "lensmor"},
-    "cli": {"core", "guard", "lensmor", "backends.redis", "testing", "root"},
+    "ledger": {"core", "telemetry"},
+    "cli": {"core", "guard", "lensmor", "backends.redis", "testing", "ledger", "root"},
 }
 
 

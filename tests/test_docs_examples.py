@@ -74,6 +74,7 @@ RUNNABLE_PAGES = (
     "howto/reports.md",
     "howto/workers.md",
     "howto/long-running.md",
+    "howto/ledger.md",
     "policy.md",
 )
 SHOWN_URL = "http://127.0.0.1:8787"

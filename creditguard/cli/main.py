@@ -1,4 +1,4 @@
-"""The ``creditguard`` command: ``balance``, ``status``, ``demo`` and ``sandbox``.
+"""The ``creditguard`` command: ``balance``, ``status``, ``report``, ``demo`` and ``sandbox``.
 
 Exit status: 0 on success, 1 for an error of the guard (one line on stderr, in terms of
 the environment variables and flags, not of Python arguments), 2 for a usage error, 130
@@ -23,6 +23,7 @@ from typing import Any, TextIO
 
 import httpx
 
+from creditguard.cli import report
 from creditguard.cli.status import redis_backend, shown_url, status_json, status_table, survey
 from creditguard.core.errors import (
     AuthenticationError,
@@ -380,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="allow a plain http:// LENSMOR_BASE_URL to a host that is not a loopback address",
     )
     p_status.set_defaults(run=_cmd_status)
+    report.add_parser(sub)
     p_demo = sub.add_parser("demo", help="guarded unlocks against the offline sandbox")
     p_demo.set_defaults(run=_cmd_demo)
     p_sandbox = sub.add_parser("sandbox", help="serve the sandbox over HTTP (needs uvicorn)")

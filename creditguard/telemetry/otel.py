@@ -403,3 +403,16 @@ def _survey(account: AccountState) -> AccountSnapshot | None:
     except StopIteration as stop:
         value = stop.value
         return value
+
+
+def dropped_counter() -> Any:
+    """The ``creditguard.ledger.dropped`` counter (``{row}``: ledger rows dropped because
+    the buffer was full or the database did not take them in time), when the
+    OpenTelemetry API is installed; ``False`` when it is not."""
+    try:
+        from opentelemetry import metrics
+    except ImportError:
+        return False
+    return metrics.get_meter("creditguard").create_counter(
+        "creditguard.ledger.dropped", unit="{row}", description="ledger rows dropped"
+    )
