@@ -18,6 +18,7 @@ from opentelemetry.context import Context
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.view import View
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -102,7 +103,10 @@ class Telemetry:
 @pytest.fixture(scope="session")
 def _sdk() -> Telemetry:
     reader = InMemoryMetricReader()
-    provider = MeterProvider(metric_readers=[reader, PrometheusMetricReader()])
+    # Every guard of every test this worker runs records (telemetry is on by default):
+    # thousands of accounts, more than the SDK's 2,000 series per metric by default.
+    many = View(instrument_name="creditguard.*", aggregation_cardinality_limit=1_000_000)
+    provider = MeterProvider(metric_readers=[reader, PrometheusMetricReader()], views=[many])
     metrics.set_meter_provider(provider)
     assert metrics.get_meter_provider() is provider, "a meter provider was set before"
     sampler = Listening()
