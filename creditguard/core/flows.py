@@ -492,6 +492,7 @@ def _settled_from_report(
         return False
     if charged is not None:
         settlement.charge = charged  # what its subject's window and budgets count
+        call.charged = charged  # what it cost, even when a read settles it
     after = yield from engine.account.reported(
         settlement, charged, report.total_after, report.balance_after
     )

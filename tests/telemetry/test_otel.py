@@ -289,6 +289,10 @@ def test_gauges(otel: Telemetry, fake: FakeLensmor, new_backend: NewBackend) -> 
         assert gauges() == {"balance": BALANCE, "credits.reserved": 7, "credits.held": 30}
     hold.release()
     figures = gauges()
+    assert figures["credits.reserved"] == 7  # the block waits for a read (it settles later)
+    assert figures["credits.held"] == 0
+    guard.balance(refresh=True)  # the read that settles it
+    figures = gauges()
     assert figures["credits.reserved"] == 0
     assert figures["credits.held"] == 0
     guard.close()
