@@ -8,11 +8,10 @@ paid call wait or fail: what one raises is logged and dropped.
 
 from __future__ import annotations
 
-import dataclasses
 import random
 import time
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from creditguard.core.balance import AllowanceExceeded, BudgetExceeded, InsufficientCredits
 from creditguard.core.errors import (
@@ -28,7 +27,11 @@ if TYPE_CHECKING:
     from creditguard.core.calls import Guarded, Held
     from creditguard.core.engine import Engine
 
-__all__ = ["Entry", "Observer", "begin", "decided", "ended", "read", "refused"]
+__all__ = ["SKIP", "Entry", "Observer", "begin", "decided", "ended", "read", "refused"]
+
+SKIP: object = object()
+"""What :meth:`Observer.begin` returns to sit a call out: it is told nothing more of it
+(when every observer does, the call costs nothing more)."""
 
 _monotonic = time.monotonic
 # An entry's id: 96 random bits. Not a secret, only unique, so Python's generator (reseeded
@@ -36,8 +39,7 @@ _monotonic = time.monotonic
 _bits = random.getrandbits
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class Entry:
+class Entry(NamedTuple):
     """One ended spend or hold, as the ledger records it.
 
     ``outcome`` is ``"spent"`` (the action returned), ``"failed"`` (it raised),
@@ -67,7 +69,8 @@ class Observer(Protocol):
 
     def begin(self, engine: Engine, call: Guarded) -> object:
         """A guarded call starts (before its admission): what to hand back to
-        :meth:`decided` and :meth:`ended` for it (a span, or ``None``)."""
+        :meth:`decided` and :meth:`ended` for it (a span, or ``None``), or :data:`SKIP`
+        to be told nothing more of it."""
         ...
 
     def decided(
@@ -111,15 +114,19 @@ def begin(engine: Engine, call: Guarded) -> None:
     observers = engine.settings.observers
     if not observers:
         return
-    call._started = _monotonic()
     tokens = []
+    wanted = False
     for observer in observers:
         try:
-            tokens.append(observer.begin(engine, call))
+            token = observer.begin(engine, call)
         except Exception:
             logger.exception("an observer failed when a call started")
-            tokens.append(None)
-    call._observed = tuple(tokens)
+            token = None
+        tokens.append(token)
+        wanted = wanted or token is not SKIP
+    if wanted:
+        call._started = _monotonic()
+        call._observed = tuple(tokens)
 
 
 def decided(engine: Engine, call: Guarded, outcome: str, reason: str | None = None) -> None:
@@ -129,6 +136,8 @@ def decided(engine: Engine, call: Guarded, outcome: str, reason: str | None = No
         return
     seconds = _monotonic() - call._started
     for observer, token in zip(engine.settings.observers, tokens, strict=False):
+        if token is SKIP:
+            continue
         try:
             observer.decided(engine, call, token, outcome, reason, seconds)
         except Exception:
@@ -201,6 +210,8 @@ def ended(
         duration=_monotonic() - call._started,
     )
     for observer, token in zip(engine.settings.observers, tokens, strict=False):
+        if token is SKIP:
+            continue
         try:
             observer.ended(engine, call, token, entry)
         except Exception:

@@ -26,12 +26,13 @@ counters like any other, and a call pays for no SDK measurement but the histogra
 from __future__ import annotations
 
 import threading
+import time
 import weakref
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from creditguard.core.calls import in_event_loop_thread
-from creditguard.core.observe import Entry
+from creditguard.core.observe import SKIP, Entry
 from creditguard.core.outcomes import logger
 
 if TYPE_CHECKING:
@@ -144,8 +145,20 @@ class Instruments:
 
     def __init__(self) -> None:
         from opentelemetry import metrics, trace
-        from opentelemetry.trace import SpanKind, Status, StatusCode
+        from opentelemetry.trace import ProxyTracerProvider, SpanKind, Status, StatusCode
 
+        try:  # the API's own placeholder until an SDK is set (private: looked for)
+            from opentelemetry.metrics._internal import _ProxyMeterProvider
+        except ImportError:  # pragma: no cover - another API version: never idle
+            proxy_meter: type = type(None)
+        else:
+            proxy_meter = _ProxyMeterProvider
+        self._trace_api = trace
+        self._metrics_api = metrics
+        self._proxy_tracer = ProxyTracerProvider
+        self._proxy_meter = proxy_meter
+        self._looked = -1.0
+        self._quiet = False
         version = _version()
         meter = metrics.get_meter("creditguard", version)
         self._tracer = trace.get_tracer("creditguard", version)
@@ -210,7 +223,21 @@ class Instruments:
                     known.account = weakref.ref(account)
         return known
 
-    def begin(self, engine: Engine, call: Guarded) -> _Token:
+    def _idle(self) -> bool:
+        """Whether no SDK is configured (the global providers are the API's proxies):
+        then nothing would be recorded, and calls are sat out. Looked at once a second
+        (an application may configure the SDK after making its guard)."""
+        now = time.monotonic()
+        if now - self._looked >= 1.0:
+            self._looked = now
+            self._quiet = isinstance(
+                self._trace_api.get_tracer_provider(), self._proxy_tracer
+            ) and isinstance(self._metrics_api.get_meter_provider(), self._proxy_meter)
+        return self._quiet
+
+    def begin(self, engine: Engine, call: Guarded) -> object:
+        if self._idle():
+            return SKIP
         known = self._account(engine)
         attributes: dict[str, str | int] = {
             ACCOUNT: known.fingerprint,

@@ -340,3 +340,39 @@ def test_without_opentelemetry(
         pass
     assert guard.balance().total_balance == BALANCE
     guard.close()
+
+
+def test_without_an_sdk_calls_are_sat_out() -> None:
+    # In a process of its own: this session's providers are the SDK's.
+    script = """
+from creditguard import CreditGuard
+from creditguard.testing import FakeLensmor
+fake = FakeLensmor()
+guard = CreditGuard(fake.api_key, transport=fake.transport)
+assert guard._engine.settings.observers, "the API is installed: the observer is there"
+with guard.spend(5) as spend:
+    pass
+assert spend._observed is None, spend._observed
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+exporter = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(exporter))
+trace.set_tracer_provider(provider)
+# The observer looks at the providers once a second: make that second over now.
+guard._engine.settings.observers[0]._looked = -1.0
+with guard.spend(5):
+    pass
+assert [s.name for s in exporter.get_finished_spans()] == ["creditguard.spend"]
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"
