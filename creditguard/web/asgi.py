@@ -31,6 +31,7 @@ from creditguard.web.common import (
     check_subject_spec,
     middleware_cost,
     problem_for,
+    route_action,
     route_path,
     undecidable,
 )
@@ -110,6 +111,7 @@ class CreditGuardMiddleware:
             await self.app(scope, receive, send)
             return
         cost = self._cost
+        route: str | None = None
         if cost.routes is not None:
             path = route_path(scope)
             if undecidable(path):
@@ -132,7 +134,8 @@ class CreditGuardMiddleware:
             if not isinstance(guard, CreditGuard):
                 guard = await aresolve_guard(guard, scope)
             who = await asubject_of(self._subject, scope)
-            spend = Spend(guard, amount, defer=True, subject=who)
+            action = route_action(scope.get("method"), route)
+            spend = Spend(guard, amount, defer=True, subject=who, action=action)
             await spend.__aenter__()
         except CreditGuardError as exc:
             await self._refuse(scope, receive, send, exc)

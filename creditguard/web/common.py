@@ -35,6 +35,7 @@ __all__ = [
     "check_subject_spec",
     "default_guard",
     "problem_for",
+    "route_action",
     "route_path",
     "subject_of",
     "undecidable",
@@ -369,6 +370,15 @@ def check_subject_spec(subject: object) -> None:
             "subject must be a callable of the request returning a str (or None),"
             f" got {type(subject).__name__}"
         )
+
+
+def route_action(method: object, route: object) -> str | None:
+    """What a request's spend is named for the metrics and the ledger: its method and the
+    route pattern the framework routed it to (``POST /events/{event_id}/unlock``), never
+    its path (ids in paths would be as many names as requests); ``None`` when unknown."""
+    if not isinstance(method, str) or not isinstance(route, str) or not route:
+        return None
+    return f"{method} {route}"
 
 
 def _subject(value: object) -> str | None:

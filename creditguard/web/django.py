@@ -49,6 +49,7 @@ from creditguard.web.common import (
     is_async_callable,
     problem_for,
     resolve_guard,
+    route_action,
     subject_of,
     undecidable,
 )
@@ -362,7 +363,10 @@ class _Guarding:
             spec = config.guard()
         guard = spec if isinstance(spec, CreditGuard) else resolve_guard(spec, request)
         who = subject_of(self.subject or config.subject, request)
-        return Spend(guard, amount, defer=True, subject=who)
+        match = getattr(request, "resolver_match", None)
+        route = None if match is None else getattr(match, "route", None)
+        action = route_action(request.method, None if route is None else "/" + route)
+        return Spend(guard, amount, defer=True, subject=who, action=action)
 
     def run(
         self,

@@ -41,6 +41,7 @@ from creditguard.web.common import (
     default_guard,
     is_async_callable,
     problem_for,
+    route_action,
 )
 
 if TYPE_CHECKING:
@@ -195,7 +196,9 @@ class RequireCredits:
             elif not isinstance(guard, CreditGuard):
                 guard = await aresolve_guard(guard, request)
             who = await asubject_of(self._subject, request) if amount else None
-            spend = Spend(guard, amount, defer=True, subject=who)
+            route = getattr(request.scope.get("route"), "path", None)
+            action = route_action(request.scope.get("method"), route)
+            spend = Spend(guard, amount, defer=True, subject=who, action=action)
             if amount:
                 await spend.__aenter__()
         except CreditGuardError as exc:

@@ -35,6 +35,7 @@ from creditguard.web.common import (
     is_async_callable,
     problem_for,
     resolve_guard,
+    route_action,
     subject_of,
 )
 
@@ -313,7 +314,9 @@ def requires_credits(
                     the_guard = resolve_guard(spec, request)
                 named = subject or (app_state.subject if app_state else None)
                 who = subject_of(named, request) if amount else None
-                spend = Spend(the_guard, amount, defer=True, subject=who)
+                rule = request.url_rule
+                action = route_action(request.method, None if rule is None else rule.rule)
+                spend = Spend(the_guard, amount, defer=True, subject=who, action=action)
                 if amount:
                     spend.__enter__()
             except CreditGuardError as exc:
