@@ -26,9 +26,12 @@ starlette|creditguard.asgi starlette.applications|docs/howto/asgi-starlette-fast
 flask|creditguard.flask creditguard.wsgi|docs/howto/flask.md||
 django|creditguard.django|docs/howto/django.md||sample_django_settings
 sandbox|creditguard.testing uvicorn|docs/howto/testing.md||
+otel|creditguard.telemetry.otel opentelemetry.metrics|||
+postgres|creditguard.ledger psycopg|||
+report|creditguard.cli.report matplotlib|||
 "
 
-wanted=" ${*:-redis fastapi starlette flask django sandbox} "
+wanted=" ${*:-redis fastapi starlette flask django sandbox otel postgres report} "
 
 redis_pids=()
 cleanup() {
@@ -102,6 +105,17 @@ check_one() {
       return 1
     }
   done
+  if [ -z "$page" ]; then  # no page of its own to run: a guard works with it installed
+    "$venv/bin/python" -I -c "
+import creditguard
+from creditguard.testing import FakeLensmor
+fake = FakeLensmor()
+guard = creditguard.CreditGuard(fake.api_key, transport=fake.transport)
+with guard.spend(1):
+    pass
+print('a guard spends with creditguard[$extra] installed alone')" || return 1
+    return 0
+  fi
   if [ -n "$settings" ]; then
     export DJANGO_SETTINGS_MODULE=$settings PYTHONPATH=$root/.ci
   fi
