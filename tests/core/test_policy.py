@@ -512,3 +512,21 @@ def test_the_gate_keeps_the_floor_and_the_allowance(new_backend: NewBackend) -> 
             break
     assert [r.keep for r in refusals] == [300]
     assert fake.balance.total_balance >= 300
+
+
+def test_any_redis_prefix_holds_allowance_windows(redis_url: str) -> None:
+    from creditguard.redis import RedisBackend
+
+    fake = FakeLensmor(subscription_balance=10_000, gift_balance=0)
+    backend = RedisBackend(redis_url, prefix="my app | tenants, v2=1 ")
+    try:
+        guard = CreditGuard(
+            fake.api_key, transport=fake.transport, backend=backend, allowance=Allowance(50)
+        )
+        spend(guard, fake, 30, "alice")
+        with pytest.raises(AllowanceExceeded), guard.spend(30, subject="alice"):
+            pass
+        spend(guard, fake, 20, "alice")
+        assert guard.usage("alice").spent == 50
+    finally:
+        backend.close()

@@ -175,7 +175,7 @@ class RedisAccount:
                 "" if known is None else known[0],
                 finished,
                 asking.keep,
-                "" if asking.window is None else window_spec(state.base, asking.window),
+                "" if asking.window is None else window_spec(asking.window),
             )
         except BaseException:
             leases._put_back(state, finished)  # it may not have reached Redis

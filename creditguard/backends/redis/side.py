@@ -28,10 +28,12 @@ def duration_ms(name: str, value: object, low: int = 1) -> int:
     return value
 
 
-def window_spec(base: str, window: Window) -> str:
-    """The admission's window argument: ``key|limit|end_ms|warn`` (warn ``-1``: none)."""
+def window_spec(window: Window) -> str:
+    """The admission's window argument: ``name|limit|end_ms|warn`` (warn ``-1``: none),
+    the name what follows the account's keys' common start (``w:<subject hash>:<start>``:
+    the backend's prefix, which may hold any character, is never in an argument)."""
     warn = -1 if window.warn is None else window.warn
-    return f"{base}w:{window.key}|{window.limit}|{int(window.end * 1000)}|{warn}"
+    return f"w:{window.key}|{window.limit}|{int(window.end * 1000)}|{warn}"
 
 
 class SideScripts:

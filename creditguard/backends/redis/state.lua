@@ -17,10 +17,14 @@
 local K_STATE, K_RES, K_LEASE, K_FLIGHT = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 -- The subject windows of reservations that count in one (an allowance): id -> "window_key
 -- cost end_ms". Same hash tag as the account's keys (one slot), derived from K_STATE.
-local K_SUBJ = string.sub(K_STATE, 1, -6) .. 'subj'
+local BASE = string.sub(K_STATE, 1, -6)  -- what every key of the account starts with
+local K_SUBJ = BASE .. 'subj'
 -- How long a window's books outlive its end (a call admitted in it may end later).
 local WINDOW_GRACE_MS = 86400000
 local function fmt(n) return string.format('%d', n) end
+
+-- (A window is named by what follows BASE, "w:<subject hash>:<start ms>": the prefix a
+-- backend was given may hold any character, so it never travels in an argument.)
 
 -- The call of reservation ``id`` ended: move its cost from its subject window's
 -- ``reserved`` to ``spent`` as ``charged`` (nil: its cost, when its outcome is unknown),
@@ -29,7 +33,8 @@ local function settle_subject(id, charged)
   local entry = redis.call('HGET', K_SUBJ, id)
   if not entry then return end
   redis.call('HDEL', K_SUBJ, id)
-  local wkey, c, wend = string.match(entry, '^(%S+) (%d+) (%d+)$')
+  local wname, c, wend = string.match(entry, '^(%S+) (%d+) (%d+)$')
+  local wkey = BASE .. wname
   c = tonumber(c)
   if charged == nil then charged = c end
   if c > 0 then redis.call('HINCRBY', wkey, 'reserved', fmt(-c)) end
@@ -282,10 +287,11 @@ end
 -- The subject's allowance first (it needs no balance): refused when the window cannot
 -- take the cost even if its calls in flight charge nothing; held back when they stand in
 -- the way.
-local wkey, wlimit, wend, wwarn, wspent, wres = nil, 0, 0, -1, 0, 0
+local wkey, wname, wlimit, wend, wwarn, wspent, wres = nil, nil, 0, 0, -1, 0, 0
 local blocked = false
 if wspec ~= '' then
-  wkey, wlimit, wend, wwarn = string.match(wspec, '^([^|]+)|(%d+)|(%d+)|(%-?%d+)$')
+  wname, wlimit, wend, wwarn = string.match(wspec, '^([^|]+)|(%d+)|(%d+)|(%-?%d+)$')
+  wkey = BASE .. wname
   wlimit, wend, wwarn = tonumber(wlimit), tonumber(wend), tonumber(wwarn)
   local w = redis.call('HMGET', wkey, 'spent', 'reserved')
   wspent, wres = tonumber(w[1]) or 0, tonumber(w[2]) or 0
@@ -314,7 +320,7 @@ if not blocked and (cost == 0 or cost <= total - reserved - keep) then
   if wkey then
     if cost > 0 then redis.call('HINCRBY', wkey, 'reserved', fmt(cost)) end
     redis.call('PEXPIREAT', wkey, fmt(wend + WINDOW_GRACE_MS))
-    redis.call('HSET', K_SUBJ, id, wkey .. ' ' .. fmt(cost) .. ' ' .. fmt(wend))
+    redis.call('HSET', K_SUBJ, id, wname .. ' ' .. fmt(cost) .. ' ' .. fmt(wend))
     if wwarn >= 0 and wspent + wres + cost >= wwarn
        and redis.call('HSETNX', wkey, 'warned', '1') == 1 then
       warned = 1
