@@ -530,3 +530,33 @@ def test_any_redis_prefix_holds_allowance_windows(redis_url: str) -> None:
         assert guard.usage("alice").spent == 50
     finally:
         backend.close()
+
+
+def test_a_flushed_redis_forgets_the_windows_and_breaks_nothing(
+    redis_url: str, redis_client: Any
+) -> None:
+    from creditguard.redis import RedisBackend
+
+    fake = FakeLensmor(subscription_balance=1000, gift_balance=0)
+    backend = RedisBackend(redis_url, prefix="flushed:")
+    try:
+        guard = CreditGuard(
+            fake.api_key,
+            transport=fake.transport,
+            backend=backend,
+            allowance=Allowance(100),
+            keep=100,
+        )
+        spend(guard, fake, 60, "alice")
+        with guard.spend(30, subject="alice"):
+            redis_client.flushdb()  # an operator's FLUSHDB while a call is in flight
+            fake.charge(30)
+        # Documented: Redis forgot the window; the guard goes on, and the account's rules
+        # (the balance, the floor) still hold on a balance read anew.
+        assert guard.usage("alice").spent <= 30
+        spend(guard, fake, 60, "alice")
+        with pytest.raises(InsufficientCredits), guard.spend(800):
+            pass
+        assert guard.balance(refresh=True).total_balance == 1000 - 150
+    finally:
+        backend.close()
