@@ -5,6 +5,7 @@ threads, asyncio and trio: the floor (``keep``), allowances per subject per wind
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from typing import Any
@@ -27,7 +28,7 @@ from creditguard import (
     Usage,
 )
 from creditguard.testing import FakeLensmor
-from tests.helpers import NewBackend
+from tests.helpers import NewBackend, waiting_for_release
 
 AUTH = {"Authorization": "Bearer test-key"}
 
@@ -46,6 +47,24 @@ def make(
         fake.api_key, transport=fake.transport, ttl=60, backend=new_backend(), **kwargs
     )
     return fake, guard
+
+
+def release_when_waiting(guard: CreditGuard, release: threading.Event) -> threading.Event:
+    """Set ``release`` once a call waits at admission (or after 10 s); the event returned
+    says whether one did."""
+    saw = threading.Event()
+
+    def watch() -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if waiting_for_release(guard):
+                saw.set()
+                break
+            threading.Event().wait(0.001)
+        release.set()
+
+    threading.Thread(target=watch, daemon=True).start()
+    return saw
 
 
 def spend(guard: CreditGuard, fake: FakeLensmor, cost: int, subject: str | None = None) -> None:
@@ -94,9 +113,10 @@ def test_keep_with_calls_in_flight_waits_for_them_instead_of_refusing(
     worker = threading.Thread(target=first)
     worker.start()
     assert inside.wait(5)
-    threading.Timer(0.05, release.set).start()
+    saw = release_when_waiting(guard, release)
     spend(guard, fake, 300)
     worker.join(5)
+    assert saw.is_set()  # it waited for the first call, and was admitted after it
     assert fake.balance.total_balance == 600
 
 
@@ -224,9 +244,10 @@ def test_calls_in_flight_of_a_subject_make_it_wait_not_refuse(new_backend: NewBa
     worker = threading.Thread(target=first)
     worker.start()
     assert inside.wait(5)
-    threading.Timer(0.05, release.set).start()
+    saw = release_when_waiting(guard, release)
     spend(guard, fake, 60, "alice")
     worker.join(5)
+    assert saw.is_set()  # it waited for alice's first call, and was admitted after it
     assert guard.usage("alice").spent == 60
 
 
