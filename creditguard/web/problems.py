@@ -78,6 +78,34 @@ def _store_down(exc: BaseException) -> bool:
     return False
 
 
+def _payment_required(exc: InsufficientCredits) -> Problem:
+    """The 402 of a refusal: of the account (``insufficient_credits``; a floor set with
+    ``keep`` is not told), of a subject's allowance (``allowance_exceeded``, with when it
+    resets and ``Retry-After``; never the subject) or of a budget (``budget_exceeded``)."""
+    body: dict[str, Any] = {
+        "type": "about:blank",
+        "title": "Payment Required",
+        "status": 402,
+        "required": exc.required,
+        "available": exc.available,
+        "reserved": exc.reserved,
+    }
+    headers: tuple[tuple[str, str], ...] = ()
+    if isinstance(exc, AllowanceExceeded):
+        resets_at = exc.resets_at.isoformat()
+        left = f"{exc.remaining} are left of this allowance until {resets_at}"
+        body.update(error="allowance_exceeded", remaining=exc.remaining, resets_at=resets_at)
+        headers = _seconds(max(0.0, exc.resets_at.timestamp() - time.time()))
+    elif isinstance(exc, BudgetExceeded):
+        left = f"{exc.remaining} are left of its budget"
+        body.update(error="budget_exceeded", remaining=exc.remaining)
+    else:
+        left = f"{exc.available} are available"
+        body["error"] = "insufficient_credits"
+    body["detail"] = f"this request needs {exc.required} Lensmor credits; {left}"
+    return Problem(402, body, headers)
+
+
 def problem_for(exc: BaseException) -> Problem | None:
     """The answer for ``exc``, or ``None`` when it is not a guard error (re-raise it).
 
@@ -100,62 +128,8 @@ def problem_for(exc: BaseException) -> Problem | None:
     Bodies are RFC 9457 problem details (``type``, ``title``, ``status``, ``detail``) plus
     the ``error`` code and the figures above, sent as ``application/problem+json``.
     """
-    if isinstance(exc, AllowanceExceeded):
-        resets = exc.resets_at.timestamp() - time.time()
-        return Problem(
-            402,
-            {
-                "type": "about:blank",
-                "title": "Payment Required",
-                "status": 402,
-                "detail": (
-                    f"this request needs {exc.required} Lensmor credits; {exc.remaining} are"
-                    f" left of this allowance until {exc.resets_at.isoformat()}"
-                ),
-                "error": "allowance_exceeded",
-                "required": exc.required,
-                "available": exc.available,
-                "remaining": exc.remaining,
-                "reserved": exc.reserved,
-                "resets_at": exc.resets_at.isoformat(),
-            },
-            _seconds(max(0.0, resets)),
-        )
-    if isinstance(exc, BudgetExceeded):
-        return Problem(
-            402,
-            {
-                "type": "about:blank",
-                "title": "Payment Required",
-                "status": 402,
-                "detail": (
-                    f"this request needs {exc.required} Lensmor credits; {exc.remaining} are"
-                    " left of its budget"
-                ),
-                "error": "budget_exceeded",
-                "required": exc.required,
-                "available": exc.available,
-                "remaining": exc.remaining,
-                "reserved": exc.reserved,
-            },
-        )
     if isinstance(exc, InsufficientCredits):
-        return Problem(
-            402,
-            {
-                "type": "about:blank",
-                "title": "Payment Required",
-                "status": 402,
-                "detail": (
-                    f"this request needs {exc.required} Lensmor credits;"
-                    f" {exc.available} are available"
-                ),
-                "error": "insufficient_credits",
-                "required": exc.required,
-                "available": exc.available,
-                "reserved": exc.reserved,
-            },
-        )
+        return _payment_required(exc)
     if isinstance(exc, AdmissionTimeout | GateTimeout):
         body: dict[str, Any] = {
             "type": "about:blank",

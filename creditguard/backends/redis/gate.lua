@@ -125,18 +125,7 @@ limit, lease, cost, ttl = tonumber(limit), tonumber(lease), tonumber(cost), tonu
 local K_GATE, K_QUEUE, K_ALIVE, K_TICKET = KEYS[5], KEYS[6], KEYS[7], KEYS[8]
 local admit = id ~= '-'
 if check == '1' or admit then sweep() end
-if finished ~= '' then
-  local seq = nil  -- one seq for all, as admit marks them
-  for item in string.gmatch(finished, '[^,]+') do
-    local fid, charged = finished_item(item)  -- "id" or "id=charged" (state.lua)
-    local rec = redis.call('HGET', K_RES, fid)
-    if rec then
-      seq = seq or redis.call('HINCRBY', K_STATE, 'seq', 1)
-      redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
-    end
-    settle_subject(fid, charged)
-  end
-end
+if finished ~= '' then mark_finished(split(finished)) end  -- as admit does (state.lua)
 -- Expired turns and waiters that stopped looking leave.
 redis.call('ZREMRANGEBYSCORE', K_GATE, '-inf', fmt(now))
 local dead = redis.call('ZRANGEBYSCORE', K_ALIVE, '-inf', fmt(now), 'LIMIT', 0, 100)

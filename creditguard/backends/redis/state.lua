@@ -47,6 +47,30 @@ local function finished_item(item)
   local id, charged = string.match(item, '^([^=]+)=?(%d*)$')
   return id, tonumber(charged)
 end
+
+-- Spends that finished (``items``, a list of finished-spend items): mark those still
+-- recorded finished, all at one seq (Redis learns of them at the same instant), which it
+-- returns (0: none was), and count what each was charged in its subject's window.
+local function mark_finished(items)
+  local seq = 0
+  for _, item in ipairs(items) do
+    local fid, charged = finished_item(item)
+    local rec = redis.call('HGET', K_RES, fid)
+    if rec then
+      if seq == 0 then seq = redis.call('HINCRBY', K_STATE, 'seq', 1) end
+      redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
+    end
+    settle_subject(fid, charged)
+  end
+  return seq
+end
+
+-- The items of a comma-separated list, as a list.
+local function split(text)
+  local items = {}
+  for item in string.gmatch(text, '[^,]+') do items[#items + 1] = item end
+  return items
+end
 local function parse(rec)
   local c, g, a = string.match(rec, '^(%d+):(%-?%d+):(%d+)')
   return tonumber(c), tonumber(g), tonumber(a)
@@ -272,18 +296,7 @@ local cost, ttl, settle, may_wait, waited, lease, id, known, finished, keep, wsp
   '^(%d+) (%d+) ([01])([01]) (%-?%d+) (%d+) (%S+) (%S*) (%S*) (%d+) (%S*)$')
 cost, ttl, waited, keep = tonumber(cost), tonumber(ttl), tonumber(waited), tonumber(keep)
 sweep()
-if finished ~= '' then
-  local seq = nil  -- one seq for all: Redis learns of them at the same instant
-  for item in string.gmatch(finished, '[^,]+') do
-    local fid, charged = finished_item(item)
-    local rec = redis.call('HGET', K_RES, fid)
-    if rec then
-      seq = seq or redis.call('HINCRBY', K_STATE, 'seq', 1)
-      redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
-    end
-    settle_subject(fid, charged)
-  end
-end
+if finished ~= '' then mark_finished(split(finished)) end
 -- The subject's allowance first (it needs no balance): refused when the window cannot
 -- take the cost even if its calls in flight charge nothing; held back when they stand in
 -- the way.
@@ -365,17 +378,7 @@ return {'busy', available, reserved}
 -- ARGV: items ("id" or "id=charged": see admit). Marks spends finished (those still
 -- recorded), all at one seq, which it returns (0: none was), and counts what each was
 -- charged in its subject's window; decides nothing (leaves expired leases to the next).
-local seq = 0
-for i = 1, #ARGV do
-  local fid, charged = finished_item(ARGV[i])
-  local rec = redis.call('HGET', K_RES, fid)
-  if rec then
-    if seq == 0 then seq = redis.call('HINCRBY', K_STATE, 'seq', 1) end
-    redis.call('HSET', K_RES, fid, string.match(rec, '^%d+:%-?%d+:') .. fmt(seq))
-  end
-  settle_subject(fid, charged)
-end
-return seq
+return mark_finished(ARGV)
 
 --@ reserve_unchecked 4 full reserved inflight
 -- ARGV: id, cost, lease_ms
