@@ -203,7 +203,8 @@ class Spend(Guarded):
     def _told(self, exc: BaseException | None, result: object) -> None:
         """Tell the observers how the block ended."""
         engine = self._engine
-        trace = engine.upstream.trace_of(exc if exc is not None else result)
+        outcome = exc if exc is not None else result
+        trace = None if outcome is None else engine.upstream.trace_of(outcome)
         observe.ended(engine, self, "failed" if exc else "spent", trace, self._after)
 
     async def __aenter__(self) -> Spend:

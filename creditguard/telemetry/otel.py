@@ -28,7 +28,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from creditguard.core.calls import in_event_loop_thread
@@ -158,6 +158,8 @@ class Instruments:
         self._proxy_tracer = ProxyTracerProvider
         self._proxy_meter = proxy_meter
         self._looked = -1.0
+        # The last survey of the accounts, and when: the gauges of one collection share it.
+        self._last_survey: tuple[int, float, list[tuple[_Account, AccountSnapshot]]] | None = None
         self._quiet = False
         version = _version()
         meter = metrics.get_meter("creditguard", version)
@@ -187,24 +189,19 @@ class Instruments:
             unit="{credit}",
             description="Credits charged by guarded calls (what they reported, else their cost).",
         )
-        meter.create_observable_gauge(
-            "creditguard.balance",
-            [self._observe_balance],
-            unit="{credit}",
-            description="The account's cached total balance.",
+        gauges: tuple[tuple[str, str, str], ...] = (
+            ("creditguard.balance", "balance", "The account's cached total balance."),
+            (
+                "creditguard.credits.reserved",
+                "reserved",
+                "Credits reserved by guarded calls in flight (holds not included).",
+            ),
+            ("creditguard.credits.held", "held", "Credits kept by open holds."),
         )
-        meter.create_observable_gauge(
-            "creditguard.credits.reserved",
-            [self._observe_reserved],
-            unit="{credit}",
-            description="Credits reserved by guarded calls in flight (holds not included).",
-        )
-        meter.create_observable_gauge(
-            "creditguard.credits.held",
-            [self._observe_held],
-            unit="{credit}",
-            description="Credits kept by open holds.",
-        )
+        for name, field, description in gauges:
+            meter.create_observable_gauge(
+                name, [self._gauge(field)], unit="{credit}", description=description
+            )
 
     # -- what the guard tells ----------------------------------------------------------
 
@@ -368,28 +365,40 @@ class Instruments:
                 attributes[ACTION] = action
             yield Observation(credits, attributes)
 
-    def _observe_balance(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation
+    def _gauge(self, field: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        """The callback of the gauge of ``field`` of each account's snapshot (the
+        balance's total; skipped while no balance is cached)."""
 
-        for known, snapshot in self._survey():
-            if snapshot.balance is not None:
-                yield Observation(snapshot.balance.total_balance, known.attributes)
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            from opentelemetry.metrics import Observation
 
-    def _observe_reserved(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation
+            for known, snapshot in self._surveyed():
+                value = getattr(snapshot, field)
+                if field == "balance":
+                    if value is None:
+                        continue
+                    value = value.total_balance
+                yield Observation(value, known.attributes)
 
-        for known, snapshot in self._survey():
-            yield Observation(snapshot.reserved, known.attributes)
+        return observe
 
-    def _observe_held(self, options: CallbackOptions) -> Iterable[Observation]:
-        from opentelemetry.metrics import Observation
-
-        for known, snapshot in self._survey():
-            yield Observation(snapshot.held, known.attributes)
+    def _surveyed(self) -> list[tuple[_Account, AccountSnapshot]]:
+        """:meth:`_survey`, made once for the three gauges of a collection (each asks once
+        per collection): over Redis one script call per account, not three. A survey is
+        never used past a second, nor by more than the three."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._last_survey
+            if cached is not None and cached[0] > 0 and now - cached[1] < 1.0:
+                self._last_survey = (cached[0] - 1, cached[1], cached[2])
+                return cached[2]
+        found = list(self._survey())
+        with self._lock:
+            self._last_survey = (_GAUGES - 1, now, found)
+        return found
 
     def _survey(self) -> Iterator[tuple[_Account, AccountSnapshot]]:
-        """What each live account seen holds now (each gauge surveys anew: over Redis
-        that is one script call per account and gauge at each collection)."""
+        """What each live account seen holds now (over Redis, one script call each)."""
         with self._lock:
             known = list(self._accounts.values())
         for each in known:
@@ -403,6 +412,9 @@ class Instruments:
                 continue
             if snapshot is not None:
                 yield each, snapshot
+
+
+_GAUGES = 3  # the gauges that share one survey of the accounts per collection
 
 
 def _survey(account: AccountState) -> AccountSnapshot | None:
