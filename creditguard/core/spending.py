@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import cast
 
 from creditguard.core.balance import BudgetExceeded
-from creditguard.core.policy import Allowance, LowBalance, check_subject, resolve, subject_key
+from creditguard.core.policy import Allowance, LowBalance, resolve, subject_key
 from creditguard.core.steps import Reservation, Window
 
 __all__ = [
@@ -223,8 +223,3 @@ class Watcher:
         if isinstance(threshold, float):
             return int(threshold * total_amount)
         return threshold
-
-
-def subject_of(value: object) -> str:
-    """A call's subject, checked (see :func:`creditguard.core.policy.check_subject`)."""
-    return check_subject(value)
