@@ -195,19 +195,19 @@ def ended(
     call._observed = None
     before = call.balance_before
     after = balance_after
-    entry = Entry(
-        id=f"{_bits(96):024x}",
-        at=datetime.now(timezone.utc),
-        account=engine.account.fingerprint,
-        subject=call._subject,
-        action=call._action,
-        cost=call.cost,
-        charged=call.charged,
-        balance_before=None if before is None else before.total_balance,
-        balance_after=None if after is None else after.total_balance,
-        outcome=outcome,
-        trace_id=trace_id,
-        duration=_monotonic() - call._started,
+    entry = Entry(  # by position, in the order of Entry's fields (keywords cost more)
+        f"{_bits(96):024x}",
+        datetime.now(timezone.utc),
+        engine.account.fingerprint,
+        call._subject,
+        call._action,
+        call.cost,
+        call.charged,
+        None if before is None else before.total_balance,
+        None if after is None else after.total_balance,
+        outcome,
+        trace_id,
+        _monotonic() - call._started,
     )
     for observer, token in zip(engine.settings.observers, tokens, strict=False):
         if token is SKIP:

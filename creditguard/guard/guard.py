@@ -12,7 +12,7 @@ import os
 import ssl
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any, ParamSpec, TypeVar, overload
+from typing import Any, Literal, ParamSpec, TypeVar, overload
 
 import httpx
 
@@ -113,7 +113,7 @@ class CreditGuard:
         gate_timeout: float = 30.0,
         keep: int = 0,
         allowance: AllowanceSpec = None,
-        telemetry: bool = True,
+        telemetry: bool | Literal["metrics"] = True,
         ledger: Observer | None = None,
     ) -> None:
         key = _check_key(api_key)
@@ -469,14 +469,15 @@ class _Clients:
 
 def _observers(telemetry: object, ledger: object) -> tuple[Observer, ...]:
     """What the guard tells of each call: OpenTelemetry (when its API is installed and
-    ``telemetry`` is on) and the ledger, if one is given."""
-    if type(telemetry) is not bool:
-        raise TypeError(f"telemetry must be True or False, got {telemetry!r}")
+    ``telemetry`` is on: metrics and spans, or ``"metrics"`` alone) and the ledger, if one
+    is given."""
+    if type(telemetry) is not bool and telemetry != "metrics":
+        raise TypeError(f"telemetry must be True, False or 'metrics', got {telemetry!r}")
     found: list[Observer] = []
     if telemetry:
         from creditguard.telemetry import otel
 
-        instruments = otel.instruments()
+        instruments = otel.instruments(spans=telemetry is True)
         if instruments is not None:
             found.append(instruments)
     if ledger is not None:

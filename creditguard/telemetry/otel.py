@@ -25,6 +25,7 @@ counters like any other, and a call pays for no SDK measurement but the histogra
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 import weakref
@@ -59,9 +60,10 @@ _made: Instruments | None = None
 _making = threading.Lock()
 
 
-def instruments() -> Instruments | None:
-    """The guard's OpenTelemetry observer (one per process), or ``None`` when the
-    OpenTelemetry API is not installed."""
+def instruments(spans: bool = True) -> Instruments | None:
+    """The guard's OpenTelemetry observer (one per process; with ``spans=False`` its
+    twin that records the same metrics and no span), or ``None`` when the OpenTelemetry
+    API is not installed."""
     global _made
     try:
         import opentelemetry.metrics
@@ -72,7 +74,7 @@ def instruments() -> Instruments | None:
         with _making:
             if _made is None:
                 _made = Instruments()
-    return _made
+    return _made if spans else _made.without_spans
 
 
 def _version() -> str:
@@ -130,11 +132,12 @@ class _Account:
 
 
 class _Token:
-    """One observed call: its span, its account, and whether it ran unchecked."""
+    """One observed call: its span (``None`` when spans are off), its account, and
+    whether it ran unchecked."""
 
     __slots__ = ("account", "span", "unchecked")
 
-    def __init__(self, span: Span, account: _Account) -> None:
+    def __init__(self, span: Span | None, account: _Account) -> None:
         self.span = span
         self.account = account
         self.unchecked = False
@@ -161,6 +164,8 @@ class Instruments:
         # The last survey of the accounts, and when: the gauges of one collection share it.
         self._last_survey: tuple[int, float, list[tuple[_Account, AccountSnapshot]]] | None = None
         self._quiet = False
+        self._spans = True
+        self._twin: Instruments | None = None
         version = _version()
         meter = metrics.get_meter("creditguard", version)
         self._tracer = trace.get_tracer("creditguard", version)
@@ -203,6 +208,22 @@ class Instruments:
                 name, [self._gauge(field)], unit="{credit}", description=description
             )
 
+    @property
+    def without_spans(self) -> Instruments:
+        """The twin of these instruments that records no span (``telemetry="metrics"``):
+        it shares their instruments, counts, accounts and lock, so a process's metrics
+        are one set whichever way each guard records."""
+        twin = self._twin
+        if twin is None:
+            with self._lock:
+                twin = self._twin
+                if twin is None:
+                    twin = copy.copy(self)
+                    twin._spans = False
+                    twin._twin = twin
+                    self._twin = twin
+        return twin
+
     # -- what the guard tells ----------------------------------------------------------
 
     def _account(self, engine: Engine) -> _Account:
@@ -236,6 +257,8 @@ class Instruments:
         if self._idle():
             return SKIP
         known = self._account(engine)
+        if not self._spans:
+            return _Token(None, known)
         attributes: dict[str, str | int] = {
             ACCOUNT: known.fingerprint,
             "creditguard.cost": call.cost,
@@ -269,7 +292,7 @@ class Instruments:
         key = (known, outcome, reason)
         with self._lock:
             self._calls[key] = self._calls.get(key, 0) + 1
-        if not isinstance(token, _Token):
+        if not isinstance(token, _Token) or token.span is None:
             return
         span = token.span
         if span.is_recording():
@@ -298,7 +321,7 @@ class Instruments:
             if charged:
                 spent = (known, entry.action)
                 self._charged[spent] = self._charged.get(spent, 0) + charged
-        if not isinstance(token, _Token):
+        if not isinstance(token, _Token) or token.span is None:
             return
         span = token.span
         if span.is_recording():
@@ -326,6 +349,8 @@ class Instruments:
     ) -> None:
         known = self._account(engine)
         self._reads.add(1, known.reads[error is not None])
+        if not self._spans:
+            return
         start = int(started * 1e9)
         span = self._tracer.start_span(
             "creditguard.balance.read",

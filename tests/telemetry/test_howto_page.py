@@ -47,3 +47,48 @@ def test_the_telemetry_page_runs() -> None:
     assert result.returncode == 0, result.stderr[-4000:]
     printed = [line for line in result.stdout.splitlines() if line.startswith("creditguard_")]
     assert printed == output.code.strip().splitlines()
+
+
+# What the page's sampling.py is shown to do: a guarded call outside any span records no
+# span; one inside a recording span is traced, a child of it.
+SAMPLED = """
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from creditguard import CreditGuard
+
+spans = InMemorySpanExporter()
+trace.get_tracer_provider().add_span_processor(SimpleSpanProcessor(spans))
+guard = CreditGuard()
+with guard.spend(5):
+    pass
+assert spans.get_finished_spans() == (), spans.get_finished_spans()
+with trace.get_tracer("app").start_as_current_span("request") as request:
+    with guard.spend(5):
+        pass
+names = {span.name: span for span in spans.get_finished_spans()}
+assert set(names) == {"request", "creditguard.spend"}, names
+parent = names["creditguard.spend"].parent
+assert parent is not None and parent.span_id == request.get_span_context().span_id
+print("ok")
+"""
+
+
+def test_the_sampling_sample_keeps_the_spans_inside_traces() -> None:
+    (sample,) = [b for b in blocks(PAGE) if b.title == "sampling.py"]
+    fake = FakeLensmor()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("LENSMOR_", "OTEL_"))}
+    env.update(LENSMOR_API_KEY=fake.api_key)
+    with serve(fake.app) as url:
+        env.update(LENSMOR_BASE_URL=url)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        result = subprocess.run(
+            [sys.executable, "-c", sample.code + SAMPLED],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.split() == ["ok"]

@@ -328,6 +328,57 @@ def test_telemetry_off_records_nothing(
     assert otel.finished(account) == []
 
 
+def test_metrics_without_spans(otel: Telemetry, fake: FakeLensmor, new_backend: NewBackend) -> None:
+    # telemetry="metrics": the same metrics as telemetry=True, counted together with
+    # theirs, and no span at all (neither of a call nor of a balance read).
+    quiet = _guard(fake, new_backend, telemetry="metrics")
+    loud = _guard(fake, new_backend)
+    account = quiet.account
+    assert loud.account == account
+
+    @quiet.requires_credits(5)
+    def unlock() -> str:
+        return "ok"
+
+    assert unlock() == "ok"
+    with quiet.spend(7, action="export", subject="user-1") as spend:
+        spend.report({"creditsUsed": 6})
+    with pytest.raises(RuntimeError), quiet.spend(3, action="export"):
+        raise RuntimeError("the paid call failed")
+    with pytest.raises(InsufficientCredits), quiet.spend(10**9):
+        pass
+    with loud.spend(2, action="export"):
+        pass
+    quiet.close()
+    loud.close()
+    assert _calls(otel, account) == {
+        ("admitted", None): 3,
+        ("failed", None): 1,
+        ("refused", "balance"): 1,
+    }
+    charged = otel.values("creditguard.credits.charged", account, "creditguard.action")
+    assert charged == {(unlock.__qualname__,): 5, ("export",): 8}
+    reads = otel.values("creditguard.balance.reads", account, "creditguard.outcome")
+    assert reads[("ok",)] >= 2  # each guard read once
+    durations = {
+        a["creditguard.outcome"]: p.count
+        for a, p in otel.points("creditguard.admission.duration", account)
+    }
+    assert durations == {"admitted": 4, "refused": 1}
+    spans = otel.finished(account)
+    # Only the loud guard's: its call's span and its own balance read's.
+    assert sorted(s.name for s in spans) == ["creditguard.balance.read", "creditguard.spend"]
+    (spend_span,) = otel.finished(account, "creditguard.spend")
+    assert dict(spend_span.attributes or {})["creditguard.cost"] == 2
+    _no_secret(otel, fake, account)
+
+
+def test_telemetry_must_be_a_known_setting(fake: FakeLensmor) -> None:
+    for wrong in ("spans", "Metrics", 1, None):
+        with pytest.raises(TypeError, match="telemetry must be True, False or 'metrics'"):
+            CreditGuard(fake.api_key, transport=fake.transport, telemetry=wrong)  # type: ignore[arg-type]
+
+
 def test_without_opentelemetry(
     monkeypatch: pytest.MonkeyPatch, fake: FakeLensmor, new_backend: NewBackend
 ) -> None:
