@@ -299,27 +299,41 @@ def describe_api_error(
     return said
 
 
-def trace_of(outcome: object) -> str | None:
+def trace_of(outcome: object, secret: str | None = None) -> str | None:
     """Lensmor's trace id of a paid call: the ``traceId`` of its answer or error body
     (an ``httpx.Response``, an ``httpx.HTTPStatusError`` or the decoded JSON), else the
-    response's ``X-Request-ID`` header; ``None`` when it gave none. An exception raised
-    ``from`` such an error counts too. Never raises."""
+    response's ``X-Request-ID`` header; ``None`` when it gave none, or when what it gave
+    holds ``secret`` (an answer that echoes the key: nothing of it is kept, looked at
+    before it is cut to 500 characters, so no piece of the key survives the cut either).
+    An exception raised ``from`` such an error counts too. Never raises."""
+    found = _raw_trace(outcome)
+    if found is None or (secret and secret in found):
+        return None
+    return found[:_MAX_TEXT]
+
+
+def _raw_trace(outcome: object) -> str | None:
+    """:func:`trace_of`'s text, whole."""
     seen: object = outcome
     for _ in range(_CAUSES):
         if isinstance(seen, httpx.HTTPStatusError):
             seen = seen.response
         if isinstance(seen, httpx.Response):
-            header = _text(seen.headers.get("x-request-id"))
+            header = _whole_text(seen.headers.get("x-request-id"))
             body = _body_of(seen)
-            found = _text(body.get("traceId")) if isinstance(body, Mapping) else None
+            found = _whole_text(body.get("traceId")) if isinstance(body, Mapping) else None
             return found or header
         if isinstance(seen, Mapping):
-            return _text(seen.get("traceId"))
+            return _whole_text(seen.get("traceId"))
         if isinstance(seen, BaseException):
             seen = seen.__cause__
             continue
         return None
     return None
+
+
+def _whole_text(value: object) -> str | None:
+    return value if type(value) is str and value else None
 
 
 def is_insufficient_credits(exc: BaseException) -> bool:

@@ -74,10 +74,8 @@ class Lensmor:
         return parse_report(result)
 
     def trace_of(self, outcome: object) -> str | None:
-        trace = trace_of(outcome)
-        if trace is not None and self.key.reveal() in trace:
-            return None  # an answer that echoes the key: nothing of it is kept
-        return trace
+        # An answer that echoes the key: nothing of it is kept.
+        return trace_of(outcome, self.key.reveal())
 
     def refused_for_credits(self, exc: BaseException) -> bool:
         """Only the action's own exception counts: an app that wraps Lensmor's refusal

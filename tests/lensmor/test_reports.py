@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import string
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timezone
 from types import MappingProxyType
@@ -24,6 +25,7 @@ from creditguard.lensmor.reports import (
     is_insufficient_credits,
     parse_api_error,
     parse_report,
+    trace_of,
 )
 from tests.strategies import FUZZ, json_values
 
@@ -830,3 +832,42 @@ def test_every_consistent_short_report_parses(
         permanent_after=permanent,
         unlimited=False,
     )
+
+
+KEY = "sk_0123456789abcdef_" + "a1b2c3d4" * 8  # a real key's shape: 84 characters
+TRACE_TEXT = string.ascii_letters + string.digits + "-_.:/"  # what a header can carry as is
+
+
+@FUZZ
+@given(
+    st.text(alphabet=TRACE_TEXT, max_size=600),
+    st.text(alphabet=TRACE_TEXT, max_size=40),
+    st.sampled_from(["body", "header", "json"]),
+)
+@example("t" * 495, "", "body")  # the key crosses the 500-character cut
+@example("t" * 499, "-tail", "header")
+def test_a_trace_id_that_echoes_the_key_is_dropped_whole(
+    before: str, after: str, where: str
+) -> None:
+    """Wherever the key sits in what Lensmor gives as a trace id, even where the cut to
+    500 characters would leave only its first characters, none of it is kept."""
+    echoed = before + KEY + after
+    if where == "body":
+        outcome: object = _response({"creditsUsed": 1, "traceId": echoed}, 200)
+    elif where == "header":
+        outcome = _response({"creditsUsed": 1}, 200, headers={"X-Request-ID": echoed})
+    else:
+        outcome = {"traceId": echoed}
+    assert trace_of(outcome, KEY) is None
+    # Without the secret the trace id is kept, cut to 500 characters.
+    kept = trace_of(outcome)
+    assert kept == echoed[:500]
+
+
+def test_a_trace_id_without_the_key_is_kept() -> None:
+    outcome = _response(
+        {"creditsUsed": 1, "traceId": "trace-1"}, 200, headers={"X-Request-ID": "r"}
+    )
+    assert trace_of(outcome, KEY) == "trace-1"
+    assert trace_of(_response({"creditsUsed": 1}, 200, headers={"X-Request-ID": "r"}), KEY) == "r"
+    assert trace_of({"traceId": "x" * 900}, KEY) == "x" * 500

@@ -166,6 +166,26 @@ def test_spans_of_a_spend(otel: Telemetry, fake: FakeLensmor, new_backend: NewBa
     _no_secret(otel, fake, account)
 
 
+def test_a_trace_id_echoing_the_key_is_not_recorded(
+    otel: Telemetry, fake: FakeLensmor, new_backend: NewBackend
+) -> None:
+    # A hostile or broken answer echoes the key as its trace id, placed so that a cut to
+    # 500 characters would leave the key's first characters: no span carries any of it.
+    guard = _guard(fake, new_backend)
+    account = guard.account
+    key = fake.api_key
+    with guard.spend(7) as spend:
+        spend.report({"creditsUsed": 7, "traceId": "t" * 495 + key})
+    with guard.spend(7) as spend:
+        spend.report({"creditsUsed": 7, "traceId": "trace-ok"})
+    guard.close()
+    echoed, kept = otel.finished(account, "creditguard.spend")
+    assert "lensmor.trace_id" not in dict(echoed.attributes or {})
+    assert dict(kept.attributes or {})["lensmor.trace_id"] == "trace-ok"
+    for span in otel.finished(account):
+        assert key[:5] not in repr(dict(span.attributes or {}))
+
+
 def test_balance_reads_ok_and_failed(
     otel: Telemetry, fake: FakeLensmor, new_backend: NewBackend
 ) -> None:
