@@ -136,8 +136,24 @@ def table(where: str, by: str, start: datetime, rows: list[LedgerTotal], outside
     return "\n".join(lines)
 
 
+SHOWN = 60  # the most characters of a name a table or chart shows (an ellipsis after)
+
+
 def _name(key: str | None) -> str:
-    return "(none)" if key is None else key
+    """A subject, action or day as one line of plain text: what a terminal would act on
+    (control characters, and anything else unprintable) escaped as in a Python string
+    literal, at most :data:`SHOWN` characters. The JSON keeps names whole."""
+    if key is None:
+        return "(none)"
+    if not key.isprintable():
+        key = "".join(c if c.isprintable() else repr(c)[1:-1] for c in key)
+    return key if len(key) <= SHOWN else key[:SHOWN] + "…"
+
+
+def _label(key: str | None) -> str:
+    """:func:`_name` for the chart: its dollar signs escaped, so that matplotlib draws
+    them rather than reading the text between two of them as mathtext."""
+    return _name(key).replace("$", r"\$")
 
 
 def chart(rows: list[LedgerTotal], by: str, start: datetime, path: str, outside: int = 0) -> None:
@@ -155,7 +171,7 @@ def chart(rows: list[LedgerTotal], by: str, start: datetime, path: str, outside:
     figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
-    names = [_name(r.key) for r in shown]
+    names = [_label(r.key) for r in shown]
     bars = axes.bar(names, [r.charged for r in shown], color="#3b6ea5")
     if outside:
         axes.bar(["outside the guard"], [outside], color="#9a9a9a")

@@ -166,3 +166,49 @@ def test_the_docs_example_makes_the_chart(
     table = capsys.readouterr().out.splitlines()[1:8]
     for page in ("howto/ledger.md", "reference.md"):
         assert "\n".join(table) in (ROOT / "docs" / page).read_text(encoding="utf-8"), page
+
+
+HOSTILE = [
+    "eve\x1b[2J\x1b[31m",  # terminal escapes: clear the screen, turn red
+    "mallory\n  total  999999  1  0",  # a forged total line
+    "cost $\\frac{1}{2$",  # what matplotlib would read as (broken) mathtext
+    "o" * 500,  # a name far wider than a terminal
+    "zoë ✓",  # printable text stays as it is
+]
+
+
+def test_names_are_shown_as_text_never_as_terminal_codes(tmp_path: Path) -> None:
+    """Actions are any text the application names (subjects refuse control characters at
+    the call, but not ``$`` or width): the table shows each name on one line with its
+    control characters escaped and its width bounded, the chart draws them as plain text
+    (no mathtext), and the JSON keeps them whole."""
+    path = tmp_path / "spend.db"
+    fake = FakeLensmor(subscription_balance=10_000, gift_balance=0)
+    ledger = SQLiteLedger(path, sample_every=0)
+    with ledger, CreditGuard(fake.api_key, transport=fake.transport, ledger=ledger) as guard:
+        for i, name in enumerate(HOSTILE):
+            subject = name if name.isprintable() else f"user-{i}"
+            with guard.spend(10 + i, subject=subject, action=name):
+                fake.charge(10 + i)
+    url = f"sqlite:///{path}"
+    for by in ("action", "subject"):
+        code, text = _report("--ledger", url, "--by", by)
+        assert code == 0
+        assert "\x1b" not in text
+        lines = text.splitlines()
+        assert len(lines) == 2 + len(HOSTILE) + 2  # title, header, a line each, total, outside
+        assert [line.split()[0] for line in lines if line.startswith("  total")] == ["total"]
+        assert "zoë ✓" in text
+        assert max(len(line) for line in lines[1:]) < 120  # the title names the file
+        assert "o" * 60 + "…" in text
+        if by == "action":
+            assert "eve\\x1b[2J\\x1b[31m" in text
+            assert "mallory\\n  total  999999" in text
+    code, text = _report("--ledger", url, "--by", "action", "--json")
+    assert code == 0
+    assert sorted(row["key"] for row in json.loads(text)["rows"]) == sorted(HOSTILE)
+    png = tmp_path / "spend.png"
+    for by in ("subject", "action"):
+        code, _ = _report("--ledger", url, "--by", by, "--chart", str(png))
+        assert code == 0
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
