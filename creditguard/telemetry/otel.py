@@ -26,6 +26,7 @@ counters like any other, and a call pays for no SDK measurement but the histogra
 from __future__ import annotations
 
 import copy
+import os
 import threading
 import time
 import weakref
@@ -58,6 +59,19 @@ _FAILED = frozenset({"failed", "expired"})
 
 _made: Instruments | None = None
 _making = threading.Lock()
+
+
+def _after_fork() -> None:
+    """In a forked child (gunicorn's workers after ``--preload``): a lock of its own, and
+    counts of its own calls only (the parent's would be counted once per worker)."""
+    global _making
+    _making = threading.Lock()
+    if _made is not None:
+        _made._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def instruments(spans: bool = True) -> Instruments | None:
@@ -223,6 +237,17 @@ class Instruments:
                     twin._twin = twin
                     self._twin = twin
         return twin
+
+    def _forked(self) -> None:
+        """After a fork, in the child: a new lock (a thread of the parent may have held
+        this one) and empty counts, shared again with the twin."""
+        lock = threading.Lock()
+        calls: dict[tuple[_Account, str, str | None], int] = {}
+        charged: dict[tuple[_Account, str | None], int] = {}
+        for each in (self, self._twin):
+            if each is not None:
+                each._lock, each._calls, each._charged = lock, calls, charged
+                each._last_survey = None
 
     # -- what the guard tells ----------------------------------------------------------
 

@@ -447,3 +447,78 @@ print("ok")
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_a_forked_child_counts_only_its_own_calls() -> None:
+    # gunicorn --preload: the app (and its guard) is made, and may be used, before the
+    # workers are forked. Each worker's counters start from zero, so that the sum over
+    # the workers counts each call once; and a lock a parent's thread held at the fork
+    # does not stop the child.
+    script = """
+import os, threading
+from opentelemetry import metrics
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from creditguard import CreditGuard
+from creditguard.telemetry import otel
+from creditguard.testing import FakeLensmor
+
+reader = InMemoryMetricReader()
+metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+fake = FakeLensmor()
+guard = CreditGuard(fake.api_key, transport=fake.transport)
+quiet = CreditGuard(fake.api_key, transport=fake.transport, telemetry="metrics")
+
+def calls():
+    found = {}
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                if m.name in ("creditguard.calls", "creditguard.credits.charged"):
+                    found[m.name] = sum(p.value for p in m.data.data_points)
+    return found
+
+for _ in range(3):
+    with guard.spend(5):
+        pass
+with quiet.spend(5):
+    pass
+assert calls() == {"creditguard.calls": 4, "creditguard.credits.charged": 20}, calls()
+instruments = otel.instruments()
+held = threading.Event()
+release = threading.Event()
+def hold_the_lock():
+    with instruments._lock:
+        held.set()
+        release.wait(10)
+threading.Thread(target=hold_the_lock, daemon=True).start()
+held.wait(10)
+pid = os.fork()
+if pid == 0:
+    import signal
+    signal.alarm(20)  # a child that hangs ends itself
+    try:
+        with guard.spend(7):
+            pass
+        with quiet.spend(7):
+            pass
+        got = calls()
+        ok = got == {"creditguard.calls": 2, "creditguard.credits.charged": 14}
+        print("child", got, flush=True)
+        os._exit(0 if ok else 1)
+    except BaseException as exc:
+        print("child failed", repr(exc), flush=True)
+        os._exit(2)
+release.set()
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+assert calls() == {"creditguard.calls": 4, "creditguard.credits.charged": 20}, calls()
+print("ok")
+"""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=40, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "ok"
