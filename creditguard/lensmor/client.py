@@ -10,9 +10,11 @@ keeps a transport per event loop with :class:`~creditguard.core.loops.LoopKeeper
 from __future__ import annotations
 
 import functools
+import os
 import ssl
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 
 import anyio
@@ -44,6 +46,23 @@ __all__ = [
 
 _monotonic = time.monotonic
 
+# The sync clients of this process, told when it forks (see :func:`_after_fork`).
+_clients: weakref.WeakSet[BalanceClient] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child: each sync client lets go of the transport it made, whose
+    kept-alive connections the parent still uses (two processes writing to one socket
+    read each other's answers), without closing it (closing could end the parent's TLS
+    sessions); its next read opens connections of its own."""
+    for client in list(_clients):
+        client._lock = threading.Lock()  # a parent's thread may have held the old one
+        client._transport = client._given
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
 
 class BalanceClient:
     """Sync balance reads over one httpx transport (thread-safe, created on first use).
@@ -69,6 +88,7 @@ class BalanceClient:
         self._missing = missing
         self._transport: httpx.BaseTransport | None = transport
         self._lock = threading.Lock()
+        _clients.add(self)
 
     @property
     def usable(self) -> bool:

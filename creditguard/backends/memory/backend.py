@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 
@@ -11,6 +12,19 @@ import cachetools
 from creditguard.backends.memory.state import Account
 
 __all__ = ["MemoryBackend"]
+
+_backends: weakref.WeakSet[MemoryBackend] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child: a lock of its own for each backend (a thread of the parent may
+    have held this one; its accounts reset themselves, see ``AccountBase._forked``)."""
+    for backend in list(_backends):
+        backend._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 class MemoryBackend:
@@ -32,6 +46,7 @@ class MemoryBackend:
         self._recent = _Recent(max_accounts, self._busy)
         self._live: weakref.WeakValueDictionary[str, Account] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
+        _backends.add(self)
 
     def account(self, fingerprint: str) -> Account:
         """The state of the account ``fingerprint``, created on first use."""

@@ -33,8 +33,10 @@ credits that are already gone (as long as the guard is the only spender).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 
 from creditguard.backends.memory.commitments import LocalGate, LocalHolds
@@ -44,6 +46,25 @@ from creditguard.core.steps import Flight, Reservation, Waiter, WindowBook
 __all__ = ["AccountBase"]
 
 _monotonic = time.monotonic
+
+# The accounts of this process, told when it forks (see :func:`_after_fork`).
+_accounts: weakref.WeakSet[AccountBase] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child (gunicorn's workers after ``--preload``, a ``fork`` start
+    method): each account starts with no call in flight. The parent's calls, reads, gate
+    turns and holds belong to threads that are not in the child and would never end
+    them, and a thread of the parent may have held the account's lock. The cached
+    balance goes too (the next call reads one that includes what the parent spent);
+    the allowance windows (the parent's calls in flight counted as spent), the
+    low-balance sides and a rate-limit pause are kept."""
+    for account in list(_accounts):
+        account._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 class AccountBase:
@@ -75,6 +96,7 @@ class AccountBase:
     )
 
     def __init__(self, fingerprint: str) -> None:
+        _accounts.add(self)
         self.fingerprint = fingerprint
         self.lock = threading.Lock()
         self.seq = 0
@@ -106,6 +128,18 @@ class AccountBase:
         # Which side of each low-balance threshold the balance was last seen on.
         self.alerts: dict[str, bool] = {}
         self.windows_swept = 0.0
+
+    def _forked(self) -> None:
+        """In a forked child: this account as new, but for what outlives the parent's
+        calls (see :func:`_after_fork`)."""
+        windows, alerts, blocked_until = self.windows, self.alerts, self.blocked_until
+        AccountBase.__init__(self, self.fingerprint)
+        self.windows, self.alerts, self.blocked_until = windows, alerts, blocked_until
+        for window in windows.values():
+            # The parent's calls in flight end out of the child's sight: as for a call
+            # whose outcome is unknown, their costs count as spent.
+            window.spent += window.reserved
+            window.reserved = 0
 
     def __repr__(self) -> str:
         return (

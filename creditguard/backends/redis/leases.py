@@ -25,9 +25,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -151,6 +153,24 @@ def _policy(answer: object, error: Exception | None) -> str | None:
     return policy
 
 
+# The lease keepers of this process, told when it forks (see :func:`_after_fork`).
+_keepers: weakref.WeakSet[LeaseKeeper] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    """In a forked child: each lease keeper starts empty. The reservations, gate turns
+    and finished spends it held are the parent's, which goes on renewing and telling
+    them; a child that took them for its own would renew them after the parent ended
+    them, and record again in Redis a finished spend it found missing (credits reserved
+    for as long as the child lives)."""
+    for keeper in list(_keepers):
+        LeaseKeeper.__init__(keeper)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 class LeaseKeeper:
     """The lease renewer of a ``RedisBackend`` (a base class of it)."""
 
@@ -159,6 +179,7 @@ class LeaseKeeper:
     _errors: tuple[type[Exception], ...]
 
     def __init__(self) -> None:
+        _keepers.add(self)
         self._lock = threading.Lock()
         # Reservations in flight in this process (id -> its account's scripts and its
         # cost), whose leases the renewer keeps alive, and the gate turns taken here.
