@@ -78,3 +78,44 @@ def test_flask_file_response_is_charged_after_its_last_byte(
     gc.collect()
     assert events.kinds == ["admitted", "failed"]
     assert calls(guard) == (0, 0, 0)
+
+
+@pytest.fixture
+def django_costs(guard: CreditGuard) -> Iterator[None]:
+    from django.test import override_settings
+
+    costs = {"GET /broken-stream": 10, "GET /abroken-stream": 10}
+    with override_settings(CREDITGUARD={"GUARD": guard, "COSTS": costs}):
+        yield
+
+
+@pytest.mark.usefixtures("django_costs")
+def test_django_stream_that_fails_part_way_is_not_charged(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    from django.test import Client
+
+    response = Client().get("/broken-stream")
+    with pytest.raises(RuntimeError, match="the export failed"):
+        b"".join(response.streaming_content)
+    response.close()  # what the WSGI server does after the error
+    assert events.kinds == ["admitted", "failed"]
+    assert isinstance(events.events[-1].error, RuntimeError)
+    assert calls(guard) == (0, 0, 0)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # Django's async stack: asyncio
+@pytest.mark.usefixtures("django_costs")
+async def test_django_async_stream_that_fails_part_way_is_not_charged(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    from django.test import AsyncClient
+
+    response = await AsyncClient().get("/abroken-stream")
+    with pytest.raises(RuntimeError, match="the export failed"):
+        async for _ in response.streaming_content:
+            pass
+    assert events.kinds == ["admitted", "failed"]
+    assert isinstance(events.events[-1].error, RuntimeError)
+    assert calls(guard) == (0, 0, 0)
