@@ -75,12 +75,13 @@ class CreditGuardMiddleware:
     (``balance_after`` is ``None``).
 
     ``cost``: a mapping of route patterns (``"POST /events/{id}/unlock"``, matched against
-    ``REQUEST_METHOD`` and ``PATH_INFO``; a path holding control characters is answered
-    400) to ints, a callable of the ``environ`` returning
-    an int, or ``None``. ``guard``: a :class:`~creditguard.CreditGuard`, or a callable of
-    the ``environ`` returning the guard of the request's tenant. ``on_error(environ,
-    error)`` may return a WSGI app (a Werkzeug ``Response``, say) that answers instead of
-    the default problem JSON, or ``None``. ``charge_when(status)`` decides whether a
+    ``REQUEST_METHOD`` and ``PATH_INFO`` decoded as UTF-8, as Flask and Django decode it;
+    a path holding control characters is answered 400) to ints, a callable of the
+    ``environ`` returning an int, or ``None``. ``guard``: a
+    :class:`~creditguard.CreditGuard`, or a callable of the ``environ`` returning the
+    guard of the request's tenant. ``on_error(environ, error)`` may return a WSGI app (a
+    Werkzeug ``Response``, say) that answers instead of the default problem JSON, or
+    ``None``. ``charge_when(status)`` decides whether a
     finished response is charged (default: ``status < 400``).
 
     The app finds its :class:`~creditguard.Spend` in ``environ["creditguard.spend"]``.
@@ -118,7 +119,7 @@ class CreditGuardMiddleware:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         cost = self._cost
         if cost.routes is not None:
-            path = environ.get("PATH_INFO") or "/"
+            path = route_path(environ)
             if undecidable(path):
                 return problem_app(BAD_PATH)(environ, start_response)
             amount = cost.routes.cost(environ["REQUEST_METHOD"], path)
@@ -144,6 +145,18 @@ class CreditGuardMiddleware:
             return answer(environ, start_response)
         environ[SPEND_KEY] = spend
         return run(self.app, environ, start_response, spend, self._charge_when)
+
+
+def route_path(environ: Environ) -> str:
+    """The path the app routes on: ``PATH_INFO`` (PEP 3333 passes its bytes decoded as
+    latin-1) decoded as UTF-8, as Werkzeug (Flask) and Django decode it."""
+    path: str = environ.get("PATH_INFO") or "/"
+    if path.isascii():
+        return path
+    try:
+        return path.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # not as PEP 3333 says: already decoded
+        return path
 
 
 def run(

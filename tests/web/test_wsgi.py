@@ -345,6 +345,29 @@ def test_head_is_priced_as_its_get(server: Server, events: Recorder) -> None:
     assert events.kinds == ["admitted", "spent"]
 
 
+def test_a_non_ascii_path_is_priced_as_the_framework_decodes_it(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    """PEP 3333 hands ``PATH_INFO`` over as bytes decoded as latin-1; Flask and Django
+    route on it decoded as UTF-8, and so must the patterns match it."""
+    from flask import Flask
+
+    flask_app = Flask(__name__)
+
+    @flask_app.get("/café/<name>")
+    def menu(name: str) -> str:
+        return f"menu {name}"
+
+    app = CreditGuardMiddleware(flask_app, guard=guard, cost={"GET /café/{name}": 10})
+    wire = "/café/crème".encode().decode("latin-1")  # as a WSGI server passes it
+    status, _, body, _ = Server(app).call(environ("GET", wire))
+    assert (status, body) == (200, "menu crème".encode())
+    assert events.kinds == ["admitted", "spent"]
+    status, _, _, _ = Server(app).call(environ("GET", "/caf\xe9/x"))  # latin-1, not UTF-8
+    assert status == 404
+    assert events.kinds == ["admitted", "spent"]
+
+
 def test_an_unreachable_credit_state_store_is_named(fake: FakeLensmor, seen: list[Any]) -> None:
     from creditguard.redis import RedisBackend
 
