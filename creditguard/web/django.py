@@ -225,7 +225,9 @@ def _answer(problem: Problem) -> Any:
 #
 # * under the WSGI handler (and Django's test clients), the response is closed, and
 #   ``request_finished`` sent, in the request's own context (thread): the spend waits in
-#   a list of that context (made at ``request_started``), charged at ``request_finished``;
+#   a list of that context (made at ``request_started``), charged at ``request_finished``
+#   (failed when the request is released first: a layer outside Django dropped the
+#   response unclosed, and Django will not finish it);
 # * under the ASGI handler, the view runs in a task of its own, which ends once the
 #   response is sent (or the client is gone), and the response is closed outside it: the
 #   spend is charged when that task is done (a sync view, run in a worker thread, has
@@ -260,6 +262,11 @@ class _Waiting:
         if not self.done:
             self.done = True
             self.spend.__exit__(type(error), error, error.__traceback__)
+
+    def dropped(self) -> None:
+        """The request was released before Django finished it: its response was dropped
+        unclosed, so ``request_finished`` will not come."""
+        self.fail(ActionFailed(0))
 
     async def afail(self, error: BaseException) -> None:
         if not self.done:
@@ -331,6 +338,8 @@ def _settle_when_finished(
             task.add_done_callback(lambda _: waiting.settle_soon())
         else:  # the handler releases the request once the response is closed
             weakref.finalize(request, waiting.settle_soon)
+    else:  # a WSGI layer outside Django may drop the response (and the request) unclosed
+        weakref.finalize(request, waiting.dropped)
 
 
 def _watch_stream(response: Any, waiting: _Waiting) -> None:
