@@ -221,14 +221,15 @@ class SettledResponse:
         iterable = self.iterable
         if type(iterable) is list or type(iterable) is tuple:
             return iter(iterable)  # iterating it cannot fail
-        return self._watched(iter(iterable))
+        return self._watched(iterable)
 
-    def _watched(self, it: Iterator[bytes]) -> Iterator[bytes]:
-        """Iterate ``it``, noting the error that ends the iteration, if any."""
+    def _watched(self, iterable: Iterable[bytes]) -> Iterator[bytes]:
+        """Iterate ``iterable``, noting the error that ends the iteration (or keeps it
+        from starting), if any."""
         try:
             # Not ``yield from``: closing this generator must not close the app's iterable
             # (``close()`` does that, once).
-            for chunk in it:  # noqa: UP028
+            for chunk in iterable:  # noqa: UP028
                 yield chunk
         except GeneratorExit:
             raise

@@ -229,6 +229,30 @@ def test_error_while_iterating_ends_the_spend_as_failed(
     assert server.app is not None
 
 
+def test_a_body_that_fails_to_start_iterating_ends_the_spend_as_failed(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    class Export:
+        """A body that opens its file when iterated: the file is gone."""
+
+        def __iter__(self) -> Iterator[bytes]:
+            raise FileNotFoundError("export.csv")
+
+    def app(env: dict[str, Any], start_response: Any) -> Export:
+        start_response("200 OK", [])
+        return Export()
+
+    result = CreditGuardMiddleware(app, guard=guard, cost={"GET /": 10})(
+        environ("GET", "/"), lambda *a: None
+    )
+    with pytest.raises(FileNotFoundError):
+        list(result)
+    result.close()  # type: ignore[attr-defined]
+    assert events.kinds == ["admitted", "failed"]
+    assert isinstance(events.events[-1].error, FileNotFoundError)
+    assert calls(guard) == (0, 0, 0)
+
+
 def test_inner_iterable_is_closed_once(guard: CreditGuard, events: Recorder) -> None:
     closed: list[str] = []
 
