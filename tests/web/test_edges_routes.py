@@ -74,3 +74,25 @@ async def test_a_method_a_starlette_route_does_not_take_is_free(
         assert (await http.post("/api/upload")).status_code == 402
     assert events.kinds == ["denied"]
     assert poor.balance_requests == 1
+
+
+async def test_a_cors_preflight_is_never_charged(guard: CreditGuard, events: Recorder) -> None:
+    """The app's CORS middleware answers the preflight 200 itself; a method-less pattern
+    (any method) must not charge it as the paid POST."""
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
+
+    async def search(request: Request) -> Response:
+        return PlainTextResponse("found")
+
+    inner = Starlette(
+        routes=[Route("/search", search, methods=["POST"])],
+        middleware=[Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["POST"])],
+    )
+    app = CreditGuardMiddleware(inner, guard=guard, cost={"/search": 10})
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    async with client(app) as http:
+        assert (await http.options("/search", headers=preflight)).status_code == 200
+        assert events.kinds == []
+        assert (await http.post("/search")).status_code == 200
+    assert events.kinds == ["admitted", "spent"]
