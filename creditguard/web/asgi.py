@@ -118,6 +118,9 @@ class CreditGuardMiddleware:
                 await send_problem(BAD_PATH, send)
                 return
             route = starlette_route(self.app, scope)
+            if route == NOT_ALLOWED:  # the router answers 405: no endpoint runs
+                await self.app(scope, receive, send)
+                return
             if route is None:
                 amount = cost.routes.cost(scope["method"], path)
             else:
@@ -185,13 +188,19 @@ def _router_of(app: object) -> list[Any] | None:
     return None
 
 
+NOT_ALLOWED = ""
+"""What :func:`starlette_route` says of a request the router answers 405 itself."""
+
+
 def starlette_route(app: object, scope: Scope) -> str | None:
     """The template (``/api/events/{event_id}/unlock``, mount prefixes included, relative
     to where ``app`` is mounted) of the route a Starlette router in ``app`` will run for
     ``scope``: its routes tried in order with ``route.matches(scope)``, as the router
-    does, into mounts. ``None`` when ``app`` has no Starlette router, or the
-    request does not end at a ``Route`` (no match, a method the route does not take, a
-    mounted app of another kind): the path's patterns price it then."""
+    does, into mounts. :data:`NOT_ALLOWED` when the router answers 405 (only routes that
+    do not take the request's method match its path: FastAPI's GET routes do not take
+    HEAD): no endpoint runs. ``None`` when ``app`` has no Starlette router, or the
+    request does not end at a ``Route`` (no match, a mounted app of another kind): the
+    path's patterns price it then."""
     routes = _router_of(app)
     if routes is None:
         return None
@@ -202,12 +211,14 @@ def starlette_route(app: object, scope: Scope) -> str | None:
     prefix = ""
     scope = dict(scope)
     while True:
+        partial = False
         for candidate in routes:
             match, child = candidate.matches(scope)
             if match is Match.FULL:
                 break
+            partial = partial or (match is Match.PARTIAL and isinstance(candidate, Route))
         else:
-            return None
+            return NOT_ALLOWED if partial else None
         if isinstance(candidate, Route):
             return prefix + candidate.path
         if not isinstance(candidate, Mount) or not candidate.routes:

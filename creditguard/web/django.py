@@ -26,7 +26,7 @@ import importlib
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -225,7 +225,9 @@ def _answer(problem: Problem) -> Any:
 #
 # * under the WSGI handler (and Django's test clients), the response is closed, and
 #   ``request_finished`` sent, in the request's own context (thread): the spend waits in
-#   a list of that context (made at ``request_started``), charged at ``request_finished``;
+#   a list of that context (made at ``request_started``), charged at ``request_finished``
+#   (failed when the request is released first: a layer outside Django dropped the
+#   response unclosed, and Django will not finish it);
 # * under the ASGI handler, the view runs in a task of its own, which ends once the
 #   response is sent (or the client is gone), and the response is closed outside it: the
 #   spend is charged when that task is done (a sync view, run in a worker thread, has
@@ -255,6 +257,21 @@ class _Waiting:
         if not self.done:
             self.done = True
             await self.spend.__aexit__(None, None, None)
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self.spend.__exit__(type(error), error, error.__traceback__)
+
+    def dropped(self) -> None:
+        """The request was released before Django finished it: its response was dropped
+        unclosed, so ``request_finished`` will not come."""
+        self.fail(ActionFailed(0))
+
+    async def afail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            await self.spend.__aexit__(type(error), error, error.__traceback__)
 
     def settle_soon(self) -> None:
         """Settle now, or, on an event loop's thread, in a task (nothing blocking)."""
@@ -310,6 +327,8 @@ def _settle_when_finished(
         found = []
         _waiting.set(found)
     found.append(waiting)
+    if getattr(response, "streaming", False) and getattr(response, "file_to_stream", None) is None:
+        _watch_stream(response, waiting)
     if hasattr(request, "scope"):  # an ASGIRequest: its view runs in a task of its own
         try:
             task = asyncio.current_task()
@@ -319,6 +338,35 @@ def _settle_when_finished(
             task.add_done_callback(lambda _: waiting.settle_soon())
         else:  # the handler releases the request once the response is closed
             weakref.finalize(request, waiting.settle_soon)
+    else:  # a WSGI layer outside Django may drop the response (and the request) unclosed
+        weakref.finalize(request, waiting.dropped)
+
+
+def _watch_stream(response: Any, waiting: _Waiting) -> None:
+    """A streamed body that raises part-way ends its spend as failed, with its error.
+    (A ``FileResponse``'s file is left as it is: the server may send it itself.)"""
+    content = response.streaming_content
+    if response.is_async:
+
+        async def awatched() -> AsyncIterator[Any]:
+            try:
+                async for chunk in content:
+                    yield chunk
+            except Exception as exc:
+                await waiting.afail(exc)
+                raise
+
+        response.streaming_content = awatched()
+        return
+
+    def watched() -> Iterator[Any]:
+        try:
+            yield from content
+        except Exception as exc:
+            waiting.fail(exc)
+            raise
+
+    response.streaming_content = watched()
 
 
 def _finished(**kwargs: Any) -> None:

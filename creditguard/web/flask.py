@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import sys
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, ParamSpec, cast
 
 from creditguard.core.errors import CreditGuardError
@@ -175,10 +175,25 @@ class _Pending:
         self.attached += 1
         # Not a closure over ``response``: that would be a reference cycle.
         response.call_on_close(functools.partial(self._closed, self.attached))
+        watched: object = response
+        if response.direct_passthrough or response.is_streamed:
+            # A streamed body may fail part-way (the spend ends as failed with its
+            # error); a passed-through one (``send_file``) is handed to the server as
+            # is, and the server closes it, not the response.
+            body = _Body(response.response, self, self.attached)
+            response.response = body
+            if response.direct_passthrough:
+                watched = body
         # A WSGI layer outside Flask may drop the response unclosed (PEP 3333 asks it to
-        # close it): when the response is collected unclosed, the spend ends as failed
-        # (released, cached balance distrusted) rather than stay reserved.
-        weakref.finalize(response, self._dropped, self.attached)
+        # close it): when the response (a passed-through body) is collected unclosed, the
+        # spend ends as failed (released, cached balance distrusted) rather than stay
+        # reserved.
+        weakref.finalize(watched, self._dropped, self.attached)
+
+    def failed(self, attachment: int, error: BaseException) -> None:
+        """The body of a response this spend was attached to raised while sent."""
+        if attachment == self.attached:
+            self.exit(error)
 
     def _dropped(self, attachment: int) -> None:
         if attachment == self.attached:
@@ -188,6 +203,40 @@ class _Pending:
         """A response this spend was attached to closed: settle if it is the last one."""
         if attachment == self.attached:
             self.exit(None)
+
+
+class _Body:
+    """A response's streamed or passed-through body, iterated as is: an error while the
+    server iterates it ends the spend as failed, and closing it settles the spend."""
+
+    __slots__ = ("__weakref__", "_attachment", "_iterable", "_pending")
+
+    def __init__(self, iterable: Iterable[Any], pending: _Pending, attachment: int) -> None:
+        self._iterable = iterable
+        self._pending = pending
+        self._attachment = attachment
+
+    def __iter__(self) -> Iterator[Any]:
+        try:
+            # Not ``yield from``: closing this generator must not close the body
+            # (``close()`` does that, once).
+            for chunk in self._iterable:  # noqa: UP028
+                yield chunk
+        except GeneratorExit:
+            raise
+        except BaseException as exc:
+            self._pending.failed(self._attachment, exc)
+            raise
+
+    def close(self) -> None:
+        close = getattr(self._iterable, "close", None)
+        if close is not None:
+            try:
+                close()
+            except BaseException as exc:
+                self._pending.failed(self._attachment, exc)
+                raise
+        self._pending._closed(self._attachment)
 
 
 class _Flask:
@@ -275,10 +324,11 @@ def requires_credits(
 
     The view finds its :class:`~creditguard.Spend` with :func:`current_spend` (it is
     ``flask.g.creditguard_spend``). The
-    spend ends when the WSGI server closes the response (``call_on_close``), after the
-    last byte was sent, with no balance read of its own: like a decorated call's, it
-    settles at a later read (``balance_after`` is ``None``). A view that raises, or
-    answers a status ``charge_when`` does not charge, ends it as failed.
+    spend ends when the WSGI server closes the response (``call_on_close``; for a
+    ``send_file`` response, the file it was handed), after the last byte was sent, with
+    no balance read of its own: like a decorated call's, it settles at a later read
+    (``balance_after`` is ``None``). A view that raises, a streamed body that raises
+    part-way, or a status ``charge_when`` does not charge, ends it as failed.
     """
     cost_of: Callable[[Request], int] | None = None
     static = 0

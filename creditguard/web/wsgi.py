@@ -75,12 +75,13 @@ class CreditGuardMiddleware:
     (``balance_after`` is ``None``).
 
     ``cost``: a mapping of route patterns (``"POST /events/{id}/unlock"``, matched against
-    ``REQUEST_METHOD`` and ``PATH_INFO``; a path holding control characters is answered
-    400) to ints, a callable of the ``environ`` returning
-    an int, or ``None``. ``guard``: a :class:`~creditguard.CreditGuard`, or a callable of
-    the ``environ`` returning the guard of the request's tenant. ``on_error(environ,
-    error)`` may return a WSGI app (a Werkzeug ``Response``, say) that answers instead of
-    the default problem JSON, or ``None``. ``charge_when(status)`` decides whether a
+    ``REQUEST_METHOD`` and ``PATH_INFO`` decoded as UTF-8, as Flask and Django decode it;
+    a path holding control characters is answered 400) to ints, a callable of the
+    ``environ`` returning an int, or ``None``. ``guard``: a
+    :class:`~creditguard.CreditGuard`, or a callable of the ``environ`` returning the
+    guard of the request's tenant. ``on_error(environ, error)`` may return a WSGI app (a
+    Werkzeug ``Response``, say) that answers instead of the default problem JSON, or
+    ``None``. ``charge_when(status)`` decides whether a
     finished response is charged (default: ``status < 400``).
 
     The app finds its :class:`~creditguard.Spend` in ``environ["creditguard.spend"]``.
@@ -118,7 +119,7 @@ class CreditGuardMiddleware:
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
         cost = self._cost
         if cost.routes is not None:
-            path = environ.get("PATH_INFO") or "/"
+            path = route_path(environ)
             if undecidable(path):
                 return problem_app(BAD_PATH)(environ, start_response)
             amount = cost.routes.cost(environ["REQUEST_METHOD"], path)
@@ -144,6 +145,18 @@ class CreditGuardMiddleware:
             return answer(environ, start_response)
         environ[SPEND_KEY] = spend
         return run(self.app, environ, start_response, spend, self._charge_when)
+
+
+def route_path(environ: Environ) -> str:
+    """The path the app routes on: ``PATH_INFO`` (PEP 3333 passes its bytes decoded as
+    latin-1) decoded as UTF-8, as Werkzeug (Flask) and Django decode it."""
+    path: str = environ.get("PATH_INFO") or "/"
+    if path.isascii():
+        return path
+    try:
+        return path.encode("latin-1").decode("utf-8", "replace")
+    except UnicodeEncodeError:  # not as PEP 3333 says: already decoded
+        return path
 
 
 def run(
@@ -208,14 +221,15 @@ class SettledResponse:
         iterable = self.iterable
         if type(iterable) is list or type(iterable) is tuple:
             return iter(iterable)  # iterating it cannot fail
-        return self._watched(iter(iterable))
+        return self._watched(iterable)
 
-    def _watched(self, it: Iterator[bytes]) -> Iterator[bytes]:
-        """Iterate ``it``, noting the error that ends the iteration, if any."""
+    def _watched(self, iterable: Iterable[bytes]) -> Iterator[bytes]:
+        """Iterate ``iterable``, noting the error that ends the iteration (or keeps it
+        from starting), if any."""
         try:
             # Not ``yield from``: closing this generator must not close the app's iterable
             # (``close()`` does that, once).
-            for chunk in it:  # noqa: UP028
+            for chunk in iterable:  # noqa: UP028
                 yield chunk
         except GeneratorExit:
             raise

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
@@ -47,6 +47,26 @@ def stream(request: Any) -> StreamingHttpResponse:
             seen.append(f"chunk {i}")
             yield b"x"
         state["fake"].charge(10)
+
+    return StreamingHttpResponse(chunks())
+
+
+def broken_stream(request: Any) -> StreamingHttpResponse:
+    """A stream that fails after its first chunk."""
+
+    def chunks() -> Iterator[bytes]:
+        yield b"x"
+        raise RuntimeError("the export failed")
+
+    return StreamingHttpResponse(chunks())
+
+
+async def abroken_stream(request: Any) -> StreamingHttpResponse:
+    """An async view streaming an async body that fails after its first chunk."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"x"
+        raise RuntimeError("the export failed")
 
     return StreamingHttpResponse(chunks())
 
@@ -140,6 +160,8 @@ urlpatterns = [
     path("missing", missing),
     path("boom", boom),
     path("stream", stream),
+    path("broken-stream", broken_stream),
+    path("abroken-stream", abroken_stream),
     path("free", free),
     path("decorated", decorated),
     path("adecorated", adecorated),

@@ -361,6 +361,43 @@ def test_the_route_django_runs_is_priced_by_its_own_pattern(
     assert events.kinds == ["admitted", "spent"]
 
 
+@pytest.mark.usefixtures("configured")
+def test_a_response_dropped_unclosed_by_an_outer_layer_ends_its_spend(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    """A WSGI layer outside Django that drops the response unclosed (PEP 3333 asks it to
+    close it) never lets Django send ``request_finished``; the request's thread (a
+    thread-per-request server's) ends with it. The spend ends as failed, not stranded."""
+    import gc
+    import io
+    import threading
+
+    from django.core.handlers.wsgi import WSGIHandler
+
+    handler = WSGIHandler()
+    sent: list[bytes] = []
+
+    def serve() -> None:
+        env = {
+            "REQUEST_METHOD": "POST",
+            "PATH_INFO": "/events/ev-1/unlock",
+            "SERVER_NAME": "testserver",
+            "SERVER_PORT": "80",
+            "wsgi.url_scheme": "http",
+            "wsgi.input": io.BytesIO(),
+        }
+        sent.append(b"".join(handler(env, lambda *args: None)))  # never closed
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    thread.join()
+    gc.collect()
+    assert sent == [b'{"event": "ev-1"}']
+    assert events.kinds == ["admitted", "failed"]
+    assert isinstance(events.events[-1].error, ActionFailed)
+    assert calls(guard) == (0, 0, 0)
+
+
 def test_replaced_responses_settle_under_a_real_asgi_server(fake: FakeLensmor) -> None:
     """Django's ASGI handler runs the view in a task of its own and closes the response
     (``request_finished``) outside it: the spend still settles, 304 or not."""

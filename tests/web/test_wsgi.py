@@ -229,6 +229,30 @@ def test_error_while_iterating_ends_the_spend_as_failed(
     assert server.app is not None
 
 
+def test_a_body_that_fails_to_start_iterating_ends_the_spend_as_failed(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    class Export:
+        """A body that opens its file when iterated: the file is gone."""
+
+        def __iter__(self) -> Iterator[bytes]:
+            raise FileNotFoundError("export.csv")
+
+    def app(env: dict[str, Any], start_response: Any) -> Export:
+        start_response("200 OK", [])
+        return Export()
+
+    result = CreditGuardMiddleware(app, guard=guard, cost={"GET /": 10})(
+        environ("GET", "/"), lambda *a: None
+    )
+    with pytest.raises(FileNotFoundError):
+        list(result)
+    result.close()  # type: ignore[attr-defined]
+    assert events.kinds == ["admitted", "failed"]
+    assert isinstance(events.events[-1].error, FileNotFoundError)
+    assert calls(guard) == (0, 0, 0)
+
+
 def test_inner_iterable_is_closed_once(guard: CreditGuard, events: Recorder) -> None:
     closed: list[str] = []
 
@@ -342,6 +366,29 @@ def test_a_response_dropped_unclosed_by_an_outer_layer_ends_its_spend(
 def test_head_is_priced_as_its_get(server: Server, events: Recorder) -> None:
     status, _, _, _ = server.call(environ("HEAD", "/files/a.txt"))
     assert status == 200
+    assert events.kinds == ["admitted", "spent"]
+
+
+def test_a_non_ascii_path_is_priced_as_the_framework_decodes_it(
+    guard: CreditGuard, events: Recorder
+) -> None:
+    """PEP 3333 hands ``PATH_INFO`` over as bytes decoded as latin-1; Flask and Django
+    route on it decoded as UTF-8, and so must the patterns match it."""
+    from flask import Flask
+
+    flask_app = Flask(__name__)
+
+    @flask_app.get("/café/<name>")
+    def menu(name: str) -> str:
+        return f"menu {name}"
+
+    app = CreditGuardMiddleware(flask_app, guard=guard, cost={"GET /café/{name}": 10})
+    wire = "/café/crème".encode().decode("latin-1")  # as a WSGI server passes it
+    status, _, body, _ = Server(app).call(environ("GET", wire))
+    assert (status, body) == (200, "menu crème".encode())
+    assert events.kinds == ["admitted", "spent"]
+    status, _, _, _ = Server(app).call(environ("GET", "/caf\xe9/x"))  # latin-1, not UTF-8
+    assert status == 404
     assert events.kinds == ["admitted", "spent"]
 
 
