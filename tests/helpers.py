@@ -3,8 +3,12 @@ looks at a guard's account state."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import anyio
 import anyio.to_thread
@@ -91,3 +95,24 @@ def settled(guard: CreditGuard) -> int:
     waits for one (blocks and decorated calls settle later)."""
     guard.balance()
     return reserved(guard)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_python(
+    code: str, env: Mapping[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a Python process of its own (the repository importable, from its
+    root), with ``env`` (default: this process's environment); its output captured."""
+    env = dict(os.environ if env is None else env)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

@@ -4,11 +4,7 @@ connections of its own, and keeps track of its own calls only."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_python
 
 # The sandbox over loopback HTTP, recording the client port of each balance read: a
 # read the child makes over a connection the parent opened would come from its port.
@@ -57,14 +53,7 @@ print("ok")
 
 
 def _run(script: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = run_python(script)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1] == "ok", done.stdout
 

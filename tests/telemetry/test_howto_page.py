@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from pathlib import Path
 
 from creditguard.testing import FakeLensmor, serve
+from tests.helpers import run_python
 from tests.test_docs_examples import blocks
 
 PAGE = "howto/telemetry.md"
@@ -35,15 +34,7 @@ def test_the_telemetry_page_runs() -> None:
     with serve(fake.app) as url:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("LENSMOR_", "OTEL_"))}
         env.update(LENSMOR_BASE_URL=url, LENSMOR_API_KEY=fake.api_key)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        result = subprocess.run(
-            [sys.executable, "-c", script],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = run_python(script, env, timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
     printed = [line for line in result.stdout.splitlines() if line.startswith("creditguard_")]
     assert printed == output.code.strip().splitlines()
@@ -81,14 +72,6 @@ def test_the_sampling_sample_keeps_the_spans_inside_traces() -> None:
     env.update(LENSMOR_API_KEY=fake.api_key)
     with serve(fake.app) as url:
         env.update(LENSMOR_BASE_URL=url)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-        result = subprocess.run(
-            [sys.executable, "-c", sample.code + SAMPLED],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+        result = run_python(sample.code + SAMPLED, env, timeout=120)
     assert result.returncode == 0, result.stderr[-4000:]
     assert result.stdout.split() == ["ok"]

@@ -21,7 +21,7 @@ from creditguard import (
 )
 from creditguard.telemetry import otel as otel_module
 from creditguard.testing import FakeLensmor
-from tests.helpers import NewBackend
+from tests.helpers import NewBackend, run_python
 from tests.telemetry.conftest import Telemetry
 
 BALANCE = 30050  # the sandbox's default total
@@ -515,10 +515,6 @@ assert os.waitstatus_to_exitcode(status) == 0, status
 assert calls() == {"creditguard.calls": 4, "creditguard.credits.charged": 20}, calls()
 print("ok")
 """
-    import subprocess
-
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=40, check=False
-    )
+    done = run_python(script, timeout=40)
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.strip().splitlines()[-1] == "ok"
